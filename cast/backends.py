@@ -1,0 +1,146 @@
+"""Where each backend of the op lives, and which one a call gets.
+
+Every backend implements the same two functions on canonical, already validated inputs
+(``cast.ops`` checks them once): ``forward(features, masks, kernels, allow_tf32) -> G`` and
+``backward(grad, features, masks, kernels, allow_tf32) -> dF``. Nothing here repeats the
+op's checks; it only knows what each backend needs (device, dtypes, a compiled extension,
+Triton) and says clearly what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+NAMES = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "CAST_BACKEND"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for that this installation or this input cannot use."""
+
+
+class Backend(NamedTuple):
+    name: str
+    forward: Callable[[Tensor, Tensor, Tensor, bool], Tensor]
+    backward: Callable[[Tensor, Tensor, Tensor, Tensor, bool], Tensor]
+    dtypes: tuple[torch.dtype, ...]
+    device_types: tuple[str, ...]
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _reference() -> Backend:
+    return Backend(
+        "reference",
+        lambda f, m, p, tf32: reference.masked_gram_reference(f, m, p),
+        lambda g, f, m, p, tf32: reference.masked_gram_backward_reference(g, f, m, p),
+        FLOAT_DTYPES,
+        ("cpu", "cuda"),
+    )
+
+
+def _compiled(name: str, device_type: str, dtypes: tuple[torch.dtype, ...]) -> Backend:
+    try:
+        importlib.import_module("cast._C")
+    except ImportError as err:
+        raise BackendUnavailable(
+            f"backend {name!r} needs CAST's compiled extension, which is not built ({err}); "
+            "build it with `pip install --no-build-isolation -e .` or use backend='reference'"
+        ) from None
+    op = "cast::_masked_gram_fused"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(op, device_type.upper()):
+        raise BackendUnavailable(
+            f"backend {name!r}: the compiled extension was built without {device_type.upper()} "
+            "kernels; rebuild it on a machine whose torch has CUDA (and without CAST_SKIP_CUDA=1)"
+        )
+    return Backend(
+        name,
+        torch.ops.cast._masked_gram_fused,
+        torch.ops.cast._masked_gram_fused_backward,
+        dtypes,
+        (device_type,),
+    )
+
+
+def _triton() -> Backend:
+    try:
+        from .kernels import masked_gram as triton_masked_gram
+    except ImportError as err:
+        raise BackendUnavailable(
+            f"backend 'triton' needs Triton ({err}); `pip install triton` or choose another backend"
+        ) from None
+    device_types = ("cuda", "cpu") if triton_interpreting() else ("cuda",)
+    return Backend(
+        "triton",
+        triton_masked_gram.forward,
+        triton_masked_gram.backward,
+        triton_masked_gram.DTYPES,
+        device_types,
+    )
+
+
+_LOADERS: dict[str, Callable[[], Backend]] = {
+    "reference": _reference,
+    "cpu": lambda: _compiled("cpu", "cpu", (torch.float32, torch.float64)),
+    "cuda": lambda: _compiled("cuda", "cuda", FLOAT_DTYPES),
+    "triton": _triton,
+}
+
+
+_loaded: dict[str, Backend] = {}
+
+
+def load(name: str) -> Backend:
+    """The backend called ``name``; ``BackendUnavailable`` says why it cannot be had."""
+    if name not in _LOADERS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    if name not in _loaded:
+        _loaded[name] = _LOADERS[name]()
+    return _loaded[name]
+
+
+def available(name: str) -> bool:
+    try:
+        load(name)
+    except BackendUnavailable:
+        return False
+    return True
+
+
+def default_for(device: torch.device, dtype: torch.dtype) -> str:
+    """The fastest backend present for this device and dtype."""
+    order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    for name in order:
+        if available(name) and dtype in load(name).dtypes:
+            return name
+    return "reference"
+
+
+def choose(name: str | None, device: torch.device, dtype: torch.dtype) -> Backend:
+    """Resolve ``name`` (or ``$CAST_BACKEND``, or the device's default) and check it fits."""
+    name = name or os.environ.get(ENV_VAR) or default_for(device, dtype)
+    backend = load(name)
+    if device.type not in backend.device_types:
+        hint = " (set TRITON_INTERPRET=1 to run it on CPU)" if name == "triton" else ""
+        raise BackendUnavailable(
+            f"backend {name!r} runs on {'/'.join(backend.device_types)} tensors, "
+            f"got {device.type}{hint}"
+        )
+    if dtype not in backend.dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in backend.dtypes)
+        raise BackendUnavailable(
+            f"backend {name!r} takes {names} features, got {str(dtype).removeprefix('torch.')}; "
+            "convert the features or use backend='reference'"
+        )
+    return backend

@@ -1,0 +1,173 @@
+"""``cast.masked_gram``: the op's single public entry (SPEC §1-3).
+
+The public function checks its inputs once, puts them in canonical form and calls the
+registered custom op ``torch.ops.cast.masked_gram``; its backward is the custom op
+``torch.ops.cast.masked_gram_backward``. Both carry fake kernels, so they trace under
+``torch.compile(fullgraph=True)`` without graph breaks. The backends behind them (see
+``cast.backends``) never repeat these checks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .reference import gram_dtype
+
+
+def masked_gram(
+    features: Tensor,
+    masks: Tensor | None = None,
+    kernels: Tensor | None = None,
+    *,
+    backend: str | None = None,
+    allow_tf32: bool = True,
+) -> Tensor:
+    """Masked, high-order Gram matrices of a feature map.
+
+    Args:
+        features: ``(B, C, H, W)`` feature maps ``F``; float16, bfloat16, float32 or float64.
+        masks: soft region masks ``m_k`` with values in ``[0, 1]`` on the features' grid,
+            ``(K, H, W)`` shared by the batch or ``(B, K, H, W)`` one set per batch item.
+            ``None`` means one all-ones mask (``K = 1``).
+        kernels: high-order kernels ``p_j``, ``(J, r, r)`` with ``r`` odd, applied to every
+            channel as cross-correlation with zero padding (``conv2d``'s convention).
+            ``None`` means the identity ``[[1.]]`` (``J = 1``): Gatys' Gram matrix.
+        backend: ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; default
+            ``$CAST_BACKEND``, else the fastest one present for the device and dtype.
+        allow_tf32: let the GPU backends use TF32 tensor cores for float32 input.
+
+    Returns:
+        ``G`` of shape ``(B, J, K, C, C)``: ``G[b, j, k] = Y^T Y / n_k`` with
+        ``Y = M_k P_j F_b`` viewed as ``N x C`` (``N = H*W``) and ``n_k = sum_n m_k[n]^2``;
+        zero where ``n_k == 0``. float64 for float64 features, float32 otherwise.
+        Differentiable in ``features`` (closed-form backward, SPEC §1); ``masks`` and
+        ``kernels`` are constants and get no gradient.
+    """
+    features, masks, kernels = canonical_inputs(features, masks, kernels)
+    try:
+        chosen = backends.choose(backend, features.device, features.dtype)
+    except backends.BackendUnavailable as err:
+        raise backends.BackendUnavailable(f"cast.masked_gram: {err}") from None
+    return torch.ops.cast.masked_gram(features, masks, kernels, chosen.name, allow_tf32)
+
+
+def _describe(t: Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
+
+
+def canonical_inputs(
+    features: Tensor, masks: Tensor | None, kernels: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Check the op's inputs and return them contiguous, masks as ``(Bm, K, H, W)``.
+
+    Raises ``TypeError`` for non-tensors and non-floating dtypes, ``ValueError`` for shapes,
+    devices and dtype mismatches; each message names what was expected.
+    """
+    where = "cast.masked_gram"
+    if not isinstance(features, Tensor):
+        raise TypeError(f"{where}: features must be a tensor, got {type(features).__name__}")
+    if features.dtype not in backends.FLOAT_DTYPES:
+        raise TypeError(
+            f"{where}: features must be float16, bfloat16, float32 or float64, "
+            f"got {_describe(features)}"
+        )
+    if features.dim() != 4:
+        raise ValueError(f"{where}: features must be (B, C, H, W), got {_describe(features)}")
+    B, C, H, W = features.shape
+    if min(B, C, H, W) == 0:
+        raise ValueError(f"{where}: features must not be empty, got {_describe(features)}")
+
+    if masks is None:
+        masks = features.new_ones((1, 1, H, W))
+    if kernels is None:
+        kernels = features.new_ones((1, 1, 1))
+    for name, t in (("masks", masks), ("kernels", kernels)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{where}: {name} must be a tensor or None, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{where}: {name} must be floating point, got {_describe(t)}")
+        if t.device != features.device:
+            raise ValueError(
+                f"{where}: {name} are on {t.device} but features on {features.device}; "
+                f"move them with .to(features.device)"
+            )
+        if t.dtype != features.dtype:
+            raise ValueError(
+                f"{where}: {name} are {str(t.dtype).removeprefix('torch.')} but features "
+                f"{str(features.dtype).removeprefix('torch.')}; convert with .to(features.dtype)"
+            )
+
+    if masks.dim() == 3:
+        masks = masks[None]
+    if masks.dim() != 4 or masks.shape[1] == 0:
+        raise ValueError(
+            f"{where}: masks must be (K, H, W) or (B, K, H, W) with K >= 1, got {_describe(masks)}"
+        )
+    if masks.shape[0] not in (1, B):
+        raise ValueError(
+            f"{where}: masks have batch {masks.shape[0]} but features have batch {B}; "
+            f"give (K, H, W) masks to share them or (B, K, H, W) with B = {B}"
+        )
+    if masks.shape[-2:] != features.shape[-2:]:
+        raise ValueError(
+            f"{where}: masks are {tuple(masks.shape[-2:])} but features {(H, W)}; "
+            "resample the masks to the features' grid first"
+        )
+
+    if kernels.dim() != 3 or kernels.shape[0] == 0:
+        raise ValueError(
+            f"{where}: kernels must be (J, r, r) with J >= 1, got {_describe(kernels)}"
+        )
+    if kernels.shape[1] != kernels.shape[2] or kernels.shape[1] % 2 == 0:
+        raise ValueError(
+            f"{where}: kernels must be square with an odd size r (1, 3, 5, ...), "
+            f"got {_describe(kernels)}"
+        )
+    return features.contiguous(), masks.contiguous(), kernels.contiguous()
+
+
+@torch.library.custom_op("cast::masked_gram", mutates_args=())
+def _masked_gram_op(
+    features: Tensor, masks: Tensor, kernels: Tensor, backend: str, allow_tf32: bool
+) -> Tensor:
+    return backends.load(backend).forward(features, masks, kernels, allow_tf32)
+
+
+@_masked_gram_op.register_fake
+def _(features, masks, kernels, backend, allow_tf32):
+    B, C = features.shape[:2]
+    shape = (B, kernels.shape[0], masks.shape[1], C, C)
+    return features.new_empty(shape, dtype=gram_dtype(features.dtype))
+
+
+@torch.library.custom_op("cast::masked_gram_backward", mutates_args=())
+def _masked_gram_backward_op(
+    grad: Tensor, features: Tensor, masks: Tensor, kernels: Tensor, backend: str, allow_tf32: bool
+) -> Tensor:
+    return backends.load(backend).backward(grad, features, masks, kernels, allow_tf32)
+
+
+@_masked_gram_backward_op.register_fake
+def _(grad, features, masks, kernels, backend, allow_tf32):
+    return torch.empty_like(features)
+
+
+def _setup_context(ctx, inputs, output):
+    features, masks, kernels, backend, allow_tf32 = inputs
+    ctx.save_for_backward(features, masks, kernels)
+    ctx.backend, ctx.allow_tf32 = backend, allow_tf32
+
+
+def _backward(ctx, grad):
+    features, masks, kernels = ctx.saved_tensors
+    d_features = None
+    if ctx.needs_input_grad[0]:
+        d_features = torch.ops.cast.masked_gram_backward(
+            grad.contiguous(), features, masks, kernels, ctx.backend, ctx.allow_tf32
+        )
+    return d_features, None, None, None, None
+
+
+_masked_gram_op.register_autograd(_backward, setup_context=_setup_context)

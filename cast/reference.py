@@ -1,0 +1,70 @@
+"""The op of SPEC §1 in plain PyTorch: the spec in code.
+
+This module is the single definition every backend is measured against. It is also the
+"obvious" eager implementation the benchmarks compare with: it materialises the convolved
+and masked features, ``J*K*N*C`` values per call, which is exactly what the fused backends
+avoid. Its forward is differentiable by autograd; ``masked_gram_backward_reference`` is the
+closed-form gradient of SPEC §1 written out, so the formula itself is tested against autograd.
+
+Shapes (already canonical, see ``cast.ops``): ``features (B, C, H, W)``, ``masks (Bm, K, H, W)``
+with ``Bm`` in ``{1, B}``, ``kernels (J, r, r)`` with ``r`` odd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def gram_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation and output dtype of the op: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def convolve(features: Tensor, kernels: Tensor) -> Tensor:
+    """Every channel cross-correlated with every kernel, zero padding: ``(B, J, C, H, W)``."""
+    B, C, H, W = features.shape
+    J, r, _ = kernels.shape
+    out = F.conv2d(features.reshape(B * C, 1, H, W), kernels[:, None], padding=r // 2)
+    return out.reshape(B, C, J, H, W).transpose(1, 2)
+
+
+def convolve_adjoint(grad: Tensor, kernels: Tensor) -> Tensor:
+    """Adjoint of ``convolve`` summed over kernels: ``(B, J, C, H, W) -> (B, C, H, W)``."""
+    B, J, C, H, W = grad.shape
+    r = kernels.shape[-1]
+    out = F.conv_transpose2d(
+        grad.transpose(1, 2).reshape(B * C, J, H, W), kernels[:, None], padding=r // 2
+    )
+    return out.reshape(B, C, H, W)
+
+
+def inverse_mass(masks: Tensor) -> Tensor:
+    """``1 / n_k`` with ``n_k = sum_n m_k[n]^2``, and 0 where the mask is empty: ``(Bm, K)``."""
+    mass = masks.flatten(2).square().sum(-1)
+    return torch.where(mass > 0, mass.reciprocal(), torch.zeros_like(mass))
+
+
+def masked_gram_reference(features: Tensor, masks: Tensor, kernels: Tensor) -> Tensor:
+    """``G[b, j, k] = (M_k P_j F_b)^T (M_k P_j F_b) / n_k``: ``(B, J, K, C, C)``."""
+    acc = gram_dtype(features.dtype)
+    f, m, p = features.to(acc), masks.to(acc), kernels.to(acc)
+    z = convolve(f, p).flatten(3)  # (B, J, C, N)
+    y = z[:, :, None] * m.flatten(2)[:, None, :, None, :]  # (B, J, K, C, N)
+    gram = y @ y.transpose(-1, -2)
+    return gram * inverse_mass(m)[:, None, :, None, None]
+
+
+def masked_gram_backward_reference(
+    grad: Tensor, features: Tensor, masks: Tensor, kernels: Tensor
+) -> Tensor:
+    """``dF_b = sum_jk P_j^T (M_k^2 (P_j F_b) (dG_bjk + dG_bjk^T)) / n_k``: ``(B, C, H, W)``."""
+    acc = gram_dtype(features.dtype)
+    g, f, m, p = grad.to(acc), features.to(acc), masks.to(acc), kernels.to(acc)
+    B, C, H, W = f.shape
+    z = convolve(f, p).flatten(3)  # (B, J, C, N)
+    sym = (g + g.transpose(-1, -2)) * inverse_mass(m)[:, None, :, None, None]  # (B, J, K, C, C)
+    weighted = z[:, :, None] * m.flatten(2).square()[:, None, :, None, :]  # (B, J, K, C, N)
+    dz = (sym @ weighted).sum(2)  # (B, J, C, N); sym is symmetric so no transpose is needed
+    return convolve_adjoint(dz.reshape(B, -1, C, H, W), p).to(features.dtype)

@@ -1,0 +1,21 @@
+// The compiled extension `cast._C`: imported only for the ops it registers.
+// Each fused op's schema is written here once; csrc/masked_gram_cpu.cpp and
+// csrc/masked_gram_cuda.cpp register the CPU and CUDA implementations.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+}
+
+// Canonical inputs only (cast/ops.py checks them): features (B, C, H, W) contiguous,
+// masks (Bm, K, H, W) with Bm in {1, B}, kernels (J, r, r), r odd, all of one dtype.
+TORCH_LIBRARY_FRAGMENT(cast, m) {
+  m.def("_masked_gram_fused(Tensor features, Tensor masks, Tensor kernels, bool allow_tf32) -> Tensor");
+  m.def(
+      "_masked_gram_fused_backward(Tensor grad, Tensor features, Tensor masks, Tensor kernels, "
+      "bool allow_tf32) -> Tensor");
+}

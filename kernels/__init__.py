@@ -1,0 +1,1 @@
+"""Triton kernels of CAST, shipped as ``cast.kernels``."""

@@ -1,0 +1,262 @@
+"""The op against its float64 reference, on every backend present (SPEC §1-3)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import cast
+from cast import backends
+from cast.reference import masked_gram_backward_reference, masked_gram_reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+PRESENT = [
+    (name, device)
+    for name in backends.NAMES
+    for device in DEVICES
+    if backends.available(name) and device in backends.load(name).device_types
+]
+BACKEND_IDS = [f"{name}-{device}" for name, device in PRESENT]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    label: str
+    B: int
+    C: int
+    H: int
+    W: int
+    J: int
+    K: int
+    r: int
+    masks: str = "soft"  # soft | binary | ones | empty | none
+    batched_masks: bool = False
+
+    def inputs(self, dtype, device, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        features = torch.randn(self.B, self.C, self.H, self.W, generator=gen, dtype=torch.float64)
+        kernels = torch.randn(self.J, self.r, self.r, generator=gen, dtype=torch.float64)
+        mask_shape = (self.B, self.K) if self.batched_masks else (self.K,)
+        masks = torch.rand(*mask_shape, self.H, self.W, generator=gen, dtype=torch.float64)
+        if self.masks == "binary":
+            masks = (masks > 0.5).double()
+        elif self.masks == "ones":
+            masks = torch.ones_like(masks)
+        elif self.masks == "empty":
+            masks[..., -1, :, :] = 0  # the last region is empty (for every batch item)
+        elif self.masks == "none":
+            masks = None
+        to = dict(dtype=dtype, device=device)
+        return (
+            features.to(**to),
+            None if masks is None else masks.to(**to),
+            kernels.to(**to),
+        )
+
+
+CASES = [
+    Case("minimal", 1, 1, 1, 1, 1, 1, 1, "ones"),
+    Case("C=1", 1, 1, 6, 5, 2, 2, 3),
+    Case("odd C", 1, 5, 7, 6, 1, 2, 3, "binary"),
+    Case("H*W not a tile multiple", 1, 3, 13, 11, 2, 1, 3),
+    Case("B>1 shared masks", 3, 4, 6, 7, 2, 2, 3),
+    Case("B>1 own masks", 2, 4, 6, 7, 2, 3, 3, "soft", True),
+    Case("empty mask", 2, 3, 5, 6, 2, 3, 3, "empty"),
+    Case("empty mask batched", 2, 3, 5, 6, 1, 2, 3, "empty", True),
+    Case("all-ones mask", 1, 4, 6, 6, 1, 1, 1, "ones"),
+    Case("no masks given", 2, 3, 5, 4, 2, 1, 3, "none"),
+    Case("overlapping soft masks", 1, 6, 8, 8, 3, 4, 3),
+    Case("r=5", 1, 3, 9, 8, 2, 2, 5),
+    Case("kernel wider than image", 1, 2, 2, 3, 1, 1, 5),
+    Case("J=K=4", 2, 8, 5, 9, 4, 4, 3, "soft", True),
+    Case("C=20 one channel tile", 1, 20, 9, 10, 2, 2, 3),
+    Case("C=40 several channel tiles", 1, 40, 6, 7, 1, 2, 3, "binary"),
+]
+CASE_IDS = [c.label for c in CASES]
+
+
+def tolerance(dtype, device, allow_tf32=True):
+    """SPEC §3's accuracy bounds."""
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 3e-3 if device == "cuda" and allow_tf32 else 1e-5
+    return 2e-2
+
+
+def relative_error(out, ref):
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def dtypes_of(name):
+    return [d for d in (torch.float64, torch.float32) if d in backends.load(name).dtypes]
+
+
+def call(name, features, masks, kernels, **kw):
+    return cast.masked_gram(features, masks, kernels, backend=name, **kw)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("name,device", PRESENT, ids=BACKEND_IDS)
+def test_forward_and_backward_match_reference(name, device, case):
+    for dtype in dtypes_of(name):
+        features, masks, kernels = case.inputs(dtype, device, seed=CASES.index(case))
+        features.requires_grad_(True)
+        gram = call(name, features, masks, kernels)
+
+        f64, m64, p64 = case.inputs(torch.float64, "cpu", seed=CASES.index(case))
+        m64 = torch.ones(1, 1, case.H, case.W, dtype=torch.float64) if m64 is None else m64
+        m64 = m64 if m64.dim() == 4 else m64[None]
+        expected = masked_gram_reference(f64, m64, p64)
+        assert gram.shape == (case.B, case.J, case.K, case.C, case.C)
+        assert gram.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert torch.isfinite(gram).all()
+        tol = tolerance(dtype, device)
+        assert relative_error(gram, expected) <= tol, (dtype, relative_error(gram, expected))
+
+        grad_out = torch.randn(gram.shape, generator=torch.Generator().manual_seed(1))
+        (d_features,) = torch.autograd.grad(gram, features, grad_out.to(gram))
+        expected_grad = masked_gram_backward_reference(grad_out.double(), f64, m64, p64)
+        assert d_features.dtype == dtype
+        assert torch.isfinite(d_features).all()
+        err = relative_error(d_features, expected_grad)
+        assert err <= tol, (dtype, err)
+
+        if case.masks == "empty":
+            assert (gram[:, :, -1] == 0).all()
+
+
+@pytest.mark.parametrize("name,device", PRESENT, ids=BACKEND_IDS)
+def test_plain_gatys_gram(name, device):
+    """J = K = 1, identity kernel, all-ones mask: exactly F^T F / N."""
+    dtype = dtypes_of(name)[0]
+    features = torch.randn(2, 5, 7, 9, dtype=dtype, device=device)
+    flat = features.double().flatten(2)
+    expected = (flat @ flat.transpose(1, 2) / flat.shape[-1])[:, None, None]
+    gram = call(name, features, None, None)
+    assert relative_error(gram, expected) <= tolerance(dtype, device)
+
+
+@pytest.mark.parametrize("name,device", PRESENT, ids=BACKEND_IDS)
+def test_gradcheck(name, device):
+    if torch.float64 not in backends.load(name).dtypes:
+        pytest.skip(f"{name} has no float64")
+    case = Case("gradcheck", 2, 3, 5, 4, 2, 2, 3, "soft", True)
+    features, masks, kernels = case.inputs(torch.float64, device, seed=3)
+    features.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda f: call(name, f, masks, kernels), (features,), eps=1e-6, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["shared masks", "own masks"])
+@pytest.mark.parametrize("name,device", PRESENT, ids=BACKEND_IDS)
+def test_opcheck(name, device, batched):
+    dtype = dtypes_of(name)[0]
+    case = Case("opcheck", 2, 4, 5, 6, 2, 2, 3, "soft", batched)
+    features, masks, kernels = case.inputs(dtype, device, seed=4)
+    masks = masks if batched else masks[None]
+    features.requires_grad_(True)
+    torch.library.opcheck(
+        torch.ops.cast.masked_gram.default, (features, masks, kernels, name, True)
+    )
+    grad = torch.randn(2, 2, 2, 4, 4, dtype=cast.reference.gram_dtype(dtype), device=device)
+    torch.library.opcheck(
+        torch.ops.cast.masked_gram_backward.default,
+        (grad, features.detach(), masks, kernels, name, True),
+    )
+
+
+@pytest.mark.parametrize("name,device", PRESENT, ids=BACKEND_IDS)
+def test_style_loss_under_torch_compile(name, device):
+    """A loss built on the op traces without graph breaks and matches eager."""
+    dtype = dtypes_of(name)[-1]
+    features, masks, kernels = Case("compile", 1, 4, 6, 6, 2, 2, 3).inputs(dtype, device, seed=5)
+    target = torch.randn(
+        1, 2, 2, 4, 4, dtype=torch.float32 if dtype != torch.float64 else dtype, device=device
+    )
+
+    def loss(f):
+        return (call(name, f, masks, kernels) - target).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    x_eager = features.clone().requires_grad_(True)
+    x_comp = features.clone().requires_grad_(True)
+    eager_value, compiled_value = loss(x_eager), compiled(x_comp)
+    eager_value.backward()
+    compiled_value.backward()
+    tol = tolerance(dtype, device)
+    assert relative_error(compiled_value, eager_value) <= tol
+    assert relative_error(x_comp.grad, x_eager.grad) <= tol
+
+
+def test_reference_backward_is_autograd_of_reference():
+    """The closed-form gradient of SPEC §1 equals autograd of the forward definition."""
+    features, masks, kernels = Case("formula", 2, 3, 6, 5, 3, 3, 5, "empty", True).inputs(
+        torch.float64, "cpu", seed=6
+    )
+    features.requires_grad_(True)
+    gram = masked_gram_reference(features, masks, kernels)
+    grad_out = torch.randn_like(gram)
+    (autograd,) = torch.autograd.grad(gram, features, grad_out)
+    closed = masked_gram_backward_reference(grad_out, features.detach(), masks, kernels)
+    assert relative_error(closed, autograd) <= 1e-12
+
+
+def test_default_backend_and_environment_override(monkeypatch):
+    features = torch.randn(1, 2, 4, 4)
+    expected = "cpu" if backends.available("cpu") else "reference"
+    assert backends.choose(None, features.device, features.dtype).name == expected
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.choose(None, features.device, features.dtype).name == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="unknown backend 'fastest'"):
+        cast.masked_gram(features)
+
+
+def test_low_precision_on_cpu_falls_back_to_reference():
+    features = torch.randn(1, 3, 5, 5, dtype=torch.bfloat16)
+    assert backends.choose(None, features.device, features.dtype).name == "reference"
+    gram = cast.masked_gram(features)
+    assert gram.dtype == torch.float32
+    expected = masked_gram_reference(
+        features.double(), torch.ones(1, 1, 5, 5).double(), torch.ones(1, 1, 1).double()
+    )
+    assert relative_error(gram, expected) <= 2e-2
+
+
+F = torch.randn(2, 3, 6, 5)
+M = torch.rand(2, 6, 5)
+P = torch.randn(2, 3, 3)
+BAD_INPUTS = [
+    ("features not a tensor", dict(features=F.numpy()), TypeError, "features must be a tensor"),
+    ("integer features", dict(features=F.long()), TypeError, "features must be float16"),
+    ("features 3-D", dict(features=F[0]), ValueError, r"features must be \(B, C, H, W\)"),
+    ("empty features", dict(features=F[:, :0]), ValueError, "must not be empty"),
+    ("masks other grid", dict(masks=M[:, :5]), ValueError, "resample the masks"),
+    ("masks rank 2", dict(masks=M[0]), ValueError, r"masks must be \(K, H, W\)"),
+    ("masks rank 5", dict(masks=M[None, None]), ValueError, r"masks must be \(K, H, W\)"),
+    ("masks wrong batch", dict(masks=M.expand(3, 2, 6, 5)), ValueError, "masks have batch 3"),
+    ("no regions", dict(masks=M[:0]), ValueError, "K >= 1"),
+    ("integer masks", dict(masks=(M > 0.5).int()), TypeError, "masks must be floating"),
+    ("masks float64", dict(masks=M.double()), ValueError, "convert with"),
+    ("even kernel", dict(kernels=torch.randn(1, 2, 2)), ValueError, "odd size"),
+    ("non-square kernel", dict(kernels=torch.randn(1, 3, 5)), ValueError, "square"),
+    ("kernels 2-D", dict(kernels=torch.randn(3, 3)), ValueError, r"kernels must be \(J, r, r\)"),
+    ("kernels float16", dict(kernels=P.half()), ValueError, "kernels are float16"),
+    ("masks on meta", dict(masks=M.to("meta")), ValueError, "move them with"),
+    ("unknown backend", dict(backend="gpu"), ValueError, "unknown backend 'gpu'"),
+    ("cuda backend on cpu", dict(backend="cuda"), RuntimeError, "backend 'cuda'"),
+]
+
+
+@pytest.mark.parametrize(
+    "args,error,message", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_input_is_refused_with_a_clear_message(args, error, message):
+    call_args = dict(features=F, masks=M, kernels=P) | args
+    with pytest.raises(error, match=message):
+        cast.masked_gram(**call_args)
