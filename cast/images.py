@@ -1,0 +1,114 @@
+"""Reading, resizing and writing images as float tensors in [0, 1]."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import CastError, ImageError
+
+# Quality for JPEG outputs: high enough that the stylised texture survives compression.
+JPEG_QUALITY = 95
+
+
+def open_image(path: str | os.PathLike, error: type[CastError] = ImageError) -> Image.Image:
+    """Open ``path`` with PIL, upright (EXIF orientation applied), fully decoded.
+
+    Every way of failing raises ``error`` (one line naming the path), never a PIL traceback.
+    """
+    path = Path(path)
+    what = "label image" if error is not ImageError else "image"
+    if not path.is_file():
+        problem = "it is a directory" if path.is_dir() else "no such file"
+        raise error(f"cannot read {what} '{path}': {problem}; check the path")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return ImageOps.exif_transpose(opened)
+    except UnidentifiedImageError:
+        raise error(
+            f"cannot read {what} '{path}': not an image format PIL knows; use PNG or JPEG"
+        ) from None
+    except Image.DecompressionBombError as e:
+        raise error(f"cannot read {what} '{path}': too large ({e})") from None
+    except OSError as e:
+        raise error(f"cannot read {what} '{path}': {e}; is the file complete?") from None
+
+
+def load_image(path: str | os.PathLike, long_side: int | None = None) -> torch.Tensor:
+    """Read an image as a ``(3, H, W)`` float32 RGB tensor in [0, 1].
+
+    With ``long_side``, the image is resized (Lanczos, antialiased) so that ``max(H, W) ==
+    long_side``, keeping its aspect ratio. Grey-scale, palette and RGBA files become RGB.
+    """
+    image = open_image(path).convert("RGB")
+    if long_side is not None:
+        if long_side < 1:
+            raise ImageError(f"image size must be a positive number of pixels, got {long_side}")
+        image = image.resize(_fit(image.size, long_side), Image.Resampling.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return pixels.permute(2, 0, 1).float().div_(255)
+
+
+def _fit(size_wh: tuple[int, int], long_side: int) -> tuple[int, int]:
+    width, height = size_wh
+    scale = long_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize ``(..., 3, H, W)`` images to ``size = (h, w)``: bicubic, antialiased, in [0, 1]."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    lead = image.shape[:-3]
+    flat = image.reshape(-1, *image.shape[-3:])
+    out = F.interpolate(flat, size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
+    # Bicubic overshoots at sharp edges; images live in [0, 1].
+    return out.clamp_(0, 1).reshape(*lead, *out.shape[-3:])
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write a ``(3, H, W)`` or ``(1, 3, H, W)`` image in [0, 1] (clamped) to ``path``.
+
+    The format follows the suffix. The file appears complete or not at all: it is written to a
+    temporary file beside ``path`` and renamed over it.
+    """
+    path = Path(path)
+    if image.dim() == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"save_image expects a (3, H, W) image, got shape {tuple(image.shape)}")
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise CastError(f"cannot write '{path}': unknown image format; end it in .png or .jpg")
+    pixels = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    picture = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+    options = {"quality": JPEG_QUALITY} if image_format == "JPEG" else {}
+    temporary = None
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        with os.fdopen(handle, "wb") as file:
+            picture.save(file, format=image_format, **options)
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+        temporary = None
+    except OSError as e:
+        raise CastError(
+            f"cannot write '{path}': {e.strerror or e}; choose a writable path"
+        ) from None
+    finally:
+        if temporary is not None and os.path.exists(temporary):
+            os.remove(temporary)

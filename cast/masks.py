@@ -1,0 +1,275 @@
+"""Region masks: from colour-coded label images, grey-scale soft masks, or alpha matting.
+
+A set of region masks is a float32 tensor ``(K, H, W)`` in [0, 1] at image resolution;
+``resample`` brings it to each network layer's grid.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import MaskError
+from .images import open_image
+
+Path = str | os.PathLike
+Colour = tuple[int, int, int]
+
+# Label colours closer than this (Euclidean, 0-255 RGB) are one region. Distinct label colours
+# are far apart (pure red to dark red is 127); JPEG noise inside a flat region at quality 20
+# stays within about 20, and chroma bleeding at edges is assigned to the nearest colour anyway.
+COLOUR_RADIUS = 48.0
+# A colour is a region when its flat pixels (see _flat) cover at least this share of the image.
+# Flatness, not the share, is what rejects the in-between colours of edges, so this can be low.
+MIN_REGION_SHARE = 0.002
+# More colours than this means the file is a photo, not a label image.
+MAX_REGIONS = 32
+# Aspect ratios (width / height) of a mask and its image may differ by this much (rounding).
+ASPECT_TOLERANCE = 0.02
+# Matting solves one unknown per pixel; above this many pixels it runs at reduced resolution.
+MATTING_PIXELS = 512 * 384
+
+
+@dataclass
+class RegionMasks:
+    """Paired regions of a content image and its style images.
+
+    ``colours[k]`` is region k's label colour; ``content`` is ``(K, H, W)``; ``styles[i]`` is
+    ``(K, H_i, W_i)`` for style image i (all zeros for a region absent from it), or None for a
+    style image given without a label image.
+    """
+
+    colours: list[Colour]
+    content: torch.Tensor
+    styles: list[torch.Tensor | None]
+
+
+def label_masks(
+    content_labels: Path,
+    style_labels: Sequence[Path | None],
+    content_size: tuple[int, int],
+    style_sizes: Sequence[tuple[int, int]],
+    strict: bool = False,
+) -> RegionMasks:
+    """Hard region masks from colour-coded label images, one region per content colour.
+
+    Each label image is snapped to its own small palette (robust to JPEG noise and resampling:
+    in-between colours never become regions), then resized with nearest neighbour to its
+    image's ``(H, W)``. A style colour pairs with the content colour nearest to it (within
+    ``COLOUR_RADIUS``); style colours absent from the content take no part. With ``strict``,
+    a content colour found in no style label image is an error.
+    """
+    if len(style_labels) != len(style_sizes):
+        raise ValueError(f"{len(style_labels)} style label images for {len(style_sizes)} styles")
+    palette, content_index = _read_labels(content_labels, content_size)
+    content = _one_hot(content_index, len(palette))
+    styles, used = [], np.zeros(len(palette), dtype=bool)
+    for labels, size in zip(style_labels, style_sizes, strict=True):
+        if labels is None:
+            styles.append(None)
+            continue
+        own_palette, own_index = _read_labels(labels, size)
+        to_content = np.array([_nearest(colour, palette) for colour in own_palette] + [-1])
+        index = to_content[own_index]  # -1: a colour the content does not have
+        used[index[index >= 0]] = True
+        styles.append(_one_hot(index, len(palette)))
+    if strict and any(labels is not None for labels in style_labels) and not used.all():
+        missing = [palette[k] for k in np.flatnonzero(~used)]
+        raise MaskError(
+            f"content label colour(s) {', '.join(map(str, missing))} in '{content_labels}' appear "
+            "in no style label image; paint them in a style label image or drop --strict"
+        )
+    return RegionMasks(colours=palette, content=content, styles=styles)
+
+
+def _read_labels(path: Path, size: tuple[int, int]) -> tuple[list[Colour], torch.Tensor]:
+    """(palette, index map ``(H, W)`` int64 at ``size``) for one label image."""
+    picture = open_image(path, error=MaskError)
+    _check_aspect(path, picture.size, size)
+    pixels = np.asarray(picture.convert("RGB"), dtype=np.int16)
+    palette = _palette(pixels, path)
+    centres = np.array(palette, dtype=np.float32)
+    flat = pixels.reshape(-1, 3).astype(np.float32)
+    distances = (flat**2).sum(1, keepdims=True) - 2 * flat @ centres.T + (centres**2).sum(1)
+    index = torch.from_numpy(distances.argmin(1).reshape(pixels.shape[:2]))
+    # Nearest neighbour after snapping: any other resampling would mix region indices.
+    resized = F.interpolate(index[None, None].float(), size=tuple(size), mode="nearest-exact")
+    return palette, resized[0, 0].long()
+
+
+def _palette(pixels: np.ndarray, path: Path) -> list[Colour]:
+    """The label colours of an ``(H, W, 3)`` image, most frequent first.
+
+    Only flat pixels vote, so edges (antialiasing, JPEG ringing) cannot create colours. Greedy:
+    the densest remaining colour bin seeds a region, which takes every voting colour within
+    ``COLOUR_RADIUS``; its colour is their per-channel median (the exact label colour for a
+    lightly compressed file).
+    """
+    voters = pixels[_flat(pixels)].astype(np.float32)
+    min_count = max(1, MIN_REGION_SHARE * pixels.shape[0] * pixels.shape[1])
+    palette: list[Colour] = []
+    while len(voters) >= min_count:
+        bins = (voters // 16).astype(np.int64) @ np.array([256, 16, 1])
+        densest = np.bincount(bins).argmax()
+        seed = voters[bins == densest].mean(0)
+        near = ((voters - seed) ** 2).sum(1) <= COLOUR_RADIUS**2
+        if near.sum() < min_count:
+            break
+        colour = tuple(int(c) for c in np.median(voters[near], axis=0).round())
+        voters = voters[~near]
+        if palette and _nearest(colour, palette) >= 0:
+            continue  # the fringe of a colour already found
+        palette.append(colour)
+        if len(palette) > MAX_REGIONS:
+            raise MaskError(
+                f"label image '{path}' has more than {MAX_REGIONS} colours; a label image "
+                "paints each region in one flat colour"
+            )
+    if not palette:
+        raise MaskError(
+            f"label image '{path}' has no flat colour regions; paint each region in one colour"
+        )
+    return palette
+
+
+def _flat(pixels: np.ndarray) -> np.ndarray:
+    """Pixels whose 4 neighbours all lie within ``COLOUR_RADIUS / 2`` of their colour."""
+    padded = np.pad(pixels.astype(np.int32), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    centre = padded[1:-1, 1:-1]
+    flat = np.ones(pixels.shape[:2], dtype=bool)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        neighbour = padded[dy : dy + pixels.shape[0], dx : dx + pixels.shape[1]]
+        flat &= ((neighbour - centre) ** 2).sum(-1) <= (COLOUR_RADIUS / 2) ** 2
+    return flat
+
+
+def _nearest(colour: Colour, palette: Sequence[Colour]) -> int:
+    """Index of the palette colour within ``COLOUR_RADIUS`` of ``colour``, nearest; else -1."""
+    distances = [sum((a - b) ** 2 for a, b in zip(colour, c, strict=True)) for c in palette]
+    best = int(np.argmin(distances))
+    return best if distances[best] <= COLOUR_RADIUS**2 else -1
+
+
+def _one_hot(index: torch.Tensor, regions: int) -> torch.Tensor:
+    """``(K, H, W)`` float32 masks from an index map; index -1 belongs to no region."""
+    return (index[None] == torch.arange(regions)[:, None, None]).float()
+
+
+def _check_aspect(path: Path, mask_wh: tuple[int, int], size_hw: tuple[int, int]) -> None:
+    (width, height), (image_h, image_w) = mask_wh, size_hw
+    if abs((width / height) / (image_w / image_h) - 1) > ASPECT_TOLERANCE:
+        raise MaskError(
+            f"mask '{path}' is {width}x{height} but its image is {image_w}x{image_h} (as used); "
+            "aspect ratios differ: draw the mask over the image itself"
+        )
+
+
+def soft_masks(paths: Sequence[Path], size: tuple[int, int]) -> torch.Tensor:
+    """``(K, H, W)`` masks from grey-scale images, one per region (white = 1), at ``size``."""
+    masks = []
+    for path in paths:
+        picture = open_image(path, error=MaskError)
+        _check_aspect(path, picture.size, size)
+        grey = np.asarray(picture.convert("L"), dtype=np.float32) / 255
+        masks.append(_resize_grey(torch.from_numpy(grey), size))
+    if not masks:
+        raise ValueError("soft_masks needs at least one mask file")
+    return torch.stack(masks)
+
+
+def _resize_grey(grey: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An ``(H, W)`` map in [0, 1] at ``size``: antialiased bilinear, so it stays in [0, 1]."""
+    if tuple(grey.shape) == tuple(size):
+        return grey
+    out = F.interpolate(grey[None, None], size=tuple(size), mode="bilinear", antialias=True)
+    return out[0, 0].clamp_(0, 1)
+
+
+def resample(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(K, H, W)`` or ``(B, K, H, W)`` masks at a layer's grid ``size = (h, w)``.
+
+    Area averaging: each cell gets the mean of the mask over the pixels it covers, so values stay
+    in [0, 1] and a region's share of the image is kept (exactly when the sizes divide).
+    """
+    if masks.dim() not in (3, 4):
+        raise ValueError(f"masks must be (K, H, W) or (B, K, H, W), got {tuple(masks.shape)}")
+    batched = masks if masks.dim() == 4 else masks[None]
+    if tuple(batched.shape[-2:]) == tuple(size):
+        return masks
+    out = F.adaptive_avg_pool2d(batched.float(), tuple(size)).to(masks.dtype)
+    return out if masks.dim() == 4 else out[0]
+
+
+# Matting
+
+
+def read_trimap(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """An ``(H, W)`` trimap at ``size`` from a grey-scale image: black 0 = background,
+    white 1 = foreground, anything in between 0.5 = unknown (snapped, so JPEG noise is harmless).
+    """
+    picture = open_image(path, error=MaskError)
+    _check_aspect(path, picture.size, size)
+    grey = np.asarray(picture.convert("L"))
+    snapped = np.where(grey < 26, 0.0, np.where(grey > 229, 1.0, 0.5)).astype(np.float32)
+    resized = F.interpolate(
+        torch.from_numpy(snapped)[None, None], size=tuple(size), mode="nearest-exact"
+    )
+    return resized[0, 0]
+
+
+def matte(
+    image: torch.Tensor, trimap: torch.Tensor, max_pixels: int | None = MATTING_PIXELS
+) -> torch.Tensor:
+    """Soft foreground mask ``alpha (H, W)`` in [0, 1] by closed-form matting (Levin et al.).
+
+    ``image`` is ``(3, H, W)`` RGB in [0, 1]; ``trimap`` is ``(H, W)``: 0 = background,
+    1 = foreground, 0.5 = unknown (pymatting's thresholds: <= 0.1 and >= 0.9 are known).
+    Scribbles work too: a trimap that is mostly unknown with a few strokes of 0 and 1 (slower:
+    every unknown pixel is solved for). Images above ``max_pixels`` are matted at reduced
+    resolution and alpha is upsampled, then the known pixels are restored exactly.
+    """
+    from pymatting import estimate_alpha_cf
+
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"matte expects a (3, H, W) image, got shape {tuple(image.shape)}")
+    if tuple(trimap.shape) != tuple(image.shape[1:]):
+        raise MaskError(
+            f"trimap is {trimap.shape[-1]}x{trimap.shape[0]} but the image is "
+            f"{image.shape[-1]}x{image.shape[-2]}; draw the trimap over the image itself"
+        )
+    trimap = trimap.float().cpu()
+    foreground, background = trimap >= 0.9, trimap <= 0.1
+    if not foreground.any() or not background.any():
+        missing = "foreground (white)" if not foreground.any() else "background (black)"
+        raise MaskError(f"trimap has no {missing} pixels; mark some of each")
+    unknown = ~(foreground | background)
+    if not unknown.any():
+        return foreground.float()
+
+    height, width = trimap.shape
+    scale = min(1.0, (max_pixels / (height * width)) ** 0.5) if max_pixels else 1.0
+    small = (max(1, round(height * scale)), max(1, round(width * scale)))
+    small_image = image.detach().float().cpu()
+    small_trimap = trimap
+    if small != (height, width):
+        small_image = F.interpolate(small_image[None], size=small, mode="area")[0]
+        # Known only where the whole cell is known: a cell straddling a known edge is unknown.
+        small_trimap = F.adaptive_avg_pool2d(trimap[None, None], small)[0, 0]
+        fully_known = (small_trimap >= 1) | (small_trimap <= 0)
+        small_trimap = torch.where(fully_known, small_trimap, torch.full_like(small_trimap, 0.5))
+        if not (small_trimap >= 0.9).any() or not (small_trimap <= 0.1).any():
+            raise MaskError("trimap's strokes vanish at matting resolution; draw thicker strokes")
+
+    alpha = estimate_alpha_cf(
+        small_image.permute(1, 2, 0).double().numpy(), small_trimap.double().numpy()
+    )
+    alpha = torch.from_numpy(alpha).float()
+    if small != (height, width):
+        alpha = F.interpolate(alpha[None, None], size=(height, width), mode="bilinear")[0, 0]
+    alpha = torch.where(foreground, 1.0, torch.where(background, 0.0, alpha))
+    return alpha.clamp_(0, 1)

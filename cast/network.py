@@ -1,0 +1,99 @@
+"""The VGG feature extractor, its layers named the way the style-transfer literature names them."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .weights import ARCHITECTURES, VGGWeights, load_vgg
+
+# Gatys et al. (2016): content from relu4_2, style from the first ReLU of every block.
+CONTENT_LAYERS = ("relu4_2",)
+STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+
+POOLINGS = ("avg", "max")
+
+
+def layer_names(architecture: str) -> tuple[str, ...]:
+    """``conv1_1, relu1_1, conv1_2, ..., pool1, conv2_1, ...`` for ``architecture``."""
+    names = []
+    for block, convs in enumerate(ARCHITECTURES[architecture], start=1):
+        for conv in range(1, len(convs) + 1):
+            names += [f"conv{block}_{conv}", f"relu{block}_{conv}"]
+        names.append(f"pool{block}")
+    return tuple(names)
+
+
+class VGGFeatures(nn.Module):
+    """Frozen VGG-16/19 features of RGB images, by layer name.
+
+    ``model`` is a name from ``cast.weights.MODELS``, a weights file path, or ``VGGWeights``.
+    ``pooling="avg"`` (default) replaces VGG's max pooling by average pooling, Gatys et al.'s
+    choice for image synthesis (smoother gradients); ``"max"`` keeps the original network.
+    """
+
+    def __init__(self, model: str | VGGWeights = "vgg16-hed", pooling: str = "avg"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        weights = model if isinstance(model, VGGWeights) else load_vgg(model)
+        self.architecture = weights.architecture
+        self.layer_names = layer_names(weights.architecture)
+        self.pooling = pooling
+        self.source = weights.source
+
+        layers, convs = OrderedDict(), iter(zip(weights.weights, weights.biases, strict=True))
+        for name in self.layer_names:
+            if name.startswith("conv"):
+                weight, bias = next(convs)
+                conv = nn.Conv2d(weight.shape[1], weight.shape[0], 3, padding=1)
+                conv.weight.data.copy_(weight)
+                conv.bias.data.copy_(bias)
+                layers[name] = conv
+            elif name.startswith("relu"):
+                # Not in place: a requested conv output must survive the ReLU after it.
+                layers[name] = nn.ReLU()
+            else:
+                layers[name] = nn.AvgPool2d(2) if pooling == "avg" else nn.MaxPool2d(2)
+        self.layers = nn.Sequential(layers)
+
+        prep = weights.preprocessing
+        self.bgr = prep.bgr
+        self.register_buffer("scale", torch.tensor(prep.scale), persistent=False)
+        self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """RGB ``(B, 3, H, W)`` in [0, 1] to the network's input convention."""
+        if self.bgr:
+            image = image.flip(1)
+        return (image * self.scale - self.mean) / self.std
+
+    def forward(self, image: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Features ``{name: (B, C_l, H_l, W_l)}`` of ``image`` (``(B, 3, H, W)`` RGB in [0, 1]).
+
+        Runs only as deep as the deepest requested layer.
+        """
+        if isinstance(layers, str):
+            layers = (layers,)
+        unknown = [name for name in layers if name not in self.layer_names]
+        if unknown:
+            raise ValueError(
+                f"unknown layer(s) {unknown} for {self.architecture}; "
+                f"known: {', '.join(self.layer_names)}"
+            )
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(image.shape)}")
+        wanted = set(layers)
+        deepest = max(self.layer_names.index(name) for name in wanted) if wanted else -1
+        features, x = {}, self.preprocess(image)
+        for name, layer in list(self.layers.named_children())[: deepest + 1]:
+            x = layer(x)
+            if name in wanted:
+                features[name] = x
+        return features
