@@ -1,0 +1,137 @@
+// The CUDA implementations of cast::_masked_gram_fused and cast::_masked_gram_fused_backward
+// (schemas in module.cpp): ATen glue around the plain launchers of masked_gram_cuda.cu.
+// Inputs are canonical (cast/ops.py checks them for the user); the checks here only guard the
+// contract between the Python op and these kernels.
+// c10/cuda rather than ATen/cuda/CUDAContext.h: the stream and guard are all we need, and the
+// lighter headers keep cuBLAS and cuSPARSE headers out of the build.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "masked_gram_cuda.h"
+
+namespace {
+
+CastDtype cast_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return CastDtype::float16;
+    case at::kBFloat16:
+      return CastDtype::bfloat16;
+    case at::kFloat:
+      return CastDtype::float32;
+    case at::kDouble:
+      return CastDtype::float64;
+    default:
+      TORCH_CHECK(false, "cast::_masked_gram_fused (cuda): unexpected dtype ", t.scalar_type());
+  }
+}
+
+at::ScalarType accumulation_type(const at::Tensor& features) {
+  return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_contract(const at::Tensor& features, const at::Tensor& masks,
+                    const at::Tensor& kernels) {
+  for (const at::Tensor* t : {&features, &masks, &kernels}) {
+    TORCH_CHECK(t->is_cuda() && t->device() == features.device(),
+                "cast::_masked_gram_fused (cuda): all inputs must be on one CUDA device");
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == features.scalar_type(),
+                "cast::_masked_gram_fused (cuda): inputs must be contiguous and of one dtype");
+  }
+  TORCH_CHECK(features.dim() == 4 && masks.dim() == 4 && kernels.dim() == 3,
+              "cast::_masked_gram_fused (cuda): expected (B,C,H,W), (Bm,K,H,W), (J,r,r)");
+  TORCH_CHECK(masks.size(0) == 1 || masks.size(0) == features.size(0),
+              "cast::_masked_gram_fused (cuda): masks' batch must be 1 or B");
+  TORCH_CHECK(masks.size(2) == features.size(2) && masks.size(3) == features.size(3),
+              "cast::_masked_gram_fused (cuda): masks must be on the features' grid");
+  TORCH_CHECK(kernels.size(1) == kernels.size(2) && kernels.size(1) % 2 == 1,
+              "cast::_masked_gram_fused (cuda): kernels must be square with an odd size");
+}
+
+CastGramShape shape_of(const at::Tensor& features, const at::Tensor& masks,
+                       const at::Tensor& kernels) {
+  return CastGramShape{features.size(0), features.size(1), features.size(2), features.size(3),
+                       masks.size(0),    masks.size(1),    kernels.size(0),  kernels.size(1)};
+}
+
+// Call under the features' device guard.
+CastGramPlan plan_for(CastDtype dtype, const CastGramShape& shape) {
+  const int device = c10::cuda::current_device();
+  int sm_count = 0, max_smem = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const CastGramPlan plan = cast_masked_gram_cuda_plan(dtype, shape, sm_count, max_smem);
+  TORCH_CHECK(plan.unsupported == nullptr, "cast.masked_gram: backend 'cuda': ",
+              plan.unsupported);
+  return plan;
+}
+
+// 1 / n_k with n_k = sum_n m_k[n]^2 summed in double, 0 where the mask is empty: (Bm, K).
+at::Tensor inverse_mass(const at::Tensor& masks, at::ScalarType accumulation) {
+  const at::Tensor mass = masks.to(at::kDouble).square().sum({2, 3});
+  return at::where(mass > 0, mass.reciprocal(), at::zeros_like(mass)).to(accumulation);
+}
+
+// allow_tf32 is accepted for the op's contract; these SIMT kernels always compute in full
+// float32 (double for double), so it changes nothing here.
+at::Tensor masked_gram_fused_cuda(const at::Tensor& features, const at::Tensor& masks,
+                                  const at::Tensor& kernels, bool /*allow_tf32*/) {
+  check_contract(features, masks, kernels);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const CastDtype dtype = cast_dtype(features);
+  const CastGramShape shape = shape_of(features, masks, kernels);
+  const CastGramPlan plan = plan_for(dtype, shape);
+  const auto options = features.options().dtype(accumulation_type(features));
+
+  const at::Tensor inv = inverse_mass(masks, accumulation_type(features)).contiguous();
+  at::Tensor scratch = at::empty({plan.splits, shape.B, shape.J, shape.K, shape.C, shape.C},
+                                 options);
+  at::Tensor gram = at::empty({shape.B, shape.J, shape.K, shape.C, shape.C}, options);
+  C10_CUDA_CHECK(cast_masked_gram_cuda_forward(
+      dtype, shape, plan, features.const_data_ptr(), masks.const_data_ptr(),
+      kernels.const_data_ptr(), inv.const_data_ptr(), scratch.mutable_data_ptr(),
+      gram.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return gram;
+}
+
+at::Tensor masked_gram_fused_backward_cuda(const at::Tensor& grad, const at::Tensor& features,
+                                           const at::Tensor& masks, const at::Tensor& kernels,
+                                           bool /*allow_tf32*/) {
+  check_contract(features, masks, kernels);
+  TORCH_CHECK(grad.is_cuda() && grad.device() == features.device() && grad.dim() == 5 &&
+                  grad.size(0) == features.size(0) && grad.size(1) == kernels.size(0) &&
+                  grad.size(2) == masks.size(1) && grad.size(3) == features.size(1) &&
+                  grad.size(4) == features.size(1),
+              "cast::_masked_gram_fused_backward (cuda): grad must be (B, J, K, C, C) on the "
+              "features' device");
+  const c10::cuda::CUDAGuard guard(features.device());
+  const CastDtype dtype = cast_dtype(features);
+  const CastGramShape shape = shape_of(features, masks, kernels);
+  const CastGramPlan plan = plan_for(dtype, shape);
+
+  // S_jk = (dG_jk + dG_jk^T) / n_k: B * J * K * C^2 values, tiny next to F.
+  const at::ScalarType accumulation = accumulation_type(features);
+  const at::Tensor g = grad.to(accumulation);
+  const at::Tensor inv = inverse_mass(masks, accumulation).view({shape.Bm, 1, shape.K, 1, 1});
+  const at::Tensor sym = ((g + g.transpose(-1, -2)) * inv).contiguous();
+
+  at::Tensor d_features = at::empty_like(features);
+  C10_CUDA_CHECK(cast_masked_gram_cuda_backward(
+      dtype, shape, plan, sym.const_data_ptr(), features.const_data_ptr(),
+      masks.const_data_ptr(), kernels.const_data_ptr(), d_features.mutable_data_ptr(),
+      c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return d_features;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cast, CUDA, m) {
+  m.impl("_masked_gram_fused", &masked_gram_fused_cuda);
+  m.impl("_masked_gram_fused_backward", &masked_gram_fused_backward_cuda);
+}

@@ -1,0 +1,46 @@
+// Plain C++ launchers of the CUDA kernels in masked_gram_cuda.cu (SPEC §1-2). No torch here:
+// the .cu files build with nvcc alone; csrc/masked_gram_cuda.cpp is the ATen glue.
+//
+// All pointers are device pointers of contiguous tensors. "T" is the features' dtype, "A" its
+// accumulation dtype: double for float64, float otherwise.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+enum class CastDtype : int { float16, bfloat16, float32, float64 };
+
+struct CastGramShape {
+  int64_t B, C, H, W;  // features (B, C, H, W)
+  int64_t Bm, K;       // masks (Bm, K, H, W), Bm in {1, B}
+  int64_t J, r;        // kernels (J, r, r), r odd
+};
+
+// How a shape is cut into blocks; the caller allocates the forward scratch from it.
+struct CastGramPlan {
+  int64_t splits;        // S: the forward's partial sums over ranges of positions
+  int64_t kernel_group;  // kernels whose Grams one forward block accumulates
+  int64_t mask_group;    // masks whose Grams one forward block accumulates
+  size_t forward_smem;   // dynamic shared memory per block, bytes
+  size_t backward_smem;
+  const char* unsupported;  // nullptr, or why this shape does not fit the kernels
+};
+
+CastGramPlan cast_masked_gram_cuda_plan(
+    CastDtype dtype, const CastGramShape& shape, int sm_count, size_t max_smem_per_block);
+
+// gram (B, J, K, C, C) A. inverse_mass (Bm, K) A: 1 / n_k, 0 where n_k == 0.
+// scratch (plan.splits, B, J, K, C, C) A, uninitialised.
+cudaError_t cast_masked_gram_cuda_forward(
+    CastDtype dtype, const CastGramShape& shape, const CastGramPlan& plan, const void* features,
+    const void* masks, const void* kernels, const void* inverse_mass, void* scratch, void* gram,
+    cudaStream_t stream);
+
+// d_features (B, C, H, W) T. sym_grad (B, J, K, C, C) A: (dG_jk + dG_jk^T) / n_k, 0 where
+// n_k == 0.
+cudaError_t cast_masked_gram_cuda_backward(
+    CastDtype dtype, const CastGramShape& shape, const CastGramPlan& plan, const void* sym_grad,
+    const void* features, const void* masks, const void* kernels, void* d_features,
+    cudaStream_t stream);
