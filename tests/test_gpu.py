@@ -1,0 +1,108 @@
+"""The GPU backends ("triton", "cuda") on a CUDA device; skipped without one.
+
+tests/test_masked_gram.py already runs every labelled case, gradcheck, opcheck and
+torch.compile(fullgraph=True) on every backend present for "cuda" tensors. This file adds what
+only a GPU shows: CUDA graphs (mode="reduce-overhead", which catches launches on the wrong
+stream), low precision, full-precision float32 and a shape large enough to use many tiles,
+channel blocks and splits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cast
+from cast import backends
+from cast.reference import masked_gram_backward_reference, masked_gram_reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+GPU_BACKENDS = ["triton", "cuda"]
+
+
+def need(name, dtype=torch.float32):
+    if not backends.available(name):
+        pytest.skip(f"backend {name!r} is not available here")
+    if dtype not in backends.load(name).dtypes:
+        pytest.skip(f"backend {name!r} has no {dtype}")
+
+
+def relative_error(out, ref):
+    out, ref = out.double(), ref.double().to(out.device)
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def random_inputs(B, C, H, W, J, K, r, dtype, seed=0, batched_masks=False):
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
+    masks = torch.rand(B if batched_masks else 1, K, H, W, generator=gen, dtype=torch.float64)
+    kernels = torch.randn(J, r, r, generator=gen, dtype=torch.float64)
+    return [t.to("cuda", dtype) for t in (features, masks, kernels)]
+
+
+def check(name, features, masks, kernels, tol, **kw):
+    """Forward and backward of ``backend=name`` against the float64 reference."""
+    f64, m64, p64 = features.double(), masks.double(), kernels.double()
+    features = features.clone().requires_grad_(True)
+    gram = cast.masked_gram(features, masks, kernels, backend=name, **kw)
+    expected = masked_gram_reference(f64, m64, p64)
+    assert torch.isfinite(gram).all()
+    assert relative_error(gram, expected) <= tol
+
+    grad = torch.randn(gram.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad = grad.cuda()
+    (d_features,) = torch.autograd.grad(gram, features, grad.to(gram.dtype))
+    expected_grad = masked_gram_backward_reference(grad, f64, m64, p64)
+    assert d_features.dtype == features.dtype
+    assert torch.isfinite(d_features).all()
+    assert relative_error(d_features, expected_grad) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_low_precision(name, dtype):
+    need(name, dtype)
+    check(name, *random_inputs(2, 48, 19, 23, 2, 3, 3, dtype, batched_masks=True), 2e-2)
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_full_precision_float32(name):
+    need(name)
+    check(name, *random_inputs(2, 40, 17, 21, 2, 2, 3, torch.float32), 1e-5, allow_tf32=False)
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_large_shape(name):
+    need(name)
+    inputs = random_inputs(2, 256, 96, 80, 3, 3, 3, torch.float32, seed=2)
+    check(name, *inputs, 3e-3)
+    check(name, *inputs, 1e-5, allow_tf32=False)
+    if torch.float64 in backends.load(name).dtypes:
+        check(name, *[t.double() for t in inputs], 1e-10)
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_cuda_graphs_under_reduce_overhead(name):
+    """Replayed CUDA graphs of forward and backward give the eager result for fresh inputs."""
+    need(name)
+    features, masks, kernels = random_inputs(1, 64, 24, 20, 2, 2, 3, torch.float32, seed=3)
+    target = torch.randn(1, 2, 2, 64, 64, device="cuda")
+
+    def loss(x):
+        return (cast.masked_gram(x, masks, kernels, backend=name) - target).square().sum()
+
+    compiled = torch.compile(loss, mode="reduce-overhead")
+    for i in range(4):  # warm-up, recording, then replays
+        x_eager = (features + 0.1 * i).requires_grad_(True)
+        x_graph = x_eager.detach().clone().requires_grad_(True)
+        expected = loss(x_eager)
+        expected.backward()
+        value = compiled(x_graph)
+        value.backward()
+        torch.cuda.synchronize()
+        assert relative_error(value.detach(), expected.detach()) <= 3e-3, i
+        assert relative_error(x_graph.grad, x_eager.grad) <= 3e-3, i
