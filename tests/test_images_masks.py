@@ -1,0 +1,297 @@
+"""Images in and out, region masks from labels, soft masks and matting."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cast.errors import CastError, ImageError, MaskError
+from cast.images import load_image, resize, save_image
+from cast.masks import label_masks, matte, read_trimap, resample, soft_masks
+
+IMAGES = Path("/work/shared/images")
+TUBINGEN = IMAGES / "tubingen.jpg"
+TRIMAP = Path(__file__).parent.parent / "examples" / "tubingen_trimap.png"
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 160, 0), (0, 0, 255)
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message and message
+    return message
+
+
+# Images
+
+
+def test_save_load_round_trip(tmp_path):
+    image = torch.rand(3, 37, 53)
+    save_image(image[None], tmp_path / "out.png")
+    loaded = load_image(tmp_path / "out.png")
+    assert loaded.dtype == torch.float32 and loaded.shape == (3, 37, 53)
+    assert (loaded - image).abs().max() <= 0.5 / 255 + 1e-6  # only 8-bit quantisation
+
+
+def test_save_clamps_and_writes_jpeg(tmp_path):
+    image = torch.linspace(-1, 2, 3 * 32 * 32).reshape(3, 32, 32)
+    save_image(image, tmp_path / "out.jpg")
+    assert Image.open(tmp_path / "out.jpg").format == "JPEG"
+    loaded = load_image(tmp_path / "out.jpg")
+    assert (loaded - image.clamp(0, 1)).abs().mean() < 0.02
+
+
+def test_load_resizes_to_long_side():
+    image = load_image(TUBINGEN, long_side=256)
+    assert image.shape == (3, 192, 256)
+    assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.1
+
+
+def test_resize():
+    images = torch.rand(2, 3, 40, 60)
+    out = resize(images, (20, 30))
+    assert out.shape == (2, 3, 20, 30) and 0 <= out.min() and out.max() <= 1
+    # Antialiased: a downscaled constant stays that constant; averaging, not sampling.
+    assert torch.allclose(resize(torch.full((3, 40, 60), 0.3), (13, 17)), torch.tensor(0.3))
+    assert torch.allclose(out.mean(), images.mean(), atol=0.01)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "out.png"
+    save_image(torch.zeros(3, 8, 8), target)
+    before = target.read_bytes()
+
+    def disk_full(self, file, *args, **kwargs):
+        file.write(b"half an image")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(CastError) as error:
+        save_image(torch.ones(3, 8, 8), target)
+    assert "No space left" in one_line(error) and str(target) in str(error.value)
+    assert target.read_bytes() == before
+    assert os.listdir(tmp_path) == ["out.png"]  # no temporary file left behind
+
+
+def test_save_errors(tmp_path):
+    with pytest.raises(CastError) as error:
+        save_image(torch.zeros(3, 8, 8), tmp_path / "missing-dir" / "out.png")
+    assert "missing-dir" in one_line(error)
+    with pytest.raises(CastError, match="unknown image format"):
+        save_image(torch.zeros(3, 8, 8), tmp_path / "out.xyz")
+    assert os.listdir(tmp_path) == []
+
+
+def test_saved_file_permissions(tmp_path):
+    save_image(torch.zeros(3, 4, 4), tmp_path / "out.png")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_unreadable_images(tmp_path):
+    (tmp_path / "notes.jpg").write_text("not an image")
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (64, 64), RED).save(good)
+    (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[:200])
+    for path in ("nope.jpg", "notes.jpg", "cut.jpg", "."):
+        with pytest.raises(ImageError) as error:
+            load_image(tmp_path / path)
+        assert str(tmp_path / path) in one_line(error)
+
+
+# Label masks
+
+
+def draw_labels(height: int, width: int, with_disc: bool = True) -> np.ndarray:
+    """Red top half, green bottom half, a blue disc in the middle."""
+    labels = np.zeros((height, width, 3), np.uint8)
+    labels[: height // 2], labels[height // 2 :] = RED, GREEN
+    if with_disc:
+        y, x = np.mgrid[:height, :width]
+        disc = (y - 0.42 * height) ** 2 + (x - 0.6 * width) ** 2 < (0.2 * height) ** 2
+        labels[disc] = BLUE
+    return labels
+
+
+def masks_of(labels: np.ndarray, colours) -> torch.Tensor:
+    return torch.from_numpy(np.stack([(labels == c).all(-1) for c in colours])).float()
+
+
+def near_colour(found, expected, tolerance=12):
+    return all(abs(a - b) <= tolerance for a, b in zip(found, expected, strict=True))
+
+
+def test_labels_survive_jpeg_noise_and_resampling(tmp_path):
+    content = draw_labels(240, 320)
+    Image.fromarray(content).save(tmp_path / "content.jpg", quality=15)
+    # The style's labels were drawn at another size and resized smoothly: in-between colours.
+    style = draw_labels(300, 300)
+    Image.fromarray(style).resize((150, 150), Image.Resampling.BILINEAR).save(
+        tmp_path / "style.jpg", quality=30
+    )
+    regions = label_masks(
+        tmp_path / "content.jpg", [tmp_path / "style.jpg"], (240, 320), [(300, 300)]
+    )
+    assert len(regions.colours) == 3  # no in-between colour became a region
+    order = [next(c for c in (RED, GREEN, BLUE) if near_colour(f, c)) for f in regions.colours]
+    assert sorted(order) == sorted([RED, GREEN, BLUE])
+
+    for found, truth in ((regions.content, content), (regions.styles[0], style)):
+        expected = masks_of(truth, order)
+        assert found.dtype == torch.float32 and found.shape == expected.shape
+        assert torch.all(found.sum(0) == 1)  # every pixel in exactly one region
+        # JPEG blocks and the 2x resampling only move the boundaries, by a few pixels.
+        assert (found != expected).any(0).float().mean() < 0.02
+        interior = torch.nn.functional.avg_pool2d(expected[None], 9, 1, 4)[0]
+        settled = (interior == 0) | (interior == 1)
+        assert torch.equal(found[settled], expected[settled])
+
+
+def test_style_without_labels_and_unpaired_regions(tmp_path):
+    Image.fromarray(draw_labels(60, 80)).save(tmp_path / "content.png")
+    Image.fromarray(draw_labels(60, 80, with_disc=False)).save(tmp_path / "style.png")
+    regions = label_masks(
+        tmp_path / "content.png", [None, tmp_path / "style.png"], (60, 80), [(10, 10), (30, 40)]
+    )
+    assert regions.styles[0] is None
+    disc = regions.colours.index(BLUE)
+    assert regions.styles[1].shape == (3, 30, 40)
+    assert regions.styles[1][disc].sum() == 0 and regions.styles[1].sum() == 30 * 40
+
+    with pytest.raises(MaskError) as error:
+        label_masks(
+            tmp_path / "content.png", [tmp_path / "style.png"], (60, 80), [(30, 40)], strict=True
+        )
+    assert str(BLUE) in one_line(error)
+
+
+def test_style_colours_missing_from_content_are_ignored(tmp_path):
+    Image.fromarray(draw_labels(60, 80, with_disc=False)).save(tmp_path / "content.png")
+    Image.fromarray(draw_labels(60, 80)).save(tmp_path / "style.png")
+    regions = label_masks(
+        tmp_path / "content.png", [tmp_path / "style.png"], (60, 80), [(60, 80)], strict=True
+    )
+    assert regions.colours == [RED, GREEN] or regions.colours == [GREEN, RED]
+    assert 0 < regions.styles[0].sum() < 60 * 80  # the disc belongs to no region
+
+
+def test_label_aspect_mismatch(tmp_path):
+    Image.fromarray(draw_labels(60, 80)).save(tmp_path / "labels.png")
+    label_masks(tmp_path / "labels.png", [], (61, 80), [])  # rounding is fine
+    with pytest.raises(MaskError) as error:
+        label_masks(tmp_path / "labels.png", [], (80, 80), [])
+    assert "80x60" in one_line(error) and "80x80" in str(error.value)
+
+
+def test_photo_is_not_a_label_image(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    with pytest.raises(MaskError, match="no flat colour regions"):
+        label_masks(tmp_path / "noise.png", [], (64, 64), [])
+    with pytest.raises(MaskError) as error:
+        label_masks(tmp_path / "missing.png", [], (64, 64), [])
+    assert "missing.png" in one_line(error)
+
+
+# Soft masks and resampling
+
+
+def test_soft_masks(tmp_path):
+    ramp = np.tile(np.linspace(0, 255, 80).round().astype(np.uint8), (60, 1))
+    Image.fromarray(ramp).save(tmp_path / "left.png")
+    Image.fromarray(255 - ramp).convert("RGB").save(tmp_path / "right.jpg", quality=95)
+    masks = soft_masks([tmp_path / "left.png", tmp_path / "right.jpg"], (30, 40))
+    assert masks.shape == (2, 30, 40) and masks.dtype == torch.float32
+    assert 0 <= masks.min() and masks.max() <= 1
+    assert torch.allclose(masks.sum(0), torch.ones(30, 40), atol=0.03)
+    assert masks[0, :, 0].max() < 0.05 and masks[0, :, -1].min() > 0.95
+    with pytest.raises(MaskError, match="aspect"):
+        soft_masks([tmp_path / "left.png"], (40, 40))
+
+
+@pytest.mark.parametrize("rank", [3, 4])
+def test_resample_keeps_range_and_mass(rank):
+    masks = torch.rand(2, 3, 64, 48) ** 3
+    masks = masks if rank == 4 else masks[0]
+    half = resample(masks, (32, 24))
+    assert half.shape == (*masks.shape[:-2], 32, 24)
+    assert torch.allclose(half.mean((-2, -1)), masks.mean((-2, -1)), atol=1e-6)
+    for size in ((13, 7), (5, 5), (100, 80)):  # sizes that do not divide, and upsampling
+        out = resample(masks, size)
+        assert out.shape[-2:] == size and 0 <= out.min() and out.max() <= 1
+        assert torch.allclose(out.mean((-2, -1)), masks.mean((-2, -1)), atol=0.03)
+    hard = (masks > 0.5).float()
+    assert set(resample(hard, (64, 48)).unique().tolist()) <= {0.0, 1.0}
+
+
+# Matting
+
+
+@pytest.fixture(scope="module")
+def small_tubingen():
+    image = load_image(TUBINGEN, long_side=256)
+    return image, read_trimap(TRIMAP, tuple(image.shape[1:]))
+
+
+def test_committed_trimap_fits_tubingen():
+    trimap = Image.open(TRIMAP)
+    assert trimap.size == Image.open(TUBINGEN).size and trimap.mode == "L"
+    values = np.asarray(trimap)
+    assert set(np.unique(values)) == {0, 128, 255}
+    assert 0.2 < (values == 255).mean() < 0.4 and (values == 128).mean() < 0.15
+
+
+def test_matte_separates_sky_from_town(small_tubingen):
+    image, trimap = small_tubingen
+    assert set(trimap.unique().tolist()) == {0.0, 0.5, 1.0}
+    alpha = matte(image, trimap)
+    assert alpha.shape == trimap.shape and 0 <= alpha.min() and alpha.max() <= 1
+    assert torch.all(alpha[trimap == 1] == 1) and torch.all(alpha[trimap == 0] == 0)
+    # The skyline band (right of the tree) resolves mostly to sky or town. It is ~3 px wide at
+    # this size, so its edge pixels are genuinely mixed (measured: 61% decided; 73% at 1024 px).
+    band = (trimap == 0.5).clone()
+    band[:, : band.shape[1] // 4] = False
+    decided = (alpha[band] < 0.1) | (alpha[band] > 0.9)
+    assert decided.float().mean() > 0.5
+    # Sky pixels (blue) in the unknown band end up sky, roofs (red) end up town
+    # (measured 0.96 and 0.10).
+    red, blue = image[0][band], image[2][band]
+    assert alpha[band][blue - red > 0.25].mean() > 0.9
+    assert alpha[band][red > blue].mean() < 0.15
+
+
+def test_matte_reduced_resolution_matches_full(small_tubingen):
+    image, trimap = small_tubingen
+    full = matte(image, trimap, max_pixels=None)
+    reduced = matte(image, trimap, max_pixels=128 * 96)
+    assert (full - reduced).abs().mean() < 0.01
+    assert torch.all(reduced[trimap == 1] == 1) and torch.all(reduced[trimap == 0] == 0)
+
+
+def test_matte_from_scribbles(small_tubingen):
+    image, _ = small_tubingen
+    scribbles = torch.full(image.shape[1:], 0.5)
+    scribbles[20:24, 90:240] = 1  # a stroke across the sky
+    scribbles[150:154, 20:240] = 0  # one across the river
+    scribbles[100:104, 150:250] = 0  # one across the houses
+    alpha = matte(image, scribbles)
+    assert alpha[5:40, 100:250].mean() > 0.9 and alpha[110:190].mean() < 0.1
+
+
+def test_bad_trimaps(small_tubingen, tmp_path):
+    image, trimap = small_tubingen
+    with pytest.raises(MaskError, match="foreground"):
+        matte(image, torch.where(trimap == 1, 0.5, trimap))
+    with pytest.raises(MaskError, match="background"):
+        matte(image, torch.where(trimap == 0, 0.5, trimap))
+    with pytest.raises(MaskError) as error:
+        matte(image, trimap[:-1])
+    assert "256x191" in one_line(error)
+    known = (trimap > 0.5).float()
+    assert torch.equal(matte(image, known), known)
+    with pytest.raises(MaskError, match="aspect"):
+        read_trimap(TRIMAP, (256, 256))
