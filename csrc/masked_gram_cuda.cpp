@@ -58,13 +58,16 @@ CastGramShape shape_of(const at::Tensor& features, const at::Tensor& masks,
 }
 
 // Call under the features' device guard.
-CastGramPlan plan_for(CastDtype dtype, const CastGramShape& shape) {
+CastGramPlan plan_for(CastDtype dtype, const CastGramShape& shape, bool allow_tf32) {
   const int device = c10::cuda::current_device();
-  int sm_count = 0, max_smem = 0;
+  int major = 0, minor = 0, sm_count = 0, max_smem = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(
       cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const CastGramPlan plan = cast_masked_gram_cuda_plan(dtype, shape, sm_count, max_smem);
+  const CastGramPlan plan = cast_masked_gram_cuda_plan(dtype, shape, allow_tf32,
+                                                       10 * major + minor, sm_count, max_smem);
   TORCH_CHECK(plan.unsupported == nullptr, "cast.masked_gram: backend 'cuda': ",
               plan.unsupported);
   return plan;
@@ -76,15 +79,14 @@ at::Tensor inverse_mass(const at::Tensor& masks, at::ScalarType accumulation) {
   return at::where(mass > 0, mass.reciprocal(), at::zeros_like(mass)).to(accumulation);
 }
 
-// allow_tf32 is accepted for the op's contract; these SIMT kernels always compute in full
-// float32 (double for double), so it changes nothing here.
+// allow_tf32 lets the forward's Gram products of float32 input run on TF32 tensor cores.
 at::Tensor masked_gram_fused_cuda(const at::Tensor& features, const at::Tensor& masks,
-                                  const at::Tensor& kernels, bool /*allow_tf32*/) {
+                                  const at::Tensor& kernels, bool allow_tf32) {
   check_contract(features, masks, kernels);
   const c10::cuda::CUDAGuard guard(features.device());
   const CastDtype dtype = cast_dtype(features);
   const CastGramShape shape = shape_of(features, masks, kernels);
-  const CastGramPlan plan = plan_for(dtype, shape);
+  const CastGramPlan plan = plan_for(dtype, shape, allow_tf32);
   const auto options = features.options().dtype(accumulation_type(features));
 
   const at::Tensor inv = inverse_mass(masks, accumulation_type(features)).contiguous();
@@ -101,7 +103,7 @@ at::Tensor masked_gram_fused_cuda(const at::Tensor& features, const at::Tensor& 
 
 at::Tensor masked_gram_fused_backward_cuda(const at::Tensor& grad, const at::Tensor& features,
                                            const at::Tensor& masks, const at::Tensor& kernels,
-                                           bool /*allow_tf32*/) {
+                                           bool allow_tf32) {
   check_contract(features, masks, kernels);
   TORCH_CHECK(grad.is_cuda() && grad.device() == features.device() && grad.dim() == 5 &&
                   grad.size(0) == features.size(0) && grad.size(1) == kernels.size(0) &&
@@ -112,7 +114,7 @@ at::Tensor masked_gram_fused_backward_cuda(const at::Tensor& grad, const at::Ten
   const c10::cuda::CUDAGuard guard(features.device());
   const CastDtype dtype = cast_dtype(features);
   const CastGramShape shape = shape_of(features, masks, kernels);
-  const CastGramPlan plan = plan_for(dtype, shape);
+  const CastGramPlan plan = plan_for(dtype, shape, allow_tf32);
 
   // S_jk = (dG_jk + dG_jk^T) / n_k: B * J * K * C^2 values, tiny next to F.
   const at::ScalarType accumulation = accumulation_type(features);

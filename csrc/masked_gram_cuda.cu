@@ -19,13 +19,17 @@
 // 180 degrees) into the block's dF accumulators in registers. Nothing of size J * N * C is ever
 // written to global memory.
 //
-// Plain SIMT code with float accumulation (double for double): every dtype takes the same
-// path, and allow_tf32 has nothing to switch yet.
+// Accumulation in float (double for double). The forward's Gram products run on TF32 tensor
+// cores (WMMA m16n16k8, float accumulators) for float16 and bfloat16 input, and for float32 when
+// allow_tf32, on sm_80 and newer; float64, float32 without allow_tf32, and the backward run plain
+// SIMT code with register blocking. TF32 keeps 10 mantissa bits: as many as float16 and more than
+// bfloat16, so it loses nothing for those inputs.
 #include "masked_gram_cuda.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
 
@@ -84,13 +88,30 @@ struct Dims {
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// The tensor-core forward: each warp multiplies one 16 x 16 tile of a (TC x TC) Gram block over
+// one half of the tile's positions, so the Gram accumulators come in two halves.
+constexpr int kMmaTile = 16;
+constexpr int kPositionHalves = 2;
+static_assert(kThreads / 32 == kPositionHalves * (kChannelTile / kMmaTile) * (kChannelTile / kMmaTile),
+              "one warp per (Gram tile, half of the positions)");
+
+// Row strides of the forward's Z tile (2 TC channels) and weighted tile (TC channels): odd for
+// conflict-free SIMT, a multiple of 8 floats for WMMA's 32-byte aligned tile pointers.
+__host__ __device__ constexpr int z_stride_of(bool tensor_cores) {
+  return tensor_cores ? 2 * kChannelTile + 8 : 2 * kChannelTile + 1;
+}
+constexpr int kWeightedStride = kChannelTile + 8;
+
 // Forward shared memory, in accumulator elements, in the order the kernel lays it out.
 template <typename A>
-__host__ __device__ constexpr int forward_smem_elements(int r, int kernel_group, int mask_group) {
+__host__ __device__ constexpr int forward_smem_elements(int r, int kernel_group, int mask_group,
+                                                        bool tensor_cores) {
   using Tile = PositionTile<A>;
-  return kernel_group * mask_group * kChannelTile * kChannelTile  // Gram accumulators
+  return (tensor_cores ? kPositionHalves : 1) * kernel_group * mask_group * kChannelTile *
+             kChannelTile  // Gram accumulators
          + 2 * kChannelTile * (Tile::rows + r - 1) * (Tile::cols + r - 1)  // F on the halo
-         + Tile::size * (2 * kChannelTile + 1)  // Z_j on the tile, padded rows
+         + Tile::size * z_stride_of(tensor_cores)  // Z_j on the tile
+         + (tensor_cores ? Tile::size * kWeightedStride : 0)  // m_k^2 Z_j, block a's channels
          + mask_group * Tile::size  // m_k^2 on the tile
          + kernel_group * r * r;  // taps of the group's kernels
 }
@@ -105,10 +126,47 @@ __host__ __device__ constexpr int backward_smem_elements(int r, int K, int J) {
          + J * r * r;  // taps
 }
 
+// One Gram accumulation step on tensor cores: acc[jl, kl] += (m_k^2 Z_a)^T Z_b over the tile.
+// weighted (Tile::size, kWeightedStride): m_k^2 Z_j for block a's channels; z_tile
+// (Tile::size, z_stride): Z_j, block b's channels from column TC; acc: the two halves of this
+// block's (TC x TC) accumulators for (jl, kl), half_stride elements apart.
+template <int positions, int z_stride>
+__device__ __forceinline__ void gram_tile_mma(const float* weighted, const float* z_tile,
+                                              float* acc, int half_stride) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // TF32 needs sm_80; the plan never picks tensor cores below it
+#else
+  namespace wmma = nvcuda::wmma;
+  constexpr int TC = kChannelTile, kMmaDepth = 8;  // TF32 WMMA is m16n16k8
+  const int warp = threadIdx.x / 32;
+  const int tile = warp % 4, half = warp / 4;
+  const int row = tile / 2 * kMmaTile, col = tile % 2 * kMmaTile;
+  float* out = acc + half * half_stride + row * TC + col;
+  wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaDepth, float> sum;
+  wmma::load_matrix_sync(sum, out, TC, wmma::mem_row_major);
+  constexpr int per_half = positions / kPositionHalves;
+  for (int n = half * per_half; n < (half + 1) * per_half; n += kMmaDepth) {
+    // A (rows of block a x positions) is weighted^T: column-major with stride kWeightedStride.
+    wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaDepth, wmma::precision::tf32,
+                   wmma::col_major>
+        lhs;
+    wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaDepth, wmma::precision::tf32,
+                   wmma::row_major>
+        rhs;
+    wmma::load_matrix_sync(lhs, weighted + n * kWeightedStride + row, kWeightedStride);
+    wmma::load_matrix_sync(rhs, z_tile + n * z_stride + TC + col, z_stride);
+    for (int t = 0; t < lhs.num_elements; ++t) lhs.x[t] = wmma::__float_to_tf32(lhs.x[t]);
+    for (int t = 0; t < rhs.num_elements; ++t) rhs.x[t] = wmma::__float_to_tf32(rhs.x[t]);
+    wmma::mma_sync(sum, lhs, rhs, sum);
+  }
+  wmma::store_matrix_sync(out, sum, TC, wmma::mem_row_major);
+#endif
+}
+
 // features (B, C, H, W) T; masks (Bm, K, H, W) T; kernels (J, r, r) T.
 // scratch (S, B, J, K, C, C) A: the block for channel blocks (a, b) writes rows of a and columns
 // of b of its split's sum over positions of m_k^2 Z_j Z_j^T; lower blocks stay unwritten.
-template <typename T>
+template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(kThreads)
     _masked_gram_fwd_kernel(const T* __restrict__ features, const T* __restrict__ masks,
                             const T* __restrict__ kernels, acc_t<T>* __restrict__ scratch,
@@ -116,7 +174,9 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_t<T>;
   using Tile = PositionTile<A>;
   constexpr int TC = kChannelTile;
-  constexpr int z_stride = 2 * TC + 1;  // odd: the convolution's column writes hit every bank
+  constexpr int z_stride = z_stride_of(kTensorCores);
+  constexpr int halves = kTensorCores ? kPositionHalves : 1;
+  static_assert(!kTensorCores || sizeof(A) == 4, "tensor cores take float tiles");
 
   // Which pair of channel blocks (a <= b): pairs are numbered row by row of the upper triangle.
   int a = 0, pair = blockIdx.x;
@@ -138,15 +198,18 @@ __global__ void __launch_bounds__(kThreads)
   const int halo_size = halo_rows * halo_cols;
   const int taps_per_kernel = d.r * d.r;
 
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
-  A* gram_acc = reinterpret_cast<A*>(shared_bytes);         // (jn * kn, TC, TC)
-  A* f_halo = gram_acc + jn * kn * TC * TC;                 // (2 TC, halo_rows, halo_cols)
-  A* z_tile = f_halo + 2 * TC * halo_size;                  // (Tile::size, z_stride)
-  A* mask_sq = z_tile + Tile::size * z_stride;              // (kn, Tile::size)
-  A* taps = mask_sq + kn * Tile::size;                      // (jn, r, r)
+  // Every region starts at a multiple of 8 elements: WMMA's tile pointers are 32-byte aligned.
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  const int half_stride = jn * kn * TC * TC;
+  A* gram_acc = reinterpret_cast<A*>(shared_bytes);  // (halves, jn * kn, TC, TC)
+  A* f_halo = gram_acc + halves * half_stride;       // (2 TC, halo_rows, halo_cols)
+  A* z_tile = f_halo + 2 * TC * halo_size;           // (Tile::size, z_stride)
+  A* weighted = z_tile + Tile::size * z_stride;      // tensor cores: (Tile::size, kWeightedStride)
+  A* mask_sq = weighted + (kTensorCores ? Tile::size * kWeightedStride : 0);  // (kn, Tile::size)
+  A* taps = mask_sq + kn * Tile::size;               // (jn, r, r)
 
   const int tid = threadIdx.x;
-  for (int e = tid; e < jn * kn * TC * TC; e += kThreads) gram_acc[e] = A(0);
+  for (int e = tid; e < halves * half_stride; e += kThreads) gram_acc[e] = A(0);
   for (int e = tid; e < jn * taps_per_kernel; e += kThreads)
     taps[e] = widen(kernels[static_cast<int64_t>(j0) * taps_per_kernel + e]);
 
@@ -190,7 +253,18 @@ __global__ void __launch_bounds__(kThreads)
         z_tile[n * z_stride + local] = z;
       }
       __syncthreads();
-      for (int kl = 0; kl < kn; ++kl) {
+      for (int kl = 0; kl < kn && kTensorCores; ++kl) {
+        for (int e = tid; e < Tile::size * TC; e += kThreads) {
+          const int n = e / TC, c = e % TC;
+          weighted[n * kWeightedStride + c] = mask_sq[kl * Tile::size + n] * z_tile[n * z_stride + c];
+        }
+        __syncthreads();
+        if constexpr (kTensorCores)
+          gram_tile_mma<Tile::size, z_stride>(weighted, z_tile,
+                                              gram_acc + (jl * kn + kl) * TC * TC, half_stride);
+        __syncthreads();  // weighted is rewritten for the next mask
+      }
+      for (int kl = 0; kl < kn && !kTensorCores; ++kl) {
         const A* w = mask_sq + kl * Tile::size;
         A s00 = A(0), s01 = A(0), s10 = A(0), s11 = A(0);
         for (int n = 0; n < Tile::size; ++n) {
@@ -211,7 +285,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  // Every thread wrote only its own accumulators, so no barrier is needed before reading them.
+  __syncthreads();  // tensor cores: warps wrote the accumulators this thread reads
   for (int jl = 0; jl < jn; ++jl) {
     for (int kl = 0; kl < kn; ++kl) {
       const int64_t slice = ((static_cast<int64_t>(split) * d.B + batch) * d.J + j0 + jl) * d.K +
@@ -221,8 +295,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int q = 0; q < 4; ++q) {
         const int local_row = row0 + 16 * (q / 2), local_col = col0 + 16 * (q % 2);
         const int row = a * TC + local_row, col = b * TC + local_col;
-        if (row < d.C && col < d.C)
-          out[static_cast<int64_t>(row) * d.C + col] = acc[local_row * TC + local_col];
+        A value = acc[local_row * TC + local_col];
+        if (kTensorCores) value += acc[half_stride + local_row * TC + local_col];
+        if (row < d.C && col < d.C) out[static_cast<int64_t>(row) * d.C + col] = value;
       }
     }
   }
@@ -270,7 +345,7 @@ __global__ void __launch_bounds__(kThreads)
   const int f_rows = Tile::rows + 4 * h, f_cols = Tile::cols + 4 * h, f_size = f_rows * f_cols;
   const int taps_per_kernel = d.r * d.r;
 
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
   A* f_halo = reinterpret_cast<A*>(shared_bytes);  // (TC, f_rows, f_cols)
   A* z_halo = f_halo + TC * f_size;                 // (u_size, stride)
   A* u_halo = z_halo + u_size * stride;             // (u_size, stride)
@@ -396,15 +471,17 @@ Dims dims_of(const CastGramShape& s, const CastGramPlan& plan) {
 }
 
 template <typename T>
-CastGramPlan plan_for(const CastGramShape& s, int sm_count, size_t max_smem) {
+CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, int sm_count, size_t max_smem) {
   using A = acc_t<T>;
   using Tile = PositionTile<A>;
   const int r = static_cast<int>(s.r), J = static_cast<int>(s.J), K = static_cast<int>(s.K);
   CastGramPlan plan{};
+  plan.tensor_cores = tensor_cores;
   // Smaller groups of kernels and masks until the Gram accumulators fit in shared memory.
   int kernel_group = J, mask_group = K;
   auto forward_bytes = [&] {
-    return sizeof(A) * static_cast<size_t>(forward_smem_elements<A>(r, kernel_group, mask_group));
+    return sizeof(A) * static_cast<size_t>(
+                           forward_smem_elements<A>(r, kernel_group, mask_group, tensor_cores));
   };
   while (forward_bytes() > max_smem && (kernel_group > 1 || mask_group > 1)) {
     if (kernel_group > 1)
@@ -435,22 +512,36 @@ CastGramPlan plan_for(const CastGramShape& s, int sm_count, size_t max_smem) {
   return plan;
 }
 
+template <typename T, bool kTensorCores>
+cudaError_t launch_forward_kernel(const Dims& d, const CastGramPlan& plan, const void* features,
+                                  const void* masks, const void* kernels, void* scratch,
+                                  cudaStream_t stream) {
+  const auto kernel = _masked_gram_fwd_kernel<T, kTensorCores>;
+  const cudaError_t err = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.forward_smem));
+  if (err != cudaSuccess) return err;
+  const int groups = ceil_div(d.J, d.kernel_group) * d.mask_groups;
+  const dim3 grid(d.channel_blocks * (d.channel_blocks + 1) / 2, d.splits, d.B * groups);
+  kernel<<<grid, kThreads, plan.forward_smem, stream>>>(
+      static_cast<const T*>(features), static_cast<const T*>(masks),
+      static_cast<const T*>(kernels), static_cast<acc_t<T>*>(scratch), d);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t forward(const CastGramShape& s, const CastGramPlan& plan, const void* features,
                     const void* masks, const void* kernels, const void* inverse_mass,
                     void* scratch, void* gram, cudaStream_t stream) {
   using A = acc_t<T>;
   const Dims d = dims_of<T>(s, plan);
-  cudaError_t err = cudaFuncSetAttribute(_masked_gram_fwd_kernel<T>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(plan.forward_smem));
-  if (err != cudaSuccess) return err;
-  const int groups = ceil_div(d.J, d.kernel_group) * d.mask_groups;
-  const dim3 grid(d.channel_blocks * (d.channel_blocks + 1) / 2, d.splits, d.B * groups);
-  _masked_gram_fwd_kernel<T><<<grid, kThreads, plan.forward_smem, stream>>>(
-      static_cast<const T*>(features), static_cast<const T*>(masks),
-      static_cast<const T*>(kernels), static_cast<A*>(scratch), d);
-  err = cudaGetLastError();
+  cudaError_t err;
+  if constexpr (sizeof(A) == 4) {
+    err = plan.tensor_cores
+              ? launch_forward_kernel<T, true>(d, plan, features, masks, kernels, scratch, stream)
+              : launch_forward_kernel<T, false>(d, plan, features, masks, kernels, scratch, stream);
+  } else {
+    err = launch_forward_kernel<T, false>(d, plan, features, masks, kernels, scratch, stream);
+  }
   if (err != cudaSuccess) return err;
 
   const int64_t total = static_cast<int64_t>(d.B) * d.J * d.K * d.C * d.C;
@@ -482,13 +573,20 @@ cudaError_t backward(const CastGramShape& s, const CastGramPlan& plan, const voi
 }  // namespace
 
 CastGramPlan cast_masked_gram_cuda_plan(CastDtype dtype, const CastGramShape& shape,
-                                        int sm_count, size_t max_smem_per_block) {
-  switch (dtype) {
-    case CastDtype::float64:
-      return plan_for<double>(shape, sm_count, max_smem_per_block);
-    default:  // every other dtype accumulates in float and tiles alike
-      return plan_for<float>(shape, sm_count, max_smem_per_block);
-  }
+                                        bool allow_tf32, int compute_capability, int sm_count,
+                                        size_t max_smem_per_block) {
+  if (dtype == CastDtype::float64)
+    return plan_for<double>(shape, false, sm_count, max_smem_per_block);
+  // Every other dtype accumulates in float and tiles alike.
+  const bool tensor_cores =
+      compute_capability >= 80 && (dtype != CastDtype::float32 || allow_tf32);
+  const CastGramPlan plan = plan_for<float>(shape, tensor_cores, sm_count, max_smem_per_block);
+  // The tensor-core forward needs more shared memory (two halves of accumulators, a weighted
+  // tile): where even one kernel and one mask per block do not fit (99 KiB on sm_86 / sm_89
+  // at r = 3), the SIMT forward still may.
+  if (plan.unsupported != nullptr && tensor_cores)
+    return plan_for<float>(shape, false, sm_count, max_smem_per_block);
+  return plan;
 }
 
 cudaError_t cast_masked_gram_cuda_forward(CastDtype dtype, const CastGramShape& shape,

@@ -23,13 +23,17 @@ struct CastGramPlan {
   int64_t splits;        // S: the forward's partial sums over ranges of positions
   int64_t kernel_group;  // kernels whose Grams one forward block accumulates
   int64_t mask_group;    // masks whose Grams one forward block accumulates
+  bool tensor_cores;     // the forward's Gram products on TF32 tensor cores
   size_t forward_smem;   // dynamic shared memory per block, bytes
   size_t backward_smem;
   const char* unsupported;  // nullptr, or why this shape does not fit the kernels
 };
 
-CastGramPlan cast_masked_gram_cuda_plan(
-    CastDtype dtype, const CastGramShape& shape, int sm_count, size_t max_smem_per_block);
+// compute_capability: major * 10 + minor. Tensor cores where the device has TF32 (sm_80 and
+// newer) for float16 and bfloat16, and for float32 if allow_tf32.
+CastGramPlan cast_masked_gram_cuda_plan(CastDtype dtype, const CastGramShape& shape,
+                                        bool allow_tf32, int compute_capability, int sm_count,
+                                        size_t max_smem_per_block);
 
 // gram (B, J, K, C, C) A. inverse_mass (Bm, K) A: 1 / n_k, 0 where n_k == 0.
 // scratch (plan.splits, B, J, K, C, C) A, uninitialised.

@@ -85,12 +85,17 @@ def test_cuda_glue_parses(tmp_path):
 CUDA_EMULATION = r"""
 // The CUDA names the kernels use, on the host: blocks run one after another, each with one
 // std::thread per CUDA thread; __syncthreads is a barrier; shared memory starts as NaN.
+// WMMA fragments hold the whole tile in every thread of the warp; a misaligned tile pointer or
+// stride makes the launch fail as it would on a GPU.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -113,12 +118,78 @@ using std::max;
 using std::min;
 
 using cudaError_t = int;
-constexpr cudaError_t cudaSuccess = 0, cudaErrorInvalidValue = 1;
+constexpr cudaError_t cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMisalignedAddress = 2;
 using cudaStream_t = void*;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 template <class F>
 cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) { return cudaSuccess; }
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline std::atomic<int> emulated_fault{cudaSuccess};
+inline cudaError_t cudaGetLastError() { return emulated_fault.exchange(cudaSuccess); }
+
+namespace nvcuda::wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision {
+struct tf32 {};
+}
+enum layout_t { mem_row_major, mem_col_major };
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols;
+  float x[rows * cols];
+};
+inline void check_tile(const float* p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm % 4 != 0)
+    emulated_fault = cudaErrorMisalignedAddress;
+}
+template <class Fragment>
+void load_tile(Fragment& f, const float* p, unsigned ldm, bool col_major_layout) {
+  check_tile(p, ldm);
+  for (int i = 0; i < Fragment::rows; ++i)
+    for (int j = 0; j < Fragment::cols; ++j)
+      f.x[i * Fragment::cols + j] = col_major_layout ? p[i + j * ldm] : p[i * ldm + j];
+}
+template <class Use, int M, int N, int K, class T, class L>
+void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const float* p, unsigned ldm) {
+  load_tile(f, p, ldm, std::is_same_v<L, col_major>);
+}
+template <int M, int N, int K>
+void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm,
+                      layout_t layout) {
+  load_tile(f, p, ldm, layout == mem_col_major);
+}
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
+                       layout_t layout) {
+  check_tile(p, ldm);
+  if (threadIdx.x % 32 != 0) return;  // every lane holds the same tile: one writes it
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j)
+      (layout == mem_col_major ? p[i + j * ldm] : p[i * ldm + j]) = f.x[i * N + j];
+}
+template <int M, int N, int K, class T, class LA, class LB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+              const fragment<matrix_b, M, N, K, T, LB>& b,
+              const fragment<accumulator, M, N, K, float>& c) {
+  fragment<accumulator, M, N, K, float> sum = c;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j)
+      for (int k = 0; k < K; ++k) sum.x[i * N + j] += a.x[i * K + k] * b.x[k * N + j];
+  d = sum;
+}
+inline float __float_to_tf32(float f) {  // round to nearest, ties away: cvt.rna.tf32.f32
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u + 0x1000u) & ~0x1FFFu;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+}  // namespace nvcuda::wmma
 
 struct __half { _Float16 v; };
 inline float __half2float(__half h) { return static_cast<float>(h.v); }
@@ -141,12 +212,12 @@ void emulated_launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, B
   gridDim = grid;
   blockDim = block;
   const unsigned threads = block.x * block.y * block.z;
-  std::vector<unsigned char> shared(shared_bytes);
-  emulated_shared = shared.data();
+  std::vector<unsigned char> shared(shared_bytes + 128);
+  emulated_shared = shared.data() + (128 - reinterpret_cast<uintptr_t>(shared.data()) % 128);
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::memset(shared.data(), 0xFF, shared_bytes);  // NaN in float and double
+        std::memset(emulated_shared, 0xFF, shared_bytes);  // NaN in float and double
         std::barrier<> barrier(threads);
         emulated_barrier = &barrier;
         std::vector<std::thread> pool;
@@ -166,33 +237,36 @@ extern "C" {
 static CastGramShape shape_of(const int64_t* s) {
   return CastGramShape{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]};
 }
-int emulated_plan(int dtype, const int64_t* s, int sm_count, size_t max_smem, int64_t* cuts) {
-  const CastGramPlan plan =
-      cast_masked_gram_cuda_plan(CastDtype(dtype), shape_of(s), sm_count, max_smem);
+static CastGramPlan plan_of(int dtype, const int64_t* s, const int64_t* machine) {
+  return cast_masked_gram_cuda_plan(CastDtype(dtype), shape_of(s), machine[0], machine[1],
+                                    machine[2], machine[3]);
+}
+// machine: allow_tf32, compute capability, SM count, shared memory per block.
+int emulated_plan(int dtype, const int64_t* s, const int64_t* machine, int64_t* cuts) {
+  const CastGramPlan plan = plan_of(dtype, s, machine);
   cuts[0] = plan.splits;
   cuts[1] = plan.kernel_group;
   cuts[2] = plan.mask_group;
+  cuts[3] = plan.tensor_cores;
   return plan.unsupported == nullptr;
 }
-int emulated_forward(int dtype, const int64_t* s, int sm_count, size_t max_smem, const void* f,
+int emulated_forward(int dtype, const int64_t* s, const int64_t* machine, const void* f,
                      const void* m, const void* p, const void* inv, void* scratch, void* g) {
-  const CastGramPlan plan =
-      cast_masked_gram_cuda_plan(CastDtype(dtype), shape_of(s), sm_count, max_smem);
-  return cast_masked_gram_cuda_forward(CastDtype(dtype), shape_of(s), plan, f, m, p, inv,
-                                       scratch, g, nullptr);
+  return cast_masked_gram_cuda_forward(CastDtype(dtype), shape_of(s), plan_of(dtype, s, machine),
+                                       f, m, p, inv, scratch, g, nullptr);
 }
-int emulated_backward(int dtype, const int64_t* s, int sm_count, size_t max_smem,
-                      const void* sym, const void* f, const void* m, const void* p, void* df) {
-  const CastGramPlan plan =
-      cast_masked_gram_cuda_plan(CastDtype(dtype), shape_of(s), sm_count, max_smem);
-  return cast_masked_gram_cuda_backward(CastDtype(dtype), shape_of(s), plan, sym, f, m, p, df,
-                                        nullptr);
+int emulated_backward(int dtype, const int64_t* s, const int64_t* machine, const void* sym,
+                      const void* f, const void* m, const void* p, void* df) {
+  return cast_masked_gram_cuda_backward(CastDtype(dtype), shape_of(s),
+                                        plan_of(dtype, s, machine), sym, f, m, p, df, nullptr);
 }
 }
 """
 
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-H100 = dict(sm_count=132, max_smem=227 * 1024)
+H100 = dict(compute_capability=90, sm_count=132, max_smem=227 * 1024)
+V100 = dict(compute_capability=70, sm_count=80, max_smem=96 * 1024)  # no TF32
+RTX_4090 = dict(compute_capability=89, sm_count=128, max_smem=99 * 1024)
 
 
 def host_source(cu_text: str) -> str:
@@ -213,7 +287,7 @@ def emulated(tmp_path_factory):
     if GXX is None:
         pytest.skip("g++ is not installed")
     build = tmp_path_factory.mktemp("cuda_emulation")
-    for header in ("cuda_runtime_api.h", "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
+    for header in ("cuda_runtime_api.h", "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h", "mma.h"):
         (build / header).write_text('#include "cuda_emulation.h"\n')
     (build / "cuda_emulation.h").write_text(CUDA_EMULATION)
     source = build / "masked_gram_host.cpp"
@@ -228,27 +302,29 @@ def emulated(tmp_path_factory):
     return ctypes.CDLL(str(library))
 
 
-def run_emulated(lib, features, masks, kernels, grad, machine=H100):
+def run_emulated(lib, features, masks, kernels, grad, allow_tf32, machine):
     """What csrc/masked_gram_cuda.cpp does around the launchers, on host tensors."""
     B, C, H, W = features.shape
     (J, r, _), (Bm, K) = kernels.shape, masks.shape[:2]
     shape = (ctypes.c_int64 * 8)(B, C, H, W, Bm, K, J, r)
     code, acc = DTYPE_CODES[features.dtype], gram_dtype(features.dtype)
-    machine = (machine["sm_count"], ctypes.c_size_t(machine["max_smem"]))
-    cuts = (ctypes.c_int64 * 3)()
-    assert lib.emulated_plan(code, shape, *machine, cuts), "the plan says unsupported"
+    machine = (ctypes.c_int64 * 4)(
+        allow_tf32, machine["compute_capability"], machine["sm_count"], machine["max_smem"]
+    )
+    cuts = (ctypes.c_int64 * 4)()
+    assert lib.emulated_plan(code, shape, machine, cuts), "the plan says unsupported"
     splits = cuts[0]
     inv = inverse_mass(masks.double()).to(acc)
     scratch = torch.full((splits, B, J, K, C, C), float("nan"), dtype=acc)
     gram = torch.full((B, J, K, C, C), float("nan"), dtype=acc)
     ptr = [t.data_ptr() for t in (features, masks, kernels, inv, scratch, gram)]
-    assert lib.emulated_forward(code, shape, *machine, *map(ctypes.c_void_p, ptr)) == 0
+    assert lib.emulated_forward(code, shape, machine, *map(ctypes.c_void_p, ptr)) == 0
 
     g = grad.to(acc)
     sym = ((g + g.transpose(-1, -2)) * inv[:, None, :, None, None]).contiguous()
     d_features = torch.full_like(features, float("nan"))
     ptr = [t.data_ptr() for t in (sym, features, masks, kernels, d_features)]
-    assert lib.emulated_backward(code, shape, *machine, *map(ctypes.c_void_p, ptr)) == 0
+    assert lib.emulated_backward(code, shape, machine, *map(ctypes.c_void_p, ptr)) == 0
     return gram, d_features, tuple(cuts)
 
 
@@ -259,14 +335,15 @@ def canonical_case(case, dtype):
     return features, (masks if masks.dim() == 4 else masks[None]).contiguous(), kernels
 
 
-def check_against_reference(lib, features, masks, kernels, tol, machine=H100):
+def check_against_reference(lib, inputs, tol, allow_tf32=False, machine=H100):
+    """Forward and backward against the reference; returns G and the plan's cuts."""
+    features, masks, kernels = inputs
     f64, m64, p64 = features.double(), masks.double(), kernels.double()
     expected = masked_gram_reference(f64, m64, p64)
-    grad = torch.randn(
-        expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
-    )
+    gen = torch.Generator().manual_seed(1)
+    grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
     expected_grad = masked_gram_backward_reference(grad, f64, m64, p64)
-    gram, d_features, cuts = run_emulated(lib, features, masks, kernels, grad, machine)
+    gram, d_features, cuts = run_emulated(lib, *inputs, grad, allow_tf32, machine)
     assert torch.isfinite(gram).all() and torch.isfinite(d_features).all()
     assert relative_error(gram, expected) <= tol
     assert relative_error(d_features, expected_grad) <= tol
@@ -274,18 +351,29 @@ def check_against_reference(lib, features, masks, kernels, tol, machine=H100):
     return gram, cuts
 
 
+# (dtype, allow_tf32, SPEC §3 bound, whether the forward runs on tensor cores on an H100)
+PRECISIONS = [
+    (torch.float64, False, 1e-10, False),
+    (torch.float32, False, 1e-5, False),
+    (torch.float32, True, 3e-3, True),
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
 def test_emulated_kernels_match_reference(emulated, case):
-    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
-        gram, _ = check_against_reference(emulated, *canonical_case(case, dtype), tol)
+    for dtype, allow_tf32, tol, tensor_cores in PRECISIONS:
+        gram, cuts = check_against_reference(emulated, canonical_case(case, dtype), tol, allow_tf32)
+        assert cuts[3] == tensor_cores
         if case.masks == "empty":
             assert (gram[:, :, -1] == 0).all()
 
 
+@pytest.mark.parametrize("machine", [H100, V100], ids=["tensor cores", "no TF32"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_emulated_low_precision(emulated, dtype):
+def test_emulated_low_precision(emulated, dtype, machine):
     case = next(c for c in CASES if c.label == "C=40 several channel tiles")
-    check_against_reference(emulated, *canonical_case(case, dtype), 2e-2)
+    _, cuts = check_against_reference(emulated, canonical_case(case, dtype), 2e-2, True, machine)
+    assert cuts[3] == (machine is H100)
 
 
 def random_inputs(B, C, H, W, J, K, r, dtype=torch.float32):
@@ -295,21 +383,32 @@ def random_inputs(B, C, H, W, J, K, r, dtype=torch.float32):
     return features, masks, torch.randn(J, r, r, generator=gen, dtype=dtype)
 
 
-def test_emulated_splits_of_positions(emulated):
+@pytest.mark.parametrize("allow_tf32,tol", [(False, 1e-5), (True, 3e-3)], ids=["simt", "tf32"])
+def test_emulated_splits_of_positions(emulated, allow_tf32, tol):
     """9 tiles of positions: one split each on an H100; 5 uneven splits on 8 SMs."""
     inputs = random_inputs(1, 40, 19, 37, 2, 2, 5)
-    _, cuts = check_against_reference(emulated, *inputs, 1e-5)
+    _, cuts = check_against_reference(emulated, inputs, tol, allow_tf32)
     assert cuts[0] == 9
-    _, cuts = check_against_reference(
-        emulated, *inputs, 1e-5, dict(sm_count=8, max_smem=H100["max_smem"])
-    )
+    few_sms = H100 | dict(sm_count=8)
+    _, cuts = check_against_reference(emulated, inputs, tol, allow_tf32, few_sms)
     assert cuts[0] == 5
 
 
-def test_emulated_groups_of_kernels_and_masks(emulated):
+@pytest.mark.parametrize("allow_tf32,tol", [(False, 1e-5), (True, 3e-3)], ids=["simt", "tf32"])
+def test_emulated_groups_of_kernels_and_masks(emulated, allow_tf32, tol):
     """Too little shared memory for all J * K Grams: one kernel and one mask per block."""
     inputs = random_inputs(2, 40, 5, 9, 4, 4, 1)
+    small = H100 | dict(max_smem=72 * 1024)
+    _, cuts = check_against_reference(emulated, inputs, tol, allow_tf32, small)
+    assert cuts[1:3] == (1, 1)
+
+
+def test_emulated_small_shared_memory_falls_back_to_simt(emulated):
+    """Where the tensor-core forward does not fit (99 KiB at r = 3), the SIMT one runs."""
+    inputs = random_inputs(1, 40, 11, 19, 3, 3, 3)
+    _, cuts = check_against_reference(emulated, inputs, 1e-5, True, RTX_4090)
+    assert cuts[3] == 0
     _, cuts = check_against_reference(
-        emulated, *inputs, 1e-5, dict(sm_count=132, max_smem=72 * 1024)
+        emulated, random_inputs(1, 40, 11, 19, 1, 1, 1), 3e-3, True, RTX_4090
     )
-    assert cuts[1:] == (1, 1)
+    assert cuts[3] == 1
