@@ -17,13 +17,15 @@ from .errors import CastError, ImageError
 JPEG_QUALITY = 95
 
 
-def open_image(path: str | os.PathLike, error: type[CastError] = ImageError) -> Image.Image:
+def open_image(
+    path: str | os.PathLike, what: str = "image", error: type[CastError] = ImageError
+) -> Image.Image:
     """Open ``path`` with PIL, upright (EXIF orientation applied), fully decoded.
 
-    Every way of failing raises ``error`` (one line naming the path), never a PIL traceback.
+    Every way of failing raises ``error``, one line naming ``what`` and the path, never a PIL
+    traceback.
     """
     path = Path(path)
-    what = "label image" if error is not ImageError else "image"
     if not path.is_file():
         problem = "it is a directory" if path.is_dir() else "no such file"
         raise error(f"cannot read {what} '{path}': {problem}; check the path")

@@ -151,6 +151,16 @@ def test_labels_survive_jpeg_noise_and_resampling(tmp_path):
         assert torch.equal(found[settled], expected[settled])
 
 
+def test_large_label_image_matches_nearest_resize(tmp_path):
+    labels = draw_labels(1100, 1300)  # above the 2**20 pixels that vote: sampled
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    regions = label_masks(tmp_path / "labels.png", [], (333, 401), [])
+    assert regions.colours == [GREEN, RED, BLUE]  # exact colours, by area
+    index = torch.from_numpy(masks_of(labels, regions.colours).argmax(0).numpy())[None, None]
+    expected = torch.nn.functional.interpolate(index.float(), (333, 401), mode="nearest-exact")
+    assert torch.equal(regions.content.argmax(0), expected[0, 0].long())
+
+
 def test_style_without_labels_and_unpaired_regions(tmp_path):
     Image.fromarray(draw_labels(60, 80)).save(tmp_path / "content.png")
     Image.fromarray(draw_labels(60, 80, with_disc=False)).save(tmp_path / "style.png")
