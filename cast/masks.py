@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from .errors import MaskError
 from .images import open_image
 
-Path = str | os.PathLike
+PathArg = str | os.PathLike
 Colour = tuple[int, int, int]
 
 # Label colours closer than this (Euclidean, 0-255 RGB) are one region. Distinct label colours
 # are far apart (pure red to dark red is 127); JPEG noise inside a flat region at quality 20
 # stays within about 20, and chroma bleeding at edges is assigned to the nearest colour anyway.
 COLOUR_RADIUS = 48.0
-# A colour is a region when its flat pixels (see _flat) cover at least this share of the image.
-# Flatness, not the share, is what rejects the in-between colours of edges, so this can be low.
+# A colour is a region when its flat pixels (see _flat_voters) cover at least this share of the
+# image. Flatness, not the share, rejects the in-between colours of edges, so this can be low.
 MIN_REGION_SHARE = 0.002
 # More colours than this means the file is a photo, not a label image.
 MAX_REGIONS = 32
@@ -50,8 +50,8 @@ class RegionMasks:
 
 
 def label_masks(
-    content_labels: Path,
-    style_labels: Sequence[Path | None],
+    content_labels: PathArg,
+    style_labels: Sequence[PathArg | None],
     content_size: tuple[int, int],
     style_sizes: Sequence[tuple[int, int]],
     strict: bool = False,
@@ -74,9 +74,10 @@ def label_masks(
             styles.append(None)
             continue
         own_palette, own_index = _read_labels(labels, size)
-        to_content = np.array([_nearest(colour, palette) for colour in own_palette] + [-1])
-        index = to_content[own_index]  # -1: a colour the content does not have
-        used[index[index >= 0]] = True
+        # -1: a colour the content does not have.
+        to_content = torch.tensor([_nearest(colour, palette) for colour in own_palette])
+        index = to_content[own_index]
+        used[index[index >= 0].unique().numpy()] = True
         styles.append(_one_hot(index, len(palette)))
     if strict and any(labels is not None for labels in style_labels) and not used.all():
         missing = [palette[k] for k in np.flatnonzero(~used)]
@@ -87,7 +88,7 @@ def label_masks(
     return RegionMasks(colours=palette, content=content, styles=styles)
 
 
-def _read_labels(path: Path, size: tuple[int, int]) -> tuple[list[Colour], torch.Tensor]:
+def _read_labels(path: PathArg, size: tuple[int, int]) -> tuple[list[Colour], torch.Tensor]:
     """(palette, index map ``(H, W)`` int64 at ``size``) for one label image."""
     picture = open_image(path, "label image", MaskError)
     _check_aspect(path, picture.size, size)
@@ -113,7 +114,7 @@ def _nearest_exact(n_in: int, n_out: int) -> np.ndarray:
     return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
 
 
-def _palette(pixels: np.ndarray, path: Path) -> list[Colour]:
+def _palette(pixels: np.ndarray, path: PathArg) -> list[Colour]:
     """The label colours of an ``(H, W, 3)`` image, most frequent first.
 
     Only flat pixels vote, so edges (antialiasing, JPEG ringing) cannot create colours. Greedy:
@@ -175,7 +176,7 @@ def _one_hot(index: torch.Tensor, regions: int) -> torch.Tensor:
     return (index[None] == torch.arange(regions)[:, None, None]).float()
 
 
-def _check_aspect(path: Path, mask_wh: tuple[int, int], size_hw: tuple[int, int]) -> None:
+def _check_aspect(path: PathArg, mask_wh: tuple[int, int], size_hw: tuple[int, int]) -> None:
     (width, height), (image_h, image_w) = mask_wh, size_hw
     if abs((width / height) / (image_w / image_h) - 1) > ASPECT_TOLERANCE:
         raise MaskError(
@@ -184,7 +185,7 @@ def _check_aspect(path: Path, mask_wh: tuple[int, int], size_hw: tuple[int, int]
         )
 
 
-def soft_masks(paths: Sequence[Path], size: tuple[int, int]) -> torch.Tensor:
+def soft_masks(paths: Sequence[PathArg], size: tuple[int, int]) -> torch.Tensor:
     """``(K, H, W)`` masks from grey-scale images, one per region (white = 1), at ``size``."""
     masks = []
     for path in paths:
@@ -216,14 +217,16 @@ def resample(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     batched = masks if masks.dim() == 4 else masks[None]
     if tuple(batched.shape[-2:]) == tuple(size):
         return masks
-    out = F.adaptive_avg_pool2d(batched.float(), tuple(size)).to(masks.dtype)
+    # Average in at least float32 (half-precision sums over large cells lose the mass).
+    compute = torch.promote_types(batched.dtype, torch.float32)
+    out = F.adaptive_avg_pool2d(batched.to(compute), tuple(size)).to(masks.dtype)
     return out if masks.dim() == 4 else out[0]
 
 
 # Matting
 
 
-def read_trimap(path: Path, size: tuple[int, int]) -> torch.Tensor:
+def read_trimap(path: PathArg, size: tuple[int, int]) -> torch.Tensor:
     """An ``(H, W)`` trimap at ``size`` from a grey-scale image: black 0 = background,
     white 1 = foreground, anything in between 0.5 = unknown (snapped, so JPEG noise is harmless).
     """
@@ -265,6 +268,7 @@ def matte(
     unknown = ~(foreground | background)
     if not unknown.any():
         return foreground.float()
+    trimap = torch.where(foreground, 1.0, torch.where(background, 0.0, 0.5))
 
     height, width = trimap.shape
     scale = min(1.0, (max_pixels / (height * width)) ** 0.5) if max_pixels else 1.0

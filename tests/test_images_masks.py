@@ -288,7 +288,7 @@ def test_matte_from_scribbles(small_tubingen):
     scribbles[20:24, 90:240] = 1  # a stroke across the sky
     scribbles[150:154, 20:240] = 0  # one across the river
     scribbles[100:104, 150:250] = 0  # one across the houses
-    alpha = matte(image, scribbles)
+    alpha = matte(image, scribbles, max_pixels=128 * 96)  # every pixel unknown: solve small
     assert alpha[5:40, 100:250].mean() > 0.9 and alpha[110:190].mean() < 0.1
 
 

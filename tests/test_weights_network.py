@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cast import weights as weights_module
-from cast.errors import WeightsUnavailable
+from cast.errors import CastError, WeightsUnavailable
 from cast.images import load_image
 from cast.network import CONTENT_LAYERS, STYLE_LAYERS, VGGFeatures, layer_names
 from cast.weights import (
@@ -181,6 +181,10 @@ def test_unknown_model_and_missing_file(tmp_path):
 def test_cache_dir_follows_cast_home(monkeypatch, tmp_path):
     monkeypatch.setenv("CAST_HOME", str(tmp_path / "a" / "b"))
     assert cache_dir() == tmp_path / "a" / "b" and cache_dir().is_dir()
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("CAST_HOME", str(tmp_path / "file" / "cast"))
+    with pytest.raises(CastError, match="set CAST_HOME to a writable directory"):
+        load_vgg("vgg16-hed")
 
 
 def torchvision_state_dict(architecture: str) -> dict:
@@ -208,6 +212,36 @@ def test_local_torchvision_file(tmp_path, architecture):
     assert all(torch.equal(a, b) for a, b in zip(loaded.weights, source.weights, strict=True))
     network = VGGFeatures(str(tmp_path / "vgg.pth"))
     assert network.architecture == architecture
+
+
+def test_vgg19_from_the_cache(monkeypatch, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("CAST_HOME", str(home))
+    state, source = torchvision_state_dict("vgg19")
+    torch.save(state, home / "vgg19-dcbb9e9d.pth")  # as torch.hub leaves a finished download
+    loaded = load_vgg("vgg19")
+    assert loaded.architecture == "vgg19" and loaded.preprocessing == TORCHVISION
+    assert torch.equal(loaded.weights[-1], source.weights[-1])
+
+
+def test_vgg19_broken_download_is_fetched_again(monkeypatch, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("CAST_HOME", str(home))
+    (home / "vgg19-dcbb9e9d.pth").write_bytes(b"half a download")
+    fetched = []
+
+    def offline(url, destination, *args, **kwargs):
+        fetched.append(url)
+        raise OSError("Name or service not known")  # what urllib gives without a network
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsUnavailable, match="cannot get vgg19") as error:
+        load_vgg("vgg19")
+    assert_names_both_ways(error)
+    assert fetched == [weights_module.VGG19_URL]
+    assert not (home / "vgg19-dcbb9e9d.pth").exists()
 
 
 def test_bad_local_files(tmp_path):
