@@ -1,6 +1,8 @@
 """Draw the demo's sky trimap for tubingen.jpg: white = sky, black = town, grey = unknown.
 
-Run once by hand; its output, examples/tubingen_trimap.png, is committed:
+Run once by hand on the full-size photo (1024x768; examples/tubingen.jpg is a smaller copy of
+it, and the trimap is resized to whatever image it is used with); its output,
+examples/tubingen_trimap.png, is committed:
 
     python examples/draw_trimap.py /work/shared/images/tubingen.jpg examples/tubingen_trimap.png
 

@@ -27,7 +27,7 @@ from cast.weights import (
     load_vgg,
 )
 
-TUBINGEN = Path("/work/shared/images/tubingen.jpg")
+TUBINGEN = Path(__file__).resolve().parent.parent / "examples" / "tubingen.jpg"
 
 
 @pytest.fixture(scope="session")
