@@ -19,11 +19,12 @@
 // 180 degrees) into the block's dF accumulators in registers. Nothing of size J * N * C is ever
 // written to global memory.
 //
-// Accumulation in float (double for double). The forward's Gram products run on TF32 tensor
-// cores (WMMA m16n16k8, float accumulators) for float16 and bfloat16 input, and for float32 when
-// allow_tf32, on sm_80 and newer; float64, float32 without allow_tf32, and the backward run plain
-// SIMT code with register blocking. TF32 keeps 10 mantissa bits: as many as float16 and more than
-// bfloat16, so it loses nothing for those inputs.
+// Accumulation in float (double for double). The matrix products (the forward's Grams, the
+// backward's U_j) run on TF32 tensor cores (WMMA m16n16k8, float accumulators) for float16 and
+// bfloat16 input, and for float32 when allow_tf32, on sm_80 and newer where the tiles fit in
+// shared memory; float64 and float32 without allow_tf32 run plain SIMT code. TF32 keeps 10
+// mantissa bits: as many as float16 and more than bfloat16, so it loses nothing for those inputs.
+// The convolutions and the adjoint stay SIMT: r * r multiply-adds per value, not a product.
 #include "masked_gram_cuda.h"
 
 #include <cuda_bf16.h>
@@ -116,13 +117,31 @@ __host__ __device__ constexpr int forward_smem_elements(int r, int kernel_group,
          + kernel_group * r * r;  // taps of the group's kernels
 }
 
+// The backward's h-halo of positions, rounded up to whole 16-row WMMA tiles on tensor cores.
 template <typename A>
-__host__ __device__ constexpr int backward_smem_elements(int r, int K, int J) {
+__host__ __device__ constexpr int backward_rows(int r, bool tensor_cores) {
   using Tile = PositionTile<A>;
+  const int size = (Tile::rows + r - 1) * (Tile::cols + r - 1);
+  return tensor_cores ? ceil_div(size, kMmaTile) * kMmaTile : size;
+}
+
+// Row strides of the backward's Z_j (SIMT) or m_k^2 Z_j for all k (tensor cores), and of U_j.
+__host__ __device__ constexpr int backward_z_stride(int K, bool tensor_cores) {
+  return tensor_cores ? K * kChannelTile + 8 : kChannelTile + 1;
+}
+__host__ __device__ constexpr int backward_u_stride(bool tensor_cores) {
+  return tensor_cores ? kChannelTile + 8 : kChannelTile + 1;
+}
+
+template <typename A>
+__host__ __device__ constexpr int backward_smem_elements(int r, int K, int J, bool tensor_cores) {
+  using Tile = PositionTile<A>;
+  const int rows = backward_rows<A>(r, tensor_cores);
   return kChannelTile * (Tile::rows + 2 * (r - 1)) * (Tile::cols + 2 * (r - 1))  // F, 2h-halo
-         + 2 * (Tile::rows + r - 1) * (Tile::cols + r - 1) * (kChannelTile + 1)  // Z_j and U_j
-         + K * (Tile::rows + r - 1) * (Tile::cols + r - 1)  // m_k^2 on the h-halo
+         + rows * backward_z_stride(K, tensor_cores)  // Z_j, or m_k^2 Z_j for every k
+         + rows * backward_u_stride(tensor_cores)  // U_j
          + K * kChannelTile * kChannelTile  // S_jk restricted to (input, output) channel blocks
+         + K * (Tile::rows + r - 1) * (Tile::cols + r - 1)  // m_k^2 on the h-halo
          + J * r * r;  // taps
 }
 
@@ -323,9 +342,45 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One input channel block's share of U_j on tensor cores: U_j += W S, with
+// W = [m_1^2 Z_j | ... | m_K^2 Z_j] (rows, K TC) and S = [S_j1; ...; S_jK] (K TC, TC), each warp
+// taking 16 x 16 tiles of U_j in turn.
+__device__ __forceinline__ void u_tile_mma(const float* weighted, int weighted_stride,
+                                           const float* sym, int K, float* u_halo, int u_stride,
+                                           int rows) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // TF32 needs sm_80; the plan never picks tensor cores below it
+#else
+  namespace wmma = nvcuda::wmma;
+  constexpr int TC = kChannelTile, kMmaDepth = 8;  // TF32 WMMA is m16n16k8
+  constexpr int col_tiles = TC / kMmaTile;
+  const int tiles = rows / kMmaTile * col_tiles;
+  for (int tile = threadIdx.x / 32; tile < tiles; tile += kThreads / 32) {
+    const int row = tile / col_tiles * kMmaTile, col = tile % col_tiles * kMmaTile;
+    float* out = u_halo + row * u_stride + col;
+    wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaDepth, float> sum;
+    wmma::load_matrix_sync(sum, out, u_stride, wmma::mem_row_major);
+    for (int c = 0; c < K * TC; c += kMmaDepth) {
+      wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaDepth, wmma::precision::tf32,
+                     wmma::row_major>
+          lhs;
+      wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaDepth, wmma::precision::tf32,
+                     wmma::row_major>
+          rhs;
+      wmma::load_matrix_sync(lhs, weighted + row * weighted_stride + c, weighted_stride);
+      wmma::load_matrix_sync(rhs, sym + c * TC + col, TC);
+      for (int t = 0; t < lhs.num_elements; ++t) lhs.x[t] = wmma::__float_to_tf32(lhs.x[t]);
+      for (int t = 0; t < rhs.num_elements; ++t) rhs.x[t] = wmma::__float_to_tf32(rhs.x[t]);
+      wmma::mma_sync(sum, lhs, rhs, sum);
+    }
+    wmma::store_matrix_sync(out, sum, u_stride, wmma::mem_row_major);
+  }
+#endif
+}
+
 // sym_grad (B, J, K, C, C) A: S_jk = (dG_jk + dG_jk^T) / n_k; features (B, C, H, W) T;
 // masks (Bm, K, H, W) T; kernels (J, r, r) T; d_features (B, C, H, W) T.
-template <typename T>
+template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(kThreads)
     _masked_gram_bwd_kernel(const acc_t<T>* __restrict__ sym_grad, const T* __restrict__ features,
                             const T* __restrict__ masks, const T* __restrict__ kernels,
@@ -333,8 +388,9 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_t<T>;
   using Tile = PositionTile<A>;
   constexpr int TC = kChannelTile;
-  constexpr int stride = TC + 1;  // odd row stride of z_halo and u_halo: no bank conflicts
+  constexpr int u_stride = backward_u_stride(kTensorCores);
   constexpr int per_thread = Tile::size * TC / kThreads;  // dF values this thread owns
+  static_assert(!kTensorCores || sizeof(A) == 4, "tensor cores take float tiles");
   static_assert(Tile::size * TC % kThreads == 0, "a block's dF tile must split evenly");
 
   const int tile = blockIdx.x, out_block = blockIdx.y, batch = blockIdx.z;
@@ -345,13 +401,18 @@ __global__ void __launch_bounds__(kThreads)
   const int f_rows = Tile::rows + 4 * h, f_cols = Tile::cols + 4 * h, f_size = f_rows * f_cols;
   const int taps_per_kernel = d.r * d.r;
 
+  // SIMT: z_halo holds Z_j. Tensor cores: m_k^2 Z_j for every k side by side, on whole WMMA
+  // tiles of rows; the rows past u_size hold garbage that reaches only U_j's unused rows.
+  const int rows = backward_rows<A>(d.r, kTensorCores);
+  const int z_stride = backward_z_stride(d.K, kTensorCores);
+  // Every region starts at a multiple of 8 elements: WMMA's tile pointers are 32-byte aligned.
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   A* f_halo = reinterpret_cast<A*>(shared_bytes);  // (TC, f_rows, f_cols)
-  A* z_halo = f_halo + TC * f_size;                 // (u_size, stride)
-  A* u_halo = z_halo + u_size * stride;             // (u_size, stride)
-  A* mask_sq = u_halo + u_size * stride;            // (K, u_size)
-  A* sym = mask_sq + d.K * u_size;                  // (K, TC in, TC out)
-  A* taps = sym + d.K * TC * TC;                    // (J, r, r)
+  A* z_halo = f_halo + TC * f_size;                 // (rows, z_stride)
+  A* u_halo = z_halo + rows * z_stride;             // (rows, u_stride)
+  A* sym = u_halo + rows * u_stride;                // (K, TC in, TC out)
+  A* mask_sq = sym + d.K * TC * TC;                 // (K, u_size)
+  A* taps = mask_sq + d.K * u_size;                 // (J, r, r)
 
   const int tid = threadIdx.x;
   const int64_t N = static_cast<int64_t>(d.H) * d.W;
@@ -373,7 +434,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int j = 0; j < d.J; ++j) {
     const A* tap = taps + j * taps_per_kernel;
-    for (int e = tid; e < u_size * TC; e += kThreads) u_halo[e / TC * stride + e % TC] = A(0);
+    for (int e = tid; e < u_size * TC; e += kThreads) u_halo[e / TC * u_stride + e % TC] = A(0);
 
     for (int in_block = 0; in_block < d.channel_blocks; ++in_block) {
       __syncthreads();  // the previous readers of f_halo, z_halo and sym are done
@@ -399,23 +460,32 @@ __global__ void __launch_bounds__(kThreads)
         A z = A(0);
         for (int dy = 0; dy < d.r; ++dy)
           for (int dx = 0; dx < d.r; ++dx) z += tap[dy * d.r + dx] * src[dy * f_cols + dx];
-        z_halo[p * stride + local] = z;
+        if (kTensorCores) {
+          for (int k = 0; k < d.K; ++k)
+            z_halo[p * z_stride + k * TC + local] = mask_sq[k * u_size + p] * z;
+        } else {
+          z_halo[p * z_stride + local] = z;
+        }
       }
       __syncthreads();
-      // U_j[p, c_out] += sum_k m_k[p]^2 sum_{c_in in this block} Z_j[p, c_in] S_jk[c_in, c_out];
-      // each (p, c_out) belongs to one thread for the whole loop over input blocks.
-      for (int e = tid; e < u_size * TC; e += kThreads) {
-        const int p = e / TC, c_out = e % TC;
-        const A* zp = z_halo + p * stride;
-        A u = A(0);
-        for (int k = 0; k < d.K; ++k) {
-          const A* s = sym + k * TC * TC + c_out;
-          A t = A(0);
+      if constexpr (kTensorCores) {
+        u_tile_mma(z_halo, z_stride, sym, d.K, u_halo, u_stride, rows);
+      } else {
+        // U_j[p, c_out] += sum_k m_k[p]^2 sum_{c_in in this block} Z_j[p, c_in] S_jk[c_in, c_out];
+        // each (p, c_out) belongs to one thread for the whole loop over input blocks.
+        for (int e = tid; e < u_size * TC; e += kThreads) {
+          const int p = e / TC, c_out = e % TC;
+          const A* zp = z_halo + p * z_stride;
+          A u = A(0);
+          for (int k = 0; k < d.K; ++k) {
+            const A* s = sym + k * TC * TC + c_out;
+            A t = A(0);
 #pragma unroll 8
-          for (int c_in = 0; c_in < TC; ++c_in) t += zp[c_in] * s[c_in * TC];
-          u += mask_sq[k * u_size + p] * t;
+            for (int c_in = 0; c_in < TC; ++c_in) t += zp[c_in] * s[c_in * TC];
+            u += mask_sq[k * u_size + p] * t;
+          }
+          u_halo[p * u_stride + c_out] += u;
         }
-        u_halo[p * stride + c_out] += u;
       }
     }
     __syncthreads();  // U_j complete
@@ -430,7 +500,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int dy = 0; dy < d.r; ++dy)
         for (int dx = 0; dx < d.r; ++dx)
           v += tap[dy * d.r + dx] *
-               u_halo[((oy + 2 * h - dy) * u_cols + ox + 2 * h - dx) * stride + c_out];
+               u_halo[((oy + 2 * h - dy) * u_cols + ox + 2 * h - dx) * u_stride + c_out];
       d_acc[i] += v;
     }
     __syncthreads();  // the next kernel may clear u_halo
@@ -492,7 +562,8 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, int sm_count, s
   plan.kernel_group = kernel_group;
   plan.mask_group = mask_group;
   plan.forward_smem = forward_bytes();
-  plan.backward_smem = sizeof(A) * static_cast<size_t>(backward_smem_elements<A>(r, K, J));
+  plan.backward_smem =
+      sizeof(A) * static_cast<size_t>(backward_smem_elements<A>(r, K, J, tensor_cores));
   if (plan.forward_smem > max_smem || plan.backward_smem > max_smem)
     plan.unsupported =
         "the kernels' size r or the number of masks K is too large for the CUDA backend's "
@@ -552,22 +623,34 @@ cudaError_t forward(const CastGramShape& s, const CastGramPlan& plan, const void
   return cudaGetLastError();
 }
 
+template <typename T, bool kTensorCores>
+cudaError_t launch_backward_kernel(const CastGramShape& s, const CastGramPlan& plan,
+                                   const void* sym_grad, const void* features, const void* masks,
+                                   const void* kernels, void* d_features, cudaStream_t stream) {
+  const Dims d = dims_of<T>(s, plan);
+  const auto kernel = _masked_gram_bwd_kernel<T, kTensorCores>;
+  const cudaError_t err = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.backward_smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(d.tiles, d.channel_blocks, d.B);
+  kernel<<<grid, kThreads, plan.backward_smem, stream>>>(
+      static_cast<const acc_t<T>*>(sym_grad), static_cast<const T*>(features),
+      static_cast<const T*>(masks), static_cast<const T*>(kernels), static_cast<T*>(d_features),
+      d);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t backward(const CastGramShape& s, const CastGramPlan& plan, const void* sym_grad,
                      const void* features, const void* masks, const void* kernels,
                      void* d_features, cudaStream_t stream) {
-  using A = acc_t<T>;
-  const Dims d = dims_of<T>(s, plan);
-  cudaError_t err = cudaFuncSetAttribute(_masked_gram_bwd_kernel<T>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(plan.backward_smem));
-  if (err != cudaSuccess) return err;
-  const dim3 grid(d.tiles, d.channel_blocks, d.B);
-  _masked_gram_bwd_kernel<T><<<grid, kThreads, plan.backward_smem, stream>>>(
-      static_cast<const A*>(sym_grad), static_cast<const T*>(features),
-      static_cast<const T*>(masks), static_cast<const T*>(kernels), static_cast<T*>(d_features),
-      d);
-  return cudaGetLastError();
+  if constexpr (sizeof(acc_t<T>) == 4) {
+    if (plan.tensor_cores)
+      return launch_backward_kernel<T, true>(s, plan, sym_grad, features, masks, kernels,
+                                             d_features, stream);
+  }
+  return launch_backward_kernel<T, false>(s, plan, sym_grad, features, masks, kernels, d_features,
+                                          stream);
 }
 
 }  // namespace
@@ -581,9 +664,9 @@ CastGramPlan cast_masked_gram_cuda_plan(CastDtype dtype, const CastGramShape& sh
   const bool tensor_cores =
       compute_capability >= 80 && (dtype != CastDtype::float32 || allow_tf32);
   const CastGramPlan plan = plan_for<float>(shape, tensor_cores, sm_count, max_smem_per_block);
-  // The tensor-core forward needs more shared memory (two halves of accumulators, a weighted
-  // tile): where even one kernel and one mask per block do not fit (99 KiB on sm_86 / sm_89
-  // at r = 3), the SIMT forward still may.
+  // The tensor-core kernels need more shared memory (two halves of Gram accumulators, weighted
+  // tiles): where they do not fit even with one kernel and one mask per forward block (99 KiB
+  // on sm_86 / sm_89 at r = 3), the SIMT kernels still may.
   if (plan.unsupported != nullptr && tensor_cores)
     return plan_for<float>(shape, false, sm_count, max_smem_per_block);
   return plan;

@@ -23,7 +23,7 @@ struct CastGramPlan {
   int64_t splits;        // S: the forward's partial sums over ranges of positions
   int64_t kernel_group;  // kernels whose Grams one forward block accumulates
   int64_t mask_group;    // masks whose Grams one forward block accumulates
-  bool tensor_cores;     // the forward's Gram products on TF32 tensor cores
+  bool tensor_cores;     // the matrix products on TF32 tensor cores
   size_t forward_smem;   // dynamic shared memory per block, bytes
   size_t backward_smem;
   const char* unsupported;  // nullptr, or why this shape does not fit the kernels
