@@ -93,7 +93,8 @@ __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / 
 // one half of the tile's positions, so the Gram accumulators come in two halves.
 constexpr int kMmaTile = 16;
 constexpr int kPositionHalves = 2;
-static_assert(kThreads / 32 == kPositionHalves * (kChannelTile / kMmaTile) * (kChannelTile / kMmaTile),
+constexpr int kGramTiles = (kChannelTile / kMmaTile) * (kChannelTile / kMmaTile);
+static_assert(kThreads / 32 == kPositionHalves * kGramTiles,
               "one warp per (Gram tile, half of the positions)");
 
 // Row strides of the forward's Z tile (2 TC channels) and weighted tile (TC channels): odd for
@@ -158,8 +159,8 @@ __device__ __forceinline__ void gram_tile_mma(const float* weighted, const float
   namespace wmma = nvcuda::wmma;
   constexpr int TC = kChannelTile, kMmaDepth = 8;  // TF32 WMMA is m16n16k8
   const int warp = threadIdx.x / 32;
-  const int tile = warp % 4, half = warp / 4;
-  const int row = tile / 2 * kMmaTile, col = tile % 2 * kMmaTile;
+  const int tile = warp % kGramTiles, half = warp / kGramTiles;
+  const int row = tile / (TC / kMmaTile) * kMmaTile, col = tile % (TC / kMmaTile) * kMmaTile;
   float* out = acc + half * half_stride + row * TC + col;
   wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaDepth, float> sum;
   wmma::load_matrix_sync(sum, out, TC, wmma::mem_row_major);
@@ -272,34 +273,37 @@ __global__ void __launch_bounds__(kThreads)
         z_tile[n * z_stride + local] = z;
       }
       __syncthreads();
-      for (int kl = 0; kl < kn && kTensorCores; ++kl) {
-        for (int e = tid; e < Tile::size * TC; e += kThreads) {
-          const int n = e / TC, c = e % TC;
-          weighted[n * kWeightedStride + c] = mask_sq[kl * Tile::size + n] * z_tile[n * z_stride + c];
-        }
-        __syncthreads();
-        if constexpr (kTensorCores)
+      if constexpr (kTensorCores) {
+        for (int kl = 0; kl < kn; ++kl) {
+          for (int e = tid; e < Tile::size * TC; e += kThreads) {
+            const int n = e / TC, c = e % TC;
+            weighted[n * kWeightedStride + c] =
+                mask_sq[kl * Tile::size + n] * z_tile[n * z_stride + c];
+          }
+          __syncthreads();
           gram_tile_mma<Tile::size, z_stride>(weighted, z_tile,
                                               gram_acc + (jl * kn + kl) * TC * TC, half_stride);
-        __syncthreads();  // weighted is rewritten for the next mask
-      }
-      for (int kl = 0; kl < kn && !kTensorCores; ++kl) {
-        const A* w = mask_sq + kl * Tile::size;
-        A s00 = A(0), s01 = A(0), s10 = A(0), s11 = A(0);
-        for (int n = 0; n < Tile::size; ++n) {
-          const A* zn = z_tile + n * z_stride;
-          const A u0 = w[n] * zn[row0], u1 = w[n] * zn[row0 + 16];
-          const A v0 = zn[TC + col0], v1 = zn[TC + col0 + 16];
-          s00 += u0 * v0;
-          s01 += u0 * v1;
-          s10 += u1 * v0;
-          s11 += u1 * v1;
+          __syncthreads();  // weighted is rewritten for the next mask
         }
-        A* acc = gram_acc + (jl * kn + kl) * TC * TC;
-        acc[row0 * TC + col0] += s00;
-        acc[row0 * TC + col0 + 16] += s01;
-        acc[(row0 + 16) * TC + col0] += s10;
-        acc[(row0 + 16) * TC + col0 + 16] += s11;
+      } else {
+        for (int kl = 0; kl < kn; ++kl) {
+          const A* w = mask_sq + kl * Tile::size;
+          A s00 = A(0), s01 = A(0), s10 = A(0), s11 = A(0);
+          for (int n = 0; n < Tile::size; ++n) {
+            const A* zn = z_tile + n * z_stride;
+            const A u0 = w[n] * zn[row0], u1 = w[n] * zn[row0 + 16];
+            const A v0 = zn[TC + col0], v1 = zn[TC + col0 + 16];
+            s00 += u0 * v0;
+            s01 += u0 * v1;
+            s10 += u1 * v0;
+            s11 += u1 * v1;
+          }
+          A* acc = gram_acc + (jl * kn + kl) * TC * TC;
+          acc[row0 * TC + col0] += s00;
+          acc[row0 * TC + col0 + 16] += s01;
+          acc[(row0 + 16) * TC + col0] += s10;
+          acc[(row0 + 16) * TC + col0 + 16] += s11;
+        }
       }
     }
   }
