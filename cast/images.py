@@ -46,16 +46,32 @@ def open_image(
 def load_image(path: str | os.PathLike, long_side: int | None = None) -> torch.Tensor:
     """Read an image as a ``(3, H, W)`` float32 RGB tensor in [0, 1].
 
-    With ``long_side``, the image is resized (Lanczos, antialiased) so that ``max(H, W) ==
-    long_side``, keeping its aspect ratio. Grey-scale, palette and RGBA files become RGB.
+    With ``long_side``, the image is resized (antialiased) so that ``max(H, W) == long_side``,
+    keeping its aspect ratio. Grey-scale (8 or 16 bit), palette and RGBA files become RGB.
     """
-    image = open_image(path).convert("RGB")
+    if long_side is not None and long_side < 1:
+        raise ImageError(f"image size must be a positive number of pixels, got {long_side}")
+    image = torch.from_numpy(pixels(open_image(path), grey=False)).permute(2, 0, 1).contiguous()
     if long_side is not None:
-        if long_side < 1:
-            raise ImageError(f"image size must be a positive number of pixels, got {long_side}")
-        image = image.resize(_fit(image.size, long_side), Image.Resampling.LANCZOS)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    return pixels.permute(2, 0, 1).float().div_(255)
+        width, height = _fit((image.shape[2], image.shape[1]), long_side)
+        image = resize(image, (height, width))
+    return image
+
+
+# PIL modes with more than 8 bits per pixel, and the value that stands for white in each.
+_WIDE_MODES = {"I": 65535.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "F": 1.0}
+
+
+def pixels(picture: Image.Image, grey: bool) -> np.ndarray:
+    """``(H, W, 3)`` RGB, or ``(H, W)`` grey when ``grey``, float32 in [0, 1].
+
+    16-bit and float grey images are scaled, not clipped at 255 as PIL's ``convert`` does.
+    """
+    if picture.mode in _WIDE_MODES:
+        values = np.asarray(picture.convert("F"), dtype=np.float32) / _WIDE_MODES[picture.mode]
+        values = np.clip(values, 0, 1)
+        return values if grey else np.repeat(values[..., None], 3, axis=-1)
+    return np.asarray(picture.convert("L" if grey else "RGB"), dtype=np.float32) / 255
 
 
 def _fit(size_wh: tuple[int, int], long_side: int) -> tuple[int, int]:

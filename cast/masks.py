@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MaskError
-from .images import open_image
+from .images import open_image, pixels
 
 PathArg = str | os.PathLike
 Colour = tuple[int, int, int]
@@ -191,8 +191,7 @@ def soft_masks(paths: Sequence[PathArg], size: tuple[int, int]) -> torch.Tensor:
     for path in paths:
         picture = open_image(path, "soft mask", MaskError)
         _check_aspect(path, picture.size, size)
-        grey = np.asarray(picture.convert("L"), dtype=np.float32) / 255
-        masks.append(_resize_grey(torch.from_numpy(grey), size))
+        masks.append(_resize_grey(torch.from_numpy(pixels(picture, grey=True)), size))
     if not masks:
         raise ValueError("soft_masks needs at least one mask file")
     return torch.stack(masks)
@@ -232,8 +231,8 @@ def read_trimap(path: PathArg, size: tuple[int, int]) -> torch.Tensor:
     """
     picture = open_image(path, "trimap", MaskError)
     _check_aspect(path, picture.size, size)
-    grey = np.asarray(picture.convert("L"))
-    snapped = np.where(grey < 26, 0.0, np.where(grey > 229, 1.0, 0.5)).astype(np.float32)
+    grey = pixels(picture, grey=True)
+    snapped = np.where(grey <= 0.1, 0.0, np.where(grey >= 0.9, 1.0, 0.5)).astype(np.float32)
     resized = F.interpolate(
         torch.from_numpy(snapped)[None, None], size=tuple(size), mode="nearest-exact"
     )

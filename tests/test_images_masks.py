@@ -49,6 +49,16 @@ def test_load_resizes_to_long_side():
     assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.1
 
 
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 48 * 64).reshape(48, 64).round().astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
+    image = load_image(tmp_path / "ramp16.png")
+    expected = torch.from_numpy(ramp / 65535).float()
+    assert image.shape == (3, 48, 64) and torch.allclose(image, expected.expand(3, -1, -1))
+    assert torch.allclose(soft_masks([tmp_path / "ramp16.png"], (48, 64))[0], expected)
+
+
 def test_resize():
     images = torch.rand(2, 3, 40, 60)
     out = resize(images, (20, 30))
