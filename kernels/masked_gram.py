@@ -1,0 +1,657 @@
+"""The masked high-order Gram op of SPEC §1 as fused Triton kernels (backend ``"triton"``).
+
+Forward. A program owns one batch item ``b``, one kernel ``p_j``, a chunk of up to four masks,
+one upper-triangle pair of channel blocks ``(a, c)``, ``a <= c``, and one contiguous split of
+the ``N`` positions. Per tile of positions it forms ``Z_j = P_j F`` for both channel blocks on
+chip (``r*r`` shifted masked loads of ``F``, which hit L1/L2) and adds
+``(m_k^2 Z_a)^T Z_c`` to one accumulator per mask, so ``P_j F`` and ``M_k P_j F`` never reach
+memory. Masks come in chunks of four accumulators (constexpr ``NUM_MASKS``, unrolled) rather
+than all ``K`` at once, which bounds the registers a program needs. Each split of the positions
+writes its own partial Gram and the splits are summed afterwards: deterministic, no atomics,
+and the scratch, ``S * B*J*K*C^2``, is kept within a tenth of the inputs and outputs.
+
+Backward. ``dF = sum_jk W_jk S_jk`` with ``S_jk = (dG_jk + dG_jk^T) / n_k`` (tiny, formed in
+torch) and ``W_jk = P_j^T M_k^2 P_j F``, which acts on each channel alone. Grouping the two
+taps of ``P_j^T`` and ``P_j`` by their difference ``u`` turns ``W_jk`` into one
+``(2r-1) x (2r-1)`` stencil with per-position weights,
+``W_jk F[n] = sum_u A_jku[n] F[n+u]``, ``A_jku[n] = sum_t p_j[t] p_j[t+u] m_k^2[n-t]``, so a
+program (one tile of positions, one block of output channels) needs ``(2r-1)^2`` shifted loads
+of ``F`` per reduction block and no halo, no scratch and nothing proportional to ``J*N*C``.
+Its matmul work is ``2*J*K*N*C^2``, twice the forward's upper triangle; the stencil is
+recomputed for every output channel block, ``(2r-1)^2 * (1 + K)`` multiply-adds per element
+and block on the CUDA cores. Computing ``U_j`` on a haloed tile instead would put the halo's
+overhead on the matmul, the dominant cost, and need a scratch buffer and a barrier.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference import gram_dtype, inverse_mass
+from .utils import (
+    INTERPRETING,
+    TRITON_DTYPES,
+    accumulator_dtype,
+    channel_blocks,
+    dot_input_precision,
+    fits_channels,
+    on_device,
+    programs_to_fill,
+    upcast_dot_operands,
+)
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MASKS_PER_PROGRAM = 4
+# Split scratch (partial Grams) may take at most this fraction of the inputs and outputs.
+SPLIT_SCRATCH_FRACTION = 0.1
+
+# Tiny tiles for the interpreter (every one of its ops is a numpy call); still two channel
+# blocks at C = 20 and several position tiles, so every code path runs in the tests.
+INTERPRETER_FWD_CONFIG = dict(BLOCK_N=64, BLOCK_C=16, num_warps=4)
+INTERPRETER_BWD_CONFIG = dict(BLOCK_N=128, BLOCK_C=32, BLOCK_D=32, num_warps=4)
+
+FWD_CONFIGS = [
+    triton.Config(dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C), num_warps=num_warps, num_stages=2)
+    for BLOCK_N, BLOCK_C, num_warps in [
+        (64, 16, 4),
+        (64, 32, 4),
+        (64, 64, 4),
+        (128, 64, 4),
+        (128, 64, 8),
+        (64, 128, 8),
+        (128, 128, 8),
+    ]
+]
+BWD_CONFIGS = [
+    triton.Config(dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D), num_warps=num_warps)
+    for BLOCK_N, BLOCK_C, BLOCK_D, num_warps in [
+        (64, 16, 16, 4),
+        (64, 32, 32, 4),
+        (64, 64, 32, 4),
+        (128, 64, 32, 8),
+        (64, 128, 32, 8),
+        (128, 128, 32, 8),
+    ]
+]
+# Splits of the positions are whole multiples of every BLOCK_N, so no tile straddles two.
+SPLIT_QUANTUM = max(c.kwargs["BLOCK_N"] for c in FWD_CONFIGS)
+# At most this many float32 accumulator values per thread (beyond it they spill).
+MAX_ACCUMULATOR_REGISTERS = 128
+
+
+@triton.jit
+def _convolved_tile(
+    channel_ptrs,  # (BLOCK_C,) pointers to position 0 of each channel of one batch item
+    channel_ok,  # (BLOCK_C,)
+    kernel_ptr,  # (R, R) one kernel p_j
+    row,  # (BLOCK_N,)
+    col,  # (BLOCK_N,)
+    position_ok,  # (BLOCK_N,)
+    H,
+    W,
+    R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """``(P_j F)[n, c]`` on a tile: cross-correlation with zero padding, ``R*R`` shifted loads."""
+    tile = tl.zeros((BLOCK_N, BLOCK_C), ACC_DTYPE)
+    for tap in tl.static_range(R * R):
+        src_row = row + (tap // R - R // 2)
+        src_col = col + (tap % R - R // 2)
+        inside = position_ok & (src_row >= 0) & (src_row < H) & (src_col >= 0) & (src_col < W)
+        x = tl.load(
+            channel_ptrs[None, :] + (src_row * W + src_col)[:, None],
+            mask=inside[:, None] & channel_ok[None, :],
+            other=0.0,
+        )
+        tile += tl.load(kernel_ptr + tap).to(ACC_DTYPE) * x.to(ACC_DTYPE)
+    return tile
+
+
+@triton.jit
+def _add_masked_gram(
+    acc,  # (BLOCK_C, BLOCK_C)
+    z_left,  # (BLOCK_N, BLOCK_C) P_j F on channel block a, accumulator dtype
+    z_right,  # (BLOCK_N, BLOCK_C) P_j F on channel block c, already a dot operand
+    mask_ptrs,  # (BLOCK_N,) m_k at the tile's positions
+    mask_ok,  # (BLOCK_N,)
+    DOT_DTYPE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``acc + (m_k^2 Z_a)^T Z_c``: the mask's square goes on one side, one multiply per mask."""
+    weight = tl.load(mask_ptrs, mask=mask_ok, other=0.0).to(z_left.dtype)
+    left = (z_left * (weight * weight)[:, None]).to(DOT_DTYPE)
+    if UPCAST_DOT:
+        left = left.to(tl.float32)
+    return tl.dot(tl.trans(left), z_right, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _store_gram(
+    gram_ptr,  # (C, C) one Gram of the output
+    acc,  # (BLOCK_C, BLOCK_C) rows: block a, columns: block c
+    inv_mass_ptr,  # scalar 1 / n_k
+    offs_a,  # (BLOCK_C,)
+    offs_c,  # (BLOCK_C,)
+    C,
+):
+    """The upper triangle where it is, mirrored below: G is exactly symmetric and no element
+    is written twice, also in a diagonal block (a == c)."""
+    gram = acc * tl.load(inv_mass_ptr)
+    inside = (offs_a < C)[:, None] & (offs_c < C)[None, :]
+    upper = offs_a[:, None] <= offs_c[None, :]
+    strictly_upper = offs_a[:, None] < offs_c[None, :]
+    tl.store(gram_ptr + offs_a[:, None] * C + offs_c[None, :], gram, mask=inside & upper)
+    tl.store(gram_ptr + offs_c[None, :] * C + offs_a[:, None], gram, mask=inside & strictly_upper)
+
+
+@triton.jit
+def _masked_gram_fwd_kernel(
+    features_ptr,  # (B, C, H, W)
+    masks_ptr,  # (Bm, K, H, W)
+    kernels_ptr,  # (J, R, R)
+    inv_mass_ptr,  # (Bm, K): 1 / n_k, 0 for an empty mask
+    out_ptr,  # (S, B, J, K, C, C): the Grams of each split of the positions, 1/n_k applied
+    B,
+    C,
+    H,
+    W,
+    N,
+    J,
+    K,
+    mask_batch_stride,  # K * N when each batch item has its masks, 0 when they are shared
+    inv_mass_batch_stride,  # K or 0, likewise
+    positions_per_split,
+    R: tl.constexpr,
+    NUM_MASKS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # axis 0: (b, j, mask chunk, channel block pair); axis 1: split of the positions
+    blocks = tl.cdiv(C, BLOCK_C)
+    pairs = blocks * (blocks + 1) // 2
+    chunks = K // NUM_MASKS  # NUM_MASKS divides K
+    pid = tl.program_id(0)
+    pair = pid % pairs
+    k0 = (pid // pairs) % chunks * NUM_MASKS
+    j = pid // (pairs * chunks) % J
+    b = pid // (pairs * chunks * J)
+    split = tl.program_id(1)
+
+    # Upper-triangle pair index -> (block_a <= block_c), enumerated column by column; the
+    # float square root may be off by one either way, hence the two corrections.
+    block_c = ((tl.sqrt(8.0 * pair + 1.0) - 1.0) * 0.5).to(tl.int32)
+    block_c = tl.where(block_c * (block_c + 1) // 2 > pair, block_c - 1, block_c)
+    block_c = tl.where((block_c + 1) * (block_c + 2) // 2 <= pair, block_c + 1, block_c)
+    block_a = pair - block_c * (block_c + 1) // 2
+    offs_a = block_a * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = block_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    a_ok = offs_a < C
+    c_ok = offs_c < C
+
+    batch_features = features_ptr + b.to(tl.int64) * C * N
+    ptrs_a = batch_features + offs_a.to(tl.int64) * N
+    ptrs_c = batch_features + offs_c.to(tl.int64) * N
+    kernel_ptr = kernels_ptr + j * R * R
+    mask_ptr = masks_ptr + b.to(tl.int64) * mask_batch_stride + k0.to(tl.int64) * N
+
+    acc0 = tl.zeros((BLOCK_C, BLOCK_C), ACC_DTYPE)
+    acc1 = tl.zeros((BLOCK_C, BLOCK_C), ACC_DTYPE)
+    acc2 = tl.zeros((BLOCK_C, BLOCK_C), ACC_DTYPE)
+    acc3 = tl.zeros((BLOCK_C, BLOCK_C), ACC_DTYPE)
+    start = split * positions_per_split
+    end = tl.minimum(start + positions_per_split, N)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        position_ok = offs_n < end
+        row = offs_n // W
+        col = offs_n % W
+        z_a = _convolved_tile(
+            ptrs_a, a_ok, kernel_ptr, row, col, position_ok, H, W, R, BLOCK_N, BLOCK_C, ACC_DTYPE
+        )
+        if block_a == block_c:
+            z_c = z_a
+        else:
+            z_c = _convolved_tile(
+                ptrs_c,
+                c_ok,
+                kernel_ptr,
+                row,
+                col,
+                position_ok,
+                H,
+                W,
+                R,
+                BLOCK_N,
+                BLOCK_C,
+                ACC_DTYPE,
+            )
+        z_c = z_c.to(DOT_DTYPE)
+        if UPCAST_DOT:
+            z_c = z_c.to(tl.float32)
+        acc0 = _add_masked_gram(
+            acc0,
+            z_a,
+            z_c,
+            mask_ptr + offs_n,
+            position_ok,
+            DOT_DTYPE,
+            UPCAST_DOT,
+            INPUT_PRECISION,
+        )
+        if NUM_MASKS > 1:
+            acc1 = _add_masked_gram(
+                acc1,
+                z_a,
+                z_c,
+                mask_ptr + N + offs_n,
+                position_ok,
+                DOT_DTYPE,
+                UPCAST_DOT,
+                INPUT_PRECISION,
+            )
+        if NUM_MASKS > 2:
+            acc2 = _add_masked_gram(
+                acc2,
+                z_a,
+                z_c,
+                mask_ptr + 2 * N + offs_n,
+                position_ok,
+                DOT_DTYPE,
+                UPCAST_DOT,
+                INPUT_PRECISION,
+            )
+        if NUM_MASKS > 3:
+            acc3 = _add_masked_gram(
+                acc3,
+                z_a,
+                z_c,
+                mask_ptr + 3 * N + offs_n,
+                position_ok,
+                DOT_DTYPE,
+                UPCAST_DOT,
+                INPUT_PRECISION,
+            )
+
+    gram_ptr = out_ptr + (((split * B + b) * J + j) * K + k0).to(tl.int64) * C * C
+    inv_ptr = inv_mass_ptr + b * inv_mass_batch_stride + k0
+    _store_gram(gram_ptr, acc0, inv_ptr, offs_a, offs_c, C)
+    if NUM_MASKS > 1:
+        _store_gram(gram_ptr + C * C, acc1, inv_ptr + 1, offs_a, offs_c, C)
+    if NUM_MASKS > 2:
+        _store_gram(gram_ptr + 2 * C * C, acc2, inv_ptr + 2, offs_a, offs_c, C)
+    if NUM_MASKS > 3:
+        _store_gram(gram_ptr + 3 * C * C, acc3, inv_ptr + 3, offs_a, offs_c, C)
+
+
+@triton.constexpr_function
+def _shifted_tap(t, u, R):
+    """Tap ``s = t + u`` of an R x R kernel (row-major index), ``u`` an offset of the
+    (2R-1) x (2R-1) stencil; -1 where ``s`` falls outside the kernel. (A function, not named
+    locals: Triton turns constexprs assigned to names into runtime values.)"""
+    span = 2 * R - 1
+    s_row = t // R + u // span - (R - 1)
+    s_col = t % R + u % span - (R - 1)
+    return s_row * R + s_col if 0 <= s_row < R and 0 <= s_col < R else -1
+
+
+@triton.jit
+def _stencil_weights(
+    mask_ptr,  # (H, W) one mask m_k
+    kernel_ptr,  # (R, R) one kernel p_j
+    offs_n,  # (BLOCK_N,)
+    row,  # (BLOCK_N,)
+    col,  # (BLOCK_N,)
+    position_ok,  # (BLOCK_N,)
+    H,
+    W,
+    R: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """The weights of the stencil ``P^T M^2 P`` at the tile's positions, one per offset ``u``
+    (row-major over the ``(2R-1) x (2R-1)`` offsets): ``A_u[n] = sum_t p[t] p[t+u] m^2[n-t]``
+    over taps ``t`` with ``t+u`` in the window. ``m^2[n-t]`` is zero outside the image: that
+    is ``P^T``'s zero padding; ``P``'s shows in the zero-padded load of ``F[n+u]``."""
+    SPAN: tl.constexpr = 2 * R - 1
+    taps = ()  # p[t], scalars
+    masks_sq = ()  # m^2[n - t], (BLOCK_N,) each
+    for t in tl.static_range(R * R):
+        src_row = row - (t // R - R // 2)
+        src_col = col - (t % R - R // 2)
+        inside = position_ok & (src_row >= 0) & (src_row < H) & (src_col >= 0) & (src_col < W)
+        m = tl.load(mask_ptr + src_row * W + src_col, mask=inside, other=0.0).to(ACC_DTYPE)
+        masks_sq = masks_sq + (m * m,)
+        taps = taps + (tl.load(kernel_ptr + t).to(ACC_DTYPE),)
+    weights = ()
+    for u in tl.static_range(SPAN * SPAN):
+        weight = tl.zeros(offs_n.shape, ACC_DTYPE)
+        for t in tl.static_range(R * R):
+            if _shifted_tap(t, u, R) >= 0:
+                weight += (taps[t] * taps[_shifted_tap(t, u, R)]) * masks_sq[t]
+        weights = weights + (weight,)
+    return weights
+
+
+@triton.jit
+def _add_stencilled(
+    v,  # (BLOCK_N, BLOCK_D)
+    f,  # (BLOCK_N, BLOCK_D) F[n + u] on the reduction channels
+    weights,  # SPAN*SPAN of (BLOCK_N,)
+    u: tl.constexpr,
+):
+    return v + weights[u][:, None] * f
+
+
+@triton.jit
+def _add_sym_grad_product(
+    acc,  # (BLOCK_N, BLOCK_C)
+    stencilled,  # (BLOCK_N, BLOCK_D) (P_j^T M_k^2 P_j F) on reduction channels d
+    sym_ptr,  # (C, C) S_jk
+    offs_d,  # (BLOCK_D,)
+    offs_c,  # (BLOCK_C,)
+    C,
+    INPUT_PRECISION: tl.constexpr,
+):
+    sym = tl.load(
+        sym_ptr + offs_d[:, None] * C + offs_c[None, :],
+        mask=(offs_d < C)[:, None] & (offs_c < C)[None, :],
+        other=0.0,
+    )
+    return tl.dot(stencilled, sym, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _masked_gram_bwd_kernel(
+    features_ptr,  # (B, C, H, W)
+    masks_ptr,  # (Bm, K, H, W)
+    kernels_ptr,  # (J, R, R)
+    sym_grad_ptr,  # (B, J, K, C, C): S = (dG + dG^T) / n_k, 0 for an empty mask
+    dfeatures_ptr,  # (B, C, H, W)
+    C,
+    H,
+    W,
+    N,
+    J,
+    K,
+    mask_batch_stride,  # K * N when each batch item has its masks, 0 when they are shared
+    R: tl.constexpr,
+    NUM_MASKS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # axis 0: tile of positions; axis 1: block of output channels; axis 2: batch item
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2)
+    position_ok = offs_n < N
+    row = offs_n // W
+    col = offs_n % W
+    batch_features = features_ptr + b.to(tl.int64) * C * N
+    batch_masks = masks_ptr + b.to(tl.int64) * mask_batch_stride
+    SPAN: tl.constexpr = 2 * R - 1
+
+    acc = tl.zeros((BLOCK_N, BLOCK_C), ACC_DTYPE)
+    for j in range(J):
+        kernel_ptr = kernels_ptr + j * R * R
+        for k0 in range(0, K, NUM_MASKS):
+            # The stencil weights depend on the positions only: formed once per (j, mask),
+            # used for every block of reduction channels.
+            mask_ptr = batch_masks + k0 * N  # K * N is far below 2**31
+            weights0 = _stencil_weights(
+                mask_ptr, kernel_ptr, offs_n, row, col, position_ok, H, W, R, ACC_DTYPE
+            )
+            weights1 = weights0
+            weights2 = weights0
+            weights3 = weights0
+            if NUM_MASKS > 1:
+                weights1 = _stencil_weights(
+                    mask_ptr + N, kernel_ptr, offs_n, row, col, position_ok, H, W, R, ACC_DTYPE
+                )
+            if NUM_MASKS > 2:
+                weights2 = _stencil_weights(
+                    mask_ptr + 2 * N, kernel_ptr, offs_n, row, col, position_ok, H, W, R, ACC_DTYPE
+                )
+            if NUM_MASKS > 3:
+                weights3 = _stencil_weights(
+                    mask_ptr + 3 * N, kernel_ptr, offs_n, row, col, position_ok, H, W, R, ACC_DTYPE
+                )
+            sym_ptr = sym_grad_ptr + ((b * J + j) * K + k0).to(tl.int64) * C * C
+            for d0 in range(0, C, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                channel_ptrs = batch_features + offs_d.to(tl.int64) * N
+                channel_ok = offs_d < C
+                v0 = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+                v1 = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+                v2 = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+                v3 = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+                for u in tl.static_range(SPAN * SPAN):
+                    src_row = row + (u // SPAN - (R - 1))
+                    src_col = col + (u % SPAN - (R - 1))
+                    inside = position_ok & (src_row >= 0) & (src_row < H)
+                    inside = inside & (src_col >= 0) & (src_col < W)
+                    f = tl.load(
+                        channel_ptrs[None, :] + (src_row * W + src_col)[:, None],
+                        mask=inside[:, None] & channel_ok[None, :],
+                        other=0.0,
+                    ).to(ACC_DTYPE)
+                    v0 = _add_stencilled(v0, f, weights0, u)
+                    if NUM_MASKS > 1:
+                        v1 = _add_stencilled(v1, f, weights1, u)
+                    if NUM_MASKS > 2:
+                        v2 = _add_stencilled(v2, f, weights2, u)
+                    if NUM_MASKS > 3:
+                        v3 = _add_stencilled(v3, f, weights3, u)
+                acc = _add_sym_grad_product(acc, v0, sym_ptr, offs_d, offs_c, C, INPUT_PRECISION)
+                if NUM_MASKS > 1:
+                    acc = _add_sym_grad_product(
+                        acc, v1, sym_ptr + C * C, offs_d, offs_c, C, INPUT_PRECISION
+                    )
+                if NUM_MASKS > 2:
+                    acc = _add_sym_grad_product(
+                        acc, v2, sym_ptr + 2 * C * C, offs_d, offs_c, C, INPUT_PRECISION
+                    )
+                if NUM_MASKS > 3:
+                    acc = _add_sym_grad_product(
+                        acc, v3, sym_ptr + 3 * C * C, offs_d, offs_c, C, INPUT_PRECISION
+                    )
+
+    out_ptrs = dfeatures_ptr + b.to(tl.int64) * C * N + offs_c[None, :].to(tl.int64) * N
+    tl.store(
+        out_ptrs + offs_n[:, None],
+        acc.to(dfeatures_ptr.dtype.element_ty),
+        mask=position_ok[:, None] & (offs_c < C)[None, :],
+    )
+
+
+def _fits(configs, named_args, **kwargs):
+    """Configs whose channel blocks fit C and whose accumulators fit the registers."""
+    C, num_masks = named_args["C"], kwargs["NUM_MASKS"]
+    kept = []
+    for config in configs:
+        block_c, warps = config.kwargs["BLOCK_C"], config.num_warps
+        if "BLOCK_D" in config.kwargs:  # backward: one (BLOCK_N, BLOCK_C) + NUM_MASKS stencils
+            tile = block_c + num_masks * config.kwargs["BLOCK_D"]
+            fits = fits_channels(config.kwargs["BLOCK_D"], C)
+            registers = config.kwargs["BLOCK_N"] * tile / (32 * warps)
+        else:  # forward: NUM_MASKS (BLOCK_C, BLOCK_C) accumulators
+            fits = True
+            registers = num_masks * block_c * block_c / (32 * warps)
+        if fits and fits_channels(block_c, C) and registers <= MAX_ACCUMULATOR_REGISTERS:
+            kept.append(config)
+    return kept or configs[:1]
+
+
+TUNING_KEY = ["C", "N", "K", "R", "NUM_MASKS", "INPUT_PRECISION"]
+if INTERPRETING:
+    _fwd_kernel, _bwd_kernel = _masked_gram_fwd_kernel, _masked_gram_bwd_kernel
+else:
+    prune = dict(early_config_prune=_fits)
+    _fwd_kernel = triton.autotune(FWD_CONFIGS, key=TUNING_KEY, prune_configs_by=prune)(
+        _masked_gram_fwd_kernel
+    )
+    _bwd_kernel = triton.autotune(BWD_CONFIGS, key=TUNING_KEY, prune_configs_by=prune)(
+        _masked_gram_bwd_kernel
+    )
+
+
+def masks_per_program(K: int) -> int:
+    """The largest divisor of K up to four: every chunk of masks is full, so no kernel needs
+    a "mask k exists" test, and at most four (C, C) accumulators live in registers."""
+    return max(d for d in range(1, MASKS_PER_PROGRAM + 1) if K % d == 0)
+
+
+def _launch_choice(tuned, raw, config, interpreter_config):
+    """The autotuned kernel on a GPU; the raw kernel with a fixed config when one is given
+    (tests of tiling variants) or under the interpreter (one small config keeps tests fast)."""
+    if config is not None:
+        return raw, config
+    if INTERPRETING:
+        return raw, interpreter_config
+    return tuned, {}
+
+
+def position_splits(features: Tensor, gram_bytes: int, programs: int) -> int:
+    """How many splits of the positions fill the GPU, keeping their scratch small."""
+    N = features.shape[-2] * features.shape[-1]
+    wanted = triton.cdiv(programs_to_fill(features.device), programs)
+    affordable = int(
+        SPLIT_SCRATCH_FRACTION
+        * (features.numel() * features.element_size() + gram_bytes)
+        // gram_bytes
+    )
+    return max(1, min(wanted, affordable, triton.cdiv(N, SPLIT_QUANTUM), 65535))
+
+
+def forward(
+    features: Tensor,
+    masks: Tensor,
+    kernels: Tensor,
+    allow_tf32: bool,
+    *,
+    config: dict | None = None,
+    splits: int | None = None,
+) -> Tensor:
+    """``G (B, J, K, C, C)`` of canonical inputs (see ``cast.backends``).
+
+    ``config`` (``BLOCK_N``, ``BLOCK_C``, ``num_warps``) and ``splits`` (of the positions)
+    override the launch layout; they change only the order of the sums.
+    """
+    B, C, H, W = features.shape
+    K = masks.shape[1]
+    J, R = kernels.shape[:2]
+    N = H * W
+    acc_dtype = gram_dtype(features.dtype)
+    num_masks = masks_per_program(K)
+    chunks = K // num_masks
+    inv_mass = inverse_mass(masks.to(acc_dtype)).contiguous()
+    shared_masks = masks.shape[0] == 1
+
+    gram = torch.empty((B, J, K, C, C), dtype=acc_dtype, device=features.device)
+    kernel, launch_config = _launch_choice(
+        _fwd_kernel, _masked_gram_fwd_kernel, config, INTERPRETER_FWD_CONFIG
+    )
+    if splits is None:
+        nominal_block = launch_config.get("BLOCK_C", 64)
+        blocks = channel_blocks(C, nominal_block)
+        programs = B * J * chunks * blocks * (blocks + 1) // 2
+        splits = position_splits(features, gram.numel() * gram.element_size(), programs)
+    quantum = launch_config.get("BLOCK_N", SPLIT_QUANTUM)
+    positions_per_split = triton.cdiv(triton.cdiv(N, splits), quantum) * quantum
+    splits = triton.cdiv(N, positions_per_split)
+    out = gram[None] if splits == 1 else gram.new_empty((splits, *gram.shape))
+
+    def grid(meta):
+        blocks = channel_blocks(C, meta["BLOCK_C"])
+        return (B * J * chunks * blocks * (blocks + 1) // 2, splits)
+
+    with on_device(features):
+        kernel[grid](
+            features,
+            masks,
+            kernels,
+            inv_mass,
+            out,
+            B,
+            C,
+            H,
+            W,
+            N,
+            J,
+            K,
+            0 if shared_masks else K * N,
+            0 if shared_masks else K,
+            positions_per_split,
+            R=R,
+            NUM_MASKS=num_masks,
+            ACC_DTYPE=accumulator_dtype(features.dtype),
+            DOT_DTYPE=TRITON_DTYPES[features.dtype],  # bf16/fp16 tensor cores, f32 accumulation
+            UPCAST_DOT=upcast_dot_operands(features.dtype),
+            INPUT_PRECISION=dot_input_precision(features.dtype, allow_tf32),
+            **launch_config,
+        )
+    return gram if splits == 1 else torch.sum(out, dim=0, out=gram)
+
+
+def backward(
+    grad: Tensor,
+    features: Tensor,
+    masks: Tensor,
+    kernels: Tensor,
+    allow_tf32: bool,
+    *,
+    config: dict | None = None,
+) -> Tensor:
+    """``dF (B, C, H, W)`` in the features' dtype, for ``grad`` of G's shape.
+
+    ``config`` (``BLOCK_N``, ``BLOCK_C``, ``BLOCK_D``, ``num_warps``) overrides the tiling.
+    """
+    B, C, H, W = features.shape
+    K = masks.shape[1]
+    J, R = kernels.shape[:2]
+    N = H * W
+    acc_dtype = gram_dtype(features.dtype)
+    inv_mass = inverse_mass(masks.to(acc_dtype))
+    grad = grad.to(acc_dtype)
+    # (B, J, K, C, C): masks' batch Bm is 1 or B, so the product has the features' batch
+    sym_grad = ((grad + grad.transpose(-1, -2)) * inv_mass[:, None, :, None, None]).contiguous()
+    dfeatures = torch.empty_like(features)
+    kernel, launch_config = _launch_choice(
+        _bwd_kernel, _masked_gram_bwd_kernel, config, INTERPRETER_BWD_CONFIG
+    )
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), channel_blocks(C, meta["BLOCK_C"]), B)
+
+    with on_device(features):
+        kernel[grid](
+            features,
+            masks,
+            kernels,
+            sym_grad,
+            dfeatures,
+            C,
+            H,
+            W,
+            N,
+            J,
+            K,
+            0 if masks.shape[0] == 1 else K * N,
+            R=R,
+            NUM_MASKS=masks_per_program(K),
+            ACC_DTYPE=accumulator_dtype(features.dtype),
+            INPUT_PRECISION=dot_input_precision(features.dtype, allow_tf32),
+            **launch_config,
+        )
+    return dfeatures

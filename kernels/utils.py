@@ -1,0 +1,76 @@
+"""Launch helpers shared by CAST's Triton kernels.
+
+Whether Triton's interpreter runs the kernels is decided once, when a kernel module is
+imported: ``triton.jit`` reads ``TRITON_INTERPRET`` at decoration time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreting
+
+INTERPRETING = triton_interpreting()
+
+TRITON_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+def accumulator_dtype(dtype: torch.dtype) -> tl.dtype:
+    """float64 for float64 input, float32 for everything else (SPEC §1)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """``tl.dot``'s ``input_precision`` for float32 operands: TF32 tensor cores or full IEEE.
+
+    float64 operands always take ``"ieee"`` (DMMA or FMA on sm80/sm90; TF32 means nothing there).
+    """
+    return "tf32" if allow_tf32 and dtype != torch.float64 else "ieee"
+
+
+def upcast_dot_operands(dtype: torch.dtype) -> bool:
+    """Whether dot operands rounded to ``dtype`` must be widened back to float32 first.
+
+    Triton 3.9's interpreter multiplies bfloat16 dot operands as their raw uint16 bits, so
+    under the interpreter bfloat16 operands are rounded to bfloat16 and then widened: the same
+    products a GPU's bf16 MMA with float32 accumulation forms, computed in float32.
+    """
+    return INTERPRETING and dtype == torch.bfloat16
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def programs_to_fill(device: torch.device) -> int:
+    """How many programs keep every SM busy: two waves' worth on a GPU, one on the interpreter."""
+    if device.type != "cuda":
+        return 1
+    return 2 * _multiprocessors(device.index if device.index is not None else 0)
+
+
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on ``tensor``'s GPU (Triton launches on the current device and its current stream)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+def channel_blocks(C: int, block: int) -> int:
+    return triton.cdiv(C, block)
+
+
+def fits_channels(block: int, C: int) -> bool:
+    """A channel block no wider than C rounded up to a power of two (and at least 16 for tl.dot)."""
+    return block <= max(16, triton.next_power_of_2(C))
