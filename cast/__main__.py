@@ -1,0 +1,5 @@
+"""``python -m cast``: the same as the ``cast`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""The ``cast`` command: ``cast stylize`` and ``cast mask``.
+
+Defaults come from ``cast.stylize``'s signature, so they are defined in one place. Every
+``CastError`` is printed as one line, ``cast: error: ...``, with exit status 2; Ctrl-C writes the
+latest image (when there is one) and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from pathlib import Path
+
+from . import images, masks
+from .backends import NAMES as BACKENDS
+from .backends import BackendUnavailable
+from .errors import CastError
+from .losses import HIGH_ORDER_PRESETS_DOC
+from .stylize import stylize
+from .weights import MODELS
+
+DEFAULTS = {name: p.default for name, p in inspect.signature(stylize).parameters.items()}
+
+STYLIZE_HELP = """\
+Stylise CONTENT with one or more STYLE images.
+
+Regions: --content-mask takes a colour-coded label image of CONTENT (each colour a region);
+--style-mask gives each style image its label image (in order; '-' for none), and the same
+colours pair regions. Or --soft-mask takes grey-scale masks of CONTENT (white = inside), one per
+region; a single one makes two regions, white and the rest (`cast mask` writes such a mask). A
+style image without labels is one whole region styling the content region of its position:
+with --soft-mask sky.png, the first style image styles the sky and the second the rest. A region
+that no style image pairs with keeps its own look (--strict makes that an error).
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cast", description="Content-aware neural style transfer (CAST)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    s = commands.add_parser(
+        "stylize",
+        help="stylise an image",
+        description=STYLIZE_HELP,
+        epilog=HIGH_ORDER_PRESETS_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("content", metavar="CONTENT", help="the photo")
+    s.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
+    s.add_argument("-o", "--output", required=True, metavar="OUT", help="result (.png, .jpg)")
+
+    def option(flag, name, kind, help, **kwargs):
+        s.add_argument(flag, dest=name, type=kind, default=DEFAULTS[name],
+                       help=f"{help} (default: %(default)s)", **kwargs)  # fmt: skip
+
+    option("--size", "size", int, "long side of the result in pixels", metavar="PX")
+    option("--iters", "iters", int, "optimisation steps per scale", metavar="N")
+    option("--scales", "scales", int, "scales, coarse to fine, each twice the last", metavar="N")
+    option("--high-order", "high_order", str, "kernel preset or file (see below)",
+           metavar="PRESET|FILE")  # fmt: skip
+    option("--model", "model", str, f"{' or '.join(MODELS)} or a weights file",
+           metavar="MODEL|PATH")  # fmt: skip
+    option("--pooling", "pooling", str, "VGG pooling", choices=("avg", "max"))
+    option("--content-weight", "content_weight", float, "weight of the content term")
+    option("--style-weight", "style_weight", float, "weight of the style term")
+    option("--tv-weight", "tv_weight", float, "weight of total variation (smoothness)")
+    option("--optimizer", "optimizer", str, "optimiser", choices=("lbfgs", "adam"))
+    option("--lr", "lr", float, "step size (default 1 for lbfgs, 0.02 for adam)")
+    option("--init", "init", str, "starting image", choices=("content", "noise", "style"))
+    option("--seed", "seed", int, "random seed", metavar="N")
+    option("--save-every", "save_every", int, "write the image to OUT every N steps", metavar="N")
+    option("--device", "device", str, "cpu, cuda, cuda:1, ... (default: cuda when present)")
+    option("--backend", "backend", str, "masked Gram backend (default: fastest present)",
+           choices=BACKENDS)  # fmt: skip
+    s.add_argument("--content-mask", metavar="LABELS", help="colour-coded regions of CONTENT")
+    s.add_argument("--style-mask", metavar="LABELS", nargs="+",
+                   help="label image of each style image, in order ('-' for none)")  # fmt: skip
+    s.add_argument("--soft-mask", metavar="GREY", nargs="+", help="grey-scale region masks")
+    s.add_argument("--preserve-color", action="store_true", help="keep the content's colours")
+    s.add_argument("--strict", action="store_true", help="every region must pair with a style")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    m = commands.add_parser(
+        "mask",
+        help="estimate a soft mask by alpha matting",
+        description="Estimate a soft mask of IMAGE from a TRIMAP (white = inside, black = "
+        "outside, grey = unknown; or scribbles on grey) by closed-form alpha matting, and "
+        "write it as a grey-scale image for `cast stylize --soft-mask`.",
+    )
+    m.add_argument("image", metavar="IMAGE")
+    m.add_argument("trimap", metavar="TRIMAP")
+    m.add_argument("-o", "--output", required=True, metavar="OUT.png")
+    m.add_argument("--size", type=int, default=None, metavar="PX",
+                   help="long side to matte at (default: the image's own size)")  # fmt: skip
+    return parser
+
+
+def _stylize(args: argparse.Namespace) -> None:
+    style_masks = None
+    if args.style_mask is not None:
+        style_masks = [None if path == "-" else path for path in args.style_mask]
+    stylize(
+        args.content,
+        args.styles,
+        content_mask=args.content_mask,
+        style_masks=style_masks,
+        soft_masks=args.soft_mask,
+        output=args.output,
+        progress=not args.quiet,
+        preserve_color=args.preserve_color,
+        strict=args.strict,
+        **{name: getattr(args, name) for name in (
+            "size", "iters", "scales", "high_order", "model", "pooling", "content_weight",
+            "style_weight", "tv_weight", "optimizer", "lr", "init", "seed", "save_every",
+            "device", "backend",
+        )},
+    )  # fmt: skip
+
+
+def _mask(args: argparse.Namespace) -> None:
+    image = images.load_image(args.image, long_side=args.size)
+    trimap = masks.read_trimap(args.trimap, tuple(image.shape[-2:]))
+    alpha = masks.matte(image, trimap)
+    images.save_image(alpha.expand(3, -1, -1), args.output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"stylize": _stylize, "mask": _mask}[args.command](args)
+    except (CastError, BackendUnavailable) as err:
+        print(f"cast: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        wrote = args.command == "stylize" and Path(args.output).is_file()
+        print(
+            "cast: interrupted" + (f"; the latest image is in '{args.output}'" if wrote else ""),
+            file=sys.stderr,
+        )
+        return 130
+    return 0

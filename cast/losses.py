@@ -1,0 +1,239 @@
+"""The terms of CAST's objective as small ``nn.Module``s, and the high-order kernel presets.
+
+Targets are buffers, so a loss moves with ``.to(device)`` and other PyTorch code can use it
+alone. Style statistics are kept as masked Gram *sums* plus mask *mass* (``GramStats``), so
+regions and several style images combine linearly: adding the statistics of two style images
+and dividing once gives the Gram of their union.
+
+Departures from the paper (Chen & Hsu 2016, after Gatys et al. 2016), each also commented where
+it happens:
+
+- each style term is a *relative* error ``||G - T||^2 / ||T||^2`` per kernel and region instead
+  of Gatys' ``||G - T||^2 / (4 C^2)``, and the content term ``||F - P||^2 / ||P||^2``, so the
+  weights mean the same for every layer, kernel and network (VGG-19 and HED's VGG-16 differ in
+  activation scale by orders of magnitude);
+- regions are weighted by their share of the content image's mask mass, so every pixel pulls
+  equally and a small region cannot dominate;
+- total variation is the mean squared difference of neighbouring pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .errors import CastError
+from .ops import masked_gram
+
+
+def _difference(dy: int, dx: int) -> Tensor:
+    """3x3 kernel ``(x[n] - x[n + (dy, dx)]) / sqrt(2)``: unit gain on uncorrelated input."""
+    kernel = torch.zeros(3, 3)
+    kernel[1, 1] = 1.0
+    kernel[1 + dy, 1 + dx] = -1.0
+    return kernel / math.sqrt(2.0)
+
+
+def _identity(r: int) -> Tensor:
+    kernel = torch.zeros(r, r)
+    kernel[r // 2, r // 2] = 1.0
+    return kernel
+
+
+HIGH_ORDER_PRESETS: dict[str, Tensor] = {
+    "none": _identity(1)[None],
+    "neighbours": torch.stack([_identity(3), _difference(0, 1), _difference(1, 0)]),
+    "neighbours8": torch.stack(
+        [_identity(3), _difference(0, 1), _difference(1, 0), _difference(1, 1), _difference(1, -1)]
+    ),
+}
+HIGH_ORDER_PRESETS_DOC = """\
+High-order kernels p_j, shape (J, r, r): every style layer's features are cross-correlated with
+each kernel before the masked Gram matrix is taken, so a statistic can describe how features
+co-occur at neighbouring positions, not only at one position.
+
+- none        J=1, 1x1 identity: plain Gatys Gram matrices (what features occur together).
+- neighbours  J=3, 3x3: identity, horizontal and vertical differences (x[n] - x[right]) / sqrt 2
+              and (x[n] - x[below]) / sqrt 2. The Gram of a difference is 2 (G - S) / 2 where S is
+              the correlation of features with their neighbour's, so it matches how features
+              change across a step: stroke direction and texture scale, which plain Grams ignore.
+- neighbours8 J=5, 3x3: as neighbours plus the two diagonal differences.
+- a file      .npy, .pt or .txt holding (J, r, r) with r odd (.txt: J blocks of r rows, r numbers
+              each, stacked vertically)."""
+
+MAX_KERNELS = 64
+
+
+def high_order_kernels(spec: str | Path) -> Tensor:
+    """The kernels ``(J, r, r)`` (float32) of a preset name or a kernel file (see the presets)."""
+    if isinstance(spec, str) and spec in HIGH_ORDER_PRESETS:
+        return HIGH_ORDER_PRESETS[spec].clone()
+    path = Path(spec)
+    if not path.is_file():
+        raise CastError(
+            f"unknown high-order preset {str(spec)!r}; choose {', '.join(HIGH_ORDER_PRESETS)} "
+            "or give a kernel file (.npy, .pt or .txt holding (J, r, r))"
+        )
+    try:
+        if path.suffix == ".npy":
+            kernels = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix == ".pt":
+            kernels = torch.load(path, map_location="cpu", weights_only=True)
+        elif path.suffix == ".txt":
+            rows = np.loadtxt(path, ndmin=2)
+            r = rows.shape[1]
+            if rows.shape[0] % r:
+                raise ValueError(f"{rows.shape[0]} rows are not whole {r}x{r} kernels")
+            kernels = torch.from_numpy(rows).reshape(-1, r, r)
+        else:
+            raise ValueError("the file type is not .npy, .pt or .txt")
+    except Exception as err:
+        raise CastError(f"cannot read kernel file {str(path)!r}: {err}") from None
+    if not isinstance(kernels, Tensor) or not kernels.is_floating_point():
+        raise CastError(f"kernel file {str(path)!r} must hold a floating-point (J, r, r) array")
+    shape = tuple(kernels.shape)
+    if (
+        len(shape) != 3
+        or not 1 <= shape[0] <= MAX_KERNELS
+        or shape[1] != shape[2]
+        or shape[1] % 2 == 0
+    ):
+        raise CastError(
+            f"kernel file {str(path)!r} holds shape {shape}; expected (J, r, r) with "
+            f"1 <= J <= {MAX_KERNELS} and r odd"
+        )
+    if not torch.isfinite(kernels).all() or not kernels.flatten(1).abs().sum(1).all():
+        raise CastError(f"kernel file {str(path)!r} holds NaN, inf or an all-zero kernel")
+    return kernels.float().contiguous()
+
+
+@dataclass(frozen=True)
+class GramStats:
+    """Masked high-order Gram statistics as sums plus mass, so they add.
+
+    ``sums[j, k]`` is ``(M_k P_j F)^T (M_k P_j F)`` summed over images, ``(J, K, C, C)``;
+    ``mass[k]`` is ``n_k = sum_n m_k[n]^2`` summed the same way, ``(K,)``. ``a + b`` pools the
+    positions of both; ``mean()`` is the Gram of the pool.
+    """
+
+    sums: Tensor
+    mass: Tensor
+
+    @classmethod
+    def of(
+        cls, features: Tensor, masks: Tensor, kernels: Tensor, *, backend: str | None = None
+    ) -> GramStats:
+        """Statistics of ``features (B, C, H, W)`` under ``masks (K, H, W)`` and ``kernels``."""
+        mass = masks.flatten(1).square().sum(1)
+        # the op returns sums / n_k; multiplying back gives sums (exactly 0 where n_k == 0)
+        gram = masked_gram(features, masks, kernels, backend=backend)
+        sums = (gram * mass.to(gram.dtype)[:, None, None]).sum(0)
+        return cls(sums, mass.to(gram.dtype) * features.shape[0])
+
+    def __add__(self, other: GramStats) -> GramStats:
+        return GramStats(self.sums + other.sums, self.mass + other.mass)
+
+    def scaled(self, factor: float) -> GramStats:
+        """Both parts times ``factor``: the same Gram, with ``factor`` times the say in a pool."""
+        return GramStats(self.sums * factor, self.mass * factor)
+
+    @property
+    def present(self) -> Tensor:
+        """``(K,)`` bool: regions with any mass."""
+        return self.mass > 0
+
+    def mean(self, fallback: Tensor | None = None) -> Tensor:
+        """Gram ``(J, K, C, C)`` of each region; where a region has no mass, ``fallback``'s
+        (``(J, K, C, C)``) if given, else zeros."""
+        mass = self.mass[:, None, None]
+        gram = torch.where(mass > 0, self.sums / mass.clamp_min(1e-30), torch.zeros_like(self.sums))
+        if fallback is not None:
+            gram = torch.where(self.present[:, None, None], gram, fallback)
+        return gram
+
+
+class StyleLoss(nn.Module):
+    """Masked high-order style loss of one layer (the CAST style term).
+
+    Args:
+        target: ``(J, K, C, C)`` target Gram of each kernel and region (``GramStats.mean()``).
+        masks: ``(K, H, W)`` regions of the image being optimised, on this layer's grid.
+        kernels: ``(J, r, r)`` high-order kernels (``high_order_kernels``).
+        region_weights: ``(K,)`` say of each region; default each region's share of the mask
+            mass, so every pixel pulls equally (the paper leaves this open).
+        backend: backend of ``cast.masked_gram``; default the fastest one present.
+
+    ``forward(features (B, C, H, W))`` returns the scalar
+    ``sum_jk w_k ||G_jk - T_jk||^2 / ||T_jk||^2 / J`` averaged over the batch.
+    """
+
+    def __init__(
+        self,
+        target: Tensor,
+        masks: Tensor,
+        kernels: Tensor,
+        region_weights: Tensor | None = None,
+        *,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        J, K = target.shape[:2]
+        if masks.shape[0] != K or kernels.shape[0] != J:
+            raise ValueError(
+                f"StyleLoss: target {tuple(target.shape)} needs {K} masks and {J} kernels, "
+                f"got masks {tuple(masks.shape)} and kernels {tuple(kernels.shape)}"
+            )
+        if region_weights is None:
+            mass = masks.flatten(1).square().sum(1)
+            region_weights = mass / mass.sum().clamp_min(1e-30)
+        # Relative error instead of Gatys' 1 / (4 C^2): the same weight means the same for every
+        # layer, kernel and network. A target of norm 0 (nothing to match) drops out.
+        norm = target.square().sum((-1, -2))
+        scale = torch.where(
+            norm > 0, region_weights[None].to(norm) / norm.clamp_min(1e-30), torch.zeros_like(norm)
+        )
+        self.register_buffer("target", target)
+        self.register_buffer("masks", masks.to(target.dtype))
+        self.register_buffer("kernels", kernels.to(target.dtype))
+        self.register_buffer("scale", scale / J)
+        self.backend = backend
+
+    def forward(self, features: Tensor) -> Tensor:
+        gram = masked_gram(
+            features,
+            self.masks.to(features.dtype),
+            self.kernels.to(features.dtype),
+            backend=self.backend,
+        )
+        error = (gram - self.target).square().sum((-1, -2))  # (B, J, K)
+        return (error * self.scale).sum((1, 2)).mean()
+
+
+class ContentLoss(nn.Module):
+    """``||F - P||^2 / ||P||^2`` against target features ``P (1 or B, C, H, W)``, batch mean.
+
+    Relative, like ``StyleLoss``, instead of the paper's ``||F - P||^2 / 2``.
+    """
+
+    def __init__(self, target: Tensor):
+        super().__init__()
+        self.register_buffer("target", target)
+        self.register_buffer("scale", 1 / target.square().sum().clamp_min(1e-30))
+
+    def forward(self, features: Tensor) -> Tensor:
+        error = (features - self.target).square().flatten(1).sum(1)
+        return (error * self.scale).mean()
+
+
+class TVLoss(nn.Module):
+    """Total variation of images ``(B, 3, H, W)``: mean squared difference of neighbours."""
+
+    def forward(self, image: Tensor) -> Tensor:
+        dx = image[..., :, 1:] - image[..., :, :-1]
+        dy = image[..., 1:, :] - image[..., :-1, :]
+        return dx.square().mean() + dy.square().mean()

@@ -1,0 +1,475 @@
+"""``cast.stylize``: content-aware style transfer, from files or tensors to an image.
+
+Reads top to bottom: load the images and masks, build the network, then per scale (coarse to
+fine) build the targets and optimise the image, each scale starting from the last one's result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from . import images, masks
+from .errors import CastError
+from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, high_order_kernels
+from .network import CONTENT_LAYERS, STYLE_LAYERS, VGGFeatures
+
+ImageLike = str | os.PathLike | Tensor
+
+# Smallest long side: relu5_1 sits behind four 2x poolings, so 32 px leaves it a 2x2 grid.
+MIN_SIZE = 32
+# L-BFGS keeps this many pairs of image-sized vectors; counted in the memory estimate.
+LBFGS_HISTORY = 50
+DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
+
+
+@dataclass
+class Step:
+    """What ``callback`` is handed after every optimisation step."""
+
+    scale: int  # 1-based, coarse to fine
+    scales: int
+    step: int  # 1-based within the scale
+    iters: int
+    loss: float
+    image: Tensor  # (3, H, W), the current image, unclamped; do not modify
+
+
+def stylize(
+    content: ImageLike,
+    styles: ImageLike | Sequence[ImageLike],
+    *,
+    content_mask: ImageLike | None = None,
+    style_masks: Sequence[ImageLike | None] | None = None,
+    soft_masks: Sequence[str | os.PathLike] | None = None,
+    size: int = 512,
+    iters: int = 200,
+    scales: int = 2,
+    high_order: str | os.PathLike = "neighbours",
+    model: str = "vgg16-hed",
+    pooling: str = "avg",
+    content_weight: float = 0.05,
+    style_weight: float = 1.0,
+    tv_weight: float = 2.0,
+    optimizer: str = "lbfgs",
+    lr: float | None = None,
+    init: str = "content",
+    preserve_color: bool = False,
+    seed: int = 0,
+    save_every: int | None = None,
+    output: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    strict: bool = False,
+    progress: bool = True,
+    callback: Callable[[Step], None] | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Stylise ``content`` with ``styles``, region by region.
+
+    Args:
+        content: the photo, a path or a ``(3, H, W)`` RGB tensor in [0, 1].
+        styles: one or more style images, paths or ``(3, Hs, Ws)`` tensors.
+        content_mask: regions of the content image: a colour-coded label image (each colour a
+            region), or a ``(K, H, W)`` tensor of soft masks in [0, 1].
+        style_masks: one entry per style image: its label image (colours pair it with the
+            content's regions), a ``(K, Hs, Ws)`` tensor in the content's region order, or
+            ``None``. A style image without a mask is one whole-image region that styles content
+            region ``i`` where ``i`` is its position among the styles (all of them style the
+            only region when there is no content mask, blended).
+        soft_masks: grey-scale images, one per content region (white = inside); a single one
+            gives two regions, white and its complement. Instead of ``content_mask``.
+        size: long side of the result in pixels.
+        iters: optimisation steps per scale.
+        scales: number of scales, coarse to fine; scale ``s`` of ``n`` has long side
+            ``size / 2**(n - s)``.
+        high_order: a preset of ``cast.losses.HIGH_ORDER_PRESETS`` or a kernel file.
+        model: ``"vgg16-hed"``, ``"vgg19"`` or a weights file (``cast.weights``).
+        pooling: ``"avg"`` or ``"max"``.
+        content_weight, style_weight, tv_weight: weights of the three terms (see cast.losses).
+        optimizer: ``"lbfgs"`` or ``"adam"``; ``lr`` its step size (default 1 and 0.02).
+        init: start from ``"content"``, ``"noise"`` or ``"style"`` (the first style image).
+        preserve_color: keep the content's colours: only luminance takes the style.
+        seed: seeds the noise initialisation; the same seed on the same device gives the
+            same result.
+        save_every: write the current image to ``output`` every this many steps.
+        output: where the result goes (also written on Ctrl-C and when the loss diverges).
+        device: ``"cpu"``, ``"cuda"``, ...; default CUDA when present.
+        strict: every content region must pair with a style region.
+        progress: show a progress bar.
+        callback: called with a ``Step`` after every step.
+        backend: backend of ``cast.masked_gram``; default the fastest one present.
+
+    Returns:
+        The stylised image, ``(3, H, W)`` float32 RGB in [0, 1] on the CPU.
+
+    Raises:
+        CastError: bad input, diverging loss (the last good image is written to ``output``) or
+        an image too large for the device's memory.
+    """
+    _check_options(size, iters, scales, optimizer, init, pooling, save_every, output)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kernels = high_order_kernels(high_order)
+    if isinstance(styles, (str, os.PathLike, Tensor)):
+        styles = [styles]
+    if not styles:
+        raise CastError("give at least one style image")
+
+    network = VGGFeatures(model, pooling).to(device)
+    layers = tuple(dict.fromkeys(CONTENT_LAYERS + STYLE_LAYERS))
+    optimiser_copies = (2 * LBFGS_HISTORY + 4) if optimizer == "lbfgs" else 6
+    # before loading: a huge size would already exhaust memory when the image is resized
+    _check_memory(network, layers, _fit(_image_hw(content), size), device, optimiser_copies)
+
+    content_image = _load(content, size)
+    style_images = [_load(style, size) for style in styles]
+    content_masks, style_region_masks = _regions(
+        content_image, style_images, content_mask, style_masks, soft_masks, strict
+    )
+
+    generator = torch.Generator().manual_seed(seed)
+    image = None
+    last_good = content_image
+    try:
+        for scale, (h, w) in enumerate(_scale_sizes(content_image.shape[-2:], size, scales), 1):
+            with torch.no_grad():
+                objective = _objective(
+                    network,
+                    images.resize(content_image, (h, w)).to(device),
+                    [images.resize(s, _fit(s.shape[-2:], max(h, w))).to(device)
+                     for s in style_images],
+                    content_masks.to(device),
+                    [m.to(device) for m in style_region_masks],
+                    kernels.to(device),
+                    content_weight, style_weight, tv_weight, backend,
+                )  # fmt: skip
+            if image is None:
+                image = _initial(init, content_image, style_images, generator).to(device)
+            image = images.resize(image.clamp(0, 1), (h, w))
+            bar = tqdm(total=iters, desc=f"scale {scale}/{scales} {w}x{h}", disable=not progress)
+            with bar:
+                steps = _optimise(objective, image, iters, optimizer, lr or DEFAULT_LR[optimizer])
+                for step, loss, current, good in steps:
+                    image, last_good = current, good
+                    bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+                    bar.update()
+                    if save_every and output and step % save_every == 0:
+                        images.save_image(_finish(image, content_image, preserve_color), output)
+                    if callback is not None:
+                        callback(Step(scale, scales, step, iters, loss, image.detach()))
+    except KeyboardInterrupt:
+        if output is not None and image is not None:
+            latest = image if torch.isfinite(image).all() else last_good
+            images.save_image(_finish(latest, content_image, preserve_color), output)
+        raise
+    except _Diverged as diverged:
+        if output is not None:
+            images.save_image(_finish(diverged.last_good, content_image, preserve_color), output)
+        raise CastError(
+            f"the loss became {diverged.loss} at step {diverged.step}; lower the learning rate "
+            "(--lr) or the weights, or use --optimizer adam"
+            + (f"; the last good image is in '{output}'" if output is not None else "")
+        ) from None
+
+    result = _finish(image, content_image, preserve_color)
+    if output is not None:
+        images.save_image(result, output)
+    return result
+
+
+def _check_options(size, iters, scales, optimizer, init, pooling, save_every, output) -> None:
+    choices = {"optimizer": (optimizer, DEFAULT_LR), "init": (init, ("content", "noise", "style")),
+               "pooling": (pooling, ("avg", "max"))}  # fmt: skip
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise CastError(f"unknown {name} {value!r}; choose {', '.join(allowed)}")
+    if size < MIN_SIZE:
+        raise CastError(f"size must be at least {MIN_SIZE} px, got {size}")
+    if scales < 1 or size / 2 ** (scales - 1) < MIN_SIZE:
+        raise CastError(
+            f"{scales} scales at size {size} make the coarsest long side smaller than "
+            f"{MIN_SIZE} px; use at most {1 + int(math.log2(size / MIN_SIZE))} scales"
+        )
+    if iters < 0:
+        raise CastError(f"iters must be 0 or more, got {iters}")
+    if save_every is not None and (save_every < 1 or output is None):
+        raise CastError("save_every needs a positive number of steps and an output path")
+    if output is not None:
+        output = Path(output)
+        if output.suffix.lower() not in Image.registered_extensions():
+            raise CastError(
+                f"cannot write '{output}': unknown image format; end it in .png or .jpg"
+            )
+        if not output.parent.is_dir():
+            raise CastError(f"cannot write '{output}': no directory '{output.parent}'")
+
+
+def _load(image: ImageLike, long_side: int) -> Tensor:
+    """``(3, H, W)`` float32 RGB in [0, 1] with the long side ``long_side``."""
+    if not isinstance(image, Tensor):
+        return images.load_image(image, long_side=long_side)
+    if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+        raise CastError(f"image tensors must be (3, H, W) floating RGB, got {tuple(image.shape)}")
+    return images.resize(image.detach().float().cpu(), _fit(image.shape[-2:], long_side))
+
+
+def _image_hw(image: ImageLike) -> tuple[int, int]:
+    """``(H, W)`` of an image tensor or file, reading only the file's header."""
+    if isinstance(image, Tensor):
+        return tuple(image.shape[-2:]) if image.dim() == 3 else (1, 1)
+    try:
+        with Image.open(image) as opened:
+            return opened.height, opened.width
+    except Exception:
+        return 1, 1  # unreadable: load_image raises the error that says why
+
+
+def _fit(hw: Sequence[int], long_side: int) -> tuple[int, int]:
+    """``(h, w)`` with ``max(h, w) == long_side`` and the aspect ratio of ``hw``."""
+    h, w = hw
+    scale = long_side / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _scale_sizes(hw: Sequence[int], size: int, scales: int) -> list[tuple[int, int]]:
+    return [_fit(hw, round(size / 2 ** (scales - s))) for s in range(1, scales + 1)]
+
+
+def _regions(
+    content: Tensor,
+    styles: list[Tensor],
+    content_mask: ImageLike | None,
+    style_masks: Sequence[ImageLike | None] | None,
+    soft_masks: Sequence[str | os.PathLike] | None,
+    strict: bool,
+) -> tuple[Tensor, list[Tensor]]:
+    """Content masks ``(K, H, W)`` and, per style image, ``(K, Hs, Ws)`` in the same region
+    order (all zeros for a region the style image does not have)."""
+    content_hw = tuple(content.shape[-2:])
+    style_hws = [tuple(s.shape[-2:]) for s in styles]
+    style_masks = list(style_masks) if style_masks is not None else [None] * len(styles)
+    if len(style_masks) != len(styles):
+        raise CastError(
+            f"got {len(style_masks)} style masks for {len(styles)} style images; give one per "
+            "style image"
+        )
+    if content_mask is not None and soft_masks:
+        raise CastError("give either a content label image or soft masks, not both")
+    if content_mask is None and not soft_masks and any(m is not None for m in style_masks):
+        raise CastError("style masks need a content mask whose regions they pair with")
+
+    names = None  # how an error names region k
+    if isinstance(content_mask, Tensor):
+        region_masks = _mask_tensor(content_mask, content_hw, "content mask")
+        paired = [None if m is None else _mask_tensor(m, hw, "style mask", len(region_masks))
+                  for m, hw in zip(style_masks, style_hws, strict=True)]  # fmt: skip
+    elif content_mask is not None:
+        if any(isinstance(m, Tensor) for m in style_masks):
+            raise CastError("style masks must be label images when the content mask is one")
+        # strictness is checked below, once unlabelled style images have their regions too
+        regions = masks.label_masks(content_mask, style_masks, content_hw, style_hws)
+        region_masks, paired = regions.content, list(regions.styles)
+        names = [f"colour {colour}" for colour in regions.colours]
+    elif soft_masks:
+        region_masks = masks.soft_masks(list(soft_masks), content_hw)
+        if len(region_masks) == 1:
+            # one grey image: the white part and the rest are the two regions
+            region_masks = torch.cat([region_masks, 1 - region_masks])
+        paired = [None] * len(styles)
+    else:
+        region_masks = torch.ones(1, *content_hw)
+        paired = [None] * len(styles)
+
+    K = len(region_masks)
+    unmasked = [i for i, m in enumerate(paired) if m is None]
+    if K > 1 and len(unmasked) > K:
+        raise CastError(
+            f"{len(unmasked)} style images without masks but only {K} content regions; each "
+            "unmasked style image styles the content region of its position"
+        )
+    for position, i in enumerate(unmasked):
+        whole = torch.zeros(K, *style_hws[i])
+        whole[0 if K == 1 else position] = 1
+        paired[i] = whole
+    if strict:
+        covered = torch.stack([m.flatten(1).amax(1) > 0 for m in paired]).any(0)
+        if not covered.all():
+            missing = torch.nonzero(~covered).flatten().tolist()
+            described = ", ".join(names[k] if names else f"region {k}" for k in missing)
+            raise CastError(
+                f"content {described} pairs with no style region (--strict); paint it in a "
+                "style label image, add a style image for it, or drop --strict"
+            )
+    return region_masks.float(), [m.float() for m in paired]
+
+
+def _mask_tensor(mask: Tensor, hw: tuple[int, int], what: str, regions: int | None = None):
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() != 3 or (regions is not None and mask.shape[0] != regions):
+        want = f"({regions}, H, W)" if regions else "(K, H, W)"
+        raise CastError(f"{what} must be {want}, got {tuple(mask.shape)}")
+    return masks.resample(mask.detach().float().cpu().clamp(0, 1), hw)
+
+
+class _Objective(nn.Module):
+    """``content_weight * content + style_weight * mean_layers(style) + tv_weight * TV``."""
+
+    def __init__(self, network, content_losses, style_losses, weights):
+        super().__init__()
+        self.network = network
+        self.content_losses = nn.ModuleDict(content_losses)
+        self.style_losses = nn.ModuleDict(style_losses)
+        self.tv_loss = TVLoss()
+        self.content_weight, self.style_weight, self.tv_weight = weights
+        self.layers = tuple(dict.fromkeys([*content_losses, *style_losses]))
+
+    def forward(self, image: Tensor) -> Tensor:
+        features = self.network(image[None], self.layers)
+        content = sum(loss(features[name]) for name, loss in self.content_losses.items())
+        style = sum(loss(features[name]) for name, loss in self.style_losses.items())
+        return (
+            self.content_weight * content
+            + self.style_weight * style / len(self.style_losses)
+            + self.tv_weight * self.tv_loss(image[None])
+        )
+
+
+def _objective(
+    network, content, styles, content_masks, style_masks, kernels, content_weight, style_weight,
+    tv_weight, backend,
+) -> _Objective:  # fmt: skip
+    """Targets at this scale: content features, and per style layer the pooled statistics of
+    every style image's regions; a region no style image has keeps its own statistics."""
+    content_features = network(content[None], CONTENT_LAYERS + STYLE_LAYERS)
+    style_features = [network(s[None], STYLE_LAYERS) for s in styles]
+    style_losses = {}
+    for layer in STYLE_LAYERS:
+        grid = content_features[layer].shape[-2:]
+        region_masks = masks.resample(content_masks, grid)
+        own = GramStats.of(content_features[layer], region_masks, kernels, backend=backend)
+        per_style = [
+            GramStats.of(f[layer], masks.resample(m, f[layer].shape[-2:]), kernels, backend=backend)
+            for f, m in zip(style_features, style_masks, strict=True)
+        ]
+        pooled = sum(per_style[1:], start=per_style[0])
+        target = pooled.mean(fallback=own.mean())
+        style_losses[layer] = StyleLoss(target, region_masks, kernels, backend=backend)
+    content_losses = {layer: ContentLoss(content_features[layer]) for layer in CONTENT_LAYERS}
+    return _Objective(
+        network, content_losses, style_losses, (content_weight, style_weight, tv_weight)
+    )
+
+
+def _initial(init: str, content: Tensor, styles: list[Tensor], generator) -> Tensor:
+    if init == "noise":
+        return torch.rand(content.shape, generator=generator)
+    if init == "style":
+        return images.resize(styles[0], tuple(content.shape[-2:]))
+    return content.clone()
+
+
+class _Diverged(Exception):
+    def __init__(self, step: int, loss: float, last_good: Tensor):
+        self.step, self.loss, self.last_good = step, loss, last_good
+
+
+def _optimise(objective, image: Tensor, iters: int, optimizer: str, lr: float):
+    """Yield ``(step, loss, image, last_good)`` after each step; ``_Diverged`` on NaN/inf."""
+    x = image.detach().clone(memory_format=torch.contiguous_format).requires_grad_()
+    if optimizer == "lbfgs":
+        # one L-BFGS iteration per step() call, so steps are counted, shown and saved
+        opt = torch.optim.LBFGS([x], lr=lr, max_iter=1, history_size=LBFGS_HISTORY)
+    else:
+        opt = torch.optim.Adam([x], lr=lr)
+
+    def closure():
+        opt.zero_grad()
+        loss = objective(x)
+        loss.backward()
+        return loss
+
+    last_good = x.detach().clone()
+    for step in range(1, iters + 1):
+        before = x.detach().clone()
+        loss = float(opt.step(closure).detach())
+        if not math.isfinite(loss):
+            raise _Diverged(step, loss, last_good)
+        last_good = before  # the loss just computed belongs to the image before this step
+        yield step, loss, x.detach(), last_good
+
+
+def _finish(image: Tensor, content: Tensor, preserve_color: bool) -> Tensor:
+    image = image.detach().float().cpu().clamp(0, 1)
+    if preserve_color:
+        image = transfer_luminance(image, images.resize(content, tuple(image.shape[-2:])))
+    return image
+
+
+# RGB -> YIQ (NTSC): Y is luminance, I and Q carry the colour.
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def transfer_luminance(stylised: Tensor, content: Tensor) -> Tensor:
+    """The stylised image's luminance with the content's colour (YIQ), ``(3, H, W)``.
+
+    Gatys et al. (2017) transfer luminance only and keep the content's chroma; this applies
+    the same split after the optimisation, which keeps the colours exactly.
+    """
+    y = torch.einsum("ij,jhw->ihw", _YIQ, stylised)[:1]
+    iq = torch.einsum("ij,jhw->ihw", _YIQ, content)[1:]
+    return torch.einsum("ij,jhw->ihw", torch.linalg.inv(_YIQ), torch.cat([y, iq])).clamp(0, 1)
+
+
+def _check_memory(network, layers, hw, device: torch.device, image_copies: int) -> None:
+    """Refuse, before any work, an image whose optimisation cannot fit in memory.
+
+    The bytes autograd saves for one forward pass are measured on a small probe image and
+    scaled by the pixel count (activations grow linearly with it); twice that covers the
+    transient activations of the backward pass, plus the optimiser's copies of the image.
+    """
+    probe = 64
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.rand(1, 3, probe, probe, device=device, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        features = network(x, layers)
+    del features, x
+    pixels = hw[0] * hw[1]
+    need = 2 * sum(saved.values()) * pixels / probe**2 + image_copies * 3 * pixels * 4
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = _available_ram()
+    if free is not None and need > free:
+        longest = max(hw)
+        fits = int(longest * math.sqrt(free / need)) // 16 * 16
+        raise CastError(
+            f"a {hw[1]}x{hw[0]} image needs about {need / 2**30:.1f} GiB on {device} but "
+            f"{free / 2**30:.1f} GiB is free; lower --size (about {fits} fits) or use a larger "
+            "device"
+        )
+
+
+def _available_ram() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -1,0 +1,108 @@
+"""``cast.stylize`` with the real network weights, on tiny images (a few seconds each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cast import images
+from cast.errors import CastError
+from cast.stylize import _regions, stylize, transfer_luminance
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CONTENT, STYLE = EXAMPLES / "tubingen.jpg", EXAMPLES / "starry_night.jpg"
+FAST = dict(scales=1, progress=False, high_order="neighbours")
+
+pytestmark = pytest.mark.slow
+
+
+def _halves(h: int, w: int) -> torch.Tensor:
+    """Two regions: the left half and the right half."""
+    left = torch.zeros(h, w)
+    left[:, : w // 2] = 1
+    return torch.stack([left, 1 - left])
+
+
+def test_a_region_without_a_style_keeps_its_look():
+    content = images.load_image(CONTENT, long_side=80)
+    h, w = content.shape[-2:]
+    # one unmasked style image styles region 0 (the left half); the right half has no style
+    result = stylize(content, STYLE, content_mask=_halves(h, w), size=80, iters=15, **FAST)
+    change = (result - content).abs().mean(0)
+    margin = 12  # receptive fields straddle the border between the halves
+    styled, kept = change[:, : w // 2 - margin].mean(), change[:, w // 2 + margin :].mean()
+    assert styled > 0.04, f"the styled half barely changed ({styled:.3f})"
+    assert kept < styled / 3, f"the unpaired half changed {kept:.3f} vs styled {styled:.3f}"
+
+
+def test_the_same_seed_gives_the_same_image():
+    run = dict(size=48, iters=3, init="noise", **FAST)
+    first = stylize(CONTENT, STYLE, seed=1, **run)
+    assert torch.equal(first, stylize(CONTENT, STYLE, seed=1, **run))
+    assert not torch.equal(first, stylize(CONTENT, STYLE, seed=2, **run))
+
+
+def test_ctrl_c_writes_the_latest_image(tmp_path):
+    output = tmp_path / "out.png"
+    seen = []
+
+    def interrupt_after_two(step):
+        seen.append(step.image.clone())
+        if step.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stylize(CONTENT, STYLE, size=48, iters=10, output=output, callback=interrupt_after_two,
+                **FAST)  # fmt: skip
+    assert len(seen) == 2
+    written = images.load_image(output)
+    assert (written - seen[-1].clamp(0, 1)).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_a_diverging_loss_is_an_error_and_keeps_the_last_good_image(tmp_path):
+    output = tmp_path / "out.png"
+    with pytest.raises(CastError, match="loss became nan at step 1; lower the learning rate"):
+        stylize(CONTENT, STYLE, size=48, iters=5, content_weight=float("nan"), output=output,
+                **FAST)  # fmt: skip
+    assert images.load_image(output).shape[-1] == 48  # the initial image, whole
+
+
+def test_an_image_too_large_for_memory_is_refused_before_any_work(tmp_path):
+    output = tmp_path / "out.png"
+    with pytest.raises(CastError, match=r"needs about .* GiB on cpu .* lower --size"):
+        stylize(CONTENT, STYLE, size=200_000, iters=1, output=output, **FAST)
+    assert not output.exists()
+
+
+def test_save_every_writes_the_image_as_it_goes(tmp_path):
+    output = tmp_path / "out.png"
+    written = []
+
+    def check(step):
+        written.append(output.exists())
+
+    stylize(CONTENT, STYLE, size=40, iters=2, save_every=1, output=output, callback=check, **FAST)
+    assert written == [True, True]
+
+
+def test_unmasked_style_images_pair_with_regions_by_position():
+    content = torch.rand(3, 8, 10)
+    styles = [torch.rand(3, 6, 6), torch.rand(3, 4, 8)]
+    region_masks, paired = _regions(content, styles, _halves(8, 10), None, None, strict=True)
+    assert region_masks.shape == (2, 8, 10)
+    assert [m.flatten(1).amax(1).tolist() for m in paired] == [[1, 0], [0, 1]]
+    with pytest.raises(CastError, match="region 1 pairs with no style region"):
+        _regions(content, styles[:1], _halves(8, 10), None, None, strict=True)
+    with pytest.raises(CastError, match="4 style images without masks but only 2"):
+        _regions(content, styles * 2, _halves(8, 10), [None] * 4, None, strict=False)
+
+
+def test_preserving_colour_keeps_the_content_chroma():
+    content, stylised = torch.rand(3, 5, 5) * 0.5 + 0.25, torch.rand(3, 5, 5) * 0.5 + 0.25
+    mixed = transfer_luminance(stylised, content)
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    to_yiq = lambda image: torch.einsum("ij,jhw->ihw", yiq, image)
+    torch.testing.assert_close(to_yiq(mixed)[0], to_yiq(stylised)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(to_yiq(mixed)[1:], to_yiq(content)[1:], atol=1e-5, rtol=0)
