@@ -30,64 +30,99 @@ namespace {
 // for T in 256..2048 on this machine (AMD EPYC, 2 MiB L2); more rows per tile also means fewer
 // BLAS calls. Tiles are whole image rows, so T is rounded to a multiple of W.
 constexpr int64_t kTilePositions = 1024;
-// Channel block of the forward's upper triangle: only block pairs a <= b are multiplied.
-// Below 2 blocks the saving is nothing; 128 keeps each product large enough for full speed.
-constexpr int64_t kChannelBlock = 128;
+// Channel block of the forward's upper triangle: block row a is multiplied with channels
+// [a * kChannelBlock, C) only, so C = 512 does 36/64 of the full product's work.
+constexpr int64_t kChannelBlock = 64;
+// Output positions a convolution step keeps in registers: one AVX-512 register of float.
+constexpr int64_t kLanes = 16;
 
-// Row kernels, compiled once per instruction set and picked at load time: the build stays
-// portable while this machine gets AVX-512 (SSE2 alone makes the convolution ~4x slower).
+// Row kernels are compiled once per instruction set and picked at load time: the build stays
+// portable while this machine gets AVX-512 (with SSE2 only, the convolutions took ~35% of the
+// backward's time at C = 64).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CAST_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CAST_VECTOR_CLONES
 #endif
+#define CAST_INLINE inline __attribute__((always_inline))
+
+// The taps of one output row: each is a source row, already the right row for the tap, and
+// the kernel row applied to it.
+template <typename T>
+struct RowTaps {
+  std::vector<const T*> rows, weights;
+  void clear() {
+    rows.clear();
+    weights.clear();
+  }
+  void add(const T* row, const T* weight) {
+    rows.push_back(row);
+    weights.push_back(weight);
+  }
+};
 
 template <typename T>
-inline void axpy_impl(int64_t n, T a, const T* __restrict x, T* __restrict y) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+CAST_INLINE T correlate_at_edge(int64_t taps, const T* const* rows, const T* const* weights,
+                                int64_t r, int64_t W, int64_t x) {
+  T sum = 0;
+  for (int64_t i = 0; i < taps; ++i)
+    for (int64_t dx = 0, xs = x - r / 2; dx < r; ++dx, ++xs)
+      if (xs >= 0 && xs < W) sum += weights[i][dx] * rows[i][xs];
+  return sum;
+}
+
+// kLanes outputs from x on, all of whose taps lie inside the row: summed in registers, stored
+// once (an axpy per tap would load and store the output r*r times).
+template <typename T>
+CAST_INLINE void correlate_lanes(int64_t taps, const T* const* rows, const T* const* weights,
+                                 int64_t r, int64_t x, T* __restrict out) {
+  T acc[kLanes] = {};
+  for (int64_t i = 0; i < taps; ++i) {
+    const T* src = rows[i] + x - r / 2;
+    for (int64_t dx = 0; dx < r; ++dx) {
+      const T w = weights[i][dx];
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] += w * src[dx + l];
+    }
+  }
+  for (int64_t l = 0; l < kLanes; ++l) out[x + l] = acc[l];
+}
+
+// out[x] = sum_i sum_dx weights[i][dx] * rows[i][x + dx - r/2] for x in [0, W), columns
+// outside the row being zero.
+template <typename T>
+CAST_INLINE void correlate_row_impl(int64_t taps, const T* const* rows, const T* const* weights,
+                                    int64_t r, int64_t W, T* __restrict out) {
+  const int64_t h = r / 2;
+  if (W - 2 * h < kLanes) {
+    for (int64_t x = 0; x < W; ++x) out[x] = correlate_at_edge(taps, rows, weights, r, W, x);
+    return;
+  }
+  for (int64_t x = 0; x < h; ++x) out[x] = correlate_at_edge(taps, rows, weights, r, W, x);
+  int64_t x = h;
+  for (; x + kLanes <= W - h; x += kLanes) correlate_lanes(taps, rows, weights, r, x, out);
+  // The last block overlaps the one before: outputs are stored, not accumulated.
+  if (x < W - h) correlate_lanes(taps, rows, weights, r, W - h - kLanes, out);
+  for (x = W - h; x < W; ++x) out[x] = correlate_at_edge(taps, rows, weights, r, W, x);
 }
 
 template <typename T>
-inline void scale_impl(int64_t n, const T* __restrict a, const T* __restrict x, T* __restrict y) {
+CAST_INLINE void scale_impl(int64_t n, const T* __restrict a, const T* __restrict x,
+                            T* __restrict y) {
   for (int64_t i = 0; i < n; ++i) y[i] = a[i] * x[i];
 }
 
-CAST_VECTOR_CLONES void axpy(int64_t n, float a, const float* x, float* y) {
-  axpy_impl(n, a, x, y);
+CAST_VECTOR_CLONES void correlate_row(const RowTaps<float>& t, int64_t r, int64_t W, float* out) {
+  correlate_row_impl<float>(t.rows.size(), t.rows.data(), t.weights.data(), r, W, out);
 }
-CAST_VECTOR_CLONES void axpy(int64_t n, double a, const double* x, double* y) {
-  axpy_impl(n, a, x, y);
+CAST_VECTOR_CLONES void correlate_row(const RowTaps<double>& t, int64_t r, int64_t W,
+                                      double* out) {
+  correlate_row_impl<double>(t.rows.size(), t.rows.data(), t.weights.data(), r, W, out);
 }
 CAST_VECTOR_CLONES void scale(int64_t n, const float* a, const float* x, float* y) {
   scale_impl(n, a, x, y);
 }
 CAST_VECTOR_CLONES void scale(int64_t n, const double* a, const double* x, double* y) {
   scale_impl(n, a, x, y);
-}
-
-// One plane's rows [first_row, last_row) of width W, stored from `rows` on.
-template <typename T>
-struct Rows {
-  const T* rows;
-  int64_t first_row, last_row, W;
-};
-
-// out[x] += sum_{dy,dx} p[dy][dx] * src(y + s*(dy - h), x + s*(dx - h)) for x in [0, W),
-// zero outside src's rows and columns. s = +1 is P (cross-correlation, conv2d's convention),
-// s = -1 is its adjoint P^T (the 180-degree rotated kernel).
-template <typename T>
-void correlate_row(const Rows<T>& src, int64_t y, const T* p, int64_t r, int sign, T* out) {
-  const int64_t h = r / 2, W = src.W;
-  for (int64_t dy = 0; dy < r; ++dy) {
-    const int64_t ys = y + sign * (dy - h);
-    if (ys < src.first_row || ys >= src.last_row) continue;
-    const T* row = src.rows + (ys - src.first_row) * W;
-    for (int64_t dx = 0; dx < r; ++dx) {
-      const int64_t shift = sign * (dx - h);
-      const int64_t x0 = std::max<int64_t>(0, -shift), x1 = std::min<int64_t>(W, W - shift);
-      if (x0 < x1) axpy(x1 - x0, p[dy * r + dx], row + x0 + shift, out + x0);
-    }
-  }
 }
 
 struct Shape {
@@ -119,23 +154,33 @@ std::vector<double> inverse_mass(const at::Tensor& masks) {
 template <typename T>
 struct TileScratch {
   std::vector<T> z, weighted, mask_sq;
+  RowTaps<T> taps;
   TileScratch(const Shape& s, int64_t max_rows)
-      : z(s.C * max_rows * s.W), weighted(s.C * s.K * max_rows * s.W), mask_sq(s.K * max_rows * s.W) {}
+      : z(s.C * max_rows * s.W),
+        weighted(s.C * s.K * max_rows * s.W),
+        mask_sq(s.K * max_rows * s.W) {}
 
   // Fill z (C x T) with P_j F and weighted (C*K x T) with m_k^2 P_j F on rows [y0, y1).
   void fill(const Shape& s, const T* image, const T* masks, const T* p, int64_t y0, int64_t y1) {
-    const int64_t W = s.W, T_ = (y1 - y0) * W, off = y0 * W;
+    const int64_t W = s.W, T_ = (y1 - y0) * W, h = s.r / 2;
     for (int64_t k = 0; k < s.K; ++k) {
-      const T* m = masks + k * s.N() + off;
+      const T* m = masks + k * s.N() + y0 * W;
       scale(T_, m, m, mask_sq.data() + k * T_);
     }
     for (int64_t c = 0; c < s.C; ++c) {
-      const Rows<T> plane{image + c * s.N(), 0, s.H, W};
-      T* zc = z.data() + c * T_;
-      std::fill(zc, zc + T_, T(0));
-      for (int64_t y = y0; y < y1; ++y) correlate_row(plane, y, p, s.r, +1, zc + (y - y0) * W);
-      for (int64_t k = 0; k < s.K; ++k)
-        scale(T_, mask_sq.data() + k * T_, zc, weighted.data() + (c * s.K + k) * T_);
+      const T* plane = image + c * s.N();
+      for (int64_t y = y0; y < y1; ++y) {
+        taps.clear();
+        for (int64_t dy = 0; dy < s.r; ++dy) {
+          const int64_t ys = y + dy - h;
+          if (ys >= 0 && ys < s.H) taps.add(plane + ys * W, p + dy * s.r);
+        }
+        const int64_t at = (y - y0) * W;
+        T* z_row = z.data() + c * T_ + at;
+        correlate_row(taps, s.r, W, z_row);
+        for (int64_t k = 0; k < s.K; ++k)
+          scale(W, mask_sq.data() + k * T_ + at, z_row, weighted.data() + (c * s.K + k) * T_ + at);
+      }
     }
   }
 };
@@ -154,12 +199,11 @@ at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& masks,
   const int64_t C = s.C, K = s.K, J = s.J, CK = C * K;
   const int64_t bands = s.bands(), rows_per_band = (s.H + bands - 1) / bands;
   const int64_t tile_rows = s.tile_rows();
-  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   const T* f = features.data_ptr<T>();
   const T* m = masks.data_ptr<T>();
   const T* p = kernels.data_ptr<T>();
 
-  // acc[item][j] is (C*K x C), row (c, k), column d; only block pairs a <= b are filled.
+  // acc[item][j] is (C*K x C), row (c, k), column d, filled where block(c) <= d.
   // One per (image, band): O(B*J*K*C^2) since bands > 1 only when B < threads.
   std::vector<T> acc(s.B * bands * J * CK * C, T(0));
 
@@ -176,14 +220,11 @@ at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& masks,
         for (int64_t j = 0; j < J; ++j) {
           tile.fill(s, image, image_masks, p + j * s.r * s.r, y0, y1);
           T* acc_j = item_acc + j * CK * C;
-          for (int64_t a = 0; a < blocks; ++a) {
-            const int64_t a0 = a * kChannelBlock, ca = std::min(kChannelBlock, C - a0);
+          for (int64_t a0 = 0; a0 < C; a0 += kChannelBlock) {
+            const int64_t ca = std::min(kChannelBlock, C - a0);
             const at::Tensor lhs = matrix(tile.weighted.data() + a0 * K * T_, ca * K, T_, T_);
-            for (int64_t bb = a; bb < blocks; ++bb) {
-              const int64_t b0 = bb * kChannelBlock, cb = std::min(kChannelBlock, C - b0);
-              const at::Tensor rhs = matrix(tile.z.data() + b0 * T_, cb, T_, T_);
-              matrix(acc_j + a0 * K * C + b0, ca * K, cb, C).addmm_(lhs, rhs.t());
-            }
+            const at::Tensor rhs = matrix(tile.z.data() + a0 * T_, C - a0, T_, T_);
+            matrix(acc_j + a0 * K * C + a0, ca * K, C - a0, C).addmm_(lhs, rhs.t());
           }
         }
       }
@@ -201,7 +242,6 @@ at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& masks,
       T* out = g + i * C * C;
       for (int64_t c = 0; c < C; ++c) {
         for (int64_t d = c; d < C; ++d) {
-          // Block pairs a <= b hold every (c, d) with c <= d (the diagonal blocks hold both).
           T sum = 0;
           for (int64_t band = 0; band < bands; ++band)
             sum += acc[(((b * bands + band) * J + j) * CK + c * K + k) * C + d];
@@ -242,15 +282,20 @@ at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& features,
     }
   });
 
-  at::Tensor d_features = at::zeros_like(features);
+  // The 180-degree rotated kernels: P_j^T is cross-correlation with them.
+  const at::Tensor rotated = kernels.flip({1, 2}).contiguous();
+  const T* p_rot = rotated.data_ptr<T>();
+  // Every row of dF is written once, by the tile that owns it.
+  at::Tensor d_features = at::empty_like(features);
   T* df = d_features.data_ptr<T>();
   // U_j is kept for a sliding window of rows [tile start - h, tile end + h): each row of U is
   // computed once per band, and the adjoint convolution of a tile reads its neighbours.
-  const int64_t window_rows = tile_rows + 2 * h;
+  const int64_t window_rows = tile_rows + 2 * h, plane = window_rows * W;
 
   at::parallel_for(0, s.B * bands, 1, [&](int64_t begin, int64_t end) {
     TileScratch<T> tile(s, window_rows);
-    std::vector<T> window(J * C * window_rows * W);
+    std::vector<T> window(J * C * plane);
+    RowTaps<T> taps;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / bands, band = item % bands;
       const int64_t y_begin = band * rows_per_band, y_end = std::min(s.H, y_begin + rows_per_band);
@@ -258,25 +303,31 @@ at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& features,
       const T* image = f + b * C * s.N();
       const T* image_masks = m + (s.Bm == 1 ? 0 : b) * K * s.N();
       T* image_df = df + b * C * s.N();
-      // window row w holds image row base + w; rows [lo, done) of U are in it.
+      // Window row w holds image row base + w; rows [lo, done) of U are in it.
       int64_t base = y_begin - h, lo = std::max<int64_t>(0, y_begin - h), done = lo;
       for (int64_t y0 = y_begin; y0 < y_end; y0 += tile_rows) {
         const int64_t y1 = std::min(y_end, y0 + tile_rows), need = std::min(s.H, y1 + h);
-        for (int64_t j = 0; j < J; ++j) {
-          T* u = window.data() + j * C * window_rows * W;
-          if (done < need) {
-            tile.fill(s, image, image_masks, p + j * s.r * s.r, done, need);
-            const int64_t T_ = (need - done) * W;
-            const at::Tensor lhs = matrix(sym.data() + (b * J + j) * C * CK, C, CK, CK);
-            const at::Tensor rhs = matrix(tile.weighted.data(), CK, T_, T_);
-            at::Tensor out = matrix(u + (done - base) * W, C, T_, window_rows * W);
-            at::mm_out(out, lhs, rhs);
-          }
-          const T* p_j = p + j * s.r * s.r;
-          for (int64_t c = 0; c < C; ++c) {
-            const Rows<T> u_rows{u + c * window_rows * W + (lo - base) * W, lo, need, W};
-            for (int64_t y = y0; y < y1; ++y)
-              correlate_row(u_rows, y, p_j, s.r, -1, image_df + c * s.N() + y * W);
+        for (int64_t j = 0; j < J && done < need; ++j) {
+          tile.fill(s, image, image_masks, p + j * s.r * s.r, done, need);
+          const int64_t T_ = (need - done) * W;
+          const at::Tensor lhs = matrix(sym.data() + (b * J + j) * C * CK, C, CK, CK);
+          const at::Tensor rhs = matrix(tile.weighted.data(), CK, T_, T_);
+          at::Tensor u_new = matrix(window.data() + j * C * plane + (done - base) * W, C, T_, plane);
+          at::mm_out(u_new, lhs, rhs);
+        }
+        // dF = sum_j P_j^T U_j on the tile's rows, all kernels at once.
+        for (int64_t c = 0; c < C; ++c) {
+          for (int64_t y = y0; y < y1; ++y) {
+            taps.clear();
+            for (int64_t j = 0; j < J; ++j) {
+              for (int64_t dy = 0; dy < s.r; ++dy) {
+                const int64_t ys = y + dy - h;
+                if (ys >= lo && ys < need)
+                  taps.add(window.data() + (j * C + c) * plane + (ys - base) * W,
+                           p_rot + (j * s.r + dy) * s.r);
+              }
+            }
+            correlate_row(taps, s.r, W, image_df + c * s.N() + y * W);
           }
         }
         done = need;
@@ -284,8 +335,8 @@ at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& features,
         const int64_t next_base = y1 - h, keep_lo = std::max<int64_t>(lo, next_base);
         if (done > keep_lo && next_base != base) {
           for (int64_t jc = 0; jc < J * C; ++jc) {
-            T* plane = window.data() + jc * window_rows * W;
-            std::memmove(plane + (keep_lo - next_base) * W, plane + (keep_lo - base) * W,
+            T* u = window.data() + jc * plane;
+            std::memmove(u + (keep_lo - next_base) * W, u + (keep_lo - base) * W,
                          (done - keep_lo) * W * sizeof(T));
           }
         }
