@@ -28,7 +28,14 @@ bench: $(READY)
 	$(PY) bench/bench_masked_gram.py
 
 demo: $(READY)
-	@echo "make demo arrives with the stylisation tool (issue 3)"
+	mkdir -p out
+	$(PY) -m cast stylize examples/tubingen.jpg examples/starry_night.jpg \
+		-o out/tubingen_starry_night.jpg --size 384 --scales 2 --iters 80
+	$(PY) -m cast mask examples/tubingen.jpg examples/tubingen_trimap.png -o out/tubingen_sky.png
+	$(PY) -m cast stylize examples/tubingen.jpg examples/starry_night.jpg examples/the_scream.jpg \
+		--soft-mask out/tubingen_sky.png -o out/tubingen_sky_starry_town_scream.jpg \
+		--size 384 --scales 2 --iters 80
+	@echo "wrote out/tubingen_starry_night.jpg, out/tubingen_sky.png, out/tubingen_sky_starry_town_scream.jpg"
 
 clean:
 	rm -rf build *.egg-info cast/*.so $(VENV)

@@ -56,7 +56,7 @@ def stylize(
     high_order: str | os.PathLike = "neighbours",
     model: str = "vgg16-hed",
     pooling: str = "avg",
-    content_weight: float = 0.05,
+    content_weight: float = 0.3,
     style_weight: float = 1.0,
     tv_weight: float = 2.0,
     optimizer: str = "lbfgs",
