@@ -1,0 +1,374 @@
+"""Benchmark of ``cast.masked_gram``, forward + backward, at the VGG style layers of an image.
+
+Compares the fused backends present for the device with the eager float64-free reference
+(``cast.reference.masked_gram_reference`` differentiated by autograd, the obvious PyTorch code)
+and ``torch.compile`` of that reference, in one run, on one machine. For each layer and J, K:
+median time, effective GFLOP/s (``4*J*K*N*C^2`` per forward + backward), the fraction of the
+machine's matmul peak measured in the same run, speedups, and the extra peak memory beside the
+``J*K*N*C`` intermediate the eager code materialises. Writes a markdown table to
+``bench/results/<device>-masked_gram.md``.
+
+    python bench/bench_masked_gram.py                       # CPU, 512x512 image
+    python bench/bench_masked_gram.py --device cuda --image 1024
+    python bench/bench_masked_gram.py --quick               # smoke run, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+# glibc would keep freed blocks in the heap, hiding them from the process's peak RSS, the only
+# peak-memory gauge on CPU; with a fixed mmap threshold every large block goes back at free.
+# Set before torch allocates anything, so the script re-executes itself once.
+if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import torch  # noqa: E402
+
+import cast  # noqa: E402
+from cast import backends  # noqa: E402
+from cast.network import STYLE_LAYERS  # noqa: E402
+from cast.reference import masked_gram_reference  # noqa: E402
+from cast.weights import ARCHITECTURES  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINES = ("eager", "compile")
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    C: int
+    H: int
+    W: int
+
+    @property
+    def N(self) -> int:
+        return self.H * self.W
+
+
+def style_layers(image: int, architecture: str = "vgg16") -> list[Layer]:
+    """``relu<b>_1`` has block b's channels on the image's grid pooled b - 1 times."""
+    layers = []
+    for name in STYLE_LAYERS:
+        block = int(name.removeprefix("relu").split("_")[0])
+        size = image >> (block - 1)
+        layers.append(Layer(name, ARCHITECTURES[architecture][block - 1][0], size, size))
+    return layers
+
+
+def fused_backends(device: str) -> list[str]:
+    wanted = ("triton", "cuda") if device == "cuda" else ("cpu",)
+    return [
+        name
+        for name in wanted
+        if backends.available(name) and device in backends.load(name).device_types
+    ]
+
+
+def forward_backward(backend: str, compiled_reference):
+    """A callable (features, masks, kernels, dG) running one forward + backward."""
+
+    def run(features, masks, kernels, grad):
+        x = features.detach().requires_grad_(True)
+        if backend == "eager":
+            gram = masked_gram_reference(x, masks, kernels)
+        elif backend == "compile":
+            gram = compiled_reference(x, masks, kernels)
+        else:
+            gram = cast.masked_gram(x, masks, kernels, backend=backend)
+        gram.backward(grad)
+        return gram, x.grad
+
+    return run
+
+
+class Memory:
+    """Peak memory above the level at ``start``: the CUDA allocator's, or the process's RSS."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    @staticmethod
+    def _status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"/proc/self/status has no {field}")
+
+    def start(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.base = self._status("VmRSS")
+
+    def peak(self) -> int:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return self._status("VmHWM") - self.base
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timings(fn, device: str, warmup: int, repeats: int) -> tuple[float, float]:
+    """Median and best wall-clock seconds of ``fn`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times)
+
+
+def matmul_peak(device: str, dtype: torch.dtype, warmup: int, repeats: int) -> tuple[float, str]:
+    """GFLOP/s of a large dense matmul in the precision the op uses on this device."""
+    if device == "cuda":
+        size, what = 8192, "bf16" if dtype == torch.bfloat16 else "TF32"
+        mm_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        size, what, mm_dtype = 4096, "float32", torch.float32
+    a = torch.randn(size, size, device=device, dtype=mm_dtype)
+    b = torch.randn(size, size, device=device, dtype=mm_dtype)
+    _, best = timings(lambda: a @ b, device, warmup, repeats)
+    return 2 * size**3 / best / 1e9, f"{size}x{size} {what} torch.mm, best of {repeats}"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "cpu"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def slug(text: str) -> str:
+    words = "".join(ch.lower() if ch.isalnum() else " " for ch in text).split()
+    return "-".join(words)
+
+
+def git_sha() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "cast", "kernels")
+    return sha + ("-dirty" if dirty else "")
+
+
+def versions() -> str:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    return f"torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}"
+
+
+@dataclass
+class Row:
+    layer: Layer
+    J: int
+    K: int
+    backend: str
+    seconds: float  # median
+    best: float
+    extra_bytes: int
+
+    @property
+    def flops(self) -> float:
+        return 4 * self.J * self.K * self.layer.N * self.layer.C**2
+
+
+def measure(args) -> tuple[list[Row], float, str]:
+    device, dtype = args.device, getattr(torch, args.dtype)
+    peak, peak_how = matmul_peak(device, dtype, args.warmup, args.repeats)
+    print(f"matmul peak: {peak:.0f} GFLOP/s ({peak_how})", flush=True)
+    compiled_reference = torch.compile(masked_gram_reference, dynamic=False)
+    memory = Memory(device)
+    rows = []
+    for layer in style_layers(args.image):
+        for J, K in args.jk:
+            gen = torch.Generator().manual_seed(0)
+            features = torch.randn(1, layer.C, layer.H, layer.W, generator=gen)
+            masks = torch.rand(1, K, layer.H, layer.W, generator=gen)
+            kernels = torch.randn(J, 3, 3, generator=gen)  # always 3x3: the convolution is real
+            grad = torch.randn(1, J, K, layer.C, layer.C, generator=gen)
+            to = dict(device=device, dtype=dtype)
+            inputs = (features.to(**to), masks.to(**to), kernels.to(**to), grad.to(device))
+            out_bytes = grad.nbytes + inputs[0].nbytes  # G and dF
+            for backend in args.backends:
+                run = forward_backward(backend, compiled_reference)
+                seconds, best = timings(partial(run, *inputs), device, args.warmup, args.repeats)
+                memory.start()
+                result = run(*inputs)
+                extra = memory.peak() - out_bytes
+                del result
+                rows.append(Row(layer, J, K, backend, seconds, best, extra))
+                print(
+                    f"{layer.name} C={layer.C} {layer.H}x{layer.W} J={J} K={K} {backend:>8}: "
+                    f"{seconds * 1e3:9.1f} ms (best {best * 1e3:.1f}) "
+                    f"{rows[-1].flops / seconds / 1e9:7.1f} GFLOP/s "
+                    f"extra {extra / MIB:8.1f} MiB",
+                    flush=True,
+                )
+    return rows, peak, peak_how
+
+
+def ratio(base: Row | None, row: Row) -> str:
+    return f"{base.seconds / row.seconds:.2f}x" if base else "-"
+
+
+def table(rows: list[Row], peak: float, args) -> str:
+    by_key = {(r.layer.name, r.J, r.K, r.backend): r for r in rows}
+    bytes_per = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    lines = [
+        "| layer | C x H x W | J,K | backend | ms | best ms | GFLOP/s | % peak | vs eager "
+        "| vs compile | extra MiB | J*K*N*C MiB |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        key = (r.layer.name, r.J, r.K)
+        gflops = r.flops / r.seconds / 1e9
+        blowup = r.J * r.K * r.layer.N * r.layer.C * bytes_per / MIB
+        lines.append(
+            f"| {r.layer.name} | {r.layer.C}x{r.layer.H}x{r.layer.W} | {r.J},{r.K} | {r.backend} "
+            f"| {r.seconds * 1e3:.1f} | {r.best * 1e3:.1f} "
+            f"| {gflops:.1f} | {100 * gflops / peak:.0f}% "
+            f"| {ratio(by_key.get((*key, 'eager')), r)} "
+            f"| {ratio(by_key.get((*key, 'compile')), r)} "
+            f"| {r.extra_bytes / MIB:.1f} | {blowup:.0f} |"
+        )
+
+    lines += ["", "Summed over the five layers:", ""]
+    lines += [
+        "| J,K | backend | total ms | vs eager | vs compile | total best ms | best vs eager "
+        "| best vs compile |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for J, K in args.jk:
+        mine = [r for r in rows if (r.J, r.K) == (J, K)]
+        median = {b: sum(r.seconds for r in mine if r.backend == b) for b in args.backends}
+        best = {b: sum(r.best for r in mine if r.backend == b) for b in args.backends}
+        for b in args.backends:
+            cells = [f"{J},{K}", b]
+            for totals in (median, best):
+                cells.append(f"{totals[b] * 1e3:.1f}")
+                cells += [
+                    f"{totals[x] / totals[b]:.2f}x" if x in totals else "-" for x in BASELINES
+                ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(rows, peak, peak_how, args) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    threads = torch.get_num_threads() if args.device == "cpu" else None
+    header = [
+        f"# masked_gram forward + backward, {args.image}x{args.image} image, {args.dtype}",
+        "",
+        f"- device: {device_name(args.device)}"
+        + (f" ({threads} torch threads)" if threads else ""),
+        f"- {versions()}",
+        f"- git {git_sha()}, {now}, load average before the run {load}",
+        f"- matmul peak measured in this run: {peak:.0f} GFLOP/s ({peak_how})",
+        f"- time: median (and best) of {args.repeats} runs after {args.warmup} warm-up runs; "
+        "GFLOP/s from the median, counting 4*J*K*N*C^2 per forward + backward, against the "
+        "peak's best run; 3x3 random kernels, soft masks, B=1",
+        "- extra MiB: peak memory of one forward + backward above inputs and outputs "
+        + (
+            "(torch.cuda.max_memory_allocated)"
+            if args.device == "cuda"
+            else "(process VmHWM after clear_refs, fixed malloc mmap threshold)"
+        )
+        + "; J*K*N*C MiB: the intermediate the eager code materialises",
+        "",
+        "",
+    ]
+    return "\n".join(header) + table(rows, peak, args) + "\n"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
+    parser.add_argument("--image", type=int, choices=(512, 1024, 4096), default=None)
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated, from the fused backends present, 'eager' and 'compile' "
+        "(default: all of them)",
+    )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--jk", default="1x1,3x3", help="J x K pairs, e.g. 1x1,3x3")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="markdown table path")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: a 64x64 image, few runs, writes nothing"
+    )
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not cuda:
+        parser.error("--device cuda: no CUDA device here")
+    if args.quick:
+        args.warmup, args.repeats = 1, 2
+    args.image = args.image or (64 if args.quick else 512 if args.device == "cpu" else 1024)
+    args.jk = [tuple(int(n) for n in pair.split("x")) for pair in args.jk.split(",")]
+    present = fused_backends(args.device)
+    args.backends = args.backends.split(",") if args.backends else [*present, *BASELINES]
+    unknown = [b for b in args.backends if b not in (*present, *BASELINES)]
+    if unknown:
+        parser.error(
+            f"--backends {','.join(unknown)}: not present on {args.device}; "
+            f"choose from {', '.join([*present, *BASELINES])}"
+        )
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rows, peak, peak_how = measure(args)
+    text = report(rows, peak, peak_how, args)
+    print(text)
+    out = args.out
+    if out is None and not args.quick:
+        name = slug(device_name(args.device))
+        out = ROOT / "bench" / "results" / f"{name}-masked_gram-{args.image}.md"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
