@@ -60,14 +60,13 @@ CastGramShape shape_of(const at::Tensor& features, const at::Tensor& masks,
 // Call under the features' device guard.
 CastGramPlan plan_for(CastDtype dtype, const CastGramShape& shape, bool allow_tf32) {
   const int device = c10::cuda::current_device();
-  int major = 0, minor = 0, sm_count = 0, max_smem = 0;
+  int major = 0, minor = 0, max_smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(
       cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const CastGramPlan plan = cast_masked_gram_cuda_plan(dtype, shape, allow_tf32,
-                                                       10 * major + minor, sm_count, max_smem);
+  const CastGramPlan plan =
+      cast_masked_gram_cuda_plan(dtype, shape, allow_tf32, 10 * major + minor, max_smem);
   TORCH_CHECK(plan.unsupported == nullptr, "cast.masked_gram: backend 'cuda': ",
               plan.unsupported);
   return plan;

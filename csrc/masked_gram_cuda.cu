@@ -545,7 +545,7 @@ Dims dims_of(const CastGramShape& s, const CastGramPlan& plan) {
 }
 
 template <typename T>
-CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, int sm_count, size_t max_smem) {
+CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem) {
   using A = acc_t<T>;
   using Tile = PositionTile<A>;
   const int r = static_cast<int>(s.r), J = static_cast<int>(s.J), K = static_cast<int>(s.K);
@@ -573,14 +573,17 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, int sm_count, s
         "the kernels' size r or the number of masks K is too large for the CUDA backend's "
         "shared-memory tiles; use backend='triton'";
 
-  // Enough splits of the positions that about two blocks per SM run even at C = 64.
+  // Enough splits of the positions for kTargetBlocks blocks even at C = 64: two for each of an
+  // H100's 132 SMs. A constant, not the device's SM count, so that the order of the sums, and
+  // with it G to the last bit, is the same on every GPU and for every grouping of kernels and
+  // masks.
+  constexpr int64_t kTargetBlocks = 2 * 132;
   const int tiles =
       ceil_div(static_cast<int>(s.H), Tile::rows) * ceil_div(static_cast<int>(s.W), Tile::cols);
   const int nb = ceil_div(static_cast<int>(s.C), kChannelTile);
   const int64_t blocks_per_split = static_cast<int64_t>(nb) * (nb + 1) / 2 * s.B *
                                    ceil_div(J, kernel_group) * ceil_div(K, mask_group);
-  const int64_t wanted = (2 * static_cast<int64_t>(sm_count) + blocks_per_split - 1) /
-                         blocks_per_split;
+  const int64_t wanted = (kTargetBlocks + blocks_per_split - 1) / blocks_per_split;
   constexpr int kMaxSplits = 64;  // bounds the scratch at 64 copies of G
   const int splits = static_cast<int>(std::clamp<int64_t>(wanted, 1, std::min(tiles, kMaxSplits)));
   plan.splits = ceil_div(tiles, ceil_div(tiles, splits));  // no split left without a tile
@@ -660,19 +663,19 @@ cudaError_t backward(const CastGramShape& s, const CastGramPlan& plan, const voi
 }  // namespace
 
 CastGramPlan cast_masked_gram_cuda_plan(CastDtype dtype, const CastGramShape& shape,
-                                        bool allow_tf32, int compute_capability, int sm_count,
+                                        bool allow_tf32, int compute_capability,
                                         size_t max_smem_per_block) {
   if (dtype == CastDtype::float64)
-    return plan_for<double>(shape, false, sm_count, max_smem_per_block);
+    return plan_for<double>(shape, false, max_smem_per_block);
   // Every other dtype accumulates in float and tiles alike.
   const bool tensor_cores =
       compute_capability >= 80 && (dtype != CastDtype::float32 || allow_tf32);
-  const CastGramPlan plan = plan_for<float>(shape, tensor_cores, sm_count, max_smem_per_block);
+  const CastGramPlan plan = plan_for<float>(shape, tensor_cores, max_smem_per_block);
   // The tensor-core kernels need more shared memory (two halves of Gram accumulators, weighted
   // tiles): where they do not fit even with one kernel and one mask per forward block (99 KiB
   // on sm_86 / sm_89 at r = 3), the SIMT kernels still may.
   if (plan.unsupported != nullptr && tensor_cores)
-    return plan_for<float>(shape, false, sm_count, max_smem_per_block);
+    return plan_for<float>(shape, false, max_smem_per_block);
   return plan;
 }
 

@@ -32,7 +32,7 @@ struct CastGramPlan {
 // compute_capability: major * 10 + minor. Tensor cores where the device has TF32 (sm_80 and
 // newer) for float16 and bfloat16, and for float32 if allow_tf32.
 CastGramPlan cast_masked_gram_cuda_plan(CastDtype dtype, const CastGramShape& shape,
-                                        bool allow_tf32, int compute_capability, int sm_count,
+                                        bool allow_tf32, int compute_capability,
                                         size_t max_smem_per_block);
 
 // gram (B, J, K, C, C) A. inverse_mass (Bm, K) A: 1 / n_k, 0 where n_k == 0.
