@@ -384,8 +384,10 @@ __device__ __forceinline__ void u_tile_mma(const float* weighted, int weighted_s
 
 // sym_grad (B, J, K, C, C) A: S_jk = (dG_jk + dG_jk^T) / n_k; features (B, C, H, W) T;
 // masks (Bm, K, H, W) T; kernels (J, r, r) T; d_features (B, C, H, W) T.
+// One block per SM on tensor cores (its shared memory allows no more): all registers may be used,
+// and 128 would spill (ptxas, sm_90). Two per SM with SIMT, which fits in 128 registers.
 template <typename T, bool kTensorCores>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kTensorCores ? 1 : 2)
     _masked_gram_bwd_kernel(const acc_t<T>* __restrict__ sym_grad, const T* __restrict__ features,
                             const T* __restrict__ masks, const T* __restrict__ kernels,
                             T* __restrict__ d_features, const Dims d) {

@@ -102,7 +102,7 @@ CUDA_EMULATION = r"""
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 
 struct dim3 {
