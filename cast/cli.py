@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, metavar="OUT", help="result (.png, .jpg)")
 
     def option(flag, name, kind, help, **kwargs):
-        s.add_argument(flag, dest=name, type=kind, default=DEFAULTS[name],
-                       help=f"{help} (default: %(default)s)", **kwargs)  # fmt: skip
+        shown = "" if DEFAULTS[name] is None else " (default: %(default)s)"
+        s.add_argument(flag, dest=name, type=kind, default=DEFAULTS[name], help=help + shown,
+                       **kwargs)  # fmt: skip
 
     option("--size", "size", int, "long side of the result in pixels", metavar="PX")
     option("--iters", "iters", int, "optimisation steps per scale", metavar="N")
@@ -64,9 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     option("--model", "model", str, f"{' or '.join(MODELS)} or a weights file",
            metavar="MODEL|PATH")  # fmt: skip
     option("--pooling", "pooling", str, "VGG pooling", choices=("avg", "max"))
-    option("--content-weight", "content_weight", float, "weight of the content term")
-    option("--style-weight", "style_weight", float, "weight of the style term")
-    option("--tv-weight", "tv_weight", float, "weight of total variation (smoothness)")
+    option("--content-weight", "content_weight", float, "weight of the content term", metavar="W")
+    option("--style-weight", "style_weight", float, "weight of the style term", metavar="W")
+    option("--tv-weight", "tv_weight", float, "weight of total variation", metavar="W")
     option("--optimizer", "optimizer", str, "optimiser", choices=("lbfgs", "adam"))
     option("--lr", "lr", float, "step size (default 1 for lbfgs, 0.02 for adam)")
     option("--init", "init", str, "starting image", choices=("content", "noise", "style"))

@@ -59,9 +59,10 @@ co-occur at neighbouring positions, not only at one position.
 
 - none        J=1, 1x1 identity: plain Gatys Gram matrices (what features occur together).
 - neighbours  J=3, 3x3: identity, horizontal and vertical differences (x[n] - x[right]) / sqrt 2
-              and (x[n] - x[below]) / sqrt 2. The Gram of a difference is 2 (G - S) / 2 where S is
-              the correlation of features with their neighbour's, so it matches how features
-              change across a step: stroke direction and texture scale, which plain Grams ignore.
+              and (x[n] - x[below]) / sqrt 2. The Gram of a difference is about G - (S + S^T) / 2
+              where S correlates each feature with its neighbour's, so matching it matches how
+              features change across one step: stroke direction and texture scale, which plain
+              Grams ignore.
 - neighbours8 J=5, 3x3: as neighbours plus the two diagonal differences.
 - a file      .npy, .pt or .txt holding (J, r, r) with r odd (.txt: J blocks of r rows, r numbers
               each, stacked vertically)."""
