@@ -1,0 +1,248 @@
+"""What the shared op tests cannot see of the Triton kernels: half precision, the TF32 switch,
+tiling and split variants, the memory the launchers allocate, and compilation for sm90.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py switches it on), so
+shapes are small.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import cast
+from cast import backends
+from cast.reference import masked_gram_backward_reference, masked_gram_reference
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if not backends.available("triton") or DEVICE not in backends.load("triton").device_types:
+    pytest.skip("the triton backend cannot run here", allow_module_level=True)
+
+from cast.kernels import masked_gram as triton_gram  # noqa: E402
+from cast.kernels import utils  # noqa: E402
+
+
+def relative_error(out, ref):
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def random_inputs(B, C, H, W, J, K, r, batched_masks=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
+    masks = torch.rand(B if batched_masks else 1, K, H, W, generator=gen, dtype=torch.float64)
+    kernels = torch.randn(J, r, r, generator=gen, dtype=torch.float64)
+    return features, masks, kernels
+
+
+def on_device(dtype, *tensors):
+    return [t.to(dtype=dtype, device=DEVICE) for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_matches_float64_reference(dtype):
+    """bf16/fp16 operands, float32 accumulation: within SPEC §3's 2e-2, forward and backward."""
+    f64, m64, p64 = random_inputs(2, 20, 7, 9, 2, 3, 3, batched_masks=True, seed=1)
+    features, masks, kernels = on_device(dtype, f64, m64, p64)
+    # What the kernels see: the inputs rounded to the half dtype.
+    f64, m64, p64 = (t.double().cpu() for t in (features, masks, kernels))
+    features.requires_grad_(True)
+    gram = cast.masked_gram(features, masks, kernels, backend="triton")
+    assert gram.dtype == torch.float32
+    assert relative_error(gram, masked_gram_reference(f64, m64, p64)) <= 2e-2
+
+    grad = torch.randn(gram.shape, generator=torch.Generator().manual_seed(2))
+    (d_features,) = torch.autograd.grad(gram, features, grad.to(gram))
+    assert d_features.dtype == dtype
+    expected = masked_gram_backward_reference(grad.double(), f64, m64, p64)
+    assert relative_error(d_features, expected) <= 2e-2
+
+
+@pytest.mark.parametrize("allow_tf32", [True, False], ids=["tf32", "ieee"])
+def test_tf32_switch(allow_tf32):
+    """float32 input: TF32 tensor cores only when allowed; full float32 accuracy otherwise."""
+    expected_precision = "tf32" if allow_tf32 else "ieee"
+    assert utils.dot_input_precision(torch.float32, allow_tf32) == expected_precision
+    assert utils.dot_input_precision(torch.float64, allow_tf32) == "ieee"
+
+    f64, m64, p64 = random_inputs(1, 24, 6, 7, 2, 2, 3, seed=3)
+    features, masks, kernels = on_device(torch.float32, f64, m64, p64)
+    gram = triton_gram.forward(features, masks, kernels, allow_tf32)
+    grad = torch.randn(gram.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    d_features = triton_gram.backward(grad.to(gram), features, masks, kernels, allow_tf32)
+    # The interpreter multiplies in full float32 either way; on a GPU TF32 keeps 10 bits.
+    tf32 = allow_tf32 and DEVICE == "cuda"
+    tol = 3e-3 if tf32 else 1e-5
+    assert relative_error(gram, masked_gram_reference(f64, m64, p64)) <= tol
+    expected = masked_gram_backward_reference(grad, f64, m64, p64)
+    assert relative_error(d_features, expected) <= tol
+
+
+def exact_inputs(dtype):
+    """Inputs whose every sum is exact in float32: small integers, masks in {0, 1/2, 1}, and
+    mask weights n_k that are powers of two (so 1/n_k is exact too)."""
+    gen = torch.Generator().manual_seed(5)
+    B, C, H, W = 2, 20, 8, 8
+    features = torch.randint(-3, 4, (B, C, H, W), generator=gen).to(dtype)
+    kernels = torch.randint(-2, 3, (2, 3, 3), generator=gen).to(dtype)
+    masks = torch.zeros(1, 3, H, W, dtype=dtype)
+    masks[0, 0] = 1  # n = 64
+    masks[0, 1, :4] = 1  # n = 32
+    masks[0, 2, :, :4] = 0.5  # n = 32 * 1/4 = 8
+    return [t.to(DEVICE) for t in (features, masks, kernels)]
+
+
+FWD_VARIANTS = [
+    dict(config=dict(BLOCK_N=16, BLOCK_C=16, num_warps=4)),
+    dict(config=dict(BLOCK_N=32, BLOCK_C=32, num_warps=4)),
+    dict(config=dict(BLOCK_N=16, BLOCK_C=16, num_warps=4), splits=3),
+    dict(splits=2),
+]
+BWD_VARIANTS = [
+    dict(config=dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, num_warps=4)),
+    dict(config=dict(BLOCK_N=32, BLOCK_C=16, BLOCK_D=32, num_warps=4)),
+]
+
+
+def test_tiling_and_split_variants_match_default_bit_for_bit():
+    """Changing tiles or splitting the positions reorders sums only: with exact arithmetic the
+    results must be identical, bit for bit."""
+    features, masks, kernels = exact_inputs(torch.float32)
+    gram = triton_gram.forward(features, masks, kernels, False)
+    assert torch.equal(gram.cpu(), masked_gram_reference(*exact_inputs(torch.float64)).float())
+    for variant in FWD_VARIANTS:
+        assert torch.equal(triton_gram.forward(features, masks, kernels, False, **variant), gram)
+
+    grad = torch.randint(-3, 4, gram.shape, generator=torch.Generator().manual_seed(6)).to(gram)
+    d_features = triton_gram.backward(grad, features, masks, kernels, False)
+    assert torch.equal(
+        d_features.cpu(),
+        masked_gram_backward_reference(grad.double().cpu(), *exact_inputs(torch.float64)).float(),
+    )
+    for variant in BWD_VARIANTS:
+        assert torch.equal(
+            triton_gram.backward(grad, features, masks, kernels, False, **variant), d_features
+        )
+
+
+def test_split_variants_match_within_rounding():
+    f64, m64, p64 = random_inputs(1, 20, 9, 10, 2, 2, 3, seed=7)
+    features, masks, kernels = on_device(torch.float32, f64, m64, p64)
+    gram = triton_gram.forward(features, masks, kernels, False)
+    for variant in FWD_VARIANTS:
+        varied = triton_gram.forward(features, masks, kernels, False, **variant)
+        assert relative_error(varied, gram) <= 1e-6
+
+
+class AllocationCounter(TorchDispatchMode):
+    """Bytes of the tensors that torch ops create while active. Views and in-place ops
+    (the interpreter's ``set_`` and ``copy_`` on its host copies) create no memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not (func.is_view or func._schema.is_mutable):
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.bytes += t.untyped_storage().nbytes()
+        return out
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_launchers_allocate_nothing_proportional_to_JNC(splits):
+    """SPEC §2: beyond inputs and outputs, O(B*J*K*C^2) scratch, never J*N*C or J*K*N*C."""
+    B, C, H, W, J, K = 1, 16, 16, 16, 2, 2
+    f64, m64, p64 = random_inputs(B, C, H, W, J, K, 3, seed=8)
+    features, masks, kernels = on_device(torch.float32, f64, m64, p64)
+    gram_bytes = B * J * K * C * C * 4
+    mask_bytes = masks.numel() * 4
+    smallest_forbidden = J * H * W * C * 4  # P_j F alone
+
+    with AllocationCounter() as forward_count:
+        gram = triton_gram.forward(features, masks, kernels, True, splits=splits)
+    # the output, the partial Grams of the splits, 1/n_k (and a mask-sized temporary for it)
+    forward_budget = (1 + (splits if splits > 1 else 0)) * gram_bytes + mask_bytes + 1024
+    assert forward_count.bytes <= forward_budget < smallest_forbidden
+
+    with AllocationCounter() as backward_count:
+        triton_gram.backward(torch.ones_like(gram), features, masks, kernels, True)
+    # dF, the symmetrised gradient and its temporaries, 1/n_k
+    backward_budget = features.numel() * 4 + 3 * gram_bytes + mask_bytes + 1024
+    assert backward_count.bytes <= backward_budget < features.numel() * 4 + smallest_forbidden
+
+
+def test_masks_per_program_divides_K():
+    assert [triton_gram.masks_per_program(K) for K in range(1, 10)] == [1, 2, 3, 4, 1, 3, 1, 4, 3]
+
+
+SM90_FRONTEND = textwrap.dedent(
+    r"""
+    import re
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+    from cast.kernels import masked_gram as mg
+
+    TARGET = GPUTarget("cuda", 90, 32)
+    BACKEND = make_backend(TARGET)
+    NAMES = {tl.float16: "fp16", tl.bfloat16: "bf16", tl.float32: "fp32", tl.float64: "fp64"}
+    ACC_POINTERS = {"inv_mass_ptr", "out_ptr", "sym_grad_ptr"}
+
+    def ttir(kernel, dtype, constexprs):
+        acc = tl.float64 if dtype == tl.float64 else tl.float32
+        signature = {
+            name: "constexpr" if name in constexprs
+            else "*" + NAMES[acc if name in ACC_POINTERS else dtype] if name.endswith("_ptr")
+            else "i32"
+            for name in kernel.arg_names
+        }
+        options = BACKEND.parse_options(dict(num_warps=4))
+        context = ir.context()
+        ir.load_dialects(context)
+        BACKEND.load_dialects(context)
+        module = ASTSource(kernel, signature, constexprs).make_ir(
+            TARGET, options, BACKEND.get_codegen_implementation(options),
+            BACKEND.get_module_map(), context)
+        return str(module)
+
+    for dtype, precision in [(tl.float32, "tf32"), (tl.float32, "ieee"), (tl.bfloat16, "tf32"),
+                             (tl.float64, "ieee")]:
+        acc = tl.float64 if dtype == tl.float64 else tl.float32
+        common = dict(R=3, NUM_MASKS=3, ACC_DTYPE=acc, INPUT_PRECISION=precision)
+        forward = ttir(mg._masked_gram_fwd_kernel, dtype, dict(
+            common, DOT_DTYPE=dtype, UPCAST_DOT=False, BLOCK_N=64, BLOCK_C=64))
+        backward = ttir(mg._masked_gram_bwd_kernel, dtype, dict(
+            common, BLOCK_N=64, BLOCK_C=64, BLOCK_D=32))
+        for text in (forward, backward):
+            dots = re.findall(r"tt\.dot .*", text)
+            assert dots, "no tt.dot"
+            if dtype == tl.float32:
+                assert all(("inputPrecision = tf32" in d) == (precision == "tf32") for d in dots)
+        print("built", dtype, precision)
+    """
+)
+
+
+def test_kernels_build_for_sm90():
+    """The interpreter runs kernel code as Python, so code Triton's compiler rejects (say, a
+    constexpr that became a runtime value) passes there. This runs the real frontend for an
+    H100 target (to TTIR, no GPU needed) and checks each dot's TF32 setting."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", SM90_FRONTEND], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("built") == 4, done.stdout
