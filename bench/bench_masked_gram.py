@@ -209,14 +209,12 @@ class Row:
         return 4 * self.J * self.K * self.layer.N * self.layer.C**2
 
 
-def measure(args) -> tuple[list[Row], float, str]:
+def measure(args, image: int) -> list[Row]:
     device, dtype = args.device, getattr(torch, args.dtype)
-    peak, peak_how = matmul_peak(device, dtype, args.warmup, args.repeats)
-    print(f"matmul peak: {peak:.0f} GFLOP/s ({peak_how})", flush=True)
     compiled_reference = torch.compile(masked_gram_reference, dynamic=False)
     memory = Memory(device)
     rows = []
-    for layer in style_layers(args.image):
+    for layer in style_layers(image):
         for J, K in args.jk:
             gen = torch.Generator().manual_seed(0)
             features = torch.randn(1, layer.C, layer.H, layer.W, generator=gen)
@@ -241,7 +239,7 @@ def measure(args) -> tuple[list[Row], float, str]:
                     f"extra {extra / MIB:8.1f} MiB",
                     flush=True,
                 )
-    return rows, peak, peak_how
+    return rows
 
 
 def ratio(base: Row | None, row: Row) -> str:
@@ -290,12 +288,12 @@ def table(rows: list[Row], peak: float, args) -> str:
     return "\n".join(lines)
 
 
-def report(rows, peak, peak_how, args) -> str:
+def report(results: dict[int, list[Row]], peak: float, peak_how: str, args) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     threads = torch.get_num_threads() if args.device == "cpu" else None
     header = [
-        f"# masked_gram forward + backward, {args.image}x{args.image} image, {args.dtype}",
+        f"# masked_gram forward + backward at the VGG-16 style layers, {args.dtype}",
         "",
         f"- device: {device_name(args.device)}"
         + (f" ({threads} torch threads)" if threads else ""),
@@ -315,14 +313,24 @@ def report(rows, peak, peak_how, args) -> str:
         "",
         "",
     ]
-    return "\n".join(header) + table(rows, peak, args) + "\n"
+    sections = [
+        f"## {image}x{image} image\n\n{table(rows, peak, args)}\n"
+        for image, rows in results.items()
+    ]
+    return "\n".join(header) + "\n".join(sections)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
-    parser.add_argument("--image", type=int, choices=(512, 1024, 4096), default=None)
+    parser.add_argument(
+        "--image",
+        type=int,
+        nargs="+",
+        choices=(512, 1024, 4096),
+        help="image sizes (default: 512 on cpu, 1024 on cuda)",
+    )
     parser.add_argument(
         "--backends",
         default=None,
@@ -342,7 +350,7 @@ def parse_args(argv=None):
         parser.error("--device cuda: no CUDA device here")
     if args.quick:
         args.warmup, args.repeats = 1, 2
-    args.image = args.image or (64 if args.quick else 512 if args.device == "cpu" else 1024)
+    args.image = args.image or [64 if args.quick else 512 if args.device == "cpu" else 1024]
     args.jk = [tuple(int(n) for n in pair.split("x")) for pair in args.jk.split(",")]
     present = fused_backends(args.device)
     args.backends = args.backends.split(",") if args.backends else [*present, *BASELINES]
@@ -357,13 +365,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rows, peak, peak_how = measure(args)
-    text = report(rows, peak, peak_how, args)
+    peak, peak_how = matmul_peak(args.device, getattr(torch, args.dtype), args.warmup, args.repeats)
+    print(f"matmul peak: {peak:.0f} GFLOP/s ({peak_how})", flush=True)
+    results = {image: measure(args, image) for image in args.image}
+    text = report(results, peak, peak_how, args)
     print(text)
     out = args.out
     if out is None and not args.quick:
         name = slug(device_name(args.device))
-        out = ROOT / "bench" / "results" / f"{name}-masked_gram-{args.image}.md"
+        out = ROOT / "bench" / "results" / f"{name}-masked_gram.md"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
