@@ -5,8 +5,9 @@ one upper-triangle pair of channel blocks ``(a, c)``, ``a <= c``, and one contig
 the ``N`` positions. Per tile of positions it forms ``Z_j = P_j F`` for both channel blocks on
 chip (``r*r`` shifted masked loads of ``F``, which hit L1/L2) and adds
 ``(m_k^2 Z_a)^T Z_c`` to one accumulator per mask, so ``P_j F`` and ``M_k P_j F`` never reach
-memory. Masks come in chunks of four accumulators (constexpr ``NUM_MASKS``, unrolled) rather
-than all ``K`` at once, which bounds the registers a program needs. Each split of the positions
+memory. Masks come in chunks of ``NUM_MASKS`` (a constexpr, unrolled: the largest divisor of
+``K`` up to four) rather than all ``K`` at once, which bounds the registers a program needs;
+``K = 3`` is one chunk, and ``F`` is read once for all three. Each split of the positions
 writes its own partial Gram and the splits are summed afterwards: deterministic, no atomics,
 and the scratch, ``S * B*J*K*C^2``, is kept within a tenth of the inputs and outputs.
 
@@ -14,13 +15,21 @@ Backward. ``dF = sum_jk W_jk S_jk`` with ``S_jk = (dG_jk + dG_jk^T) / n_k`` (tin
 torch) and ``W_jk = P_j^T M_k^2 P_j F``, which acts on each channel alone. Grouping the two
 taps of ``P_j^T`` and ``P_j`` by their difference ``u`` turns ``W_jk`` into one
 ``(2r-1) x (2r-1)`` stencil with per-position weights,
-``W_jk F[n] = sum_u A_jku[n] F[n+u]``, ``A_jku[n] = sum_t p_j[t] p_j[t+u] m_k^2[n-t]``, so a
+``W_jk F[n] = sum_u A_jku[n] F[n+u]``, ``A_jku[n] = sum_t p_j[t+u] p_j[t] m_k^2[n-t]``, so a
 program (one tile of positions, one block of output channels) needs ``(2r-1)^2`` shifted loads
-of ``F`` per reduction block and no halo, no scratch and nothing proportional to ``J*N*C``.
-Its matmul work is ``2*J*K*N*C^2``, twice the forward's upper triangle; the stencil is
-recomputed for every output channel block, ``(2r-1)^2 * (1 + K)`` multiply-adds per element
-and block on the CUDA cores. Computing ``U_j`` on a haloed tile instead would put the halo's
-overhead on the matmul, the dominant cost, and need a scratch buffer and a barrier.
+of ``F`` per block of reduction channels, and no halo, no scratch and nothing proportional to
+``J*N*C``. The position-only factors ``p_j[t] m_k^2[n-t]`` are loaded once per (j, mask) and
+program; each ``A_u`` is rebuilt from them where it is used (``r^4`` vector multiply-adds per
+mask and reduction block, against ``(2r-1)^2 * BLOCK_D`` for the stencil itself).
+
+Cost: matmul work ``2*J*K*N*C^2``, twice the forward's upper triangle; the stencil is
+recomputed for every block of output channels, ``(2r-1)^2 (1 + K)`` CUDA-core operations per
+element and block. At ``C / BLOCK_C = 4``, ``K = 3``, ``r = 3`` that estimates the backward at
+3-4x the forward on an H100, bound by the CUDA cores rather than the tensor cores (estimated,
+not measured: no GPU here). Computing ``U_j`` on a haloed tile instead (option (b)) would put
+the halo's overhead on the matmul and need a scratch buffer and a barrier; keeping every
+reduction block's stencilled tile to avoid the recompute needs ``BLOCK_N * C * K`` values on
+chip.
 """
 
 from __future__ import annotations
@@ -118,25 +127,6 @@ def _convolved_tile(
 
 
 @triton.jit
-def _add_masked_gram(
-    acc,  # (BLOCK_C, BLOCK_C)
-    z_left,  # (BLOCK_N, BLOCK_C) P_j F on channel block a, accumulator dtype
-    z_right,  # (BLOCK_N, BLOCK_C) P_j F on channel block c, already a dot operand
-    mask_ptrs,  # (BLOCK_N,) m_k at the tile's positions
-    mask_ok,  # (BLOCK_N,)
-    DOT_DTYPE: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """``acc + (m_k^2 Z_a)^T Z_c``: the mask's square goes on one side, one multiply per mask."""
-    weight = tl.load(mask_ptrs, mask=mask_ok, other=0.0).to(z_left.dtype)
-    left = (z_left * (weight * weight)[:, None]).to(DOT_DTYPE)
-    if UPCAST_DOT:
-        left = left.to(tl.float32)
-    return tl.dot(tl.trans(left), z_right, acc, input_precision=INPUT_PRECISION)
-
-
-@triton.jit
 def _store_gram(
     gram_ptr,  # (C, C) one Gram of the output
     acc,  # (BLOCK_C, BLOCK_C) rows: block a, columns: block c
@@ -209,10 +199,9 @@ def _masked_gram_fwd_kernel(
     kernel_ptr = kernels_ptr + j * R * R
     mask_ptr = masks_ptr + b.to(tl.int64) * mask_batch_stride + k0.to(tl.int64) * N
 
-    acc0 = tl.zeros((BLOCK_C, BLOCK_C), ACC_DTYPE)
-    acc1 = tl.zeros((BLOCK_C, BLOCK_C), ACC_DTYPE)
-    acc2 = tl.zeros((BLOCK_C, BLOCK_C), ACC_DTYPE)
-    acc3 = tl.zeros((BLOCK_C, BLOCK_C), ACC_DTYPE)
+    grams = ()  # one (BLOCK_C, BLOCK_C) accumulator per mask of the chunk
+    for _ in tl.static_range(NUM_MASKS):
+        grams = grams + (tl.zeros((BLOCK_C, BLOCK_C), ACC_DTYPE),)
     start = split * positions_per_split
     end = tl.minimum(start + positions_per_split, N)
     for n0 in range(start, end, BLOCK_N):
@@ -227,75 +216,27 @@ def _masked_gram_fwd_kernel(
             z_c = z_a
         else:
             z_c = _convolved_tile(
-                ptrs_c,
-                c_ok,
-                kernel_ptr,
-                row,
-                col,
-                position_ok,
-                H,
-                W,
-                R,
-                BLOCK_N,
-                BLOCK_C,
+                ptrs_c, c_ok, kernel_ptr, row, col, position_ok, H, W, R, BLOCK_N, BLOCK_C,
                 ACC_DTYPE,
-            )
+            )  # fmt: skip
         z_c = z_c.to(DOT_DTYPE)
         if UPCAST_DOT:
             z_c = z_c.to(tl.float32)
-        acc0 = _add_masked_gram(
-            acc0,
-            z_a,
-            z_c,
-            mask_ptr + offs_n,
-            position_ok,
-            DOT_DTYPE,
-            UPCAST_DOT,
-            INPUT_PRECISION,
-        )
-        if NUM_MASKS > 1:
-            acc1 = _add_masked_gram(
-                acc1,
-                z_a,
-                z_c,
-                mask_ptr + N + offs_n,
-                position_ok,
-                DOT_DTYPE,
-                UPCAST_DOT,
-                INPUT_PRECISION,
-            )
-        if NUM_MASKS > 2:
-            acc2 = _add_masked_gram(
-                acc2,
-                z_a,
-                z_c,
-                mask_ptr + 2 * N + offs_n,
-                position_ok,
-                DOT_DTYPE,
-                UPCAST_DOT,
-                INPUT_PRECISION,
-            )
-        if NUM_MASKS > 3:
-            acc3 = _add_masked_gram(
-                acc3,
-                z_a,
-                z_c,
-                mask_ptr + 3 * N + offs_n,
-                position_ok,
-                DOT_DTYPE,
-                UPCAST_DOT,
-                INPUT_PRECISION,
-            )
+        updated = ()
+        for i in tl.static_range(NUM_MASKS):
+            weight = tl.load(mask_ptr + i * N + offs_n, mask=position_ok, other=0.0)
+            weight = weight.to(ACC_DTYPE)
+            left = (z_a * (weight * weight)[:, None]).to(DOT_DTYPE)  # m_k^2 on one side only
+            if UPCAST_DOT:
+                left = left.to(tl.float32)
+            gram = tl.dot(tl.trans(left), z_c, grams[i], input_precision=INPUT_PRECISION)
+            updated = updated + (gram,)
+        grams = updated
 
     gram_ptr = out_ptr + (((split * B + b) * J + j) * K + k0).to(tl.int64) * C * C
     inv_ptr = inv_mass_ptr + b * inv_mass_batch_stride + k0
-    _store_gram(gram_ptr, acc0, inv_ptr, offs_a, offs_c, C)
-    if NUM_MASKS > 1:
-        _store_gram(gram_ptr + C * C, acc1, inv_ptr + 1, offs_a, offs_c, C)
-    if NUM_MASKS > 2:
-        _store_gram(gram_ptr + 2 * C * C, acc2, inv_ptr + 2, offs_a, offs_c, C)
-    if NUM_MASKS > 3:
-        _store_gram(gram_ptr + 3 * C * C, acc3, inv_ptr + 3, offs_a, offs_c, C)
+    for i in tl.static_range(NUM_MASKS):
+        _store_gram(gram_ptr + i * C * C, grams[i], inv_ptr + i, offs_a, offs_c, C)
 
 
 @triton.constexpr_function
@@ -310,10 +251,9 @@ def _shifted_tap(t, u, R):
 
 
 @triton.jit
-def _stencil_weights(
+def _weighted_mask_taps(
     mask_ptr,  # (H, W) one mask m_k
-    kernel_ptr,  # (R, R) one kernel p_j
-    offs_n,  # (BLOCK_N,)
+    taps,  # R*R scalars p_j[t]
     row,  # (BLOCK_N,)
     col,  # (BLOCK_N,)
     position_ok,  # (BLOCK_N,)
@@ -322,29 +262,16 @@ def _stencil_weights(
     R: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """The weights of the stencil ``P^T M^2 P`` at the tile's positions, one per offset ``u``
-    (row-major over the ``(2R-1) x (2R-1)`` offsets): ``A_u[n] = sum_t p[t] p[t+u] m^2[n-t]``
-    over taps ``t`` with ``t+u`` in the window. ``m^2[n-t]`` is zero outside the image: that
-    is ``P^T``'s zero padding; ``P``'s shows in the zero-padded load of ``F[n+u]``."""
-    SPAN: tl.constexpr = 2 * R - 1
-    taps = ()  # p[t], scalars
-    weighted_masks = ()  # p[t] m^2[n - t], (BLOCK_N,) each
+    """``p[t] m^2[n-t]`` for every tap ``t``, zero where ``n-t`` is outside the image (that is
+    ``P^T``'s zero padding; ``P``'s shows in the zero-padded loads of ``F[n+u]``)."""
+    weighted = ()
     for t in tl.static_range(R * R):
         src_row = row - (t // R - R // 2)
         src_col = col - (t % R - R // 2)
         inside = position_ok & (src_row >= 0) & (src_row < H) & (src_col >= 0) & (src_col < W)
         m = tl.load(mask_ptr + src_row * W + src_col, mask=inside, other=0.0).to(ACC_DTYPE)
-        tap = tl.load(kernel_ptr + t).to(ACC_DTYPE)
-        taps = taps + (tap,)
-        weighted_masks = weighted_masks + (tap * (m * m),)
-    weights = ()
-    for u in tl.static_range(SPAN * SPAN):
-        weight = tl.zeros(offs_n.shape, ACC_DTYPE)
-        for t in tl.static_range(R * R):
-            if _shifted_tap(t, u, R) >= 0:
-                weight += taps[_shifted_tap(t, u, R)] * weighted_masks[t]
-        weights = weights + (weight,)
-    return weights
+        weighted = weighted + (taps[t] * (m * m),)
+    return weighted
 
 
 @triton.jit
@@ -401,37 +328,28 @@ def _masked_gram_bwd_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_C), ACC_DTYPE)
     for j in range(J):
         kernel_ptr = kernels_ptr + j * R * R
+        taps = ()
+        for t in tl.static_range(R * R):
+            taps = taps + (tl.load(kernel_ptr + t).to(ACC_DTYPE),)
         for k0 in range(0, K, NUM_MASKS):
-            # The stencil weights depend on the positions only: formed once per (j, mask),
-            # used for every block of reduction channels.
+            # Position-only factors of the stencil weights, once per (j, mask) and program;
+            # R*R vectors per mask rather than (2R-1)^2 finished weights keeps registers low.
             mask_ptr = batch_masks + k0 * N  # K * N is far below 2**31
-            weights0 = _stencil_weights(
-                mask_ptr, kernel_ptr, offs_n, row, col, position_ok, H, W, R, ACC_DTYPE
-            )
-            weights1 = weights0
-            weights2 = weights0
-            weights3 = weights0
-            if NUM_MASKS > 1:
-                weights1 = _stencil_weights(
-                    mask_ptr + N, kernel_ptr, offs_n, row, col, position_ok, H, W, R, ACC_DTYPE
-                )
-            if NUM_MASKS > 2:
-                weights2 = _stencil_weights(
-                    mask_ptr + 2 * N, kernel_ptr, offs_n, row, col, position_ok, H, W, R, ACC_DTYPE
-                )
-            if NUM_MASKS > 3:
-                weights3 = _stencil_weights(
-                    mask_ptr + 3 * N, kernel_ptr, offs_n, row, col, position_ok, H, W, R, ACC_DTYPE
+            weighted = ()
+            for i in tl.static_range(NUM_MASKS):
+                weighted = weighted + (
+                    _weighted_mask_taps(
+                        mask_ptr + i * N, taps, row, col, position_ok, H, W, R, ACC_DTYPE
+                    ),
                 )
             sym_ptr = sym_grad_ptr + ((b * J + j) * K + k0).to(tl.int64) * C * C
             for d0 in range(0, C, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 channel_ptrs = batch_features + offs_d.to(tl.int64) * N
                 channel_ok = offs_d < C
-                v0 = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
-                v1 = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
-                v2 = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
-                v3 = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+                stencilled = ()  # (P_j^T M_k^2 P_j F) on channels d, one per mask
+                for _ in tl.static_range(NUM_MASKS):
+                    stencilled = stencilled + (tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE),)
                 for u in tl.static_range(SPAN * SPAN):
                     src_row = row + (u // SPAN - (R - 1))
                     src_col = col + (u % SPAN - (R - 1))
@@ -442,25 +360,18 @@ def _masked_gram_bwd_kernel(
                         mask=inside[:, None] & channel_ok[None, :],
                         other=0.0,
                     ).to(ACC_DTYPE)
-                    v0 += weights0[u][:, None] * f
-                    if NUM_MASKS > 1:
-                        v1 += weights1[u][:, None] * f
-                    if NUM_MASKS > 2:
-                        v2 += weights2[u][:, None] * f
-                    if NUM_MASKS > 3:
-                        v3 += weights3[u][:, None] * f
-                acc = _add_sym_grad_product(acc, v0, sym_ptr, offs_d, offs_c, C, INPUT_PRECISION)
-                if NUM_MASKS > 1:
+                    updated = ()
+                    for i in tl.static_range(NUM_MASKS):
+                        # A_u[n] = sum_t p[t + u] p[t] m^2[n - t]
+                        weight = tl.zeros(offs_n.shape, ACC_DTYPE)
+                        for t in tl.static_range(R * R):
+                            if _shifted_tap(t, u, R) >= 0:
+                                weight += taps[_shifted_tap(t, u, R)] * weighted[i][t]
+                        updated = updated + (stencilled[i] + weight[:, None] * f,)
+                    stencilled = updated
+                for i in tl.static_range(NUM_MASKS):
                     acc = _add_sym_grad_product(
-                        acc, v1, sym_ptr + C * C, offs_d, offs_c, C, INPUT_PRECISION
-                    )
-                if NUM_MASKS > 2:
-                    acc = _add_sym_grad_product(
-                        acc, v2, sym_ptr + 2 * C * C, offs_d, offs_c, C, INPUT_PRECISION
-                    )
-                if NUM_MASKS > 3:
-                    acc = _add_sym_grad_product(
-                        acc, v3, sym_ptr + 3 * C * C, offs_d, offs_c, C, INPUT_PRECISION
+                        acc, stencilled[i], sym_ptr + i * C * C, offs_d, offs_c, C, INPUT_PRECISION
                     )
 
     out_ptrs = dfeatures_ptr + b.to(tl.int64) * C * N + offs_c[None, :].to(tl.int64) * N
