@@ -97,14 +97,34 @@ MAX_ACCUMULATOR_REGISTERS = 128
 
 
 @triton.jit
-def _convolved_tile(
-    channel_ptrs,  # (BLOCK_C,) pointers to position 0 of each channel of one batch item
-    channel_ok,  # (BLOCK_C,)
-    kernel_ptr,  # (R, R) one kernel p_j
+def _shift_validity(
     row,  # (BLOCK_N,)
     col,  # (BLOCK_N,)
     position_ok,  # (BLOCK_N,)
     H,
+    W,
+    REACH: tl.constexpr,
+):
+    """Whether position n shifted by (dy, dx) lies in the image, for |dy|, |dx| <= REACH, as a
+    row test and a column test: ``rows_ok[dy + REACH] & cols_ok[dx + REACH]``."""
+    rows_ok = ()
+    cols_ok = ()
+    for i in tl.static_range(2 * REACH + 1):
+        shifted_row = row + (i - REACH)
+        shifted_col = col + (i - REACH)
+        rows_ok = rows_ok + (position_ok & (shifted_row >= 0) & (shifted_row < H),)
+        cols_ok = cols_ok + ((shifted_col >= 0) & (shifted_col < W),)
+    return rows_ok, cols_ok
+
+
+@triton.jit
+def _convolved_tile(
+    channel_ptrs,  # (BLOCK_C,) pointers to position 0 of each channel of one batch item
+    channel_ok,  # (BLOCK_C,)
+    offs_n,  # (BLOCK_N,)
+    rows_ok,  # 2 * (R // 2) + 1 of (BLOCK_N,), from _shift_validity
+    cols_ok,  # likewise
+    taps,  # R*R scalars p_j[t]
     W,
     R: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -113,16 +133,15 @@ def _convolved_tile(
 ):
     """``(P_j F)[n, c]`` on a tile: cross-correlation with zero padding, ``R*R`` shifted loads."""
     tile = tl.zeros((BLOCK_N, BLOCK_C), ACC_DTYPE)
-    for tap in tl.static_range(R * R):
-        src_row = row + (tap // R - R // 2)
-        src_col = col + (tap % R - R // 2)
-        inside = position_ok & (src_row >= 0) & (src_row < H) & (src_col >= 0) & (src_col < W)
+    ptrs = channel_ptrs[None, :] + offs_n[:, None]
+    for t in tl.static_range(R * R):
+        inside = rows_ok[t // R] & cols_ok[t % R]
         x = tl.load(
-            channel_ptrs[None, :] + (src_row * W + src_col)[:, None],
+            ptrs + ((t // R - R // 2) * W + (t % R - R // 2)),
             mask=inside[:, None] & channel_ok[None, :],
             other=0.0,
         )
-        tile += tl.load(kernel_ptr + tap).to(ACC_DTYPE) * x.to(ACC_DTYPE)
+        tile += taps[t] * x.to(ACC_DTYPE)
     return tile
 
 
@@ -197,6 +216,9 @@ def _masked_gram_fwd_kernel(
     ptrs_a = batch_features + offs_a.to(tl.int64) * N
     ptrs_c = batch_features + offs_c.to(tl.int64) * N
     kernel_ptr = kernels_ptr + j * R * R
+    taps = ()
+    for t in tl.static_range(R * R):
+        taps = taps + (tl.load(kernel_ptr + t).to(ACC_DTYPE),)
     mask_ptr = masks_ptr + b.to(tl.int64) * mask_batch_stride + k0.to(tl.int64) * N
 
     grams = ()  # one (BLOCK_C, BLOCK_C) accumulator per mask of the chunk
@@ -207,18 +229,16 @@ def _masked_gram_fwd_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         position_ok = offs_n < end
-        row = offs_n // W
-        col = offs_n % W
+        rows_ok, cols_ok = _shift_validity(offs_n // W, offs_n % W, position_ok, H, W, R // 2)
         z_a = _convolved_tile(
-            ptrs_a, a_ok, kernel_ptr, row, col, position_ok, H, W, R, BLOCK_N, BLOCK_C, ACC_DTYPE
+            ptrs_a, a_ok, offs_n, rows_ok, cols_ok, taps, W, R, BLOCK_N, BLOCK_C, ACC_DTYPE
         )
         if block_a == block_c:
             z_c = z_a
         else:
             z_c = _convolved_tile(
-                ptrs_c, c_ok, kernel_ptr, row, col, position_ok, H, W, R, BLOCK_N, BLOCK_C,
-                ACC_DTYPE,
-            )  # fmt: skip
+                ptrs_c, c_ok, offs_n, rows_ok, cols_ok, taps, W, R, BLOCK_N, BLOCK_C, ACC_DTYPE
+            )
         z_c = z_c.to(DOT_DTYPE)
         if UPCAST_DOT:
             z_c = z_c.to(tl.float32)
@@ -254,10 +274,9 @@ def _shifted_tap(t, u, R):
 def _weighted_mask_taps(
     mask_ptr,  # (H, W) one mask m_k
     taps,  # R*R scalars p_j[t]
-    row,  # (BLOCK_N,)
-    col,  # (BLOCK_N,)
-    position_ok,  # (BLOCK_N,)
-    H,
+    offs_n,  # (BLOCK_N,)
+    rows_ok,  # 2R - 1 of (BLOCK_N,), from _shift_validity with REACH = R - 1
+    cols_ok,  # likewise
     W,
     R: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -266,10 +285,10 @@ def _weighted_mask_taps(
     ``P^T``'s zero padding; ``P``'s shows in the zero-padded loads of ``F[n+u]``)."""
     weighted = ()
     for t in tl.static_range(R * R):
-        src_row = row - (t // R - R // 2)
-        src_col = col - (t % R - R // 2)
-        inside = position_ok & (src_row >= 0) & (src_row < H) & (src_col >= 0) & (src_col < W)
-        m = tl.load(mask_ptr + src_row * W + src_col, mask=inside, other=0.0).to(ACC_DTYPE)
+        dy = t // R - R // 2
+        dx = t % R - R // 2
+        inside = rows_ok[(R - 1) - (t // R - R // 2)] & cols_ok[(R - 1) - (t % R - R // 2)]
+        m = tl.load(mask_ptr + offs_n - (dy * W + dx), mask=inside, other=0.0).to(ACC_DTYPE)
         weighted = weighted + (taps[t] * (m * m),)
     return weighted
 
@@ -319,8 +338,7 @@ def _masked_gram_bwd_kernel(
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
     position_ok = offs_n < N
-    row = offs_n // W
-    col = offs_n % W
+    rows_ok, cols_ok = _shift_validity(offs_n // W, offs_n % W, position_ok, H, W, R - 1)
     batch_features = features_ptr + b.to(tl.int64) * C * N
     batch_masks = masks_ptr + b.to(tl.int64) * mask_batch_stride
     SPAN: tl.constexpr = 2 * R - 1
@@ -339,24 +357,21 @@ def _masked_gram_bwd_kernel(
             for i in tl.static_range(NUM_MASKS):
                 weighted = weighted + (
                     _weighted_mask_taps(
-                        mask_ptr + i * N, taps, row, col, position_ok, H, W, R, ACC_DTYPE
+                        mask_ptr + i * N, taps, offs_n, rows_ok, cols_ok, W, R, ACC_DTYPE
                     ),
                 )
             sym_ptr = sym_grad_ptr + ((b * J + j) * K + k0).to(tl.int64) * C * C
             for d0 in range(0, C, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
-                channel_ptrs = batch_features + offs_d.to(tl.int64) * N
+                ptrs = (batch_features + offs_d.to(tl.int64) * N)[None, :] + offs_n[:, None]
                 channel_ok = offs_d < C
                 stencilled = ()  # (P_j^T M_k^2 P_j F) on channels d, one per mask
                 for _ in tl.static_range(NUM_MASKS):
                     stencilled = stencilled + (tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE),)
                 for u in tl.static_range(SPAN * SPAN):
-                    src_row = row + (u // SPAN - (R - 1))
-                    src_col = col + (u % SPAN - (R - 1))
-                    inside = position_ok & (src_row >= 0) & (src_row < H)
-                    inside = inside & (src_col >= 0) & (src_col < W)
+                    inside = rows_ok[u // SPAN] & cols_ok[u % SPAN]
                     f = tl.load(
-                        channel_ptrs[None, :] + (src_row * W + src_col)[:, None],
+                        ptrs + ((u // SPAN - (R - 1)) * W + (u % SPAN - (R - 1))),
                         mask=inside[:, None] & channel_ok[None, :],
                         other=0.0,
                     ).to(ACC_DTYPE)
