@@ -14,8 +14,8 @@
 //
 // Threads: the work items are (image, band of rows); at::parallel_for gives each thread a
 // contiguous run of them and BLAS runs single-threaded inside (MKL does so within an OpenMP
-// parallel region), which beat MKL's own threading on the per-tile products: the convolution
-// and masking between them would otherwise run on one core.
+// parallel region), so the convolutions and masking between the products run on every core
+// too, not only the products as they would with one band and MKL's own threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,9 +26,9 @@
 
 namespace {
 
-// Positions per row tile: products of (C*K x T) by (T x C) reach ~95% of one core's sgemm rate
-// for T in 256..2048 on this machine (AMD EPYC, 2 MiB L2); more rows per tile also means fewer
-// BLAS calls. Tiles are whole image rows, so T is rounded to a multiple of W.
+// Positions per row tile: products of (C*K x T) by (T x C) ran at 85-100% of one core's
+// 2048^2 sgemm rate for T = 256..4096 on this machine (AMD EPYC, 2 MiB L2); more rows per tile
+// also means fewer BLAS calls. Tiles are whole image rows, so T is rounded to a multiple of W.
 constexpr int64_t kTilePositions = 1024;
 // Channel block of the forward's upper triangle: block row a is multiplied with channels
 // [a * kChannelBlock, C) only, so C = 512 does 36/64 of the full product's work.
@@ -37,8 +37,7 @@ constexpr int64_t kChannelBlock = 64;
 constexpr int64_t kLanes = 16;
 
 // Row kernels are compiled once per instruction set and picked at load time: the build stays
-// portable while this machine gets AVX-512 (with SSE2 only, the convolutions took ~35% of the
-// backward's time at C = 64).
+// portable (x86-64 baseline is SSE2) while this machine gets AVX-512.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CAST_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -73,8 +72,8 @@ CAST_INLINE T correlate_at_edge(int64_t taps, const T* const* rows, const T* con
 
 // Vectors * kLanes outputs from x on, all of whose taps lie inside the row: summed in
 // registers (a GCC vector type, lowered to whatever the clone's instruction set has) and stored
-// once. Plain loops were vectorised over the taps instead, with shuffles, at half the speed of
-// one axpy per tap; several independent vectors hide the latency of the chained FMAs.
+// once. Plain loops were vectorised over the taps instead, with shuffles, and ran ~1.7x slower
+// than one axpy per tap; several independent vectors hide the latency of the chained FMAs.
 template <int64_t Vectors, typename T>
 CAST_INLINE void correlate_lanes(int64_t taps, const T* const* rows, const T* const* weights,
                                  int64_t r, int64_t x, T* __restrict out) {
