@@ -103,7 +103,8 @@ FWD_VARIANTS = [
     dict(config=dict(BLOCK_N=16, BLOCK_C=16, num_warps=4)),
     dict(config=dict(BLOCK_N=32, BLOCK_C=32, num_warps=4)),
     dict(config=dict(BLOCK_N=16, BLOCK_C=16, num_warps=4), splits=3),
-    dict(splits=2),
+    dict(config=dict(BLOCK_N=32, BLOCK_C=16, num_warps=4), splits=2),
+    dict(splits=2),  # the default tiles, split where they allow it
 ]
 BWD_VARIANTS = [
     dict(config=dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, num_warps=4)),
