@@ -42,7 +42,7 @@ def random_inputs(B, C, H, W, J, K, r, batched_masks=False, seed=0):
     return features, masks, kernels
 
 
-def on_device(dtype, *tensors):
+def to_test_device(dtype, *tensors):
     return [t.to(dtype=dtype, device=DEVICE) for t in tensors]
 
 
@@ -50,7 +50,7 @@ def on_device(dtype, *tensors):
 def test_half_precision_matches_float64_reference(dtype):
     """bf16/fp16 operands, float32 accumulation: within SPEC §3's 2e-2, forward and backward."""
     f64, m64, p64 = random_inputs(2, 20, 7, 9, 2, 3, 3, batched_masks=True, seed=1)
-    features, masks, kernels = on_device(dtype, f64, m64, p64)
+    features, masks, kernels = to_test_device(dtype, f64, m64, p64)
     # What the kernels see: the inputs rounded to the half dtype.
     f64, m64, p64 = (t.double().cpu() for t in (features, masks, kernels))
     features.requires_grad_(True)
@@ -73,7 +73,7 @@ def test_tf32_switch(allow_tf32):
     assert utils.dot_input_precision(torch.float64, allow_tf32) == "ieee"
 
     f64, m64, p64 = random_inputs(1, 24, 6, 7, 2, 2, 3, seed=3)
-    features, masks, kernels = on_device(torch.float32, f64, m64, p64)
+    features, masks, kernels = to_test_device(torch.float32, f64, m64, p64)
     gram = triton_gram.forward(features, masks, kernels, allow_tf32)
     grad = torch.randn(gram.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     d_features = triton_gram.backward(grad.to(gram), features, masks, kernels, allow_tf32)
@@ -135,7 +135,7 @@ def test_tiling_and_split_variants_match_default_bit_for_bit():
 
 def test_split_variants_match_within_rounding():
     f64, m64, p64 = random_inputs(1, 20, 9, 10, 2, 2, 3, seed=7)
-    features, masks, kernels = on_device(torch.float32, f64, m64, p64)
+    features, masks, kernels = to_test_device(torch.float32, f64, m64, p64)
     gram = triton_gram.forward(features, masks, kernels, False)
     for variant in FWD_VARIANTS:
         varied = triton_gram.forward(features, masks, kernels, False, **variant)
@@ -164,7 +164,7 @@ def test_launchers_allocate_nothing_proportional_to_JNC(splits):
     """SPEC §2: beyond inputs and outputs, O(B*J*K*C^2) scratch, never J*N*C or J*K*N*C."""
     B, C, H, W, J, K = 1, 16, 16, 16, 2, 2
     f64, m64, p64 = random_inputs(B, C, H, W, J, K, 3, seed=8)
-    features, masks, kernels = on_device(torch.float32, f64, m64, p64)
+    features, masks, kernels = to_test_device(torch.float32, f64, m64, p64)
     gram_bytes = B * J * K * C * C * 4
     mask_bytes = masks.numel() * 4
     smallest_forbidden = J * H * W * C * 4  # P_j F alone
