@@ -147,8 +147,14 @@ def test_gradcheck(name, device):
     case = Case("gradcheck", 2, 3, 5, 4, 2, 2, 3, "soft", True)
     features, masks, kernels = case.inputs(torch.float64, device, seed=3)
     features.requires_grad_(True)
+    # fast_mode checks random projections of the Jacobian: the full one costs a minute under
+    # Triton's interpreter; the reference comparison above already checks every entry.
     assert torch.autograd.gradcheck(
-        lambda f: call(name, f, masks, kernels), (features,), eps=1e-6, atol=1e-7
+        lambda f: call(name, f, masks, kernels),
+        (features,),
+        eps=1e-6,
+        atol=1e-7,
+        fast_mode=(name == "triton" and backends.triton_interpreting()),
     )
 
 
