@@ -1,6 +1,6 @@
 """Benchmark of ``cast.masked_gram``, forward + backward, at the VGG style layers of an image.
 
-Compares the fused backends present for the device with the eager float64-free reference
+Compares the fused backends present for the device with the eager reference
 (``cast.reference.masked_gram_reference`` differentiated by autograd, the obvious PyTorch code)
 and ``torch.compile`` of that reference, in one run, on one machine. For each layer and J, K:
 median time, effective GFLOP/s (``4*J*K*N*C^2`` per forward + backward), the fraction of the
@@ -146,8 +146,9 @@ def timings(fn, device: str, warmup: int, repeats: int) -> tuple[float, float]:
 def matmul_peak(device: str, dtype: torch.dtype, warmup: int, repeats: int) -> tuple[float, str]:
     """GFLOP/s of a large dense matmul in the precision the op uses on this device."""
     if device == "cuda":
-        size, what = 8192, "bf16" if dtype == torch.bfloat16 else "TF32"
-        mm_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        # float32 input runs on TF32 tensor cores (allow_tf32 defaults to True).
+        size, mm_dtype = 8192, dtype
+        what = {torch.float32: "TF32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         torch.backends.cuda.matmul.allow_tf32 = True
     else:
         size, what, mm_dtype = 4096, "float32", torch.float32
