@@ -9,7 +9,7 @@ machine's matmul peak measured in the same run, speedups, and the extra peak mem
 ``bench/results/<device>-masked_gram.md``.
 
     python bench/bench_masked_gram.py                       # CPU, 512x512 image
-    python bench/bench_masked_gram.py --device cuda --image 1024
+    python bench/bench_masked_gram.py --device cuda --image 1024 4096
     python bench/bench_masked_gram.py --quick               # smoke run, writes nothing
 """
 
