@@ -30,11 +30,11 @@ bench: $(READY)
 demo: $(READY)
 	mkdir -p out
 	$(PY) -m cast stylize examples/tubingen.jpg examples/starry_night.jpg \
-		-o out/tubingen_starry_night.jpg --size 384 --scales 2 --iters 80
+		-o out/tubingen_starry_night.jpg --size 384 --scales 2 --iters 60
 	$(PY) -m cast mask examples/tubingen.jpg examples/tubingen_trimap.png -o out/tubingen_sky.png
 	$(PY) -m cast stylize examples/tubingen.jpg examples/starry_night.jpg examples/the_scream.jpg \
 		--soft-mask out/tubingen_sky.png -o out/tubingen_sky_starry_town_scream.jpg \
-		--size 384 --scales 2 --iters 80
+		--size 384 --scales 2 --iters 60
 	@echo "wrote out/tubingen_starry_night.jpg, out/tubingen_sky.png, out/tubingen_sky_starry_town_scream.jpg"
 
 clean:
