@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cast import images
+from cast import cli, images
 from cast.cli import DEFAULTS, _parser, main
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -98,3 +99,24 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, capsys):
     assert err.startswith("cast: error: ") and err.count("\n") == 1, err
     assert message in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_the_latest_image_and_exits_130(tmp_path, monkeypatch, capsys):
+    def interrupt_at_step_two(step):
+        if step.step == 2:
+            raise KeyboardInterrupt
+
+    # the real stylize, interrupted from its callback as Ctrl-C would interrupt it
+    monkeypatch.setattr(
+        cli, "stylize", functools.partial(cli.stylize, callback=interrupt_at_step_two)
+    )
+    out = tmp_path / "out.png"
+    assert (
+        main(
+            ["stylize", CONTENT, STYLE, "-o", str(out), *TINY[:2], "--iters", "5", "--scales", "1"]
+        )
+        == 130
+    )
+    assert images.load_image(out).shape == (3, 30, 40)
+    assert capsys.readouterr().err.endswith(f"cast: interrupted; the latest image is in '{out}'\n")
