@@ -17,7 +17,8 @@ from .backends import NAMES as BACKENDS
 from .backends import BackendUnavailable
 from .errors import CastError
 from .losses import HIGH_ORDER_PRESETS_DOC
-from .stylize import stylize
+from .network import POOLINGS
+from .stylize import INITS, OPTIMIZERS, stylize
 from .weights import MODELS
 
 DEFAULTS = {name: p.default for name, p in inspect.signature(stylize).parameters.items()}
@@ -64,13 +65,13 @@ def _parser() -> argparse.ArgumentParser:
            metavar="PRESET|FILE")  # fmt: skip
     option("--model", "model", str, f"{' or '.join(MODELS)} or a weights file",
            metavar="MODEL|PATH")  # fmt: skip
-    option("--pooling", "pooling", str, "VGG pooling", choices=("avg", "max"))
+    option("--pooling", "pooling", str, "VGG pooling", choices=POOLINGS)
     option("--content-weight", "content_weight", float, "weight of the content term", metavar="W")
     option("--style-weight", "style_weight", float, "weight of the style term", metavar="W")
     option("--tv-weight", "tv_weight", float, "weight of total variation", metavar="W")
-    option("--optimizer", "optimizer", str, "optimiser", choices=("lbfgs", "adam"))
+    option("--optimizer", "optimizer", str, "optimiser", choices=OPTIMIZERS)
     option("--lr", "lr", float, "step size (default 1 for lbfgs, 0.02 for adam)")
-    option("--init", "init", str, "starting image", choices=("content", "noise", "style"))
+    option("--init", "init", str, "starting image", choices=INITS)
     option("--seed", "seed", int, "random seed", metavar="N")
     option("--save-every", "save_every", int, "write the image to OUT every N steps", metavar="N")
     option("--device", "device", str, "cpu, cuda, cuda:1, ... (default: cuda when present)")

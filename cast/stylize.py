@@ -20,7 +20,7 @@ from tqdm import tqdm
 from . import images, masks
 from .errors import CastError
 from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, high_order_kernels
-from .network import CONTENT_LAYERS, STYLE_LAYERS, VGGFeatures
+from .network import CONTENT_LAYERS, POOLINGS, STYLE_LAYERS, VGGFeatures
 
 ImageLike = str | os.PathLike | Tensor
 
@@ -29,6 +29,8 @@ MIN_SIZE = 32
 # L-BFGS keeps this many pairs of image-sized vectors; counted in the memory estimate.
 LBFGS_HISTORY = 50
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
+OPTIMIZERS = tuple(DEFAULT_LR)
+INITS = ("content", "noise", "style")
 
 
 @dataclass
@@ -116,6 +118,8 @@ def stylize(
     """
     _check_options(size, iters, scales, optimizer, init, pooling, save_every, output)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CastError(f"device {device} asked for but this torch sees no CUDA GPU; use cpu")
     kernels = high_order_kernels(high_order)
     if isinstance(styles, (str, os.PathLike, Tensor)):
         styles = [styles]
@@ -185,8 +189,8 @@ def stylize(
 
 
 def _check_options(size, iters, scales, optimizer, init, pooling, save_every, output) -> None:
-    choices = {"optimizer": (optimizer, DEFAULT_LR), "init": (init, ("content", "noise", "style")),
-               "pooling": (pooling, ("avg", "max"))}  # fmt: skip
+    choices = {"optimizer": (optimizer, OPTIMIZERS), "init": (init, INITS),
+               "pooling": (pooling, POOLINGS)}  # fmt: skip
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise CastError(f"unknown {name} {value!r}; choose {', '.join(allowed)}")
