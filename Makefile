@@ -26,6 +26,7 @@ lint: $(READY)
 
 bench: $(READY)
 	$(PY) bench/bench_masked_gram.py
+	$(PY) bench/bench_stylize.py
 
 demo: $(READY)
 	mkdir -p out

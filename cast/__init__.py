@@ -1,7 +1,20 @@
 """CAST: content-aware neural style transfer with fused masked high-order Gram kernels."""
 
 from .backends import BackendUnavailable
+from .errors import CastError
+from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, high_order_kernels
 from .ops import masked_gram
+from .stylize import stylize
 
-__all__ = ["BackendUnavailable", "masked_gram"]
+__all__ = [
+    "BackendUnavailable",
+    "CastError",
+    "ContentLoss",
+    "GramStats",
+    "StyleLoss",
+    "TVLoss",
+    "high_order_kernels",
+    "masked_gram",
+    "stylize",
+]
 __version__ = "0.1.0"
