@@ -268,6 +268,12 @@ def _regions(
         raise CastError("give either a content label image or soft masks, not both")
     if content_mask is None and not soft_masks and any(m is not None for m in style_masks):
         raise CastError("style masks need a content mask whose regions they pair with")
+    if soft_masks and any(m is not None for m in style_masks):
+        # soft masks carry no colours to pair style regions with
+        raise CastError(
+            "soft masks cannot pair with style masks; use label images for both, or one "
+            "unlabelled style image per region"
+        )
 
     names = None  # how an error names region k
     if isinstance(content_mask, Tensor):

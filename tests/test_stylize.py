@@ -108,3 +108,11 @@ def test_preserving_colour_keeps_the_content_chroma():
     to_yiq = lambda image: torch.einsum("ij,jhw->ihw", yiq, image)
     torch.testing.assert_close(to_yiq(mixed)[0], to_yiq(stylised)[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(to_yiq(mixed)[1:], to_yiq(content)[1:], atol=1e-5, rtol=0)
+
+
+def test_soft_masks_with_style_masks_are_refused(tmp_path):
+    grey = tmp_path / "sky.png"
+    images.save_image(torch.ones(3, 8, 10), grey)
+    content, style = torch.rand(3, 8, 10), torch.rand(3, 6, 6)
+    with pytest.raises(CastError, match="soft masks cannot pair with style masks"):
+        _regions(content, [style], None, [torch.ones(2, 6, 6)], [grey], strict=False)
