@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -97,6 +98,26 @@ def _umask() -> int:
     return current
 
 
+def check_writable(path: str | os.PathLike) -> str:
+    """PIL's format name for ``path``'s suffix; ``CastError`` when PIL cannot write that format
+    as RGB or the folder is not writable. Cheap, so callers check before a long run."""
+    path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format not in Image.SAVE:
+        raise CastError(f"cannot write '{path}': not an image format PIL writes; end it in .png")
+    try:
+        # some formats PIL writes take no RGB (.blp, .xbm): try one pixel
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=image_format)
+    except (OSError, ValueError, KeyError) as e:
+        raise CastError(f"cannot write '{path}' as {image_format}: {e}; end it in .png") from None
+    folder = path.parent
+    if not folder.is_dir():
+        raise CastError(f"cannot write '{path}': no directory '{folder}'")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CastError(f"cannot write '{path}': the directory '{folder}' is not writable")
+    return image_format
+
+
 def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
     """Write a ``(3, H, W)`` or ``(1, 3, H, W)`` image in [0, 1] (clamped) to ``path``.
 
@@ -108,15 +129,13 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
         image = image[0]
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"save_image expects a (3, H, W) image, got shape {tuple(image.shape)}")
-    image_format = Image.registered_extensions().get(path.suffix.lower())
-    if image_format is None:
-        raise CastError(f"cannot write '{path}': unknown image format; end it in .png or .jpg")
+    image_format = check_writable(path)
     pixels = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
     picture = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
     options = {"quality": JPEG_QUALITY} if image_format == "JPEG" else {}
     temporary = None
     try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(handle, "wb") as file:
             picture.save(file, format=image_format, **options)
         # mkstemp makes the file private (0600); give it the permissions a plain open() would.
@@ -127,6 +146,8 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
         raise CastError(
             f"cannot write '{path}': {e.strerror or e}; choose a writable path"
         ) from None
+    except (ValueError, KeyError) as e:
+        raise CastError(f"cannot write '{path}' as {image_format}: {e}") from None
     finally:
         if temporary is not None and os.path.exists(temporary):
             os.remove(temporary)

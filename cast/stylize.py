@@ -206,13 +206,7 @@ def _check_options(size, iters, scales, optimizer, init, pooling, save_every, ou
     if save_every is not None and (save_every < 1 or output is None):
         raise CastError("save_every needs a positive number of steps and an output path")
     if output is not None:
-        output = Path(output)
-        if output.suffix.lower() not in Image.registered_extensions():
-            raise CastError(
-                f"cannot write '{output}': unknown image format; end it in .png or .jpg"
-            )
-        if not output.parent.is_dir():
-            raise CastError(f"cannot write '{output}': no directory '{output.parent}'")
+        images.check_writable(output)
 
 
 def _load(image: ImageLike, long_side: int) -> Tensor:

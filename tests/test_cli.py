@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,19 @@ BAD = {
         ["stylize", CONTENT, STYLE, "-o", "{tmp}/no/dir/out.png"],
         "no directory",
     ),
+    "output format PIL cannot write": (
+        ["stylize", CONTENT, STYLE, "-o", "{tmp}/out.psd"],
+        "not an image format PIL writes",
+    ),
+    "output format without RGB": (["stylize", CONTENT, STYLE, "-o", "{tmp}/out.blp"], "as BLP"),
+    "read-only output folder": (
+        ["stylize", CONTENT, STYLE, "-o", "{read_only}/out.png"],
+        "is not writable",
+    ),
+    "soft masks with style masks": (
+        ["stylize", CONTENT, STYLE, "--soft-mask", "{square}", "--style-mask", "{one}"],
+        "soft masks cannot pair with style masks",
+    ),
     "mask of a missing image": (["mask", "nowhere.jpg", "{square}"], "cannot read image"),
 }
 
@@ -89,7 +103,11 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, capsys):
         "two": _labels(tmp_path / "two.png", (40, 30), [(255, 0, 0), (0, 0, 255)]),
         "one": _labels(tmp_path / "one.png", (32, 20), [(255, 0, 0)]),
         "tmp": tmp_path,
+        "read_only": tmp_path / "read-only",
     }
+    (tmp_path / "read-only").mkdir(mode=0o555)
+    if case == "read-only output folder" and os.access(tmp_path / "read-only", os.W_OK):
+        pytest.skip("running as root: no folder is read-only")
     argv = [arg.format(**files) for arg in argv]
     out = tmp_path / "out.png"
     if "-o" not in argv:
