@@ -21,11 +21,13 @@ def flag(name: str) -> bool:
 debug = flag("CAST_DEBUG")
 with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not flag("CAST_SKIP_CUDA")
 
-cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+cxx_flags = ["-O0", "-g", "-UNDEBUG"] if debug else ["-O3", "-DNDEBUG"]
 cxx_flags += ["-fopenmp"]  # at::parallel_for only runs in parallel when compiled with OpenMP
 # Lets the vectorised row kernels of csrc/masked_gram_cpu.cpp use fused multiply-adds.
 cxx_flags += ["-ffp-contract=fast"]
-nvcc_flags = ["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-DNDEBUG", "--use_fast_math"]
+nvcc_flags = (
+    ["-O0", "-g", "-lineinfo", "-UNDEBUG"] if debug else ["-O3", "-DNDEBUG", "--use_fast_math"]
+)
 
 sources = ["csrc/module.cpp", "csrc/masked_gram_cpu.cpp"]
 if with_cuda:

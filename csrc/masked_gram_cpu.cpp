@@ -141,11 +141,14 @@ struct Shape {
   int64_t N() const { return H * W; }
   int64_t tile_rows() const { return std::clamp<int64_t>(kTilePositions / W, 1, H); }
   bool small() const { return B * J * K * N() * C * C < kParallelWork; }
-  // Bands of rows per image: enough items to keep every thread busy when B is small.
+  // Bands of rows per image: enough items to keep every thread busy when B is small, but at most
+  // N / C of them, so the forward's per-band accumulators (J*K*C^2 values each) never outgrow
+  // the J*K*N*C values the op exists to avoid, however many threads there are.
   int64_t bands() const {
     if (small()) return 1;
     const int64_t threads = at::get_num_threads();
-    return std::clamp<int64_t>((threads + B - 1) / B, 1, H);
+    const int64_t most = std::clamp<int64_t>(N() / C, 1, H);
+    return std::clamp<int64_t>((threads + B - 1) / B, 1, most);
   }
   // at::parallel_for's grain: everything in one chunk (the calling thread) for small calls.
   int64_t grain(int64_t items) const { return small() ? std::max<int64_t>(items, 1) : 1; }
@@ -219,7 +222,7 @@ at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& masks,
   const T* p = kernels.data_ptr<T>();
 
   // acc[item][j] is (C*K x C), row (c, k), column d, filled where block(c) <= d.
-  // One per (image, band): O(B*J*K*C^2) since bands > 1 only when B < threads.
+  // One per (image, band): at most B * max(1, N / C) of them (see Shape::bands).
   std::vector<T> acc(s.B * bands * J * CK * C, T(0));
 
   at::parallel_for(0, s.B * bands, s.grain(s.B * bands), [&](int64_t begin, int64_t end) {

@@ -356,7 +356,7 @@ def _masked_gram_bwd_kernel(
         for k0 in range(0, K, NUM_MASKS):
             # Position-only factors of the stencil weights, once per (j, mask) and program;
             # R*R vectors per mask rather than (2R-1)^2 finished weights keeps registers low.
-            mask_ptr = batch_masks + k0 * N  # K * N is far below 2**31
+            mask_ptr = batch_masks + tl.cast(k0, tl.int64) * N
             weighted = ()
             for i in tl.static_range(NUM_MASKS):
                 weighted = weighted + (
