@@ -68,6 +68,12 @@ class VGGFeatures(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    def poolings_before(self, layer: str) -> int:
+        """How many 2x poolings lie before ``layer``: each of its cells sees 2**that pixels a side
+        (each pooling rounds down, so trailing rows and columns of odd sizes reach no cell)."""
+        before = self.layer_names[: self.layer_names.index(layer)]
+        return sum(name.startswith("pool") for name in before)
+
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """RGB ``(B, 3, H, W)`` in [0, 1] to the network's input convention."""
         if self.bgr:

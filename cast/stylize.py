@@ -356,12 +356,12 @@ def _objective(
     style_features = [network(s[None], STYLE_LAYERS) for s in styles]
     style_losses = {}
     for layer in STYLE_LAYERS:
-        grid = content_features[layer].shape[-2:]
-        region_masks = masks.resample(content_masks, grid)
+        poolings = network.poolings_before(layer)
+        region_masks = _on_grid(content_masks, content, content_features[layer], poolings)
         own = GramStats.of(content_features[layer], region_masks, kernels, backend=backend)
         per_style = [
-            GramStats.of(f[layer], masks.resample(m, f[layer].shape[-2:]), kernels, backend=backend)
-            for f, m in zip(style_features, style_masks, strict=True)
+            GramStats.of(f[layer], _on_grid(m, s, f[layer], poolings), kernels, backend=backend)
+            for s, f, m in zip(styles, style_features, style_masks, strict=True)
         ]
         pooled = sum(per_style[1:], start=per_style[0])
         target = pooled.mean(fallback=own.mean())
@@ -370,6 +370,20 @@ def _objective(
     return _Objective(
         network, content_losses, style_losses, (content_weight, style_weight, tv_weight)
     )
+
+
+def _on_grid(mask: Tensor, image: Tensor, features: Tensor, poolings: int) -> Tensor:
+    """``mask`` (of ``image``, at any resolution) averaged over the pixels each feature cell sees.
+
+    Poolings round down, so the trailing rows and columns of ``image`` reach no cell: they are
+    cropped first (in proportion when the mask's resolution differs from the image's).
+    """
+    grid = features.shape[-2:]
+    seen = [
+        round(m * g * 2**poolings / i)
+        for m, g, i in zip(mask.shape[-2:], grid, image.shape[-2:], strict=True)
+    ]
+    return masks.resample(mask[..., : seen[0], : seen[1]], grid)
 
 
 def _initial(init: str, content: Tensor, styles: list[Tensor], generator) -> Tensor:

@@ -9,7 +9,8 @@ import torch
 
 from cast import images
 from cast.errors import CastError
-from cast.stylize import _regions, stylize, transfer_luminance
+from cast.network import STYLE_LAYERS, VGGFeatures
+from cast.stylize import _on_grid, _regions, stylize, transfer_luminance
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONTENT, STYLE = EXAMPLES / "tubingen.jpg", EXAMPLES / "starry_night.jpg"
@@ -116,3 +117,16 @@ def test_soft_masks_with_style_masks_are_refused(tmp_path):
     content, style = torch.rand(3, 8, 10), torch.rand(3, 6, 6)
     with pytest.raises(CastError, match="soft masks cannot pair with style masks"):
         _regions(content, [style], None, [torch.ones(2, 6, 6)], [grey], strict=False)
+
+
+def test_layer_masks_cover_the_pixels_the_features_see():
+    network = VGGFeatures()
+    image = torch.rand(3, 171, 256)  # 171 rows: relu5_1 has 10 rows of 16-px cells, 0..159
+    features = network(image[None], STYLE_LAYERS)["relu5_1"]
+    assert network.poolings_before("relu5_1") == 4 and features.shape[-2:] == (10, 16)
+    for scale in (1, 2):  # masks at the image's resolution, or twice it (a coarse scale)
+        bottom = torch.zeros(1, 171 * scale, 256 * scale)
+        bottom[:, 150 * scale :] = 1  # rows 150..170: 10 of them seen by the last cell row
+        on_grid = _on_grid(bottom, image, features, network.poolings_before("relu5_1"))
+        expected = torch.tensor([0.0] * 9 + [10 / 16])[:, None].expand(10, 16)
+        torch.testing.assert_close(on_grid[0], expected)
