@@ -422,6 +422,9 @@ def _optimise(objective, image: Tensor, iters: int, optimizer: str, lr: float):
             raise _Diverged(step, loss, last_good)
         last_good = before  # the loss just computed belongs to the image before this step
         yield step, loss, x.detach(), last_good
+    if not torch.isfinite(x).all():  # the last step diverged: no later loss would tell
+        with torch.no_grad():
+            raise _Diverged(iters, float(objective(x)), last_good)
 
 
 def _finish(image: Tensor, content: Tensor, preserve_color: bool) -> Tensor:

@@ -70,6 +70,16 @@ def test_a_diverging_loss_is_an_error_and_keeps_the_last_good_image(tmp_path):
     assert images.load_image(output).shape[-1] == 48  # the initial image, whole
 
 
+def test_divergence_on_the_last_step_is_an_error_too(tmp_path):
+    output = tmp_path / "out.png"
+    # the loss of step 1 belongs to the initial image; the step itself jumps to infinity
+    with pytest.raises(CastError, match="at step 1; lower the learning rate"):
+        stylize(CONTENT, STYLE, size=48, iters=1, optimizer="adam", lr=float("inf"),
+                output=output, **FAST)  # fmt: skip
+    initial = images.load_image(CONTENT, long_side=48)
+    assert (images.load_image(output) - initial).abs().max() <= 1 / 255 + 1e-6
+
+
 def test_an_image_too_large_for_memory_is_refused_before_any_work(tmp_path):
     output = tmp_path / "out.png"
     with pytest.raises(CastError, match=r"needs about .* GiB on cpu .* lower --size"):
