@@ -26,6 +26,8 @@ ImageLike = str | os.PathLike | Tensor
 
 # Smallest long side: relu5_1 sits behind four 2x poolings, so 32 px leaves it a 2x2 grid.
 MIN_SIZE = 32
+# Smallest short side at the coarsest scale: one cell of relu5_1.
+MIN_SHORT_SIDE = 16
 # L-BFGS keeps this many pairs of image-sized vectors; counted in the memory estimate.
 LBFGS_HISTORY = 50
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
@@ -117,7 +119,10 @@ def stylize(
         an image too large for the device's memory.
     """
     _check_options(size, iters, scales, optimizer, init, pooling, save_every, output)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise CastError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CastError(f"device {device} asked for but this torch sees no CUDA GPU; use cpu")
     kernels = high_order_kernels(high_order)
@@ -134,6 +139,7 @@ def stylize(
 
     content_image = _load(content, size)
     style_images = [_load(style, size) for style in styles]
+    _check_short_sides(content_image, style_images, size, scales)
     content_masks, style_region_masks = _regions(
         content_image, style_images, content_mask, style_masks, soft_masks, strict
     )
@@ -207,6 +213,18 @@ def _check_options(size, iters, scales, optimizer, init, pooling, save_every, ou
         raise CastError("save_every needs a positive number of steps and an output path")
     if output is not None:
         images.check_writable(output)
+
+
+def _check_short_sides(content: Tensor, styles: list[Tensor], size: int, scales: int) -> None:
+    coarsest = round(size / 2 ** (scales - 1))
+    named = [("content", content)] + [(f"style {i + 1}", s) for i, s in enumerate(styles)]
+    for name, image in named:
+        h, w = _fit(image.shape[-2:], coarsest)
+        if min(h, w) < MIN_SHORT_SIDE:
+            raise CastError(
+                f"the {name} image is {w}x{h} px at the coarsest scale; the network needs a short "
+                f"side of at least {MIN_SHORT_SIDE} px: raise --size or lower --scales"
+            )
 
 
 def _load(image: ImageLike, long_side: int) -> Tensor:

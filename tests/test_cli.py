@@ -87,6 +87,8 @@ BAD = {
         ["stylize", CONTENT, STYLE, "--soft-mask", "{square}", "--style-mask", "{one}"],
         "soft masks cannot pair with style masks",
     ),
+    "unknown device": (["stylize", CONTENT, STYLE, "--device", "gpu"], "unknown device 'gpu'"),
+    "too thin an image": (["stylize", "{thin}", STYLE], "raise --size or lower --scales"),
     "mask of a missing image": (["mask", "nowhere.jpg", "{square}"], "cannot read image"),
 }
 
@@ -103,6 +105,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, capsys):
         "two": _labels(tmp_path / "two.png", (40, 30), [(255, 0, 0), (0, 0, 255)]),
         "one": _labels(tmp_path / "one.png", (32, 20), [(255, 0, 0)]),
         "tmp": tmp_path,
+        "thin": _labels(tmp_path / "thin.png", (400, 20), [(255, 0, 0)]),
         "read_only": tmp_path / "read-only",
     }
     (tmp_path / "read-only").mkdir(mode=0o555)
