@@ -19,7 +19,6 @@ from torch import Tensor
 
 from . import reference
 
-NAMES = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "CAST_BACKEND"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -62,7 +61,8 @@ def _compiled(name: str, device_type: str, dtypes: tuple[torch.dtype, ...]) -> B
     if not torch._C._dispatch_has_kernel_for_dispatch_key(op, device_type.upper()):
         raise BackendUnavailable(
             f"backend {name!r}: the compiled extension was built without {device_type.upper()} "
-            "kernels; rebuild it on a machine whose torch has CUDA (and without CAST_SKIP_CUDA=1)"
+            "kernels; rebuild it with `pip install --no-build-isolation -e .`"
+            + (" where torch has CUDA, without CAST_SKIP_CUDA=1" if device_type == "cuda" else "")
         )
     return Backend(
         name,
@@ -76,9 +76,10 @@ def _compiled(name: str, device_type: str, dtypes: tuple[torch.dtype, ...]) -> B
 def _triton() -> Backend:
     try:
         from .kernels import masked_gram as triton_masked_gram
-    except ImportError as err:
+    except Exception as err:  # no Triton, or one too old for the kernels (AttributeError)
         raise BackendUnavailable(
-            f"backend 'triton' needs Triton ({err}); `pip install triton` or choose another backend"
+            f"backend 'triton' needs a recent Triton ({type(err).__name__}: {err}); "
+            "`pip install -U triton` or choose another backend"
         ) from None
     device_types = ("cuda", "cpu") if triton_interpreting() else ("cuda",)
     return Backend(
@@ -98,6 +99,7 @@ _LOADERS: dict[str, Callable[[], Backend]] = {
 }
 
 
+NAMES = tuple(_LOADERS)
 _loaded: dict[str, Backend] = {}
 
 
@@ -129,8 +131,14 @@ def default_for(device: torch.device, dtype: torch.dtype) -> str:
 
 def choose(name: str | None, device: torch.device, dtype: torch.dtype) -> Backend:
     """Resolve ``name`` (or ``$CAST_BACKEND``, or the device's default) and check it fits."""
-    name = name or os.environ.get(ENV_VAR) or default_for(device, dtype)
-    backend = load(name)
+    if not name and os.environ.get(ENV_VAR):
+        name = os.environ[ENV_VAR]
+        if name not in _LOADERS:
+            raise ValueError(
+                f"{ENV_VAR}={name!r} is not a backend; choose one of {', '.join(NAMES)} or unset it"
+            )
+    backend = load(name or default_for(device, dtype))
+    name = backend.name
     if device.type not in backend.device_types:
         hint = " (set TRITON_INTERPRET=1 to run it on CPU)" if name == "triton" else ""
         raise BackendUnavailable(

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..backends import FLOAT_DTYPES
 from ..reference import gram_dtype, inverse_mass
 from .utils import (
     INTERPRETING,
@@ -52,7 +53,7 @@ from .utils import (
     upcast_dot_operands,
 )
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DTYPES = FLOAT_DTYPES  # every dtype the op takes
 MASKS_PER_PROGRAM = 4
 # Split scratch (partial Grams) may take at most this fraction of the inputs and outputs.
 SPLIT_SCRATCH_FRACTION = 0.1

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreting
+from ..reference import gram_dtype
 
 INTERPRETING = triton_interpreting()
 
@@ -26,8 +27,8 @@ TRITON_DTYPES = {
 
 
 def accumulator_dtype(dtype: torch.dtype) -> tl.dtype:
-    """float64 for float64 input, float32 for everything else (SPEC §1)."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The op's accumulation dtype (``cast.reference.gram_dtype``) as a Triton type."""
+    return TRITON_DTYPES[gram_dtype(dtype)]
 
 
 def dot_input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
