@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -26,14 +27,27 @@ def open_image(
     Every way of failing raises ``error``, one line naming ``what`` and the path, never a PIL
     traceback.
     """
+    with _reading(path, what, error), Image.open(path) as opened:
+        opened.load()
+        return ImageOps.exif_transpose(opened)
+
+
+def image_size(
+    path: str | os.PathLike, what: str = "image", error: type[CastError] = ImageError
+) -> tuple[int, int]:
+    """``(H, W)`` as stored, from the header only (cheap); fails as ``open_image`` does."""
+    with _reading(path, what, error), Image.open(path) as opened:
+        return opened.height, opened.width
+
+
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike, what: str, error: type[CastError]):
     path = Path(path)
     if not path.is_file():
         problem = "it is a directory" if path.is_dir() else "no such file"
         raise error(f"cannot read {what} '{path}': {problem}; check the path")
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            return ImageOps.exif_transpose(opened)
+        yield
     except UnidentifiedImageError:
         raise error(
             f"cannot read {what} '{path}': not an image format PIL knows; use PNG or JPEG"

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import images, masks
-from .errors import CastError
+from .errors import CastError, ImageError, MaskError
 from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, high_order_kernels
 from .network import CONTENT_LAYERS, POOLINGS, STYLE_LAYERS, VGGFeatures
 
@@ -131,6 +130,7 @@ def stylize(
     if not styles:
         raise CastError("give at least one style image")
 
+    _check_readable(content, styles, content_mask, style_masks, soft_masks)  # before any download
     network = VGGFeatures(model, pooling).to(device)
     layers = tuple(dict.fromkeys(CONTENT_LAYERS + STYLE_LAYERS))
     optimiser_copies = (2 * LBFGS_HISTORY + 4) if optimizer == "lbfgs" else 6
@@ -236,15 +236,22 @@ def _load(image: ImageLike, long_side: int) -> Tensor:
     return images.resize(image.detach().float().cpu(), _fit(image.shape[-2:], long_side))
 
 
+def _check_readable(content, styles, content_mask, style_masks, soft_masks) -> None:
+    """Every input file opens (headers only), so a bad path is reported before the weights load."""
+    files = [(content, "image", ImageError)] + [(s, "image", ImageError) for s in styles]
+    files += [(content_mask, "label image", MaskError)]
+    files += [(m, "label image", MaskError) for m in style_masks or []]
+    files += [(m, "soft mask", MaskError) for m in soft_masks or []]
+    for file, what, error in files:
+        if file is not None and not isinstance(file, Tensor):
+            images.image_size(file, what, error)
+
+
 def _image_hw(image: ImageLike) -> tuple[int, int]:
     """``(H, W)`` of an image tensor or file, reading only the file's header."""
     if isinstance(image, Tensor):
         return tuple(image.shape[-2:]) if image.dim() == 3 else (1, 1)
-    try:
-        with Image.open(image) as opened:
-            return opened.height, opened.width
-    except Exception:
-        return 1, 1  # unreadable: load_image raises the error that says why
+    return images.image_size(image)
 
 
 def _fit(hw: Sequence[int], long_side: int) -> tuple[int, int]:

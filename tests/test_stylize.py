@@ -80,6 +80,20 @@ def test_divergence_on_the_last_step_is_an_error_too(tmp_path):
     assert (images.load_image(output) - initial).abs().max() <= 1 / 255 + 1e-6
 
 
+def test_bad_input_files_are_reported_before_the_weights_load(tmp_path):
+    nowhere = tmp_path / "missing-weights.pt"  # loading these would fail
+    cases = [
+        (dict(content=tmp_path / "nowhere.jpg"), "cannot read image .*nowhere.jpg"),
+        (dict(soft_masks=[tmp_path / "sky.png"]), "cannot read soft mask .*sky.png"),
+        (dict(content_mask=CONTENT, style_masks=[tmp_path / "labels.png"]),
+         "cannot read label image .*labels.png"),
+    ]  # fmt: skip
+    for given, message in cases:
+        run = dict(content=CONTENT, styles=STYLE, model=str(nowhere), size=48, **FAST) | given
+        with pytest.raises(CastError, match=message):
+            stylize(**run)
+
+
 def test_an_image_too_large_for_memory_is_refused_before_any_work(tmp_path):
     output = tmp_path / "out.png"
     with pytest.raises(CastError, match=r"needs about .* GiB on cpu .* lower --size"):
