@@ -30,8 +30,9 @@ Regions: --content-mask takes a colour-coded label image of CONTENT (each colour
 --style-mask gives each style image its label image (in order; '-' for none), and the same
 colours pair regions. Or --soft-mask takes grey-scale masks of CONTENT (white = inside), one per
 region; a single one makes two regions, white and the rest (`cast mask` writes such a mask). A
-style image without labels is one whole region styling the content region of its position:
-with --soft-mask sky.png, the first style image styles the sky and the second the rest. A region
+style image without labels is one whole region styling the content region of its position
+among the style images without labels: with --soft-mask sky.png, the first style image styles
+the sky and the second the rest. A region
 that no style image pairs with keeps its own look (--strict makes that an error).
 """
 

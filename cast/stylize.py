@@ -43,7 +43,7 @@ class Step:
     step: int  # 1-based within the scale
     iters: int
     loss: float
-    image: Tensor  # (3, H, W), the current image, unclamped; do not modify
+    image: Tensor  # (3, H, W), a copy of the current image, unclamped
 
 
 def stylize(
@@ -85,8 +85,8 @@ def stylize(
         style_masks: one entry per style image: its label image (colours pair it with the
             content's regions), a ``(K, Hs, Ws)`` tensor in the content's region order, or
             ``None``. A style image without a mask is one whole-image region that styles content
-            region ``i`` where ``i`` is its position among the styles (all of them style the
-            only region when there is no content mask, blended).
+            region ``i`` where ``i`` is its position among the style images without a mask (all
+            of them style the only region when there is no content mask, blended).
         soft_masks: grey-scale images, one per content region (white = inside); a single one
             gives two regions, white and its complement. Instead of ``content_mask``.
         size: long side of the result in pixels.
@@ -173,7 +173,7 @@ def stylize(
                     if save_every and output and step % save_every == 0:
                         images.save_image(_finish(image, content_image, preserve_color), output)
                     if callback is not None:
-                        callback(Step(scale, scales, step, iters, loss, image.detach()))
+                        callback(Step(scale, scales, step, iters, loss, image.detach().clone()))
     except KeyboardInterrupt:
         if output is not None and image is not None:
             latest = image if torch.isfinite(image).all() else last_good
@@ -296,6 +296,8 @@ def _regions(
 
     names = None  # how an error names region k
     if isinstance(content_mask, Tensor):
+        if not all(m is None or isinstance(m, Tensor) for m in style_masks):
+            raise CastError("style masks must be tensors when the content mask is one")
         region_masks = _mask_tensor(content_mask, content_hw, "content mask")
         paired = [None if m is None else _mask_tensor(m, hw, "style mask", len(region_masks))
                   for m, hw in zip(style_masks, style_hws, strict=True)]  # fmt: skip
@@ -321,7 +323,7 @@ def _regions(
     if K > 1 and len(unmasked) > K:
         raise CastError(
             f"{len(unmasked)} style images without masks but only {K} content regions; each "
-            "unmasked style image styles the content region of its position"
+            "unmasked style image styles the content region of its position among them"
         )
     for position, i in enumerate(unmasked):
         whole = torch.zeros(K, *style_hws[i])

@@ -122,6 +122,16 @@ def test_unmasked_style_images_pair_with_regions_by_position():
         _regions(content, styles[:1], _halves(8, 10), None, None, strict=True)
     with pytest.raises(CastError, match="4 style images without masks but only 2"):
         _regions(content, styles * 2, _halves(8, 10), [None] * 4, None, strict=False)
+    # position among the unmasked ones: the masked first image does not count
+    masked = [_halves(6, 6), None]
+    _, paired = _regions(content, styles, _halves(8, 10), masked, None, strict=False)
+    assert paired[1].flatten(1).amax(1).tolist() == [1, 0]
+
+
+def test_a_tensor_content_mask_needs_tensor_style_masks():
+    content, style = torch.rand(3, 8, 10), torch.rand(3, 6, 6)
+    with pytest.raises(CastError, match="style masks must be tensors when the content mask is"):
+        _regions(content, [style], _halves(8, 10), [STYLE], None, strict=False)
 
 
 def test_preserving_colour_keeps_the_content_chroma():
