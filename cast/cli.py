@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
-from pathlib import Path
 
 from . import images, masks
 from .backends import NAMES as BACKENDS
@@ -130,15 +130,25 @@ def _mask(args: argparse.Namespace) -> None:
     images.save_image(alpha.expand(3, -1, -1), args.output)
 
 
+def _file_version(path: str) -> tuple[int, int] | None:
+    """Identifies what is at ``path`` now (saves replace the file, so the inode changes)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    before = _file_version(args.output)
     try:
         {"stylize": _stylize, "mask": _mask}[args.command](args)
     except (CastError, BackendUnavailable) as err:
         print(f"cast: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        wrote = args.command == "stylize" and Path(args.output).is_file()
+        wrote = args.command == "stylize" and _file_version(args.output) not in (None, before)
         print(
             "cast: interrupted" + (f"; the latest image is in '{args.output}'" if wrote else ""),
             file=sys.stderr,

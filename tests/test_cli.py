@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,8 @@ import pytest
 from PIL import Image
 
 from cast import cli, images
-from cast.cli import DEFAULTS, _parser, main
+from cast.cli import main
+from cast.stylize import stylize
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONTENT, STYLE = str(EXAMPLES / "tubingen.jpg"), str(EXAMPLES / "starry_night.jpg")
@@ -50,10 +53,18 @@ def test_mask_then_stylize_with_the_soft_mask(tmp_path):
     assert main(args) == 0 and out.is_file()
 
 
-def test_defaults_come_from_the_api():
-    args = _parser().parse_args(["stylize", "c.jpg", "s.jpg", "-o", "o.png"])
-    for name in ("size", "iters", "scales", "high_order", "content_weight", "optimizer", "seed"):
-        assert getattr(args, name) == DEFAULTS[name]
+def test_help_shows_the_defaults_of_the_api(capsys):
+    with pytest.raises(SystemExit):
+        main(["stylize", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    signature = inspect.signature(stylize).parameters
+    for flag in ("--size", "--iters", "--scales", "--high-order", "--model", "--pooling",
+                 "--content-weight", "--style-weight", "--tv-weight", "--optimizer", "--init",
+                 "--seed"):  # fmt: skip
+        default = signature[flag[2:].replace("-", "_")].default
+        # the default shown in this option's own help, before the next option
+        pattern = rf"{flag} \S+ (?:(?! -).)*\(default: {re.escape(str(default))}\)"
+        assert re.search(pattern, shown), f"{flag}: default {default} not shown"
 
 
 BAD = {
@@ -141,3 +152,14 @@ def test_ctrl_c_writes_the_latest_image_and_exits_130(tmp_path, monkeypatch, cap
     )
     assert images.load_image(out).shape == (3, 30, 40)
     assert capsys.readouterr().err.endswith(f"cast: interrupted; the latest image is in '{out}'\n")
+
+
+def test_ctrl_c_before_any_image_does_not_point_at_an_old_file(tmp_path, monkeypatch, capsys):
+    def interrupt_before_any_step(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "stylize", interrupt_before_any_step)
+    out = tmp_path / "out.png"
+    out.write_bytes(b"from an earlier run")
+    assert main(["stylize", CONTENT, STYLE, "-o", str(out), *TINY]) == 130
+    assert capsys.readouterr().err == "cast: interrupted\n"
