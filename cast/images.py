@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,7 @@ def load_image(path: str | os.PathLike, long_side: int | None = None) -> torch.T
         raise ImageError(f"image size must be a positive number of pixels, got {long_side}")
     image = torch.from_numpy(pixels(open_image(path), grey=False)).permute(2, 0, 1).contiguous()
     if long_side is not None:
-        width, height = _fit((image.shape[2], image.shape[1]), long_side)
-        image = resize(image, (height, width))
+        image = resize(image, fit(image.shape[-2:], long_side))
     return image
 
 
@@ -89,10 +89,11 @@ def pixels(picture: Image.Image, grey: bool) -> np.ndarray:
     return np.asarray(picture.convert("L" if grey else "RGB"), dtype=np.float32) / 255
 
 
-def _fit(size_wh: tuple[int, int], long_side: int) -> tuple[int, int]:
-    width, height = size_wh
-    scale = long_side / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
+def fit(hw: Sequence[int], long_side: int) -> tuple[int, int]:
+    """``(h, w)`` with ``max(h, w) == long_side`` and the aspect ratio of ``hw``."""
+    h, w = hw
+    scale = long_side / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
 
 
 def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

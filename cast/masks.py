@@ -92,14 +92,14 @@ def _read_labels(path: PathArg, size: tuple[int, int]) -> tuple[list[Colour], to
     """(palette, index map ``(H, W)`` int64 at ``size``) for one label image."""
     picture = open_image(path, "label image", MaskError)
     _check_aspect(path, picture.size, size)
-    pixels = np.asarray(picture.convert("RGB"), dtype=np.int16)
-    palette = _palette(pixels, path)
+    rgb = np.asarray(picture.convert("RGB"), dtype=np.int16)
+    palette = _palette(rgb, path)
     # Snap, then resize with nearest neighbour (any other resampling would mix regions). Snapping
     # is per pixel, so snapping only the pixels nearest-neighbour picks gives the same map, and
     # costs O(size) rather than O(label image) (a 12 MP label image took 16 s the long way).
-    rows = _nearest_exact(pixels.shape[0], size[0])
-    cols = _nearest_exact(pixels.shape[1], size[1])
-    picked = pixels[rows][:, cols]
+    rows = _nearest_exact(rgb.shape[0], size[0])
+    cols = _nearest_exact(rgb.shape[1], size[1])
+    picked = rgb[rows][:, cols]
     nearest = np.zeros(picked.shape[:2], dtype=np.int64)
     best = np.full(picked.shape[:2], np.inf, dtype=np.float32)
     for k, colour in enumerate(palette):

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .weights import ARCHITECTURES, VGGWeights, load_vgg
+from .weights import ARCHITECTURES, DEFAULT_MODEL, VGGWeights, load_vgg
 
 # Gatys et al. (2016): content from relu4_2, style from the first ReLU of every block.
 CONTENT_LAYERS = ("relu4_2",)
@@ -35,7 +35,7 @@ class VGGFeatures(nn.Module):
     choice for image synthesis (smoother gradients); ``"max"`` keeps the original network.
     """
 
-    def __init__(self, model: str | VGGWeights = "vgg16-hed", pooling: str = "avg"):
+    def __init__(self, model: str | VGGWeights = DEFAULT_MODEL, pooling: str = "avg"):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")

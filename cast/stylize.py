@@ -20,6 +20,7 @@ from . import images, masks
 from .errors import CastError, ImageError, MaskError
 from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, high_order_kernels
 from .network import CONTENT_LAYERS, POOLINGS, STYLE_LAYERS, VGGFeatures
+from .weights import DEFAULT_MODEL
 
 ImageLike = str | os.PathLike | Tensor
 
@@ -57,7 +58,7 @@ def stylize(
     iters: int = 200,
     scales: int = 2,
     high_order: str | os.PathLike = "neighbours",
-    model: str = "vgg16-hed",
+    model: str = DEFAULT_MODEL,
     pooling: str = "avg",
     content_weight: float = 0.3,
     style_weight: float = 1.0,
@@ -135,7 +136,7 @@ def stylize(
     layers = tuple(dict.fromkeys(CONTENT_LAYERS + STYLE_LAYERS))
     optimiser_copies = (2 * LBFGS_HISTORY + 4) if optimizer == "lbfgs" else 6
     # before loading: a huge size would already exhaust memory when the image is resized
-    _check_memory(network, layers, _fit(_image_hw(content), size), device, optimiser_copies)
+    _check_memory(network, layers, images.fit(_image_hw(content), size), device, optimiser_copies)
 
     content_image = _load(content, size)
     style_images = [_load(style, size) for style in styles]
@@ -153,7 +154,7 @@ def stylize(
                 objective = _objective(
                     network,
                     images.resize(content_image, (h, w)).to(device),
-                    [images.resize(s, _fit(s.shape[-2:], max(h, w))).to(device)
+                    [images.resize(s, images.fit(s.shape[-2:], max(h, w))).to(device)
                      for s in style_images],
                     content_masks.to(device),
                     [m.to(device) for m in style_region_masks],
@@ -219,7 +220,7 @@ def _check_short_sides(content: Tensor, styles: list[Tensor], size: int, scales:
     coarsest = round(size / 2 ** (scales - 1))
     named = [("content", content)] + [(f"style {i + 1}", s) for i, s in enumerate(styles)]
     for name, image in named:
-        h, w = _fit(image.shape[-2:], coarsest)
+        h, w = images.fit(image.shape[-2:], coarsest)
         if min(h, w) < MIN_SHORT_SIDE:
             raise CastError(
                 f"the {name} image is {w}x{h} px at the coarsest scale; the network needs a short "
@@ -233,7 +234,7 @@ def _load(image: ImageLike, long_side: int) -> Tensor:
         return images.load_image(image, long_side=long_side)
     if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
         raise CastError(f"image tensors must be (3, H, W) floating RGB, got {tuple(image.shape)}")
-    return images.resize(image.detach().float().cpu(), _fit(image.shape[-2:], long_side))
+    return images.resize(image.detach().float().cpu(), images.fit(image.shape[-2:], long_side))
 
 
 def _check_readable(content, styles, content_mask, style_masks, soft_masks) -> None:
@@ -254,15 +255,8 @@ def _image_hw(image: ImageLike) -> tuple[int, int]:
     return images.image_size(image)
 
 
-def _fit(hw: Sequence[int], long_side: int) -> tuple[int, int]:
-    """``(h, w)`` with ``max(h, w) == long_side`` and the aspect ratio of ``hw``."""
-    h, w = hw
-    scale = long_side / max(h, w)
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
-
 def _scale_sizes(hw: Sequence[int], size: int, scales: int) -> list[tuple[int, int]]:
-    return [_fit(hw, round(size / 2 ** (scales - s))) for s in range(1, scales + 1)]
+    return [images.fit(hw, round(size / 2 ** (scales - s))) for s in range(1, scales + 1)]
 
 
 def _regions(

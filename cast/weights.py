@@ -27,7 +27,8 @@ import torch
 
 from .errors import CastError, WeightsUnavailable
 
-MODELS = ("vgg16-hed", "vgg19")
+DEFAULT_MODEL = "vgg16-hed"
+MODELS = (DEFAULT_MODEL, "vgg19")
 
 # Output channels of the convolutions of each VGG block; every block ends with a 2x2 pooling.
 ARCHITECTURES: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -122,7 +123,7 @@ def cache_dir() -> Path:
     return path
 
 
-def load_vgg(model: str | os.PathLike = "vgg16-hed") -> VGGWeights:
+def load_vgg(model: str | os.PathLike = DEFAULT_MODEL) -> VGGWeights:
     """The weights of ``model``: a name from ``MODELS`` or the path of a local weights file.
 
     Local files may be a torchvision VGG-16/19 state dict (``.pth``/``.pt``; ``features.N``
