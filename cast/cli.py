@@ -124,6 +124,7 @@ def _stylize(args: argparse.Namespace) -> None:
 
 
 def _mask(args: argparse.Namespace) -> None:
+    images.check_writable(args.output)  # before the matting, which can take a while
     image = images.load_image(args.image, long_side=args.size)
     trimap = masks.read_trimap(args.trimap, tuple(image.shape[-2:]))
     alpha = masks.matte(image, trimap)

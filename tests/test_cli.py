@@ -101,6 +101,10 @@ BAD = {
     "unknown device": (["stylize", CONTENT, STYLE, "--device", "gpu"], "unknown device 'gpu'"),
     "too thin an image": (["stylize", "{thin}", STYLE], "raise --size or lower --scales"),
     "mask of a missing image": (["mask", "nowhere.jpg", "{square}"], "cannot read image"),
+    "mask to a format PIL cannot write": (
+        ["mask", CONTENT, "{square}", "-o", "{tmp}/alpha.psd"],
+        "not an image format PIL writes",
+    ),
 }
 
 
