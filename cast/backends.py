@@ -100,7 +100,8 @@ _LOADERS: dict[str, Callable[[], Backend]] = {
 
 
 NAMES = tuple(_LOADERS)
-_loaded: dict[str, Backend] = {}
+# Each backend is looked for once: a missing one is remembered, not searched for on every call.
+_loaded: dict[str, Backend | BackendUnavailable] = {}
 
 
 def load(name: str) -> Backend:
@@ -108,8 +109,14 @@ def load(name: str) -> Backend:
     if name not in _LOADERS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
     if name not in _loaded:
-        _loaded[name] = _LOADERS[name]()
-    return _loaded[name]
+        try:
+            _loaded[name] = _LOADERS[name]()
+        except BackendUnavailable as err:
+            _loaded[name] = err
+    found = _loaded[name]
+    if isinstance(found, BackendUnavailable):
+        raise BackendUnavailable(str(found))
+    return found
 
 
 def available(name: str) -> bool:

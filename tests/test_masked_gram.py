@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -268,3 +271,25 @@ def test_bad_input_is_refused_with_a_clear_message(args, error, message):
     call_args = dict(features=F, masks=M, kernels=P) | args
     with pytest.raises(error, match=message):
         cast.masked_gram(**call_args)
+
+
+def test_import_without_extension_or_triton_falls_back_and_says_what_is_missing():
+    """`import cast` needs neither the compiled extension nor Triton (STYLE practice 7)."""
+    code = (
+        "import sys; sys.modules['cast._C'] = None; sys.modules['triton'] = None\n"
+        "import torch, cast\n"
+        "gram = cast.masked_gram(torch.randn(1, 2, 4, 4))\n"
+        "assert gram.shape == (1, 1, 1, 2, 2)\n"
+        "for name in ('cpu', 'triton'):\n"
+        "    try:\n"
+        "        cast.masked_gram(torch.randn(1, 2, 4, 4), backend=name)\n"
+        "    except cast.BackendUnavailable as err:\n"
+        "        print(err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.splitlines()
+    assert len(out) == 2
+    assert "needs CAST's compiled extension" in out[0] and "pip install" in out[0]
+    assert "needs a recent Triton" in out[1]
