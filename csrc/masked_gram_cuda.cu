@@ -92,10 +92,13 @@ __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / 
 // The tensor-core forward: each warp multiplies one 16 x 16 tile of a (TC x TC) Gram block over
 // one half of the tile's positions, so the Gram accumulators come in two halves.
 constexpr int kMmaTile = 16;
+constexpr int kMmaDepth = 8;  // TF32 WMMA is m16n16k8
 constexpr int kPositionHalves = 2;
 constexpr int kGramTiles = (kChannelTile / kMmaTile) * (kChannelTile / kMmaTile);
 static_assert(kThreads / 32 == kPositionHalves * kGramTiles,
               "one warp per (Gram tile, half of the positions)");
+static_assert(kChannelTile % kMmaDepth == 0,
+              "the backward's products step over whole channel blocks");
 
 // Row strides of the forward's Z tile (2 TC channels) and weighted tile (TC channels): odd for
 // conflict-free SIMT, a multiple of 8 floats for WMMA's 32-byte aligned tile pointers.
@@ -147,6 +150,29 @@ __host__ __device__ constexpr int backward_smem_elements(int r, int K, int J, bo
 }
 
 // One Gram accumulation step on tensor cores: acc[jl, kl] += (m_k^2 Z_a)^T Z_b over the tile.
+// One TF32 tensor-core step shared by the forward and the backward: sum += A B with A
+// (kMmaTile x kMmaDepth) at a, leading dimension lda, laid out as LayoutA, and B
+// (kMmaDepth x kMmaTile) row-major at b, leading dimension ldb; both rounded to TF32 first.
+template <typename LayoutA, typename Accumulator>
+__device__ __forceinline__ void mma_tf32_step(Accumulator& sum, const float* a, int lda,
+                                              const float* b, int ldb) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // TF32 needs sm_80; the plan never picks tensor cores below it
+#else
+  namespace wmma = nvcuda::wmma;
+  wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaDepth, wmma::precision::tf32, LayoutA>
+      lhs;
+  wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaDepth, wmma::precision::tf32,
+                 wmma::row_major>
+      rhs;
+  wmma::load_matrix_sync(lhs, a, lda);
+  wmma::load_matrix_sync(rhs, b, ldb);
+  for (int t = 0; t < lhs.num_elements; ++t) lhs.x[t] = wmma::__float_to_tf32(lhs.x[t]);
+  for (int t = 0; t < rhs.num_elements; ++t) rhs.x[t] = wmma::__float_to_tf32(rhs.x[t]);
+  wmma::mma_sync(sum, lhs, rhs, sum);
+#endif
+}
+
 // weighted (Tile::size, kWeightedStride): m_k^2 Z_j for block a's channels; z_tile
 // (Tile::size, z_stride): Z_j, block b's channels from column TC; acc: the two halves of this
 // block's (TC x TC) accumulators for (jl, kl), half_stride elements apart.
@@ -157,7 +183,7 @@ __device__ __forceinline__ void gram_tile_mma(const float* weighted, const float
   __trap();  // TF32 needs sm_80; the plan never picks tensor cores below it
 #else
   namespace wmma = nvcuda::wmma;
-  constexpr int TC = kChannelTile, kMmaDepth = 8;  // TF32 WMMA is m16n16k8
+  constexpr int TC = kChannelTile;
   const int warp = threadIdx.x / 32;
   const int tile = warp % kGramTiles, half = warp / kGramTiles;
   const int row = tile / (TC / kMmaTile) * kMmaTile, col = tile % (TC / kMmaTile) * kMmaTile;
@@ -167,17 +193,8 @@ __device__ __forceinline__ void gram_tile_mma(const float* weighted, const float
   constexpr int per_half = positions / kPositionHalves;
   for (int n = half * per_half; n < (half + 1) * per_half; n += kMmaDepth) {
     // A (rows of block a x positions) is weighted^T: column-major with stride kWeightedStride.
-    wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaDepth, wmma::precision::tf32,
-                   wmma::col_major>
-        lhs;
-    wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaDepth, wmma::precision::tf32,
-                   wmma::row_major>
-        rhs;
-    wmma::load_matrix_sync(lhs, weighted + n * kWeightedStride + row, kWeightedStride);
-    wmma::load_matrix_sync(rhs, z_tile + n * z_stride + TC + col, z_stride);
-    for (int t = 0; t < lhs.num_elements; ++t) lhs.x[t] = wmma::__float_to_tf32(lhs.x[t]);
-    for (int t = 0; t < rhs.num_elements; ++t) rhs.x[t] = wmma::__float_to_tf32(rhs.x[t]);
-    wmma::mma_sync(sum, lhs, rhs, sum);
+    mma_tf32_step<wmma::col_major>(sum, weighted + n * kWeightedStride + row, kWeightedStride,
+                                   z_tile + n * z_stride + TC + col, z_stride);
   }
   wmma::store_matrix_sync(out, sum, TC, wmma::mem_row_major);
 #endif
@@ -356,7 +373,7 @@ __device__ __forceinline__ void u_tile_mma(const float* weighted, int weighted_s
   __trap();  // TF32 needs sm_80; the plan never picks tensor cores below it
 #else
   namespace wmma = nvcuda::wmma;
-  constexpr int TC = kChannelTile, kMmaDepth = 8;  // TF32 WMMA is m16n16k8
+  constexpr int TC = kChannelTile;
   constexpr int col_tiles = TC / kMmaTile;
   const int tiles = rows / kMmaTile * col_tiles;
   for (int tile = threadIdx.x / 32; tile < tiles; tile += kThreads / 32) {
@@ -365,17 +382,8 @@ __device__ __forceinline__ void u_tile_mma(const float* weighted, int weighted_s
     wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaDepth, float> sum;
     wmma::load_matrix_sync(sum, out, u_stride, wmma::mem_row_major);
     for (int c = 0; c < K * TC; c += kMmaDepth) {
-      wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaDepth, wmma::precision::tf32,
-                     wmma::row_major>
-          lhs;
-      wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaDepth, wmma::precision::tf32,
-                     wmma::row_major>
-          rhs;
-      wmma::load_matrix_sync(lhs, weighted + row * weighted_stride + c, weighted_stride);
-      wmma::load_matrix_sync(rhs, sym + c * TC + col, TC);
-      for (int t = 0; t < lhs.num_elements; ++t) lhs.x[t] = wmma::__float_to_tf32(lhs.x[t]);
-      for (int t = 0; t < rhs.num_elements; ++t) rhs.x[t] = wmma::__float_to_tf32(rhs.x[t]);
-      wmma::mma_sync(sum, lhs, rhs, sum);
+      mma_tf32_step<wmma::row_major>(sum, weighted + row * weighted_stride + c, weighted_stride,
+                                     sym + c * TC + col, TC);
     }
     wmma::store_matrix_sync(out, sum, u_stride, wmma::mem_row_major);
   }
