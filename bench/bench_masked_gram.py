@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch  # noqa: E402
+from machine import device_name, git_sha, slug, versions  # noqa: E402
 
 import cast  # noqa: E402
 from cast import backends  # noqa: E402
@@ -156,43 +155,6 @@ def matmul_peak(device: str, dtype: torch.dtype, warmup: int, repeats: int) -> t
     b = torch.randn(size, size, device=device, dtype=mm_dtype)
     _, best = timings(lambda: a @ b, device, warmup, repeats)
     return 2 * size**3 / best / 1e9, f"{size}x{size} {what} torch.mm, best of {repeats}"
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or "cpu"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def slug(text: str) -> str:
-    words = "".join(ch.lower() if ch.isalnum() else " " for ch in text).split()
-    return "-".join(words)
-
-
-def git_sha() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    sha = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "cast", "kernels")
-    return sha + ("-dirty" if dirty else "")
-
-
-def versions() -> str:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "absent"
-    return f"torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}"
 
 
 @dataclass

@@ -22,11 +22,11 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model, git_sha, slug
 
 from cast import backends, images
 from cast.losses import StyleLoss, high_order_kernels
@@ -90,18 +90,6 @@ def seconds_per_step(fn, image: torch.Tensor, repeats: int) -> float:
     return statistics.median(times)
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
-
-
-def git_sha() -> str:
-    run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True)
-    return run.stdout.decode().strip() or "unknown"
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=512)
@@ -138,9 +126,9 @@ def main(argv=None) -> None:
                     f"{slow / net:.2f}x |")  # fmt: skip
     text = "\n".join(
         [
-            f"# Stylisation step time, {args.size}x{args.size}, {cpu_name()}",
+            f"# Stylisation step time, {args.size}x{args.size}, {cpu_model()}",
             "",
-            f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch threads "
+            f"- machine: {cpu_model()}, {os.cpu_count()} cores, torch threads "
             f"{torch.get_num_threads()}",
             f"- torch {torch.__version__}, Python {platform.python_version()}, git {git_sha()}, "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -157,7 +145,7 @@ def main(argv=None) -> None:
             "",
         ]
     )
-    out = ROOT / "bench" / "results" / f"{'-'.join(cpu_name().lower().split())}-stylize.md"
+    out = ROOT / "bench" / "results" / f"{slug(cpu_model())}-stylize.md"
     out.write_text(text)
     print(text)
     print(f"wrote {out}")
