@@ -31,8 +31,8 @@ from machine import cpu_model, git_sha, slug
 from cast import backends, images
 from cast.losses import StyleLoss, high_order_kernels
 from cast.network import CONTENT_LAYERS, STYLE_LAYERS, VGGFeatures
+from cast.objective import build as build_objective
 from cast.reference import masked_gram_reference
-from cast.stylize import _objective
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTENT, STYLE = ROOT / "examples" / "tubingen.jpg", ROOT / "examples" / "starry_night.jpg"
@@ -59,10 +59,9 @@ def objective(network, size: int, preset: str, K: int, eager: bool):
     content = images.resize(images.load_image(CONTENT), (size, size))
     style = images.resize(images.load_image(STYLE), (size, size))
     masks = bands(K, size, size)
-    with torch.no_grad():
-        built = _objective(
-            network, content, [style], masks, [masks], high_order_kernels(preset), *WEIGHTS, None
-        )
+    built = build_objective(
+        network, content, [style], masks, [masks], high_order_kernels(preset), *WEIGHTS, None
+    )
     if eager:
         for loss in built.style_losses.values():
             loss.__class__ = EagerStyleLoss  # same buffers, autograd through the reference

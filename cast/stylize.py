@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
 from . import images, masks
 from .errors import CastError, ImageError, MaskError
-from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, high_order_kernels
+from .losses import high_order_kernels
 from .network import CONTENT_LAYERS, POOLINGS, STYLE_LAYERS, VGGFeatures
+from .objective import build as build_objective
 from .weights import DEFAULT_MODEL
 
 ImageLike = str | os.PathLike | Tensor
@@ -150,17 +151,16 @@ def stylize(
     last_good = content_image
     try:
         for scale, (h, w) in enumerate(_scale_sizes(content_image.shape[-2:], size, scales), 1):
-            with torch.no_grad():
-                objective = _objective(
-                    network,
-                    images.resize(content_image, (h, w)).to(device),
-                    [images.resize(s, images.fit(s.shape[-2:], max(h, w))).to(device)
-                     for s in style_images],
-                    content_masks.to(device),
-                    [m.to(device) for m in style_region_masks],
-                    kernels.to(device),
-                    content_weight, style_weight, tv_weight, backend,
-                )  # fmt: skip
+            objective = build_objective(
+                network,
+                images.resize(content_image, (h, w)).to(device),
+                [images.resize(s, images.fit(s.shape[-2:], max(h, w))).to(device)
+                 for s in style_images],
+                content_masks.to(device),
+                [m.to(device) for m in style_region_masks],
+                kernels.to(device),
+                content_weight, style_weight, tv_weight, backend,
+            )  # fmt: skip
             if image is None:
                 image = _initial(init, content_image, style_images, generator).to(device)
             image = images.resize(image.clamp(0, 1), (h, w))
@@ -344,69 +344,6 @@ def _mask_tensor(mask: Tensor, hw: tuple[int, int], what: str, regions: int | No
     return masks.resample(mask.detach().float().cpu().clamp(0, 1), hw)
 
 
-class _Objective(nn.Module):
-    """``content_weight * content + style_weight * mean_layers(style) + tv_weight * TV``."""
-
-    def __init__(self, network, content_losses, style_losses, weights):
-        super().__init__()
-        self.network = network
-        self.content_losses = nn.ModuleDict(content_losses)
-        self.style_losses = nn.ModuleDict(style_losses)
-        self.tv_loss = TVLoss()
-        self.content_weight, self.style_weight, self.tv_weight = weights
-        self.layers = tuple(dict.fromkeys([*content_losses, *style_losses]))
-
-    def forward(self, image: Tensor) -> Tensor:
-        features = self.network(image[None], self.layers)
-        content = sum(loss(features[name]) for name, loss in self.content_losses.items())
-        style = sum(loss(features[name]) for name, loss in self.style_losses.items())
-        return (
-            self.content_weight * content
-            + self.style_weight * style / len(self.style_losses)
-            + self.tv_weight * self.tv_loss(image[None])
-        )
-
-
-def _objective(
-    network, content, styles, content_masks, style_masks, kernels, content_weight, style_weight,
-    tv_weight, backend,
-) -> _Objective:  # fmt: skip
-    """Targets at this scale: content features, and per style layer the pooled statistics of
-    every style image's regions; a region no style image has keeps its own statistics."""
-    content_features = network(content[None], CONTENT_LAYERS + STYLE_LAYERS)
-    style_features = [network(s[None], STYLE_LAYERS) for s in styles]
-    style_losses = {}
-    for layer in STYLE_LAYERS:
-        poolings = network.poolings_before(layer)
-        region_masks = _on_grid(content_masks, content, content_features[layer], poolings)
-        own = GramStats.of(content_features[layer], region_masks, kernels, backend=backend)
-        per_style = [
-            GramStats.of(f[layer], _on_grid(m, s, f[layer], poolings), kernels, backend=backend)
-            for s, f, m in zip(styles, style_features, style_masks, strict=True)
-        ]
-        pooled = sum(per_style[1:], start=per_style[0])
-        target = pooled.mean(fallback=own.mean())
-        style_losses[layer] = StyleLoss(target, region_masks, kernels, backend=backend)
-    content_losses = {layer: ContentLoss(content_features[layer]) for layer in CONTENT_LAYERS}
-    return _Objective(
-        network, content_losses, style_losses, (content_weight, style_weight, tv_weight)
-    )
-
-
-def _on_grid(mask: Tensor, image: Tensor, features: Tensor, poolings: int) -> Tensor:
-    """``mask`` (of ``image``, at any resolution) averaged over the pixels each feature cell sees.
-
-    Poolings round down, so the trailing rows and columns of ``image`` reach no cell: they are
-    cropped first (in proportion when the mask's resolution differs from the image's).
-    """
-    grid = features.shape[-2:]
-    seen = [
-        round(m * g * 2**poolings / i)
-        for m, g, i in zip(mask.shape[-2:], grid, image.shape[-2:], strict=True)
-    ]
-    return masks.resample(mask[..., : seen[0], : seen[1]], grid)
-
-
 def _initial(init: str, content: Tensor, styles: list[Tensor], generator) -> Tensor:
     if init == "noise":
         return torch.rand(content.shape, generator=generator)
@@ -430,9 +367,7 @@ def _optimise(objective, image: Tensor, iters: int, optimizer: str, lr: float):
         opt = torch.optim.Adam([x], lr=lr)
 
     def closure():
-        opt.zero_grad()
-        loss = objective(x)
-        loss.backward()
+        loss, x.grad = objective.value_and_grad(x)
         return loss
 
     last_good = x.detach().clone()
@@ -444,8 +379,7 @@ def _optimise(objective, image: Tensor, iters: int, optimizer: str, lr: float):
         last_good = before  # the loss just computed belongs to the image before this step
         yield step, loss, x.detach(), last_good
     if not torch.isfinite(x).all():  # the last step diverged: no later loss would tell
-        with torch.no_grad():
-            raise _Diverged(iters, float(objective(x)), last_good)
+        raise _Diverged(iters, float(objective.value_and_grad(x)[0]), last_good)
 
 
 def _finish(image: Tensor, content: Tensor, preserve_color: bool) -> Tensor:

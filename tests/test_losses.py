@@ -88,6 +88,19 @@ def test_stats_of_two_images_are_the_stats_of_their_union():
     torch.testing.assert_close(pooled.mean()[:, 0], gram_a[:, 0])
 
 
+def test_stats_of_a_batch_are_the_stats_of_its_images_pooled():
+    """A batch of two images counts both images' positions: sums and mass of each, added."""
+    C, H, W, K = 3, 7, 9, 2
+    kernels = HIGH_ORDER_PRESETS["neighbours"].double()
+    batch, masks = _random(2, C, H, W, seed=1), _random(K, H, W, seed=2)
+    masks[1, :, : W // 2] = 0  # regions of different mass, so a mass factor cannot cancel out
+    of = lambda features: GramStats.of(features, masks, kernels, backend="reference")  # noqa: E731
+    both, first, second = of(batch), of(batch[:1]), of(batch[1:])
+    torch.testing.assert_close(both.sums, first.sums + second.sums)
+    torch.testing.assert_close(both.mass, first.mass + second.mass)
+    torch.testing.assert_close(both.mean(), (first + second).mean())
+
+
 def test_a_region_without_mass_takes_the_fallback_not_nan():
     features = _random(1, 3, 6, 6)
     masks = torch.stack([torch.ones(6, 6), torch.zeros(6, 6)]).double()

@@ -10,7 +10,8 @@ import torch
 from cast import images
 from cast.errors import CastError
 from cast.network import STYLE_LAYERS, VGGFeatures
-from cast.stylize import _on_grid, _regions, stylize, transfer_luminance
+from cast.objective import on_grid
+from cast.stylize import _regions, stylize, transfer_luminance
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONTENT, STYLE = EXAMPLES / "tubingen.jpg", EXAMPLES / "starry_night.jpg"
@@ -161,6 +162,6 @@ def test_layer_masks_cover_the_pixels_the_features_see():
     for scale in (1, 2):  # masks at the image's resolution, or twice it (a coarse scale)
         bottom = torch.zeros(1, 171 * scale, 256 * scale)
         bottom[:, 150 * scale :] = 1  # rows 150..170: 10 of them seen by the last cell row
-        on_grid = _on_grid(bottom, image, features, network.poolings_before("relu5_1"))
+        cells = on_grid(bottom, image, features, network.poolings_before("relu5_1"))
         expected = torch.tensor([0.0] * 9 + [10 / 16])[:, None].expand(10, 16)
-        torch.testing.assert_close(on_grid[0], expected)
+        torch.testing.assert_close(cells[0], expected)
