@@ -96,7 +96,8 @@ def stylize(
         scales: number of scales, coarse to fine; scale ``s`` of ``n`` has long side
             ``size / 2**(n - s)``.
         high_order: a preset of ``cast.losses.HIGH_ORDER_PRESETS`` or a kernel file.
-        model: ``"vgg16-hed"``, ``"vgg19"`` or a weights file (``cast.weights``).
+        model: ``"vgg19"`` (ImageNet VGG-19), ``"vgg16-hed"`` or a weights file
+            (``cast.weights``).
         pooling: ``"avg"`` or ``"max"``.
         content_weight, style_weight, tv_weight: weights of the three terms (see cast.losses).
         optimizer: ``"lbfgs"`` or ``"adam"``; ``lr`` its step size (default 1 and 0.02).

