@@ -129,6 +129,8 @@ def main() -> None:
     shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "the defaults"
     rows = []
     for reference, content, style in pairs(args.reference):
+        if args.only is not None and content.stem != args.only:
+            continue
         started = time.perf_counter()
         ours = stylize(content, style, device=args.device, progress=False, **options)
         seconds = time.perf_counter() - started

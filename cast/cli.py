@@ -72,7 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     option("--tv-weight", "tv_weight", float, "weight of total variation", metavar="W")
     option("--optimizer", "optimizer", str, "optimiser", choices=OPTIMIZERS)
     option("--lr", "lr", float, "step size (default 1 for lbfgs, 0.02 for adam)")
-    option("--init", "init", str, "starting image", choices=INITS)
+    option("--init", "init", str, f"starting image: {', '.join(INITS)} or an image file",
+           metavar="INIT|PATH")  # fmt: skip
+    option("--lbfgs-history", "lbfgs_history", int, "steps L-BFGS remembers", metavar="N")
+    option("--style-scale", "style_scale", float,
+           "style images at this times the result's size", metavar="X")  # fmt: skip
     option("--seed", "seed", int, "random seed", metavar="N")
     option("--save-every", "save_every", int, "write the image to OUT every N steps", metavar="N")
     option("--device", "device", str, "cpu, cuda, cuda:1, ... (default: cuda when present)")
@@ -117,7 +121,8 @@ def _stylize(args: argparse.Namespace) -> None:
         strict=args.strict,
         **{name: getattr(args, name) for name in (
             "size", "iters", "scales", "high_order", "model", "pooling", "content_weight",
-            "style_weight", "tv_weight", "optimizer", "lr", "init", "seed", "save_every",
+            "style_weight", "tv_weight", "optimizer", "lr", "init", "lbfgs_history",
+            "style_scale", "seed", "save_every",
             "device", "backend",
         )},
     )  # fmt: skip

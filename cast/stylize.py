@@ -29,8 +29,6 @@ ImageLike = str | os.PathLike | Tensor
 MIN_SIZE = 32
 # Smallest short side at the coarsest scale: one cell of relu5_1.
 MIN_SHORT_SIDE = 16
-# L-BFGS keeps this many pairs of image-sized vectors; counted in the memory estimate.
-LBFGS_HISTORY = 50
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
 OPTIMIZERS = tuple(DEFAULT_LR)
 INITS = ("content", "noise", "style")
@@ -66,7 +64,9 @@ def stylize(
     tv_weight: float = 2.0,
     optimizer: str = "lbfgs",
     lr: float | None = None,
-    init: str = "content",
+    init: str | os.PathLike = "content",
+    lbfgs_history: int = 50,
+    style_scale: float = 1.0,
     preserve_color: bool = False,
     seed: int = 0,
     save_every: int | None = None,
@@ -101,7 +101,12 @@ def stylize(
         pooling: ``"avg"`` or ``"max"``.
         content_weight, style_weight, tv_weight: weights of the three terms (see cast.losses).
         optimizer: ``"lbfgs"`` or ``"adam"``; ``lr`` its step size (default 1 and 0.02).
-        init: start from ``"content"``, ``"noise"`` or ``"style"`` (the first style image).
+        init: start from ``"content"``, ``"noise"``, ``"style"`` (the first style image) or
+            any image file (resized to the content's size).
+        lbfgs_history: how many past steps L-BFGS remembers (each costs two image copies).
+        style_scale: the style images are taken at ``style_scale`` times the long side of the
+            image being optimised (below 1: finer strokes relative to the result, above 1:
+            coarser ones).
         preserve_color: keep the content's colours: only luminance takes the style.
         seed: seeds the noise initialisation; the same seed on the same device gives the
             same result.
@@ -121,6 +126,7 @@ def stylize(
         an image too large for the device's memory.
     """
     _check_options(size, iters, scales, optimizer, init, pooling, save_every, output)
+    _check_positive(lbfgs_history=lbfgs_history, style_scale=style_scale)
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -133,16 +139,22 @@ def stylize(
     if not styles:
         raise CastError("give at least one style image")
 
-    _check_readable(content, styles, content_mask, style_masks, soft_masks)  # before any download
+    init_file = None if init in INITS else init
+    if init_file is not None and not Path(init_file).is_file():
+        raise CastError(f"init {str(init)!r} is neither {', '.join(INITS)} nor an image file")
+    # before any download
+    _check_readable(content, styles, content_mask, style_masks, soft_masks, init_file)
     network = VGGFeatures(model, pooling).to(device)
     layers = tuple(dict.fromkeys(CONTENT_LAYERS + STYLE_LAYERS))
-    optimiser_copies = (2 * LBFGS_HISTORY + 4) if optimizer == "lbfgs" else 6
+    # L-BFGS keeps two image-sized vectors per remembered step
+    optimiser_copies = (2 * lbfgs_history + 4) if optimizer == "lbfgs" else 6
     # before loading: a huge size would already exhaust memory when the image is resized
     _check_memory(network, layers, images.fit(_image_hw(content), size), device, optimiser_copies)
 
     content_image = _load(content, size)
-    style_images = [_load(style, size) for style in styles]
-    _check_short_sides(content_image, style_images, size, scales)
+    style_long_side = round(size * style_scale)
+    style_images = [_load(style, style_long_side) for style in styles]
+    _check_short_sides(content_image, style_images, size, scales, style_scale)
     content_masks, style_region_masks = _regions(
         content_image, style_images, content_mask, style_masks, soft_masks, strict
     )
@@ -155,8 +167,8 @@ def stylize(
             objective = build_objective(
                 network,
                 images.resize(content_image, (h, w)).to(device),
-                [images.resize(s, images.fit(s.shape[-2:], max(h, w))).to(device)
-                 for s in style_images],
+                [images.resize(s, images.fit(s.shape[-2:], round(max(h, w) * style_scale)))
+                 .to(device) for s in style_images],
                 content_masks.to(device),
                 [m.to(device) for m in style_region_masks],
                 kernels.to(device),
@@ -167,7 +179,8 @@ def stylize(
             image = images.resize(image.clamp(0, 1), (h, w))
             bar = tqdm(total=iters, desc=f"scale {scale}/{scales} {w}x{h}", disable=not progress)
             with bar:
-                steps = _optimise(objective, image, iters, optimizer, lr or DEFAULT_LR[optimizer])
+                steps = _optimise(objective, image, iters, optimizer,
+                                  lr or DEFAULT_LR[optimizer], lbfgs_history)  # fmt: skip
                 for step, loss, current, good in steps:
                     image, last_good = current, good
                     bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
@@ -197,8 +210,7 @@ def stylize(
 
 
 def _check_options(size, iters, scales, optimizer, init, pooling, save_every, output) -> None:
-    choices = {"optimizer": (optimizer, OPTIMIZERS), "init": (init, INITS),
-               "pooling": (pooling, POOLINGS)}  # fmt: skip
+    choices = {"optimizer": (optimizer, OPTIMIZERS), "pooling": (pooling, POOLINGS)}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise CastError(f"unknown {name} {value!r}; choose {', '.join(allowed)}")
@@ -217,11 +229,21 @@ def _check_options(size, iters, scales, optimizer, init, pooling, save_every, ou
         images.check_writable(output)
 
 
-def _check_short_sides(content: Tensor, styles: list[Tensor], size: int, scales: int) -> None:
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            flag = "--" + name.replace("_", "-")
+            raise CastError(f"{flag} must be positive, got {value}")
+
+
+def _check_short_sides(
+    content: Tensor, styles: list[Tensor], size: int, scales: int, style_scale: float
+) -> None:
     coarsest = round(size / 2 ** (scales - 1))
-    named = [("content", content)] + [(f"style {i + 1}", s) for i, s in enumerate(styles)]
-    for name, image in named:
-        h, w = images.fit(image.shape[-2:], coarsest)
+    named = [("content", content, 1.0)]
+    named += [(f"style {i + 1}", s, style_scale) for i, s in enumerate(styles)]
+    for name, image, scale in named:
+        h, w = images.fit(image.shape[-2:], round(coarsest * scale))
         if min(h, w) < MIN_SHORT_SIDE:
             raise CastError(
                 f"the {name} image is {w}x{h} px at the coarsest scale; the network needs a short "
@@ -238,9 +260,10 @@ def _load(image: ImageLike, long_side: int) -> Tensor:
     return images.resize(image.detach().float().cpu(), images.fit(image.shape[-2:], long_side))
 
 
-def _check_readable(content, styles, content_mask, style_masks, soft_masks) -> None:
+def _check_readable(content, styles, content_mask, style_masks, soft_masks, init_file) -> None:
     """Every input file opens (headers only), so a bad path is reported before the weights load."""
     files = [(content, "image", ImageError)] + [(s, "image", ImageError) for s in styles]
+    files += [(init_file, "init image", ImageError)]
     files += [(content_mask, "label image", MaskError)]
     files += [(m, "label image", MaskError) for m in style_masks or []]
     files += [(m, "soft mask", MaskError) for m in soft_masks or []]
@@ -345,12 +368,14 @@ def _mask_tensor(mask: Tensor, hw: tuple[int, int], what: str, regions: int | No
     return masks.resample(mask.detach().float().cpu().clamp(0, 1), hw)
 
 
-def _initial(init: str, content: Tensor, styles: list[Tensor], generator) -> Tensor:
+def _initial(init, content: Tensor, styles: list[Tensor], generator) -> Tensor:
     if init == "noise":
         return torch.rand(content.shape, generator=generator)
     if init == "style":
         return images.resize(styles[0], tuple(content.shape[-2:]))
-    return content.clone()
+    if init == "content":
+        return content.clone()
+    return images.resize(images.load_image(init), tuple(content.shape[-2:]))
 
 
 class _Diverged(Exception):
@@ -358,12 +383,12 @@ class _Diverged(Exception):
         self.step, self.loss, self.last_good = step, loss, last_good
 
 
-def _optimise(objective, image: Tensor, iters: int, optimizer: str, lr: float):
+def _optimise(objective, image: Tensor, iters: int, optimizer: str, lr: float, history: int):
     """Yield ``(step, loss, image, last_good)`` after each step; ``_Diverged`` on NaN/inf."""
     x = image.detach().clone(memory_format=torch.contiguous_format).requires_grad_()
     if optimizer == "lbfgs":
         # one L-BFGS iteration per step() call, so steps are counted, shown and saved
-        opt = torch.optim.LBFGS([x], lr=lr, max_iter=1, history_size=LBFGS_HISTORY)
+        opt = torch.optim.LBFGS([x], lr=lr, max_iter=1, history_size=history)
     else:
         opt = torch.optim.Adam([x], lr=lr)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from cast import images
+from cast.cli import main
 from cast.errors import CastError
 from cast.network import STYLE_LAYERS, VGGFeatures
 from cast.objective import on_grid
@@ -165,3 +167,50 @@ def test_layer_masks_cover_the_pixels_the_features_see():
         cells = on_grid(bottom, image, features, network.poolings_before("relu5_1"))
         expected = torch.tensor([0.0] * 9 + [10 / 16])[:, None].expand(10, 16)
         torch.testing.assert_close(cells[0], expected)
+
+
+# neural-style's controls: each test fails when its option is ignored
+
+SCREAM = EXAMPLES / "the_scream.jpg"
+
+
+def test_init_from_an_image_file():
+    start = stylize(CONTENT, STYLE, size=40, iters=0, init=SCREAM, **FAST)
+    content = images.load_image(CONTENT, long_side=40)
+    scream = images.resize(images.load_image(SCREAM), tuple(content.shape[-2:]))
+    assert torch.allclose(start, scream.clamp(0, 1))
+    with pytest.raises(CastError, match="'nosie' is neither content, noise, style nor an image"):
+        stylize(CONTENT, STYLE, size=40, iters=0, init="nosie", **FAST)
+
+
+def test_lbfgs_history_is_used():
+    run = dict(size=40, iters=6, **FAST)
+    assert not torch.equal(
+        stylize(CONTENT, STYLE, lbfgs_history=1, **run),
+        stylize(CONTENT, STYLE, lbfgs_history=20, **run),
+    )
+
+
+def test_style_scale_sizes_the_style_images(monkeypatch):
+    module = sys.modules["cast.stylize"]  # the package's ``stylize`` is the function
+    seen = []
+
+    def spy(network, content, styles, *args, **kwargs):
+        seen.append((max(content.shape[-2:]), [max(s.shape[-2:]) for s in styles]))
+        return build(network, content, styles, *args, **kwargs)
+
+    build = module.build_objective
+    monkeypatch.setattr(module, "build_objective", spy)
+    stylize(CONTENT, [STYLE, SCREAM], size=128, scales=2, iters=0, style_scale=0.5,
+            progress=False)  # fmt: skip
+    assert seen == [(64, [32, 32]), (128, [64, 64])]
+
+
+@pytest.mark.parametrize("flag", ["--style-scale", "--lbfgs-history"])
+def test_non_positive_controls_are_one_line_exit_2(flag, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    argv = ["stylize", str(CONTENT), str(STYLE), "-o", str(out), "--size", "40", "--scales", "1"]
+    assert main([*argv, flag, "-1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cast: error: {flag} must be positive, got -1") and not out.exists()
+    assert err.count("\n") == 1
