@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 READY := $(VENV)/.cast-ready
 
-.PHONY: setup test lint bench demo clean
+.PHONY: setup test lint bench demo clean gpu-check
 
 setup: $(READY)
 
@@ -27,6 +27,12 @@ lint: $(READY)
 bench: $(READY)
 	$(PY) bench/bench_masked_gram.py
 	$(PY) bench/bench_stylize.py
+
+# On a lent GPU machine, with its own python3 (no venv, no network): build, GPU tests, op
+# benchmark; every log and table into $(OUT).
+OUT ?= gpu-check-out
+gpu-check:
+	OUT=$(OUT) bench/gpu_check.sh
 
 demo: $(READY)
 	mkdir -p out

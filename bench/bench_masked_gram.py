@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import statistics
 import sys
@@ -142,6 +143,16 @@ def timings(fn, device: str, warmup: int, repeats: int) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
+def memory_bandwidth(device: str, warmup: int, repeats: int) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read and written."""
+    if device != "cuda":
+        return float("nan")  # the CPU rows are compute-bound; no model is printed for them
+    source = torch.randn(1 << 28, device=device)  # 1 GiB
+    target = torch.empty_like(source)
+    _, best = timings(lambda: target.copy_(source), device, warmup, repeats)
+    return 2 * source.nbytes / best
+
+
 def matmul_peak(device: str, dtype: torch.dtype, warmup: int, repeats: int) -> tuple[float, str]:
     """GFLOP/s of a large dense matmul in the precision the op uses on this device."""
     if device == "cuda":
@@ -167,9 +178,24 @@ class Row:
     best: float
     extra_bytes: int
 
+    element_size: int = 4
+
     @property
     def flops(self) -> float:
         return 4 * self.J * self.K * self.layer.N * self.layer.C**2
+
+    @property
+    def bytes(self) -> float:
+        """The fewest bytes a forward + backward moves: F read twice, dF written, masks read
+        twice, G written and dG read (float32)."""
+        features = self.layer.N * self.layer.C * self.element_size
+        masks = self.K * self.layer.N * self.element_size
+        grams = 2 * self.J * self.K * self.layer.C**2 * 4
+        return 3 * features + 2 * masks + grams
+
+    def model_seconds(self, peak_flops: float, bandwidth: float) -> float:
+        """The roofline bound: the larger of compute time at the matmul peak and memory time."""
+        return max(self.flops / peak_flops, self.bytes / bandwidth)
 
 
 def measure(args, image: int) -> list[Row]:
@@ -188,13 +214,19 @@ def measure(args, image: int) -> list[Row]:
             inputs = (features.to(**to), masks.to(**to), kernels.to(**to), grad.to(device))
             out_bytes = grad.nbytes + inputs[0].nbytes  # G and dF
             for backend in args.backends:
+                skip = baseline_skip(backend, layer, J, K, image, args)
+                if skip:
+                    print(f"{layer.name} J={J} K={K} {backend}: skipped ({skip})", flush=True)
+                    continue
                 run = forward_backward(backend, compiled_reference)
                 seconds, best = timings(partial(run, *inputs), device, args.warmup, args.repeats)
                 memory.start()
                 result = run(*inputs)
                 extra = memory.peak() - out_bytes
                 del result
-                rows.append(Row(layer, J, K, backend, seconds, best, extra))
+                rows.append(
+                    Row(layer, J, K, backend, seconds, best, extra, inputs[0].element_size())
+                )
                 print(
                     f"{layer.name} C={layer.C} {layer.H}x{layer.W} J={J} K={K} {backend:>8}: "
                     f"{seconds * 1e3:9.1f} ms (best {best * 1e3:.1f}) "
@@ -205,26 +237,48 @@ def measure(args, image: int) -> list[Row]:
     return rows
 
 
+def baseline_skip(backend: str, layer: Layer, J: int, K: int, image: int, args) -> str:
+    """Why a baseline is not run here, or "": torch.compile only up to --compile-max-image
+    (each shape compiles for tens of seconds), eager code only where its J*K*N*C intermediates
+    (about four copies, autograd's included) fit in the device's free memory."""
+    if backend == "compile" and args.compile_max_image and image > args.compile_max_image:
+        return f"torch.compile only up to {args.compile_max_image}^2"
+    if backend in BASELINES and args.device == "cuda":
+        needed = 4 * J * K * layer.N * layer.C * 4
+        free = torch.cuda.mem_get_info()[0]
+        if needed > 0.8 * free:
+            return f"needs about {needed / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"
+    return ""
+
+
 def ratio(base: Row | None, row: Row) -> str:
     return f"{base.seconds / row.seconds:.2f}x" if base else "-"
 
 
-def table(rows: list[Row], peak: float, args) -> str:
+def table(rows: list[Row], peak: float, bandwidth: float, args) -> str:
     by_key = {(r.layer.name, r.J, r.K, r.backend): r for r in rows}
     bytes_per = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     lines = [
-        "| layer | C x H x W | J,K | backend | ms | best ms | GFLOP/s | % peak | vs eager "
-        "| vs compile | extra MiB | J*K*N*C MiB |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| layer | C x H x W | J,K | backend | ms | best ms | model ms | % roofline | GFLOP/s "
+        "| % peak | vs eager | vs compile | extra MiB | J*K*N*C MiB |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
     for r in rows:
         key = (r.layer.name, r.J, r.K)
         gflops = r.flops / r.seconds / 1e9
         blowup = r.J * r.K * r.layer.N * r.layer.C * bytes_per / MIB
+        # no roofline on the CPU (no bandwidth measured there)
+        model = r.model_seconds(peak * 1e9, bandwidth) if math.isfinite(bandwidth) else None
         lines.append(
             f"| {r.layer.name} | {r.layer.C}x{r.layer.H}x{r.layer.W} | {r.J},{r.K} | {r.backend} "
-            f"| {r.seconds * 1e3:.1f} | {r.best * 1e3:.1f} "
-            f"| {gflops:.1f} | {100 * gflops / peak:.0f}% "
+            f"| {r.seconds * 1e3:.2f} | {r.best * 1e3:.2f} "
+            + (
+                f"| {model * 1e3:.2f} | {100 * model / r.seconds:.0f}% "
+                if model
+                else "| - | - "
+            )
+            + f"| {gflops:.1f} | {100 * gflops / peak:.0f}% "
             f"| {ratio(by_key.get((*key, 'eager')), r)} "
             f"| {ratio(by_key.get((*key, 'compile')), r)} "
             f"| {r.extra_bytes / MIB:.1f} | {blowup:.0f} |"
@@ -239,19 +293,28 @@ def table(rows: list[Row], peak: float, args) -> str:
     for J, K in args.jk:
         mine = [r for r in rows if (r.J, r.K) == (J, K)]
         median = {b: sum(r.seconds for r in mine if r.backend == b) for b in args.backends}
+
+        ran = {b: sum(r.backend == b for r in mine) for b in args.backends}
+        # a baseline's total only where it ran at every layer
+        complete = {b: ran[b] == len(STYLE_LAYERS) for b in args.backends}
+
         best = {b: sum(r.best for r in mine if r.backend == b) for b in args.backends}
         for b in args.backends:
+            if not ran[b]:
+                continue
             cells = [f"{J},{K}", b]
             for totals in (median, best):
                 cells.append(f"{totals[b] * 1e3:.1f}")
                 cells += [
-                    f"{totals[x] / totals[b]:.2f}x" if x in totals else "-" for x in BASELINES
+                    f"{totals[x] / totals[b]:.2f}x" if complete.get(x) else "-" for x in BASELINES
                 ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def report(results: dict[int, list[Row]], peak: float, peak_how: str, args) -> str:
+def report(
+    results: dict[int, list[Row]], peak: float, peak_how: str, bandwidth: float, args
+) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     threads = torch.get_num_threads() if args.device == "cpu" else None
@@ -263,6 +326,16 @@ def report(results: dict[int, list[Row]], peak: float, peak_how: str, args) -> s
         f"- {versions()}",
         f"- git {git_sha()}, {now}, load average before the run {load}",
         f"- matmul peak measured in this run: {peak:.0f} GFLOP/s ({peak_how})",
+        *(
+            [
+                f"- memory bandwidth measured in this run: {bandwidth / 1e9:.0f} GB/s (1 GiB "
+                "device-to-device copy, bytes read + written); model ms: the roofline bound "
+                "max(flops / peak, bytes / bandwidth) with the fewest bytes (F read twice, dF "
+                "written, masks read twice, G and dG); % roofline = model / measured"
+            ]
+            if math.isfinite(bandwidth)
+            else []
+        ),
         f"- time: median (and best) of {args.repeats} runs after {args.warmup} warm-up runs; "
         "GFLOP/s from the median, counting 4*J*K*N*C^2 per forward + backward, against the "
         "peak's best run; 3x3 random kernels, soft masks, B=1",
@@ -277,7 +350,7 @@ def report(results: dict[int, list[Row]], peak: float, peak_how: str, args) -> s
         "",
     ]
     sections = [
-        f"## {image}x{image} image\n\n{table(rows, peak, args)}\n"
+        f"## {image}x{image} image\n\n{table(rows, peak, bandwidth, args)}\n"
         for image, rows in results.items()
     ]
     return "\n".join(header) + "\n".join(sections)
@@ -291,7 +364,7 @@ def parse_args(argv=None):
         "--image",
         type=int,
         nargs="+",
-        choices=(512, 1024, 4096),
+        choices=(512, 1024, 2048, 4096),
         help="image sizes (default: 512 on cpu, 1024 on cuda)",
     )
     parser.add_argument(
@@ -305,6 +378,12 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="markdown table path")
+    parser.add_argument(
+        "--compile-max-image",
+        type=int,
+        default=0,
+        help="run the torch.compile baseline only up to this image size (0: at every size)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: a 64x64 image, few runs, writes nothing"
     )
@@ -330,8 +409,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     peak, peak_how = matmul_peak(args.device, getattr(torch, args.dtype), args.warmup, args.repeats)
     print(f"matmul peak: {peak:.0f} GFLOP/s ({peak_how})", flush=True)
+    bandwidth = memory_bandwidth(args.device, args.warmup, args.repeats)
+    print(f"memory bandwidth: {bandwidth / 1e9:.0f} GB/s", flush=True)
     results = {image: measure(args, image) for image in args.image}
-    text = report(results, peak, peak_how, args)
+    text = report(results, peak, peak_how, bandwidth, args)
     print(text)
     out = args.out
     if out is None and not args.quick:

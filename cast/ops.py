@@ -128,11 +128,59 @@ def canonical_inputs(
     return features.contiguous(), masks.contiguous(), kernels.contiguous()
 
 
+def check_canonical(
+    features: Tensor, masks: Tensor, kernels: Tensor, grad: Tensor | None = None
+) -> None:
+    """The contract between the registered ops and the backends, checked at the registered
+    entry itself (``torch.ops.cast.masked_gram`` can be called directly): canonical shapes, one
+    device, one floating dtype, contiguous. Cheap: metadata only, no pass over the data."""
+    where = "torch.ops.cast.masked_gram"
+    tensors = {"features": features, "masks": masks, "kernels": kernels}
+    if grad is not None:
+        tensors["grad"] = grad
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{where}: {name} must be a floating-point tensor")
+        if t.device != features.device:
+            raise ValueError(f"{where}: {name} on {t.device}, features on {features.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{where}: {name} must be contiguous; use cast.masked_gram")
+    for name, t in (("masks", masks), ("kernels", kernels)):
+        if t.dtype != features.dtype:
+            raise ValueError(f"{where}: {name} are {t.dtype}, features {features.dtype}")
+    if features.dtype not in backends.FLOAT_DTYPES or features.dim() != 4 or not features.numel():
+        raise ValueError(
+            f"{where}: features must be non-empty (B, C, H, W), got {_describe(features)}"
+        )
+    B, C, H, W = features.shape
+    if (
+        masks.dim() != 4
+        or masks.shape[0] not in (1, B)
+        or masks.shape[1] == 0
+        or masks.shape[2:] != (H, W)
+    ):
+        raise ValueError(
+            f"{where}: masks must be (1 or {B}, K, {H}, {W}), got {_describe(masks)}; "
+            "cast.masked_gram puts them in this form"
+        )
+    J = kernels.shape[0] if kernels.dim() == 3 else 0
+    if J == 0 or kernels.shape[1] != kernels.shape[2] or kernels.shape[1] % 2 == 0:
+        raise ValueError(f"{where}: kernels must be (J, r, r), r odd, got {_describe(kernels)}")
+    if grad is not None and grad.shape != (B, J, masks.shape[1], C, C):
+        raise ValueError(
+            f"{where}: grad must be (B, J, K, C, C) = {(B, J, masks.shape[1], C, C)}, "
+            f"got {_describe(grad)}"
+        )
+
+
 @torch.library.custom_op("cast::masked_gram", mutates_args=())
 def _masked_gram_op(
     features: Tensor, masks: Tensor, kernels: Tensor, backend: str, allow_tf32: bool
 ) -> Tensor:
-    return backends.load(backend).forward(features, masks, kernels, allow_tf32)
+    check_canonical(features, masks, kernels)
+    return backends.choose(backend, features.device, features.dtype).forward(
+        features, masks, kernels, allow_tf32
+    )
 
 
 @_masked_gram_op.register_fake
@@ -146,7 +194,10 @@ def _(features, masks, kernels, backend, allow_tf32):
 def _masked_gram_backward_op(
     grad: Tensor, features: Tensor, masks: Tensor, kernels: Tensor, backend: str, allow_tf32: bool
 ) -> Tensor:
-    return backends.load(backend).backward(grad, features, masks, kernels, allow_tf32)
+    check_canonical(features, masks, kernels, grad)
+    return backends.choose(backend, features.device, features.dtype).backward(
+        grad, features, masks, kernels, allow_tf32
+    )
 
 
 @_masked_gram_backward_op.register_fake

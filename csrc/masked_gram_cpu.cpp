@@ -366,11 +366,32 @@ at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& features,
   return d_features;
 }
 
-at::Tensor masked_gram_fused_cpu(const at::Tensor& features, const at::Tensor& masks,
-                                 const at::Tensor& kernels, bool /*allow_tf32: GPU only*/) {
+// The registered op can be called directly: guard every memory read the kernels make.
+void check_contract(const at::Tensor& features, const at::Tensor& masks,
+                    const at::Tensor& kernels) {
   TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
               "cast::_masked_gram_fused on CPU takes float32 or float64, got ",
               features.scalar_type());
+  for (const at::Tensor* t : {&features, &masks, &kernels}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() &&
+                    t->scalar_type() == features.scalar_type(),
+                "cast::_masked_gram_fused (cpu): inputs must be contiguous CPU tensors of one "
+                "dtype; call cast.masked_gram");
+  }
+  TORCH_CHECK(features.dim() == 4 && masks.dim() == 4 && kernels.dim() == 3 &&
+                  features.numel() > 0 && masks.size(1) > 0 && kernels.size(0) > 0,
+              "cast::_masked_gram_fused (cpu): expected non-empty (B,C,H,W), (Bm,K,H,W), (J,r,r)");
+  TORCH_CHECK(masks.size(0) == 1 || masks.size(0) == features.size(0),
+              "cast::_masked_gram_fused (cpu): masks' batch must be 1 or B");
+  TORCH_CHECK(masks.size(2) == features.size(2) && masks.size(3) == features.size(3),
+              "cast::_masked_gram_fused (cpu): masks must be on the features' grid");
+  TORCH_CHECK(kernels.size(1) == kernels.size(2) && kernels.size(1) % 2 == 1,
+              "cast::_masked_gram_fused (cpu): kernels must be square with an odd size");
+}
+
+at::Tensor masked_gram_fused_cpu(const at::Tensor& features, const at::Tensor& masks,
+                                 const at::Tensor& kernels, bool /*allow_tf32: GPU only*/) {
+  check_contract(features, masks, kernels);
   return features.scalar_type() == at::kDouble ? forward_impl<double>(features, masks, kernels)
                                                : forward_impl<float>(features, masks, kernels);
 }
@@ -378,9 +399,11 @@ at::Tensor masked_gram_fused_cpu(const at::Tensor& features, const at::Tensor& m
 at::Tensor masked_gram_fused_backward_cpu(const at::Tensor& grad, const at::Tensor& features,
                                           const at::Tensor& masks, const at::Tensor& kernels,
                                           bool /*allow_tf32: GPU only*/) {
-  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
-              "cast::_masked_gram_fused_backward on CPU takes float32 or float64, got ",
-              features.scalar_type());
+  check_contract(features, masks, kernels);
+  TORCH_CHECK(grad.device().is_cpu() && grad.dim() == 5 && grad.size(0) == features.size(0) &&
+                  grad.size(1) == kernels.size(0) && grad.size(2) == masks.size(1) &&
+                  grad.size(3) == features.size(1) && grad.size(4) == features.size(1),
+              "cast::_masked_gram_fused_backward (cpu): grad must be (B, J, K, C, C)");
   const at::Tensor g = grad.contiguous();
   return features.scalar_type() == at::kDouble
              ? backward_impl<double>(g, features, masks, kernels)

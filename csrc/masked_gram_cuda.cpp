@@ -41,8 +41,10 @@ void check_contract(const at::Tensor& features, const at::Tensor& masks,
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == features.scalar_type(),
                 "cast::_masked_gram_fused (cuda): inputs must be contiguous and of one dtype");
   }
-  TORCH_CHECK(features.dim() == 4 && masks.dim() == 4 && kernels.dim() == 3,
-              "cast::_masked_gram_fused (cuda): expected (B,C,H,W), (Bm,K,H,W), (J,r,r)");
+  TORCH_CHECK(features.dim() == 4 && masks.dim() == 4 && kernels.dim() == 3 &&
+                  features.numel() > 0 && masks.size(1) > 0 && kernels.size(0) > 0,
+              "cast::_masked_gram_fused (cuda): expected non-empty (B,C,H,W), (Bm,K,H,W), "
+              "(J,r,r)");
   TORCH_CHECK(masks.size(0) == 1 || masks.size(0) == features.size(0),
               "cast::_masked_gram_fused (cuda): masks' batch must be 1 or B");
   TORCH_CHECK(masks.size(2) == features.size(2) && masks.size(3) == features.size(3),

@@ -34,6 +34,8 @@ chip.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -43,17 +45,16 @@ from ..backends import FLOAT_DTYPES
 from ..reference import gram_dtype, inverse_mass
 from .utils import (
     INTERPRETING,
-    TRITON_DTYPES,
-    accumulator_dtype,
     channel_blocks,
-    dot_input_precision,
+    dot_constexprs,
     fits_channels,
     on_device,
     programs_to_fill,
-    upcast_dot_operands,
+    wide_offsets,
 )
 
 DTYPES = FLOAT_DTYPES  # every dtype the op takes
+AUTOTUNE = os.environ.get("CAST_TRITON_AUTOTUNE", "1") not in ("", "0")
 MASKS_PER_PROGRAM = 4
 # Split scratch (partial Grams) may take at most this fraction of the inputs and outputs.
 SPLIT_SCRATCH_FRACTION = 0.1
@@ -67,31 +68,17 @@ INTERPRETER_BWD_CONFIG = dict(BLOCK_N=128, BLOCK_C=32, BLOCK_D=32, num_warps=4)
 # num_stages=1: the r*r (forward) and (2r-1)^2 (backward) shifted loads of a tile are cache
 # hits, and software pipelining would stage every one of them in shared memory (sm90 compile of
 # the backward at num_stages=3: 272 KiB, over the H100's 227 KiB).
+# Every config compiles for sm_90 without spilling at the mask counts _fits lets it take
+# (tests/sm90.py reads the machine code; tests/test_triton_kernels.py asserts it).
 FWD_CONFIGS = [
     triton.Config(dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C), num_warps=num_warps, num_stages=1)
-    for BLOCK_N, BLOCK_C, num_warps in [
-        (64, 16, 4),
-        (64, 32, 4),
-        (64, 64, 4),
-        (64, 64, 8),
-        (128, 64, 8),
-        (64, 128, 8),
-        (128, 128, 8),
-    ]
+    for BLOCK_N, BLOCK_C, num_warps in [(64, 64, 8), (128, 64, 8), (128, 128, 8)]
 ]
 BWD_CONFIGS = [
     triton.Config(
         dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D), num_warps=num_warps, num_stages=1
     )
-    for BLOCK_N, BLOCK_C, BLOCK_D, num_warps in [
-        (64, 16, 16, 4),
-        (64, 32, 32, 4),
-        (64, 64, 32, 4),
-        (64, 64, 32, 8),
-        (128, 64, 32, 8),
-        (64, 128, 32, 8),
-        (128, 128, 32, 8),
-    ]
+    for BLOCK_N, BLOCK_C, BLOCK_D, num_warps in [(64, 64, 32, 8), (128, 64, 32, 8)]
 ]
 # Splits of the positions are whole multiples of every BLOCK_N, so no tile straddles two.
 SPLIT_QUANTUM = max(c.kwargs["BLOCK_N"] for c in FWD_CONFIGS)
@@ -124,30 +111,61 @@ def _shift_validity(
 
 @triton.jit
 def _convolved_tile(
-    channel_ptrs,  # (BLOCK_C,) pointers to position 0 of each channel of one batch item
+    base_ptr,  # scalar: position 0 of channel 0 of one batch item
+    channel_offsets,  # (BLOCK_C,) c * N, int32 (int64 where C * N >= 2^31: WIDE_OFFSETS)
     channel_ok,  # (BLOCK_C,)
     offs_n,  # (BLOCK_N,)
-    rows_ok,  # 2 * (R // 2) + 1 of (BLOCK_N,), from _shift_validity
-    cols_ok,  # likewise
-    taps,  # R*R scalars p_j[t]
+    row,  # (BLOCK_N,) offs_n // W
+    col,  # (BLOCK_N,) offs_n % W
+    position_ok,  # (BLOCK_N,)
+    kernel_ptr,  # (R, R) p_j
+    H,
     W,
     R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """``(P_j F)[n, c]`` on a tile: cross-correlation with zero padding, ``R*R`` shifted loads."""
+    """``(P_j F)[n, c]`` on a tile: cross-correlation with zero padding, ``R*R`` shifted loads.
+
+    A loop, not unrolled: unrolled, the compiler issued all ``R*R`` loads of a 64 x 64 tile at
+    once and spilled (255 registers, 1.2 KB spilled at 4 warps; sm_90, Triton 3.6). One offset
+    tile and a scalar base rather than a tile of 64-bit pointers, for the same reason."""
     tile = tl.zeros((BLOCK_N, BLOCK_C), ACC_DTYPE)
-    ptrs = channel_ptrs[None, :] + offs_n[:, None]
-    for t in tl.static_range(R * R):
-        inside = rows_ok[t // R] & cols_ok[t % R]
+    offsets = channel_offsets[None, :] + offs_n[:, None]
+    for t in range(R * R):
+        dy = t // R - R // 2
+        dx = t % R - R // 2
+        inside = position_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
         x = tl.load(
-            ptrs + ((t // R - R // 2) * W + (t % R - R // 2)),
+            base_ptr + (offsets + (dy * W + dx)),
             mask=inside[:, None] & channel_ok[None, :],
             other=0.0,
         )
-        tile += taps[t] * x.to(ACC_DTYPE)
+        tile += tl.load(kernel_ptr + t).to(ACC_DTYPE) * x.to(ACC_DTYPE)
     return tile
+
+
+@triton.jit
+def _round_to_tf32(x):
+    """float32 rounded to TF32's 10 mantissa bits, to nearest (ties away from zero, as PTX's
+    ``cvt.rna.tf32.f32``). The tensor cores truncate float32 operands, which biases every
+    product of non-negative ReLU features low by about 1e-3; rounding first removes the bias.
+    Plain integer arithmetic, so the interpreter computes the same values."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x1000) & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_operand(x, DOT_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr, ROUND_TF32: tl.constexpr):
+    """``x`` as a tl.dot operand: cast to the MMA's input dtype, TF32-rounded where TF32 is used."""
+    x = x.to(DOT_DTYPE)
+    if ROUND_TF32:
+        x = _round_to_tf32(x)
+    if UPCAST_DOT:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -186,12 +204,15 @@ def _masked_gram_fwd_kernel(
     mask_batch_stride,  # K * N when each batch item has its masks, 0 when they are shared
     inv_mass_batch_stride,  # K or 0, likewise
     positions_per_split,
+    size_class,  # only for the tuning key (size_class())
     R: tl.constexpr,
     NUM_MASKS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -218,12 +239,13 @@ def _masked_gram_fwd_kernel(
     c_ok = offs_c < C
 
     batch_features = features_ptr + b.to(tl.int64) * C * N
-    ptrs_a = batch_features + offs_a.to(tl.int64) * N
-    ptrs_c = batch_features + offs_c.to(tl.int64) * N
+    if WIDE_OFFSETS:
+        offsets_a = offs_a.to(tl.int64) * N
+        offsets_c = offs_c.to(tl.int64) * N
+    else:
+        offsets_a = offs_a * N
+        offsets_c = offs_c * N
     kernel_ptr = kernels_ptr + j * R * R
-    taps = ()
-    for t in tl.static_range(R * R):
-        taps = taps + (tl.load(kernel_ptr + t).to(ACC_DTYPE),)
     mask_ptr = masks_ptr + b.to(tl.int64) * mask_batch_stride + k0.to(tl.int64) * N
 
     grams = ()  # one (BLOCK_C, BLOCK_C) accumulator per mask of the chunk
@@ -234,27 +256,53 @@ def _masked_gram_fwd_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         position_ok = offs_n < end
-        rows_ok, cols_ok = _shift_validity(offs_n // W, offs_n % W, position_ok, H, W, R // 2)
+        row = offs_n // W
+        col = offs_n - row * W
         z_a = _convolved_tile(
-            ptrs_a, a_ok, offs_n, rows_ok, cols_ok, taps, W, R, BLOCK_N, BLOCK_C, ACC_DTYPE
+            batch_features,
+            offsets_a,
+            a_ok,
+            offs_n,
+            row,
+            col,
+            position_ok,
+            kernel_ptr,
+            H,
+            W,
+            R,
+            BLOCK_N,
+            BLOCK_C,
+            ACC_DTYPE,
         )
         if block_a == block_c:
             z_c = z_a
         else:
             z_c = _convolved_tile(
-                ptrs_c, c_ok, offs_n, rows_ok, cols_ok, taps, W, R, BLOCK_N, BLOCK_C, ACC_DTYPE
+                batch_features,
+                offsets_c,
+                c_ok,
+                offs_n,
+                row,
+                col,
+                position_ok,
+                kernel_ptr,
+                H,
+                W,
+                R,
+                BLOCK_N,
+                BLOCK_C,
+                ACC_DTYPE,
             )
-        z_c = z_c.to(DOT_DTYPE)
-        if UPCAST_DOT:
-            z_c = z_c.to(tl.float32)
+        z_c = _dot_operand(z_c, DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
         updated = ()
         for i in tl.static_range(NUM_MASKS):
             weight = tl.load(mask_ptr + i * N + offs_n, mask=position_ok, other=0.0)
             weight = weight.to(ACC_DTYPE)
-            left = (z_a * (weight * weight)[:, None]).to(DOT_DTYPE)  # m_k^2 on one side only
-            if UPCAST_DOT:
-                left = left.to(tl.float32)
-            gram = tl.dot(tl.trans(left), z_c, grams[i], input_precision=INPUT_PRECISION)
+            # m_k^2 on one side only
+            left = _dot_operand(z_a * (weight * weight)[:, None], DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
+            gram = tl.dot(
+                tl.trans(left), z_c, grams[i], input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE
+            )
             updated = updated + (gram,)
         grams = updated
 
@@ -306,14 +354,21 @@ def _add_sym_grad_product(
     offs_d,  # (BLOCK_D,)
     offs_c,  # (BLOCK_C,)
     C,
+    DOT_DTYPE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
 ):
+    """``acc + stencilled @ S_jk[d, c]``: MMA in the input's precision (bf16/fp16 operands for
+    16-bit input, TF32 rounded to nearest or IEEE for float32), accumulation in ``acc``'s."""
     sym = tl.load(
         sym_ptr + offs_d[:, None] * C + offs_c[None, :],
         mask=(offs_d < C)[:, None] & (offs_c < C)[None, :],
         other=0.0,
     )
-    return tl.dot(stencilled, sym, acc, input_precision=INPUT_PRECISION)
+    stencilled = _dot_operand(stencilled, DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
+    sym = _dot_operand(sym, DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
+    return tl.dot(stencilled, sym, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -330,10 +385,15 @@ def _masked_gram_bwd_kernel(
     J,
     K,
     mask_batch_stride,  # K * N when each batch item has its masks, 0 when they are shared
+    size_class,  # only for the tuning key (size_class())
     R: tl.constexpr,
     NUM_MASKS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -368,15 +428,19 @@ def _masked_gram_bwd_kernel(
             sym_ptr = sym_grad_ptr + ((b * J + j) * K + k0).to(tl.int64) * C * C
             for d0 in range(0, C, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
-                ptrs = (batch_features + offs_d.to(tl.int64) * N)[None, :] + offs_n[:, None]
+                if WIDE_OFFSETS:
+                    offsets = offs_d.to(tl.int64)[None, :] * N + offs_n[:, None]
+                else:
+                    offsets = offs_d[None, :] * N + offs_n[:, None]
                 channel_ok = offs_d < C
                 stencilled = ()  # (P_j^T M_k^2 P_j F) on channels d, one per mask
                 for _ in tl.static_range(NUM_MASKS):
                     stencilled = stencilled + (tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE),)
                 for u in tl.static_range(SPAN * SPAN):
                     inside = rows_ok[u // SPAN] & cols_ok[u % SPAN]
+                    shift = (u // SPAN - (R - 1)) * W + (u % SPAN - (R - 1))
                     f = tl.load(
-                        ptrs + ((u // SPAN - (R - 1)) * W + (u % SPAN - (R - 1))),
+                        batch_features + (offsets + shift),
                         mask=inside[:, None] & channel_ok[None, :],
                         other=0.0,
                     ).to(ACC_DTYPE)
@@ -391,12 +455,24 @@ def _masked_gram_bwd_kernel(
                     stencilled = updated
                 for i in tl.static_range(NUM_MASKS):
                     acc = _add_sym_grad_product(
-                        acc, stencilled[i], sym_ptr + i * C * C, offs_d, offs_c, C, INPUT_PRECISION
+                        acc,
+                        stencilled[i],
+                        sym_ptr + i * C * C,
+                        offs_d,
+                        offs_c,
+                        C,
+                        DOT_DTYPE,
+                        UPCAST_DOT,
+                        INPUT_PRECISION,
+                        ROUND_TF32,
                     )
 
-    out_ptrs = dfeatures_ptr + b.to(tl.int64) * C * N + offs_c[None, :].to(tl.int64) * N
+    if WIDE_OFFSETS:
+        out_offsets = offs_c.to(tl.int64)[None, :] * N + offs_n[:, None]
+    else:
+        out_offsets = offs_c[None, :] * N + offs_n[:, None]
     tl.store(
-        out_ptrs + offs_n[:, None],
+        dfeatures_ptr + b.to(tl.int64) * C * N + out_offsets,
         acc.to(dfeatures_ptr.dtype.element_ty),
         mask=position_ok[:, None] & (offs_c < C)[None, :],
     )
@@ -420,7 +496,10 @@ def _fits(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-TUNING_KEY = ["C", "N", "K", "R", "NUM_MASKS", "INPUT_PRECISION"]
+# Tuned once per channel count, masks, kernel size, precision and size class (about a factor
+# of four in positions): not per image size, so coarse-to-fine scales and the layers of one
+# image reuse each other's choice. (The dtypes of the pointer arguments are part of every key.)
+TUNING_KEY = ["C", "J", "K", "R", "NUM_MASKS", "INPUT_PRECISION", "size_class"]
 if INTERPRETING:
     _fwd_kernel, _bwd_kernel = _masked_gram_fwd_kernel, _masked_gram_bwd_kernel
 else:
@@ -439,13 +518,26 @@ def masks_per_program(K: int) -> int:
     return max(d for d in range(1, MASKS_PER_PROGRAM + 1) if K % d == 0)
 
 
-def _launch_choice(tuned, raw, config, interpreter_config):
+def size_class(N: int) -> int:
+    """A coarse bucket of the positions for the tuning key: N within a factor of four."""
+    return max(N, 1).bit_length() // 2
+
+
+def _as_launch_config(config: triton.Config) -> dict:
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _launch_choice(tuned, raw, configs, config, interpreter_config, C, num_masks):
     """The autotuned kernel on a GPU; the raw kernel with a fixed config when one is given
-    (tests of tiling variants) or under the interpreter (one small config keeps tests fast)."""
+    (tests of tiling variants), under the interpreter (one small config keeps tests fast), or
+    with ``CAST_TRITON_AUTOTUNE=0`` (the first config that fits: no tuning runs, one compile
+    per shape class; the GPU tests use it)."""
     if config is not None:
         return raw, config
     if INTERPRETING:
         return raw, interpreter_config
+    if not AUTOTUNE:
+        return raw, _as_launch_config(_fits(configs, dict(C=C), NUM_MASKS=num_masks)[0])
     return tuned, {}
 
 
@@ -487,7 +579,13 @@ def forward(
 
     gram = torch.empty((B, J, K, C, C), dtype=acc_dtype, device=features.device)
     kernel, launch_config = _launch_choice(
-        _fwd_kernel, _masked_gram_fwd_kernel, config, INTERPRETER_FWD_CONFIG
+        _fwd_kernel,
+        _masked_gram_fwd_kernel,
+        FWD_CONFIGS,
+        config,
+        INTERPRETER_FWD_CONFIG,
+        C,
+        num_masks,
     )
     if splits is None:
         nominal_block = launch_config.get("BLOCK_C", 64)
@@ -520,12 +618,11 @@ def forward(
             0 if shared_masks else K * N,
             0 if shared_masks else K,
             positions_per_split,
+            size_class(N),
             R=R,
             NUM_MASKS=num_masks,
-            ACC_DTYPE=accumulator_dtype(features.dtype),
-            DOT_DTYPE=TRITON_DTYPES[features.dtype],  # bf16/fp16 tensor cores, f32 accumulation
-            UPCAST_DOT=upcast_dot_operands(features.dtype),
-            INPUT_PRECISION=dot_input_precision(features.dtype, allow_tf32),
+            WIDE_OFFSETS=wide_offsets(C, N),
+            **dot_constexprs(features.dtype, allow_tf32),
             **launch_config,
         )
     return gram if splits == 1 else torch.sum(out, dim=0, out=gram)
@@ -554,8 +651,18 @@ def backward(
     # (B, J, K, C, C): masks' batch Bm is 1 or B, so the product has the features' batch
     sym_grad = ((grad + grad.transpose(-1, -2)) * inv_mass[:, None, :, None, None]).contiguous()
     dfeatures = torch.empty_like(features)
+    # One mask at a time: each mask's stencil re-reads the tile of F from cache, but with
+    # three masks' stencils live at once the kernel spilled (sm_90, Triton 3.6: 255 registers
+    # and 16 B spilled at 64x64x32, 8 warps; 184 registers and none with one mask).
+    num_masks = 1
     kernel, launch_config = _launch_choice(
-        _bwd_kernel, _masked_gram_bwd_kernel, config, INTERPRETER_BWD_CONFIG
+        _bwd_kernel,
+        _masked_gram_bwd_kernel,
+        BWD_CONFIGS,
+        config,
+        INTERPRETER_BWD_CONFIG,
+        C,
+        num_masks,
     )
 
     def grid(meta):
@@ -575,10 +682,11 @@ def backward(
             J,
             K,
             0 if masks.shape[0] == 1 else K * N,
+            size_class(N),
             R=R,
-            NUM_MASKS=masks_per_program(K),
-            ACC_DTYPE=accumulator_dtype(features.dtype),
-            INPUT_PRECISION=dot_input_precision(features.dtype, allow_tf32),
+            NUM_MASKS=num_masks,
+            WIDE_OFFSETS=wide_offsets(C, N),
+            **dot_constexprs(features.dtype, allow_tf32),
             **launch_config,
         )
     return dfeatures

@@ -49,6 +49,25 @@ def upcast_dot_operands(dtype: torch.dtype) -> bool:
     return INTERPRETING and dtype == torch.bfloat16
 
 
+def dot_constexprs(dtype: torch.dtype, allow_tf32: bool) -> dict:
+    """The kernels' precision constexprs for ``dtype`` input: accumulator, MMA operand dtype,
+    ``tl.dot``'s input precision and whether float32 operands are rounded to TF32 first."""
+    precision = dot_input_precision(dtype, allow_tf32)
+    return dict(
+        ACC_DTYPE=accumulator_dtype(dtype),
+        DOT_DTYPE=TRITON_DTYPES[dtype],  # bf16/fp16 tensor cores with float32 accumulation
+        UPCAST_DOT=upcast_dot_operands(dtype),
+        INPUT_PRECISION=precision,
+        ROUND_TF32=dtype == torch.float32 and precision == "tf32",
+    )
+
+
+def wide_offsets(C: int, N: int) -> bool:
+    """Whether offsets within one batch item's ``C x N`` values (plus a stencil's reach) need
+    64 bits; below that the kernels keep 32-bit offsets, half the registers."""
+    return C * N >= 2**31 - 2**24
+
+
 @functools.cache
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -106,3 +106,25 @@ def test_cuda_graphs_under_reduce_overhead(name):
         torch.cuda.synchronize()
         assert relative_error(value.detach(), expected.detach()) <= 3e-3, i
         assert relative_error(x_graph.grad, x_eager.grad) <= 3e-3, i
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_every_shipped_triton_config(K):
+    """The autotuner may launch any shipped config: each one against the reference (the op
+    tests run CAST_TRITON_AUTOTUNE=0, which takes only the first config that fits)."""
+    need("triton")
+    from cast.kernels import masked_gram as triton_gram
+
+    features, masks, kernels = random_inputs(1, 160, 21, 19, 2, K, 3, torch.float32, seed=4)
+    f64, m64, p64 = features.double(), masks.double(), kernels.double()
+    expected = masked_gram_reference(f64, m64, p64)
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(5)).cuda()
+    expected_grad = masked_gram_backward_reference(grad.double(), f64, m64, p64)
+    for config in triton_gram.FWD_CONFIGS:
+        launch = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        gram = triton_gram.forward(features, masks, kernels, True, config=launch)
+        assert relative_error(gram, expected) <= 3e-3, config
+    for config in triton_gram.BWD_CONFIGS:
+        launch = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        d_features = triton_gram.backward(grad, features, masks, kernels, True, config=launch)
+        assert relative_error(d_features, expected_grad) <= 3e-3, config

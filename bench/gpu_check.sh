@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# `make gpu-check OUT=folder`: everything a lent GPU machine should tell us, in one command.
+#
+# With the machine's own python3 (torch with CUDA, Triton, pytest-xdist; no network): build the
+# CUDA extension for the card, run the GPU-relevant tests in parallel, benchmark the op (1024^2
+# and 4096^2, TF32 and bf16, both GPU backends, eager and torch.compile where they fit) and
+# write every log and table into OUT. Each step has its own time limit and a failing step does
+# not stop the next; the whole stays within about 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-check-out}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+summary="$OUT/summary.txt"
+: >"$summary"
+
+step() {  # step NAME SECONDS COMMAND...: run, log to OUT/NAME.log, note rc and time
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  echo "== $name: rc $rc, $(($(date +%s) - start)) s" | tee -a "$summary"
+  tail -n 25 "$OUT/$name.log" | tee -a "$summary"
+}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+        'triton', triton.__version__, torch.cuda.get_device_name())"
+  git log -1 --format='git %h %s' 2>/dev/null || true
+} 2>&1 | tee -a "$summary"
+arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+
+step build 300 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
+  "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
+# No autotuning in the tests: each shape class compiles once (the bench tunes).
+step tests 240 env CAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -n 8 -q -p no:cacheprovider \
+  tests/test_gpu.py tests/test_masked_gram.py tests/test_triton_kernels.py
+for dtype in float32 bfloat16; do
+  step "bench-$dtype" 240 "$PY" bench/bench_masked_gram.py --device cuda --image 1024 4096 \
+    --dtype "$dtype" --compile-max-image 1024 --out "$OUT/masked_gram-$dtype.md"
+done
+echo "== done $(date -u)" | tee -a "$summary"
