@@ -31,7 +31,8 @@ nvcc_flags = (
 
 sources = ["csrc/module.cpp", "csrc/masked_gram_cpu.cpp"]
 if with_cuda:
-    sources += ["csrc/masked_gram_cuda.cpp", *sorted(glob.glob("csrc/*.cu"))]
+    # The glue and the kernels need different object names: ninja refuses two masked_gram_cuda.o
+    sources += ["csrc/masked_gram_cuda_ops.cpp", *sorted(glob.glob("csrc/*.cu"))]
     extension = CUDAExtension(
         "cast._C",
         sources,

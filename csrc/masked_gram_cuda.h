@@ -1,5 +1,5 @@
 // Plain C++ launchers of the CUDA kernels in masked_gram_cuda.cu (SPEC §1-2). No torch here:
-// the .cu files build with nvcc alone; csrc/masked_gram_cuda.cpp is the ATen glue.
+// the .cu files build with nvcc alone; csrc/masked_gram_cuda_ops.cpp is the ATen glue.
 //
 // All pointers are device pointers of contiguous tensors. "T" is the features' dtype, "A" its
 // accumulation dtype: double for float64, float otherwise.

@@ -1,6 +1,6 @@
 // The compiled extension `cast._C`: imported only for the ops it registers.
 // Each fused op's schema is written here once; csrc/masked_gram_cpu.cpp and
-// csrc/masked_gram_cuda.cpp register the CPU and CUDA implementations.
+// csrc/masked_gram_cuda_ops.cpp register the CPU and CUDA implementations.
 #include <Python.h>
 #include <torch/library.h>
 

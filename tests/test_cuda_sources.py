@@ -2,7 +2,7 @@
 
 1. Every ``csrc/*.cu`` compiles with ``nvcc`` for Hopper and Ampere, warnings as errors, so a
    syntax or template error cannot land (skipped where nvcc is absent); the ATen glue
-   ``csrc/masked_gram_cuda.cpp`` parses against torch's and CUDA's headers.
+   ``csrc/masked_gram_cuda_ops.cpp`` parses against torch's and CUDA's headers.
 2. The kernels of ``csrc/masked_gram_cuda.cu`` run on the CPU, unchanged, under a small CUDA
    emulation (``CUDA_EMULATION`` below): one block at a time, one ``std::thread`` per CUDA thread,
    ``__syncthreads`` a barrier, shared memory poisoned with NaN; their forward and backward are
@@ -76,7 +76,7 @@ def test_cuda_glue_parses(tmp_path):
     ]  # fmt: skip
     command = [
         GXX, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}",
-        *(f"-isystem{d}" for d in includes), str(CSRC / "masked_gram_cuda.cpp"),
+        *(f"-isystem{d}" for d in includes), str(CSRC / "masked_gram_cuda_ops.cpp"),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -310,7 +310,7 @@ def emulated(tmp_path_factory):
 
 
 def run_emulated(lib, features, masks, kernels, grad, allow_tf32, machine):
-    """What csrc/masked_gram_cuda.cpp does around the launchers, on host tensors."""
+    """What csrc/masked_gram_cuda_ops.cpp does around the launchers, on host tensors."""
     B, C, H, W = features.shape
     (J, r, _), (Bm, K) = kernels.shape, masks.shape[:2]
     shape = (ctypes.c_int64 * 8)(B, C, H, W, Bm, K, J, r)
