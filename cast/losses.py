@@ -113,6 +113,18 @@ def high_order_kernels(spec: str | Path) -> Tensor:
     return kernels.float().contiguous()
 
 
+def gram_sums(
+    features: Tensor, masks: Tensor, kernels: Tensor, *, backend: str | None = None
+) -> Tensor:
+    """``(B, J, K, C, C)`` masked Gram *sums* ``Y^T Y`` (not divided by the mask's mass), so the
+    sums of disjoint masks (the tiles of an image) add up to the whole image's. Differentiable.
+    """
+    # the op returns sums / n_k; multiplying back gives sums (exactly 0 where n_k == 0)
+    gram = masked_gram(features, masks, kernels, backend=backend)
+    mass = masks.flatten(1).square().sum(1).to(gram.dtype)
+    return gram * mass[:, None, None]
+
+
 @dataclass(frozen=True)
 class GramStats:
     """Masked high-order Gram statistics as sums plus mass, so they add.
@@ -130,11 +142,9 @@ class GramStats:
         cls, features: Tensor, masks: Tensor, kernels: Tensor, *, backend: str | None = None
     ) -> GramStats:
         """Statistics of ``features (B, C, H, W)`` under ``masks (K, H, W)`` and ``kernels``."""
-        mass = masks.flatten(1).square().sum(1)
-        # the op returns sums / n_k; multiplying back gives sums (exactly 0 where n_k == 0)
-        gram = masked_gram(features, masks, kernels, backend=backend)
-        sums = (gram * mass.to(gram.dtype)[:, None, None]).sum(0)
-        return cls(sums, mass.to(gram.dtype) * features.shape[0])
+        sums = gram_sums(features, masks, kernels, backend=backend)
+        mass = masks.flatten(1).square().sum(1).to(sums.dtype)
+        return cls(sums.sum(0), mass * features.shape[0])
 
     def __add__(self, other: GramStats) -> GramStats:
         return GramStats(self.sums + other.sums, self.mass + other.mass)
@@ -211,6 +221,10 @@ class StyleLoss(nn.Module):
             self.kernels.to(features.dtype),
             backend=self.backend,
         )
+        return self.of_gram(gram)
+
+    def of_gram(self, gram: Tensor) -> Tensor:
+        """The loss of Gram matrices ``(B, J, K, C, C)`` already taken (by tiles, say)."""
         error = (gram - self.target).square().sum((-1, -2))  # (B, J, K)
         return (error * self.scale).sum((1, 2)).mean()
 

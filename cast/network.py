@@ -74,6 +74,30 @@ class VGGFeatures(nn.Module):
         before = self.layer_names[: self.layer_names.index(layer)]
         return sum(name.startswith("pool") for name in before)
 
+    def stride(self, layer: str) -> int:
+        """Pixels between neighbouring cells of ``layer``."""
+        return 2 ** self.poolings_before(layer)
+
+    def channels(self, layer: str) -> int:
+        """Feature maps of ``layer``: those of the last convolution up to it."""
+        names = self.layer_names[: self.layer_names.index(layer) + 1]
+        return next(self.layers.get_submodule(n) for n in reversed(names) if n.startswith("conv")
+                    ).out_channels  # fmt: skip
+
+    def reach(self, layer: str) -> int:
+        """Pixels beyond a cell's own ``stride x stride`` square that its value depends on, on
+        each side: every convolution before it widens the receptive field by its radius times
+        the stride it runs at (poolings only merge whole cells)."""
+        reach, stride = 0, 1
+        for name, module in self.layers.named_children():
+            if isinstance(module, nn.Conv2d):
+                reach += module.kernel_size[0] // 2 * stride
+            elif name.startswith("pool"):
+                stride *= 2
+            if name == layer:
+                return reach
+        raise ValueError(f"unknown layer {layer!r} for {self.architecture}")
+
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """RGB ``(B, 3, H, W)`` in [0, 1] to the network's input convention."""
         if self.bgr:

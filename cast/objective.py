@@ -2,7 +2,16 @@
 
 ``content_weight * content + style_weight * mean_layers(style) + tv_weight * TV`` (SPEC §4).
 Every implementation offers ``value_and_grad(image (3, H, W)) -> (loss, grad)``, which is all an
-optimiser needs; ``WholeImage`` differentiates the whole image in one autograd graph.
+optimiser needs:
+
+- ``WholeImage`` differentiates the whole image in one autograd graph;
+- ``Tiled`` runs the network on one crop at a time (SPEC §5): a statistics pass without autograd
+  adds up every tile's Gram sums and content and TV errors, the loss and ``dL/dG`` are formed once
+  from the global statistics, then a gradient pass back-propagates each tile's share
+  ``<dL/dG, S_t / n_k>`` (plus its owned content and TV terms) through its crop. Its memory is one
+  crop's, and its result the whole image's up to float summation order.
+
+The targets are gathered tile by tile in both cases (one tile when untiled).
 """
 
 from __future__ import annotations
@@ -11,8 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from . import masks
-from .losses import ContentLoss, GramStats, StyleLoss, TVLoss
+from .distributed import ALONE, Shard
+from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, gram_sums
 from .network import CONTENT_LAYERS, STYLE_LAYERS
+from .tiling import Tile, TilePlan, halo_for, plan_tiles
+
+LAYERS = tuple(dict.fromkeys(CONTENT_LAYERS + STYLE_LAYERS))
 
 
 class WholeImage(nn.Module):
@@ -46,42 +59,189 @@ class WholeImage(nn.Module):
         return loss.detach(), grad
 
 
+class Tiled(WholeImage):
+    """The same objective, one crop at a time (see the module's docstring).
+
+    ``shard`` deals the tiles to the ranks of a process group; every rank returns the same
+    loss and gradient.
+    """
+
+    def __init__(self, network, content_losses, style_losses, weights, plan: TilePlan, kernels,
+                 backend, shard: Shard = ALONE):  # fmt: skip
+        super().__init__(network, content_losses, style_losses, weights)
+        self.plan, self.kernels, self.backend, self.shard = plan, kernels, backend, shard
+        self.strides = {layer: network.stride(layer) for layer in self.layers}
+        self.inverse_mass = [_inverse(loss.masks.flatten(1).square().sum(1))
+                             for loss in self.style_losses.values()]  # fmt: skip
+
+    def value_and_grad(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        style_losses = self.style_losses.items()
+        # 1. statistics pass: Gram sums per style layer, then the content and TV errors
+        parts = [
+            torch.zeros(loss.target.shape, dtype=loss.target.dtype, device=image.device)
+            for _, loss in style_losses
+        ] + [image.new_zeros((), dtype=torch.float64) for _ in range(2)]
+        with torch.no_grad():
+            for tile in self.shard.mine(self.plan.tiles):
+                crop = _crop(image, tile)
+                features = self.network(crop[None], self.layers)
+                for sums, (layer, loss) in zip(parts, style_losses, strict=False):
+                    sums += self._sums(features[layer], loss, tile, layer)[0]
+                parts[-2] += self._content(features, tile)
+                parts[-1] += self._tv(crop, tile)
+        flat = self.shard.all_reduce(torch.cat([p.flatten().double() for p in parts]))
+        parts = [f.view_as(p).to(p.dtype) for f, p in zip(flat.split([p.numel() for p in parts]),
+                                                         parts, strict=True)]  # fmt: skip
+        content, tv = parts[-2], parts[-1]
+
+        # 2. the loss and dL/dG from the global statistics
+        grams = [(sums * inverse).requires_grad_()
+                 for sums, inverse in zip(parts, self.inverse_mass, strict=False)]  # fmt: skip
+        with torch.enable_grad():
+            style = sum(loss.of_gram(g[None]) for g, (_, loss) in zip(grams, style_losses,
+                                                                      strict=True))  # fmt: skip
+            style = self.style_weight * style / len(self.style_losses)
+        d_grams = torch.autograd.grad(style, grams)
+        loss = style.detach() + (self.content_weight * content + self.tv_weight * tv).to(style)
+
+        # 3. gradient pass: each tile's share, with dL/dG of the global statistics
+        weights = [d * inverse for d, inverse in zip(d_grams, self.inverse_mass, strict=True)]
+        grad = torch.zeros_like(image)
+        for tile in self.shard.mine(self.plan.tiles):
+            crop = _crop(image, tile).detach().requires_grad_()
+            with torch.enable_grad():
+                features = self.network(crop[None], self.layers)
+                share = self.content_weight * self._content(features, tile)
+                share = share + self.tv_weight * self._tv(crop, tile)
+                for weight, (layer, term) in zip(weights, style_losses, strict=True):
+                    share = share + (weight * self._sums(features[layer], term, tile, layer)).sum()
+            (crop_grad,) = torch.autograd.grad(share, crop)
+            top, bottom, left, right = tile.crop
+            grad[:, top:bottom, left:right] += crop_grad
+        return loss.detach(), self.shard.all_reduce(grad)
+
+    def _sums(self, features: Tensor, loss: StyleLoss, tile: Tile, layer: str) -> Tensor:
+        """Gram sums ``(1, J, K, C, C)`` over the tile's owned cells of ``layer``."""
+        owned = owned_masks(loss.masks.to(features.dtype), tile, self.strides[layer])
+        return gram_sums(features, owned, self.kernels.to(features.dtype), backend=self.backend)
+
+    def _content(self, features: dict[str, Tensor], tile: Tile) -> Tensor:
+        """The content term's share of the tile's owned cells (``ContentLoss``, by parts)."""
+        total = 0
+        for layer, loss in self.content_losses.items():
+            whole, local = tile.cells(self.strides[layer])
+            error = features[layer][..., local[0], local[1]] - loss.target[..., whole[0], whole[1]]
+            total = total + error.square().sum() * loss.scale
+        return total
+
+    def _tv(self, crop: Tensor, tile: Tile) -> Tensor:
+        """``TVLoss`` by parts: the differences ``x[n] - x[n + 1]`` whose first pixel ``n`` the
+        tile owns (the crop holds the next pixel: its halo is at least one stride wide)."""
+        H, W = self.plan.height, self.plan.width
+        top, bottom, left, right = tile.owned
+        y, x = tile.crop[0], tile.crop[2]
+        dx = crop[:, top - y : bottom - y, left - x : min(right + 1, W) - x].diff(dim=-1)
+        dy = crop[:, top - y : min(bottom + 1, H) - y, left - x : right - x].diff(dim=-2)
+        return dx.square().sum() / (3 * H * (W - 1)) + dy.square().sum() / (3 * (H - 1) * W)
+
+
+def _crop(image: Tensor, tile: Tile) -> Tensor:
+    top, bottom, left, right = tile.crop
+    return image[:, top:bottom, left:right]
+
+
+def _inverse(mass: Tensor) -> Tensor:
+    """``1 / n_k`` broadcast over ``(J, K, C, C)``; 0 where a region has no mass (SPEC §1)."""
+    return torch.where(mass > 0, 1 / mass.clamp_min(1e-30), 0)[:, None, None]
+
+
+def owned_masks(grid_masks: Tensor, tile: Tile, stride: int) -> Tensor:
+    """``(K, h, w)`` masks on the tile's crop grid: the whole image's masks at the owned cells,
+    0 in the halo (SPEC §5: the masks do the ownership; the kernels still see the halo)."""
+    owned = grid_masks.new_zeros(grid_masks.shape[0], *tile.crop_grid(stride))
+    whole, local = tile.cells(stride)
+    owned[:, local[0], local[1]] = grid_masks[:, whole[0], whole[1]]
+    return owned
+
+
 @torch.no_grad()
+def gather(
+    network, image: Tensor, plan: TilePlan, grid_masks: dict[str, Tensor], kernels: Tensor,
+    backend, keep: tuple[str, ...] = (), shard: Shard = ALONE,
+) -> tuple[dict[str, GramStats], dict[str, Tensor]]:  # fmt: skip
+    """Statistics of ``image`` tile by tile: per layer of ``grid_masks`` (masks on that layer's
+    whole grid) its ``GramStats``, and the whole features ``(1, C, h, w)`` of the ``keep``
+    layers, assembled from the tiles' owned cells."""
+    J, K = len(kernels), next(iter(grid_masks.values())).shape[0]
+    new = lambda *shape: image.new_zeros(shape)  # noqa: E731
+    sums = {layer: new(J, K, network.channels(layer), network.channels(layer))
+            for layer in grid_masks}  # fmt: skip
+    kept = {layer: new(1, network.channels(layer), *(s // network.stride(layer)
+                                                     for s in image.shape[-2:]))
+            for layer in keep}  # fmt: skip
+    for tile in shard.mine(plan.tiles):
+        features = network(_crop(image, tile)[None], tuple(dict.fromkeys([*keep, *grid_masks])))
+        for layer, layer_masks in grid_masks.items():
+            owned = owned_masks(layer_masks, tile, network.stride(layer))
+            sums[layer] += gram_sums(features[layer], owned, kernels, backend=backend)[0]
+        for layer in keep:
+            whole, local = tile.cells(network.stride(layer))
+            kept[layer][..., whole[0], whole[1]] = features[layer][..., local[0], local[1]]
+    for t in [*sums.values(), *kept.values()]:
+        shard.all_reduce(t)  # owned cells are disjoint: the zeros elsewhere add exactly
+    stats = {layer: GramStats(sums[layer], m.flatten(1).square().sum(1).to(sums[layer].dtype))
+             for layer, m in grid_masks.items()}  # fmt: skip
+    return stats, kept
+
+
 def build(
     network, content, styles, content_masks, style_masks, kernels, content_weight, style_weight,
-    tv_weight, backend,
+    tv_weight, backend, tile: int = 0, shard: Shard = ALONE,
 ) -> WholeImage:  # fmt: skip
-    """Targets at this scale: content features, and per style layer the pooled statistics of
-    every style image's regions; a region no style image has keeps its own statistics."""
-    content_features = network(content[None], CONTENT_LAYERS + STYLE_LAYERS)
-    style_features = [network(s[None], STYLE_LAYERS) for s in styles]
-    style_losses = {}
-    for layer in STYLE_LAYERS:
-        poolings = network.poolings_before(layer)
-        region_masks = on_grid(content_masks, content, content_features[layer], poolings)
-        own = GramStats.of(content_features[layer], region_masks, kernels, backend=backend)
-        per_style = [
-            GramStats.of(f[layer], on_grid(m, s, f[layer], poolings), kernels, backend=backend)
-            for s, f, m in zip(styles, style_features, style_masks, strict=True)
-        ]
-        pooled = sum(per_style[1:], start=per_style[0])
-        target = pooled.mean(fallback=own.mean())
-        style_losses[layer] = StyleLoss(target, region_masks, kernels, backend=backend)
+    """The objective at this scale: its targets are the content features, and per style layer
+    the pooled statistics of every style image's regions; a region no style image has keeps its
+    own statistics. ``tile`` px tiles (a multiple of 16 px for VGG) or ``0``: the whole image."""
+    stride = max(network.stride(layer) for layer in LAYERS)
+    halo = halo_for(network, CONTENT_LAYERS, STYLE_LAYERS, kernels.shape[-1] // 2, stride)
+    plan_of = lambda image: plan_tiles(*image.shape[-2:], tile, halo, stride)  # noqa: E731
+
+    def grid_masks(region_masks, image):
+        return {layer: on_grid(region_masks, image.shape[-2:], network.poolings_before(layer))
+                for layer in STYLE_LAYERS}  # fmt: skip
+
+    plan = plan_of(content)
+    region_masks = grid_masks(content_masks, content)
+    own, content_features = gather(network, content, plan, region_masks, kernels, backend,
+                                   keep=CONTENT_LAYERS, shard=shard)  # fmt: skip
+    pooled = None
+    for style, mask in zip(styles, style_masks, strict=True):
+        stats, _ = gather(network, style, plan_of(style), grid_masks(mask, style), kernels,
+                          backend, shard=shard)  # fmt: skip
+        pooled = stats if pooled is None else {k: pooled[k] + stats[k] for k in stats}
+    style_losses = {
+        layer: StyleLoss(
+            pooled[layer].mean(fallback=own[layer].mean()),
+            region_masks[layer],
+            kernels,
+            backend=backend,
+        )  # fmt: skip
+        for layer in STYLE_LAYERS
+    }
     content_losses = {layer: ContentLoss(content_features[layer]) for layer in CONTENT_LAYERS}
-    return WholeImage(
-        network, content_losses, style_losses, (content_weight, style_weight, tv_weight)
-    )
+    weights = (content_weight, style_weight, tv_weight)
+    if len(plan) == 1 and shard.world == 1:
+        return WholeImage(network, content_losses, style_losses, weights)
+    return Tiled(network, content_losses, style_losses, weights, plan, kernels, backend, shard)
 
 
-def on_grid(mask: Tensor, image: Tensor, features: Tensor, poolings: int) -> Tensor:
-    """``mask`` (of ``image``, at any resolution) averaged over the pixels each feature cell sees.
+def on_grid(mask: Tensor, image_hw: tuple[int, int], poolings: int) -> Tensor:
+    """``mask`` (of an image of ``image_hw``, at any resolution) averaged over the pixels each
+    cell of a layer behind ``poolings`` 2x poolings sees.
 
-    Poolings round down, so the trailing rows and columns of ``image`` reach no cell: they are
+    Poolings round down, so the trailing rows and columns of the image reach no cell: they are
     cropped first (in proportion when the mask's resolution differs from the image's).
     """
-    grid = features.shape[-2:]
-    seen = [
-        round(m * g * 2**poolings / i)
-        for m, g, i in zip(mask.shape[-2:], grid, image.shape[-2:], strict=True)
-    ]
-    return masks.resample(mask[..., : seen[0], : seen[1]], grid)
+    grid = [side >> poolings for side in image_hw]
+    seen = [round(m * g * 2**poolings / i)
+            for m, g, i in zip(mask.shape[-2:], grid, image_hw, strict=True)]  # fmt: skip
+    return masks.resample(mask[..., : seen[0], : seen[1]], tuple(grid))

@@ -76,6 +76,7 @@ def stylize(
     progress: bool = True,
     callback: Callable[[Step], None] | None = None,
     backend: str | None = None,
+    tile: int | None = None,
 ) -> Tensor:
     """Stylise ``content`` with ``styles``, region by region.
 
@@ -117,6 +118,9 @@ def stylize(
         progress: show a progress bar.
         callback: called with a ``Step`` after every step.
         backend: backend of ``cast.masked_gram``; default the fastest one present.
+        tile: run the network on tiles of this many pixels a side (a multiple of 16), each with
+            a halo, so memory is one crop's whatever the image's size; the result is the
+            untiled one (SPEC §5). ``0`` never tiles; ``None`` tiles only what would not fit.
 
     Returns:
         The stylised image, ``(3, H, W)`` float32 RGB in [0, 1] on the CPU.
@@ -172,7 +176,7 @@ def stylize(
                 content_masks.to(device),
                 [m.to(device) for m in style_region_masks],
                 kernels.to(device),
-                content_weight, style_weight, tv_weight, backend,
+                content_weight, style_weight, tv_weight, backend, tile or 0,
             )  # fmt: skip
             if image is None:
                 image = _initial(init, content_image, style_images, generator).to(device)

@@ -164,7 +164,7 @@ def test_layer_masks_cover_the_pixels_the_features_see():
     for scale in (1, 2):  # masks at the image's resolution, or twice it (a coarse scale)
         bottom = torch.zeros(1, 171 * scale, 256 * scale)
         bottom[:, 150 * scale :] = 1  # rows 150..170: 10 of them seen by the last cell row
-        cells = on_grid(bottom, image, features, network.poolings_before("relu5_1"))
+        cells = on_grid(bottom, image.shape[-2:], network.poolings_before("relu5_1"))
         expected = torch.tensor([0.0] * 9 + [10 / 16])[:, None].expand(10, 16)
         torch.testing.assert_close(cells[0], expected)
 
