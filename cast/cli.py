@@ -1,18 +1,21 @@
 """The ``cast`` command: ``cast stylize`` and ``cast mask``.
 
 Defaults come from ``cast.stylize``'s signature, so they are defined in one place. Every
-``CastError`` is printed as one line, ``cast: error: ...``, with exit status 2; Ctrl-C writes the
-latest image (when there is one) and exits with 130.
+``CastError`` is printed as one line, ``cast: error: ...``, with exit status 2; Ctrl-C (SIGINT)
+and SIGTERM write the latest image (when a step made one) and exit with 130 and 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
+import signal
 import sys
+import threading
 
-from . import images, masks
+from . import checks, images, masks
 from .backends import NAMES as BACKENDS
 from .backends import BackendUnavailable
 from .errors import CastError
@@ -129,7 +132,8 @@ def _stylize(args: argparse.Namespace) -> None:
 
 
 def _mask(args: argparse.Namespace) -> None:
-    images.check_writable(args.output)  # before the matting, which can take a while
+    # before the matting, which can take a while
+    checks.output(args.output, [("image", args.image), ("trimap", args.trimap)])
     image = images.load_image(args.image, long_side=args.size)
     trimap = masks.read_trimap(args.trimap, tuple(image.shape[-2:]))
     alpha = masks.matte(image, trimap)
@@ -145,19 +149,41 @@ def _file_version(path: str) -> tuple[int, int] | None:
     return stat.st_ino, stat.st_mtime_ns
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, job schedulers), handled as Ctrl-C is."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():  # only it takes handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     before = _file_version(args.output)
     try:
-        {"stylize": _stylize, "mask": _mask}[args.command](args)
+        with _sigterm_as_interrupt():
+            {"stylize": _stylize, "mask": _mask}[args.command](args)
     except (CastError, BackendUnavailable) as err:
         print(f"cast: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         wrote = args.command == "stylize" and _file_version(args.output) not in (None, before)
         print(
-            "cast: interrupted" + (f"; the latest image is in '{args.output}'" if wrote else ""),
+            ("cast: terminated" if isinstance(interrupt, _Terminated) else "cast: interrupted")
+            + (f"; the latest image is in '{args.output}'" if wrote else ""),
             file=sys.stderr,
         )
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(interrupt, _Terminated) else signal.SIGINT)
     return 0

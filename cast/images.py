@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,8 +30,17 @@ def open_image(
     Every way of failing raises ``error``, one line naming ``what`` and the path, never a PIL
     traceback.
     """
+    return _opened(path, what, error)
+
+
+def _opened(path, what, error, long_side: int | None = None) -> Image.Image:
     with _reading(path, what, error), Image.open(path) as opened:
+        if long_side is not None:
+            _shrink_while_decoding(opened, long_side)
         opened.load()
+        _check_values(opened, f"{what} '{path}'", error)
+        if long_side is not None:
+            opened = _reduce(opened, long_side)
         return ImageOps.exif_transpose(opened)
 
 
@@ -67,10 +78,34 @@ def load_image(path: str | os.PathLike, long_side: int | None = None) -> torch.T
     """
     if long_side is not None and long_side < 1:
         raise ImageError(f"image size must be a positive number of pixels, got {long_side}")
-    image = torch.from_numpy(pixels(open_image(path), grey=False)).permute(2, 0, 1).contiguous()
+    picture = _opened(path, "image", ImageError, long_side)
+    image = torch.from_numpy(pixels(picture, grey=False)).permute(2, 0, 1).contiguous()
     if long_side is not None:
         image = resize(image, fit(image.shape[-2:], long_side))
     return image
+
+
+# Images are shrunk in PIL, 8 bits a channel, to no less than this many times the size asked
+# for before they become float tensors: a 13300x13300 PNG asked for at 64 px took 5.2 GB and
+# 37 s as float32, and 0.5 GB and 4 s this way. The final antialiased resize then starts from
+# at least twice the target, where a box-filtered reduction is not visible.
+SHRINK_MARGIN = 2
+
+
+def _shrink_while_decoding(opened: Image.Image, long_side: int) -> None:
+    """JPEG decodes at 1/2, 1/4 or 1/8 scale when asked before loading (``draft``)."""
+    if opened.format == "JPEG" and opened.mode in ("RGB", "L"):
+        scale = SHRINK_MARGIN * long_side / max(opened.size)
+        opened.draft(opened.mode, (int(opened.width * scale), int(opened.height * scale)))
+
+
+def _reduce(picture: Image.Image, long_side: int) -> Image.Image:
+    factor = max(picture.size) // (SHRINK_MARGIN * long_side)
+    return picture.reduce(factor) if factor > 1 and picture.mode in _REDUCIBLE else picture
+
+
+# PIL modes Image.reduce takes.
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F", "CMYK")
 
 
 # PIL modes with more than 8 bits per pixel, and the value that stands for white in each.
@@ -87,6 +122,21 @@ def pixels(picture: Image.Image, grey: bool) -> np.ndarray:
         values = np.clip(values, 0, 1)
         return values if grey else np.repeat(values[..., None], 3, axis=-1)
     return np.asarray(picture.convert("L" if grey else "RGB"), dtype=np.float32) / 255
+
+
+def _check_values(picture: Image.Image, name: str, error: type[CastError]) -> None:
+    """Wide (16/32-bit, float) files hold numbers that may be NaN or out of range."""
+    if picture.mode not in _WIDE_MODES:
+        return
+    values = np.asarray(picture.convert("F") if picture.mode != "F" else picture)
+    if not np.isfinite(values).all():
+        raise error(f"{name} holds NaN or infinite pixels")
+    white = _WIDE_MODES[picture.mode]
+    if values.min() < 0 or values.max() > white:
+        raise error(
+            f"{name} holds pixels from {values.min():.4g} to {values.max():.4g}; "
+            f"this format's pixels must lie in [0, {white:g}]"
+        )
 
 
 def fit(hw: Sequence[int], long_side: int) -> tuple[int, int]:
@@ -115,7 +165,8 @@ def _umask() -> int:
 
 def check_writable(path: str | os.PathLike) -> str:
     """PIL's format name for ``path``'s suffix; ``CastError`` when PIL cannot write that format
-    as RGB or the folder is not writable. Cheap, so callers check before a long run."""
+    as RGB, ``path`` is a directory, or the file cannot be made there. Cheap, so callers check
+    before a long run."""
     path = Path(path)
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format not in Image.SAVE:
@@ -128,9 +179,56 @@ def check_writable(path: str | os.PathLike) -> str:
     folder = path.parent
     if not folder.is_dir():
         raise CastError(f"cannot write '{path}': no directory '{folder}'")
+    if path.is_dir():
+        raise CastError(f"cannot write '{path}': it is a directory; name a file in it")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CastError(f"cannot write '{path}': the directory '{folder}' is not writable")
+    # Make (and remove) the temporary file the save will make: the only sure test of a name
+    # that is too long or a folder that refuses files (/proc) even to root.
+    with _uninterrupted():
+        try:
+            handle, temporary = _temporary(path)
+        except OSError as e:
+            why = e.strerror or e
+            raise CastError(f"cannot write '{path}': {why}; choose another path") from None
+        os.close(handle)
+        os.remove(temporary)
     return image_format
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    """A new private file beside ``path``, to be renamed over it."""
+    return tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+
+
+@contextlib.contextmanager
+def _uninterrupted():
+    """Ctrl-C and SIGTERM wait until the block is done: files are then complete or not there,
+    and no temporary file is left behind. Their handlers run as soon as the block ends.
+
+    Blocking the signals (``pthread_sigmask``) would not do: a signal sent to the process
+    reaches any thread that does not block it, and torch's threads do not.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only it takes handlers
+        yield
+        return
+    caught = []
+    handlers = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(signum)
+        if previous is not None:  # None: installed outside Python, cannot be put back
+            handlers[signum] = signal.signal(signum, lambda *received: caught.append(received))
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        for signum, frame in caught:
+            handler = handlers[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
@@ -148,21 +246,22 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
     pixels = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
     picture = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
     options = {"quality": JPEG_QUALITY} if image_format == "JPEG" else {}
-    temporary = None
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(handle, "wb") as file:
-            picture.save(file, format=image_format, **options)
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
+    with _uninterrupted():
         temporary = None
-    except OSError as e:
-        raise CastError(
-            f"cannot write '{path}': {e.strerror or e}; choose a writable path"
-        ) from None
-    except (ValueError, KeyError) as e:
-        raise CastError(f"cannot write '{path}' as {image_format}: {e}") from None
-    finally:
-        if temporary is not None and os.path.exists(temporary):
-            os.remove(temporary)
+        try:
+            handle, temporary = _temporary(path)
+            with os.fdopen(handle, "wb") as file:
+                picture.save(file, format=image_format, **options)
+            # mkstemp makes the file private (0600); give it the permissions open() would.
+            os.chmod(temporary, 0o666 & ~_umask())
+            os.replace(temporary, path)
+            temporary = None
+        except OSError as e:
+            raise CastError(
+                f"cannot write '{path}': {e.strerror or e}; choose a writable path"
+            ) from None
+        except (ValueError, KeyError) as e:
+            raise CastError(f"cannot write '{path}' as {image_format}: {e}") from None
+        finally:
+            if temporary is not None and os.path.exists(temporary):
+                os.remove(temporary)

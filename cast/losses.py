@@ -68,6 +68,9 @@ co-occur at neighbouring positions, not only at one position.
               each, stacked vertically)."""
 
 MAX_KERNELS = 64
+# Kernel values are squared into Gram sums over up to ~1e7 positions of features up to ~1e4:
+# within this bound the sums stay far below float32's 3.4e38.
+MAX_KERNEL_VALUE = 1e4
 
 
 def high_order_kernels(spec: str | Path) -> Tensor:
@@ -95,7 +98,11 @@ def high_order_kernels(spec: str | Path) -> Tensor:
             raise ValueError("the file type is not .npy, .pt or .txt")
     except Exception as err:
         raise CastError(f"cannot read kernel file {str(path)!r}: {err}") from None
-    if not isinstance(kernels, Tensor) or not kernels.is_floating_point():
+    if (
+        not isinstance(kernels, Tensor)
+        or kernels.layout != torch.strided  # sparse tensors from a .pt file
+        or not kernels.is_floating_point()
+    ):
         raise CastError(f"kernel file {str(path)!r} must hold a floating-point (J, r, r) array")
     shape = tuple(kernels.shape)
     if (
@@ -110,6 +117,11 @@ def high_order_kernels(spec: str | Path) -> Tensor:
         )
     if not torch.isfinite(kernels).all() or not kernels.flatten(1).abs().sum(1).all():
         raise CastError(f"kernel file {str(path)!r} holds NaN, inf or an all-zero kernel")
+    if kernels.abs().max() > MAX_KERNEL_VALUE:
+        raise CastError(
+            f"kernel file {str(path)!r} holds values up to {kernels.abs().max():.3g}; keep them "
+            f"within +-{MAX_KERNEL_VALUE:g} (the Gram matrices square them in float32)"
+        )
     return kernels.float().contiguous()
 
 

@@ -91,7 +91,7 @@ def label_masks(
 def _read_labels(path: PathArg, size: tuple[int, int]) -> tuple[list[Colour], torch.Tensor]:
     """(palette, index map ``(H, W)`` int64 at ``size``) for one label image."""
     picture = open_image(path, "label image", MaskError)
-    _check_aspect(path, picture.size, size)
+    check_aspect(f"mask '{path}'", picture.size, size)
     rgb = np.asarray(picture.convert("RGB"), dtype=np.int16)
     palette = _palette(rgb, path)
     # Snap, then resize with nearest neighbour (any other resampling would mix regions). Snapping
@@ -176,11 +176,12 @@ def _one_hot(index: torch.Tensor, regions: int) -> torch.Tensor:
     return (index[None] == torch.arange(regions)[:, None, None]).float()
 
 
-def _check_aspect(path: PathArg, mask_wh: tuple[int, int], size_hw: tuple[int, int]) -> None:
+def check_aspect(name: str, mask_wh: tuple[int, int], size_hw: tuple[int, int]) -> None:
+    """The mask called ``name``, ``mask_wh = (W, H)``, has the aspect of its image's ``(H, W)``."""
     (width, height), (image_h, image_w) = mask_wh, size_hw
     if abs((width / height) / (image_w / image_h) - 1) > ASPECT_TOLERANCE:
         raise MaskError(
-            f"mask '{path}' is {width}x{height} but its image is {image_w}x{image_h} (as used); "
+            f"{name} is {width}x{height} but its image is {image_w}x{image_h} (as used); "
             "aspect ratios differ: draw the mask over the image itself"
         )
 
@@ -190,7 +191,7 @@ def soft_masks(paths: Sequence[PathArg], size: tuple[int, int]) -> torch.Tensor:
     masks = []
     for path in paths:
         picture = open_image(path, "soft mask", MaskError)
-        _check_aspect(path, picture.size, size)
+        check_aspect(f"mask '{path}'", picture.size, size)
         masks.append(_resize_grey(torch.from_numpy(pixels(picture, grey=True)), size))
     if not masks:
         raise ValueError("soft_masks needs at least one mask file")
@@ -230,7 +231,7 @@ def read_trimap(path: PathArg, size: tuple[int, int]) -> torch.Tensor:
     white 1 = foreground, anything in between 0.5 = unknown (snapped, so JPEG noise is harmless).
     """
     picture = open_image(path, "trimap", MaskError)
-    _check_aspect(path, picture.size, size)
+    check_aspect(f"mask '{path}'", picture.size, size)
     grey = pixels(picture, grey=True)
     snapped = np.where(grey <= 0.1, 0.0, np.where(grey >= 0.9, 1.0, 0.5)).astype(np.float32)
     resized = F.interpolate(

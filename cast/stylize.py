@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import images, masks
+from . import checks, images, masks
 from .errors import CastError, ImageError, MaskError
 from .losses import high_order_kernels
 from .network import CONTENT_LAYERS, POOLINGS, STYLE_LAYERS, VGGFeatures
@@ -25,10 +25,6 @@ from .weights import DEFAULT_MODEL
 
 ImageLike = str | os.PathLike | Tensor
 
-# Smallest long side: relu5_1 sits behind four 2x poolings, so 32 px leaves it a 2x2 grid.
-MIN_SIZE = 32
-# Smallest short side at the coarsest scale: one cell of relu5_1.
-MIN_SHORT_SIDE = 16
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
 OPTIMIZERS = tuple(DEFAULT_LR)
 INITS = ("content", "noise", "style")
@@ -126,28 +122,15 @@ def stylize(
         The stylised image, ``(3, H, W)`` float32 RGB in [0, 1] on the CPU.
 
     Raises:
-        CastError: bad input, diverging loss (the last good image is written to ``output``) or
-        an image too large for the device's memory.
+        CastError: bad input (before any work), a diverging loss (the last good image is
+        written to ``output`` when a step made one) or an image too large for the device's
+        memory.
     """
-    _check_options(size, iters, scales, optimizer, init, pooling, save_every, output)
-    _check_positive(lbfgs_history=lbfgs_history, style_scale=style_scale)
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise CastError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CastError(f"device {device} asked for but this torch sees no CUDA GPU; use cpu")
+    styles = [styles] if isinstance(styles, (str, os.PathLike, Tensor)) else list(styles)
+    style_masks = None if style_masks is None else list(style_masks)
+    soft_masks = None if soft_masks is None else list(soft_masks)
+    device = _check_arguments(**locals())  # every argument, before any work
     kernels = high_order_kernels(high_order)
-    if isinstance(styles, (str, os.PathLike, Tensor)):
-        styles = [styles]
-    if not styles:
-        raise CastError("give at least one style image")
-
-    init_file = None if init in INITS else init
-    if init_file is not None and not Path(init_file).is_file():
-        raise CastError(f"init {str(init)!r} is neither {', '.join(INITS)} nor an image file")
-    # before any download
-    _check_readable(content, styles, content_mask, style_masks, soft_masks, init_file)
     network = VGGFeatures(model, pooling).to(device)
     layers = tuple(dict.fromkeys(CONTENT_LAYERS + STYLE_LAYERS))
     # L-BFGS keeps two image-sized vectors per remembered step
@@ -165,7 +148,7 @@ def stylize(
 
     generator = torch.Generator().manual_seed(seed)
     image = None
-    last_good = content_image
+    stepped = False  # until a step is done, the image is the start, not a result
     try:
         for scale, (h, w) in enumerate(_scale_sizes(content_image.shape[-2:], size, scales), 1):
             objective = build_objective(
@@ -184,9 +167,10 @@ def stylize(
             bar = tqdm(total=iters, desc=f"scale {scale}/{scales} {w}x{h}", disable=not progress)
             with bar:
                 steps = _optimise(objective, image, iters, optimizer,
-                                  lr or DEFAULT_LR[optimizer], lbfgs_history)  # fmt: skip
-                for step, loss, current, good in steps:
-                    image, last_good = current, good
+                                  DEFAULT_LR[optimizer] if lr is None else lr,
+                                  lbfgs_history)  # fmt: skip
+                for step, loss, current in steps:
+                    image, stepped = current, True
                     bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                     bar.update()
                     if save_every and output and step % save_every == 0:
@@ -194,17 +178,21 @@ def stylize(
                     if callback is not None:
                         callback(Step(scale, scales, step, iters, loss, image.detach().clone()))
     except KeyboardInterrupt:
-        if output is not None and image is not None:
-            latest = image if torch.isfinite(image).all() else last_good
-            images.save_image(_finish(latest, content_image, preserve_color), output)
+        # a non-finite image is caught by the next step's loss; the interrupt came first
+        if output is not None and stepped and torch.isfinite(image).all():
+            images.save_image(_finish(image, content_image, preserve_color), output)
         raise
     except _Diverged as diverged:
-        if output is not None:
+        # at the first scale, an image before any good step is the start, not a result
+        kept = output is not None and (diverged.good_steps > 0 or scale > 1)
+        if kept:
             images.save_image(_finish(diverged.last_good, content_image, preserve_color), output)
+        where = f"; the last good image is in '{output}'" if kept else ""
+        if output is not None and not kept:
+            where = f"; no step gave an image, '{output}' is left as it was"
         raise CastError(
             f"the loss became {diverged.loss} at step {diverged.step}; lower the learning rate "
-            "(--lr) or the weights, or use --optimizer adam"
-            + (f"; the last good image is in '{output}'" if output is not None else "")
+            f"(--lr) or the weights, or use --optimizer adam{where}"
         ) from None
 
     result = _finish(image, content_image, preserve_color)
@@ -213,31 +201,57 @@ def stylize(
     return result
 
 
-def _check_options(size, iters, scales, optimizer, init, pooling, save_every, output) -> None:
-    choices = {"optimizer": (optimizer, OPTIMIZERS), "pooling": (pooling, POOLINGS)}
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise CastError(f"unknown {name} {value!r}; choose {', '.join(allowed)}")
-    if size < MIN_SIZE:
-        raise CastError(f"size must be at least {MIN_SIZE} px, got {size}")
-    if scales < 1 or size / 2 ** (scales - 1) < MIN_SIZE:
+def _check_arguments(
+    content, styles, content_mask, style_masks, soft_masks, size, iters, scales, high_order,
+    model, pooling, content_weight, style_weight, tv_weight, optimizer, lr, init, lbfgs_history,
+    style_scale, seed, save_every, output, device, backend, tile, **_,
+) -> torch.device:  # fmt: skip
+    """Every argument, before any work; the device to run on."""
+    for name, value, allowed in (("optimizer", optimizer, OPTIMIZERS),
+                                 ("pooling", pooling, POOLINGS)):  # fmt: skip
+        checks.choice(name, value, allowed)
+    init_file = None if isinstance(init, str) and init in INITS else init
+    if init_file is not None and not (
+        isinstance(init_file, (str, os.PathLike)) and Path(init_file).is_file()
+    ):
+        raise CastError(f"init {str(init)!r} is neither {', '.join(INITS)} nor an image file")
+    checks.sizes(size, iters, scales, save_every, output)
+    for flag, weight in (("--content-weight", content_weight), ("--style-weight", style_weight),
+                         ("--tv-weight", tv_weight)):  # fmt: skip
+        checks.real(flag, weight)
+    if lr is not None:
+        checks.real("--lr", lr, positive=True, maximum=checks.MAX_LR)
+    checks.whole("--lbfgs-history", lbfgs_history, 1)
+    checks.real("--style-scale", style_scale, positive=True, maximum=checks.MAX_STYLE_SCALE)
+    checks.whole("--seed", seed, 0, checks.MAX_SEED)
+    if tile is not None:
+        checks.whole("--tile", tile, 0, checks.MAX_SIZE)
+    if not styles:
+        raise CastError("give at least one style image")
+    if style_masks is not None and len(style_masks) != len(styles):
         raise CastError(
-            f"{scales} scales at size {size} make the coarsest long side smaller than "
-            f"{MIN_SIZE} px; use at most {1 + int(math.log2(size / MIN_SIZE))} scales"
+            f"got {len(style_masks)} style masks for {len(styles)} style images; give one per "
+            "style image"
         )
-    if iters < 0:
-        raise CastError(f"iters must be 0 or more, got {iters}")
-    if save_every is not None and (save_every < 1 or output is None):
-        raise CastError("save_every needs a positive number of steps and an output path")
+    on = checks.device(device)
+    checks.backend(backend, on)
+    # (role, what a read error calls it, path or tensor or None)
+    inputs = [("content image", "image", content)]
+    inputs += [(f"style image {i + 1}", "image", s) for i, s in enumerate(styles)]
+    inputs += [("init image", "init image", init_file)]
+    inputs += [("content mask", "label image", content_mask)]
+    inputs += [(f"style mask {i + 1}", "label image", m) for i, m in enumerate(style_masks or [])]
+    inputs += [(f"soft mask {i + 1}", "soft mask", m) for i, m in enumerate(soft_masks or [])]
     if output is not None:
-        images.check_writable(output)
-
-
-def _check_positive(**values) -> None:
-    for name, value in values.items():
-        if not value > 0:
-            flag = "--" + name.replace("_", "-")
-            raise CastError(f"{flag} must be positive, got {value}")
+        read = [(role, given) for role, _, given in inputs]
+        checks.output(output, read + [("kernel file", high_order), ("weights file", model)])
+    for role, what, given in inputs:
+        if isinstance(given, Tensor) and what == "image":
+            checks.image_tensor(given, role)
+    # every input file opens (headers only), so a bad path is reported before any download
+    checks.readable([(what, given, MaskError if "mask" in what else ImageError)
+                     for _, what, given in inputs])  # fmt: skip
+    return on
 
 
 def _check_short_sides(
@@ -248,10 +262,10 @@ def _check_short_sides(
     named += [(f"style {i + 1}", s, style_scale) for i, s in enumerate(styles)]
     for name, image, scale in named:
         h, w = images.fit(image.shape[-2:], round(coarsest * scale))
-        if min(h, w) < MIN_SHORT_SIDE:
+        if min(h, w) < checks.MIN_SHORT_SIDE:
             raise CastError(
                 f"the {name} image is {w}x{h} px at the coarsest scale; the network needs a short "
-                f"side of at least {MIN_SHORT_SIDE} px: raise --size or lower --scales"
+                f"side of at least {checks.MIN_SHORT_SIDE} px: raise --size or lower --scales"
             )
 
 
@@ -259,21 +273,8 @@ def _load(image: ImageLike, long_side: int) -> Tensor:
     """``(3, H, W)`` float32 RGB in [0, 1] with the long side ``long_side``."""
     if not isinstance(image, Tensor):
         return images.load_image(image, long_side=long_side)
-    if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
-        raise CastError(f"image tensors must be (3, H, W) floating RGB, got {tuple(image.shape)}")
-    return images.resize(image.detach().float().cpu(), images.fit(image.shape[-2:], long_side))
-
-
-def _check_readable(content, styles, content_mask, style_masks, soft_masks, init_file) -> None:
-    """Every input file opens (headers only), so a bad path is reported before the weights load."""
-    files = [(content, "image", ImageError)] + [(s, "image", ImageError) for s in styles]
-    files += [(init_file, "init image", ImageError)]
-    files += [(content_mask, "label image", MaskError)]
-    files += [(m, "label image", MaskError) for m in style_masks or []]
-    files += [(m, "soft mask", MaskError) for m in soft_masks or []]
-    for file, what, error in files:
-        if file is not None and not isinstance(file, Tensor):
-            images.image_size(file, what, error)
+    image = image.detach().float().cpu().clamp(0, 1)  # checked by _check_arguments
+    return images.resize(image, images.fit(image.shape[-2:], long_side))
 
 
 def _image_hw(image: ImageLike) -> tuple[int, int]:
@@ -301,10 +302,7 @@ def _regions(
     style_hws = [tuple(s.shape[-2:]) for s in styles]
     style_masks = list(style_masks) if style_masks is not None else [None] * len(styles)
     if len(style_masks) != len(styles):
-        raise CastError(
-            f"got {len(style_masks)} style masks for {len(styles)} style images; give one per "
-            "style image"
-        )
+        raise CastError(f"got {len(style_masks)} style masks for {len(styles)} style images")
     if content_mask is not None and soft_masks:
         raise CastError("give either a content label image or soft masks, not both")
     if content_mask is None and not soft_masks and any(m is not None for m in style_masks):
@@ -320,9 +318,11 @@ def _regions(
     if isinstance(content_mask, Tensor):
         if not all(m is None or isinstance(m, Tensor) for m in style_masks):
             raise CastError("style masks must be tensors when the content mask is one")
-        region_masks = _mask_tensor(content_mask, content_hw, "content mask")
-        paired = [None if m is None else _mask_tensor(m, hw, "style mask", len(region_masks))
-                  for m, hw in zip(style_masks, style_hws, strict=True)]  # fmt: skip
+        region_masks = checks.mask_tensor(content_mask, "content mask", content_hw, None)
+        paired = [
+            None if m is None else checks.mask_tensor(m, "style mask", hw, len(region_masks))
+            for m, hw in zip(style_masks, style_hws, strict=True)
+        ]
     elif content_mask is not None:
         if any(isinstance(m, Tensor) for m in style_masks):
             raise CastError("style masks must be label images when the content mask is one")
@@ -363,15 +363,6 @@ def _regions(
     return region_masks.float(), [m.float() for m in paired]
 
 
-def _mask_tensor(mask: Tensor, hw: tuple[int, int], what: str, regions: int | None = None):
-    if mask.dim() == 2:
-        mask = mask[None]
-    if mask.dim() != 3 or (regions is not None and mask.shape[0] != regions):
-        want = f"({regions}, H, W)" if regions else "(K, H, W)"
-        raise CastError(f"{what} must be {want}, got {tuple(mask.shape)}")
-    return masks.resample(mask.detach().float().cpu().clamp(0, 1), hw)
-
-
 def _initial(init, content: Tensor, styles: list[Tensor], generator) -> Tensor:
     if init == "noise":
         return torch.rand(content.shape, generator=generator)
@@ -383,12 +374,14 @@ def _initial(init, content: Tensor, styles: list[Tensor], generator) -> Tensor:
 
 
 class _Diverged(Exception):
-    def __init__(self, step: int, loss: float, last_good: Tensor):
-        self.step, self.loss, self.last_good = step, loss, last_good
+    """The loss of ``step`` is not finite; ``last_good`` is the image after ``good_steps``."""
+
+    def __init__(self, step: int, loss: float, last_good: Tensor, good_steps: int):
+        self.step, self.loss, self.last_good, self.good_steps = step, loss, last_good, good_steps
 
 
 def _optimise(objective, image: Tensor, iters: int, optimizer: str, lr: float, history: int):
-    """Yield ``(step, loss, image, last_good)`` after each step; ``_Diverged`` on NaN/inf."""
+    """Yield ``(step, loss, image)`` after each step; ``_Diverged`` on NaN/inf."""
     x = image.detach().clone(memory_format=torch.contiguous_format).requires_grad_()
     if optimizer == "lbfgs":
         # one L-BFGS iteration per step() call, so steps are counted, shown and saved
@@ -400,16 +393,18 @@ def _optimise(objective, image: Tensor, iters: int, optimizer: str, lr: float, h
         loss, x.grad = objective.value_and_grad(x)
         return loss
 
-    last_good = x.detach().clone()
+    last_good, good_steps = x.detach().clone(), 0
     for step in range(1, iters + 1):
         before = x.detach().clone()
         loss = float(opt.step(closure).detach())
         if not math.isfinite(loss):
-            raise _Diverged(step, loss, last_good)
-        last_good = before  # the loss just computed belongs to the image before this step
-        yield step, loss, x.detach(), last_good
+            raise _Diverged(step, loss, last_good, good_steps)
+        # the loss just computed belongs to the image before this step
+        last_good, good_steps = before, step - 1
+        yield step, loss, x.detach()
     if not torch.isfinite(x).all():  # the last step diverged: no later loss would tell
-        raise _Diverged(iters, float(objective.value_and_grad(x)[0]), last_good)
+        loss = float(objective.value_and_grad(x)[0])
+        raise _Diverged(iters, loss, last_good, good_steps)
 
 
 def _finish(image: Tensor, content: Tensor, preserve_color: bool) -> Tensor:

@@ -96,6 +96,14 @@ class VGGWeights:
     source: str
 
     def __post_init__(self):
+        tensors = (*self.weights, *self.biases)
+        if not all(
+            isinstance(t, torch.Tensor) and t.layout == torch.strided and t.is_floating_point()
+            for t in tensors
+        ):
+            raise WeightsUnavailable(
+                f"weights from {self.source} are not all float tensors; {HOW_TO_PROVIDE}"
+            )
         expected = conv_shapes(self.architecture)
         found = [tuple(w.shape) for w in self.weights]
         if found != expected or [tuple(b.shape) for b in self.biases] != [
@@ -104,6 +112,10 @@ class VGGWeights:
             raise WeightsUnavailable(
                 f"weights from {self.source} do not fit {self.architecture}: "
                 f"convolution shapes {found}; {HOW_TO_PROVIDE}"
+            )
+        if not all(torch.isfinite(t).all() for t in tensors):
+            raise WeightsUnavailable(
+                f"weights from {self.source} hold NaN or infinite values; {HOW_TO_PROVIDE}"
             )
 
 
@@ -382,10 +394,11 @@ def _from_state_dict(state: dict, source: str) -> VGGWeights:
             f"'{source}' is not a torchvision VGG-16/19 state dict ({len(indices)} "
             f"features.N convolutions); {HOW_TO_PROVIDE}"
         )
+    as_float = lambda t: t.float() if isinstance(t, torch.Tensor) else t  # else refused below
     return VGGWeights(
         architecture=by_count[len(indices)],
-        weights=tuple(state[f"features.{i}.weight"].float() for i in indices),
-        biases=tuple(state[f"features.{i}.bias"].float() for i in indices),
+        weights=tuple(as_float(state[f"features.{i}.weight"]) for i in indices),
+        biases=tuple(as_float(state[f"features.{i}.bias"]) for i in indices),
         preprocessing=TORCHVISION,
         source=source,
     )

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
 import os
 import re
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cast import cli, images
 from cast.cli import main
 from cast.stylize import stylize
+from cast.weights import conv_shapes
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONTENT, STYLE = str(EXAMPLES / "tubingen.jpg"), str(EXAMPLES / "starry_night.jpg")
@@ -101,6 +105,37 @@ BAD = {
     "unknown device": (["stylize", CONTENT, STYLE, "--device", "gpu"], "unknown device 'gpu'"),
     "too thin an image": (["stylize", "{thin}", STYLE], "raise --size or lower --scales"),
     "mask of a missing image": (["mask", "nowhere.jpg", "{square}"], "cannot read image"),
+    **{
+        f"{flag} {value}": (["stylize", CONTENT, STYLE, f"{flag}={value}"], f"{flag} must be")
+        for flag in ("--content-weight", "--style-weight", "--tv-weight", "--lr")
+        for value in ("nan", "inf", "-inf", "-1", "1e308")
+    },
+    "--lr 0": (["stylize", CONTENT, STYLE, "--lr", "0"], "--lr must be positive, got 0.0"),
+    "adam --lr nan": (["stylize", CONTENT, STYLE, "--optimizer", "adam", "--lr", "nan"], "lr must"),
+    "huge seed": (["stylize", CONTENT, STYLE, "--seed", "9" * 23], "--seed must be at most"),
+    "negative seed": (["stylize", CONTENT, STYLE, "--seed", "-1"], "--seed must be 0 or more"),
+    "mps device": (["stylize", CONTENT, STYLE, "--device", "mps"], "device mps is not supported"),
+    "xpu device": (["stylize", CONTENT, STYLE, "--device", "xpu"], "device xpu is not supported"),
+    "unknown CAST_BACKEND": (["stylize", CONTENT, STYLE], "CAST_BACKEND='xyz' is not a backend"),
+    "kernel file of 3e38": (["stylize", CONTENT, STYLE, "--high-order", "{huge}"], "values up to"),
+    "sparse kernel file": (["stylize", CONTENT, STYLE, "--high-order", "{sparse}"], "floating"),
+    "NaN float image": (["stylize", "{nan_tiff}", STYLE], "NaN or infinite pixels"),
+    "NaN soft mask": (["stylize", CONTENT, STYLE, "--soft-mask", "{nan_tiff}"], "NaN or infinite"),
+    "negative float image": (["stylize", "{negative_tiff}", STYLE], "must lie in [0, 1]"),
+    "weights whose bias is a list": (
+        ["stylize", CONTENT, STYLE, "--model", "{list_bias}"],
+        "are not all float tensors",
+    ),
+    "output is a directory": (["stylize", CONTENT, STYLE, "-o", "{tmp}/folder.png"], "a directory"),
+    "output name too long": (
+        ["stylize", CONTENT, STYLE, "-o", "{tmp}/" + "x" * 246 + ".png"],
+        "File name too long",
+    ),
+    "output in /proc": (["stylize", CONTENT, STYLE, "-o", "/proc/x.png"], "cannot write"),
+    "mask output is a directory": (
+        ["mask", CONTENT, "{square}", "-o", "{tmp}/folder.png"],
+        "a directory",
+    ),
     "mask to a format PIL cannot write": (
         ["mask", CONTENT, "{square}", "-o", "{tmp}/alpha.psd"],
         "not an image format PIL writes",
@@ -109,7 +144,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
-def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, capsys, monkeypatch):
     argv, message = BAD[case]
     (tmp_path / "text.jpg").write_text("not a picture")
     np.save(tmp_path / "kernels.npy", np.ones((1, 2, 2)))
@@ -123,6 +158,27 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, capsys):
         "thin": _labels(tmp_path / "thin.png", (400, 20), [(255, 0, 0)]),
         "read_only": tmp_path / "read-only",
     }
+    np.save(tmp_path / "huge.npy", np.full((1, 3, 3), 3e38, np.float32))
+    torch.save(torch.eye(3)[None].to_sparse(), tmp_path / "sparse.pt")
+    nan = np.full((30, 40), 0.5, np.float32)
+    nan[3, 4] = np.nan
+    Image.fromarray(nan).save(tmp_path / "nan.tiff")
+    Image.fromarray(np.full((30, 40), -0.5, np.float32)).save(tmp_path / "negative.tiff")
+    vgg16 = {}
+    for i, shape in enumerate(conv_shapes("vgg16")):
+        vgg16[f"features.{i}.weight"] = torch.zeros(1, 1, 1, 1)  # the right count of convs
+        vgg16[f"features.{i}.bias"] = [0.0] * shape[0]
+    torch.save(vgg16, tmp_path / "list_bias.pth")
+    (tmp_path / "folder.png").mkdir()
+    files |= {
+        "huge": tmp_path / "huge.npy",
+        "sparse": tmp_path / "sparse.pt",
+        "nan_tiff": tmp_path / "nan.tiff",
+        "negative_tiff": tmp_path / "negative.tiff",
+        "list_bias": tmp_path / "list_bias.pth",
+    }
+    if case == "unknown CAST_BACKEND":
+        monkeypatch.setenv("CAST_BACKEND", "xyz")
     (tmp_path / "read-only").mkdir(mode=0o555)
     if case == "read-only output folder" and os.access(tmp_path / "read-only", os.W_OK):
         pytest.skip("running as root: no folder is read-only")
@@ -167,3 +223,71 @@ def test_ctrl_c_before_any_image_does_not_point_at_an_old_file(tmp_path, monkeyp
     out.write_bytes(b"from an earlier run")
     assert main(["stylize", CONTENT, STYLE, "-o", str(out), *TINY]) == 130
     assert capsys.readouterr().err == "cast: interrupted\n"
+
+
+SAME = {
+    "content": (["stylize", "{same}", STYLE], "the content image"),
+    "style": (["stylize", CONTENT, STYLE, "{same}"], "the style image 2"),
+    "content mask": (["stylize", CONTENT, STYLE, "--content-mask", "{same}"], "the content mask"),
+    "soft mask": (["stylize", CONTENT, STYLE, "--soft-mask", "{same}"], "the soft mask 1"),
+    "mask's image": (["mask", "{same}", "{trimap}"], "the image"),
+    "mask's trimap": (["mask", CONTENT, "{same}"], "the trimap"),
+}
+
+
+@pytest.mark.parametrize("case", SAME, ids=list(SAME))
+def test_an_output_naming_an_input_is_refused_and_the_input_kept(case, tmp_path, capsys):
+    argv, message = SAME[case]
+    same = tmp_path / "same.jpg"
+    same.write_bytes(Path(CONTENT).read_bytes())
+    trimap = tmp_path / "trimap.png"
+    Image.fromarray(np.full((30, 40), 128, np.uint8)).save(trimap)
+    # through a symbolic link, so only the same-file test can tell
+    (tmp_path / "link.jpg").symlink_to(same)
+    argv = [arg.format(same=same, trimap=trimap) for arg in argv] + [
+        "-o",
+        str(tmp_path / "link.jpg"),
+    ]
+    assert main([*argv, *TINY] if argv[0] == "stylize" else argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cast: error: the output ") and err.count("\n") == 1, err
+    assert message in err and "choose another output path" in err
+    assert same.read_bytes() == Path(CONTENT).read_bytes()
+
+
+@pytest.mark.slow
+def test_sigterm_writes_the_latest_image_and_exits_143(tmp_path, monkeypatch, capsys):
+    def terminate_at_step_two(step):
+        if step.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(
+        cli, "stylize", functools.partial(cli.stylize, callback=terminate_at_step_two)
+    )
+    out = tmp_path / "out.png"
+    argv = ["stylize", CONTENT, STYLE, "-o", str(out), *TINY[:2], "--iters", "5", "--scales", "1"]
+    assert main(argv) == 143
+    assert images.load_image(out).shape == (3, 30, 40)
+    assert capsys.readouterr().err.endswith(f"cast: terminated; the latest image is in '{out}'\n")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+
+
+@pytest.mark.slow
+def test_a_signal_during_a_save_leaves_the_file_whole_and_no_temporary(
+    tmp_path, monkeypatch, capsys
+):
+    original = Image.Image.save
+
+    def save_and_get_killed(picture, file, *args, **kwargs):
+        if not isinstance(file, io.BytesIO):  # not the format probe: a save of the image
+            os.kill(os.getpid(), signal.SIGTERM)  # mid-save, as `kill` would
+        return original(picture, file, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_and_get_killed)
+    out = tmp_path / "out.png"
+    argv = ["stylize", CONTENT, STYLE, "-o", str(out), *TINY, "--save-every", "1"]
+    # killed in the save of step 1, then again in the save of the latest image
+    assert main(argv) == 143
+    assert capsys.readouterr().err.endswith(f"the latest image is in '{out}'\n")
+    assert images.load_image(out).shape == (3, 30, 40)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
