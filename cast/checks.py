@@ -51,7 +51,7 @@ def real(name: str, value, positive: bool = False, maximum: float = FLOAT32_MAX)
         raise CastError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise CastError(f"{name} must be a finite number, got {value!r}")
-    if positive and value == 0:
+    if positive and value <= 0:
         raise CastError(f"{name} must be positive, got {value!r}")
     _in_range(name, value, 0, maximum, f"{maximum:.3g}")
 
