@@ -1,5 +1,5 @@
 """``python -m cast``: the same as the ``cast`` command."""
 
-from .cli import main
+from .cli import run
 
-raise SystemExit(main())
+run()

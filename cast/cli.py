@@ -40,10 +40,15 @@ that no style image pairs with keeps its own look (--strict makes that an error)
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"cast: error: {message}; see '{self.prog} --help'\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cast", description="Content-aware neural style transfer (CAST)."
-    )
+    parser = _Parser(prog="cast", description="Content-aware neural style transfer (CAST).")
     commands = parser.add_subparsers(dest="command", required=True)
 
     s = commands.add_parser(
@@ -187,3 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 128 + (signal.SIGTERM if isinstance(interrupt, _Terminated) else signal.SIGINT)
     return 0
+
+
+def run() -> None:
+    """The ``cast`` command: ``main()``, then an exit that a second Ctrl-C or SIGTERM cannot
+    turn into a traceback (atexit handlers run for about a second): the run is over, so such a
+    signal ends the process at once."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sys.exit(code)

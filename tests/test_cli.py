@@ -291,3 +291,32 @@ def test_a_signal_during_a_save_leaves_the_file_whole_and_no_temporary(
     assert capsys.readouterr().err.endswith(f"the latest image is in '{out}'\n")
     assert images.load_image(out).shape == (3, 30, 40)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["stylize", CONTENT], ["stylize", CONTENT, STYLE, "-o", "x.png", "--size", "big"],
+     ["stylize", CONTENT, STYLE, "-o", "x.png", "--lr", "-inf"], ["paint"], []],
+    ids=["no style", "size not a number", "negative number as a value", "unknown command", "none"],
+)  # fmt: skip
+def test_usage_errors_are_one_line_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("cast: error: ") and err.count("\n") == 1
+    assert "--help'" in err
+
+
+def test_after_the_run_a_second_signal_ends_the_process_without_python(monkeypatch, capsys):
+    # the `cast` command: once main() is done, Ctrl-C or SIGTERM during the interpreter's exit
+    # (atexit handlers) must not raise KeyboardInterrupt into them (a traceback)
+    monkeypatch.setattr("sys.argv", ["cast", "stylize", "nowhere.jpg", STYLE, "-o", "x.png"])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.run()
+        assert exited.value.code == 2
+        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
