@@ -30,13 +30,14 @@ STYLIZE_HELP = """\
 Stylise CONTENT with one or more STYLE images.
 
 Regions: --content-mask takes a colour-coded label image of CONTENT (each colour a region);
---style-mask gives each style image its label image (in order; '-' for none), and the same
-colours pair regions. Or --soft-mask takes grey-scale masks of CONTENT (white = inside), one per
-region; a single one makes two regions, white and the rest (`cast mask` writes such a mask). A
-style image without labels is one whole region styling the content region of its position
-among the style images without labels: with --soft-mask sky.png, the first style image styles
-the sky and the second the rest. A region
-that no style image pairs with keeps its own look (--strict makes that an error).
+--style-mask, once per style image in order, gives its label image ('-' for none), and the same
+colours pair regions. Or --soft-mask, once per region, takes a grey-scale mask of CONTENT
+(white = inside); a single one makes two regions, white and the rest (`cast mask` writes such a
+mask). Each of these options takes one file: repeat the option for more (--soft-mask a.png
+--soft-mask b.png), so a STYLE after it is never taken for a mask. A style image without labels
+is one whole region styling the content region of its position among the style images without
+labels: with --soft-mask sky.png, the first style image styles the sky and the second the rest.
+A region that no style image pairs with keeps its own look (--strict makes that an error).
 """
 
 
@@ -91,9 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     option("--backend", "backend", str, "masked Gram backend (default: fastest present)",
            choices=BACKENDS)  # fmt: skip
     s.add_argument("--content-mask", metavar="LABELS", help="colour-coded regions of CONTENT")
-    s.add_argument("--style-mask", metavar="LABELS", nargs="+",
-                   help="label image of each style image, in order ('-' for none)")  # fmt: skip
-    s.add_argument("--soft-mask", metavar="GREY", nargs="+", help="grey-scale region masks")
+    s.add_argument("--style-mask", metavar="LABELS", action="append",
+                   help="label image of a style image ('-' for none); once per style image, "
+                   "in order")  # fmt: skip
+    s.add_argument("--soft-mask", metavar="GREY", action="append",
+                   help="grey-scale mask of a region; once per region")  # fmt: skip
     s.add_argument("--preserve-color", action="store_true", help="keep the content's colours")
     s.add_argument("--strict", action="store_true", help="every region must pair with a style")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

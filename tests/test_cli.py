@@ -320,3 +320,17 @@ def test_after_the_run_a_second_signal_ends_the_process_without_python(monkeypat
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+def test_mask_options_take_one_file_each_so_a_style_is_never_a_mask(tmp_path, capsys):
+    argv = ["stylize", CONTENT, "a.jpg", "b.jpg", "--soft-mask", "sky.png", "--soft-mask",
+            "town.png", "--style-mask", "-", "--style-mask", "b.png", "-o", "x.png"]  # fmt: skip
+    args = cli._parser().parse_args(argv)
+    assert args.styles == ["a.jpg", "b.jpg"] and args.soft_mask == ["sky.png", "town.png"]
+    assert args.style_mask == ["-", "b.png"]
+    # a style image after a mask option used to become a second mask
+    with pytest.raises(SystemExit) as exited:
+        main(["stylize", CONTENT, STYLE, "--soft-mask", "sky.png", STYLE, "-o", "x.png"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"cast: error: unrecognized arguments: {STYLE}")

@@ -214,6 +214,11 @@ def test_photo_is_not_a_label_image(tmp_path):
     Image.fromarray(noise).save(tmp_path / "noise.png")
     with pytest.raises(MaskError, match="no flat colour regions"):
         label_masks(tmp_path / "noise.png", [], (64, 64), [])
+    # a photo has flat areas (sky, walls) that make a few colours, but many pixels near none
+    photo = Image.open(EXAMPLES / "tubingen.jpg")
+    photo.resize((256, 192)).save(tmp_path / "photo.png")
+    with pytest.raises(MaskError, match=r"is not a label image: only \d+% of its pixels lie"):
+        label_masks(tmp_path / "photo.png", [], (192, 256), [])
     with pytest.raises(MaskError) as error:
         label_masks(tmp_path / "missing.png", [], (64, 64), [])
     assert "missing.png" in one_line(error)
