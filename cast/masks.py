@@ -205,7 +205,7 @@ def soft_masks(paths: Sequence[PathArg], size: tuple[int, int]) -> torch.Tensor:
     """``(K, H, W)`` masks from grey-scale images, one per region (white = 1), at ``size``."""
     masks = []
     for path in paths:
-        picture = open_image(path, "soft mask", MaskError)
+        picture = open_image(path, "soft mask", MaskError, long_side=max(size))
         check_aspect(f"mask '{path}'", picture.size, size)
         masks.append(_resize_grey(torch.from_numpy(pixels(picture, grey=True)), size))
     if not masks:

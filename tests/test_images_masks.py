@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from cast.errors import CastError, ImageError, MaskError
-from cast.images import load_image, resize, save_image
+from cast.images import load_image, open_image, resize, save_image
 from cast.masks import label_masks, matte, read_trimap, resample, soft_masks
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -57,6 +57,16 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
     expected = torch.from_numpy(ramp / 65535).float()
     assert image.shape == (3, 48, 64) and torch.allclose(image, expected.expand(3, -1, -1))
     assert torch.allclose(soft_masks([tmp_path / "ramp16.png"], (48, 64))[0], expected)
+
+
+def test_large_images_are_shrunk_before_they_become_floats(tmp_path):
+    # a photo's texture at 2400x1800: the result must match shrinking the float image
+    photo = Image.open(EXAMPLES / "tubingen.jpg").resize((2400, 1800), Image.Resampling.BICUBIC)
+    for name in ("large.png", "large.jpg"):
+        photo.save(tmp_path / name, quality=95)
+        assert max(open_image(tmp_path / name, long_side=64).size) == 4 * 64
+        exact = resize(load_image(tmp_path / name), (48, 64))
+        assert (load_image(tmp_path / name, long_side=64) - exact).abs().mean() < 1 / 255
 
 
 def test_resize():
