@@ -126,12 +126,15 @@ BAD = {
         ["stylize", CONTENT, STYLE, "--model", "{list_bias}"],
         "are not all float tensors",
     ),
-    "output is a directory": (["stylize", CONTENT, STYLE, "-o", "{tmp}/folder.png"], "a directory"),
-    "output name too long": (
-        ["stylize", CONTENT, STYLE, "-o", "{tmp}/" + "x" * 246 + ".png"],
-        "File name too long",
-    ),
-    "output in /proc": (["stylize", CONTENT, STYLE, "-o", "/proc/x.png"], "cannot write"),
+    # found before the weights load (these are missing), not after the run
+    **{
+        case: (["stylize", CONTENT, STYLE, "--model", "{tmp}/missing.pth", "-o", out], message)
+        for case, out, message in (
+            ("output is a directory", "{tmp}/folder.png", "it is a directory"),
+            ("output name too long", "{tmp}/" + "x" * 246 + ".png", "File name too long"),
+            ("output in /proc", "/proc/x.png", "cannot write '/proc/x.png'"),
+        )
+    },
     "mask output is a directory": (
         ["mask", CONTENT, "{square}", "-o", "{tmp}/folder.png"],
         "a directory",
