@@ -1,0 +1,96 @@
+"""``cast.stylize`` called from Python with bad tensors and numbers: a ``CastError`` before any
+work, never an IndexError or RuntimeError from deep inside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cast.errors import CastError
+from cast.stylize import _regions, stylize
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CONTENT, STYLE = EXAMPLES / "tubingen.jpg", EXAMPLES / "starry_night.jpg"
+# a weights file that is not there: reaching the network would fail with another message
+NO_NETWORK = dict(model="missing-weights.pth", size=40, scales=1, iters=1, progress=False)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (torch.rand(3, 0, 64), r"content image tensor is empty: \(3, 0, 64\)"),
+        (torch.rand(3, 48, 64) * 255, r"values in \[0, 1\], got .* scale 0-255 images by 1/255"),
+        (torch.full((3, 48, 64), float("nan")), "content image tensor holds NaN"),
+        (torch.rand(48, 64, 3), r"must be \(3, H, W\) floating RGB, got \(48, 64, 3\)"),
+        (torch.randint(0, 2, (3, 48, 64)), r"floating RGB, got \(3, 48, 64\) int64"),
+    ],
+    ids=["empty", "0-255", "NaN", "channels last", "integer"],
+)
+def test_bad_image_tensors_are_refused_before_any_work(content, message):
+    with pytest.raises(CastError, match=message):
+        stylize(content, STYLE, **NO_NETWORK)
+
+
+def test_a_bad_style_tensor_is_named_by_its_position():
+    with pytest.raises(CastError, match="style image 2 tensor is empty"):
+        stylize(CONTENT, [STYLE, torch.rand(3, 5, 0)], **NO_NETWORK)
+
+
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (torch.rand(0, 48, 64), r"content mask tensor must be \(K, H, W\) with K >= 1"),
+        (torch.rand(2, 48, 48), "content mask tensor is 48x48 but its image is 64x48"),
+        (torch.full((2, 48, 64), float("nan")), "content mask tensor holds NaN"),
+        (torch.rand(2, 48, 64) * 255, r"values in \[0, 1\]"),
+    ],
+    ids=["no regions", "another aspect", "NaN", "0-255"],
+)
+def test_bad_content_mask_tensors(mask, message):
+    content, style = torch.rand(3, 48, 64), torch.rand(3, 32, 32)
+    with pytest.raises(CastError, match=message):
+        _regions(content, [style], mask, None, None, strict=False)
+
+
+def test_a_nan_style_mask_tensor_is_an_error_not_an_absent_region():
+    content, style = torch.rand(3, 48, 64), torch.rand(3, 32, 32)
+    style_mask = torch.ones(2, 32, 32)
+    style_mask[1, 0, 0] = float("nan")
+    with pytest.raises(CastError, match="style mask tensor holds NaN"):
+        _regions(content, [style], torch.ones(2, 48, 64) / 2, [style_mask], None, strict=False)
+
+
+def test_options_given_as_generators_work():
+    styles = (s for s in [torch.rand(3, 32, 32), torch.rand(3, 40, 40)])
+    masks = (m for m in [None, None])
+    halves = torch.zeros(2, 32, 40)
+    halves[0, :, :20] = 1
+    halves[1] = 1 - halves[0]
+    result = stylize(torch.rand(3, 32, 40), styles, content_mask=halves, style_masks=masks,
+                     size=40, scales=1, iters=1, progress=False)  # fmt: skip
+    assert result.shape == (3, 32, 40) and torch.isfinite(result).all()
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        (dict(size=40.5), "--size must be a whole number"),
+        (dict(size=True), "--size must be a whole number"),
+        (dict(iters=-1), "--iters must be 0 or more"),
+        (dict(scales=10**9), "1000000000 scales at size 40"),
+        (dict(size=10**400), "--size must be at most"),
+        (dict(lr=0.0), "--lr must be positive"),
+        (dict(style_weight="1"), "--style-weight must be a number"),
+        (dict(seed=2**64), "--seed must be at most"),
+        (dict(device="mps"), "device mps is not supported"),
+        (dict(backend="fastest"), "unknown backend 'fastest'"),
+        (dict(save_every=0, output="out.png"), "--save-every must be positive"),
+    ],
+    ids=["fractional size", "bool size", "negative iters", "too many scales", "huge size",
+         "zero lr", "string weight", "huge seed", "mps", "unknown backend", "save every 0"],
+)  # fmt: skip
+def test_bad_numbers_and_names_are_refused_before_any_work(given, message):
+    with pytest.raises(CastError, match=message):
+        stylize(CONTENT, STYLE, **(NO_NETWORK | given))
