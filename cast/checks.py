@@ -144,10 +144,9 @@ def mask_tensor(mask: Tensor, what: str, hw: tuple[int, int], regions: int | Non
 
 
 def _in_unit_range(values: Tensor, what: str, error: type[CastError], hint: str) -> None:
-    values = values.detach()
-    if not torch.isfinite(values).all():
+    low, high = values.detach().aminmax()  # NaN or inf when any value is
+    if not (low.isfinite() and high.isfinite()):
         raise error(f"{what} tensor holds NaN or infinite values")
-    low, high = values.aminmax()
     if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
         raise error(
             f"{what} tensor must hold values in [0, 1], got {low:.4g} to {high:.4g}; {hint}"

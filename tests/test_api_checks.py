@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cast.errors import CastError
+from cast.errors import CastError, WeightsUnavailable
+from cast.ops import masked_gram
 from cast.stylize import _regions, stylize
+from cast.weights import CAFFE, VGGWeights, conv_shapes
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONTENT, STYLE = EXAMPLES / "tubingen.jpg", EXAMPLES / "starry_night.jpg"
@@ -94,3 +96,20 @@ def test_options_given_as_generators_work():
 def test_bad_numbers_and_names_are_refused_before_any_work(given, message):
     with pytest.raises(CastError, match=message):
         stylize(CONTENT, STYLE, **(NO_NETWORK | given))
+
+
+def test_weights_with_nan_are_refused():
+    shapes = conv_shapes("vgg16")
+    weights = [torch.zeros(shape) for shape in shapes]
+    biases = [torch.zeros(shape[0]) for shape in shapes]
+    biases[-1][3] = float("nan")
+    with pytest.raises(WeightsUnavailable, match="hold NaN or infinite values"):
+        VGGWeights("vgg16", tuple(weights), tuple(biases), CAFFE, "a test")
+
+
+def test_masked_gram_is_differentiable_once_as_the_readme_says():
+    features = torch.rand(1, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    gram = masked_gram(features, torch.rand(2, 6, 6, dtype=torch.float64))
+    (grad,) = torch.autograd.grad(gram.square().sum(), features, create_graph=True)
+    with pytest.raises(RuntimeError, match="masked_gram_backward.* no autograd formula"):
+        grad.sum().backward()
