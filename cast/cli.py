@@ -83,7 +83,22 @@ def _parser() -> argparse.ArgumentParser:
     option("--lr", "lr", float, "step size (default 1 for lbfgs, 0.02 for adam)")
     option("--init", "init", str, f"starting image: {', '.join(INITS)} or an image file",
            metavar="INIT|PATH")  # fmt: skip
-    option("--lbfgs-history", "lbfgs_history", int, "steps L-BFGS remembers", metavar="N")
+    option(
+        "--lbfgs-history",
+        "lbfgs_history",
+        int,
+        "steps L-BFGS remembers (default: 50, fewer when memory is short)",
+        metavar="N",
+    )
+    option(
+        "--tile",
+        "tile",
+        int,
+        "run the network on tiles of PX pixels (a multiple of 16), each with a halo: memory "
+        "of one crop, the same result (default: tile only what does not fit; 0: never); "
+        "tiles smaller than the halo (80-96 px) work but are slow",
+        metavar="PX",
+    )
     option("--style-scale", "style_scale", float,
            "style images at this times the result's size", metavar="X")  # fmt: skip
     option("--seed", "seed", int, "random seed", metavar="N")
@@ -100,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--preserve-color", action="store_true", help="keep the content's colours")
     s.add_argument("--strict", action="store_true", help="every region must pair with a style")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory plan (size, tiles, L-BFGS history, memory) and stop",
+    )
 
     m = commands.add_parser(
         "mask",
@@ -120,7 +140,7 @@ def _stylize(args: argparse.Namespace) -> None:
     style_masks = None
     if args.style_mask is not None:
         style_masks = [None if path == "-" else path for path in args.style_mask]
-    stylize(
+    done = stylize(
         args.content,
         args.styles,
         content_mask=args.content_mask,
@@ -134,9 +154,11 @@ def _stylize(args: argparse.Namespace) -> None:
             "size", "iters", "scales", "high_order", "model", "pooling", "content_weight",
             "style_weight", "tv_weight", "optimizer", "lr", "init", "lbfgs_history",
             "style_scale", "seed", "save_every",
-            "device", "backend",
+            "device", "backend", "tile", "dry_run",
         )},
     )  # fmt: skip
+    if args.dry_run:
+        print(done)
 
 
 def _mask(args: argparse.Namespace) -> None:

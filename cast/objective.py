@@ -201,8 +201,7 @@ def build(
     """The objective at this scale: its targets are the content features, and per style layer
     the pooled statistics of every style image's regions; a region no style image has keeps its
     own statistics. ``tile`` px tiles (a multiple of 16 px for VGG) or ``0``: the whole image."""
-    stride = max(network.stride(layer) for layer in LAYERS)
-    halo = halo_for(network, CONTENT_LAYERS, STYLE_LAYERS, kernels.shape[-1] // 2, stride)
+    halo, stride = geometry(network, kernels)
     plan_of = lambda image: plan_tiles(*image.shape[-2:], tile, halo, stride)  # noqa: E731
 
     def grid_masks(region_masks, image):
@@ -232,6 +231,13 @@ def build(
     if len(plan) == 1 and shard.world == 1:
         return WholeImage(network, content_losses, style_losses, weights)
     return Tiled(network, content_losses, style_losses, weights, plan, kernels, backend, shard)
+
+
+def geometry(network, kernels: Tensor) -> tuple[int, int]:
+    """``(halo, stride)`` in pixels of this objective's tiles: the network's total stride over
+    the layers used, and the halo that makes tiling exact (``cast.tiling.halo_for``)."""
+    stride = max(network.stride(layer) for layer in LAYERS)
+    return halo_for(network, CONTENT_LAYERS, STYLE_LAYERS, kernels.shape[-1] // 2, stride), stride
 
 
 def on_grid(mask: Tensor, image_hw: tuple[int, int], poolings: int) -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,11 @@ from tqdm import tqdm
 from . import checks, images, masks
 from .errors import CastError, ImageError, MaskError
 from .losses import high_order_kernels
-from .network import CONTENT_LAYERS, POOLINGS, STYLE_LAYERS, VGGFeatures
+from .memory import Plan, plan_memory
+from .network import POOLINGS, VGGFeatures
+from .objective import LAYERS
 from .objective import build as build_objective
+from .objective import geometry as tile_geometry
 from .weights import DEFAULT_MODEL
 
 ImageLike = str | os.PathLike | Tensor
@@ -61,7 +65,7 @@ def stylize(
     optimizer: str = "lbfgs",
     lr: float | None = None,
     init: str | os.PathLike = "content",
-    lbfgs_history: int = 50,
+    lbfgs_history: int | None = None,
     style_scale: float = 1.0,
     preserve_color: bool = False,
     seed: int = 0,
@@ -73,7 +77,8 @@ def stylize(
     callback: Callable[[Step], None] | None = None,
     backend: str | None = None,
     tile: int | None = None,
-) -> Tensor:
+    dry_run: bool = False,
+) -> Tensor | Plan:
     """Stylise ``content`` with ``styles``, region by region.
 
     Args:
@@ -100,7 +105,8 @@ def stylize(
         optimizer: ``"lbfgs"`` or ``"adam"``; ``lr`` its step size (default 1 and 0.02).
         init: start from ``"content"``, ``"noise"``, ``"style"`` (the first style image) or
             any image file (resized to the content's size).
-        lbfgs_history: how many past steps L-BFGS remembers (each costs two image copies).
+        lbfgs_history: how many past steps L-BFGS remembers (each costs two image copies);
+            default 50, fewer when the image's copies would not fit in memory.
         style_scale: the style images are taken at ``style_scale`` times the long side of the
             image being optimised (below 1: finer strokes relative to the result, above 1:
             coarser ones).
@@ -117,9 +123,13 @@ def stylize(
         tile: run the network on tiles of this many pixels a side (a multiple of 16), each with
             a halo, so memory is one crop's whatever the image's size; the result is the
             untiled one (SPEC §5). ``0`` never tiles; ``None`` tiles only what would not fit.
+            A tile smaller than the halo (80-96 px) is valid but slow: the crops overlap more.
+        dry_run: only work out the memory plan (size, tiles, L-BFGS history, memory) and
+            return it, without loading the images.
 
     Returns:
-        The stylised image, ``(3, H, W)`` float32 RGB in [0, 1] on the CPU.
+        The stylised image, ``(3, H, W)`` float32 RGB in [0, 1] on the CPU; with ``dry_run``
+        the ``cast.memory.Plan``.
 
     Raises:
         CastError: bad input (before any work), a diverging loss (the last good image is
@@ -132,11 +142,14 @@ def stylize(
     device = _check_arguments(**locals())  # every argument, before any work
     kernels = high_order_kernels(high_order)
     network = VGGFeatures(model, pooling).to(device)
-    layers = tuple(dict.fromkeys(CONTENT_LAYERS + STYLE_LAYERS))
-    # L-BFGS keeps two image-sized vectors per remembered step
-    optimiser_copies = (2 * lbfgs_history + 4) if optimizer == "lbfgs" else 6
     # before loading: a huge size would already exhaust memory when the image is resized
-    _check_memory(network, layers, images.fit(_image_hw(content), size), device, optimiser_copies)
+    halo, stride = tile_geometry(network, kernels)
+    plan = plan_memory(network, LAYERS, images.fit(_image_hw(content), size), device, optimizer,
+                       lbfgs_history, tile, halo, stride, len(styles))  # fmt: skip
+    if dry_run:
+        return plan
+    if progress:
+        tqdm.write(str(plan), file=sys.stderr)
 
     content_image = _load(content, size)
     style_long_side = round(size * style_scale)
@@ -159,7 +172,7 @@ def stylize(
                 content_masks.to(device),
                 [m.to(device) for m in style_region_masks],
                 kernels.to(device),
-                content_weight, style_weight, tv_weight, backend, tile or 0,
+                content_weight, style_weight, tv_weight, backend, plan.tile,
             )  # fmt: skip
             if image is None:
                 image = _initial(init, content_image, style_images, generator).to(device)
@@ -168,7 +181,7 @@ def stylize(
             with bar:
                 steps = _optimise(objective, image, iters, optimizer,
                                   DEFAULT_LR[optimizer] if lr is None else lr,
-                                  lbfgs_history)  # fmt: skip
+                                  plan.history)  # fmt: skip
                 for step, loss, current in steps:
                     image, stepped = current, True
                     bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
@@ -221,7 +234,8 @@ def _check_arguments(
         checks.real(flag, weight)
     if lr is not None:
         checks.real("--lr", lr, positive=True, maximum=checks.MAX_LR)
-    checks.whole("--lbfgs-history", lbfgs_history, 1)
+    if lbfgs_history is not None:  # None: the memory plan chooses
+        checks.whole("--lbfgs-history", lbfgs_history, 1)
     checks.real("--style-scale", style_scale, positive=True, maximum=checks.MAX_STYLE_SCALE)
     checks.whole("--seed", seed, 0, checks.MAX_SEED)
     if tile is not None:
@@ -427,50 +441,3 @@ def transfer_luminance(stylised: Tensor, content: Tensor) -> Tensor:
     y = torch.einsum("ij,jhw->ihw", _YIQ, stylised)[:1]
     iq = torch.einsum("ij,jhw->ihw", _YIQ, content)[1:]
     return torch.einsum("ij,jhw->ihw", torch.linalg.inv(_YIQ), torch.cat([y, iq])).clamp(0, 1)
-
-
-def _check_memory(network, layers, hw, device: torch.device, image_copies: int) -> None:
-    """Refuse, before any work, an image whose optimisation cannot fit in memory.
-
-    The bytes autograd saves for one forward pass are measured on a small probe image and
-    scaled by the pixel count (activations grow linearly with it); twice that covers the
-    transient activations of the backward pass, plus the optimiser's copies of the image.
-    """
-    probe = 64
-    saved: dict[int, int] = {}
-
-    def pack(t: Tensor):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    x = torch.rand(1, 3, probe, probe, device=device, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        features = network(x, layers)
-    del features, x
-    pixels = hw[0] * hw[1]
-    need = 2 * sum(saved.values()) * pixels / probe**2 + image_copies * 3 * pixels * 4
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = _available_ram()
-    if free is not None and need > free:
-        longest = max(hw)
-        fits = int(longest * math.sqrt(free / need)) // 16 * 16
-        raise CastError(
-            f"a {hw[1]}x{hw[0]} image needs about {need / 2**30:.1f} GiB on {device} but "
-            f"{free / 2**30:.1f} GiB is free; lower --size (about {fits} fits) or use a larger "
-            "device"
-        )
-
-
-def _available_ram() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None

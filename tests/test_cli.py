@@ -104,6 +104,11 @@ BAD = {
     ),
     "unknown device": (["stylize", CONTENT, STYLE, "--device", "gpu"], "unknown device 'gpu'"),
     "too thin an image": (["stylize", "{thin}", STYLE], "raise --size or lower --scales"),
+    "tile off the stride": (
+        ["stylize", CONTENT, STYLE, "--tile", "40"],
+        "multiple of the network's",
+    ),
+    "negative tile": (["stylize", CONTENT, STYLE, "--tile", "-16"], "--tile must be"),
     "mask of a missing image": (["mask", "nowhere.jpg", "{square}"], "cannot read image"),
     **{
         f"{flag} {value}": (["stylize", CONTENT, STYLE, f"{flag}={value}"], f"{flag} must be")
@@ -337,3 +342,16 @@ def test_mask_options_take_one_file_each_so_a_style_is_never_a_mask(tmp_path, ca
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.count("\n") == 1
     assert err.startswith(f"cast: error: unrecognized arguments: {STYLE}")
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out.png"
+    argv = ["stylize", CONTENT, STYLE, "-o", str(out), "--size", "4096", "--tile", "512"]
+    assert main([*argv, "--dry-run"]) == 0
+    shown = capsys.readouterr().out
+    assert re.fullmatch(
+        r"plan: 4096x\d+ on \S+ in \d+ tiles of 512 px \(\+96 px halo\), "
+        r"L-BFGS history \d+, about [\d.]+ GiB( of [\d.]+ GiB free)?\n",
+        shown,
+    )
+    assert not out.exists()

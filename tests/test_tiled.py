@@ -8,15 +8,18 @@ the deepest layers).
 from __future__ import annotations
 
 import copy
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 
+from cast import images
 from cast.errors import CastError
 from cast.losses import high_order_kernels
 from cast.network import CONTENT_LAYERS, STYLE_LAYERS, VGGFeatures
 from cast.objective import Tiled, WholeImage, build
-from cast.stylize import _optimise
+from cast.stylize import _optimise, stylize
 from cast.tiling import halo_for, plan_tiles
 
 H, W, TILE = 40, 130, 32  # 2 x 5 tiles, the last row 8 px high, the last column 2 px wide
@@ -107,7 +110,7 @@ def test_two_lbfgs_steps_give_the_same_image(built):
         pytest.skip("float64 only: L-BFGS amplifies float32 rounding")
     results = []
     for objective in (whole, tiled):
-        *_, (_, _, result, _) = _optimise(objective, image, 2, "lbfgs", 1.0)
+        *_, (_, _, result) = _optimise(objective, image, 2, "lbfgs", 1.0)
         results.append(result.clone())
     assert not torch.equal(results[0], image)
     assert _relative(results[1] - image, results[0] - image) <= 1e-9
@@ -130,3 +133,44 @@ def test_every_pixel_is_owned_once_and_crops_sit_on_the_pooling_grid():
 def test_a_tile_off_the_stride_is_refused(tile):
     with pytest.raises(CastError, match="multiple of the network's total stride"):
         plan_tiles(100, 70, tile, 48, 16)
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _peak_rss_growth(run) -> int:
+    """Bytes the resident set grew by at its peak while ``run()`` ran (sampled every 5 ms)."""
+    page = 4096
+    current = lambda: int(Path("/proc/self/statm").read_text().split()[1]) * page  # noqa: E731
+    start, peak, done = current(), [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], current())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        run()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], current()) - start
+
+
+def test_under_a_memory_cap_an_image_too_large_runs_tiled_in_a_crops_memory(monkeypatch):
+    H, W = 48, 1536  # a long strip: many tiles along it, each crop a fraction of the image
+    content = images.resize(images.load_image(EXAMPLES / "tubingen.jpg", long_side=W), (H, W))
+    style = images.resize(images.load_image(EXAMPLES / "starry_night.jpg", long_side=256), (H, W))
+    run = dict(size=W, scales=1, iters=1, progress=False, device="cpu", high_order="neighbours")
+    stylize(content[..., :64], style[..., :64], **run | dict(size=64))  # warm-up: weights, pools
+    whole = _peak_rss_growth(lambda: stylize(content, style, tile=0, **run))
+
+    monkeypatch.setenv("CAST_MEMORY_GIB", "0.1")
+    with pytest.raises(CastError, match="needs about .* GiB on cpu but 0.1 GiB is free; allow"):
+        stylize(content, style, tile=0, dry_run=True, **run)
+    plan = stylize(content, style, dry_run=True, **run)
+    assert plan.tiles > 1 and plan.need <= 0.1 * 2**30 and "tiles of" in str(plan)
+    tiled = _peak_rss_growth(lambda: stylize(content, style, **run))
+    # measured: 35 MiB tiled, 259 MiB whole
+    assert tiled < whole / 4, f"tiled grew {tiled / 2**20:.0f} MiB, whole {whole / 2**20:.0f}"

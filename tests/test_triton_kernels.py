@@ -97,9 +97,7 @@ def test_tf32_rounds_to_nearest_without_bias():
     f64 = f64.abs() + 0.5  # ReLU-like: every product positive
     features, masks, kernels = to_test_device(torch.float32, f64, m64, p64)
     gram = triton_gram.forward(features, masks, kernels, True).double().cpu()
-    relative = (gram - masked_gram_reference(f64, m64, p64)) / masked_gram_reference(
-        f64, m64, p64
-    )
+    relative = (gram - masked_gram_reference(f64, m64, p64)) / masked_gram_reference(f64, m64, p64)
     assert relative.abs().max() <= 3e-3
     assert relative.mean().abs() <= 1e-4, f"biased TF32 rounding: mean {relative.mean():.2e}"
 

@@ -1,0 +1,158 @@
+"""The memory plan of a run: whether the image fits whole, else the tile size (and, for L-BFGS,
+the history) that makes it fit, decided before any work.
+
+Three parts grow with the image: the network's activations while one crop is differentiated
+(measured on a small probe, then scaled by the crop's pixels: they grow linearly), what stays
+resident for the whole run (image, gradient, content and style images at this scale, content
+features, masks on every layer's grid), and the optimiser's copies of the image (L-BFGS keeps two
+per remembered step). Tiling bounds only the first; the plan lowers the L-BFGS history when the
+other two do not fit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import CastError
+from .network import CONTENT_LAYERS, STYLE_LAYERS
+from .tiling import plan_tiles
+
+# Histories tried, longest first, when the default one does not fit (an explicit one is kept).
+HISTORIES = (50, 20, 10, 5)
+# Tile sizes tried, largest first: large tiles waste least on halos (at 512 px with an 80-96 px
+# halo a crop is about 1.7x its tile). Smaller ones only when nothing else fits.
+TILES = (2048, 1536, 1024, 768, 512, 384, 256, 192, 128, 96, 64, 48, 32, 16)
+# Regions assumed for the masks' memory (the masks are read after the plan): a few floats per
+# pixel, small next to the rest.
+REGIONS = 4
+# Share of the free memory a plan may use: allocators round up and fragment.
+HEADROOM = 0.9
+# Plan as if only this many GiB were free (shared machines, tests).
+LIMIT_VARIABLE = "CAST_MEMORY_GIB"
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Plan:
+    height: int
+    width: int
+    device: torch.device
+    tile: int  # 0: the whole image at once
+    tiles: int
+    halo: int
+    history: int | None  # L-BFGS only
+    need: float  # bytes
+    free: float | None  # bytes, None where unknown
+
+    def __str__(self) -> str:
+        how = "whole" if self.tile == 0 else (
+            f"in {self.tiles} tiles of {self.tile} px (+{self.halo} px halo)")  # fmt: skip
+        history = "" if self.history is None else f", L-BFGS history {self.history}"
+        free = "" if self.free is None else f" of {self.free / GiB:.1f} GiB free"
+        return (f"plan: {self.width}x{self.height} on {self.device} {how}{history}, about "
+                f"{self.need / GiB:.1f} GiB{free}")  # fmt: skip
+
+
+def plan_memory(network, layers, hw: tuple[int, int], device: torch.device, optimizer: str,
+                history: int | None, tile: int | None, halo: int, stride: int,
+                styles: int) -> Plan:  # fmt: skip
+    """The plan for an image of ``hw`` (its finest scale). ``tile``: ``None`` chooses (whole if
+    it fits), ``0`` forbids tiling, else that size. ``history``: ``None`` chooses (50 if it
+    fits). Raises ``CastError`` when nothing fits."""
+    height, width = hw
+    if tile:
+        plan_tiles(height, width, tile, halo, stride)  # a tile off the stride is refused here
+    pixels = height * width
+    activations = _activation_bytes_per_pixel(network, layers, device)
+    content_features = sum(network.channels(layer) / network.stride(layer) ** 2
+                           for layer in CONTENT_LAYERS)  # fmt: skip
+    grids = sum(1 / network.stride(layer) ** 2 for layer in STYLE_LAYERS)
+    # image, gradient, content at two sizes, styles; content-layer features; masks
+    resident = 4 * pixels * (3 * (4 + styles) + content_features + REGIONS * (1 + grids))
+    if optimizer == "lbfgs":
+        histories = HISTORIES if history is None else (history,)
+    else:
+        histories = (None,)
+    if tile is None:  # whole, then tiles that waste little on halos, then shorter histories
+        sizes = [0] + [t for t in TILES if t < max(hw)]
+        efficient = [s for s in sizes if s == 0 or s >= 256]
+        candidates = [(s, h) for h in histories for s in efficient]
+        candidates += [(s, histories[-1]) for s in sizes if s not in efficient]
+    else:
+        candidates = [(tile, h) for h in histories]
+    free = _free_bytes(device)
+
+    def need(size: int, history: int | None) -> float:
+        copies = 2 * history + 4 if history is not None else 6
+        crop = pixels if size == 0 else min(size + 2 * halo, height) * min(size + 2 * halo, width)
+        return activations * crop + resident + copies * 3 * 4 * pixels
+
+    chosen = next((c for c in candidates if free is None or need(*c) <= HEADROOM * free), None)
+    if chosen is None:
+        size, history = candidates[-1]
+        least = need(size, history)
+        fits = int(max(hw) * math.sqrt(free / least)) // stride * stride
+        tiled = "" if tile == 0 else f" in tiles of {size} px"
+        advice = {0: "allow tiling (drop --tile 0), ", None: ""}.get(tile, "lower --tile, ")
+        raise CastError(
+            f"a {width}x{height} image needs about {least / GiB:.1f} GiB on {device}{tiled} "
+            f"but {free / GiB:.1f} GiB is free; {advice}lower --size (about {fits} fits), "
+            "use --optimizer adam or a larger device"
+        )
+    size, history = chosen
+    tiles = len(plan_tiles(height, width, size, halo, stride))
+    tiled = size if tiles > 1 else 0
+    return Plan(height, width, device, tiled, tiles, halo if tiled else 0, history,
+                need(size, history), free)  # fmt: skip
+
+
+def _activation_bytes_per_pixel(network, layers, device: torch.device) -> float:
+    """Bytes autograd saves per input pixel for one forward pass, measured on a probe image;
+    twice that covers the transient activations of the backward pass."""
+    probe = 64
+    saved: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in network.parameters()}
+
+    def pack(t: Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:  # convolutions save their weights too: not per pixel
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    dtype = next(network.parameters()).dtype
+    x = torch.rand(1, 3, probe, probe, device=device, dtype=dtype, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        features = network(x, layers)
+    del features, x
+    return 2 * sum(saved.values()) / probe**2
+
+
+def _free_bytes(device: torch.device) -> float | None:
+    limit = os.environ.get(LIMIT_VARIABLE)
+    if limit:
+        try:
+            return float(limit) * GiB
+        except ValueError:
+            raise CastError(f"{LIMIT_VARIABLE} must be a number of GiB, got {limit!r}") from None
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return _available_ram()
+
+
+def _available_ram() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
