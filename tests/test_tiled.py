@@ -81,27 +81,28 @@ def test_tiled_equals_whole_image(built):
 
 
 def test_a_halo_one_position_too_small_breaks_it(built):
-    """The derived halo is needed to the position: relu5_1's reach (58 px on VGG-16) plus the
-    3x3 kernels' reach (one 16 px cell) is 74, so 80 px; 64 px leaves owned cells inexact."""
+    """The derived halo is needed to the position: relu5_1's reach (70 px on VGG-19) plus the
+    3x3 kernels' reach (one 16 px cell) is 86, so 96 px; 80 px leaves owned cells inexact."""
     dtype, whole, tiled, image, (loss, grad) = built
     if dtype != torch.float64:
         pytest.skip("one case shows it; float64 puts the halo's effect far above rounding")
-    assert tiled.plan.halo == 80
+    assert tiled.plan.halo == 96
     narrow = copy.copy(tiled)
     narrow.plan = plan_tiles(H, W, TILE, tiled.plan.halo - 16, 16)
     assert _relative(narrow.value_and_grad(image)[1], grad) > 1e-6
 
 
 def test_without_high_order_kernels_the_halo_is_the_receptive_field():
-    """With 1x1 kernels relu5_1's reach alone sets the halo: 64 px; 48 px is too small (float32:
-    the error is about 6e-3, far above float32 rounding)."""
+    """With 1x1 kernels relu5_1's reach alone sets the halo: 80 px. It is sufficient (a wider
+    one changes only float32 rounding, about 1e-6) and needed (64 px: about 3e-4)."""
     network, args = _problem(torch.float32, preset="none")
-    assert halo_for(network, CONTENT_LAYERS, STYLE_LAYERS, 0, 16) == 64  # reach 58
+    assert halo_for(network, CONTENT_LAYERS, STYLE_LAYERS, 0, 16) == 80  # reach 70
     tiled = build(network, *args, tile=TILE)
     grad = tiled.value_and_grad(args[0])[1]
-    narrow = copy.copy(tiled)
-    narrow.plan = plan_tiles(H, W, TILE, 48, 16)
-    assert _relative(narrow.value_and_grad(args[0])[1], grad) > 1e-3
+    for halo, low, high in ((96, 0, 1e-5), (64, 1e-4, 1)):
+        other = copy.copy(tiled)
+        other.plan = plan_tiles(H, W, TILE, halo, 16)
+        assert low <= _relative(other.value_and_grad(args[0])[1], grad) <= high, halo
 
 
 def test_two_lbfgs_steps_give_the_same_image(built):
@@ -110,7 +111,7 @@ def test_two_lbfgs_steps_give_the_same_image(built):
         pytest.skip("float64 only: L-BFGS amplifies float32 rounding")
     results = []
     for objective in (whole, tiled):
-        *_, (_, _, result) = _optimise(objective, image, 2, "lbfgs", 1.0)
+        *_, (_, _, result) = _optimise(objective, image, 2, "lbfgs", 1.0, 50)
         results.append(result.clone())
     assert not torch.equal(results[0], image)
     assert _relative(results[1] - image, results[0] - image) <= 1e-9
