@@ -411,16 +411,19 @@ def main(argv=None) -> None:
     print(f"matmul peak: {peak:.0f} GFLOP/s ({peak_how})", flush=True)
     bandwidth = memory_bandwidth(args.device, args.warmup, args.repeats)
     print(f"memory bandwidth: {bandwidth / 1e9:.0f} GB/s", flush=True)
-    results = {image: measure(args, image) for image in args.image}
-    text = report(results, peak, peak_how, bandwidth, args)
-    print(text)
     out = args.out
     if out is None and not args.quick:
         name = slug(device_name(args.device))
         out = ROOT / "bench" / "results" / f"{name}-masked_gram.md"
+    results = {}
+    for image in args.image:  # the table is rewritten after each image: a cut run keeps its rows
+        results[image] = measure(args, image)
+        text = report(results, peak, peak_how, bandwidth, args)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+    print(text)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
         print(f"wrote {out}")
 
 

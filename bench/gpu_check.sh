@@ -37,10 +37,11 @@ arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(
 step build 200 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
   "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
 # No autotuning in the tests: each shape class compiles once (the bench tunes).
-step tests 150 env CAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -n 8 -q --tb=line -p no:cacheprovider \
+step tests 240 env CAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -n 8 -q --tb=line --durations=10 -p no:cacheprovider \
   tests/test_gpu.py tests/test_masked_gram.py tests/test_triton_kernels.py
 for dtype in ${DTYPES:-float32 bfloat16}; do
-  step "bench-$dtype" 150 "$PY" bench/bench_masked_gram.py --device cuda --image 1024 4096 \
-    --dtype "$dtype" --compile-max-image 1024 --out "$OUT/masked_gram-$dtype.md"
+  step "bench-$dtype" 120 "$PY" bench/bench_masked_gram.py --device cuda --image 1024 4096 \
+    --dtype "$dtype" --compile-max-image 1024 --warmup 1 --repeats 3 \
+    --out "$OUT/masked_gram-$dtype.md"
 done
 echo "== done $(date -u)" | tee -a "$summary"

@@ -72,7 +72,7 @@ INTERPRETER_BWD_CONFIG = dict(BLOCK_N=128, BLOCK_C=32, BLOCK_D=32, num_warps=4)
 # (tests/sm90.py reads the machine code; tests/test_triton_kernels.py asserts it).
 FWD_CONFIGS = [
     triton.Config(dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C), num_warps=num_warps, num_stages=1)
-    for BLOCK_N, BLOCK_C, num_warps in [(64, 64, 8), (128, 64, 8), (128, 128, 8)]
+    for BLOCK_N, BLOCK_C, num_warps in [(64, 64, 8), (128, 64, 8)]
 ]
 BWD_CONFIGS = [
     triton.Config(
@@ -82,9 +82,9 @@ BWD_CONFIGS = [
 ]
 # Splits of the positions are whole multiples of every BLOCK_N, so no tile straddles two.
 SPLIT_QUANTUM = max(c.kwargs["BLOCK_N"] for c in FWD_CONFIGS)
-# At most this many accumulator values per thread. ptxas for sm90 (Triton 3.9, num_stages=1,
-# BLOCK_N=64, BLOCK_C=64, three masks) spills 1.6 KB per thread in the forward at 4 warps
-# (96 accumulator values), 0.1 KB at 8 warps (48); the backward 248 B at 4 warps, 104 B at 8.
+# At most this many accumulator values per thread. sm_90, Triton 3.6: the forward at 64 x 64,
+# 8 warps, takes 185 registers with one mask (16 accumulator values) and 227 with four (64);
+# 128 x 128 spilled 448 B even with one mask (64 values), so no config reaches it.
 MAX_ACCUMULATOR_REGISTERS = 64
 
 
@@ -478,21 +478,22 @@ def _masked_gram_bwd_kernel(
     )
 
 
+def config_fits(config: triton.Config, C: int, num_masks: int) -> bool:
+    """Whether ``config``'s channel blocks fit C and its accumulators fit the registers."""
+    block_c, warps = config.kwargs["BLOCK_C"], config.num_warps
+    if "BLOCK_D" in config.kwargs:  # backward: one (BLOCK_N, BLOCK_C) + NUM_MASKS stencils
+        tile = block_c + num_masks * config.kwargs["BLOCK_D"]
+        fits = fits_channels(config.kwargs["BLOCK_D"], C)
+        registers = config.kwargs["BLOCK_N"] * tile / (32 * warps)
+    else:  # forward: NUM_MASKS (BLOCK_C, BLOCK_C) accumulators
+        fits = True
+        registers = num_masks * block_c * block_c / (32 * warps)
+    return fits and fits_channels(block_c, C) and registers <= MAX_ACCUMULATOR_REGISTERS
+
+
 def _fits(configs, named_args, **kwargs):
-    """Configs whose channel blocks fit C and whose accumulators fit the registers."""
-    C, num_masks = named_args["C"], kwargs["NUM_MASKS"]
-    kept = []
-    for config in configs:
-        block_c, warps = config.kwargs["BLOCK_C"], config.num_warps
-        if "BLOCK_D" in config.kwargs:  # backward: one (BLOCK_N, BLOCK_C) + NUM_MASKS stencils
-            tile = block_c + num_masks * config.kwargs["BLOCK_D"]
-            fits = fits_channels(config.kwargs["BLOCK_D"], C)
-            registers = config.kwargs["BLOCK_N"] * tile / (32 * warps)
-        else:  # forward: NUM_MASKS (BLOCK_C, BLOCK_C) accumulators
-            fits = True
-            registers = num_masks * block_c * block_c / (32 * warps)
-        if fits and fits_channels(block_c, C) and registers <= MAX_ACCUMULATOR_REGISTERS:
-            kept.append(config)
+    """The autotuner's pruning: the configs that fit, else the first (smallest) one."""
+    kept = [c for c in configs if config_fits(c, named_args["C"], kwargs["NUM_MASKS"])]
     return kept or configs[:1]
 
 

@@ -211,7 +211,9 @@ SM90_FRONTEND = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
+    import torch
     from cast.kernels import masked_gram as mg
+    from cast.kernels.utils import dot_constexprs
 
     TARGET = GPUTarget("cuda", 90, 32)
     BACKEND = make_backend(TARGET)
@@ -235,12 +237,12 @@ SM90_FRONTEND = textwrap.dedent(
             BACKEND.get_module_map(), context)
         return str(module)
 
-    for dtype, precision in [(tl.float32, "tf32"), (tl.float32, "ieee"), (tl.bfloat16, "tf32"),
-                             (tl.float64, "ieee")]:
-        acc = tl.float64 if dtype == tl.float64 else tl.float32
-        common = dict(R=3, NUM_MASKS=3, ACC_DTYPE=acc, INPUT_PRECISION=precision)
-        forward = ttir(mg._masked_gram_fwd_kernel, dtype, dict(
-            common, DOT_DTYPE=dtype, UPCAST_DOT=False, BLOCK_N=64, BLOCK_C=64))
+    for torch_dtype, allow_tf32 in [(torch.float32, True), (torch.float32, False),
+                                    (torch.bfloat16, True), (torch.float64, True)]:
+        common = dict(R=3, NUM_MASKS=3, WIDE_OFFSETS=False,
+                      **dot_constexprs(torch_dtype, allow_tf32))
+        dtype, precision = common["DOT_DTYPE"], common["INPUT_PRECISION"]
+        forward = ttir(mg._masked_gram_fwd_kernel, dtype, dict(common, BLOCK_N=64, BLOCK_C=64))
         backward = ttir(mg._masked_gram_bwd_kernel, dtype, dict(
             common, BLOCK_N=64, BLOCK_C=64, BLOCK_D=32))
         for text in (forward, backward):
@@ -264,3 +266,51 @@ def test_kernels_build_for_sm90():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("built") == 4, done.stdout
+
+
+SM90_RESOURCES = textwrap.dedent(
+    r"""
+    import sys
+    import torch
+    sys.path.insert(0, "tests")
+    import sm90
+    from cast.kernels import masked_gram as mg
+
+    # Every shipped config at the mask counts the launchers give it (_fits), in the precisions
+    # that change the code: TF32-rounded float32 and bf16 (fp16 takes bf16's path).
+    for kernel, config in sm90.shipped():
+        backward = "BLOCK_D" in config.kwargs
+        for num_masks in (1,) if backward else (1, 2, 3, 4):
+            if not mg.config_fits(config, 512, num_masks):
+                continue
+            for dtype in (torch.float32, torch.bfloat16):
+                r = sm90.compile_for_sm90(kernel, dtype, True, config, num_masks=num_masks)
+                mma = sorted(op for op in r.instructions if "MMA" in op)
+                print(r.kernel, num_masks, r.dtype, r.config, r.registers, r.spilled_bytes,
+                      r.shared_bytes, mma, sep="|")
+    """
+)
+
+
+def test_shipped_configs_compile_for_sm90_without_spills():
+    """What the kernels promise an H100, read off their sm_90a machine code (no GPU needed):
+    no spilled registers in any shipped config, Hopper's warpgroup MMA (wgmma) for every dot,
+    bf16 operands for bf16 input (not TF32), and shared memory within the card's limit."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", SM90_RESOURCES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 7]
+    assert len(rows) >= 8, done.stdout
+    for kernel, num_masks, dtype, config, registers, spilled, shared, mma in rows:
+        where = f"{kernel} {config} masks={num_masks} {dtype}"
+        assert int(spilled) == 0, f"{where}: {spilled} bytes spilled ({registers} registers)"
+        assert int(shared) <= 227 * 1024, where
+        assert "HGMMA" in mma, f"{where}: no wgmma: {mma}"
+        assert ("BF16" in mma) == (dtype == "bf16"), f"{where}: {mma}"
