@@ -78,17 +78,21 @@ def fused_backends(device: str) -> list[str]:
     ]
 
 
-def forward_backward(backend: str, compiled_reference):
-    """A callable (features, masks, kernels, dG) running one forward + backward."""
+def forward_backward(backend: str, compiled_reference, backward: bool = True):
+    """A callable (features, masks, kernels, dG) running one forward + backward (or, with
+    ``backward=False``, the forward alone, without autograd)."""
 
     def run(features, masks, kernels, grad):
-        x = features.detach().requires_grad_(True)
-        if backend == "eager":
-            gram = masked_gram_reference(x, masks, kernels)
-        elif backend == "compile":
-            gram = compiled_reference(x, masks, kernels)
-        else:
-            gram = cast.masked_gram(x, masks, kernels, backend=backend)
+        x = features.detach().requires_grad_(backward)
+        with torch.set_grad_enabled(backward):
+            if backend == "eager":
+                gram = masked_gram_reference(x, masks, kernels)
+            elif backend == "compile":
+                gram = compiled_reference(x, masks, kernels)
+            else:
+                gram = cast.masked_gram(x, masks, kernels, backend=backend)
+        if not backward:
+            return gram
         gram.backward(grad)
         return gram, x.grad
 
@@ -174,8 +178,9 @@ class Row:
     J: int
     K: int
     backend: str
-    seconds: float  # median
+    seconds: float  # median, forward + backward
     best: float
+    forward_seconds: float  # median of the forward alone (no autograd)
     extra_bytes: int
 
     element_size: int = 4
@@ -220,16 +225,31 @@ def measure(args, image: int) -> list[Row]:
                     continue
                 run = forward_backward(backend, compiled_reference)
                 seconds, best = timings(partial(run, *inputs), device, args.warmup, args.repeats)
+                forward_only = forward_backward(backend, compiled_reference, backward=False)
+                forward_seconds, _ = timings(
+                    partial(forward_only, *inputs), device, args.warmup, args.repeats
+                )
                 memory.start()
                 result = run(*inputs)
                 extra = memory.peak() - out_bytes
                 del result
                 rows.append(
-                    Row(layer, J, K, backend, seconds, best, extra, inputs[0].element_size())
+                    Row(
+                        layer,
+                        J,
+                        K,
+                        backend,
+                        seconds,
+                        best,
+                        forward_seconds,
+                        extra,
+                        inputs[0].element_size(),
+                    )
                 )
                 print(
                     f"{layer.name} C={layer.C} {layer.H}x{layer.W} J={J} K={K} {backend:>8}: "
-                    f"{seconds * 1e3:9.1f} ms (best {best * 1e3:.1f}) "
+                    f"{seconds * 1e3:9.1f} ms (best {best * 1e3:.1f}, forward "
+                    f"{forward_seconds * 1e3:.1f}) "
                     f"{rows[-1].flops / seconds / 1e9:7.1f} GFLOP/s "
                     f"extra {extra / MIB:8.1f} MiB",
                     flush=True,
@@ -259,10 +279,10 @@ def table(rows: list[Row], peak: float, bandwidth: float, args) -> str:
     by_key = {(r.layer.name, r.J, r.K, r.backend): r for r in rows}
     bytes_per = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     lines = [
-        "| layer | C x H x W | J,K | backend | ms | best ms | model ms | % roofline | GFLOP/s "
-        "| % peak | vs eager | vs compile | extra MiB | J*K*N*C MiB |",
+        "| layer | C x H x W | J,K | backend | ms | best ms | forward ms | model ms | % roofline "
+        "| GFLOP/s | % peak | vs eager | vs compile | extra MiB | J*K*N*C MiB |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: |",
+        "| ---: | ---: |",
     ]
     for r in rows:
         key = (r.layer.name, r.J, r.K)
@@ -272,12 +292,8 @@ def table(rows: list[Row], peak: float, bandwidth: float, args) -> str:
         model = r.model_seconds(peak * 1e9, bandwidth) if math.isfinite(bandwidth) else None
         lines.append(
             f"| {r.layer.name} | {r.layer.C}x{r.layer.H}x{r.layer.W} | {r.J},{r.K} | {r.backend} "
-            f"| {r.seconds * 1e3:.2f} | {r.best * 1e3:.2f} "
-            + (
-                f"| {model * 1e3:.2f} | {100 * model / r.seconds:.0f}% "
-                if model
-                else "| - | - "
-            )
+            f"| {r.seconds * 1e3:.2f} | {r.best * 1e3:.2f} | {r.forward_seconds * 1e3:.2f} "
+            + (f"| {model * 1e3:.2f} | {100 * model / r.seconds:.0f}% " if model else "| - | - ")
             + f"| {gflops:.1f} | {100 * gflops / peak:.0f}% "
             f"| {ratio(by_key.get((*key, 'eager')), r)} "
             f"| {ratio(by_key.get((*key, 'compile')), r)} "
@@ -336,7 +352,8 @@ def report(
             if math.isfinite(bandwidth)
             else []
         ),
-        f"- time: median (and best) of {args.repeats} runs after {args.warmup} warm-up runs; "
+        f"- time: median (and best) of {args.repeats} runs after {args.warmup} warm-up runs, "
+        "forward + backward (forward ms: the forward alone, without autograd); "
         "GFLOP/s from the median, counting 4*J*K*N*C^2 per forward + backward, against the "
         "peak's best run; 3x3 random kernels, soft masks, B=1",
         "- extra MiB: peak memory of one forward + backward above inputs and outputs "

@@ -1,10 +1,12 @@
 """Where each backend of the op lives, and which one a call gets.
 
 Every backend implements the same two functions on canonical, already validated inputs
-(``cast.ops`` checks them once): ``forward(features, masks, kernels, allow_tf32) -> G`` and
-``backward(grad, features, masks, kernels, allow_tf32) -> dF``. Nothing here repeats the
-op's checks; it only knows what each backend needs (device, dtypes, a compiled extension,
-Triton) and says clearly what is missing.
+(``cast.ops`` checks them once and forms the derived quantities once):
+``forward(features, masks, kernels, inv_mass, allow_tf32) -> G`` with ``inv_mass = 1 / n_k``
+``(Bm, K)``, and ``backward(sym_grad, features, masks, kernels, allow_tf32) -> dF`` with
+``sym_grad = (dG + dG^T) / n_k`` ``(B, J, K, C, C)``, both in the accumulation dtype.
+Nothing here repeats the op's checks; it only knows what each backend needs (device, dtypes,
+a compiled extension, Triton) and says clearly what is missing.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class BackendUnavailable(RuntimeError):
 
 class Backend(NamedTuple):
     name: str
-    forward: Callable[[Tensor, Tensor, Tensor, bool], Tensor]
+    forward: Callable[[Tensor, Tensor, Tensor, Tensor, bool], Tensor]
     backward: Callable[[Tensor, Tensor, Tensor, Tensor, bool], Tensor]
     dtypes: tuple[torch.dtype, ...]
     device_types: tuple[str, ...]
@@ -42,8 +44,8 @@ def triton_interpreting() -> bool:
 def _reference() -> Backend:
     return Backend(
         "reference",
-        lambda f, m, p, tf32: reference.masked_gram_reference(f, m, p),
-        lambda g, f, m, p, tf32: reference.masked_gram_backward_reference(g, f, m, p),
+        lambda f, m, p, inv_mass, tf32: reference.masked_gram_reference(f, m, p, inv_mass),
+        lambda s, f, m, p, tf32: reference.backward_from_symmetric(s, f, m, p),
         FLOAT_DTYPES,
         ("cpu", "cuda"),
     )

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .reference import gram_dtype
+from .reference import gram_dtype, inverse, inverse_mass, symmetric_grad
 
 
 def masked_gram(
@@ -21,6 +21,7 @@ def masked_gram(
     masks: Tensor | None = None,
     kernels: Tensor | None = None,
     *,
+    mass: Tensor | None = None,
     backend: str | None = None,
     allow_tf32: bool = True,
 ) -> Tensor:
@@ -34,6 +35,10 @@ def masked_gram(
         kernels: high-order kernels ``p_j``, ``(J, r, r)`` with ``r`` odd, applied to every
             channel as cross-correlation with zero padding (``conv2d``'s convention).
             ``None`` means the identity ``[[1.]]`` (``J = 1``): Gatys' Gram matrix.
+        mass: the ``n_k`` to divide by instead of the masks' own, ``(K,)`` or ``(B, K)``,
+            non-negative: a tile of an image divides its sums by the whole image's mass, so
+            the tiles' results add up to the image's (SPEC §5); ones give the sums
+            ``Y^T Y`` themselves. Zero mass gives zero, as an empty mask does.
         backend: ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; default
             ``$CAST_BACKEND``, else the fastest one present for the device and dtype.
         allow_tf32: let the GPU backends use TF32 tensor cores for float32 input.
@@ -46,11 +51,34 @@ def masked_gram(
         ``kernels`` are constants and get no gradient.
     """
     features, masks, kernels = canonical_inputs(features, masks, kernels)
+    inv_mass = canonical_inverse_mass(features, masks, mass)
     try:
         chosen = backends.choose(backend, features.device, features.dtype)
     except backends.BackendUnavailable as err:
         raise backends.BackendUnavailable(f"cast.masked_gram: {err}") from None
-    return torch.ops.cast.masked_gram(features, masks, kernels, chosen.name, allow_tf32)
+    return torch.ops.cast.masked_gram(features, masks, kernels, inv_mass, chosen.name, allow_tf32)
+
+
+def canonical_inverse_mass(features: Tensor, masks: Tensor, mass: Tensor | None) -> Tensor:
+    """``1 / n_k`` ``(Bm, K)`` in the accumulation dtype, formed once here for every backend:
+    from the masks (summed in float64), or from ``mass`` where given."""
+    where = "cast.masked_gram"
+    accumulation = gram_dtype(features.dtype)
+    if mass is None:
+        return inverse_mass(masks.to(torch.float64)).to(accumulation).contiguous()
+    Bm, K = masks.shape[:2]
+    if not isinstance(mass, Tensor) or not mass.is_floating_point():
+        raise TypeError(f"{where}: mass must be a floating-point tensor or None")
+    if mass.device != features.device:
+        raise ValueError(f"{where}: mass is on {mass.device} but features on {features.device}")
+    if mass.shape not in ((K,), (Bm, K)):
+        raise ValueError(
+            f"{where}: mass must be (K,) or (Bm, K) with K = {K}, Bm = {Bm} (the masks' batch), "
+            f"got {_describe(mass)}"
+        )
+    if mass.requires_grad:
+        raise ValueError(f"{where}: mass is a constant of the problem; pass mass.detach()")
+    return inverse(mass.to(torch.float64)).expand(Bm, K).to(accumulation).contiguous()
 
 
 def _describe(t: Tensor) -> str:
@@ -129,15 +157,13 @@ def canonical_inputs(
 
 
 def check_canonical(
-    features: Tensor, masks: Tensor, kernels: Tensor, grad: Tensor | None = None
+    features: Tensor, masks: Tensor, kernels: Tensor, scale: Tensor, scale_shape: tuple
 ) -> None:
     """The contract between the registered ops and the backends, checked at the registered
     entry itself (``torch.ops.cast.masked_gram`` can be called directly): canonical shapes, one
     device, one floating dtype, contiguous. Cheap: metadata only, no pass over the data."""
     where = "torch.ops.cast.masked_gram"
-    tensors = {"features": features, "masks": masks, "kernels": kernels}
-    if grad is not None:
-        tensors["grad"] = grad
+    tensors = {"features": features, "masks": masks, "kernels": kernels, "scale": scale}
     for name, t in tensors.items():
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{where}: {name} must be a floating-point tensor")
@@ -166,25 +192,32 @@ def check_canonical(
     J = kernels.shape[0] if kernels.dim() == 3 else 0
     if J == 0 or kernels.shape[1] != kernels.shape[2] or kernels.shape[1] % 2 == 0:
         raise ValueError(f"{where}: kernels must be (J, r, r), r odd, got {_describe(kernels)}")
-    if grad is not None and grad.shape != (B, J, masks.shape[1], C, C):
+    K = masks.shape[1]
+    expected = {"inverse mass": (masks.shape[0], K), "symmetric grad": (B, J, K, C, C)}
+    if scale.shape != expected[scale_shape] or scale.dtype != gram_dtype(features.dtype):
         raise ValueError(
-            f"{where}: grad must be (B, J, K, C, C) = {(B, J, masks.shape[1], C, C)}, "
-            f"got {_describe(grad)}"
+            f"{where}: the {scale_shape} must be {expected[scale_shape]} "
+            f"{gram_dtype(features.dtype)}, got {_describe(scale)}"
         )
 
 
 @torch.library.custom_op("cast::masked_gram", mutates_args=())
 def _masked_gram_op(
-    features: Tensor, masks: Tensor, kernels: Tensor, backend: str, allow_tf32: bool
+    features: Tensor,
+    masks: Tensor,
+    kernels: Tensor,
+    inv_mass: Tensor,
+    backend: str,
+    allow_tf32: bool,
 ) -> Tensor:
-    check_canonical(features, masks, kernels)
+    check_canonical(features, masks, kernels, inv_mass, "inverse mass")
     return backends.choose(backend, features.device, features.dtype).forward(
-        features, masks, kernels, allow_tf32
+        features, masks, kernels, inv_mass, allow_tf32
     )
 
 
 @_masked_gram_op.register_fake
-def _(features, masks, kernels, backend, allow_tf32):
+def _(features, masks, kernels, inv_mass, backend, allow_tf32):
     B, C = features.shape[:2]
     shape = (B, kernels.shape[0], masks.shape[1], C, C)
     return features.new_empty(shape, dtype=gram_dtype(features.dtype))
@@ -192,33 +225,41 @@ def _(features, masks, kernels, backend, allow_tf32):
 
 @torch.library.custom_op("cast::masked_gram_backward", mutates_args=())
 def _masked_gram_backward_op(
-    grad: Tensor, features: Tensor, masks: Tensor, kernels: Tensor, backend: str, allow_tf32: bool
+    sym_grad: Tensor,
+    features: Tensor,
+    masks: Tensor,
+    kernels: Tensor,
+    backend: str,
+    allow_tf32: bool,
 ) -> Tensor:
-    check_canonical(features, masks, kernels, grad)
+    """``dF`` from ``sym_grad = (dG + dG^T) / n_k`` ``(B, J, K, C, C)``."""
+    check_canonical(features, masks, kernels, sym_grad, "symmetric grad")
     return backends.choose(backend, features.device, features.dtype).backward(
-        grad, features, masks, kernels, allow_tf32
+        sym_grad, features, masks, kernels, allow_tf32
     )
 
 
 @_masked_gram_backward_op.register_fake
-def _(grad, features, masks, kernels, backend, allow_tf32):
+def _(sym_grad, features, masks, kernels, backend, allow_tf32):
     return torch.empty_like(features)
 
 
 def _setup_context(ctx, inputs, output):
-    features, masks, kernels, backend, allow_tf32 = inputs
-    ctx.save_for_backward(features, masks, kernels)
+    features, masks, kernels, inv_mass, backend, allow_tf32 = inputs
+    ctx.save_for_backward(features, masks, kernels, inv_mass)
     ctx.backend, ctx.allow_tf32 = backend, allow_tf32
 
 
 def _backward(ctx, grad):
-    features, masks, kernels = ctx.saved_tensors
+    features, masks, kernels, inv_mass = ctx.saved_tensors
     d_features = None
     if ctx.needs_input_grad[0]:
+        # (B, J, K, C, C): masks' batch Bm is 1 or B, so S has the features' batch
+        sym_grad = symmetric_grad(grad.to(inv_mass.dtype), inv_mass).contiguous()
         d_features = torch.ops.cast.masked_gram_backward(
-            grad.contiguous(), features, masks, kernels, ctx.backend, ctx.allow_tf32
+            sym_grad, features, masks, kernels, ctx.backend, ctx.allow_tf32
         )
-    return d_features, None, None, None, None
+    return d_features, None, None, None, None, None
 
 
 _masked_gram_op.register_autograd(_backward, setup_context=_setup_context)

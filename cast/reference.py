@@ -42,29 +42,53 @@ def convolve_adjoint(grad: Tensor, kernels: Tensor) -> Tensor:
 
 def inverse_mass(masks: Tensor) -> Tensor:
     """``1 / n_k`` with ``n_k = sum_n m_k[n]^2``, and 0 where the mask is empty: ``(Bm, K)``."""
-    mass = masks.flatten(2).square().sum(-1)
+    return inverse(masks.flatten(2).square().sum(-1))
+
+
+def inverse(mass: Tensor) -> Tensor:
+    """``1 / n`` where ``n > 0``, else 0 (an empty mask's statistics are 0, never NaN)."""
     return torch.where(mass > 0, mass.reciprocal(), torch.zeros_like(mass))
 
 
-def masked_gram_reference(features: Tensor, masks: Tensor, kernels: Tensor) -> Tensor:
-    """``G[b, j, k] = (M_k P_j F_b)^T (M_k P_j F_b) / n_k``: ``(B, J, K, C, C)``."""
+def symmetric_grad(grad: Tensor, inv_mass: Tensor) -> Tensor:
+    """``S_jk = (dG_jk + dG_jk^T) / n_k``: ``(B, J, K, C, C)`` from ``dG`` and ``1 / n_k``
+    ``(Bm, K)``. What every backward multiplies ``M_k^2 P_j F`` by."""
+    return (grad + grad.transpose(-1, -2)) * inv_mass[:, None, :, None, None]
+
+
+def masked_gram_reference(
+    features: Tensor, masks: Tensor, kernels: Tensor, inv_mass: Tensor | None = None
+) -> Tensor:
+    """``G[b, j, k] = (M_k P_j F_b)^T (M_k P_j F_b) / n_k``: ``(B, J, K, C, C)``.
+
+    ``inv_mass`` ``(Bm, K)`` replaces ``1 / n_k`` where given (a tile's share of a whole
+    image's statistics divides by the whole image's mass)."""
     acc = gram_dtype(features.dtype)
     f, m, p = features.to(acc), masks.to(acc), kernels.to(acc)
+    inv_mass = inverse_mass(m) if inv_mass is None else inv_mass.to(acc)
     z = convolve(f, p).flatten(3)  # (B, J, C, N)
     y = z[:, :, None] * m.flatten(2)[:, None, :, None, :]  # (B, J, K, C, N)
     gram = y @ y.transpose(-1, -2)
-    return gram * inverse_mass(m)[:, None, :, None, None]
+    return gram * inv_mass[:, None, :, None, None]
 
 
 def masked_gram_backward_reference(
-    grad: Tensor, features: Tensor, masks: Tensor, kernels: Tensor
+    grad: Tensor, features: Tensor, masks: Tensor, kernels: Tensor, inv_mass: Tensor | None = None
 ) -> Tensor:
     """``dF_b = sum_jk P_j^T (M_k^2 (P_j F_b) (dG_bjk + dG_bjk^T)) / n_k``: ``(B, C, H, W)``."""
     acc = gram_dtype(features.dtype)
-    g, f, m, p = grad.to(acc), features.to(acc), masks.to(acc), kernels.to(acc)
+    inv_mass = inverse_mass(masks.to(acc)) if inv_mass is None else inv_mass.to(acc)
+    return backward_from_symmetric(symmetric_grad(grad.to(acc), inv_mass), features, masks, kernels)
+
+
+def backward_from_symmetric(
+    sym_grad: Tensor, features: Tensor, masks: Tensor, kernels: Tensor
+) -> Tensor:
+    """``dF_b = sum_jk P_j^T (M_k^2 (P_j F_b) S_bjk)`` for ``S = symmetric_grad(dG, 1 / n)``."""
+    acc = gram_dtype(features.dtype)
+    s, f, m, p = sym_grad.to(acc), features.to(acc), masks.to(acc), kernels.to(acc)
     B, C, H, W = f.shape
     z = convolve(f, p).flatten(3)  # (B, J, C, N)
-    sym = (g + g.transpose(-1, -2)) * inverse_mass(m)[:, None, :, None, None]  # (B, J, K, C, C)
     weighted = z[:, :, None] * m.flatten(2).square()[:, None, :, None, :]  # (B, J, K, C, N)
-    dz = (sym @ weighted).sum(2)  # (B, J, C, N); sym is symmetric so no transpose is needed
+    dz = (s @ weighted).sum(2)  # (B, J, C, N); S is symmetric so no transpose is needed
     return convolve_adjoint(dz.reshape(B, -1, C, H, W), p).to(features.dtype)

@@ -159,15 +159,6 @@ Shape shape_of(const at::Tensor& features, const at::Tensor& masks, const at::Te
           masks.size(0),    masks.size(1),    kernels.size(0),  kernels.size(1)};
 }
 
-// 1 / n_k with n_k = sum_n m_k[n]^2 summed in double, and 0 for an empty mask: (Bm, K).
-std::vector<double> inverse_mass(const at::Tensor& masks) {
-  const at::Tensor mass = masks.to(at::kDouble).square().sum({2, 3}).contiguous();
-  std::vector<double> inv(mass.numel());
-  const double* m = mass.data_ptr<double>();
-  for (size_t i = 0; i < inv.size(); ++i) inv[i] = m[i] > 0 ? 1.0 / m[i] : 0.0;
-  return inv;
-}
-
 // Per-thread scratch for rows [y0, y1) of one image and one kernel: Z and its weighted copies.
 template <typename T>
 struct TileScratch {
@@ -212,7 +203,7 @@ at::Tensor matrix(T* data, int64_t rows, int64_t cols, int64_t ld) {
 
 template <typename T>
 at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& masks,
-                        const at::Tensor& kernels) {
+                        const at::Tensor& inv_mass, const at::Tensor& kernels) {
   const Shape s = shape_of(features, masks, kernels);
   const int64_t C = s.C, K = s.K, J = s.J, CK = C * K;
   const int64_t bands = s.bands(), rows_per_band = (s.H + bands - 1) / bands;
@@ -251,12 +242,12 @@ at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& masks,
 
   // Sum the bands, divide by n_k, mirror the upper triangle.
   at::Tensor gram = at::empty({s.B, J, K, C, C}, features.options());
-  const std::vector<double> inv = inverse_mass(masks);
+  const T* inv = inv_mass.data_ptr<T>();  // 1 / n_k (Bm, K), formed once in cast/ops.py
   T* g = gram.data_ptr<T>();
   at::parallel_for(0, s.B * J * K, s.grain(s.B * J * K), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / (J * K), j = (i / K) % J, k = i % K;
-      const double scale_k = inv[(s.Bm == 1 ? 0 : b) * K + k];
+      const T scale_k = inv[(s.Bm == 1 ? 0 : b) * K + k];
       T* out = g + i * C * C;
       for (int64_t c = 0; c < C; ++c) {
         for (int64_t d = c; d < C; ++d) {
@@ -272,7 +263,7 @@ at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& masks,
 }
 
 template <typename T>
-at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& features,
+at::Tensor backward_impl(const at::Tensor& sym_grad, const at::Tensor& features,
                          const at::Tensor& masks, const at::Tensor& kernels) {
   const Shape s = shape_of(features, masks, kernels);
   const int64_t C = s.C, K = s.K, J = s.J, CK = C * K, W = s.W, h = s.r / 2;
@@ -282,23 +273,10 @@ at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& features,
   const T* m = masks.data_ptr<T>();
   const T* p = kernels.data_ptr<T>();
 
-  // S[b][j] is (C x C*K): S[d, (c, k)] = (dG_bjk + dG_bjk^T)[d, c] / n_k, so that
-  // U_j = S_j @ weighted is one product per tile. O(B*J*K*C^2), like dG itself.
-  const std::vector<double> inv = inverse_mass(masks);
-  std::vector<T> sym(s.B * J * C * CK);
-  const T* dg = grad.data_ptr<T>();
-  at::parallel_for(0, s.B * J, s.grain(s.B * J), [&](int64_t begin, int64_t end) {
-    for (int64_t bj = begin; bj < end; ++bj) {
-      const int64_t b = bj / J;
-      for (int64_t k = 0; k < K; ++k) {
-        const T* dg_k = dg + (bj * K + k) * C * C;
-        const T scale_k = T(inv[(s.Bm == 1 ? 0 : b) * K + k]);
-        for (int64_t d = 0; d < C; ++d)
-          for (int64_t c = 0; c < C; ++c)
-            sym[((bj * C) + d) * CK + c * K + k] = (dg_k[d * C + c] + dg_k[c * C + d]) * scale_k;
-      }
-    }
-  });
+  // S[b][j] as (C x C*K): S[d, (c, k)] = S_bjk[d, c] (formed once in cast/ops.py as
+  // (dG + dG^T) / n_k), so that U_j = S_j @ weighted is one product per tile.
+  const at::Tensor sym_layout = sym_grad.permute({0, 1, 3, 4, 2}).contiguous();
+  T* sym = sym_layout.data_ptr<T>();
 
   // The 180-degree rotated kernels: P_j^T is cross-correlation with them.
   const at::Tensor rotated = kernels.flip({1, 2}).contiguous();
@@ -328,7 +306,7 @@ at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& features,
         for (int64_t j = 0; j < J && done < need; ++j) {
           tile.fill(s, image, image_masks, p + j * s.r * s.r, done, need);
           const int64_t T_ = (need - done) * W;
-          const at::Tensor lhs = matrix(sym.data() + (b * J + j) * C * CK, C, CK, CK);
+          const at::Tensor lhs = matrix(sym + (b * J + j) * C * CK, C, CK, CK);
           const at::Tensor rhs = matrix(tile.weighted.data(), CK, T_, T_);
           at::Tensor u_new = matrix(window.data() + j * C * plane + (done - base) * W, C, T_, plane);
           at::mm_out(u_new, lhs, rhs);
@@ -389,25 +367,37 @@ void check_contract(const at::Tensor& features, const at::Tensor& masks,
               "cast::_masked_gram_fused (cpu): kernels must be square with an odd size");
 }
 
-at::Tensor masked_gram_fused_cpu(const at::Tensor& features, const at::Tensor& masks,
-                                 const at::Tensor& kernels, bool /*allow_tf32: GPU only*/) {
-  check_contract(features, masks, kernels);
-  return features.scalar_type() == at::kDouble ? forward_impl<double>(features, masks, kernels)
-                                               : forward_impl<float>(features, masks, kernels);
+// inv_mass (Bm, K) and sym_grad (B, J, K, C, C) are in the features' dtype on the CPU (the
+// accumulation dtype of float32 and float64 input).
+void check_scale(const at::Tensor& scale, const at::Tensor& features, at::IntArrayRef shape,
+                 const char* what) {
+  TORCH_CHECK(scale.device().is_cpu() && scale.is_contiguous() &&
+                  scale.scalar_type() == features.scalar_type() && scale.sizes() == shape,
+              "cast::_masked_gram_fused (cpu): ", what, " must be a contiguous ", shape, " ",
+              features.scalar_type(), " CPU tensor, got ", scale.sizes(), " ",
+              scale.scalar_type());
 }
 
-at::Tensor masked_gram_fused_backward_cpu(const at::Tensor& grad, const at::Tensor& features,
+at::Tensor masked_gram_fused_cpu(const at::Tensor& features, const at::Tensor& masks,
+                                 const at::Tensor& kernels, const at::Tensor& inv_mass,
+                                 bool /*allow_tf32: GPU only*/) {
+  check_contract(features, masks, kernels);
+  check_scale(inv_mass, features, {masks.size(0), masks.size(1)}, "inv_mass");
+  return features.scalar_type() == at::kDouble
+             ? forward_impl<double>(features, masks, inv_mass, kernels)
+             : forward_impl<float>(features, masks, inv_mass, kernels);
+}
+
+at::Tensor masked_gram_fused_backward_cpu(const at::Tensor& sym_grad, const at::Tensor& features,
                                           const at::Tensor& masks, const at::Tensor& kernels,
                                           bool /*allow_tf32: GPU only*/) {
   check_contract(features, masks, kernels);
-  TORCH_CHECK(grad.device().is_cpu() && grad.dim() == 5 && grad.size(0) == features.size(0) &&
-                  grad.size(1) == kernels.size(0) && grad.size(2) == masks.size(1) &&
-                  grad.size(3) == features.size(1) && grad.size(4) == features.size(1),
-              "cast::_masked_gram_fused_backward (cpu): grad must be (B, J, K, C, C)");
-  const at::Tensor g = grad.contiguous();
+  const int64_t C = features.size(1);
+  check_scale(sym_grad, features, {features.size(0), kernels.size(0), masks.size(1), C, C},
+              "sym_grad");
   return features.scalar_type() == at::kDouble
-             ? backward_impl<double>(g, features, masks, kernels)
-             : backward_impl<float>(g, features, masks, kernels);
+             ? backward_impl<double>(sym_grad, features, masks, kernels)
+             : backward_impl<float>(sym_grad, features, masks, kernels);
 }
 
 }  // namespace

@@ -74,23 +74,29 @@ CastGramPlan plan_for(CastDtype dtype, const CastGramShape& shape, bool allow_tf
   return plan;
 }
 
-// 1 / n_k with n_k = sum_n m_k[n]^2 summed in double, 0 where the mask is empty: (Bm, K).
-at::Tensor inverse_mass(const at::Tensor& masks, at::ScalarType accumulation) {
-  const at::Tensor mass = masks.to(at::kDouble).square().sum({2, 3});
-  return at::where(mass > 0, mass.reciprocal(), at::zeros_like(mass)).to(accumulation);
+// inv_mass = 1 / n_k (Bm, K) and sym_grad = (dG + dG^T) / n_k (B, J, K, C, C), formed once in
+// cast/ops.py, in the accumulation dtype on the features' device.
+void check_scale(const at::Tensor& scale, const at::Tensor& features, at::IntArrayRef shape,
+                 const char* what) {
+  TORCH_CHECK(scale.device() == features.device() && scale.is_contiguous() &&
+                  scale.scalar_type() == accumulation_type(features) && scale.sizes() == shape,
+              "cast::_masked_gram_fused (cuda): ", what, " must be a contiguous ", shape, " ",
+              accumulation_type(features), " tensor on the features' device, got ",
+              scale.sizes(), " ", scale.scalar_type());
 }
 
 // allow_tf32 lets the forward's Gram products of float32 input run on TF32 tensor cores.
 at::Tensor masked_gram_fused_cuda(const at::Tensor& features, const at::Tensor& masks,
-                                  const at::Tensor& kernels, bool allow_tf32) {
+                                  const at::Tensor& kernels, const at::Tensor& inv,
+                                  bool allow_tf32) {
   check_contract(features, masks, kernels);
+  check_scale(inv, features, {masks.size(0), masks.size(1)}, "inv_mass");
   const c10::cuda::CUDAGuard guard(features.device());
   const CastDtype dtype = cast_dtype(features);
   const CastGramShape shape = shape_of(features, masks, kernels);
   const CastGramPlan plan = plan_for(dtype, shape, allow_tf32);
   const auto options = features.options().dtype(accumulation_type(features));
 
-  const at::Tensor inv = inverse_mass(masks, accumulation_type(features)).contiguous();
   at::Tensor scratch = at::empty({plan.splits, shape.B, shape.J, shape.K, shape.C, shape.C},
                                  options);
   at::Tensor gram = at::empty({shape.B, shape.J, shape.K, shape.C, shape.C}, options);
@@ -102,26 +108,17 @@ at::Tensor masked_gram_fused_cuda(const at::Tensor& features, const at::Tensor& 
   return gram;
 }
 
-at::Tensor masked_gram_fused_backward_cuda(const at::Tensor& grad, const at::Tensor& features,
+at::Tensor masked_gram_fused_backward_cuda(const at::Tensor& sym, const at::Tensor& features,
                                            const at::Tensor& masks, const at::Tensor& kernels,
                                            bool allow_tf32) {
   check_contract(features, masks, kernels);
-  TORCH_CHECK(grad.is_cuda() && grad.device() == features.device() && grad.dim() == 5 &&
-                  grad.size(0) == features.size(0) && grad.size(1) == kernels.size(0) &&
-                  grad.size(2) == masks.size(1) && grad.size(3) == features.size(1) &&
-                  grad.size(4) == features.size(1),
-              "cast::_masked_gram_fused_backward (cuda): grad must be (B, J, K, C, C) on the "
-              "features' device");
+  const int64_t C = features.size(1);
+  check_scale(sym, features, {features.size(0), kernels.size(0), masks.size(1), C, C},
+              "sym_grad");
   const c10::cuda::CUDAGuard guard(features.device());
   const CastDtype dtype = cast_dtype(features);
   const CastGramShape shape = shape_of(features, masks, kernels);
   const CastGramPlan plan = plan_for(dtype, shape, allow_tf32);
-
-  // S_jk = (dG_jk + dG_jk^T) / n_k: B * J * K * C^2 values, tiny next to F.
-  const at::ScalarType accumulation = accumulation_type(features);
-  const at::Tensor g = grad.to(accumulation);
-  const at::Tensor inv = inverse_mass(masks, accumulation).view({shape.Bm, 1, shape.K, 1, 1});
-  const at::Tensor sym = ((g + g.transpose(-1, -2)) * inv).contiguous();
 
   at::Tensor d_features = at::empty_like(features);
   C10_CUDA_CHECK(cast_masked_gram_cuda_backward(

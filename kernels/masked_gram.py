@@ -11,10 +11,10 @@ memory. Masks come in chunks of ``NUM_MASKS`` (a constexpr, unrolled: the larges
 writes its own partial Gram and the splits are summed afterwards: deterministic, no atomics,
 and the scratch, ``S * B*J*K*C^2``, is kept within a tenth of the inputs and outputs.
 
-Backward. ``dF = sum_jk W_jk S_jk`` with ``S_jk = (dG_jk + dG_jk^T) / n_k`` (tiny, formed in
-torch) and ``W_jk = P_j^T M_k^2 P_j F``, which acts on each channel alone. Grouping the two
-taps of ``P_j^T`` and ``P_j`` by their difference ``u`` turns ``W_jk`` into one
-``(2r-1) x (2r-1)`` stencil with per-position weights,
+Backward. ``dF = sum_jk W_jk S_jk`` with ``S_jk = (dG_jk + dG_jk^T) / n_k`` (tiny, formed
+once in ``cast.ops``) and ``W_jk = P_j^T M_k^2 P_j F``, which acts on each channel alone.
+Grouping the two taps of ``P_j^T`` and ``P_j`` by their difference ``u`` turns ``W_jk`` into
+one ``(2r-1) x (2r-1)`` stencil with per-position weights,
 ``W_jk F[n] = sum_u A_jku[n] F[n+u]``, ``A_jku[n] = sum_t p_j[t+u] p_j[t] m_k^2[n-t]``, so a
 program (one tile of positions, one block of output channels) needs ``(2r-1)^2`` shifted loads
 of ``F`` per block of reduction channels, and no halo, no scratch and nothing proportional to
@@ -42,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends import FLOAT_DTYPES
-from ..reference import gram_dtype, inverse_mass
+from ..reference import gram_dtype
 from .utils import (
     INTERPRETING,
     channel_blocks,
@@ -86,27 +86,6 @@ SPLIT_QUANTUM = max(c.kwargs["BLOCK_N"] for c in FWD_CONFIGS)
 # 8 warps, takes 185 registers with one mask (16 accumulator values) and 227 with four (64);
 # 128 x 128 spilled 448 B even with one mask (64 values), so no config reaches it.
 MAX_ACCUMULATOR_REGISTERS = 64
-
-
-@triton.jit
-def _shift_validity(
-    row,  # (BLOCK_N,)
-    col,  # (BLOCK_N,)
-    position_ok,  # (BLOCK_N,)
-    H,
-    W,
-    REACH: tl.constexpr,
-):
-    """Whether position n shifted by (dy, dx) lies in the image, for |dy|, |dx| <= REACH, as a
-    row test and a column test: ``rows_ok[dy + REACH] & cols_ok[dx + REACH]``."""
-    rows_ok = ()
-    cols_ok = ()
-    for i in tl.static_range(2 * REACH + 1):
-        shifted_row = row + (i - REACH)
-        shifted_col = col + (i - REACH)
-        rows_ok = rows_ok + (position_ok & (shifted_row >= 0) & (shifted_row < H),)
-        cols_ok = cols_ok + ((shifted_col >= 0) & (shifted_col < W),)
-    return rows_ok, cols_ok
 
 
 @triton.jit
@@ -312,24 +291,15 @@ def _masked_gram_fwd_kernel(
         _store_gram(gram_ptr + i * C * C, grams[i], inv_ptr + i, offs_a, offs_c, C)
 
 
-@triton.constexpr_function
-def _shifted_tap(t, u, R):
-    """Tap ``s = t + u`` of an R x R kernel (row-major index), ``u`` an offset of the
-    (2R-1) x (2R-1) stencil; -1 where ``s`` falls outside the kernel. (A function, not named
-    locals: Triton turns constexprs assigned to names into runtime values.)"""
-    span = 2 * R - 1
-    s_row = t // R + u // span - (R - 1)
-    s_col = t % R + u % span - (R - 1)
-    return s_row * R + s_col if 0 <= s_row < R and 0 <= s_col < R else -1
-
-
 @triton.jit
 def _weighted_mask_taps(
     mask_ptr,  # (H, W) one mask m_k
     taps,  # R*R scalars p_j[t]
     offs_n,  # (BLOCK_N,)
-    rows_ok,  # 2R - 1 of (BLOCK_N,), from _shift_validity with REACH = R - 1
-    cols_ok,  # likewise
+    row,  # (BLOCK_N,) offs_n // W
+    col,  # (BLOCK_N,) offs_n % W
+    position_ok,  # (BLOCK_N,)
+    H,
     W,
     R: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -340,7 +310,7 @@ def _weighted_mask_taps(
     for t in tl.static_range(R * R):
         dy = t // R - R // 2
         dx = t % R - R // 2
-        inside = rows_ok[(R - 1) - (t // R - R // 2)] & cols_ok[(R - 1) - (t % R - R // 2)]
+        inside = position_ok & (row >= dy) & (row - dy < H) & (col >= dx) & (col - dx < W)
         m = tl.load(mask_ptr + offs_n - (dy * W + dx), mask=inside, other=0.0).to(ACC_DTYPE)
         weighted = weighted + (taps[t] * (m * m),)
     return weighted
@@ -403,7 +373,8 @@ def _masked_gram_bwd_kernel(
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
     position_ok = offs_n < N
-    rows_ok, cols_ok = _shift_validity(offs_n // W, offs_n % W, position_ok, H, W, R - 1)
+    row = offs_n // W
+    col = offs_n - row * W
     batch_features = features_ptr + b.to(tl.int64) * C * N
     batch_masks = masks_ptr + b.to(tl.int64) * mask_batch_stride
     SPAN: tl.constexpr = 2 * R - 1
@@ -422,7 +393,7 @@ def _masked_gram_bwd_kernel(
             for i in tl.static_range(NUM_MASKS):
                 weighted = weighted + (
                     _weighted_mask_taps(
-                        mask_ptr + i * N, taps, offs_n, rows_ok, cols_ok, W, R, ACC_DTYPE
+                        mask_ptr + i * N, taps, offs_n, row, col, position_ok, H, W, R, ACC_DTYPE
                     ),
                 )
             sym_ptr = sym_grad_ptr + ((b * J + j) * K + k0).to(tl.int64) * C * C
@@ -436,21 +407,29 @@ def _masked_gram_bwd_kernel(
                 stencilled = ()  # (P_j^T M_k^2 P_j F) on channels d, one per mask
                 for _ in tl.static_range(NUM_MASKS):
                     stencilled = stencilled + (tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE),)
-                for u in tl.static_range(SPAN * SPAN):
-                    inside = rows_ok[u // SPAN] & cols_ok[u % SPAN]
-                    shift = (u // SPAN - (R - 1)) * W + (u % SPAN - (R - 1))
+                # A loop, not unrolled: unrolled, the (2R-1)^2 shifted loads were all issued at
+                # once and spilled (sm_90, Triton 3.9: 255 registers, 16 B spilled at 64x64x32).
+                for u in range(SPAN * SPAN):
+                    uy = u // SPAN - (R - 1)
+                    ux = u % SPAN - (R - 1)
+                    inside = position_ok & (row + uy >= 0) & (row + uy < H)
+                    inside = inside & (col + ux >= 0) & (col + ux < W)
                     f = tl.load(
-                        batch_features + (offsets + shift),
+                        batch_features + (offsets + (uy * W + ux)),
                         mask=inside[:, None] & channel_ok[None, :],
                         other=0.0,
                     ).to(ACC_DTYPE)
                     updated = ()
                     for i in tl.static_range(NUM_MASKS):
-                        # A_u[n] = sum_t p[t + u] p[t] m^2[n - t]
+                        # A_u[n] = sum_t p[t + u] p[t] m^2[n - t]; tap t + u from memory
+                        # (u is a loop variable), zero where it falls outside the kernel
                         weight = tl.zeros(offs_n.shape, ACC_DTYPE)
                         for t in tl.static_range(R * R):
-                            if _shifted_tap(t, u, R) >= 0:
-                                weight += taps[_shifted_tap(t, u, R)] * weighted[i][t]
+                            sy = t // R + uy
+                            sx = t % R + ux
+                            shifted = (sy >= 0) & (sy < R) & (sx >= 0) & (sx < R)
+                            tap = tl.load(kernel_ptr + (sy * R + sx), mask=shifted, other=0.0)
+                            weight += tap.to(ACC_DTYPE) * weighted[i][t]
                         updated = updated + (stencilled[i] + weight[:, None] * f,)
                     stencilled = updated
                 for i in tl.static_range(NUM_MASKS):
@@ -558,6 +537,7 @@ def forward(
     features: Tensor,
     masks: Tensor,
     kernels: Tensor,
+    inv_mass: Tensor,
     allow_tf32: bool,
     *,
     config: dict | None = None,
@@ -575,7 +555,6 @@ def forward(
     acc_dtype = gram_dtype(features.dtype)
     num_masks = masks_per_program(K)
     chunks = K // num_masks
-    inv_mass = inverse_mass(masks.to(acc_dtype)).contiguous()
     shared_masks = masks.shape[0] == 1
 
     gram = torch.empty((B, J, K, C, C), dtype=acc_dtype, device=features.device)
@@ -630,7 +609,7 @@ def forward(
 
 
 def backward(
-    grad: Tensor,
+    sym_grad: Tensor,
     features: Tensor,
     masks: Tensor,
     kernels: Tensor,
@@ -638,7 +617,7 @@ def backward(
     *,
     config: dict | None = None,
 ) -> Tensor:
-    """``dF (B, C, H, W)`` in the features' dtype, for ``grad`` of G's shape.
+    """``dF (B, C, H, W)`` in the features' dtype, for ``sym_grad = (dG + dG^T) / n_k``.
 
     ``config`` (``BLOCK_N``, ``BLOCK_C``, ``BLOCK_D``, ``num_warps``) overrides the tiling.
     """
@@ -646,11 +625,6 @@ def backward(
     K = masks.shape[1]
     J, R = kernels.shape[:2]
     N = H * W
-    acc_dtype = gram_dtype(features.dtype)
-    inv_mass = inverse_mass(masks.to(acc_dtype))
-    grad = grad.to(acc_dtype)
-    # (B, J, K, C, C): masks' batch Bm is 1 or B, so the product has the features' batch
-    sym_grad = ((grad + grad.transpose(-1, -2)) * inv_mass[:, None, :, None, None]).contiguous()
     dfeatures = torch.empty_like(features)
     # One mask at a time: each mask's stencil re-reads the tile of F from cache, but with
     # three masks' stencils live at once the kernel spilled (sm_90, Triton 3.6: 255 registers

@@ -24,11 +24,12 @@ import pytest
 import torch
 from test_masked_gram import CASES, relative_error
 
+from cast.ops import canonical_inverse_mass
 from cast.reference import (
     gram_dtype,
-    inverse_mass,
     masked_gram_backward_reference,
     masked_gram_reference,
+    symmetric_grad,
 )
 
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
@@ -310,7 +311,8 @@ def emulated(tmp_path_factory):
 
 
 def run_emulated(lib, features, masks, kernels, grad, allow_tf32, machine):
-    """What csrc/masked_gram_cuda_ops.cpp does around the launchers, on host tensors."""
+    """What cast/ops.py and csrc/masked_gram_cuda_ops.cpp do around the launchers, on host
+    tensors: ``1 / n_k`` and ``(dG + dG^T) / n_k`` as the op's entry forms them."""
     B, C, H, W = features.shape
     (J, r, _), (Bm, K) = kernels.shape, masks.shape[:2]
     shape = (ctypes.c_int64 * 8)(B, C, H, W, Bm, K, J, r)
@@ -319,14 +321,13 @@ def run_emulated(lib, features, masks, kernels, grad, allow_tf32, machine):
     cuts = (ctypes.c_int64 * 4)()
     assert lib.emulated_plan(code, shape, machine, cuts), "the plan says unsupported"
     splits = cuts[0]
-    inv = inverse_mass(masks.double()).to(acc)
+    inv = canonical_inverse_mass(features, masks, None)
     scratch = torch.full((splits, B, J, K, C, C), float("nan"), dtype=acc)
     gram = torch.full((B, J, K, C, C), float("nan"), dtype=acc)
     ptr = [t.data_ptr() for t in (features, masks, kernels, inv, scratch, gram)]
     assert lib.emulated_forward(code, shape, machine, *map(ctypes.c_void_p, ptr)) == 0
 
-    g = grad.to(acc)
-    sym = ((g + g.transpose(-1, -2)) * inv[:, None, :, None, None]).contiguous()
+    sym = symmetric_grad(grad.to(acc), inv).contiguous()
     d_features = torch.full_like(features, float("nan"))
     ptr = [t.data_ptr() for t in (sym, features, masks, kernels, d_features)]
     assert lib.emulated_backward(code, shape, machine, *map(ctypes.c_void_p, ptr)) == 0

@@ -122,9 +122,11 @@ def test_every_shipped_triton_config(K):
     expected_grad = masked_gram_backward_reference(grad.double(), f64, m64, p64)
     for config in triton_gram.FWD_CONFIGS:
         launch = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-        gram = triton_gram.forward(features, masks, kernels, True, config=launch)
+        gram = launch.forward(triton_gram.forward, features, masks, kernels, True, config=launch)
         assert relative_error(gram, expected) <= 3e-3, config
     for config in triton_gram.BWD_CONFIGS:
         launch = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-        d_features = triton_gram.backward(grad, features, masks, kernels, True, config=launch)
+        d_features = launch.backward(
+            triton_gram.backward, grad, features, masks, kernels, True, config=launch
+        )
         assert relative_error(d_features, expected_grad) <= 3e-3, config

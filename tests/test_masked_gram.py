@@ -176,13 +176,14 @@ def test_opcheck(name, device, batched):
     features, masks, kernels = case.inputs(dtype, device, seed=4)
     masks = masks if batched else masks[None]
     features.requires_grad_(True)
+    inv_mass = cast.ops.canonical_inverse_mass(features, masks, None)
     torch.library.opcheck(
-        torch.ops.cast.masked_gram.default, (features, masks, kernels, name, True)
+        torch.ops.cast.masked_gram.default, (features, masks, kernels, inv_mass, name, True)
     )
-    grad = torch.randn(2, 2, 2, 4, 4, dtype=cast.reference.gram_dtype(dtype), device=device)
+    sym_grad = torch.randn(2, 2, 2, 4, 4, dtype=cast.reference.gram_dtype(dtype), device=device)
     torch.library.opcheck(
         torch.ops.cast.masked_gram_backward.default,
-        (grad, features.detach(), masks, kernels, name, True),
+        (sym_grad, features.detach(), masks, kernels, name, True),
     )
 
 
@@ -314,9 +315,14 @@ def _registered_entries(device):
 
 
 def _call_entry(entry, features, masks, kernels):
+    """The entry with ``1 / n_k`` as cast.ops forms it where the masks allow, else ones."""
+    try:
+        inv_mass = cast.ops.canonical_inverse_mass(features, masks, None)
+    except (RuntimeError, ValueError, TypeError):
+        inv_mass = torch.ones(masks.shape[:2] if masks.dim() > 1 else (1, 1))
     if isinstance(entry, partial):  # the public op takes the backend before allow_tf32
-        return entry.func(features, masks, kernels, entry.keywords["backend"], False)
-    return entry(features, masks, kernels, False)
+        return entry.func(features, masks, kernels, inv_mass, entry.keywords["backend"], False)
+    return entry(features, masks, kernels, inv_mass, False)
 
 
 M4 = M[None]

@@ -12,13 +12,19 @@ import subprocess
 import sys
 import textwrap
 
+import launch
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cast
 from cast import backends
-from cast.reference import masked_gram_backward_reference, masked_gram_reference
+from cast.ops import canonical_inverse_mass
+from cast.reference import (
+    masked_gram_backward_reference,
+    masked_gram_reference,
+    symmetric_grad,
+)
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,9 +80,11 @@ def test_tf32_switch(allow_tf32):
 
     f64, m64, p64 = random_inputs(1, 24, 6, 7, 2, 2, 3, seed=3)
     features, masks, kernels = to_test_device(torch.float32, f64, m64, p64)
-    gram = triton_gram.forward(features, masks, kernels, allow_tf32)
+    gram = launch.forward(triton_gram.forward, features, masks, kernels, allow_tf32)
     grad = torch.randn(gram.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    d_features = triton_gram.backward(grad.to(gram), features, masks, kernels, allow_tf32)
+    d_features = launch.backward(
+        triton_gram.backward, grad.to(gram), features, masks, kernels, allow_tf32
+    )
     # TF32 keeps 10 mantissa bits: the operands are rounded to them in the kernels, so the
     # interpreter, which multiplies in float32, sees TF32's error too.
     tol = 3e-3 if allow_tf32 else 1e-5
@@ -96,7 +104,7 @@ def test_tf32_rounds_to_nearest_without_bias():
     f64, m64, p64 = random_inputs(1, 32, 8, 8, 1, 1, 1, seed=11)
     f64 = f64.abs() + 0.5  # ReLU-like: every product positive
     features, masks, kernels = to_test_device(torch.float32, f64, m64, p64)
-    gram = triton_gram.forward(features, masks, kernels, True).double().cpu()
+    gram = launch.forward(triton_gram.forward, features, masks, kernels, True).double().cpu()
     relative = (gram - masked_gram_reference(f64, m64, p64)) / masked_gram_reference(f64, m64, p64)
     assert relative.abs().max() <= 3e-3
     assert relative.mean().abs() <= 1e-4, f"biased TF32 rounding: mean {relative.mean():.2e}"
@@ -133,29 +141,32 @@ def test_tiling_and_split_variants_match_default_bit_for_bit():
     """Changing tiles or splitting the positions reorders sums only: with exact arithmetic the
     results must be identical, bit for bit."""
     features, masks, kernels = exact_inputs(torch.float32)
-    gram = triton_gram.forward(features, masks, kernels, False)
+    gram = launch.forward(triton_gram.forward, features, masks, kernels, False)
     assert torch.equal(gram.cpu(), masked_gram_reference(*exact_inputs(torch.float64)).float())
     for variant in FWD_VARIANTS:
-        assert torch.equal(triton_gram.forward(features, masks, kernels, False, **variant), gram)
+        assert torch.equal(
+            launch.forward(triton_gram.forward, features, masks, kernels, False, **variant), gram
+        )
 
     grad = torch.randint(-3, 4, gram.shape, generator=torch.Generator().manual_seed(6)).to(gram)
-    d_features = triton_gram.backward(grad, features, masks, kernels, False)
+    d_features = launch.backward(triton_gram.backward, grad, features, masks, kernels, False)
     assert torch.equal(
         d_features.cpu(),
         masked_gram_backward_reference(grad.double().cpu(), *exact_inputs(torch.float64)).float(),
     )
     for variant in BWD_VARIANTS:
         assert torch.equal(
-            triton_gram.backward(grad, features, masks, kernels, False, **variant), d_features
+            launch.backward(triton_gram.backward, grad, features, masks, kernels, False, **variant),
+            d_features,
         )
 
 
 def test_split_variants_match_within_rounding():
     f64, m64, p64 = random_inputs(1, 20, 9, 10, 2, 2, 3, seed=7)
     features, masks, kernels = to_test_device(torch.float32, f64, m64, p64)
-    gram = triton_gram.forward(features, masks, kernels, False)
+    gram = launch.forward(triton_gram.forward, features, masks, kernels, False)
     for variant in FWD_VARIANTS:
-        varied = triton_gram.forward(features, masks, kernels, False, **variant)
+        varied = launch.forward(triton_gram.forward, features, masks, kernels, False, **variant)
         assert relative_error(varied, gram) <= 1e-6
 
 
@@ -183,19 +194,20 @@ def test_launchers_allocate_nothing_proportional_to_JNC(splits):
     f64, m64, p64 = random_inputs(B, C, H, W, J, K, 3, seed=8)
     features, masks, kernels = to_test_device(torch.float32, f64, m64, p64)
     gram_bytes = B * J * K * C * C * 4
-    mask_bytes = masks.numel() * 4
     smallest_forbidden = J * H * W * C * 4  # P_j F alone
 
+    inv_mass = canonical_inverse_mass(features, masks, None)
     with AllocationCounter() as forward_count:
-        gram = triton_gram.forward(features, masks, kernels, True, splits=splits)
-    # the output, the partial Grams of the splits, 1/n_k (and a mask-sized temporary for it)
-    forward_budget = (1 + (splits if splits > 1 else 0)) * gram_bytes + mask_bytes + 1024
+        gram = triton_gram.forward(features, masks, kernels, inv_mass, True, splits=splits)
+    # the output and the partial Grams of the splits (1/n_k comes formed from cast.ops)
+    forward_budget = (1 + (splits if splits > 1 else 0)) * gram_bytes + 1024
     assert forward_count.bytes <= forward_budget < smallest_forbidden
 
+    sym_grad = symmetric_grad(torch.ones_like(gram), inv_mass).contiguous()
     with AllocationCounter() as backward_count:
-        triton_gram.backward(torch.ones_like(gram), features, masks, kernels, True)
-    # dF, the symmetrised gradient and its temporaries, 1/n_k
-    backward_budget = features.numel() * 4 + 3 * gram_bytes + mask_bytes + 1024
+        triton_gram.backward(sym_grad, features, masks, kernels, True)
+    # dF alone (S = (dG + dG^T) / n_k comes formed from cast.ops)
+    backward_budget = features.numel() * 4 + 1024
     assert backward_count.bytes <= backward_budget < features.numel() * 4 + smallest_forbidden
 
 
