@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("trimap", metavar="TRIMAP")
     m.add_argument("-o", "--output", required=True, metavar="OUT.png")
     m.add_argument("--size", type=int, default=None, metavar="PX",
-                   help="long side to matte at (default: the image's own size)")  # fmt: skip
+                   help="long side to matte at, up to the image's own (the default)")  # fmt: skip
     return parser
 
 
@@ -164,6 +164,8 @@ def _stylize(args: argparse.Namespace) -> None:
 def _mask(args: argparse.Namespace) -> None:
     # before the matting, which can take a while
     checks.output(args.output, [("image", args.image), ("trimap", args.trimap)])
+    if args.size is not None:  # larger than the image adds nothing: masks are resampled anyway
+        checks.whole("--size", args.size, 1, max(images.image_size(args.image)))
     image = images.load_image(args.image, long_side=args.size)
     trimap = masks.read_trimap(args.trimap, tuple(image.shape[-2:]))
     alpha = masks.matte(image, trimap)

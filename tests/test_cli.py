@@ -144,6 +144,11 @@ BAD = {
         ["mask", CONTENT, "{square}", "-o", "{tmp}/folder.png"],
         "a directory",
     ),
+    "mask larger than its image": (
+        ["mask", CONTENT, "{square}", "-o", "{tmp}/alpha.png", "--size", "100000"],
+        "--size must be at most 384",
+    ),
+    "mask of size 0": (["mask", CONTENT, "{square}", "--size", "0"], "--size must be positive"),
     "mask to a format PIL cannot write": (
         ["mask", CONTENT, "{square}", "-o", "{tmp}/alpha.psd"],
         "not an image format PIL writes",
