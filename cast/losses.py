@@ -131,10 +131,9 @@ def gram_sums(
     """``(B, J, K, C, C)`` masked Gram *sums* ``Y^T Y`` (not divided by the mask's mass), so the
     sums of disjoint masks (the tiles of an image) add up to the whole image's. Differentiable.
     """
-    # the op returns sums / n_k; multiplying back gives sums (exactly 0 where n_k == 0)
-    gram = masked_gram(features, masks, kernels, backend=backend)
-    mass = masks.flatten(1).square().sum(1).to(gram.dtype)
-    return gram * mass[:, None, None]
+    # unit mass: the op divides by 1, so it returns the sums themselves
+    mass = torch.ones(masks.shape[-3], dtype=features.dtype, device=features.device)
+    return masked_gram(features, masks, kernels, mass=mass, backend=backend)
 
 
 @dataclass(frozen=True)
