@@ -61,13 +61,19 @@ class Plan:
 
 def plan_memory(network, layers, hw: tuple[int, int], device: torch.device, optimizer: str,
                 history: int | None, tile: int | None, halo: int, stride: int,
-                styles: int) -> Plan:  # fmt: skip
+                styles: int, processes: int = 1) -> Plan:  # fmt: skip
     """The plan for an image of ``hw`` (its finest scale). ``tile``: ``None`` chooses (whole if
     it fits), ``0`` forbids tiling, else that size. ``history``: ``None`` chooses (50 if it
-    fits). Raises ``CastError`` when nothing fits."""
+    fits). Every one of ``processes`` gets a tile at least. Raises ``CastError`` when nothing
+    fits."""
     height, width = hw
-    if tile:
-        plan_tiles(height, width, tile, halo, stride)  # a tile off the stride is refused here
+    count = lambda size: len(plan_tiles(height, width, size, halo, stride))  # noqa: E731
+    if tile is not None and count(tile) < processes:  # also refuses a tile off the stride
+        raise CastError(
+            f"{processes} processes but {'no tiling' if tile == 0 else f'--tile {tile}'} "
+            f"makes {count(tile)} tile(s) of this {width}x{height} image; use a smaller --tile "
+            "or fewer processes"
+        )
     pixels = height * width
     activations = _activation_bytes_per_pixel(network, layers, device)
     content_features = sum(network.channels(layer) / network.stride(layer) ** 2
@@ -80,12 +86,17 @@ def plan_memory(network, layers, hw: tuple[int, int], device: torch.device, opti
     else:
         histories = (None,)
     if tile is None:  # whole, then tiles that waste little on halos, then shorter histories
-        sizes = [0] + [t for t in TILES if t < max(hw)]
+        sizes = [s for s in [0, *TILES] if s < max(hw) and count(s) >= processes]
         efficient = [s for s in sizes if s == 0 or s >= 256]
         candidates = [(s, h) for h in histories for s in efficient]
         candidates += [(s, histories[-1]) for s in sizes if s not in efficient]
     else:
         candidates = [(tile, h) for h in histories]
+    if not candidates:
+        raise CastError(
+            f"{processes} processes but a {width}x{height} image makes at most "
+            f"{count(TILES[-1])} tiles; use fewer processes"
+        )
     free = _free_bytes(device)
 
     def need(size: int, history: int | None) -> float:
@@ -106,7 +117,7 @@ def plan_memory(network, layers, hw: tuple[int, int], device: torch.device, opti
             "use --optimizer adam or a larger device"
         )
     size, history = chosen
-    tiles = len(plan_tiles(height, width, size, halo, stride))
+    tiles = count(size)
     tiled = size if tiles > 1 else 0
     return Plan(height, width, device, tiled, tiles, halo if tiled else 0, history,
                 need(size, history), free)  # fmt: skip

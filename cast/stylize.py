@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import checks, images, masks
+from . import checks, distributed, images, masks
 from .errors import CastError, ImageError, MaskError
 from .losses import high_order_kernels
 from .memory import Plan, plan_memory
@@ -141,11 +141,27 @@ def stylize(
     soft_masks = None if soft_masks is None else list(soft_masks)
     device = _check_arguments(**locals())  # every argument, before any work
     kernels = high_order_kernels(high_order)
+    shard, device = distributed.join(device)  # one process per device under torchrun
+    try:
+        return _run(**locals())
+    finally:
+        shard.close()
+
+
+def _run(
+    content, styles, content_mask, style_masks, soft_masks, size, iters, scales, high_order,
+    model, pooling, content_weight, style_weight, tv_weight, optimizer, lr, init, lbfgs_history,
+    style_scale, preserve_color, seed, save_every, output, strict, progress, callback, backend,
+    tile, dry_run, kernels, shard, device, **_,
+):  # fmt: skip
+    """``stylize`` once its arguments are checked and its process group joined."""
+    if not shard.main:  # rank 0 shows progress and writes files
+        progress, output = False, None
     network = VGGFeatures(model, pooling).to(device)
     # before loading: a huge size would already exhaust memory when the image is resized
     halo, stride = tile_geometry(network, kernels)
     plan = plan_memory(network, LAYERS, images.fit(_image_hw(content), size), device, optimizer,
-                       lbfgs_history, tile, halo, stride, len(styles))  # fmt: skip
+                       lbfgs_history, tile, halo, stride, len(styles), shard.world)  # fmt: skip
     if dry_run:
         return plan
     if progress:
@@ -172,7 +188,7 @@ def stylize(
                 content_masks.to(device),
                 [m.to(device) for m in style_region_masks],
                 kernels.to(device),
-                content_weight, style_weight, tv_weight, backend, plan.tile,
+                content_weight, style_weight, tv_weight, backend, plan.tile, shard,
             )  # fmt: skip
             if image is None:
                 image = _initial(init, content_image, style_images, generator).to(device)
@@ -190,7 +206,7 @@ def stylize(
                         images.save_image(_finish(image, content_image, preserve_color), output)
                     if callback is not None:
                         callback(Step(scale, scales, step, iters, loss, image.detach().clone()))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, distributed.LostContact):
         # a non-finite image is caught by the next step's loss; the interrupt came first
         if output is not None and stepped and torch.isfinite(image).all():
             images.save_image(_finish(image, content_image, preserve_color), output)

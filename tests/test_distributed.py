@@ -1,0 +1,103 @@
+"""Sharding on torch.distributed (gloo, CPU processes on this machine): two processes give one
+process's image, and a rank that dies makes the other stop with one line."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cast.errors import CastError
+from cast.memory import plan_memory
+from cast.network import VGGFeatures
+from cast.objective import LAYERS
+from cast.stylize import stylize
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CONTENT, STYLE = str(EXAMPLES / "tubingen.jpg"), str(EXAMPLES / "starry_night.jpg")
+RUN = dict(size=64, scales=1, tile=32, progress=False, device="cpu")  # 2 x 2 tiles
+
+pytestmark = pytest.mark.slow
+
+RANK_SCRIPT = """
+import os, sys, torch
+from cast.errors import CastError
+from cast.memory import plan_memory
+from cast.network import VGGFeatures
+from cast.objective import LAYERS
+from cast.stylize import stylize
+image = stylize({content!r}, {style!r}, iters=3, **{run!r})
+torch.save(image, sys.argv[1] + "." + os.environ["RANK"])
+"""
+
+
+def test_two_gloo_processes_give_the_image_of_one(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(content=CONTENT, style=STYLE, run=RUN))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+              "--nproc-per-node", "2", str(script), str(tmp_path / "image")]  # fmt: skip
+    subprocess.run(launch, check=True, timeout=300, capture_output=True)
+    rank0, rank1 = (torch.load(tmp_path / f"image.{rank}") for rank in (0, 1))
+    assert torch.equal(rank0, rank1)  # every rank stepped identically
+    alone = stylize(CONTENT, STYLE, iters=3, **RUN)
+    # the ranks add their tiles' sums in another order than one process: float32 rounding
+    assert (rank0 - alone).abs().max() <= 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_killed_rank_makes_the_other_stop_with_one_line(tmp_path):
+    out = tmp_path / "out.png"
+    env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(_free_port()), "CAST_DIST_TIMEOUT": "30",
+                        "OMP_NUM_THREADS": "1"}  # fmt: skip
+    argv = [sys.executable, "-m", "cast", "stylize", CONTENT, STYLE, "-o", str(out), "--size",
+            "96", "--scales", "1", "--tile", "32", "--iters", "1000", "--save-every", "1",
+            "--device", "cpu", "-q"]  # fmt: skip
+    ranks = [subprocess.Popen(argv, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not out.exists():  # rank 0 writes after every step
+            assert time.monotonic() < deadline and ranks[0].poll() is None, "no step was made"
+            time.sleep(0.2)
+        ranks[1].kill()
+        killed = time.monotonic()
+        err = ranks[0].communicate(timeout=90)[1]
+        assert time.monotonic() - killed < 60
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    assert ranks[0].returncode == 2
+    assert err.startswith("cast: error: rank 0 of 2 lost contact") and err.count("\n") == 1, err
+    assert out.exists()  # the last image survives
+
+
+def test_a_half_set_torchrun_environment_is_one_line(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CastError, match="RANK, WORLD_SIZE set but not MASTER_ADDR, MASTER_PORT"):
+        stylize(CONTENT, STYLE, iters=0, **RUN)
+
+
+def test_more_processes_than_tiles_is_one_line():
+    network, cpu = VGGFeatures(), torch.device("cpu")
+    plan = dict(optimizer="adam", history=None, halo=96, stride=16, styles=1)
+    assert plan_memory(network, LAYERS, (72, 96), cpu, tile=32, processes=9, **plan).tiles == 9
+    with pytest.raises(CastError, match="10 processes but --tile 32 makes 9 tile"):
+        plan_memory(network, LAYERS, (72, 96), cpu, tile=32, processes=10, **plan)
+    with pytest.raises(CastError, match="2 processes but no tiling makes 1 tile"):
+        plan_memory(network, LAYERS, (72, 96), cpu, tile=0, processes=2, **plan)
+    chosen = plan_memory(network, LAYERS, (720, 960), cpu, tile=None, processes=2, **plan)
+    assert chosen.tiles >= 2  # the image would fit whole, but two processes need two tiles
