@@ -22,7 +22,7 @@ import sysconfig
 
 import pytest
 import torch
-from test_masked_gram import CASES, relative_error
+from test_masked_gram import CASES, Case, relative_error
 
 from cast.ops import canonical_inverse_mass
 from cast.reference import (
@@ -372,6 +372,14 @@ def test_emulated_kernels_match_reference(emulated, case):
         assert cuts[3] == tensor_cores
         if case.masks == "empty":
             assert (gram[:, :, -1] == 0).all()
+
+
+@pytest.mark.parametrize("allow_tf32,tol", [(False, 1e-5), (True, 3e-3)], ids=["simt", "tf32"])
+def test_emulated_kernel_size_7(emulated, allow_tf32, tol):
+    """r = 7 in float32, within the H100's shared memory (float64 stops at r = 5 there)."""
+    features, masks, kernels = Case("r=7", 1, 5, 11, 9, 2, 2, 7).inputs(torch.float32, "cpu", 7)
+    inputs = (features, masks[None].contiguous(), kernels)
+    check_against_reference(emulated, inputs, tol, allow_tf32)
 
 
 @pytest.mark.parametrize("machine", [H100, V100], ids=["tensor cores", "no TF32"])

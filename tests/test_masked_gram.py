@@ -151,6 +151,25 @@ def test_plain_gatys_gram(name, device):
 
 
 @pytest.mark.parametrize("name,device", PRESENT, ids=BACKEND_IDS)
+def test_kernel_size_7(name, device):
+    """r = 7, the widest kernel the tests reach (its backward stencil is 13 x 13), in full
+    float32 (no TF32) so every backend is held to 1e-5."""
+    if torch.float32 not in backends.load(name).dtypes:
+        pytest.skip(f"{name} has no float32")
+    case = Case("r=7", 1, 3, 9, 10, 1, 2, 7)
+    features, masks, kernels = case.inputs(torch.float32, device, seed=7)
+    features.requires_grad_(True)
+    gram = call(name, features, masks, kernels, allow_tf32=False)
+    f64, m64, p64 = case.inputs(torch.float64, "cpu", seed=7)
+    m64 = m64[None]
+    assert relative_error(gram, masked_gram_reference(f64, m64, p64)) <= 1e-5
+    grad = torch.randn(gram.shape, generator=torch.Generator().manual_seed(8))
+    (d_features,) = torch.autograd.grad(gram, features, grad.to(gram))
+    expected = masked_gram_backward_reference(grad.double(), f64, m64, p64)
+    assert relative_error(d_features, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("name,device", PRESENT, ids=BACKEND_IDS)
 def test_gradcheck(name, device):
     if torch.float64 not in backends.load(name).dtypes:
         pytest.skip(f"{name} has no float64")
