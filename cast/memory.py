@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .errors import CastError
 from .network import CONTENT_LAYERS, STYLE_LAYERS
-from .tiling import plan_tiles
+from .tiling import count_tiles
 
 # Histories tried, longest first, when the default one does not fit (an explicit one is kept).
 HISTORIES = (50, 20, 10, 5)
@@ -67,7 +67,7 @@ def plan_memory(network, layers, hw: tuple[int, int], device: torch.device, opti
     fits). Every one of ``processes`` gets a tile at least. Raises ``CastError`` when nothing
     fits."""
     height, width = hw
-    count = lambda size: len(plan_tiles(height, width, size, halo, stride))  # noqa: E731
+    count = lambda size: count_tiles(height, width, size, stride)  # noqa: E731
     if tile is not None and count(tile) < processes:  # also refuses a tile off the stride
         raise CastError(
             f"{processes} processes but {'no tiling' if tile == 0 else f'--tile {tile}'} "

@@ -62,17 +62,24 @@ def halo_for(network, content_layers: Sequence[str], style_layers: Sequence[str]
     return -(-needed // stride) * stride
 
 
-def plan_tiles(height: int, width: int, tile: int, halo: int, stride: int) -> TilePlan:
-    """Tiles of ``tile`` px (a multiple of ``stride``) with crops ``halo`` px wider on each side,
-    clipped to the image; ``tile = 0`` or one at least the image's size gives the whole image."""
+def count_tiles(height: int, width: int, tile: int, stride: int) -> int:
+    """How many tiles ``plan_tiles`` makes, without making them (a huge image has millions)."""
     if tile % stride or tile < 0:
         raise CastError(
             f"the tile size must be a multiple of the network's total stride ({stride} px), "
             f"got {tile}; try {max(stride, round(tile / stride) * stride)}"
         )
+    if tile == 0 or tile >= max(height, width):
+        return 1
+    return -(-height // tile) * -(-width // tile)
+
+
+def plan_tiles(height: int, width: int, tile: int, halo: int, stride: int) -> TilePlan:
+    """Tiles of ``tile`` px (a multiple of ``stride``) with crops ``halo`` px wider on each side,
+    clipped to the image; ``tile = 0`` or one at least the image's size gives the whole image."""
     if halo % stride:
         raise ValueError(f"the halo must be a multiple of {stride} px, got {halo}")
-    if tile == 0 or tile >= max(height, width):
+    if count_tiles(height, width, tile, stride) == 1:
         whole = (0, height, 0, width)
         return TilePlan(height, width, 0, 0, (Tile(whole, whole),))
     tiles = []
