@@ -43,17 +43,17 @@ MEASURE_SIZE = 384
 TUNABLE = {
     "size": int, "iters": int, "scales": int, "high_order": str, "pooling": str,
     "content_weight": float, "style_weight": float, "tv_weight": float, "optimizer": str,
-    "lr": float, "init": str, "seed": int,
+    "lr": float, "init": str, "seed": int, "lbfgs_history": int, "style_scale": float,
 }  # fmt: skip
 
 
-def pairs(reference: Path) -> list[tuple[Path, Path, Path]]:
+def pairs(reference: Path, images_dir: Path) -> list[tuple[Path, Path, Path]]:
     """``(result, content, style)`` of each row ``| result | content | style |`` of the README."""
     rows = re.findall(
         r"^\|\s*(\S+\.(?:png|jpg))\s*\|\s*(\S+)\s*\|\s*(\S+)\s*\|", (reference / "README.md")
         .read_text(), flags=re.M
     )  # fmt: skip
-    return [(reference / r, IMAGES / c, IMAGES / s) for r, c, s in rows]
+    return [(reference / r, images_dir / c, images_dir / s) for r, c, s in rows]
 
 
 def gram(features: torch.Tensor) -> torch.Tensor:
@@ -106,8 +106,13 @@ def main() -> None:
     )
     parser.add_argument("--measure-size", type=int, default=MEASURE_SIZE, metavar="PX")
     parser.add_argument("--reference", type=Path, default=REFERENCE, metavar="DIR")
+    parser.add_argument("--images", type=Path, default=IMAGES, metavar="DIR",
+                        help="where the README's content and style images are")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", metavar="DIR")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument(
+        "--only", default=None, metavar="CONTENT", help="only the pairs of this content image"
+    )
     parser.add_argument(
         "--log",
         type=Path,
@@ -128,7 +133,9 @@ def main() -> None:
     name = f"{slug(device_name(args.device.split(':')[0]))}-quality{args.tag}"
     shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "the defaults"
     rows = []
-    for reference, content, style in pairs(args.reference):
+    for reference, content, style in pairs(args.reference, args.images):
+        if args.only is not None and content.stem != args.only:
+            continue
         if args.only is not None and content.stem != args.only:
             continue
         started = time.perf_counter()

@@ -5,6 +5,7 @@ from .errors import CastError
 from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, high_order_kernels
 from .ops import masked_gram
 from .stylize import stylize
+from .swap import swap
 
 __all__ = [
     "BackendUnavailable",
@@ -16,5 +17,6 @@ __all__ = [
     "high_order_kernels",
     "masked_gram",
     "stylize",
+    "swap",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The ``cast`` command: ``cast stylize`` and ``cast mask``.
+"""The ``cast`` command: ``cast stylize``, ``cast swap`` and ``cast mask``.
 
 Defaults come from ``cast.stylize``'s signature, so they are defined in one place. Every
 ``CastError`` is printed as one line, ``cast: error: ...``, with exit status 2; Ctrl-C (SIGINT)
@@ -22,6 +22,7 @@ from .errors import CastError
 from .losses import HIGH_ORDER_PRESETS_DOC
 from .network import POOLINGS
 from .stylize import INITS, OPTIMIZERS, stylize
+from .swap import swap
 from .weights import MODELS
 
 DEFAULTS = {name: p.default for name, p in inspect.signature(stylize).parameters.items()}
@@ -38,6 +39,16 @@ mask). Each of these options takes one file: repeat the option for more (--soft-
 is one whole region styling the content region of its position among the style images without
 labels: with --soft-mask sky.png, the first style image styles the sky and the second the rest.
 A region that no style image pairs with keeps its own look (--strict makes that an error).
+"""
+
+
+SWAP_HELP = """\
+Exchange the look of paired regions between photos A and B (Chen & Hsu 2016, Fig. 1): A's
+regions take the look of B's, B's take A's, everything unpaired keeps its own look.
+
+--mask-a and --mask-b are both colour-coded label images (the same colours pair regions; a
+colour only one photo has is kept) or both grey-scale soft masks, e.g. from `cast mask` (white
+is exchanged, the rest kept).
 """
 
 
@@ -63,10 +74,66 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
     s.add_argument("-o", "--output", required=True, metavar="OUT", help="result (.png, .jpg)")
 
+    _add_render_options(s)
+    s.add_argument("--content-mask", metavar="LABELS", help="colour-coded regions of CONTENT")
+    s.add_argument("--style-mask", metavar="LABELS", action="append",
+                   help="label image of a style image ('-' for none); once per style image, "
+                   "in order")  # fmt: skip
+    s.add_argument("--soft-mask", metavar="GREY", action="append",
+                   help="grey-scale mask of a region; once per region")  # fmt: skip
+    s.add_argument("--style-blend", metavar="W,W", help="weight of each style image, e.g. 3,7 "
+                   "(default: they pool their pixels)")  # fmt: skip
+    s.add_argument("--strict", action="store_true", help="every region must pair with a style")
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory plan (size, tiles, L-BFGS history, memory) and stop",
+    )
+
+    w = commands.add_parser(
+        "swap",
+        help="exchange the look of paired regions between two photos",
+        description=SWAP_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    w.add_argument("a", metavar="A", help="the first photo")
+    w.add_argument("b", metavar="B", help="the second photo")
+    w.add_argument("--mask-a", required=True, metavar="MASK", help="label image or soft mask of A")
+    w.add_argument("--mask-b", required=True, metavar="MASK", help="label image or soft mask of B")
+    w.add_argument("-o", "--output", required=True, nargs=2, metavar=("OUT_A", "OUT_B"),
+                   help="A with B's look, B with A's look")  # fmt: skip
+    _add_render_options(w)
+
+    m = commands.add_parser(
+        "mask",
+        help="estimate a soft mask by alpha matting",
+        description="Estimate a soft mask of IMAGE from a TRIMAP (white = inside, black = "
+        "outside, grey = unknown; or scribbles on grey) by closed-form alpha matting, and "
+        "write it as a grey-scale image for `cast stylize --soft-mask`.",
+    )
+    m.add_argument("image", metavar="IMAGE")
+    m.add_argument("trimap", metavar="TRIMAP")
+    m.add_argument("-o", "--output", required=True, metavar="OUT.png")
+    m.add_argument("--size", type=int, default=None, metavar="PX",
+                   help="long side to matte at, up to the image's own (the default)")  # fmt: skip
+    return parser
+
+
+# Options of ``stylize`` that ``cast stylize`` and ``cast swap`` share, by their API names.
+RENDER_OPTIONS = (
+    "size", "iters", "scales", "high_order", "model", "pooling", "content_weight",
+    "style_weight", "tv_weight", "optimizer", "lr", "init", "lbfgs_history", "tile",
+    "style_scale", "content_layers", "style_layers", "seed", "save_every", "device", "backend",
+    "preserve_color",
+)  # fmt: skip
+
+
+def _add_render_options(parser: argparse.ArgumentParser) -> None:
     def option(flag, name, kind, help, **kwargs):
-        shown = "" if DEFAULTS[name] is None else " (default: %(default)s)"
-        s.add_argument(flag, dest=name, type=kind, default=DEFAULTS[name], help=help + shown,
-                       **kwargs)  # fmt: skip
+        default = DEFAULTS[name]
+        shown = "" if default is None else f" (default: {_listed(default)})"
+        parser.add_argument(flag, dest=name, type=kind, default=default, help=help + shown,
+                            **kwargs)  # fmt: skip
 
     option("--size", "size", int, "long side of the result in pixels", metavar="PX")
     option("--iters", "iters", int, "optimisation steps per scale", metavar="N")
@@ -101,39 +168,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     option("--style-scale", "style_scale", float,
            "style images at this times the result's size", metavar="X")  # fmt: skip
+    option("--content-layers", "content_layers", _names, "content layers, by name",
+           metavar="L,L")  # fmt: skip
+    option("--style-layers", "style_layers", _names, "style layers, by name", metavar="L,L")
     option("--seed", "seed", int, "random seed", metavar="N")
     option("--save-every", "save_every", int, "write the image to OUT every N steps", metavar="N")
     option("--device", "device", str, "cpu, cuda, cuda:1, ... (default: cuda when present)")
     option("--backend", "backend", str, "masked Gram backend (default: fastest present)",
            choices=BACKENDS)  # fmt: skip
-    s.add_argument("--content-mask", metavar="LABELS", help="colour-coded regions of CONTENT")
-    s.add_argument("--style-mask", metavar="LABELS", action="append",
-                   help="label image of a style image ('-' for none); once per style image, "
-                   "in order")  # fmt: skip
-    s.add_argument("--soft-mask", metavar="GREY", action="append",
-                   help="grey-scale mask of a region; once per region")  # fmt: skip
-    s.add_argument("--preserve-color", action="store_true", help="keep the content's colours")
-    s.add_argument("--strict", action="store_true", help="every region must pair with a style")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    s.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the memory plan (size, tiles, L-BFGS history, memory) and stop",
-    )
+    parser.add_argument("--preserve-color", action="store_true",
+                        help="keep the content's colours")  # fmt: skip
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    m = commands.add_parser(
-        "mask",
-        help="estimate a soft mask by alpha matting",
-        description="Estimate a soft mask of IMAGE from a TRIMAP (white = inside, black = "
-        "outside, grey = unknown; or scribbles on grey) by closed-form alpha matting, and "
-        "write it as a grey-scale image for `cast stylize --soft-mask`.",
-    )
-    m.add_argument("image", metavar="IMAGE")
-    m.add_argument("trimap", metavar="TRIMAP")
-    m.add_argument("-o", "--output", required=True, metavar="OUT.png")
-    m.add_argument("--size", type=int, default=None, metavar="PX",
-                   help="long side to matte at, up to the image's own (the default)")  # fmt: skip
-    return parser
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _listed(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _weights(text: str | None) -> list[float] | None:
+    """``"3,7"`` as ``[3.0, 7.0]``."""
+    if text is None:
+        return None
+    try:
+        return [float(weight) for weight in text.split(",")]
+    except ValueError:
+        raise CastError(f"--style-blend takes numbers separated by commas, got {text!r}") from None
+
+
+def _rendering(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in RENDER_OPTIONS} | {"progress": not args.quiet}
 
 
 def _stylize(args: argparse.Namespace) -> None:
@@ -147,18 +214,17 @@ def _stylize(args: argparse.Namespace) -> None:
         style_masks=style_masks,
         soft_masks=args.soft_mask,
         output=args.output,
-        progress=not args.quiet,
-        preserve_color=args.preserve_color,
         strict=args.strict,
-        **{name: getattr(args, name) for name in (
-            "size", "iters", "scales", "high_order", "model", "pooling", "content_weight",
-            "style_weight", "tv_weight", "optimizer", "lr", "init", "lbfgs_history",
-            "style_scale", "seed", "save_every",
-            "device", "backend", "tile", "dry_run",
-        )},
-    )  # fmt: skip
+        style_blend=_weights(args.style_blend),
+        dry_run=args.dry_run,
+        **_rendering(args),
+    )
     if args.dry_run:
         print(done)
+
+
+def _swap(args: argparse.Namespace) -> None:
+    swap(args.a, args.b, args.mask_a, args.mask_b, tuple(args.output), **_rendering(args))
 
 
 def _mask(args: argparse.Namespace) -> None:
@@ -203,18 +269,20 @@ def _sigterm_as_interrupt():
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    before = _file_version(args.output)
+    outputs = args.output if isinstance(args.output, list) else [args.output]
+    before = [_file_version(output) for output in outputs]
     try:
         with _sigterm_as_interrupt():
-            {"stylize": _stylize, "mask": _mask}[args.command](args)
+            {"stylize": _stylize, "swap": _swap, "mask": _mask}[args.command](args)
     except (CastError, BackendUnavailable) as err:
         print(f"cast: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
-        wrote = args.command == "stylize" and _file_version(args.output) not in (None, before)
+        wrote = [o for o, b in zip(outputs, before, strict=True)
+                 if args.command != "mask" and _file_version(o) not in (None, b)]  # fmt: skip
         print(
             ("cast: terminated" if isinstance(interrupt, _Terminated) else "cast: interrupted")
-            + (f"; the latest image is in '{args.output}'" if wrote else ""),
+            + (f"; the latest image is in '{wrote[-1]}'" if wrote else ""),
             file=sys.stderr,
         )
         return 128 + (signal.SIGTERM if isinstance(interrupt, _Terminated) else signal.SIGINT)

@@ -160,6 +160,12 @@ class GramStats:
     def __add__(self, other: GramStats) -> GramStats:
         return GramStats(self.sums + other.sums, self.mass + other.mass)
 
+    def weighted(self, weight: float) -> GramStats:
+        """The same Grams with mass ``weight`` in every region present: pooled with others, they
+        then count by ``weight``, not by their area (neural-style's blend weights)."""
+        factor = torch.where(self.present, weight / self.mass.clamp_min(1e-30), 0)
+        return GramStats(self.sums * factor[:, None, None], self.mass * factor)
+
     def scaled(self, factor: float) -> GramStats:
         """Both parts times ``factor``: the same Gram, with ``factor`` times the say in a pool."""
         return GramStats(self.sums * factor, self.mass * factor)

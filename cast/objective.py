@@ -16,6 +16,8 @@ The targets are gathered tile by tile in both cases (one tile when untiled).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -24,8 +26,6 @@ from .distributed import ALONE, Shard
 from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, gram_sums
 from .network import CONTENT_LAYERS, STYLE_LAYERS
 from .tiling import Tile, TilePlan, halo_for, plan_tiles
-
-LAYERS = tuple(dict.fromkeys(CONTENT_LAYERS + STYLE_LAYERS))
 
 
 class WholeImage(nn.Module):
@@ -196,26 +196,33 @@ def gather(
 
 def build(
     network, content, styles, content_masks, style_masks, kernels, content_weight, style_weight,
-    tv_weight, backend, tile: int = 0, shard: Shard = ALONE,
+    tv_weight, backend, tile: int = 0, shard: Shard = ALONE, *,
+    content_layers: Sequence[str] = CONTENT_LAYERS, style_layers: Sequence[str] = STYLE_LAYERS,
+    blend: Sequence[float] | None = None,
 ) -> WholeImage:  # fmt: skip
     """The objective at this scale: its targets are the content features, and per style layer
     the pooled statistics of every style image's regions; a region no style image has keeps its
-    own statistics. ``tile`` px tiles (a multiple of 16 px for VGG) or ``0``: the whole image."""
-    halo, stride = geometry(network, kernels)
+    own statistics. ``tile`` px tiles (a multiple of 16 px for VGG) or ``0``: the whole image.
+    ``blend``: one weight per style image, each region's target the weighted mean of the styles'
+    Grams there; default, the styles pool their positions (a larger image counts more)."""
+    content_layers, style_layers = tuple(content_layers), tuple(style_layers)
+    halo, stride = geometry(network, kernels, content_layers, style_layers)
     plan_of = lambda image: plan_tiles(*image.shape[-2:], tile, halo, stride)  # noqa: E731
 
     def grid_masks(region_masks, image):
         return {layer: on_grid(region_masks, image.shape[-2:], network.poolings_before(layer))
-                for layer in STYLE_LAYERS}  # fmt: skip
+                for layer in style_layers}  # fmt: skip
 
     plan = plan_of(content)
     region_masks = grid_masks(content_masks, content)
     own, content_features = gather(network, content, plan, region_masks, kernels, backend,
-                                   keep=CONTENT_LAYERS, shard=shard)  # fmt: skip
+                                   keep=content_layers, shard=shard)  # fmt: skip
     pooled = None
-    for style, mask in zip(styles, style_masks, strict=True):
+    for i, (style, mask) in enumerate(zip(styles, style_masks, strict=True)):
         stats, _ = gather(network, style, plan_of(style), grid_masks(mask, style), kernels,
                           backend, shard=shard)  # fmt: skip
+        if blend is not None:
+            stats = {layer: s.weighted(blend[i]) for layer, s in stats.items()}
         pooled = stats if pooled is None else {k: pooled[k] + stats[k] for k in stats}
     style_losses = {
         layer: StyleLoss(
@@ -224,20 +231,24 @@ def build(
             kernels,
             backend=backend,
         )  # fmt: skip
-        for layer in STYLE_LAYERS
+        for layer in style_layers
     }
-    content_losses = {layer: ContentLoss(content_features[layer]) for layer in CONTENT_LAYERS}
+    content_losses = {layer: ContentLoss(content_features[layer]) for layer in content_layers}
     weights = (content_weight, style_weight, tv_weight)
     if len(plan) == 1 and shard.world == 1:
         return WholeImage(network, content_losses, style_losses, weights)
     return Tiled(network, content_losses, style_losses, weights, plan, kernels, backend, shard)
 
 
-def geometry(network, kernels: Tensor) -> tuple[int, int]:
+def geometry(
+    network, kernels: Tensor, content_layers: Sequence[str] = CONTENT_LAYERS,
+    style_layers: Sequence[str] = STYLE_LAYERS,
+) -> tuple[int, int]:  # fmt: skip
     """``(halo, stride)`` in pixels of this objective's tiles: the network's total stride over
     the layers used, and the halo that makes tiling exact (``cast.tiling.halo_for``)."""
-    stride = max(network.stride(layer) for layer in LAYERS)
-    return halo_for(network, CONTENT_LAYERS, STYLE_LAYERS, kernels.shape[-1] // 2, stride), stride
+    stride = max(network.stride(layer) for layer in (*content_layers, *style_layers))
+    radius = kernels.shape[-1] // 2
+    return halo_for(network, content_layers, style_layers, radius, stride), stride
 
 
 def on_grid(mask: Tensor, image_hw: tuple[int, int], poolings: int) -> Tensor:

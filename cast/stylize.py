@@ -21,8 +21,7 @@ from . import checks, distributed, images, masks
 from .errors import CastError, ImageError, MaskError
 from .losses import high_order_kernels
 from .memory import Plan, plan_memory
-from .network import POOLINGS, VGGFeatures
-from .objective import LAYERS
+from .network import CONTENT_LAYERS, POOLINGS, STYLE_LAYERS, VGGFeatures
 from .objective import build as build_objective
 from .objective import geometry as tile_geometry
 from .weights import DEFAULT_MODEL
@@ -58,15 +57,18 @@ def stylize(
     scales: int = 2,
     high_order: str | os.PathLike = "neighbours",
     model: str = DEFAULT_MODEL,
-    pooling: str = "avg",
-    content_weight: float = 0.3,
+    pooling: str = "max",
+    content_weight: float = 0.05,
     style_weight: float = 1.0,
-    tv_weight: float = 2.0,
+    tv_weight: float = 0.2,
     optimizer: str = "lbfgs",
     lr: float | None = None,
     init: str | os.PathLike = "content",
     lbfgs_history: int | None = None,
     style_scale: float = 1.0,
+    style_blend: Sequence[float] | None = None,
+    content_layers: Sequence[str] = CONTENT_LAYERS,
+    style_layers: Sequence[str] = STYLE_LAYERS,
     preserve_color: bool = False,
     seed: int = 0,
     save_every: int | None = None,
@@ -110,6 +112,11 @@ def stylize(
         style_scale: the style images are taken at ``style_scale`` times the long side of the
             image being optimised (below 1: finer strokes relative to the result, above 1:
             coarser ones).
+        style_blend: one weight per style image: where several style a region, its target is
+            their Grams' weighted mean; default, they pool their positions (a larger style
+            image counts more).
+        content_layers, style_layers: the network's layers by name (``relu4_2``); the style
+            layers weigh equally.
         preserve_color: keep the content's colours: only luminance takes the style.
         seed: seeds the noise initialisation; the same seed on the same device gives the
             same result.
@@ -151,16 +158,19 @@ def stylize(
 def _run(
     content, styles, content_mask, style_masks, soft_masks, size, iters, scales, high_order,
     model, pooling, content_weight, style_weight, tv_weight, optimizer, lr, init, lbfgs_history,
-    style_scale, preserve_color, seed, save_every, output, strict, progress, callback, backend,
-    tile, dry_run, kernels, shard, device, **_,
+    style_scale, style_blend, content_layers, style_layers, preserve_color, seed, save_every,
+    output, strict, progress, callback, backend, tile, dry_run, kernels, shard, device, **_,
 ):  # fmt: skip
     """``stylize`` once its arguments are checked and its process group joined."""
     if not shard.main:  # rank 0 shows progress and writes files
         progress, output = False, None
     network = VGGFeatures(model, pooling).to(device)
+    content_layers, style_layers = tuple(content_layers), tuple(style_layers)
+    _check_layers(network, content_layers=content_layers, style_layers=style_layers)
+    layers = tuple(dict.fromkeys(content_layers + style_layers))
     # before loading: a huge size would already exhaust memory when the image is resized
-    halo, stride = tile_geometry(network, kernels)
-    plan = plan_memory(network, LAYERS, images.fit(_image_hw(content), size), device, optimizer,
+    halo, stride = tile_geometry(network, kernels, content_layers, style_layers)
+    plan = plan_memory(network, layers, images.fit(_image_hw(content), size), device, optimizer,
                        lbfgs_history, tile, halo, stride, len(styles), shard.world)  # fmt: skip
     if dry_run:
         return plan
@@ -189,6 +199,7 @@ def _run(
                 [m.to(device) for m in style_region_masks],
                 kernels.to(device),
                 content_weight, style_weight, tv_weight, backend, plan.tile, shard,
+                content_layers=content_layers, style_layers=style_layers, blend=style_blend,
             )  # fmt: skip
             if image is None:
                 image = _initial(init, content_image, style_images, generator).to(device)
@@ -233,7 +244,7 @@ def _run(
 def _check_arguments(
     content, styles, content_mask, style_masks, soft_masks, size, iters, scales, high_order,
     model, pooling, content_weight, style_weight, tv_weight, optimizer, lr, init, lbfgs_history,
-    style_scale, seed, save_every, output, device, backend, tile, **_,
+    style_scale, style_blend, seed, save_every, output, device, backend, tile, **_,
 ) -> torch.device:  # fmt: skip
     """Every argument, before any work; the device to run on."""
     for name, value, allowed in (("optimizer", optimizer, OPTIMIZERS),
@@ -258,6 +269,7 @@ def _check_arguments(
         checks.whole("--tile", tile, 0, checks.MAX_SIZE)
     if not styles:
         raise CastError("give at least one style image")
+    _check_blend(style_blend, len(styles))
     if style_masks is not None and len(style_masks) != len(styles):
         raise CastError(
             f"got {len(style_masks)} style masks for {len(styles)} style images; give one per "
@@ -282,6 +294,31 @@ def _check_arguments(
     checks.readable([(what, given, MaskError if "mask" in what else ImageError)
                      for _, what, given in inputs])  # fmt: skip
     return on
+
+
+def _check_blend(blend: Sequence[float] | None, styles: int) -> None:
+    if blend is None:
+        return
+    if len(blend) != styles:
+        raise CastError(
+            f"{len(blend)} blend weights for {styles} style images; give one weight per style image"
+        )
+    if not all(0 <= weight < math.inf for weight in blend) or not sum(blend) > 0:
+        raise CastError(f"blend weights must be finite, 0 or more, not all 0; got {list(blend)}")
+
+
+def _check_layers(network: VGGFeatures, **layers: tuple[str, ...]) -> None:
+    for option, names in layers.items():
+        flag = "--" + option.replace("_", "-")
+        if not names:
+            raise CastError(f"{flag} needs at least one layer name, e.g. relu4_2")
+        unknown = [name for name in names if name not in network.layer_names]
+        if unknown:
+            relus = [name for name in network.layer_names if name.startswith("relu")]
+            raise CastError(
+                f"unknown layer {unknown[0]!r} in {flag} for {network.architecture}; its layers "
+                f"are {relus[0]} ... {relus[-1]} (and conv*, pool*): {', '.join(relus)}"
+            )
 
 
 def _check_short_sides(

@@ -1,0 +1,85 @@
+"""The paper's appearance swap (Chen & Hsu 2016, Fig. 1): two photos exchange the look of
+paired regions, everything else keeps its own.
+
+Two ``stylize`` runs: A styled by B under A's and B's masks, and B styled by A under the same
+masks the other way round. A region that pairs with nothing keeps its look through the
+unpaired-region fallback of ``stylize`` (its target is its own statistics).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import checks, images, masks
+from .errors import CastError, MaskError
+from .stylize import ImageLike, stylize
+
+# A mask whose R, G and B differ by at most this much (0-255, JPEG noise) everywhere is grey.
+GREY_TOLERANCE = 8
+
+
+def swap(
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    mask_a: str | os.PathLike,
+    mask_b: str | os.PathLike,
+    outputs: tuple[str | os.PathLike | None, str | os.PathLike | None] = (None, None),
+    **options,
+) -> tuple[Tensor, Tensor]:
+    """A with the look of B's paired regions, and B with the look of A's: ``(3, H, W)`` each.
+
+    ``mask_a`` and ``mask_b`` are both colour-coded label images (the same colours pair
+    regions; a colour only one photo has keeps its look) or both grey-scale soft masks (white
+    is the region exchanged, the rest of each photo keeps its look). ``outputs`` are written
+    when given; ``options`` are ``stylize``'s.
+    """
+    inputs = [("photo A", a), ("photo B", b), ("mask of A", mask_a), ("mask of B", mask_b)]
+    for output in outputs:  # both, before the first (long) run
+        if output is not None:
+            checks.output(output, inputs)
+    if None not in outputs and os.path.abspath(outputs[0]) == os.path.abspath(outputs[1]):
+        raise CastError(f"both swap outputs are '{outputs[0]}'; give two different paths")
+    grey = [_is_grey(mask_a), _is_grey(mask_b)]
+    if grey[0] != grey[1]:
+        raise CastError(
+            "give both swap masks as colour label images or both as grey-scale soft masks; "
+            f"'{mask_a if grey[0] else mask_b}' is grey, the other is not"
+        )
+    results = []
+    for (content, content_mask), (style, style_mask), output in zip(
+        [(a, mask_a), (b, mask_b)], [(b, mask_b), (a, mask_a)], outputs, strict=True
+    ):
+        if grey[0]:
+            regions = dict(
+                content_mask=_exchanged_and_rest(content_mask, content),
+                style_masks=[_exchanged_only(style_mask, style)],
+            )
+        else:
+            regions = dict(content_mask=content_mask, style_masks=[style_mask])
+        results.append(stylize(content, style, output=output, **regions, **options))
+    return results[0], results[1]
+
+
+def _is_grey(path: str | os.PathLike) -> bool:
+    rgb = np.asarray(images.open_image(path, "mask", MaskError).convert("RGB"), dtype=np.int16)
+    return int(np.ptp(rgb, axis=-1).max()) <= GREY_TOLERANCE
+
+
+def _soft(path: str | os.PathLike, image: ImageLike) -> Tensor:
+    return masks.soft_masks([path], images.image_size(image))[0]
+
+
+def _exchanged_and_rest(path, image) -> Tensor:
+    """Two regions of ``image``: the mask's white part (exchanged) and the rest (kept)."""
+    mask = _soft(path, image)
+    return torch.stack([mask, 1 - mask])
+
+
+def _exchanged_only(path, image) -> Tensor:
+    """The same two regions for the image lending its look: only the white part lends it."""
+    mask = _soft(path, image)
+    return torch.stack([mask, torch.zeros_like(mask)])

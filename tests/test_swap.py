@@ -1,0 +1,76 @@
+"""``cast swap``: two photos exchange the look of paired regions, the rest keeps its own."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cast import images
+from cast.cli import main
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+A, B = EXAMPLES / "tubingen.jpg", EXAMPLES / "hoovertowernight.jpg"
+RUN = ["--size", "64", "--scales", "1", "--iters", "20", "--quiet"]
+
+pytestmark = pytest.mark.slow
+
+
+def _top_band(path: Path, image: Path, colours) -> str:
+    """A label image of ``image``'s shape: the top third ``colours[0]``, the rest ``colours[1]``."""
+    h, w = images.image_size(image)
+    labels = np.zeros((h, w, 3), np.uint8)
+    labels[: h // 3], labels[h // 3 :] = colours
+    Image.fromarray(labels).save(path)
+    return str(path)
+
+
+def test_paired_regions_exchange_their_look_and_the_rest_keeps_it(tmp_path):
+    # red pairs; the blue and green rests pair with nothing
+    mask_a = _top_band(tmp_path / "a.png", A, [(255, 0, 0), (0, 0, 255)])
+    mask_b = _top_band(tmp_path / "b.png", B, [(255, 0, 0), (0, 255, 0)])
+    out = [tmp_path / "a_out.png", tmp_path / "b_out.png"]
+    argv = ["swap", str(A), str(B), "--mask-a", mask_a, "--mask-b", mask_b, "-o", *map(str, out)]
+    assert main([*argv, *RUN]) == 0
+    for own, other, result in [(A, B, out[0]), (B, A, out[1])]:
+        before, lender = images.load_image(own, 64), images.load_image(other, 64)
+        after = images.load_image(result)
+        top = before.shape[1] // 3
+        # the exchanged band's colour moves towards the other photo's band
+        band = [image[:, :top].mean((1, 2)) for image in (before, after, lender)]
+        assert (band[1] - band[2]).norm() < 0.95 * (band[0] - band[2]).norm(), own.name
+        # the rest (8 px clear of the border) changes far less than the band
+        change = (after - before).abs().mean(0)
+        assert change[top + 8 :].mean() < change[:top].mean() / 2, own.name
+
+
+def test_soft_masks_exchange_the_white_part_only(tmp_path, monkeypatch):
+    module = sys.modules["cast.swap"]  # the package's ``swap`` is the function
+    calls = []
+    monkeypatch.setattr(module, "stylize", lambda *args, **kwargs: calls.append((args, kwargs)))
+    mask_a = _top_band(tmp_path / "a.png", A, [(255, 255, 255), (0, 0, 0)])
+    mask_b = _top_band(tmp_path / "b.png", B, [(255, 255, 255), (0, 0, 0)])
+    module.swap(A, B, mask_a, mask_b)
+    for (content, _), options in calls:
+        white = images.load_image(mask_a if content == A else mask_b)[0]
+        lender = images.load_image(mask_b if content == A else mask_a)[0]
+        regions, (style_regions,) = options["content_mask"], options["style_masks"]
+        # A: white exchanged, the rest kept; B lends its white part only
+        assert torch.equal(regions[0], white) and torch.equal(regions[1], 1 - white)
+        assert torch.equal(style_regions[0], lender) and style_regions[1].max() == 0
+    assert [call[0] for call in calls] == [(A, B), (B, A)]
+
+
+def test_masks_of_two_kinds_are_one_line_exit_2(tmp_path, capsys):
+    mask_a = _top_band(tmp_path / "a.png", A, [(255, 0, 0), (0, 0, 255)])
+    mask_b = _top_band(tmp_path / "b.png", B, [(255, 255, 255), (0, 0, 0)])
+    out = [tmp_path / "a_out.png", tmp_path / "b_out.png"]
+    argv = ["swap", str(A), str(B), "--mask-a", mask_a, "--mask-b", mask_b, "-o", *map(str, out)]
+    assert main([*argv, *RUN]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cast: error: give both swap masks as") and err.count("\n") == 1
+    assert not any(o.exists() for o in out)
