@@ -36,8 +36,8 @@ gpu-check:
 
 # Smaller and shorter than the defaults (512 px, 200 steps per scale), to stay under 10 minutes
 # on 2 CPU cores; the weights, pooling and kernels are the defaults.
-DEMO := --size 384 --scales 2 --iters 60 --quiet
-SWAP := --size 256 --scales 2 --iters 50 --quiet
+DEMO := --size 384 --scales 2 --iters 40 --quiet
+SWAP := --size 256 --scales 2 --iters 40 --quiet
 
 demo: $(READY)
 	mkdir -p out
