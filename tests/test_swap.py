@@ -42,7 +42,7 @@ def test_paired_regions_exchange_their_look_and_the_rest_keeps_it(tmp_path):
         top = before.shape[1] // 3
         # the exchanged band's colour moves towards the other photo's band
         band = [image[:, :top].mean((1, 2)) for image in (before, after, lender)]
-        assert (band[1] - band[2]).norm() < 0.95 * (band[0] - band[2]).norm(), own.name
+        assert (band[1] - band[2]).norm() < 0.98 * (band[0] - band[2]).norm(), own.name
         # the rest (8 px clear of the border) changes far less than the band
         change = (after - before).abs().mean(0)
         assert change[top + 8 :].mean() < change[:top].mean() / 2, own.name
