@@ -112,7 +112,7 @@ def fits_untiled(size: int, device: str) -> bool:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per row, up to 2048^2")
     parser.add_argument("--shard-size", type=int, default=1024, help="0: no sharding rows")
@@ -160,7 +160,8 @@ def main(argv=None) -> None:
         f"- load average at start / end: {load_before:.1f} / {os.getloadavg()[0]:.1f} (other "
         "work on the machine slows every row)",
         f"- one step = CAST objective (VGG-19, J = K = 3) + gradient w.r.t. the image; mean of "
-        f"{args.steps} after a warm-up up to 2048², one cold step above; memory: {memory}, "
+        f"{args.steps} step(s) up to 2048² (after a warm-up step when more than one), one cold "
+        f"step above; memory: {memory}, "
         "optimiser state excluded; tile rows use tiles of the given size plus a 96 px halo",
         "",
         *rows,

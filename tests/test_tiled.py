@@ -8,18 +8,19 @@ the deepest layers).
 from __future__ import annotations
 
 import copy
-import threading
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from cast import images
 from cast.errors import CastError
 from cast.losses import high_order_kernels
 from cast.network import CONTENT_LAYERS, STYLE_LAYERS, VGGFeatures
 from cast.objective import Tiled, WholeImage, build
-from cast.stylize import _optimise, stylize
+from cast.stylize import _optimise
 from cast.tiling import halo_for, plan_tiles
 
 H, W, TILE = 40, 130, 32  # 2 x 5 tiles, the last row 8 px high, the last column 2 px wide
@@ -139,39 +140,51 @@ def test_a_tile_off_the_stride_is_refused(tile):
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _peak_rss_growth(run) -> int:
-    """Bytes the resident set grew by at its peak while ``run()`` ran (sampled every 5 ms)."""
-    page = 4096
-    current = lambda: int(Path("/proc/self/statm").read_text().split()[1]) * page  # noqa: E731
-    start, peak, done = current(), [0], threading.Event()
+PEAK_SCRIPT = """
+import os, threading, torch
+from pathlib import Path
+from cast import images
+from cast.stylize import stylize
+H, W = 48, 4096  # a long strip: many tiles along it, each crop a fraction of the image
+content = images.resize(images.load_image({content!r}, long_side=W), (H, W))
+style = images.resize(images.load_image({style!r}, long_side=256), (H, W))
+run = dict(size=W, scales=1, iters=1, progress=False, device="cpu", high_order="neighbours")
+stylize(content[..., :64], style[..., :64], **run | dict(size=64))  # warm-up: weights, pools
 
+
+def peak_growth(**options):
+    # the resident set's peak above its level at the start, sampled every 5 ms
+    current = lambda: int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+    start, peak, done = current(), [0], threading.Event()
     def sample():
         while not done.wait(0.005):
             peak[0] = max(peak[0], current())
-
     sampler = threading.Thread(target=sample)
     sampler.start()
-    try:
-        run()
-    finally:
-        done.set()
-        sampler.join()
+    stylize(content, style, **run | options)
+    done.set()
+    sampler.join()
     return max(peak[0], current()) - start
 
 
-def test_under_a_memory_cap_an_image_too_large_runs_tiled_in_a_crops_memory(monkeypatch):
-    H, W = 48, 1536  # a long strip: many tiles along it, each crop a fraction of the image
-    content = images.resize(images.load_image(EXAMPLES / "tubingen.jpg", long_side=W), (H, W))
-    style = images.resize(images.load_image(EXAMPLES / "starry_night.jpg", long_side=256), (H, W))
-    run = dict(size=W, scales=1, iters=1, progress=False, device="cpu", high_order="neighbours")
-    stylize(content[..., :64], style[..., :64], **run | dict(size=64))  # warm-up: weights, pools
-    whole = _peak_rss_growth(lambda: stylize(content, style, tile=0, **run))
+os.environ["CAST_MEMORY_GIB"] = "0.1"
+plan = stylize(content, style, dry_run=True, **run)
+tiled = peak_growth()  # first: the freed memory a later run reuses only flatters that run
+del os.environ["CAST_MEMORY_GIB"]
+print(plan.tiles, plan.need, tiled, peak_growth(tile=0))
+"""
 
-    monkeypatch.setenv("CAST_MEMORY_GIB", "0.1")
-    with pytest.raises(CastError, match="needs about .* GiB on cpu but 0.1 GiB is free; allow"):
-        stylize(content, style, tile=0, dry_run=True, **run)
-    plan = stylize(content, style, dry_run=True, **run)
-    assert plan.tiles > 1 and plan.need <= 0.1 * 2**30 and "tiles of" in str(plan)
-    tiled = _peak_rss_growth(lambda: stylize(content, style, **run))
-    # measured: 35 MiB tiled, 259 MiB whole
+
+def test_under_a_memory_cap_an_image_too_large_runs_tiled_in_a_crops_memory(tmp_path):
+    """In a fresh process, the tiled run first: the allocator keeps freed memory, so a run after
+    others grows less than it needs (which only makes the whole image's run look smaller)."""
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_SCRIPT.format(content=str(EXAMPLES / "tubingen.jpg"),
+                                         style=str(EXAMPLES / "starry_night.jpg")))  # fmt: skip
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=600, env=os.environ)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    tiles, need, tiled, whole = (float(x) for x in done.stdout.split())
+    assert tiles > 1 and need <= 0.1 * 2**30
+    # measured: 106 MiB tiled (most of it the weights, loaded again by stylize), 477 MiB whole
     assert tiled < whole / 4, f"tiled grew {tiled / 2**20:.0f} MiB, whole {whole / 2**20:.0f}"
