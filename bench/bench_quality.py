@@ -15,6 +15,13 @@ style) beside it.
 
     python bench/bench_quality.py [--device cuda] [--model PATH] [--size 512] [--iters N] ...
 
+On a machine without the registry or ``../shared`` (a lent GPU), bring the weights file and
+the pictures along and point at them:
+
+    CAST_VGG19=out/vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin \
+        python bench/bench_quality.py --device cuda --reference out/shared/reference/neural-style \
+        --images out/shared/images
+
 Options that ``cast stylize`` has (``--size``, ``--iters``, ``--scales``, weights, ...) are
 passed on, so settings can be tried without changing the defaults; ``--measure-size`` is the
 long side everything is measured at.
