@@ -34,8 +34,10 @@ from cast import images
 from cast.distributed import join
 from cast.losses import high_order_kernels
 from cast.memory import plan_memory
-from cast.network import VGGFeatures
-from cast.objective import LAYERS, build, geometry
+from cast.network import CONTENT_LAYERS, STYLE_LAYERS, VGGFeatures
+from cast.objective import build, geometry
+
+LAYERS = CONTENT_LAYERS + STYLE_LAYERS  # what the objective runs the network to
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTENT, STYLE = ROOT / "examples" / "tubingen.jpg", ROOT / "examples" / "starry_night.jpg"

@@ -15,9 +15,10 @@ import torch
 
 from cast.errors import CastError
 from cast.memory import plan_memory
-from cast.network import VGGFeatures
-from cast.objective import LAYERS
+from cast.network import CONTENT_LAYERS, STYLE_LAYERS, VGGFeatures
 from cast.stylize import stylize
+
+LAYERS = CONTENT_LAYERS + STYLE_LAYERS  # what the objective runs the network to
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONTENT, STYLE = str(EXAMPLES / "tubingen.jpg"), str(EXAMPLES / "starry_night.jpg")
@@ -30,7 +31,6 @@ import os, sys, torch
 from cast.errors import CastError
 from cast.memory import plan_memory
 from cast.network import VGGFeatures
-from cast.objective import LAYERS
 from cast.stylize import stylize
 image = stylize({content!r}, {style!r}, iters=3, **{run!r})
 torch.save(image, sys.argv[1] + "." + os.environ["RANK"])
