@@ -27,9 +27,6 @@ from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, gram_sums
 from .network import CONTENT_LAYERS, STYLE_LAYERS
 from .tiling import Tile, TilePlan, halo_for, plan_tiles
 
-# The layers of the default objective (Gatys et al.'s); ``build`` takes others by name.
-LAYERS = tuple(dict.fromkeys(CONTENT_LAYERS + STYLE_LAYERS))
-
 
 class WholeImage(nn.Module):
     """The objective of the whole image as one autograd graph."""

@@ -78,6 +78,8 @@ def canonical_inverse_mass(features: Tensor, masks: Tensor, mass: Tensor | None)
         )
     if mass.requires_grad:
         raise ValueError(f"{where}: mass is a constant of the problem; pass mass.detach()")
+    if not bool((torch.isfinite(mass) & (mass >= 0)).all()):  # (K,): a cheap check
+        raise ValueError(f"{where}: mass must be finite and >= 0, got {mass.tolist()}")
     return inverse(mass.to(torch.float64)).expand(Bm, K).to(accumulation).contiguous()
 
 

@@ -41,7 +41,7 @@ def swap(
     for output in outputs:  # both, before the first (long) run
         if output is not None:
             checks.output(output, inputs)
-    if None not in outputs and os.path.abspath(outputs[0]) == os.path.abspath(outputs[1]):
+    if None not in outputs and _same_path(*outputs):
         raise CastError(f"both swap outputs are '{outputs[0]}'; give two different paths")
     grey = [_is_grey(mask_a), _is_grey(mask_b)]
     if grey[0] != grey[1]:
@@ -83,3 +83,10 @@ def _exchanged_only(path, image) -> Tensor:
     """The same two regions for the image lending its look: only the white part lends it."""
     mask = _soft(path, image)
     return torch.stack([mask, torch.zeros_like(mask)])
+
+
+def _same_path(first, second) -> bool:
+    """Whether two output paths name one file, also through a link."""
+    if os.path.exists(first) and os.path.exists(second):
+        return os.path.samefile(first, second)
+    return os.path.realpath(first) == os.path.realpath(second)

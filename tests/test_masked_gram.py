@@ -411,3 +411,33 @@ def test_registered_ops_fuzzed_error_or_right_answer(device):
             assert relative_error(gram, expected) <= 2e-2, label
             answered += 1
     assert answered > 0  # the fuzzing also reaches valid inputs
+
+
+@pytest.mark.parametrize(
+    "mass,message",
+    [
+        (torch.ones(3), r"mass must be \(K,\)"),
+        (torch.tensor([1.0, -1.0]), "finite and >= 0"),
+        (torch.tensor([1.0, float("nan")]), "finite and >= 0"),
+        (torch.tensor([1.0, float("inf")]), "finite and >= 0"),
+        (torch.ones(2, dtype=torch.int64), "floating-point"),
+    ],
+    ids=["wrong K", "negative", "NaN", "inf", "integer"],
+)
+def test_bad_mass_is_refused(mass, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        cast.masked_gram(F, M, P, mass=mass)
+
+
+def test_mass_divides_instead_of_the_masks_own():
+    """``mass=`` replaces ``n_k``: unit mass gives the sums, and the sums over the two halves of
+    an image, each divided by the whole image's mass, add up to the whole image's Gram."""
+    features, masks, kernels = F.double(), M.double(), P.double()
+    whole = cast.masked_gram(features, masks, kernels)
+    mass = masks.flatten(1).square().sum(1)
+    sums = cast.masked_gram(features, masks, kernels, mass=torch.ones_like(mass))
+    assert torch.allclose(sums, whole * mass[:, None, None], rtol=1e-12)
+    top = masks.clone()
+    top[:, 3:] = 0
+    halves = [cast.masked_gram(features, m, kernels, mass=mass) for m in (top, masks - top)]
+    assert torch.allclose(halves[0] + halves[1], whole, rtol=1e-12)
