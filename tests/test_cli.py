@@ -8,6 +8,9 @@ import io
 import os
 import re
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -360,3 +363,21 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
         shown,
     )
     assert not out.exists()
+
+
+def test_ctrl_c_while_starting_is_one_line_exit_130(tmp_path):
+    """A Ctrl-C while the command still imports torch (about a second) ends it with one line,
+    not an import traceback. Several delays, so one of them lands inside the imports."""
+    for delay in (0.2, 0.5, 0.9):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cast", "stylize", "a.jpg", "b.jpg", "-o", "out.png"],
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        stderr = process.communicate(timeout=120)[1]
+        assert "Traceback" not in stderr, (delay, stderr[-500:])
+        assert process.returncode in (2, 130), (delay, process.returncode, stderr)
+        assert len(stderr.strip().splitlines()) == 1, (delay, stderr)
