@@ -35,10 +35,11 @@ def masked_gram(
         kernels: high-order kernels ``p_j``, ``(J, r, r)`` with ``r`` odd, applied to every
             channel as cross-correlation with zero padding (``conv2d``'s convention).
             ``None`` means the identity ``[[1.]]`` (``J = 1``): Gatys' Gram matrix.
-        mass: the ``n_k`` to divide by instead of the masks' own, ``(K,)`` or ``(B, K)``,
-            non-negative: a tile of an image divides its sums by the whole image's mass, so
-            the tiles' results add up to the image's (SPEC §5); ones give the sums
-            ``Y^T Y`` themselves. Zero mass gives zero, as an empty mask does.
+        mass: the ``n_k`` to divide by instead of the masks' own, ``(K,)``, or ``(B, K)``
+            with ``(B, K, H, W)`` masks; finite, non-negative. A tile of an image divides its
+            sums by the whole image's mass, so the tiles' results add up to the image's
+            (SPEC §5); ones give the sums ``Y^T Y`` themselves. Zero mass gives zero, as an
+            empty mask does.
         backend: ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; default
             ``$CAST_BACKEND``, else the fastest one present for the device and dtype.
         allow_tf32: let the GPU backends use TF32 tensor cores for float32 input.
