@@ -24,6 +24,8 @@
 #include <cstring>
 #include <vector>
 
+#include "masked_gram_contract.h"
+
 namespace {
 
 // Positions per row tile: products of (C*K x T) by (T x C) ran at 85-100% of one core's
@@ -344,6 +346,8 @@ at::Tensor backward_impl(const at::Tensor& sym_grad, const at::Tensor& features,
   return d_features;
 }
 
+constexpr const char* kWhere = "cast::_masked_gram_fused (cpu)";
+
 // The registered op can be called directly: guard every memory read the kernels make.
 void check_contract(const at::Tensor& features, const at::Tensor& masks,
                     const at::Tensor& kernels) {
@@ -353,36 +357,19 @@ void check_contract(const at::Tensor& features, const at::Tensor& masks,
   for (const at::Tensor* t : {&features, &masks, &kernels}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() &&
                     t->scalar_type() == features.scalar_type(),
-                "cast::_masked_gram_fused (cpu): inputs must be contiguous CPU tensors of one "
-                "dtype; call cast.masked_gram");
+                kWhere, ": inputs must be contiguous CPU tensors of one dtype; call "
+                "cast.masked_gram");
   }
-  TORCH_CHECK(features.dim() == 4 && masks.dim() == 4 && kernels.dim() == 3 &&
-                  features.numel() > 0 && masks.size(1) > 0 && kernels.size(0) > 0,
-              "cast::_masked_gram_fused (cpu): expected non-empty (B,C,H,W), (Bm,K,H,W), (J,r,r)");
-  TORCH_CHECK(masks.size(0) == 1 || masks.size(0) == features.size(0),
-              "cast::_masked_gram_fused (cpu): masks' batch must be 1 or B");
-  TORCH_CHECK(masks.size(2) == features.size(2) && masks.size(3) == features.size(3),
-              "cast::_masked_gram_fused (cpu): masks must be on the features' grid");
-  TORCH_CHECK(kernels.size(1) == kernels.size(2) && kernels.size(1) % 2 == 1,
-              "cast::_masked_gram_fused (cpu): kernels must be square with an odd size");
-}
-
-// inv_mass (Bm, K) and sym_grad (B, J, K, C, C) are in the features' dtype on the CPU (the
-// accumulation dtype of float32 and float64 input).
-void check_scale(const at::Tensor& scale, const at::Tensor& features, at::IntArrayRef shape,
-                 const char* what) {
-  TORCH_CHECK(scale.device().is_cpu() && scale.is_contiguous() &&
-                  scale.scalar_type() == features.scalar_type() && scale.sizes() == shape,
-              "cast::_masked_gram_fused (cpu): ", what, " must be a contiguous ", shape, " ",
-              features.scalar_type(), " CPU tensor, got ", scale.sizes(), " ",
-              scale.scalar_type());
+  cast_check_shapes(features, masks, kernels, kWhere);
 }
 
 at::Tensor masked_gram_fused_cpu(const at::Tensor& features, const at::Tensor& masks,
                                  const at::Tensor& kernels, const at::Tensor& inv_mass,
                                  bool /*allow_tf32: GPU only*/) {
   check_contract(features, masks, kernels);
-  check_scale(inv_mass, features, {masks.size(0), masks.size(1)}, "inv_mass");
+  // on the CPU the accumulation dtype is the features' (float32 or float64)
+  cast_check_scale(inv_mass, features, features.scalar_type(), {masks.size(0), masks.size(1)},
+                   "inv_mass", kWhere);
   return features.scalar_type() == at::kDouble
              ? forward_impl<double>(features, masks, inv_mass, kernels)
              : forward_impl<float>(features, masks, inv_mass, kernels);
@@ -393,8 +380,8 @@ at::Tensor masked_gram_fused_backward_cpu(const at::Tensor& sym_grad, const at::
                                           bool /*allow_tf32: GPU only*/) {
   check_contract(features, masks, kernels);
   const int64_t C = features.size(1);
-  check_scale(sym_grad, features, {features.size(0), kernels.size(0), masks.size(1), C, C},
-              "sym_grad");
+  cast_check_scale(sym_grad, features, features.scalar_type(),
+                   {features.size(0), kernels.size(0), masks.size(1), C, C}, "sym_grad", kWhere);
   return features.scalar_type() == at::kDouble
              ? backward_impl<double>(sym_grad, features, masks, kernels)
              : backward_impl<float>(sym_grad, features, masks, kernels);

@@ -10,9 +10,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "masked_gram_contract.h"
 #include "masked_gram_cuda.h"
 
 namespace {
+
+constexpr const char* kWhere = "cast::_masked_gram_fused (cuda)";
 
 CastDtype cast_dtype(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -36,21 +39,12 @@ at::ScalarType accumulation_type(const at::Tensor& features) {
 void check_contract(const at::Tensor& features, const at::Tensor& masks,
                     const at::Tensor& kernels) {
   for (const at::Tensor* t : {&features, &masks, &kernels}) {
-    TORCH_CHECK(t->is_cuda() && t->device() == features.device(),
-                "cast::_masked_gram_fused (cuda): all inputs must be on one CUDA device");
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == features.scalar_type(),
-                "cast::_masked_gram_fused (cuda): inputs must be contiguous and of one dtype");
+    TORCH_CHECK(t->is_cuda() && t->device() == features.device(), kWhere,
+                ": all inputs must be on one CUDA device");
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == features.scalar_type(), kWhere,
+                ": inputs must be contiguous and of one dtype");
   }
-  TORCH_CHECK(features.dim() == 4 && masks.dim() == 4 && kernels.dim() == 3 &&
-                  features.numel() > 0 && masks.size(1) > 0 && kernels.size(0) > 0,
-              "cast::_masked_gram_fused (cuda): expected non-empty (B,C,H,W), (Bm,K,H,W), "
-              "(J,r,r)");
-  TORCH_CHECK(masks.size(0) == 1 || masks.size(0) == features.size(0),
-              "cast::_masked_gram_fused (cuda): masks' batch must be 1 or B");
-  TORCH_CHECK(masks.size(2) == features.size(2) && masks.size(3) == features.size(3),
-              "cast::_masked_gram_fused (cuda): masks must be on the features' grid");
-  TORCH_CHECK(kernels.size(1) == kernels.size(2) && kernels.size(1) % 2 == 1,
-              "cast::_masked_gram_fused (cuda): kernels must be square with an odd size");
+  cast_check_shapes(features, masks, kernels, kWhere);
 }
 
 CastGramShape shape_of(const at::Tensor& features, const at::Tensor& masks,
@@ -74,23 +68,13 @@ CastGramPlan plan_for(CastDtype dtype, const CastGramShape& shape, bool allow_tf
   return plan;
 }
 
-// inv_mass = 1 / n_k (Bm, K) and sym_grad = (dG + dG^T) / n_k (B, J, K, C, C), formed once in
-// cast/ops.py, in the accumulation dtype on the features' device.
-void check_scale(const at::Tensor& scale, const at::Tensor& features, at::IntArrayRef shape,
-                 const char* what) {
-  TORCH_CHECK(scale.device() == features.device() && scale.is_contiguous() &&
-                  scale.scalar_type() == accumulation_type(features) && scale.sizes() == shape,
-              "cast::_masked_gram_fused (cuda): ", what, " must be a contiguous ", shape, " ",
-              accumulation_type(features), " tensor on the features' device, got ",
-              scale.sizes(), " ", scale.scalar_type());
-}
-
 // allow_tf32 lets the forward's Gram products of float32 input run on TF32 tensor cores.
 at::Tensor masked_gram_fused_cuda(const at::Tensor& features, const at::Tensor& masks,
                                   const at::Tensor& kernels, const at::Tensor& inv,
                                   bool allow_tf32) {
   check_contract(features, masks, kernels);
-  check_scale(inv, features, {masks.size(0), masks.size(1)}, "inv_mass");
+  cast_check_scale(inv, features, accumulation_type(features), {masks.size(0), masks.size(1)},
+                   "inv_mass", kWhere);
   const c10::cuda::CUDAGuard guard(features.device());
   const CastDtype dtype = cast_dtype(features);
   const CastGramShape shape = shape_of(features, masks, kernels);
@@ -113,8 +97,8 @@ at::Tensor masked_gram_fused_backward_cuda(const at::Tensor& sym, const at::Tens
                                            bool allow_tf32) {
   check_contract(features, masks, kernels);
   const int64_t C = features.size(1);
-  check_scale(sym, features, {features.size(0), kernels.size(0), masks.size(1), C, C},
-              "sym_grad");
+  cast_check_scale(sym, features, accumulation_type(features),
+                   {features.size(0), kernels.size(0), masks.size(1), C, C}, "sym_grad", kWhere);
   const c10::cuda::CUDAGuard guard(features.device());
   const CastDtype dtype = cast_dtype(features);
   const CastGramShape shape = shape_of(features, masks, kernels);
