@@ -20,8 +20,9 @@ from .backends import NAMES as BACKENDS
 from .backends import BackendUnavailable
 from .errors import CastError
 from .losses import HIGH_ORDER_PRESETS_DOC
+from .memory import HISTORIES
 from .network import POOLINGS
-from .stylize import INITS, OPTIMIZERS, stylize
+from .stylize import DEFAULT_LR, INITS, OPTIMIZERS, stylize
 from .swap import swap
 from .weights import MODELS
 
@@ -147,14 +148,15 @@ def _add_render_options(parser: argparse.ArgumentParser) -> None:
     option("--style-weight", "style_weight", float, "weight of the style term", metavar="W")
     option("--tv-weight", "tv_weight", float, "weight of total variation", metavar="W")
     option("--optimizer", "optimizer", str, "optimiser", choices=OPTIMIZERS)
-    option("--lr", "lr", float, "step size (default 1 for lbfgs, 0.02 for adam)")
+    lr_defaults = ", ".join(f"{rate:g} for {name}" for name, rate in DEFAULT_LR.items())
+    option("--lr", "lr", float, f"step size (default {lr_defaults})")
     option("--init", "init", str, f"starting image: {', '.join(INITS)} or an image file",
            metavar="INIT|PATH")  # fmt: skip
     option(
         "--lbfgs-history",
         "lbfgs_history",
         int,
-        "steps L-BFGS remembers (default: 50, fewer when memory is short)",
+        f"steps L-BFGS remembers (default: {HISTORIES[0]}, fewer when memory is short)",
         metavar="N",
     )
     option(

@@ -22,7 +22,7 @@ import sysconfig
 
 import pytest
 import torch
-from test_masked_gram import CASES, Case, relative_error
+from cases import CASES, Case, relative_error
 
 from cast.ops import canonical_inverse_mass
 from cast.reference import (
