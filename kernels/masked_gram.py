@@ -11,25 +11,26 @@ memory. Masks come in chunks of ``NUM_MASKS`` (a constexpr, unrolled: the larges
 writes its own partial Gram and the splits are summed afterwards: deterministic, no atomics,
 and the scratch, ``S * B*J*K*C^2``, is kept within a tenth of the inputs and outputs.
 
-Backward. ``dF = sum_jk W_jk S_jk`` with ``S_jk = (dG_jk + dG_jk^T) / n_k`` (tiny, formed
-once in ``cast.ops``) and ``W_jk = P_j^T M_k^2 P_j F``, which acts on each channel alone.
-Grouping the two taps of ``P_j^T`` and ``P_j`` by their difference ``u`` turns ``W_jk`` into
-one ``(2r-1) x (2r-1)`` stencil with per-position weights,
-``W_jk F[n] = sum_u A_jku[n] F[n+u]``, ``A_jku[n] = sum_t p_j[t+u] p_j[t] m_k^2[n-t]``, so a
-program (one tile of positions, one block of output channels) needs ``(2r-1)^2`` shifted loads
-of ``F`` per block of reduction channels, and no halo, no scratch and nothing proportional to
-``J*N*C``. The position-only factors ``p_j[t] m_k^2[n-t]`` are loaded once per (j, mask) and
-program; each ``A_u`` is rebuilt from them where it is used (``r^4`` vector multiply-adds per
-mask and reduction block, against ``(2r-1)^2 * BLOCK_D`` for the stencil itself).
+Backward. ``dF = sum_j P_j^T U_j`` with ``U_j = sum_k M_k^2 Z_j S_jk`` and
+``S_jk = (dG_jk + dG_jk^T) / n_k`` (tiny, formed once in ``cast.ops``): ``P_j^T`` acts on each
+channel alone, so it commutes with the channel mixing and is applied once per output instead of
+once per mask. A program owns a ``TILE_H x TILE_W`` tile of positions and a block of output
+channels; it writes dF on the tile's inner positions and computes ``U_j`` on the whole tile,
+the inner positions' halo of ``r // 2`` included. Per block of reduction channels ``d`` it forms
+``Z_j`` (``r*r`` shifted loads of ``F``, CUDA cores) and adds ``(m_k^2 Z_j) S_jk[d, c]`` for
+every mask to one accumulator: ``[m_1^2 Z_j | ... | m_K^2 Z_j] [S_j1; ...; S_jK]``, one GEMM
+with a ``K*C``-long reduction on the tensor cores (bf16/fp16 operands for 16-bit input). Then
+``U_j`` goes through a per-program scratch tile (a tile cannot be shifted in registers) and the
+adjoint convolution adds ``p_j[t] U_j[n - t]``, ``r*r`` multiply-adds per output element.
+Programs are persistent (about two per SM), so the scratch is three tiles per program (two of
+``U_j``, used in turn, and dF's accumulator), not anything proportional to ``N``.
 
-Cost: matmul work ``2*J*K*N*C^2``, twice the forward's upper triangle; the stencil is
-recomputed for every block of output channels, ``(2r-1)^2 (1 + K)`` CUDA-core operations per
-element and block. At ``C / BLOCK_C = 4``, ``K = 3``, ``r = 3`` that estimates the backward at
-3-4x the forward on an H100, bound by the CUDA cores rather than the tensor cores (estimated,
-not measured: no GPU here). Computing ``U_j`` on a haloed tile instead (option (b)) would put
-the halo's overhead on the matmul and need a scratch buffer and a barrier; keeping every
-reduction block's stencilled tile to avoid the recompute needs ``BLOCK_N * C * K`` values on
-chip.
+Cost: matmul work ``2*J*K*N*C^2`` times the halo's overhead (the tile over its inner part,
+256 / 196 = 1.31 at 16 x 16 and r = 3); CUDA-core work ``J*r*r`` per element and block of output
+channels for ``Z_j``, ``J*K`` for the masks, ``J*r*r`` for the adjoint. The design it replaced
+applied the ``(2r-1)^2`` stencil of ``P_j^T M_k^2 P_j`` per mask and block of output channels,
+``(2r-1)^2 K`` (225 at r = K = 3) against ``r*r (1 + K) + r*r`` (45) now
+(``bench/results/gpu-notes.md`` has the model of both).
 """
 
 from __future__ import annotations
@@ -63,22 +64,28 @@ SPLIT_SCRATCH_FRACTION = 0.1
 # tile: large position tiles keep the tests fast, small channel blocks still give several
 # channel blocks (and block pairs) at the tests' C = 20 and C = 40.
 INTERPRETER_FWD_CONFIG = dict(BLOCK_N=64, BLOCK_C=16, num_warps=4)
-INTERPRETER_BWD_CONFIG = dict(BLOCK_N=128, BLOCK_C=32, BLOCK_D=32, num_warps=4)
+INTERPRETER_BWD_CONFIG = dict(TILE_H=8, TILE_W=16, BLOCK_C=16, BLOCK_D=16, num_warps=4)
 
-# num_stages=1: the r*r (forward) and (2r-1)^2 (backward) shifted loads of a tile are cache
-# hits, and software pipelining would stage every one of them in shared memory (sm90 compile of
-# the backward at num_stages=3: 272 KiB, over the H100's 227 KiB).
+# num_stages=1: the r*r shifted loads of a tile are cache hits, and software pipelining would
+# stage every one of them in shared memory (sm90 compile of the stencil backward this replaced,
+# at num_stages=3: 272 KiB, over the H100's 227 KiB).
 # Every config compiles for sm_90 without spilling at the mask counts _fits lets it take
-# (tests/sm90.py reads the machine code; tests/test_triton_kernels.py asserts it).
+# (tests/sm90.py reads the machine code; tests/test_triton_kernels.py asserts it). Backward,
+# sm_90a, float32 and bf16, sizes multiples of 16 or not, Triton 3.9 and 3.6: 16 x 16 x 64
+# (reduction blocks of 16) takes 184-233 registers, 16 x 16 x 32 (for C <= 32) 222-235; the
+# register allocation is erratic near the limit: 8 x 16 x 64 x 32 (half the tile) spilled 16-32
+# bytes, and so did 16 x 16 x 32 x 16 at 8 warps (8 B).
 FWD_CONFIGS = [
     triton.Config(dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C), num_warps=num_warps, num_stages=1)
     for BLOCK_N, BLOCK_C, num_warps in [(64, 64, 8), (128, 64, 8)]
 ]
 BWD_CONFIGS = [
     triton.Config(
-        dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D), num_warps=num_warps, num_stages=1
+        dict(TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D),
+        num_warps=num_warps,
+        num_stages=1,
     )
-    for BLOCK_N, BLOCK_C, BLOCK_D, num_warps in [(64, 64, 32, 8), (128, 64, 32, 8)]
+    for TILE_H, TILE_W, BLOCK_C, BLOCK_D, num_warps in [(16, 16, 64, 16, 8), (16, 16, 32, 16, 4)]
 ]
 # Splits of the positions are whole multiples of every BLOCK_N, so no tile straddles two.
 SPLIT_QUANTUM = max(c.kwargs["BLOCK_N"] for c in FWD_CONFIGS)
@@ -292,62 +299,14 @@ def _masked_gram_fwd_kernel(
 
 
 @triton.jit
-def _weighted_mask_taps(
-    mask_ptr,  # (H, W) one mask m_k
-    taps,  # R*R scalars p_j[t]
-    offs_n,  # (BLOCK_N,)
-    row,  # (BLOCK_N,) offs_n // W
-    col,  # (BLOCK_N,) offs_n % W
-    position_ok,  # (BLOCK_N,)
-    H,
-    W,
-    R: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-):
-    """``p[t] m^2[n-t]`` for every tap ``t``, zero where ``n-t`` is outside the image (that is
-    ``P^T``'s zero padding; ``P``'s shows in the zero-padded loads of ``F[n+u]``)."""
-    weighted = ()
-    for t in tl.static_range(R * R):
-        dy = t // R - R // 2
-        dx = t % R - R // 2
-        inside = position_ok & (row >= dy) & (row - dy < H) & (col >= dx) & (col - dx < W)
-        m = tl.load(mask_ptr + offs_n - (dy * W + dx), mask=inside, other=0.0).to(ACC_DTYPE)
-        weighted = weighted + (taps[t] * (m * m),)
-    return weighted
-
-
-@triton.jit
-def _add_sym_grad_product(
-    acc,  # (BLOCK_N, BLOCK_C)
-    stencilled,  # (BLOCK_N, BLOCK_D) (P_j^T M_k^2 P_j F) on reduction channels d
-    sym_ptr,  # (C, C) S_jk
-    offs_d,  # (BLOCK_D,)
-    offs_c,  # (BLOCK_C,)
-    C,
-    DOT_DTYPE: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    ROUND_TF32: tl.constexpr,
-):
-    """``acc + stencilled @ S_jk[d, c]``: MMA in the input's precision (bf16/fp16 operands for
-    16-bit input, TF32 rounded to nearest or IEEE for float32), accumulation in ``acc``'s."""
-    sym = tl.load(
-        sym_ptr + offs_d[:, None] * C + offs_c[None, :],
-        mask=(offs_d < C)[:, None] & (offs_c < C)[None, :],
-        other=0.0,
-    )
-    stencilled = _dot_operand(stencilled, DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
-    sym = _dot_operand(sym, DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
-    return tl.dot(stencilled, sym, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-
-
-@triton.jit
 def _masked_gram_bwd_kernel(
     features_ptr,  # (B, C, H, W)
     masks_ptr,  # (Bm, K, H, W)
     kernels_ptr,  # (J, R, R)
     sym_grad_ptr,  # (B, J, K, C, C): S = (dG + dG^T) / n_k, 0 for an empty mask
+    scratch_ptr,  # (programs, 3 * TILE_H * TILE_W * BLOCK_C) at least: two of U_j, one of dF
     dfeatures_ptr,  # (B, C, H, W)
+    B,
     C,
     H,
     W,
@@ -357,136 +316,161 @@ def _masked_gram_bwd_kernel(
     mask_batch_stride,  # K * N when each batch item has its masks, 0 when they are shared
     size_class,  # only for the tuning key (size_class())
     R: tl.constexpr,
-    NUM_MASKS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ROUND_TF32: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # axis 0: tile of positions; axis 1: block of output channels; axis 2: batch item
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    b = tl.program_id(2)
-    position_ok = offs_n < N
-    row = offs_n // W
-    col = offs_n - row * W
-    batch_features = features_ptr + b.to(tl.int64) * C * N
-    batch_masks = masks_ptr + b.to(tl.int64) * mask_batch_stride
-    SPAN: tl.constexpr = 2 * R - 1
+    # Persistent: program p takes work items p, p + programs, ... (item: batch item, tile of
+    # positions, block of output channels), so the scratch is one tile per program, not per tile.
+    HALO: tl.constexpr = R // 2
+    OUT_H: tl.constexpr = TILE_H - 2 * HALO  # the tile's inner positions, whose dF it writes
+    OUT_W: tl.constexpr = TILE_W - 2 * HALO
+    BLOCK_M: tl.constexpr = TILE_H * TILE_W
+    tiles_w = tl.cdiv(W, OUT_W)
+    tiles = tl.cdiv(H, OUT_H) * tiles_w
+    blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    ty = offs_m // TILE_W
+    tx = offs_m % TILE_W
+    inner = (ty >= HALO) & (ty < TILE_H - HALO) & (tx >= HALO) & (tx < TILE_W - HALO)
+    scratch = scratch_ptr + pid.to(tl.int64) * (3 * BLOCK_M * BLOCK_C)
+    cols = tl.arange(0, BLOCK_C)
+    programs = tl.num_programs(0)
+    accumulated = scratch + 2 * BLOCK_M * BLOCK_C + offs_m * BLOCK_C
 
-    acc = tl.zeros((BLOCK_N, BLOCK_C), ACC_DTYPE)
-    for j in range(J):
-        kernel_ptr = kernels_ptr + j * R * R
-        taps = ()
-        for t in tl.static_range(R * R):
-            taps = taps + (tl.load(kernel_ptr + t).to(ACC_DTYPE),)
-        for k0 in range(0, K, NUM_MASKS):
-            # Position-only factors of the stencil weights, once per (j, mask) and program;
-            # R*R vectors per mask rather than (2R-1)^2 finished weights keeps registers low.
-            mask_ptr = batch_masks + tl.cast(k0, tl.int64) * N
-            weighted = ()
-            for i in tl.static_range(NUM_MASKS):
-                weighted = weighted + (
-                    _weighted_mask_taps(
-                        mask_ptr + i * N, taps, offs_n, row, col, position_ok, H, W, R, ACC_DTYPE
-                    ),
-                )
-            sym_ptr = sym_grad_ptr + ((b * J + j) * K + k0).to(tl.int64) * C * C
+    for item in range(pid, B * tiles * blocks, programs):
+        block = item % blocks
+        tile = item // blocks % tiles
+        b = item // (blocks * tiles)
+        row = tile // tiles_w * OUT_H - HALO + ty
+        col = tile % tiles_w * OUT_W - HALO + tx
+        in_image = (row >= 0) & (row < H) & (col >= 0) & (col < W)
+        offs_n = row * W + col
+        offs_c = block * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        batch_features = features_ptr + b.to(tl.int64) * C * N
+        batch_masks = masks_ptr + b.to(tl.int64) * mask_batch_stride
+
+        # dF's tile waits in the scratch's third tile while U_j is formed: in registers beside
+        # U_j, Z_j and the MMA operands it spilled (sm_90a, Triton 3.9, 16 x 16 x 64, 8 warps).
+        tl.store(accumulated[:, None] + cols[None, :], tl.zeros((BLOCK_M, BLOCK_C), ACC_DTYPE))
+        for j in range(J):
+            kernel_ptr = kernels_ptr + j * R * R
+            sym_ptr = sym_grad_ptr + (b * J + j).to(tl.int64) * K * C * C
+            # U_j = [m_1^2 Z_j | ... | m_K^2 Z_j] [S_j1; ...; S_jK] on the whole tile, halo
+            # included; zero outside the image (the masks are), which is P_j^T's zero padding.
+            u = tl.zeros((BLOCK_M, BLOCK_C), ACC_DTYPE)
             for d0 in range(0, C, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_ok = offs_d < C
                 if WIDE_OFFSETS:
-                    offsets = offs_d.to(tl.int64)[None, :] * N + offs_n[:, None]
+                    offsets_d = offs_d.to(tl.int64) * N
                 else:
-                    offsets = offs_d[None, :] * N + offs_n[:, None]
-                channel_ok = offs_d < C
-                stencilled = ()  # (P_j^T M_k^2 P_j F) on channels d, one per mask
-                for _ in tl.static_range(NUM_MASKS):
-                    stencilled = stencilled + (tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE),)
-                # A loop, not unrolled: unrolled, the (2R-1)^2 shifted loads were all issued at
-                # once and spilled (sm_90, Triton 3.9: 255 registers, 16 B spilled at 64x64x32).
-                for u in range(SPAN * SPAN):
-                    uy = u // SPAN - (R - 1)
-                    ux = u % SPAN - (R - 1)
-                    inside = position_ok & (row + uy >= 0) & (row + uy < H)
-                    inside = inside & (col + ux >= 0) & (col + ux < W)
-                    f = tl.load(
-                        batch_features + (offsets + (uy * W + ux)),
-                        mask=inside[:, None] & channel_ok[None, :],
-                        other=0.0,
-                    ).to(ACC_DTYPE)
-                    updated = ()
-                    for i in tl.static_range(NUM_MASKS):
-                        # A_u[n] = sum_t p[t + u] p[t] m^2[n - t]; tap t + u from memory
-                        # (u is a loop variable), zero where it falls outside the kernel
-                        weight = tl.zeros(offs_n.shape, ACC_DTYPE)
-                        for t in tl.static_range(R * R):
-                            sy = t // R + uy
-                            sx = t % R + ux
-                            shifted = (sy >= 0) & (sy < R) & (sx >= 0) & (sx < R)
-                            tap = tl.load(kernel_ptr + (sy * R + sx), mask=shifted, other=0.0)
-                            weight += tap.to(ACC_DTYPE) * weighted[i][t]
-                        updated = updated + (stencilled[i] + weight[:, None] * f,)
-                    stencilled = updated
-                for i in tl.static_range(NUM_MASKS):
-                    acc = _add_sym_grad_product(
-                        acc,
-                        stencilled[i],
-                        sym_ptr + i * C * C,
-                        offs_d,
-                        offs_c,
-                        C,
-                        DOT_DTYPE,
-                        UPCAST_DOT,
-                        INPUT_PRECISION,
-                        ROUND_TF32,
-                    )
+                    offsets_d = offs_d * N
+                z = _convolved_tile(
+                    batch_features,
+                    offsets_d,
+                    d_ok,
+                    offs_n,
+                    row,
+                    col,
+                    in_image,
+                    kernel_ptr,
+                    H,
+                    W,
+                    R,
+                    BLOCK_M,
+                    BLOCK_D,
+                    ACC_DTYPE,
+                )
+                sym_offsets = offs_d[:, None] * C + offs_c[None, :]
+                sym_ok = d_ok[:, None] & c_ok[None, :]
+                for k in range(K):
+                    m = tl.load(batch_masks + k * N + offs_n, mask=in_image, other=0.0)
+                    m = m.to(ACC_DTYPE)
+                    left = _dot_operand(z * (m * m)[:, None], DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
+                    sym = tl.load(sym_ptr + k * C * C + sym_offsets, mask=sym_ok, other=0.0)
+                    sym = _dot_operand(sym, DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
+                    u = tl.dot(left, sym, u, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            # P_j^T on the inner positions, dF[n] += sum_t p_j[t] U_j[n - t]: through the
+            # scratch, the only way to shift a tile in Triton. Two buffers, used in turn, so one
+            # barrier (this write before these reads) also orders the reads of the buffer's
+            # previous use before its next write. Addresses from row pointers: a (tile, channel)
+            # offset tensor is loop-invariant, the compiler hoists it, and it takes registers
+            # for good (sm_90, Triton 3.9: two hoisted pointer tensors, 255 registers, spills).
+            rows = scratch + ((item - pid) // programs * J + j) % 2 * (BLOCK_M * BLOCK_C)
+            rows += offs_m * BLOCK_C
+            tl.store(rows[:, None] + cols[None, :], u)
+            tl.debug_barrier()
+            acc = tl.load(accumulated[:, None] + cols[None, :])
+            for t in range(R * R):
+                shift = (t // R - HALO) * TILE_W + (t % R - HALO)
+                shifted = tl.load(
+                    (rows - shift * BLOCK_C)[:, None] + cols[None, :],
+                    mask=inner[:, None],
+                    other=0.0,
+                )
+                acc += tl.load(kernel_ptr + t).to(ACC_DTYPE) * shifted
+            tl.store(accumulated[:, None] + cols[None, :], acc)
+        acc = tl.load(accumulated[:, None] + cols[None, :])
 
-    if WIDE_OFFSETS:
-        out_offsets = offs_c.to(tl.int64)[None, :] * N + offs_n[:, None]
-    else:
-        out_offsets = offs_c[None, :] * N + offs_n[:, None]
-    tl.store(
-        dfeatures_ptr + b.to(tl.int64) * C * N + out_offsets,
-        acc.to(dfeatures_ptr.dtype.element_ty),
-        mask=position_ok[:, None] & (offs_c < C)[None, :],
-    )
+        if WIDE_OFFSETS:
+            out_offsets = offs_c.to(tl.int64)[None, :] * N + offs_n[:, None]
+        else:
+            out_offsets = offs_c[None, :] * N + offs_n[:, None]
+        tl.store(
+            dfeatures_ptr + b.to(tl.int64) * C * N + out_offsets,
+            acc.to(dfeatures_ptr.dtype.element_ty),
+            mask=(inner & in_image)[:, None] & c_ok[None, :],
+        )
 
 
-def config_fits(config: triton.Config, C: int, num_masks: int) -> bool:
-    """Whether ``config``'s channel blocks fit C and its accumulators fit the registers."""
+def config_fits(config: triton.Config, C: int, num_masks: int = 1, R: int = 1) -> bool:
+    """Whether ``config``'s channel blocks fit C, its accumulators the registers and (backward)
+    its tile the halo of an R x R kernel."""
     block_c, warps = config.kwargs["BLOCK_C"], config.num_warps
-    if "BLOCK_D" in config.kwargs:  # backward: one (BLOCK_N, BLOCK_C) + NUM_MASKS stencils
-        tile = block_c + num_masks * config.kwargs["BLOCK_D"]
-        fits = fits_channels(config.kwargs["BLOCK_D"], C)
-        registers = config.kwargs["BLOCK_N"] * tile / (32 * warps)
-    else:  # forward: NUM_MASKS (BLOCK_C, BLOCK_C) accumulators
-        fits = True
-        registers = num_masks * block_c * block_c / (32 * warps)
-    return fits and fits_channels(block_c, C) and registers <= MAX_ACCUMULATOR_REGISTERS
+    if "BLOCK_D" in config.kwargs:  # backward: spill-free at any C, J, K (its tiles are fixed)
+        inner = min(config.kwargs["TILE_H"], config.kwargs["TILE_W"]) - 2 * (R // 2)
+        return (
+            fits_channels(block_c, C) and fits_channels(config.kwargs["BLOCK_D"], C) and inner > 0
+        )
+    # forward: NUM_MASKS (BLOCK_C, BLOCK_C) accumulators
+    registers = num_masks * block_c * block_c / (32 * warps)
+    return fits_channels(block_c, C) and registers <= MAX_ACCUMULATOR_REGISTERS
 
 
 def _fits(configs, named_args, **kwargs):
     """The autotuner's pruning: the configs that fit, else the first (smallest) one."""
-    kept = [c for c in configs if config_fits(c, named_args["C"], kwargs["NUM_MASKS"])]
+    C, num_masks, R = named_args["C"], kwargs.get("NUM_MASKS", 1), kwargs["R"]
+    kept = [c for c in configs if config_fits(c, C, num_masks, R)]
     return kept or configs[:1]
+
+
+def backward_tiles(H: int, W: int, R: int, meta: dict) -> int:
+    """How many tiles of positions the backward writes (each tile's inner positions)."""
+    inner_h, inner_w = meta["TILE_H"] - 2 * (R // 2), meta["TILE_W"] - 2 * (R // 2)
+    return triton.cdiv(H, inner_h) * triton.cdiv(W, inner_w)
 
 
 # Tuned once per channel count, masks, kernel size, precision and size class (about a factor
 # of four in positions): not per image size, so coarse-to-fine scales and the layers of one
 # image reuse each other's choice. (The dtypes of the pointer arguments are part of every key.)
-TUNING_KEY = ["C", "J", "K", "R", "NUM_MASKS", "INPUT_PRECISION", "size_class"]
+TUNING_KEY = ["C", "J", "K", "R", "INPUT_PRECISION", "size_class"]
 if INTERPRETING:
     _fwd_kernel, _bwd_kernel = _masked_gram_fwd_kernel, _masked_gram_bwd_kernel
 else:
     prune = dict(early_config_prune=_fits)
-    _fwd_kernel = triton.autotune(FWD_CONFIGS, key=TUNING_KEY, prune_configs_by=prune)(
-        _masked_gram_fwd_kernel
-    )
+    _fwd_kernel = triton.autotune(
+        FWD_CONFIGS, key=[*TUNING_KEY, "NUM_MASKS"], prune_configs_by=prune
+    )(_masked_gram_fwd_kernel)
     _bwd_kernel = triton.autotune(BWD_CONFIGS, key=TUNING_KEY, prune_configs_by=prune)(
         _masked_gram_bwd_kernel
     )
@@ -507,7 +491,7 @@ def _as_launch_config(config: triton.Config) -> dict:
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _launch_choice(tuned, raw, configs, config, interpreter_config, C, num_masks):
+def _launch_choice(tuned, raw, configs, config, interpreter_config, C, num_masks=1, R=1):
     """The autotuned kernel on a GPU; the raw kernel with a fixed config when one is given
     (tests of tiling variants), under the interpreter (one small config keeps tests fast), or
     with ``CAST_TRITON_AUTOTUNE=0`` (the first config that fits: no tuning runs, one compile
@@ -517,7 +501,7 @@ def _launch_choice(tuned, raw, configs, config, interpreter_config, C, num_masks
     if INTERPRETING:
         return raw, interpreter_config
     if not AUTOTUNE:
-        return raw, _as_launch_config(_fits(configs, dict(C=C), NUM_MASKS=num_masks)[0])
+        return raw, _as_launch_config(_fits(configs, dict(C=C), NUM_MASKS=num_masks, R=R)[0])
     return tuned, {}
 
 
@@ -566,6 +550,7 @@ def forward(
         INTERPRETER_FWD_CONFIG,
         C,
         num_masks,
+        R,
     )
     if splits is None:
         nominal_block = launch_config.get("BLOCK_C", 64)
@@ -616,20 +601,19 @@ def backward(
     allow_tf32: bool,
     *,
     config: dict | None = None,
+    programs: int | None = None,
 ) -> Tensor:
     """``dF (B, C, H, W)`` in the features' dtype, for ``sym_grad = (dG + dG^T) / n_k``.
 
-    ``config`` (``BLOCK_N``, ``BLOCK_C``, ``BLOCK_D``, ``num_warps``) overrides the tiling.
+    ``config`` (``TILE_H``, ``TILE_W``, ``BLOCK_C``, ``BLOCK_D``, ``num_warps``) overrides the
+    tiling and ``programs`` the number of (persistent) programs; they change only the order of
+    the sums.
     """
     B, C, H, W = features.shape
     K = masks.shape[1]
     J, R = kernels.shape[:2]
     N = H * W
     dfeatures = torch.empty_like(features)
-    # One mask at a time: each mask's stencil re-reads the tile of F from cache, but with
-    # three masks' stencils live at once the kernel spilled (sm_90, Triton 3.6: 255 registers
-    # and 16 B spilled at 64x64x32, 8 warps; 184 registers and none with one mask).
-    num_masks = 1
     kernel, launch_config = _launch_choice(
         _bwd_kernel,
         _masked_gram_bwd_kernel,
@@ -637,11 +621,23 @@ def backward(
         config,
         INTERPRETER_BWD_CONFIG,
         C,
-        num_masks,
+        R=R,
+    )
+    candidates = [launch_config] if launch_config else [c.kwargs for c in BWD_CONFIGS]
+    slot = max(3 * c["TILE_H"] * c["TILE_W"] * c["BLOCK_C"] for c in candidates)
+    scratch_element = gram_dtype(features.dtype).itemsize
+    if programs is None:
+        io_bytes = 2 * features.numel() * features.element_size()
+        io_bytes += sym_grad.numel() * sym_grad.element_size()
+        affordable = int(SPLIT_SCRATCH_FRACTION * io_bytes) // (slot * scratch_element)
+        programs = max(1, min(programs_to_fill(features.device), affordable))
+    scratch = torch.empty(
+        (programs, slot), dtype=gram_dtype(features.dtype), device=features.device
     )
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]), channel_blocks(C, meta["BLOCK_C"]), B)
+        items = B * channel_blocks(C, meta["BLOCK_C"]) * backward_tiles(H, W, R, meta)
+        return (min(programs, items),)
 
     with on_device(features):
         kernel[grid](
@@ -649,7 +645,9 @@ def backward(
             masks,
             kernels,
             sym_grad,
+            scratch,
             dfeatures,
+            B,
             C,
             H,
             W,
@@ -659,7 +657,6 @@ def backward(
             0 if masks.shape[0] == 1 else K * N,
             size_class(N),
             R=R,
-            NUM_MASKS=num_masks,
             WIDE_OFFSETS=wide_offsets(C, N),
             **dot_constexprs(features.dtype, allow_tf32),
             **launch_config,

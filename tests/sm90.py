@@ -31,7 +31,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 227 * 1024  # the opt-in maximum per block on sm_90
 _NAMES = {tl.float16: "fp16", tl.bfloat16: "bf16", tl.float32: "fp32", tl.float64: "fp64"}
 # Pointers to float32 (float64 for float64 input) accumulators rather than to input-dtype data.
-_ACCUMULATOR_POINTERS = {"inv_mass_ptr", "out_ptr", "sym_grad_ptr"}
+_ACCUMULATOR_POINTERS = {"inv_mass_ptr", "out_ptr", "sym_grad_ptr", "scratch_ptr"}
+ALIGNED = {"C", "H", "W", "N"}  # sizes a launch may find to be multiples of 16
 # (input dtype, allow_tf32): each precision path the launchers can take (kernels/utils.py).
 DTYPES = [
     (torch.float32, True),
@@ -76,19 +77,31 @@ def _tool(name: str) -> str:
 
 
 def compile_for_sm90(
-    kernel, dtype: torch.dtype, allow_tf32: bool, config: triton.Config, R=3, num_masks=3
+    kernel,
+    dtype: torch.dtype,
+    allow_tf32: bool,
+    config: triton.Config,
+    R=3,
+    num_masks=3,
+    aligned_sizes=True,
 ) -> Report:
     """Compile ``kernel`` with ``config`` for sm_90a and read its resources and SASS."""
-    constexprs = dict(
-        config.kwargs,
-        R=R,
-        NUM_MASKS=num_masks,
-        WIDE_OFFSETS=False,
-        **dot_constexprs(dtype, allow_tf32),
-    )
+    constexprs = dict(config.kwargs, R=R, WIDE_OFFSETS=False, **dot_constexprs(dtype, allow_tf32))
+    if "NUM_MASKS" in kernel.arg_names:
+        constexprs["NUM_MASKS"] = num_masks
     precision = constexprs["INPUT_PRECISION"]
     dtype = TRITON_DTYPES[dtype]
-    source = ASTSource(kernel, _signature(kernel, dtype, constexprs), constexprs)
+    signature = _signature(kernel, dtype, constexprs)
+    # What a launch tells the compiler (Triton specialises on it): tensors 16-byte aligned, as
+    # torch allocates them, and with aligned_sizes the sizes that are multiples of 16 at every
+    # VGG layer of an image whose sides are multiples of 256. Alignment widens loads.
+    aligned = [
+        i
+        for i, name in enumerate(signature)
+        if name.endswith("_ptr") or (aligned_sizes and name in ALIGNED)
+    ]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    source = ASTSource(kernel, signature, constexprs, attrs)
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     compiled = triton.compile(source, target=TARGET, options=options)
     with tempfile.TemporaryDirectory() as folder:

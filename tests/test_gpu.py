@@ -9,6 +9,7 @@ channel blocks and splits.
 
 from __future__ import annotations
 
+import launch
 import pytest
 import torch
 
@@ -121,12 +122,12 @@ def test_every_shipped_triton_config(K):
     grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(5)).cuda()
     expected_grad = masked_gram_backward_reference(grad.double(), f64, m64, p64)
     for config in triton_gram.FWD_CONFIGS:
-        launch = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-        gram = launch.forward(triton_gram.forward, features, masks, kernels, True, config=launch)
+        chosen = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        gram = launch.forward(triton_gram.forward, features, masks, kernels, True, config=chosen)
         assert relative_error(gram, expected) <= 3e-3, config
     for config in triton_gram.BWD_CONFIGS:
-        launch = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        chosen = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
         d_features = launch.backward(
-            triton_gram.backward, grad, features, masks, kernels, True, config=launch
+            triton_gram.backward, grad, features, masks, kernels, True, config=chosen
         )
         assert relative_error(d_features, expected_grad) <= 3e-3, config

@@ -132,8 +132,8 @@ FWD_VARIANTS = [
     dict(splits=2),  # the default tiles, split where they allow it
 ]
 BWD_VARIANTS = [
-    dict(config=dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, num_warps=4)),
-    dict(config=dict(BLOCK_N=32, BLOCK_C=16, BLOCK_D=32, num_warps=4)),
+    dict(config=dict(TILE_H=4, TILE_W=8, BLOCK_C=16, BLOCK_D=16, num_warps=4)),
+    dict(config=dict(TILE_H=8, TILE_W=8, BLOCK_C=16, BLOCK_D=32, num_warps=4), programs=3),
 ]
 
 
@@ -204,10 +204,16 @@ def test_launchers_allocate_nothing_proportional_to_JNC(splits):
     assert forward_count.bytes <= forward_budget < smallest_forbidden
 
     sym_grad = symmetric_grad(torch.ones_like(gram), inv_mass).contiguous()
+    config = dict(TILE_H=8, TILE_W=8, BLOCK_C=16, BLOCK_D=16, num_warps=4)
+    programs = 2
     with AllocationCounter() as backward_count:
-        triton_gram.backward(sym_grad, features, masks, kernels, True)
-    # dF alone (S = (dG + dG^T) / n_k comes formed from cast.ops)
-    backward_budget = features.numel() * 4 + 1024
+        triton_gram.backward(
+            sym_grad, features, masks, kernels, True, config=config, programs=programs
+        )
+    # dF, and three tiles per (persistent) program (two of U_j, dF's): the tile's size, not N's
+    # (S = (dG + dG^T) / n_k comes formed from cast.ops)
+    scratch_bytes = programs * 3 * config["TILE_H"] * config["TILE_W"] * config["BLOCK_C"] * 4
+    backward_budget = features.numel() * 4 + scratch_bytes + 1024
     assert backward_count.bytes <= backward_budget < features.numel() * 4 + smallest_forbidden
 
 
@@ -230,7 +236,7 @@ SM90_FRONTEND = textwrap.dedent(
     TARGET = GPUTarget("cuda", 90, 32)
     BACKEND = make_backend(TARGET)
     NAMES = {tl.float16: "fp16", tl.bfloat16: "bf16", tl.float32: "fp32", tl.float64: "fp64"}
-    ACC_POINTERS = {"inv_mass_ptr", "out_ptr", "sym_grad_ptr"}
+    ACC_POINTERS = {"inv_mass_ptr", "out_ptr", "sym_grad_ptr", "scratch_ptr"}
 
     def ttir(kernel, dtype, constexprs):
         acc = tl.float64 if dtype == tl.float64 else tl.float32
@@ -251,12 +257,12 @@ SM90_FRONTEND = textwrap.dedent(
 
     for torch_dtype, allow_tf32 in [(torch.float32, True), (torch.float32, False),
                                     (torch.bfloat16, True), (torch.float64, True)]:
-        common = dict(R=3, NUM_MASKS=3, WIDE_OFFSETS=False,
-                      **dot_constexprs(torch_dtype, allow_tf32))
+        common = dict(R=3, WIDE_OFFSETS=False, **dot_constexprs(torch_dtype, allow_tf32))
         dtype, precision = common["DOT_DTYPE"], common["INPUT_PRECISION"]
-        forward = ttir(mg._masked_gram_fwd_kernel, dtype, dict(common, BLOCK_N=64, BLOCK_C=64))
+        forward = ttir(mg._masked_gram_fwd_kernel, dtype, dict(
+            common, NUM_MASKS=3, BLOCK_N=64, BLOCK_C=64))
         backward = ttir(mg._masked_gram_bwd_kernel, dtype, dict(
-            common, BLOCK_N=64, BLOCK_C=64, BLOCK_D=32))
+            common, TILE_H=8, TILE_W=16, BLOCK_C=64, BLOCK_D=32))
         for text in (forward, backward):
             dots = re.findall(r"tt\.dot .*", text)
             assert dots, "no tt.dot"
@@ -289,17 +295,21 @@ SM90_RESOURCES = textwrap.dedent(
     from cast.kernels import masked_gram as mg
 
     # Every shipped config at the mask counts the launchers give it (_fits), in the precisions
-    # that change the code: TF32-rounded float32 and bf16 (fp16 takes bf16's path).
+    # that change the code (TF32-rounded float32 and bf16; fp16 takes bf16's path), with sizes
+    # that are multiples of 16 (VGG layers) and sizes that are not: what Triton specialises on.
     for kernel, config in sm90.shipped():
         backward = "BLOCK_D" in config.kwargs
         for num_masks in (1,) if backward else (1, 2, 3, 4):
             if not mg.config_fits(config, 512, num_masks):
                 continue
-            for dtype in (torch.float32, torch.bfloat16):
-                r = sm90.compile_for_sm90(kernel, dtype, True, config, num_masks=num_masks)
-                mma = sorted(op for op in r.instructions if "MMA" in op)
-                print(r.kernel, num_masks, r.dtype, r.config, r.registers, r.spilled_bytes,
-                      r.shared_bytes, mma, sep="|")
+            for aligned in (True, False):
+                for dtype in (torch.float32, torch.bfloat16):
+                    r = sm90.compile_for_sm90(
+                        kernel, dtype, True, config, num_masks=num_masks, aligned_sizes=aligned)
+                    mma = sorted(op for op in r.instructions if "MMA" in op)
+                    wide = sorted(op for op in r.instructions if op.endswith((".64", ".128")))
+                    print(r.kernel, num_masks, r.dtype, aligned, r.config, r.registers,
+                          r.spilled_bytes, r.shared_bytes, mma, wide, sep="|")
     """
 )
 
@@ -307,7 +317,8 @@ SM90_RESOURCES = textwrap.dedent(
 def test_shipped_configs_compile_for_sm90_without_spills():
     """What the kernels promise an H100, read off their sm_90a machine code (no GPU needed):
     no spilled registers in any shipped config, Hopper's warpgroup MMA (wgmma) for every dot,
-    bf16 operands for bf16 input (not TF32), and shared memory within the card's limit."""
+    bf16 operands for bf16 input (not TF32), shared memory within the card's limit, and the
+    backward's tiles of U_j and dF moved in 128-bit loads and stores where sizes allow."""
     pytest.importorskip("triton.backends.nvidia")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -318,11 +329,13 @@ def test_shipped_configs_compile_for_sm90_without_spills():
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 7]
-    assert len(rows) >= 8, done.stdout
-    for kernel, num_masks, dtype, config, registers, spilled, shared, mma in rows:
-        where = f"{kernel} {config} masks={num_masks} {dtype}"
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 9]
+    assert len(rows) >= 16, done.stdout
+    for kernel, num_masks, dtype, aligned, config, registers, spilled, shared, mma, wide in rows:
+        where = f"{kernel} {config} masks={num_masks} {dtype} aligned sizes: {aligned}"
         assert int(spilled) == 0, f"{where}: {spilled} bytes spilled ({registers} registers)"
         assert int(shared) <= 227 * 1024, where
         assert "HGMMA" in mma, f"{where}: no wgmma: {mma}"
         assert ("BF16" in mma) == (dtype == "bf16"), f"{where}: {mma}"
+        if kernel == "_masked_gram_bwd_kernel":
+            assert "LDG.E.128" in wide and "STG.E.128" in wide, f"{where}: {wide}"
