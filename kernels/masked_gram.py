@@ -464,13 +464,14 @@ def backward_tiles(H: int, W: int, R: int, meta: dict) -> int:
 # of four in positions): not per image size, so coarse-to-fine scales and the layers of one
 # image reuse each other's choice. (The dtypes of the pointer arguments are part of every key.)
 TUNING_KEY = ["C", "J", "K", "R", "INPUT_PRECISION", "size_class"]
+FWD_TUNING_KEY = [*TUNING_KEY, "NUM_MASKS"]
 if INTERPRETING:
     _fwd_kernel, _bwd_kernel = _masked_gram_fwd_kernel, _masked_gram_bwd_kernel
 else:
     prune = dict(early_config_prune=_fits)
-    _fwd_kernel = triton.autotune(
-        FWD_CONFIGS, key=[*TUNING_KEY, "NUM_MASKS"], prune_configs_by=prune
-    )(_masked_gram_fwd_kernel)
+    _fwd_kernel = triton.autotune(FWD_CONFIGS, key=FWD_TUNING_KEY, prune_configs_by=prune)(
+        _masked_gram_fwd_kernel
+    )
     _bwd_kernel = triton.autotune(BWD_CONFIGS, key=TUNING_KEY, prune_configs_by=prune)(
         _masked_gram_bwd_kernel
     )

@@ -217,6 +217,25 @@ def test_launchers_allocate_nothing_proportional_to_JNC(splits):
     assert backward_count.bytes <= backward_budget < features.numel() * 4 + smallest_forbidden
 
 
+def test_autotuning_is_keyed_on_a_size_class_not_on_the_size():
+    """A new image size or coarse-to-fine scale must not re-tune (each config compiles for
+    2-35 s): the keys name only arguments of their kernel, none of them a size, and the size
+    class groups positions within a factor of four."""
+    sizes = {"B", "H", "W", "N", "positions_per_split", "mask_batch_stride"}
+    for kernel, key in [
+        (triton_gram._masked_gram_fwd_kernel, triton_gram.FWD_TUNING_KEY),
+        (triton_gram._masked_gram_bwd_kernel, triton_gram.TUNING_KEY),
+    ]:
+        assert set(key) <= set(kernel.arg_names) and not sizes & set(key), key
+    if not utils.INTERPRETING:  # the autotuners themselves (not built under the interpreter)
+        assert triton_gram._fwd_kernel.keys == triton_gram.FWD_TUNING_KEY
+        assert triton_gram._bwd_kernel.keys == triton_gram.TUNING_KEY
+    size_class = triton_gram.size_class
+    assert size_class(1000 * 1000) == size_class(1024 * 1024) == size_class(1536 * 1024)
+    assert size_class(64 * 64) != size_class(1024 * 1024)
+    assert len({size_class(n) for n in range(1, 2**24, 997)}) <= 13
+
+
 def test_masks_per_program_divides_K():
     assert [triton_gram.masks_per_program(K) for K in range(1, 10)] == [1, 2, 3, 4, 1, 3, 1, 4, 3]
 
