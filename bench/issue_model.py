@@ -1,0 +1,102 @@
+"""Where the Triton kernels' time should go on an H100: an issue-rate model, no GPU needed.
+
+The roofline of ``bench_masked_gram.py`` bounds the op by its matmul flops and its DRAM bytes;
+the Triton kernels also form ``Z_j = P_j F`` with ``r^2`` shifted loads (L1/L2 hits) and
+CUDA-core multiply-adds, which that bound does not see. This counts, per layer, the work of
+each kind the kernels issue (their loop structure, ``kernels/masked_gram.py``) and divides by
+the card's rate for it: tensor-core FMAs at the measured TF32 ``torch.mm`` peak, CUDA-core FMAs,
+and L1 wavefronts (128 bytes per SM and clock; a warp's 32-bit load of 32 positions is one).
+The slowest kind bounds the kernel. ``bench/results/gpu-notes.md`` compares it with what was
+measured.
+
+    python bench/issue_model.py            # 1024^2, J = K = 3, r = 3, float32
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from bench_masked_gram import style_layers
+
+# H100 SXM: 132 SMs at 1.83 GHz; 128 float32 FMA lanes and one 128-byte L1 wavefront per SM
+# and clock; the TF32 rate is the torch.mm peak measured on 2026-11-26 (400 TFLOP/s).
+SMS, CLOCK = 132, 1.83e9
+CUDA_FMA_PER_S = SMS * 128 * CLOCK
+L1_WAVEFRONTS_PER_S = SMS * CLOCK
+MMA_FMA_PER_S = 400e12 / 2
+BLOCK_C = 64  # the channel block of every shipped config for C >= 64
+
+
+@dataclass
+class Work:
+    mma: float = 0.0  # tensor-core FMAs
+    fma: float = 0.0  # CUDA-core FMAs and multiplies
+    loads: float = 0.0  # 32-bit thread loads from L1/L2 (a 128-bit load counts four)
+
+    def seconds(self) -> dict[str, float]:
+        return dict(
+            mma=self.mma / MMA_FMA_PER_S,
+            fma=self.fma / CUDA_FMA_PER_S,
+            l1=self.loads / 32 / L1_WAVEFRONTS_PER_S,
+        )
+
+
+def forward(N: int, C: int, J: int, K: int, r: int) -> Work:
+    """A program per (kernel, channel-block pair a <= c, split): Z_a and Z_c formed per pair
+    (once when a == c), all K masks (K <= 4) from that one formation."""
+    blocks = max(1, C // BLOCK_C)
+    pairs = blocks * (blocks + 1) // 2
+    formed = J * N * BLOCK_C * blocks * blocks  # nb diagonal pairs once, the others twice
+    return Work(
+        mma=J * K * pairs * BLOCK_C**2 * N,
+        fma=formed * r * r + J * K * pairs * BLOCK_C * N,
+        loads=formed * r * r,
+    )
+
+
+def backward_stencil(N: int, C: int, J: int, K: int, r: int) -> Work:
+    """The design replaced in issue 9: a (2r-1)^2 stencil per mask, per block of output
+    channels, its weights rebuilt from r^2 products per tap (32 reduction channels a block)."""
+    span, blocks = (2 * r - 1) ** 2, max(1, C // BLOCK_C)
+    stencil = J * K * N * C * blocks * span
+    return Work(
+        mma=J * K * N * C * C, fma=stencil + J * K * N * (C / 32) * blocks * span * r * r,
+        loads=stencil,
+    )  # fmt: skip
+
+
+def backward_tiled(N: int, C: int, J: int, K: int, r: int, tile: int = 16) -> Work:
+    """Issue 9's design: U_j on a tile x tile tile with halo (the inner part written), Z_j once
+    per block of output channels, U_j and dF's accumulator through scratch in 128-bit moves."""
+    halo = (tile / (tile - 2 * (r // 2))) ** 2
+    blocks = max(1, C // BLOCK_C)
+    formed = J * N * halo * C * blocks
+    return Work(
+        mma=J * K * N * halo * C * C,
+        fma=formed * (r * r + K) + J * N * halo * C * r * r,
+        loads=formed * r * r + J * N * halo * C * (r * r + 3),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image", type=int, default=1024)
+    parser.add_argument("-J", type=int, default=3)
+    parser.add_argument("-K", type=int, default=3)
+    parser.add_argument("-r", type=int, default=3)
+    args = parser.parse_args()
+    designs = [("forward", forward), ("backward, stencil", backward_stencil)]
+    designs.append(("backward, tiled", backward_tiled))
+    print(f"{args.image}^2, J={args.J}, K={args.K}, r={args.r}, float32 (TF32), H100 model\n")
+    print("| layer | kernel | MMA ms | CUDA-core ms | L1 ms | bound ms |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for layer in style_layers(args.image):
+        for name, design in designs:
+            times = design(layer.N, layer.C, args.J, args.K, args.r).seconds()
+            cells = " | ".join(f"{1e3 * t:.2f}" for t in times.values())
+            print(f"| {layer.name} | {name} | {cells} | {1e3 * max(times.values()):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
