@@ -361,7 +361,8 @@ def _masked_gram_bwd_kernel(
 
         # dF's tile waits in the scratch's third tile while U_j is formed: in registers beside
         # U_j, Z_j and the MMA operands it spilled (sm_90a, Triton 3.9, 16 x 16 x 64, 8 warps).
-        tl.store(accumulated[:, None] + cols[None, :], tl.zeros((BLOCK_M, BLOCK_C), ACC_DTYPE))
+        # Its reads and writes are ordered by the barrier after each U_j is written, and by the
+        # one before it is read for the last time.
         for j in range(J):
             kernel_ptr = kernels_ptr + j * R * R
             sym_ptr = sym_grad_ptr + (b * J + j).to(tl.int64) * K * C * C
@@ -410,7 +411,8 @@ def _masked_gram_bwd_kernel(
             rows += offs_m * BLOCK_C
             tl.store(rows[:, None] + cols[None, :], u)
             tl.debug_barrier()
-            acc = tl.load(accumulated[:, None] + cols[None, :])
+            started = tl.full((BLOCK_M, BLOCK_C), j, tl.int32) > 0  # zero before kernel 0
+            acc = tl.load(accumulated[:, None] + cols[None, :], mask=started, other=0.0)
             for t in range(R * R):
                 shift = (t // R - HALO) * TILE_W + (t % R - HALO)
                 shifted = tl.load(
@@ -420,6 +422,7 @@ def _masked_gram_bwd_kernel(
                 )
                 acc += tl.load(kernel_ptr + t).to(ACC_DTYPE) * shifted
             tl.store(accumulated[:, None] + cols[None, :], acc)
+        tl.debug_barrier()
         acc = tl.load(accumulated[:, None] + cols[None, :])
 
         if WIDE_OFFSETS:
