@@ -2,16 +2,23 @@
 
 One step is the objective and its gradient with respect to the image (what L-BFGS pays per
 iteration; the optimiser's own image-sized state is the same tiled or not and is left out), CAST
-J = K = 3 (preset ``neighbours``, three soft bands), VGG-19, after the targets are built. Every
-row runs in a fresh process, so its peak memory is its own: peak RSS on the CPU, peak allocated
-memory on CUDA. Rows:
+J = K = 3 (preset ``neighbours``, three soft bands), VGG-19, after the targets are built (their
+pass is timed apart). Every row runs in a fresh process, so its peak memory is its own: peak RSS
+on the CPU, peak allocated memory on CUDA. The rows, in groups (``--rows``, default all):
 
-- untiled and tiled (``--tile``, default 512) at each ``--sizes`` (untiled only where it fits);
-- ``--shard-size``: 1 and 2 gloo processes, one thread each (CPU only): scaling efficiency.
+- ``ratio``: untiled and tiled at 1024² and 2048²: the tiled / untiled time (needs a quiet
+  machine: other work slows the rows unevenly);
+- ``curve``: tiled at 1024², 2048² and 4096² (one step above 2048²): how flat the peak memory
+  stays;
+- ``large``: one tiled step at 8192²;
+- ``shard``: 1 and 2 gloo processes, one thread each, tiled at 1024² (CPU only): scaling
+  efficiency, with the CPU seconds every rank spent (the work that sharding does not split).
 
-Writes ``bench/results/<device>-tiled.md`` (device, versions, git sha, date, load average).
+Every row is kept in ``bench/results/<device>-tiled.json`` with when, at which load and at which
+commit it ran; a run replaces the rows it measures and writes the whole table to
+``bench/results/<device>-tiled.md``. The ratios on a quiet machine:
 
-    python bench/bench_tiled.py [--device cpu|cuda] [--sizes 1024 2048 4096 8192] [--tile 512]
+    python bench/bench_tiled.py --rows ratio shard
 """
 
 from __future__ import annotations
@@ -32,16 +39,24 @@ from machine import device_name, git_sha, slug
 
 from cast import images
 from cast.distributed import join
+from cast.errors import CastError
 from cast.losses import high_order_kernels
 from cast.memory import plan_memory
 from cast.network import CONTENT_LAYERS, STYLE_LAYERS, VGGFeatures
 from cast.objective import build, geometry
 
-LAYERS = CONTENT_LAYERS + STYLE_LAYERS  # what the objective runs the network to
-
 ROOT = Path(__file__).resolve().parents[1]
 CONTENT, STYLE = ROOT / "examples" / "tubingen.jpg", ROOT / "examples" / "starry_night.jpg"
 WEIGHTS = (0.3, 1.0, 2.0)
+# (size, tiled, processes) of each group; processes 0: one plain process, all threads
+GROUPS = {
+    "ratio": [(1024, False, 0), (1024, True, 0), (2048, False, 0), (2048, True, 0)],
+    "curve": [(1024, True, 0), (2048, True, 0), (4096, True, 0)],
+    "large": [(8192, True, 0)],
+    "shard": [(1024, True, 1), (1024, True, 2)],
+}
+CURVE_TARGET = 1.25  # issue 8: tiled peak memory flat within 25 % from 1024² to 4096²
+EFFICIENCY_TARGET = 0.8
 
 
 def bands(K: int, h: int, w: int) -> torch.Tensor:
@@ -60,22 +75,26 @@ def one_row(size: int, tile: int, steps: int, device: str) -> dict:
     style = images.resize(images.load_image(STYLE), (size, size)).to(on)
     masks = bands(3, size, size).to(on)
     kernels = high_order_kernels("neighbours").to(on)
+    started = time.perf_counter()
     objective = build(network, content, [style], masks, [masks], kernels, *WEIGHTS, None, tile,
                       shard)  # fmt: skip
+    targets = time.perf_counter() - started
     if steps > 1:
         objective.value_and_grad(content)
     _sync(on)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         objective.value_and_grad(content)
     _sync(on)
     seconds = (time.perf_counter() - start) / steps
+    cpu = (time.process_time() - cpu) / steps
     if on.type == "cuda":
         peak = torch.cuda.max_memory_allocated(on)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     shard.close()
-    return {"seconds": seconds, "peak": peak, "rank": shard.rank}
+    return {"seconds": seconds, "cpu": cpu, "targets": targets, "peak": peak,
+            "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def _sync(device: torch.device) -> None:
@@ -83,8 +102,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_row(size: int, tile: int, device: str, steps: int, processes: int = 0) -> dict:
-    """``one_row`` in a fresh process (``processes``: under torchrun, one thread each)."""
+def run_row(size: int, tile: int, device: str, steps: int, processes: int) -> dict:
+    """``one_row`` in a fresh process (``processes``: under torchrun, one thread each), with
+    the load average before and after it."""
     args = [str(Path(__file__).resolve()), "--one", str(size), str(tile), str(steps),
             "--device", device]  # fmt: skip
     if processes:
@@ -93,31 +113,40 @@ def run_row(size: int, tile: int, device: str, steps: int, processes: int = 0) -
         env = os.environ | {"OMP_NUM_THREADS": "1"}
     else:
         launch, env = [sys.executable, *args], os.environ
+    when, load = datetime.datetime.now(datetime.timezone.utc), os.getloadavg()[0]
     done = subprocess.run(launch, capture_output=True, text=True, env=env, check=False)
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode or not rows:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": tail}
-    return max(rows, key=lambda row: row["seconds"])  # the slowest rank sets the pace
+    row = {"when": f"{when:%Y-%m-%d %H:%M}", "load": [load, os.getloadavg()[0]],
+           "git": git_sha(), "steps": steps}  # fmt: skip
+    ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not ranks:
+        return row | {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    slowest = max(ranks, key=lambda rank: rank["seconds"])  # it sets the pace
+    return row | slowest | {"peak": max(rank["peak"] for rank in ranks),
+                            "cpu": sum(rank["cpu"] for rank in ranks)}  # fmt: skip
 
 
 def fits_untiled(size: int, device: str) -> bool:
-    network, on = VGGFeatures(), torch.device(device)
+    network, on = VGGFeatures().to(device), torch.device(device)
     halo, stride = geometry(network, high_order_kernels("neighbours"))
     try:
-        plan_memory(network.to(on), LAYERS, (size, size), on, "adam", None, 0, halo, stride, 1)
-    except Exception:
+        plan_memory(network, CONTENT_LAYERS, STYLE_LAYERS, (size, size), [(size, size)], on,
+                    "adam", None, 0, halo, stride)  # fmt: skip
+    except CastError:
         return False
     return True
+
+
+def key(size: int, tiled: bool, processes: int) -> str:
+    return f"{size} {'tiled' if tiled else 'untiled'} {processes}"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--sizes", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--rows", nargs="+", choices=list(GROUPS), default=list(GROUPS))
     parser.add_argument("--tile", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per row, up to 2048^2")
-    parser.add_argument("--shard-size", type=int, default=1024, help="0: no sharding rows")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="timed steps per row up to 2048², after a warm-up step; one above")
     parser.add_argument("--one", type=int, nargs=3, metavar=("SIZE", "TILE", "STEPS"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args(argv)
@@ -125,62 +154,84 @@ def main(argv=None) -> None:
         print(json.dumps(one_row(*args.one, args.device)), flush=True)
         return
 
-    load_before = os.getloadavg()[0]
-    rows = ["| image | tiling | processes | s / step | peak memory | tiled / untiled time |",
-            "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    untiled = {}
-    for size in args.sizes:
-        steps = args.steps if size <= 2048 else 1
-        for tile in (0, args.tile):
-            if tile == 0 and not fits_untiled(size, args.device):
-                rows.append(f"| {size}² | untiled | 1 | does not fit | | |")
-                continue
-            row = run_row(size, tile, args.device, steps)
-            if tile == 0 and "seconds" in row:
-                untiled[size] = row["seconds"]
-            rows.append(_row(size, tile, 1, row, untiled.get(size) if tile else None))
-            print(rows[-1], flush=True)
-    if args.device == "cpu" and args.shard_size:
-        alone = run_row(args.shard_size, args.tile, "cpu", args.steps, processes=1)
-        two = run_row(args.shard_size, args.tile, "cpu", args.steps, processes=2)
-        for processes, row in ((1, alone), (2, two)):
-            rows.append(_row(args.shard_size, args.tile, processes, row, None))
-            print(rows[-1], flush=True)
-        if "seconds" in alone and "seconds" in two:
-            efficiency = alone["seconds"] / (2 * two["seconds"])
-            rows.append(f"\nScaling efficiency, 1 → 2 gloo processes (one thread each) at "
-                        f"{args.shard_size}²: {efficiency:.0%}")  # fmt: skip
-
     where = device_name(args.device)
-    memory = "peak RSS of the process" if args.device == "cpu" else "peak CUDA memory allocated"
-    text = "\n".join([
+    store = ROOT / "bench" / "results" / f"{slug(where)}-tiled.json"
+    kept = json.loads(store.read_text()) if store.exists() else {}
+    wanted = [row for group in args.rows for row in GROUPS[group]]
+    for size, tiled, processes in dict.fromkeys(wanted):
+        if processes and args.device != "cpu":
+            continue
+        if not tiled and not fits_untiled(size, args.device):
+            row = {"when": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
+                   "error": "does not fit"}  # fmt: skip
+        else:
+            steps = args.steps if size <= 2048 else 1
+            row = run_row(size, args.tile if tiled else 0, args.device, steps, processes)
+        kept[key(size, tiled, processes)] = row | {"tile": args.tile if tiled else 0}
+        store.write_text(json.dumps(kept, indent=1) + "\n")
+        print(size, "tiled" if tiled else "untiled", processes, row, flush=True)
+    table = ROOT / "bench" / "results" / f"{slug(where)}-tiled.md"
+    table.write_text(render(kept, where, args.device))
+    print(f"wrote {table.relative_to(ROOT)} and {store.relative_to(ROOT)}")
+
+
+def render(rows: dict, where: str, device: str) -> str:
+    memory = "peak RSS of the process" if device == "cpu" else "peak CUDA memory allocated"
+    lines = [
         f"# Tiled stylisation step, {where}",
         "",
-        f"- machine: {where}; torch threads {torch.get_num_threads()}",
-        f"- torch {torch.__version__}, Python {platform.python_version()}, git {git_sha()}, "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- load average at start / end: {load_before:.1f} / {os.getloadavg()[0]:.1f} (other "
-        "work on the machine slows every row)",
-        f"- one step = CAST objective (VGG-19, J = K = 3) + gradient w.r.t. the image; mean of "
-        f"{args.steps} step(s) up to 2048² (after a warm-up step when more than one), one cold "
-        f"step above; memory: {memory}, "
-        "optimiser state excluded; tile rows use tiles of the given size plus a 96 px halo",
+        f"- machine: {where}; torch {torch.__version__}, Python {platform.python_version()}",
+        "- one step = CAST objective (VGG-19, J = K = 3, three soft bands) + its gradient w.r.t. "
+        "the image, after the targets (timed apart); mean of the row's steps after a warm-up "
+        "step, or one cold step; every row in a fresh process; memory: "
+        f"{memory} (over the ranks), optimiser state excluded; tiles of 512 px unless said, "
+        "plus a 96 px halo",
+        "- each row says when it ran, the 1-minute load average before and after it (this "
+        "machine's cores are shared: load slows rows unevenly) and the commit",
+        "- written by `python bench/bench_tiled.py` (see its docstring for the row groups)",
         "",
-        *rows,
-        "",
-    ])  # fmt: skip
-    out = ROOT / "bench" / "results" / f"{slug(where)}-tiled.md"
-    out.write_text(text)
-    print(f"wrote {out.relative_to(ROOT)}")
-
-
-def _row(size: int, tile: int, processes: int, row: dict, untiled: float | None) -> str:
-    tiling = "untiled" if tile == 0 else f"tiles of {tile} px"
-    if "error" in row:
-        return f"| {size}² | {tiling} | {processes} | failed: {row['error'][:80]} | | |"
-    ratio = f"{row['seconds'] / untiled:.2f}x" if untiled else ""
-    return (f"| {size}² | {tiling} | {processes} | {row['seconds']:.2f} | "
-            f"{row['peak'] / 2**30:.2f} GiB | {ratio} |")  # fmt: skip
+        "| image | tiling | processes | s / step | CPU s / step | targets s | peak memory "
+        "| tiled / untiled time | ran (UTC, load, git) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    order = sorted(rows, key=lambda k: (int(k.split()[2]) > 0, int(k.split()[0]), k))
+    for name in order:
+        row = rows[name]
+        size, tiling, processes = name.split()
+        tiling = f"tiles of {row['tile']} px" if tiling == "tiled" else tiling
+        shown = f"{processes} × 1 thread" if int(processes) else "1"
+        ran = row["when"]
+        if "load" in row:
+            ran += f", {row['load'][0]:.1f} → {row['load'][1]:.1f}, {row['git']}"
+        if "error" in row:
+            lines.append(f"| {size}² | {tiling} | {shown} | {row['error'][:80]} | | | | | {ran} |")
+            continue
+        untiled = rows.get(f"{size} untiled 0", {}).get("seconds")
+        ratio = f"{row['seconds'] / untiled:.2f}x" if tiling != "untiled" and untiled else ""
+        steps = "" if row["steps"] > 1 else " (1 cold)"
+        cpu = f"{row['cpu']:.1f}" if "cpu" in row else ""
+        lines.append(
+            f"| {size}² | {tiling} | {shown} | {row['seconds']:.1f}{steps} | {cpu} | "
+            f"{row['targets']:.1f} | {row['peak'] / 2**30:.2f} GiB | {ratio} | {ran} |"
+        )
+    lines.append("")
+    curve = [rows.get(f"{size} tiled 0", {}).get("peak") for size in (1024, 2048, 4096)]
+    if all(curve):
+        spread = max(curve) / min(curve)
+        shown = " → ".join(f"{peak / 2**30:.2f}" for peak in curve)
+        verdict = "within" if spread <= CURVE_TARGET else "outside"
+        lines.append(f"Tiled peak memory 1024² → 2048² → 4096²: {shown} GiB, largest / smallest "
+                     f"{spread:.2f} ({verdict} the target {CURVE_TARGET:.2f}).")  # fmt: skip
+    one, two = rows.get("1024 tiled 1", {}), rows.get("1024 tiled 2", {})
+    if "seconds" in one and "seconds" in two:
+        efficiency = one["seconds"] / (2 * two["seconds"])
+        lines.append(
+            f"\nScaling efficiency, 1 → 2 gloo processes (one thread each) at 1024²: "
+            f"{efficiency:.0%} = {one['seconds']:.1f} / (2 × {two['seconds']:.1f}) (target "
+            f"{EFFICIENCY_TARGET:.0%}); CPU seconds per step {one['cpu']:.1f} alone, "
+            f"{two['cpu']:.1f} summed over the two ranks."
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

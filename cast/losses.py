@@ -20,6 +20,7 @@ it happens:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from .errors import CastError
 from .ops import masked_gram
+from .reference import inverse, mask_mass
 
 
 def _difference(dy: int, dx: int) -> Tensor:
@@ -154,8 +156,7 @@ class GramStats:
     ) -> GramStats:
         """Statistics of ``features (B, C, H, W)`` under ``masks (K, H, W)`` and ``kernels``."""
         sums = gram_sums(features, masks, kernels, backend=backend)
-        mass = masks.flatten(1).square().sum(1).to(sums.dtype)
-        return cls(sums.sum(0), mass * features.shape[0])
+        return cls(sums.sum(0), mask_mass(masks).to(sums.dtype) * features.shape[0])
 
     def __add__(self, other: GramStats) -> GramStats:
         return GramStats(self.sums + other.sums, self.mass + other.mass)
@@ -163,7 +164,7 @@ class GramStats:
     def weighted(self, weight: float) -> GramStats:
         """The same Grams with mass ``weight`` in every region present: pooled with others, they
         then count by ``weight``, not by their area (neural-style's blend weights)."""
-        factor = torch.where(self.present, weight / self.mass.clamp_min(1e-30), 0)
+        factor = weight * inverse(self.mass)
         return GramStats(self.sums * factor[:, None, None], self.mass * factor)
 
     def scaled(self, factor: float) -> GramStats:
@@ -178,8 +179,7 @@ class GramStats:
     def mean(self, fallback: Tensor | None = None) -> Tensor:
         """Gram ``(J, K, C, C)`` of each region; where a region has no mass, ``fallback``'s
         (``(J, K, C, C)``) if given, else zeros."""
-        mass = self.mass[:, None, None]
-        gram = torch.where(mass > 0, self.sums / mass.clamp_min(1e-30), torch.zeros_like(self.sums))
+        gram = self.sums * inverse(self.mass)[:, None, None]
         if fallback is not None:
             gram = torch.where(self.present[:, None, None], gram, fallback)
         return gram
@@ -217,7 +217,7 @@ class StyleLoss(nn.Module):
                 f"got masks {tuple(masks.shape)} and kernels {tuple(kernels.shape)}"
             )
         if region_weights is None:
-            mass = masks.flatten(1).square().sum(1)
+            mass = mask_mass(masks)
             region_weights = mass / mass.sum().clamp_min(1e-30)
         # Relative error instead of Gatys' 1 / (4 C^2): the same weight means the same for every
         # layer, kernel and network. A target of norm 0 (nothing to match) drops out.
@@ -266,6 +266,12 @@ class TVLoss(nn.Module):
     """Total variation of images ``(B, 3, H, W)``: mean squared difference of neighbours."""
 
     def forward(self, image: Tensor) -> Tensor:
-        dx = image[..., :, 1:] - image[..., :, :-1]
-        dy = image[..., 1:, :] - image[..., :-1, :]
-        return dx.square().mean() + dy.square().mean()
+        return self.of_differences(image.diff(dim=-1), image.diff(dim=-2), image.shape)
+
+    @staticmethod
+    def of_differences(dx: Tensor, dy: Tensor, shape: Sequence[int]) -> Tensor:
+        """The loss of images of ``shape`` from horizontal differences ``dx`` and vertical ones
+        ``dy``: from all of them, the loss; from a tile's own, its share (the shares add up)."""
+        *batch, H, W = shape
+        n = math.prod(batch)
+        return dx.square().sum() / (n * H * (W - 1)) + dy.square().sum() / (n * (H - 1) * W)

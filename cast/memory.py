@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,6 @@ import torch
 from torch import Tensor
 
 from .errors import CastError
-from .network import CONTENT_LAYERS, STYLE_LAYERS
 from .tiling import count_tiles
 
 # Histories tried, longest first, when the default one does not fit (an explicit one is kept).
@@ -59,13 +59,15 @@ class Plan:
                 f"{self.need / GiB:.1f} GiB{free}")  # fmt: skip
 
 
-def plan_memory(network, layers, hw: tuple[int, int], device: torch.device, optimizer: str,
-                history: int | None, tile: int | None, halo: int, stride: int,
-                styles: int, processes: int = 1) -> Plan:  # fmt: skip
-    """The plan for an image of ``hw`` (its finest scale). ``tile``: ``None`` chooses (whole if
-    it fits), ``0`` forbids tiling, else that size. ``history``: ``None`` chooses (50 if it
-    fits). Every one of ``processes`` gets a tile at least. Raises ``CastError`` when nothing
-    fits."""
+def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[str],
+                hw: tuple[int, int], style_hws: Sequence[tuple[int, int]], device: torch.device,
+                optimizer: str, history: int | None, tile: int | None, halo: int, stride: int,
+                processes: int = 1) -> Plan:  # fmt: skip
+    """The plan for an image of ``hw`` (its finest scale) styled by images of ``style_hws`` (at
+    the same scale: ``--style-scale`` applied), with the layers that will run. ``tile``: ``None``
+    chooses (whole if it fits), ``0`` forbids tiling, else that size (a multiple of ``stride``).
+    ``history``: ``None`` chooses (50 if it fits). Every one of ``processes`` gets a tile at
+    least. Raises ``CastError`` when nothing fits."""
     height, width = hw
     count = lambda size: count_tiles(height, width, size, stride)  # noqa: E731
     if tile is not None and count(tile) < processes:  # also refuses a tile off the stride
@@ -75,18 +77,22 @@ def plan_memory(network, layers, hw: tuple[int, int], device: torch.device, opti
             "or fewer processes"
         )
     pixels = height * width
-    activations = _activation_bytes_per_pixel(network, layers, device)
+    style_pixels = [h * w for h, w in style_hws]
+    activations = _activation_bytes_per_pixel(network, (*content_layers, *style_layers), device)
     content_features = sum(network.channels(layer) / network.stride(layer) ** 2
-                           for layer in CONTENT_LAYERS)  # fmt: skip
-    grids = sum(1 / network.stride(layer) ** 2 for layer in STYLE_LAYERS)
-    # image, gradient, content at two sizes, styles; content-layer features; masks
-    resident = 4 * pixels * (3 * (4 + styles) + content_features + REGIONS * (1 + grids))
+                           for layer in content_layers)  # fmt: skip
+    grids = sum(1 / network.stride(layer) ** 2 for layer in style_layers)
+    # image, gradient, content at two sizes; content-layer features; region masks on the image
+    # and on every style layer's grid; every style image with its masks
+    resident = 4 * (pixels * (3 * 4 + content_features + REGIONS * (1 + grids))
+                    + sum(style_pixels) * (3 + REGIONS))  # fmt: skip
     if optimizer == "lbfgs":
         histories = HISTORIES if history is None else (history,)
     else:
         histories = (None,)
     if tile is None:  # whole, then tiles that waste little on halos, then shorter histories
-        sizes = [s for s in [0, *TILES] if s < max(hw) and count(s) >= processes]
+        sizes = [s for s in [0, *TILES] if s < max(hw) and s % stride == 0
+                 and count(s) >= processes]  # fmt: skip
         efficient = [s for s in sizes if s == 0 or s >= 256]
         candidates = [(s, h) for h in histories for s in efficient]
         candidates += [(s, histories[-1]) for s in sizes if s not in efficient]
@@ -95,14 +101,19 @@ def plan_memory(network, layers, hw: tuple[int, int], device: torch.device, opti
     if not candidates:
         raise CastError(
             f"{processes} processes but a {width}x{height} image makes at most "
-            f"{count(TILES[-1])} tiles; use fewer processes"
+            f"{count(stride)} tiles; use fewer processes"
         )
     free = _free_bytes(device)
 
+    def crop(size: int, h: int, w: int) -> int:
+        return h * w if size == 0 else min(size + 2 * halo, h) * min(size + 2 * halo, w)
+
     def need(size: int, history: int | None) -> float:
         copies = 2 * history + 4 if history is not None else 6
-        crop = pixels if size == 0 else min(size + 2 * halo, height) * min(size + 2 * halo, width)
-        return activations * crop + resident + copies * 3 * 4 * pixels
+        # the targets' pass runs the network on the style images' crops too, without autograd:
+        # the activations of a differentiated crop of that size bound it
+        largest = max(crop(size, h, w) for h, w in [hw, *style_hws])
+        return activations * largest + resident + copies * 3 * 4 * pixels
 
     chosen = next((c for c in candidates if free is None or need(*c) <= HEADROOM * free), None)
     if chosen is None:
@@ -117,9 +128,10 @@ def plan_memory(network, layers, hw: tuple[int, int], device: torch.device, opti
             "use --optimizer adam or a larger device"
         )
     size, history = chosen
-    tiles = count(size)
-    tiled = size if tiles > 1 else 0
-    return Plan(height, width, device, tiled, tiles, halo if tiled else 0, history,
+    # whole where every image is one tile (a style image larger than the image may not be)
+    whole = all(count_tiles(h, w, size, stride) == 1 for h, w in [hw, *style_hws])
+    tiled = 0 if whole else size
+    return Plan(height, width, device, tiled, count(tiled), halo if tiled else 0, history,
                 need(size, history), free)  # fmt: skip
 
 

@@ -69,10 +69,11 @@ class VGGFeatures(nn.Module):
         self.eval()
 
     def poolings_before(self, layer: str) -> int:
-        """How many 2x poolings lie before ``layer``: each of its cells sees 2**that pixels a side
-        (each pooling rounds down, so trailing rows and columns of odd sizes reach no cell)."""
-        before = self.layer_names[: self.layer_names.index(layer)]
-        return sum(name.startswith("pool") for name in before)
+        """How many 2x poolings lie before ``layer``'s output, a pooling layer's own included:
+        each of its cells sees 2**that pixels a side (each pooling rounds down, so trailing rows
+        and columns of odd sizes reach no cell)."""
+        up_to = self.layer_names[: self.layer_names.index(layer) + 1]
+        return sum(name.startswith("pool") for name in up_to)
 
     def stride(self, layer: str) -> int:
         """Pixels between neighbouring cells of ``layer``."""

@@ -25,6 +25,7 @@ from . import masks
 from .distributed import ALONE, Shard
 from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, gram_sums
 from .network import CONTENT_LAYERS, STYLE_LAYERS
+from .reference import inverse_mass, mask_mass
 from .tiling import Tile, TilePlan, halo_for, plan_tiles
 
 
@@ -71,7 +72,8 @@ class Tiled(WholeImage):
         super().__init__(network, content_losses, style_losses, weights)
         self.plan, self.kernels, self.backend, self.shard = plan, kernels, backend, shard
         self.strides = {layer: network.stride(layer) for layer in self.layers}
-        self.inverse_mass = [_inverse(loss.masks.flatten(1).square().sum(1))
+        # 1 / n_k broadcast over (J, K, C, C)
+        self.inverse_mass = [inverse_mass(loss.masks)[:, None, None]
                              for loss in self.style_losses.values()]  # fmt: skip
 
     def value_and_grad(self, image: Tensor) -> tuple[Tensor, Tensor]:
@@ -142,17 +144,12 @@ class Tiled(WholeImage):
         y, x = tile.crop[0], tile.crop[2]
         dx = crop[:, top - y : bottom - y, left - x : min(right + 1, W) - x].diff(dim=-1)
         dy = crop[:, top - y : min(bottom + 1, H) - y, left - x : right - x].diff(dim=-2)
-        return dx.square().sum() / (3 * H * (W - 1)) + dy.square().sum() / (3 * (H - 1) * W)
+        return self.tv_loss.of_differences(dx, dy, (1, 3, H, W))
 
 
 def _crop(image: Tensor, tile: Tile) -> Tensor:
     top, bottom, left, right = tile.crop
     return image[:, top:bottom, left:right]
-
-
-def _inverse(mass: Tensor) -> Tensor:
-    """``1 / n_k`` broadcast over ``(J, K, C, C)``; 0 where a region has no mass (SPEC §1)."""
-    return torch.where(mass > 0, 1 / mass.clamp_min(1e-30), 0)[:, None, None]
 
 
 def owned_masks(grid_masks: Tensor, tile: Tile, stride: int) -> Tensor:
@@ -189,7 +186,7 @@ def gather(
             kept[layer][..., whole[0], whole[1]] = features[layer][..., local[0], local[1]]
     for t in [*sums.values(), *kept.values()]:
         shard.all_reduce(t)  # owned cells are disjoint: the zeros elsewhere add exactly
-    stats = {layer: GramStats(sums[layer], m.flatten(1).square().sum(1).to(sums[layer].dtype))
+    stats = {layer: GramStats(sums[layer], mask_mass(m).to(sums[layer].dtype))
              for layer, m in grid_masks.items()}  # fmt: skip
     return stats, kept
 

@@ -40,9 +40,14 @@ def convolve_adjoint(grad: Tensor, kernels: Tensor) -> Tensor:
     return out.reshape(B, C, H, W)
 
 
+def mask_mass(masks: Tensor) -> Tensor:
+    """``n_k = sum_n m_k[n]^2`` of masks ``(..., K, H, W)``: ``(..., K)``."""
+    return masks.flatten(-2).square().sum(-1)
+
+
 def inverse_mass(masks: Tensor) -> Tensor:
-    """``1 / n_k`` with ``n_k = sum_n m_k[n]^2``, and 0 where the mask is empty: ``(Bm, K)``."""
-    return inverse(masks.flatten(2).square().sum(-1))
+    """``1 / n_k`` of masks ``(..., K, H, W)``, and 0 where a mask is empty: ``(..., K)``."""
+    return inverse(mask_mass(masks))
 
 
 def inverse(mass: Tensor) -> Tensor:

@@ -167,11 +167,12 @@ def _run(
     network = VGGFeatures(model, pooling).to(device)
     content_layers, style_layers = tuple(content_layers), tuple(style_layers)
     _check_layers(network, content_layers=content_layers, style_layers=style_layers)
-    layers = tuple(dict.fromkeys(content_layers + style_layers))
     # before loading: a huge size would already exhaust memory when the image is resized
     halo, stride = tile_geometry(network, kernels, content_layers, style_layers)
-    plan = plan_memory(network, layers, images.fit(_image_hw(content), size), device, optimizer,
-                       lbfgs_history, tile, halo, stride, len(styles), shard.world)  # fmt: skip
+    style_hws = [images.fit(_image_hw(style), round(size * style_scale)) for style in styles]
+    plan = plan_memory(network, content_layers, style_layers,
+                       images.fit(_image_hw(content), size), style_hws, device, optimizer,
+                       lbfgs_history, tile, halo, stride, shard.world)  # fmt: skip
     if dry_run:
         return plan
     if progress:

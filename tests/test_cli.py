@@ -112,6 +112,11 @@ BAD = {
         "multiple of the network's",
     ),
     "negative tile": (["stylize", CONTENT, STYLE, "--tile", "-16"], "--tile must be"),
+    "tile below the stride": (["stylize", CONTENT, STYLE, "--tile", "8"], "stride (16 px), got 8"),
+    "torchrun environment half-set": (
+        ["stylize", CONTENT, STYLE],
+        "RANK set but not WORLD_SIZE, MASTER_ADDR, MASTER_PORT: launch with torchrun",
+    ),
     "mask of a missing image": (["mask", "nowhere.jpg", "{square}"], "cannot read image"),
     **{
         f"{flag} {value}": (["stylize", CONTENT, STYLE, f"{flag}={value}"], f"{flag} must be")
@@ -159,6 +164,13 @@ BAD = {
 }
 
 
+# the environment a case runs in
+ENVIRONMENTS = {
+    "unknown CAST_BACKEND": {"CAST_BACKEND": "xyz"},
+    "torchrun environment half-set": {"RANK": "0"},
+}
+
+
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, capsys, monkeypatch):
     argv, message = BAD[case]
@@ -193,8 +205,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, capsys, monk
         "negative_tiff": tmp_path / "negative.tiff",
         "list_bias": tmp_path / "list_bias.pth",
     }
-    if case == "unknown CAST_BACKEND":
-        monkeypatch.setenv("CAST_BACKEND", "xyz")
+    for name, value in ENVIRONMENTS.get(case, {}).items():
+        monkeypatch.setenv(name, value)
     (tmp_path / "read-only").mkdir(mode=0o555)
     if case == "read-only output folder" and os.access(tmp_path / "read-only", os.W_OK):
         pytest.skip("running as root: no folder is read-only")

@@ -18,8 +18,6 @@ from cast.memory import plan_memory
 from cast.network import CONTENT_LAYERS, STYLE_LAYERS, VGGFeatures
 from cast.stylize import stylize
 
-LAYERS = CONTENT_LAYERS + STYLE_LAYERS  # what the objective runs the network to
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONTENT, STYLE = str(EXAMPLES / "tubingen.jpg"), str(EXAMPLES / "starry_night.jpg")
 RUN = dict(size=64, scales=1, tile=32, progress=False, device="cpu")  # 2 x 2 tiles
@@ -28,9 +26,6 @@ pytestmark = pytest.mark.slow
 
 RANK_SCRIPT = """
 import os, sys, torch
-from cast.errors import CastError
-from cast.memory import plan_memory
-from cast.network import VGGFeatures
 from cast.stylize import stylize
 image = stylize({content!r}, {style!r}, iters=3, **{run!r})
 torch.save(image, sys.argv[1] + "." + os.environ["RANK"])
@@ -91,13 +86,27 @@ def test_a_half_set_torchrun_environment_is_one_line(monkeypatch):
         stylize(CONTENT, STYLE, iters=0, **RUN)
 
 
-def test_more_processes_than_tiles_is_one_line():
+def test_more_processes_than_tiles_is_refused():
     network, cpu = VGGFeatures(), torch.device("cpu")
-    plan = dict(optimizer="adam", history=None, halo=96, stride=16, styles=1)
-    assert plan_memory(network, LAYERS, (72, 96), cpu, tile=32, processes=9, **plan).tiles == 9
+    plan = dict(content_layers=CONTENT_LAYERS, style_layers=STYLE_LAYERS, style_hws=[(72, 96)],
+                device=cpu, optimizer="adam", history=None, halo=96, stride=16)  # fmt: skip
+    assert plan_memory(network, hw=(72, 96), tile=32, processes=9, **plan).tiles == 9
     with pytest.raises(CastError, match="10 processes but --tile 32 makes 9 tile"):
-        plan_memory(network, LAYERS, (72, 96), cpu, tile=32, processes=10, **plan)
+        plan_memory(network, hw=(72, 96), tile=32, processes=10, **plan)
     with pytest.raises(CastError, match="2 processes but no tiling makes 1 tile"):
-        plan_memory(network, LAYERS, (72, 96), cpu, tile=0, processes=2, **plan)
-    chosen = plan_memory(network, LAYERS, (720, 960), cpu, tile=None, processes=2, **plan)
+        plan_memory(network, hw=(72, 96), tile=0, processes=2, **plan)
+    chosen = plan_memory(network, hw=(720, 960), tile=None, processes=2, **plan)
     assert chosen.tiles >= 2  # the image would fit whole, but two processes need two tiles
+
+
+def test_more_processes_than_tiles_is_one_line_exit_2_on_every_rank():
+    env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    argv = [sys.executable, "-m", "cast", "stylize", CONTENT, STYLE, "--size", "64", "--scales",
+            "1", "--tile", "0", "--device", "cpu", "-q"]  # fmt: skip
+    ranks = [subprocess.Popen(argv, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
+    for rank in ranks:
+        err = rank.communicate(timeout=120)[1]
+        assert rank.returncode == 2 and err.count("\n") == 1, err
+        assert err.startswith("cast: error: 2 processes but no tiling makes 1 tile(s)"), err

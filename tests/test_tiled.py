@@ -118,6 +118,20 @@ def test_two_lbfgs_steps_give_the_same_image(built):
     assert _relative(results[1] - image, results[0] - image) <= 1e-9
 
 
+def test_a_pooling_layer_of_stride_32_tiles_exactly():
+    """pool5's cells are 32 px apart (its own pooling counts): masks on its grid, tiles and
+    halo on multiples of 32 px. One style image: the other has no pool5 cell."""
+    network, (content, styles, regions, style_masks, *rest) = _problem(torch.float64)
+    args = (content, styles[:1], regions, style_masks[:1], *rest)
+    layers = dict(content_layers=("relu3_1",), style_layers=("relu2_1", "pool5"))
+    whole, tiled = (build(network, *args, tile=tile, **layers) for tile in (0, 64))
+    assert len(tiled.plan) == 3 and tiled.plan.halo % 32 == 0
+    image = (content + 0.1 * _random(*content.shape, seed=9, dtype=torch.float64)).clamp(0, 1)
+    (loss, grad), (tiled_loss, tiled_grad) = (o.value_and_grad(image) for o in (whole, tiled))
+    assert abs(tiled_loss.item() - loss.item()) <= 1e-9 * abs(loss.item())
+    assert _relative(tiled_grad, grad) <= 1e-9
+
+
 def test_every_pixel_is_owned_once_and_crops_sit_on_the_pooling_grid():
     plan = plan_tiles(100, 70, 32, 48, 16)
     owners = torch.zeros(100, 70, dtype=torch.int64)

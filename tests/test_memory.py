@@ -1,0 +1,51 @@
+"""The memory plan plans for what will run: the layers chosen, the style images at their scale,
+and tiles on the grid of the deepest layer's stride."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cast import images
+from cast.memory import REGIONS
+from cast.stylize import stylize
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CONTENT, STYLE = str(EXAMPLES / "tubingen.jpg"), str(EXAMPLES / "starry_night.jpg")
+SIZE = 256
+RUN = dict(size=SIZE, scales=1, device="cpu", dry_run=True)
+
+
+@pytest.fixture
+def ample(monkeypatch):
+    """Plan as if 1000 GiB were free, so every plan is whole and only its sum is compared."""
+    monkeypatch.setenv("CAST_MEMORY_GIB", "1000")
+
+
+def _pixels(path: str, long_side: int) -> int:
+    h, w = images.fit(images.image_size(path), long_side)
+    return h * w
+
+
+def test_the_plan_counts_the_content_layers_chosen(ample):
+    deep, shallow = (stylize(CONTENT, STYLE, content_layers=(layer,), **RUN).need
+                     for layer in ("relu4_2", "relu1_1"))  # fmt: skip
+    # relu1_1 keeps 64 floats per pixel, relu4_2 512 per 8 x 8 pixels; the rest is the same
+    assert shallow - deep == pytest.approx(4 * _pixels(CONTENT, SIZE) * (64 - 512 / 64))
+
+
+def test_the_plan_counts_the_style_images_at_their_scale(ample):
+    one, two = (stylize(CONTENT, STYLE, style_scale=scale, **RUN).need for scale in (1, 2))
+    more = _pixels(STYLE, 2 * SIZE) - _pixels(STYLE, SIZE)
+    # at least the style image and its masks in float32, at four times the pixels
+    assert two - one >= 4 * (3 + REGIONS) * more
+
+
+def test_a_stride_32_layer_gets_tiles_on_its_grid(monkeypatch):
+    """pool5's cells are 32 px apart: the automatic plan picks tiles of a multiple of 32 px
+    (tiles of 48 or 16 px would be refused as if the user had asked for them)."""
+    monkeypatch.setenv("CAST_MEMORY_GIB", "1")
+    plan = stylize(CONTENT, STYLE, style_layers=("relu1_1", "pool5"), optimizer="adam",
+                   **RUN | dict(size=1024))  # fmt: skip
+    assert plan.tiles > 1 and plan.tile % 32 == 0 and plan.halo % 32 == 0
