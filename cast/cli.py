@@ -163,9 +163,10 @@ def _add_render_options(parser: argparse.ArgumentParser) -> None:
         "--tile",
         "tile",
         int,
-        "run the network on tiles of PX pixels (a multiple of 16), each with a halo: memory "
-        "of one crop, the same result (default: tile only what does not fit; 0: never); "
-        "tiles smaller than the halo (80-96 px) work but are slow",
+        "run the network on tiles of PX pixels (a multiple of the network's stride, 16; 32 "
+        "with pool5), each with a halo: memory of one crop, the same result (default: tile "
+        "only what does not fit; 0: never); tiles smaller than the halo (80-96 px) are valid "
+        "but slow: the crops overlap more",
         metavar="PX",
     )
     option("--style-scale", "style_scale", float,

@@ -199,7 +199,7 @@ def build(
 ) -> WholeImage:  # fmt: skip
     """The objective at this scale: its targets are the content features, and per style layer
     the pooled statistics of every style image's regions; a region no style image has keeps its
-    own statistics. ``tile`` px tiles (a multiple of 16 px for VGG) or ``0``: the whole image.
+    own statistics. ``tile`` px tiles (a multiple of the stride) or ``0``: the whole image.
     ``blend``: one weight per style image, each region's target the weighted mean of the styles'
     Grams there; default, the styles pool their positions (a larger image counts more)."""
     content_layers, style_layers = tuple(content_layers), tuple(style_layers)

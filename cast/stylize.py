@@ -127,9 +127,10 @@ def stylize(
         progress: show a progress bar.
         callback: called with a ``Step`` after every step.
         backend: backend of ``cast.masked_gram``; default the fastest one present.
-        tile: run the network on tiles of this many pixels a side (a multiple of 16), each with
-            a halo, so memory is one crop's whatever the image's size; the result is the
-            untiled one (SPEC §5). ``0`` never tiles; ``None`` tiles only what would not fit.
+        tile: run the network on tiles of this many pixels a side (a multiple of the
+            network's total stride: 16, 32 with ``pool5``), each with a halo, so memory is one
+            crop's whatever the image's size; the result is the untiled one (SPEC §5). ``0``
+            never tiles; ``None`` tiles only what would not fit.
             A tile smaller than the halo (80-96 px) is valid but slow: the crops overlap more.
         dry_run: only work out the memory plan (size, tiles, L-BFGS history, memory) and
             return it, without loading the images.
