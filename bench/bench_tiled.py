@@ -199,20 +199,22 @@ def render(rows: dict, where: str, device: str) -> str:
         row = rows[name]
         size, tiling, processes = name.split()
         tiling = f"tiles of {row['tile']} px" if tiling == "tiled" else tiling
-        shown = f"{processes} × 1 thread" if int(processes) else "1"
+        threads = row.get("threads", torch.get_num_threads())
+        shown = f"{max(1, int(processes))} × {threads} thread{'s' * (threads > 1)}"
         ran = row["when"]
         if "load" in row:
             ran += f", {row['load'][0]:.1f} → {row['load'][1]:.1f}, {row['git']}"
+        ran += f"; {row['note']}" if "note" in row else ""
         if "error" in row:
             lines.append(f"| {size}² | {tiling} | {shown} | {row['error'][:80]} | | | | | {ran} |")
             continue
         untiled = rows.get(f"{size} untiled 0", {}).get("seconds")
         ratio = f"{row['seconds'] / untiled:.2f}x" if tiling != "untiled" and untiled else ""
         steps = "" if row["steps"] > 1 else " (1 cold)"
-        cpu = f"{row['cpu']:.1f}" if "cpu" in row else ""
+        cpu, targets = (f"{row[k]:.1f}" if k in row else "" for k in ("cpu", "targets"))
         lines.append(
             f"| {size}² | {tiling} | {shown} | {row['seconds']:.1f}{steps} | {cpu} | "
-            f"{row['targets']:.1f} | {row['peak'] / 2**30:.2f} GiB | {ratio} | {ran} |"
+            f"{targets} | {row['peak'] / 2**30:.2f} GiB | {ratio} | {ran} |"
         )
     lines.append("")
     curve = [rows.get(f"{size} tiled 0", {}).get("peak") for size in (1024, 2048, 4096)]
@@ -220,16 +222,26 @@ def render(rows: dict, where: str, device: str) -> str:
         spread = max(curve) / min(curve)
         shown = " → ".join(f"{peak / 2**30:.2f}" for peak in curve)
         verdict = "within" if spread <= CURVE_TARGET else "outside"
-        lines.append(f"Tiled peak memory 1024² → 2048² → 4096²: {shown} GiB, largest / smallest "
-                     f"{spread:.2f} ({verdict} the target {CURVE_TARGET:.2f}).")  # fmt: skip
+        # from 2048² on, every inner crop has its full size: what still grows is image-sized
+        slope = (curve[2] - curve[1]) / (4096**2 - 2048**2)
+        lines.append(
+            f"Tiled peak memory 1024² → 2048² → 4096²: {shown} GiB, largest / smallest "
+            f"{spread:.2f} ({verdict} the target {CURVE_TARGET:.2f}). From 2048² to 4096² it "
+            f"grows by {slope:.0f} bytes per pixel: what is image-sized (the image, its "
+            "gradient, the content and style images and masks, the content target's relu4_2 "
+            "features, the masks on every style layer's grid), not the crops."
+        )
     one, two = rows.get("1024 tiled 1", {}), rows.get("1024 tiled 2", {})
     if "seconds" in one and "seconds" in two:
         efficiency = one["seconds"] / (2 * two["seconds"])
+        work = ""
+        if "cpu" in one and "cpu" in two:  # equal where sharding repeats no work
+            work = (f"; CPU seconds per step {one['cpu']:.1f} alone, {two['cpu']:.1f} summed over "
+                    "the two ranks")  # fmt: skip
         lines.append(
             f"\nScaling efficiency, 1 → 2 gloo processes (one thread each) at 1024²: "
             f"{efficiency:.0%} = {one['seconds']:.1f} / (2 × {two['seconds']:.1f}) (target "
-            f"{EFFICIENCY_TARGET:.0%}); CPU seconds per step {one['cpu']:.1f} alone, "
-            f"{two['cpu']:.1f} summed over the two ranks."
+            f"{EFFICIENCY_TARGET:.0%}){work}."
         )
     return "\n".join(lines) + "\n"
 

@@ -99,14 +99,16 @@ def test_more_processes_than_tiles_is_refused():
     assert chosen.tiles >= 2  # the image would fit whole, but two processes need two tiles
 
 
-def test_more_processes_than_tiles_is_one_line_exit_2_on_every_rank():
+def test_more_processes_than_tiles_is_one_line_exit_2_on_every_rank(tmp_path):
     env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
-    argv = [sys.executable, "-m", "cast", "stylize", CONTENT, STYLE, "--size", "64", "--scales",
-            "1", "--tile", "0", "--device", "cpu", "-q"]  # fmt: skip
+    out = tmp_path / "out.png"
+    argv = [sys.executable, "-m", "cast", "stylize", CONTENT, STYLE, "-o", str(out), "--size",
+            "64", "--scales", "1", "--tile", "0", "--device", "cpu", "-q"]  # fmt: skip
     ranks = [subprocess.Popen(argv, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
     for rank in ranks:
         err = rank.communicate(timeout=120)[1]
         assert rank.returncode == 2 and err.count("\n") == 1, err
         assert err.startswith("cast: error: 2 processes but no tiling makes 1 tile(s)"), err
+    assert not out.exists()
