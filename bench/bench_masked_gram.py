@@ -34,6 +34,7 @@ if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch  # noqa: E402
+from issue_model import triton_seconds  # noqa: E402
 from machine import device_name, git_sha, slug, versions  # noqa: E402
 
 import cast  # noqa: E402
@@ -280,9 +281,9 @@ def table(rows: list[Row], peak: float, bandwidth: float, args) -> str:
     bytes_per = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     lines = [
         "| layer | C x H x W | J,K | backend | ms | best ms | forward ms | model ms | % roofline "
-        "| GFLOP/s | % peak | vs eager | vs compile | extra MiB | J*K*N*C MiB |",
+        "| issue model ms | GFLOP/s | % peak | vs eager | vs compile | extra MiB | J*K*N*C MiB |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: |",
+        "| ---: | ---: | ---: |",
     ]
     for r in rows:
         key = (r.layer.name, r.J, r.K)
@@ -290,11 +291,14 @@ def table(rows: list[Row], peak: float, bandwidth: float, args) -> str:
         blowup = r.J * r.K * r.layer.N * r.layer.C * bytes_per / MIB
         # no roofline on the CPU (no bandwidth measured there)
         model = r.model_seconds(peak * 1e9, bandwidth) if math.isfinite(bandwidth) else None
+        # bench/issue_model.py's bound of the Triton kernels at an H100's rates (3x3 kernels)
+        issued = r.backend == "triton" and args.device == "cuda"
+        issue = f"{triton_seconds(r.layer.N, r.layer.C, r.J, r.K) * 1e3:.2f}" if issued else "-"
         lines.append(
             f"| {r.layer.name} | {r.layer.C}x{r.layer.H}x{r.layer.W} | {r.J},{r.K} | {r.backend} "
             f"| {r.seconds * 1e3:.2f} | {r.best * 1e3:.2f} | {r.forward_seconds * 1e3:.2f} "
             + (f"| {model * 1e3:.2f} | {100 * model / r.seconds:.0f}% " if model else "| - | - ")
-            + f"| {gflops:.1f} | {100 * gflops / peak:.0f}% "
+            + f"| {issue} | {gflops:.1f} | {100 * gflops / peak:.0f}% "
             f"| {ratio(by_key.get((*key, 'eager')), r)} "
             f"| {ratio(by_key.get((*key, 'compile')), r)} "
             f"| {r.extra_bytes / MIB:.1f} | {blowup:.0f} |"
@@ -347,7 +351,9 @@ def report(
                 f"- memory bandwidth measured in this run: {bandwidth / 1e9:.0f} GB/s (1 GiB "
                 "device-to-device copy, bytes read + written); model ms: the roofline bound "
                 "max(flops / peak, bytes / bandwidth) with the fewest bytes (F read twice, dF "
-                "written, masks read twice, G and dG); % roofline = model / measured"
+                "written, masks read twice, G and dG); % roofline = model / measured; issue "
+                "model ms: bench/issue_model.py's bound of the Triton kernels (MMAs, CUDA-core "
+                "FMAs, L1 wavefronts of their shifted loads, at an H100's rates)"
             ]
             if math.isfinite(bandwidth)
             else []

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from bench_masked_gram import style_layers
-
 # H100 SXM: 132 SMs at 1.83 GHz; 128 float32 FMA lanes and one 128-byte L1 wavefront per SM
 # and clock; the TF32 rate is the torch.mm peak measured on 2026-11-26 (400 TFLOP/s).
 SMS, CLOCK = 132, 1.83e9
@@ -79,7 +77,15 @@ def backward_tiled(N: int, C: int, J: int, K: int, r: int, tile: int = 16) -> Wo
     )
 
 
+def triton_seconds(N: int, C: int, J: int, K: int, r: int = 3) -> float:
+    """The model's bound for the shipped Triton forward + backward (``bench_masked_gram``
+    prints it beside the measured time)."""
+    return sum(max(d(N, C, J, K, r).seconds().values()) for d in (forward, backward_tiled))
+
+
 def main() -> None:
+    from bench_masked_gram import style_layers
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", type=int, default=1024)
     parser.add_argument("-J", type=int, default=3)
