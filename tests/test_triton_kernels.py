@@ -308,6 +308,7 @@ def test_kernels_build_for_sm90():
 SM90_RESOURCES = textwrap.dedent(
     r"""
     import sys
+    from concurrent.futures import ProcessPoolExecutor
     import torch
     sys.path.insert(0, "tests")
     import sm90
@@ -316,19 +317,25 @@ SM90_RESOURCES = textwrap.dedent(
     # Every shipped config at the mask counts the launchers give it (_fits), in the precisions
     # that change the code (TF32-rounded float32 and bf16; fp16 takes bf16's path), with sizes
     # that are multiples of 16 (VGG layers) and sizes that are not: what Triton specialises on.
-    for kernel, config in sm90.shipped():
-        backward = "BLOCK_D" in config.kwargs
-        for num_masks in (1,) if backward else (1, 2, 3, 4):
-            if not mg.config_fits(config, 512, num_masks):
-                continue
-            for aligned in (True, False):
-                for dtype in (torch.float32, torch.bfloat16):
-                    r = sm90.compile_for_sm90(
-                        kernel, dtype, True, config, num_masks=num_masks, aligned_sizes=aligned)
-                    mma = sorted(op for op in r.instructions if "MMA" in op)
-                    wide = sorted(op for op in r.instructions if op.endswith((".64", ".128")))
-                    print(r.kernel, num_masks, r.dtype, aligned, r.config, r.registers,
-                          r.spilled_bytes, r.shared_bytes, mma, wide, sep="|")
+    # Two compiles at a time (CI's two cores); kernels go to the workers by name.
+    def compile_named(name, *args):
+        return sm90.compile_for_sm90(getattr(mg, name), *args)
+
+    jobs = [
+        (kernel.__name__, dtype, True, config, 3, num_masks, aligned)
+        for kernel, config in sm90.shipped()
+        for num_masks in ((1,) if "BLOCK_D" in config.kwargs else (1, 2, 3, 4))
+        if mg.config_fits(config, 512, num_masks)
+        for aligned in (True, False)
+        for dtype in (torch.float32, torch.bfloat16)
+    ]
+    with ProcessPoolExecutor(2) as pool:
+        reports = pool.map(compile_named, *zip(*jobs))
+        for (*_, num_masks, aligned), r in zip(jobs, reports):
+            mma = sorted(op for op in r.instructions if "MMA" in op)
+            wide = sorted(op for op in r.instructions if op.endswith((".64", ".128")))
+            print(r.kernel, num_masks, r.dtype, aligned, r.config, r.registers,
+                  r.spilled_bytes, r.shared_bytes, mma, wide, sep="|")
     """
 )
 
