@@ -16,9 +16,12 @@ on the CPU, peak allocated memory on CUDA. The rows, in groups (``--rows``, defa
 
 Every row is kept in ``bench/results/<device>-tiled.json`` with when, at which load and at which
 commit it ran; a run replaces the rows it measures and writes the whole table to
-``bench/results/<device>-tiled.md``. The ratios on a quiet machine:
+``bench/results/<device>-tiled.md`` (``--rows`` alone only rewrites it). Ratios are taken
+between rows of one run. The ratios on a quiet machine (about 20 minutes on 2 cores):
 
     python bench/bench_tiled.py --rows ratio shard
+
+and the rest (about an hour on 2 quiet cores, 8192² most of it): ``--rows curve large``.
 """
 
 from __future__ import annotations
@@ -113,10 +116,10 @@ def run_row(size: int, tile: int, device: str, steps: int, processes: int) -> di
         env = os.environ | {"OMP_NUM_THREADS": "1"}
     else:
         launch, env = [sys.executable, *args], os.environ
-    when, load = datetime.datetime.now(datetime.timezone.utc), os.getloadavg()[0]
+    when, load, sha = datetime.datetime.now(datetime.timezone.utc), os.getloadavg()[0], git_sha()
     done = subprocess.run(launch, capture_output=True, text=True, env=env, check=False)
-    row = {"when": f"{when:%Y-%m-%d %H:%M}", "load": [load, os.getloadavg()[0]],
-           "git": git_sha(), "steps": steps}  # fmt: skip
+    row = {"when": f"{when:%Y-%m-%d %H:%M}", "load": [load, os.getloadavg()[0]], "git": sha,
+           "steps": steps}  # fmt: skip
     ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not ranks:
         return row | {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -143,7 +146,8 @@ def key(size: int, tiled: bool, processes: int) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--rows", nargs="+", choices=list(GROUPS), default=list(GROUPS))
+    parser.add_argument("--rows", nargs="*", choices=list(GROUPS), default=list(GROUPS),
+                        help="row groups to measure (none: rewrite the table from kept rows)")
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2,
                         help="timed steps per row up to 2048², after a warm-up step; one above")
@@ -158,6 +162,7 @@ def main(argv=None) -> None:
     store = ROOT / "bench" / "results" / f"{slug(where)}-tiled.json"
     kept = json.loads(store.read_text()) if store.exists() else {}
     wanted = [row for group in args.rows for row in GROUPS[group]]
+    run = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"  # ratios within a run
     for size, tiled, processes in dict.fromkeys(wanted):
         if processes and args.device != "cpu":
             continue
@@ -167,7 +172,7 @@ def main(argv=None) -> None:
         else:
             steps = args.steps if size <= 2048 else 1
             row = run_row(size, args.tile if tiled else 0, args.device, steps, processes)
-        kept[key(size, tiled, processes)] = row | {"tile": args.tile if tiled else 0}
+        kept[key(size, tiled, processes)] = row | {"tile": args.tile if tiled else 0, "run": run}
         store.write_text(json.dumps(kept, indent=1) + "\n")
         print(size, "tiled" if tiled else "untiled", processes, row, flush=True)
     table = ROOT / "bench" / "results" / f"{slug(where)}-tiled.md"
@@ -194,8 +199,11 @@ def render(rows: dict, where: str, device: str) -> str:
         "| tiled / untiled time | ran (UTC, load, git) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    order = sorted(rows, key=lambda k: (int(k.split()[2]) > 0, int(k.split()[0]), k))
-    for name in order:
+    def order(name: str) -> tuple:  # plain processes first, by size, untiled before tiled
+        size, tiling, processes = name.split()
+        return int(processes), int(size), tiling == "tiled"
+
+    for name in sorted(rows, key=order):
         row = rows[name]
         size, tiling, processes = name.split()
         tiling = f"tiles of {row['tile']} px" if tiling == "tiled" else tiling
@@ -208,8 +216,11 @@ def render(rows: dict, where: str, device: str) -> str:
         if "error" in row:
             lines.append(f"| {size}² | {tiling} | {shown} | {row['error'][:80]} | | | | | {ran} |")
             continue
-        untiled = rows.get(f"{size} untiled 0", {}).get("seconds")
-        ratio = f"{row['seconds'] / untiled:.2f}x" if tiling != "untiled" and untiled else ""
+        untiled = rows.get(f"{size} untiled 0", {})
+        ratio = ""
+        same_run = untiled.get("run") == row.get("run")
+        if tiling != "untiled" and not int(processes) and "seconds" in untiled and same_run:
+            ratio = f"{row['seconds'] / untiled['seconds']:.2f}x"
         steps = "" if row["steps"] > 1 else " (1 cold)"
         cpu, targets = (f"{row[k]:.1f}" if k in row else "" for k in ("cpu", "targets"))
         lines.append(
@@ -232,7 +243,7 @@ def render(rows: dict, where: str, device: str) -> str:
             "features, the masks on every style layer's grid), not the crops."
         )
     one, two = rows.get("1024 tiled 1", {}), rows.get("1024 tiled 2", {})
-    if "seconds" in one and "seconds" in two:
+    if "seconds" in one and "seconds" in two and one.get("run") == two.get("run"):
         efficiency = one["seconds"] / (2 * two["seconds"])
         work = ""
         if "cpu" in one and "cpu" in two:  # equal where sharding repeats no work
