@@ -143,8 +143,6 @@ def main() -> None:
     for reference, content, style in pairs(args.reference, args.images):
         if args.only is not None and content.stem != args.only:
             continue
-        if args.only is not None and content.stem != args.only:
-            continue
         started = time.perf_counter()
         ours = stylize(content, style, device=args.device, progress=False, **options)
         seconds = time.perf_counter() - started

@@ -238,6 +238,25 @@ def resample(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out if masks.dim() == 4 else out[0]
 
 
+def inner(grid: torch.Tensor, radius: int) -> torch.Tensor:
+    """``(K, h, w)`` masks on a layer's grid, eroded by up to ``radius`` cells: each cell takes the
+    least value within ``radius`` cells around it (the image's edges do not erode).
+
+    Statistics of a region are then taken only where a cell, and the neighbours a kernel pairs it
+    with, lie inside it: at deep layers a border cell's features see across the border, and the
+    region would lend the look of its neighbour too. A region too thin for ``radius`` (no cell
+    left at half its strongest) is eroded less, down to the plain mask, rather than lose its
+    statistics.
+    """
+    result = grid
+    for r in range(1, radius + 1):  # erosion only shrinks: the last radius a region survives wins
+        padded = F.pad(grid[None], (r, r, r, r), mode="replicate")
+        eroded = -F.max_pool2d(-padded, 2 * r + 1, stride=1)[0]
+        survives = eroded.flatten(1).amax(1) >= grid.flatten(1).amax(1) / 2
+        result = torch.where(survives[:, None, None], eroded, result)
+    return result
+
+
 # Matting
 
 

@@ -206,8 +206,14 @@ def build(
     halo, stride = geometry(network, kernels, content_layers, style_layers)
     plan_of = lambda image: plan_tiles(*image.shape[-2:], tile, halo, stride)  # noqa: E731
 
+    # A region's statistics, the style's and the result's alike, come only from cells whose
+    # kernel neighbourhood and one cell more lie inside it: a deep layer's cell sees far across
+    # the border, and would carry the neighbouring region's look into the region's.
+    inside = kernels.shape[-1] // 2 + 1
+
     def grid_masks(region_masks, image):
-        return {layer: on_grid(region_masks, image.shape[-2:], network.poolings_before(layer))
+        return {layer: masks.inner(on_grid(region_masks, image.shape[-2:],
+                                           network.poolings_before(layer)), inside)
                 for layer in style_layers}  # fmt: skip
 
     plan = plan_of(content)

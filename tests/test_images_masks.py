@@ -10,7 +10,7 @@ from PIL import Image
 
 from cast.errors import CastError, ImageError, MaskError
 from cast.images import load_image, open_image, resize, save_image
-from cast.masks import label_masks, matte, read_trimap, resample, soft_masks
+from cast.masks import inner, label_masks, matte, read_trimap, resample, soft_masks
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TUBINGEN, TRIMAP = EXAMPLES / "tubingen.jpg", EXAMPLES / "tubingen_trimap.png"
@@ -272,6 +272,22 @@ def test_resample_keeps_range_and_mass(rank):
 def small_tubingen():
     image = load_image(TUBINGEN, long_side=256)
     return image, read_trimap(TRIMAP, tuple(image.shape[1:]))
+
+
+def test_inner_keeps_the_cells_far_from_a_regions_border():
+    grid = torch.zeros(3, 8, 10)
+    grid[0, :, :6] = 1  # the left 6 columns, and a border column half inside
+    grid[0, :, 6] = 0.5
+    grid[1] = 1 - grid[0]
+    grid[2, 4, :] = 1  # one row: too thin to erode
+    eroded = inner(grid, 2)
+    expected = torch.zeros(8, 10)
+    expected[:, :4] = 1  # the image's edges do not erode, the border does by 2 cells
+    expected[:, 4] = 0.5
+    torch.testing.assert_close(eroded[0], expected)
+    assert eroded[1, :, :8].sum() == 0 and eroded[1, :, 8:].eq(torch.tensor([0.5, 1])).all()
+    torch.testing.assert_close(eroded[2], grid[2])
+    torch.testing.assert_close(inner(torch.ones(1, 3, 4), 2), torch.ones(1, 3, 4))
 
 
 def test_committed_trimap_fits_tubingen():

@@ -18,6 +18,7 @@ from cast.stylize import _regions, stylize, transfer_luminance
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONTENT, STYLE = EXAMPLES / "tubingen.jpg", EXAMPLES / "starry_night.jpg"
+SCREAM = EXAMPLES / "the_scream.jpg"
 FAST = dict(scales=1, progress=False, high_order="neighbours")
 
 pytestmark = pytest.mark.slow
@@ -178,9 +179,29 @@ def test_layer_masks_cover_the_pixels_the_features_see():
         torch.testing.assert_close(cells[0], expected)
 
 
+def test_a_style_region_lends_only_its_own_look():
+    """Starry Night beside The Scream in one style image, only Starry Night's half paired: its
+    target statistics must hardly change when The Scream is replaced by black (deep layers'
+    cells see across the border). Measured: at most 1.5 % below relu5_1 and 11 % there; with
+    plain area-averaged masks 7-15 % and 39 % (the ghost of a swapped photo's tower)."""
+    network, n = VGGFeatures(pooling="max"), 96
+    left = images.resize(images.load_image(STYLE), (n, n))
+    halves = torch.zeros(2, n, 2 * n)
+    halves[0, :, :n] = 1  # the second region lends nothing
+    content = images.load_image(CONTENT, long_side=64)
+    half_and_half = torch.full((2, *content.shape[-2:]), 0.5)
+    targets = [
+        build(network, content, [torch.cat([left, right], -1)], half_and_half, [halves],
+              high_order_kernels("neighbours"), 1.0, 1.0, 1.0, None).style_losses
+        for right in (images.resize(images.load_image(SCREAM), (n, n)), torch.zeros(3, n, n))
+    ]  # fmt: skip
+    for layer in STYLE_LAYERS:
+        a, b = (t[layer].target[:, 0] for t in targets)
+        assert (a - b).norm() / b.norm() < (0.2 if layer == "relu5_1" else 0.03), layer
+
+
 # neural-style's controls: each test fails when its option is ignored
 
-SCREAM = EXAMPLES / "the_scream.jpg"
 
 
 def test_init_from_an_image_file():
