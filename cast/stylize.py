@@ -58,7 +58,7 @@ def stylize(
     high_order: str | os.PathLike = "neighbours",
     model: str = DEFAULT_MODEL,
     pooling: str = "max",
-    content_weight: float = 0.08,
+    content_weight: float = 0.065,
     style_weight: float = 1.0,
     tv_weight: float = 0.2,
     optimizer: str = "lbfgs",

@@ -162,22 +162,49 @@ Shape shape_of(const at::Tensor& features, const at::Tensor& masks, const at::Te
 }
 
 // Per-thread scratch for rows [y0, y1) of one image and one kernel: Z and its weighted copies.
+//
+// Masks are often regions: a mask that is zero on a position adds nothing there, forward or
+// backward, so each mask's products run over the positions it reaches only. A tile's mask is
+// dense (every position: the stacked products below, no copy), empty (skipped) or sparse (its
+// positions gathered into `z_k` and `weighted_k` first). Disjoint regions thus cost the products
+// of one mask, not K of them; soft masks that are nowhere zero cost what they did.
 template <typename T>
 struct TileScratch {
-  std::vector<T> z, weighted, mask_sq;
+  std::vector<T> z, weighted, mask_sq, z_k, weighted_k, product_k;
+  std::vector<int64_t> reached;     // positions where m_k != 0, mask after mask
+  std::vector<int64_t> reached_at;  // mask k's positions are reached[reached_at[k] .. [k + 1])
+  bool all_dense = true;
   RowTaps<T> taps;
   TileScratch(const Shape& s, int64_t max_rows)
       : z(s.C * max_rows * s.W),
         weighted(s.C * s.K * max_rows * s.W),
-        mask_sq(s.K * max_rows * s.W) {}
+        mask_sq(s.K * max_rows * s.W),
+        z_k(s.C * max_rows * s.W),
+        weighted_k(s.C * max_rows * s.W),
+        product_k(s.C * max_rows * s.W) {}
 
-  // Fill z (C x T) with P_j F and weighted (C*K x T) with m_k^2 P_j F on rows [y0, y1).
-  void fill(const Shape& s, const T* image, const T* masks, const T* p, int64_t y0, int64_t y1) {
-    const int64_t W = s.W, T_ = (y1 - y0) * W, h = s.r / 2;
+  // m_k^2 on rows [y0, y1) and the positions each mask reaches there.
+  void set_masks(const Shape& s, const T* masks, int64_t y0, int64_t y1) {
+    const int64_t T_ = (y1 - y0) * s.W;
+    reached.clear();
+    reached_at.assign(1, 0);
+    all_dense = true;
     for (int64_t k = 0; k < s.K; ++k) {
-      const T* m = masks + k * s.N() + y0 * W;
-      scale(T_, m, m, mask_sq.data() + k * T_);
+      const T* m = masks + k * s.N() + y0 * s.W;
+      T* q = mask_sq.data() + k * T_;
+      scale(T_, m, m, q);
+      for (int64_t t = 0; t < T_; ++t)
+        if (q[t] != T(0)) reached.push_back(t);
+      reached_at.push_back(static_cast<int64_t>(reached.size()));
+      all_dense = all_dense && reached_at[k + 1] - reached_at[k] == T_;
     }
+  }
+  int64_t reach(int64_t k) const { return reached_at[k + 1] - reached_at[k]; }
+
+  // Fill z (C x T) with P_j F and weighted (C*K x T) with m_k^2 P_j F on rows [y0, y1), the
+  // rows set_masks was last given.
+  void fill(const Shape& s, const T* image, const T* p, int64_t y0, int64_t y1) {
+    const int64_t W = s.W, T_ = (y1 - y0) * W, h = s.r / 2;
     for (int64_t c = 0; c < s.C; ++c) {
       const T* plane = image + c * s.N();
       for (int64_t y = y0; y < y1; ++y) {
@@ -190,16 +217,40 @@ struct TileScratch {
         T* z_row = z.data() + c * T_ + at;
         correlate_row(taps, s.r, W, z_row);
         for (int64_t k = 0; k < s.K; ++k)
-          scale(W, mask_sq.data() + k * T_ + at, z_row, weighted.data() + (c * s.K + k) * T_ + at);
+          if (reach(k))
+            scale(W, mask_sq.data() + k * T_ + at, z_row, weighted.data() + (c * s.K + k) * T_ + at);
       }
     }
+  }
+
+  // Mask k's operands as (C x n) matrices with row stride `ld`: in place when it is dense,
+  // else its n positions gathered (z_k, weighted_k).
+  struct Operands {
+    const T *z, *weighted;
+    int64_t n, ld_z, ld_weighted;
+  };
+  Operands operands(const Shape& s, int64_t k, int64_t T_) {
+    const int64_t n = reach(k);
+    if (n == T_) return {z.data(), weighted.data() + k * T_, T_, T_, s.K * T_};
+    const int64_t* at = reached.data() + reached_at[k];
+    for (int64_t c = 0; c < s.C; ++c) {
+      const T* from = z.data() + c * T_;
+      const T* q = mask_sq.data() + k * T_;
+      T* to = z_k.data() + c * n;
+      T* to_weighted = weighted_k.data() + c * n;
+      for (int64_t i = 0; i < n; ++i) {
+        to[i] = from[at[i]];
+        to_weighted[i] = q[at[i]] * to[i];
+      }
+    }
+    return {z_k.data(), weighted_k.data(), n, n, n};
   }
 };
 
 // A (rows x cols) row-major view with row stride `ld` of memory this code owns.
 template <typename T>
-at::Tensor matrix(T* data, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(data, {rows, cols}, {ld, 1},
+at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1},
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
@@ -228,14 +279,28 @@ at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& masks,
       const T* image_masks = m + (s.Bm == 1 ? 0 : b) * K * s.N();
       for (int64_t y0 = y_begin; y0 < y_end; y0 += tile_rows) {
         const int64_t y1 = std::min(y_end, y0 + tile_rows), T_ = (y1 - y0) * s.W;
+        tile.set_masks(s, image_masks, y0, y1);
         for (int64_t j = 0; j < J; ++j) {
-          tile.fill(s, image, image_masks, p + j * s.r * s.r, y0, y1);
+          tile.fill(s, image, p + j * s.r * s.r, y0, y1);
           T* acc_j = item_acc + j * CK * C;
-          for (int64_t a0 = 0; a0 < C; a0 += kChannelBlock) {
-            const int64_t ca = std::min(kChannelBlock, C - a0);
-            const at::Tensor lhs = matrix(tile.weighted.data() + a0 * K * T_, ca * K, T_, T_);
-            const at::Tensor rhs = matrix(tile.z.data() + a0 * T_, C - a0, T_, T_);
-            matrix(acc_j + a0 * K * C + a0, ca * K, C - a0, C).addmm_(lhs, rhs.t());
+          if (tile.all_dense) {  // every mask at once: rows (c, k) of one product
+            for (int64_t a0 = 0; a0 < C; a0 += kChannelBlock) {
+              const int64_t ca = std::min(kChannelBlock, C - a0);
+              const at::Tensor lhs = matrix(tile.weighted.data() + a0 * K * T_, ca * K, T_, T_);
+              const at::Tensor rhs = matrix(tile.z.data() + a0 * T_, C - a0, T_, T_);
+              matrix(acc_j + a0 * K * C + a0, ca * K, C - a0, C).addmm_(lhs, rhs.t());
+            }
+            continue;
+          }
+          for (int64_t k = 0; k < K; ++k) {  // mask by mask, over the positions it reaches
+            if (!tile.reach(k)) continue;
+            const auto o = tile.operands(s, k, T_);
+            for (int64_t a0 = 0; a0 < C; a0 += kChannelBlock) {
+              const int64_t ca = std::min(kChannelBlock, C - a0);
+              const at::Tensor lhs = matrix(o.weighted + a0 * o.ld_weighted, ca, o.n, o.ld_weighted);
+              const at::Tensor rhs = matrix(o.z + a0 * o.ld_z, C - a0, o.n, o.ld_z);
+              matrix(acc_j + (a0 * K + k) * C + a0, ca, C - a0, K * C).addmm_(lhs, rhs.t());
+            }
           }
         }
       }
@@ -279,6 +344,9 @@ at::Tensor backward_impl(const at::Tensor& sym_grad, const at::Tensor& features,
   // (dG + dG^T) / n_k), so that U_j = S_j @ weighted is one product per tile.
   const at::Tensor sym_layout = sym_grad.permute({0, 1, 3, 4, 2}).contiguous();
   T* sym = sym_layout.data_ptr<T>();
+  // ... and as given, S_bjk (C x C) one after the other, for the products mask by mask.
+  const at::Tensor sym_contiguous = sym_grad.contiguous();
+  const T* sym_jk = sym_contiguous.data_ptr<T>();
 
   // The 180-degree rotated kernels: P_j^T is cross-correlation with them.
   const at::Tensor rotated = kernels.flip({1, 2}).contiguous();
@@ -305,13 +373,36 @@ at::Tensor backward_impl(const at::Tensor& sym_grad, const at::Tensor& features,
       int64_t base = y_begin - h, lo = std::max<int64_t>(0, y_begin - h), done = lo;
       for (int64_t y0 = y_begin; y0 < y_end; y0 += tile_rows) {
         const int64_t y1 = std::min(y_end, y0 + tile_rows), need = std::min(s.H, y1 + h);
+        if (done < need) tile.set_masks(s, image_masks, done, need);
         for (int64_t j = 0; j < J && done < need; ++j) {
-          tile.fill(s, image, image_masks, p + j * s.r * s.r, done, need);
+          tile.fill(s, image, p + j * s.r * s.r, done, need);
           const int64_t T_ = (need - done) * W;
-          const at::Tensor lhs = matrix(sym + (b * J + j) * C * CK, C, CK, CK);
-          const at::Tensor rhs = matrix(tile.weighted.data(), CK, T_, T_);
-          at::Tensor u_new = matrix(window.data() + j * C * plane + (done - base) * W, C, T_, plane);
-          at::mm_out(u_new, lhs, rhs);
+          T* u = window.data() + j * C * plane + (done - base) * W;
+          at::Tensor u_new = matrix(u, C, T_, plane);
+          if (tile.all_dense) {  // every mask at once: one product with the stacked S_j
+            const at::Tensor lhs = matrix(sym + (b * J + j) * C * CK, C, CK, CK);
+            at::mm_out(u_new, lhs, matrix(tile.weighted.data(), CK, T_, T_));
+            continue;
+          }
+          u_new.zero_();
+          for (int64_t k = 0; k < K; ++k) {  // mask by mask, over the positions it reaches
+            if (!tile.reach(k)) continue;
+            const auto o = tile.operands(s, k, T_);
+            const at::Tensor s_jk = matrix(sym_jk + ((b * J + j) * K + k) * C * C, C, C, C);
+            const at::Tensor w_k = matrix(o.weighted, C, o.n, o.ld_weighted);
+            if (o.n == T_) {
+              u_new.addmm_(s_jk, w_k);
+              continue;
+            }
+            at::Tensor product = matrix(tile.product_k.data(), C, o.n, o.n);
+            at::mm_out(product, s_jk, w_k);
+            const int64_t* at = tile.reached.data() + tile.reached_at[k];
+            for (int64_t d = 0; d < C; ++d) {
+              const T* from = tile.product_k.data() + d * o.n;
+              T* to = u + d * plane;
+              for (int64_t i = 0; i < o.n; ++i) to[at[i]] += from[i];
+            }
+          }
         }
         // dF = sum_j P_j^T U_j on the tile's rows, all kernels at once.
         for (int64_t c = 0; c < C; ++c) {

@@ -65,6 +65,40 @@ def test_large_shapes_match_reference(shape, threads):
         assert torch.equal(gram, gram.transpose(-1, -2)), "the mirrored triangle must be exact"
 
 
+def region_masks(B: int, K: int, H: int, W: int, seed: int = 0) -> torch.Tensor:
+    """Soft masks with exact zeros in every pattern the kernel tells apart per row tile: zero on
+    whole tiles (the top rows), on columns (reaching part of every tile), at all but a few
+    positions, nowhere (dense) — and, batched, a different pattern per image."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = torch.rand(B, K, H, W, generator=gen, dtype=torch.float64) + 0.1
+    masks[:, 0, : H // 2] = 0  # whole tiles empty, the others dense
+    masks[:, 1, :, W // 3 :] = 0  # a vertical region: part of every tile
+    masks[:, 2] *= torch.rand(B, H, W, generator=gen, dtype=torch.float64) < 0.01  # a few
+    if B > 1:
+        masks[1] = masks[1].flip(-2)  # another image, other tiles empty
+    return masks
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["shared masks", "batched masks"])
+def test_region_masks_match_reference(batched, threads):
+    """Masks zero on part of a tile take the kernel's mask-by-mask path (positions gathered,
+    backward scattered back): forward and backward against the float64 reference."""
+    C, H, W, J, K, r = 70, 41, 50, 2, 4, 3  # 2 channel blocks, 3 row tiles of 20 rows
+    gen = torch.Generator().manual_seed(2)
+    features = torch.randn(2, C, H, W, generator=gen, dtype=torch.float64)
+    masks = region_masks(2 if batched else 1, K, H, W)
+    kernels = torch.randn(J, r, r, generator=gen, dtype=torch.float64)
+    expected = masked_gram_reference(features, masks, kernels)
+    grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    expected_grad = masked_gram_backward_reference(grad, features, masks, kernels)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        x = features.to(dtype).requires_grad_(True)
+        gram = cast.masked_gram(x, masks.to(dtype), kernels.to(dtype), backend="cpu")
+        (d_features,) = torch.autograd.grad(gram, x, grad.to(gram.dtype))
+        assert relative_error(gram, expected) <= tol, dtype
+        assert relative_error(d_features, expected_grad) <= tol, dtype
+
+
 def test_thread_count_changes_rounding_only():
     """Bands follow the thread count: the sums change order, so results change in rounding only."""
     features, masks, kernels = inputs(64, 70, 40, 2, 2, 3, False, B=1)
