@@ -41,8 +41,9 @@ class Work:
 
 
 def forward(N: int, C: int, J: int, K: int, r: int) -> Work:
-    """A program per (kernel, channel-block pair a <= c, split): Z_a and Z_c formed per pair
-    (once when a == c), all K masks (K <= 4) from that one formation."""
+    """A program per (kernel, channel-block pair a <= c, band of rows): Z_a and Z_c formed per
+    pair (once when a == c), all K masks (K <= 4) from that one formation. The 128-bit loads of
+    the centre column (2-D tiles) save issue slots, not wavefronts: the counts are the same."""
     blocks = max(1, C // BLOCK_C)
     pairs = blocks * (blocks + 1) // 2
     formed = J * N * BLOCK_C * blocks * blocks  # nb diagonal pairs once, the others twice

@@ -1,14 +1,16 @@
 """The masked high-order Gram op of SPEC §1 as fused Triton kernels (backend ``"triton"``).
 
 Forward. A program owns one batch item ``b``, one kernel ``p_j``, a chunk of up to four masks,
-one upper-triangle pair of channel blocks ``(a, c)``, ``a <= c``, and one contiguous split of
-the ``N`` positions. Per tile of positions it forms ``Z_j = P_j F`` for both channel blocks on
-chip (``r*r`` shifted masked loads of ``F``, which hit L1/L2) and adds
+one upper-triangle pair of channel blocks ``(a, c)``, ``a <= c``, and one split of the image
+into bands of rows. Per ``TILE_H x TILE_W`` tile of positions it forms ``Z_j = P_j F`` for both
+channel blocks on chip (``r*r`` shifted masked loads of ``F``, which hit L1/L2; the tile's
+columns start at a multiple of ``TILE_W``, so the kernel's centre column is loaded in 128-bit
+vectors where ``W`` is a multiple of 16) and adds
 ``(m_k^2 Z_a)^T Z_c`` to one accumulator per mask, so ``P_j F`` and ``M_k P_j F`` never reach
 memory. Masks come in chunks of ``NUM_MASKS`` (a constexpr, unrolled: the largest divisor of
 ``K`` up to four) rather than all ``K`` at once, which bounds the registers a program needs;
-``K = 3`` is one chunk, and ``F`` is read once for all three. Each split of the positions
-writes its own partial Gram and the splits are summed afterwards: deterministic, no atomics,
+``K = 3`` is one chunk, and ``F`` is read once for all three. Each split of the rows writes
+its own partial Gram and the splits are summed afterwards: deterministic, no atomics,
 and the scratch, ``S * B*J*K*C^2``, is kept within a tenth of the inputs and outputs.
 
 Backward. ``dF = sum_j P_j^T U_j`` with ``U_j = sum_k M_k^2 Z_j S_jk`` and
@@ -63,21 +65,26 @@ SPLIT_SCRATCH_FRACTION = 0.1
 # One fixed config under the interpreter, where each op costs a numpy call however big its
 # tile: large position tiles keep the tests fast, small channel blocks still give several
 # channel blocks (and block pairs) at the tests' C = 20 and C = 40.
-INTERPRETER_FWD_CONFIG = dict(BLOCK_N=64, BLOCK_C=16, num_warps=4)
+INTERPRETER_FWD_CONFIG = dict(TILE_H=4, TILE_W=16, BLOCK_C=16, num_warps=4)
 INTERPRETER_BWD_CONFIG = dict(TILE_H=8, TILE_W=16, BLOCK_C=16, BLOCK_D=16, num_warps=4)
 
 # num_stages=1: the r*r shifted loads of a tile are cache hits, and software pipelining would
 # stage every one of them in shared memory (sm90 compile of the stencil backward this replaced,
 # at num_stages=3: 272 KiB, over the H100's 227 KiB).
 # Every config compiles for sm_90 without spilling at the mask counts _fits lets it take
-# (tests/sm90.py reads the machine code; tests/test_triton_kernels.py asserts it). Backward,
+# (tests/sm90.py reads the machine code; tests/test_triton_kernels.py asserts it). Forward,
+# sm_90a, float32 and bf16, 1-4 masks, sizes multiples of 16 or not, Triton 3.9 and 3.6: 2 x 32
+# positions x 64 channels takes 126-255 registers, 4 x 32 x 64 195-255; 4 warps (m64n64 MMAs
+# instead of m64n32) spilled 8-272 B at 3-4 masks. Backward,
 # sm_90a, float32 and bf16, sizes multiples of 16 or not, Triton 3.9 and 3.6: 16 x 16 x 64
 # (reduction blocks of 16) takes 184-233 registers, 16 x 16 x 32 (for C <= 32) 222-235; the
 # register allocation is erratic near the limit: 8 x 16 x 64 x 32 (half the tile) spilled 16-32
 # bytes, and so did 16 x 16 x 32 x 16 at 8 warps (8 B).
 FWD_CONFIGS = [
-    triton.Config(dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C), num_warps=num_warps, num_stages=1)
-    for BLOCK_N, BLOCK_C, num_warps in [(64, 64, 8), (128, 64, 8)]
+    triton.Config(
+        dict(TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_C=BLOCK_C), num_warps=num_warps, num_stages=1
+    )
+    for TILE_H, TILE_W, BLOCK_C, num_warps in [(2, 32, 64, 8), (4, 32, 64, 8)]
 ]
 BWD_CONFIGS = [
     triton.Config(
@@ -87,22 +94,34 @@ BWD_CONFIGS = [
     )
     for TILE_H, TILE_W, BLOCK_C, BLOCK_D, num_warps in [(16, 16, 64, 16, 8), (16, 16, 32, 16, 4)]
 ]
-# Splits of the positions are whole multiples of every BLOCK_N, so no tile straddles two.
-SPLIT_QUANTUM = max(c.kwargs["BLOCK_N"] for c in FWD_CONFIGS)
+# Splits of the rows are whole multiples of every TILE_H, so no tile straddles two.
+SPLIT_QUANTUM = max(c.kwargs["TILE_H"] for c in FWD_CONFIGS)
 # At most this many accumulator values per thread. sm_90, Triton 3.6: the forward at 64 x 64,
-# 8 warps, takes 185 registers with one mask (16 accumulator values) and 227 with four (64);
+# 8 warps, takes 161-255 registers with one to four masks (16 to 64 accumulator values);
 # 128 x 128 spilled 448 B even with one mask (64 values), so no config reaches it.
 MAX_ACCUMULATOR_REGISTERS = 64
+
+
+@triton.jit
+def _tap(tile, base_ptr, offsets, row_ok, col, W, channel_ok, weight_ptr, dy, dx):
+    """``tile += p_j[dy, dx] * F[n + dy * W + dx]``, zero outside the image."""
+    inside = row_ok & (col + dx >= 0) & (col + dx < W)
+    if channel_ok is None:
+        mask = inside[:, None]
+    else:
+        mask = inside[:, None] & channel_ok[None, :]
+    x = tl.load(base_ptr + (offsets + dy * W + dx), mask=mask, other=0.0)
+    return tile + tl.load(weight_ptr).to(tile.dtype) * x.to(tile.dtype)
 
 
 @triton.jit
 def _convolved_tile(
     base_ptr,  # scalar: position 0 of channel 0 of one batch item
     channel_offsets,  # (BLOCK_C,) c * N, int32 (int64 where C * N >= 2^31: WIDE_OFFSETS)
-    channel_ok,  # (BLOCK_C,)
-    offs_n,  # (BLOCK_N,)
-    row,  # (BLOCK_N,) offs_n // W
-    col,  # (BLOCK_N,) offs_n % W
+    channel_ok,  # (BLOCK_C,), or None where every channel offset is in bounds
+    offs_n,  # (BLOCK_N,) row * W + col
+    row,  # (BLOCK_N,)
+    col,  # (BLOCK_N,)
     position_ok,  # (BLOCK_N,)
     kernel_ptr,  # (R, R) p_j
     H,
@@ -111,24 +130,34 @@ def _convolved_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    UNROLL_COLUMNS: tl.constexpr,
 ):
     """``(P_j F)[n, c]`` on a tile: cross-correlation with zero padding, ``R*R`` shifted loads.
 
-    A loop, not unrolled: unrolled, the compiler issued all ``R*R`` loads of a 64 x 64 tile at
-    once and spilled (255 registers, 1.2 KB spilled at 4 warps; sm_90, Triton 3.6). One offset
-    tile and a scalar base rather than a tile of 64-bit pointers, for the same reason."""
+    Rolled loops: unrolled whole, the compiler issued all ``R*R`` loads of a 64 x 64 tile at
+    once and spilled (255 registers, 1.2 KB spilled at 4 warps; sm_90, Triton 3.6). With
+    ``UNROLL_COLUMNS`` the kernel's rows are a loop and its columns unrolled, so the centre
+    column's offset is a constant and its loads as aligned as the tile (128-bit where the
+    tile's columns start at multiples of 4 and ``W`` is a multiple of 16); the backward's
+    tiles start a halo left of alignment and its 4-warp config spilled unrolled (248-360 B).
+    One offset tile and a scalar base rather than a tile of 64-bit pointers, for the same
+    reason."""
     tile = tl.zeros((BLOCK_N, BLOCK_C), ACC_DTYPE)
     offsets = channel_offsets[None, :] + offs_n[:, None]
-    for t in range(R * R):
-        dy = t // R - R // 2
-        dx = t % R - R // 2
-        inside = position_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
-        x = tl.load(
-            base_ptr + (offsets + (dy * W + dx)),
-            mask=inside[:, None] & channel_ok[None, :],
-            other=0.0,
-        )
-        tile += tl.load(kernel_ptr + t).to(ACC_DTYPE) * x.to(ACC_DTYPE)
+    if UNROLL_COLUMNS:
+        for ky in range(R):
+            dy = ky - R // 2
+            row_ok = position_ok & (row + dy >= 0) & (row + dy < H)
+            for kx in tl.static_range(R):
+                dx = kx - R // 2  # a constant: the centre column keeps the tile's alignment
+                weight_ptr = kernel_ptr + ky * R + kx
+                tile = _tap(tile, base_ptr, offsets, row_ok, col, W, channel_ok, weight_ptr, dy, dx)
+    else:
+        for t in range(R * R):
+            dy = t // R - R // 2
+            dx = t % R - R // 2
+            row_ok = position_ok & (row + dy >= 0) & (row + dy < H)
+            tile = _tap(tile, base_ptr, offsets, row_ok, col, W, channel_ok, kernel_ptr + t, dy, dx)
     return tile
 
 
@@ -179,7 +208,7 @@ def _masked_gram_fwd_kernel(
     masks_ptr,  # (Bm, K, H, W)
     kernels_ptr,  # (J, R, R)
     inv_mass_ptr,  # (Bm, K): 1 / n_k, 0 for an empty mask
-    out_ptr,  # (S, B, J, K, C, C): the Grams of each split of the positions, 1/n_k applied
+    out_ptr,  # (S, B, J, K, C, C): the Grams of each split of the rows, 1/n_k applied
     B,
     C,
     H,
@@ -189,7 +218,7 @@ def _masked_gram_fwd_kernel(
     K,
     mask_batch_stride,  # K * N when each batch item has its masks, 0 when they are shared
     inv_mass_batch_stride,  # K or 0, likewise
-    positions_per_split,
+    rows_per_split,  # a multiple of TILE_H
     size_class,  # only for the tuning key (size_class())
     R: tl.constexpr,
     NUM_MASKS: tl.constexpr,
@@ -199,10 +228,12 @@ def _masked_gram_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     ROUND_TF32: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # axis 0: (b, j, mask chunk, channel block pair); axis 1: split of the positions
+    # axis 0: (b, j, mask chunk, channel block pair); axis 1: split of the rows
+    BLOCK_N: tl.constexpr = TILE_H * TILE_W
     blocks = tl.cdiv(C, BLOCK_C)
     pairs = blocks * (blocks + 1) // 2
     chunks = K // NUM_MASKS  # NUM_MASKS divides K
@@ -221,33 +252,42 @@ def _masked_gram_fwd_kernel(
     block_a = pair - block_c * (block_c + 1) // 2
     offs_a = block_a * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_c = block_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    a_ok = offs_a < C
-    c_ok = offs_c < C
+    # Channels past C read channel C - 1 (and are never stored): the loads of F need no
+    # channel mask, which took registers.
+    loaded_a = tl.minimum(offs_a, C - 1)
+    loaded_c = tl.minimum(offs_c, C - 1)
 
     batch_features = features_ptr + b.to(tl.int64) * C * N
     if WIDE_OFFSETS:
-        offsets_a = offs_a.to(tl.int64) * N
-        offsets_c = offs_c.to(tl.int64) * N
+        offsets_a = loaded_a.to(tl.int64) * N
+        offsets_c = loaded_c.to(tl.int64) * N
     else:
-        offsets_a = offs_a * N
-        offsets_c = offs_c * N
+        offsets_a = loaded_a * N
+        offsets_c = loaded_c * N
     kernel_ptr = kernels_ptr + j * R * R
     mask_ptr = masks_ptr + b.to(tl.int64) * mask_batch_stride + k0.to(tl.int64) * N
 
     grams = ()  # one (BLOCK_C, BLOCK_C) accumulator per mask of the chunk
     for _ in tl.static_range(NUM_MASKS):
         grams = grams + (tl.zeros((BLOCK_C, BLOCK_C), ACC_DTYPE),)
-    start = split * positions_per_split
-    end = tl.minimum(start + positions_per_split, N)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        position_ok = offs_n < end
-        row = offs_n // W
-        col = offs_n - row * W
+    # 2-D tiles of positions, TILE_W wide from a multiple of TILE_W: row and column come from
+    # constexpr divisions, and the compiler sees the alignment that makes the centre column's
+    # loads of F and the mask weights vector loads.
+    offs_t = tl.arange(0, BLOCK_N)
+    tile_row = offs_t // TILE_W
+    tile_col = offs_t % TILE_W
+    first_row = split * rows_per_split
+    tiles_w = tl.cdiv(W, TILE_W)
+    tiles = tl.cdiv(tl.minimum(rows_per_split, H - first_row), TILE_H) * tiles_w
+    for tile in range(tiles):
+        row = first_row + tile // tiles_w * TILE_H + tile_row
+        col = tile % tiles_w * TILE_W + tile_col
+        position_ok = (row < H) & (col < W)
+        offs_n = row * W + col
         z_a = _convolved_tile(
             batch_features,
             offsets_a,
-            a_ok,
+            None,
             offs_n,
             row,
             col,
@@ -259,6 +299,7 @@ def _masked_gram_fwd_kernel(
             BLOCK_N,
             BLOCK_C,
             ACC_DTYPE,
+            True,
         )
         if block_a == block_c:
             z_c = z_a
@@ -266,7 +307,7 @@ def _masked_gram_fwd_kernel(
             z_c = _convolved_tile(
                 batch_features,
                 offsets_c,
-                c_ok,
+                None,
                 offs_n,
                 row,
                 col,
@@ -278,6 +319,7 @@ def _masked_gram_fwd_kernel(
                 BLOCK_N,
                 BLOCK_C,
                 ACC_DTYPE,
+                True,
             )
         z_c = _dot_operand(z_c, DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
         updated = ()
@@ -391,6 +433,7 @@ def _masked_gram_bwd_kernel(
                     BLOCK_M,
                     BLOCK_D,
                     ACC_DTYPE,
+                    False,
                 )
                 sym_offsets = offs_d[:, None] * C + offs_c[None, :]
                 sym_ok = d_ok[:, None] & c_ok[None, :]
@@ -509,16 +552,16 @@ def _launch_choice(tuned, raw, configs, config, interpreter_config, C, num_masks
     return tuned, {}
 
 
-def position_splits(features: Tensor, gram_bytes: int, programs: int) -> int:
-    """How many splits of the positions fill the GPU, keeping their scratch small."""
-    N = features.shape[-2] * features.shape[-1]
+def position_splits(features: Tensor, gram_bytes: int, programs: int, quantum: int) -> int:
+    """How many splits of the rows (``quantum`` rows or more each) fill the GPU, keeping
+    their scratch small."""
     wanted = triton.cdiv(programs_to_fill(features.device), programs)
     affordable = int(
         SPLIT_SCRATCH_FRACTION
         * (features.numel() * features.element_size() + gram_bytes)
         // gram_bytes
     )
-    return max(1, min(wanted, affordable, triton.cdiv(N, SPLIT_QUANTUM), 65535))
+    return max(1, min(wanted, affordable, triton.cdiv(features.shape[-2], quantum), 65535))
 
 
 def forward(
@@ -533,8 +576,8 @@ def forward(
 ) -> Tensor:
     """``G (B, J, K, C, C)`` of canonical inputs (see ``cast.backends``).
 
-    ``config`` (``BLOCK_N``, ``BLOCK_C``, ``num_warps``) and ``splits`` (of the positions)
-    override the launch layout; they change only the order of the sums.
+    ``config`` (``TILE_H``, ``TILE_W``, ``BLOCK_C``, ``num_warps``) and ``splits`` (of the
+    rows) override the launch layout; they change only the order of the sums.
     """
     B, C, H, W = features.shape
     K = masks.shape[1]
@@ -556,14 +599,15 @@ def forward(
         num_masks,
         R,
     )
+    quantum = launch_config.get("TILE_H", SPLIT_QUANTUM)
     if splits is None:
         nominal_block = launch_config.get("BLOCK_C", 64)
         blocks = channel_blocks(C, nominal_block)
         programs = B * J * chunks * blocks * (blocks + 1) // 2
-        splits = position_splits(features, gram.numel() * gram.element_size(), programs)
-    quantum = launch_config.get("BLOCK_N", SPLIT_QUANTUM)
-    positions_per_split = triton.cdiv(triton.cdiv(N, splits), quantum) * quantum
-    splits = triton.cdiv(N, positions_per_split)
+        gram_bytes = gram.numel() * gram.element_size()
+        splits = position_splits(features, gram_bytes, programs, quantum)
+    rows_per_split = triton.cdiv(triton.cdiv(H, splits), quantum) * quantum
+    splits = triton.cdiv(H, rows_per_split)
     out = gram[None] if splits == 1 else gram.new_empty((splits, *gram.shape))
 
     def grid(meta):
@@ -586,7 +630,7 @@ def forward(
             K,
             0 if shared_masks else K * N,
             0 if shared_masks else K,
-            positions_per_split,
+            rows_per_split,
             size_class(N),
             R=R,
             NUM_MASKS=num_masks,

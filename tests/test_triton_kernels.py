@@ -125,10 +125,10 @@ def exact_inputs(dtype):
 
 
 FWD_VARIANTS = [
-    dict(config=dict(BLOCK_N=16, BLOCK_C=16, num_warps=4)),
-    dict(config=dict(BLOCK_N=32, BLOCK_C=32, num_warps=4)),
-    dict(config=dict(BLOCK_N=16, BLOCK_C=16, num_warps=4), splits=3),
-    dict(config=dict(BLOCK_N=32, BLOCK_C=16, num_warps=4), splits=2),
+    dict(config=dict(TILE_H=1, TILE_W=16, BLOCK_C=16, num_warps=4)),
+    dict(config=dict(TILE_H=4, TILE_W=8, BLOCK_C=32, num_warps=4)),
+    dict(config=dict(TILE_H=2, TILE_W=8, BLOCK_C=16, num_warps=4), splits=3),
+    dict(config=dict(TILE_H=1, TILE_W=32, BLOCK_C=16, num_warps=4), splits=2),
     dict(splits=2),  # the default tiles, split where they allow it
 ]
 BWD_VARIANTS = [
@@ -221,7 +221,7 @@ def test_autotuning_is_keyed_on_a_size_class_not_on_the_size():
     """A new image size or coarse-to-fine scale must not re-tune (each config compiles for
     2-35 s): the keys name only arguments of their kernel, none of them a size, and the size
     class groups positions within a factor of four."""
-    sizes = {"B", "H", "W", "N", "positions_per_split", "mask_batch_stride"}
+    sizes = {"B", "H", "W", "N", "rows_per_split", "mask_batch_stride"}
     for kernel, key in [
         (triton_gram._masked_gram_fwd_kernel, triton_gram.FWD_TUNING_KEY),
         (triton_gram._masked_gram_bwd_kernel, triton_gram.TUNING_KEY),
@@ -279,7 +279,7 @@ SM90_FRONTEND = textwrap.dedent(
         common = dict(R=3, WIDE_OFFSETS=False, **dot_constexprs(torch_dtype, allow_tf32))
         dtype, precision = common["DOT_DTYPE"], common["INPUT_PRECISION"]
         forward = ttir(mg._masked_gram_fwd_kernel, dtype, dict(
-            common, NUM_MASKS=3, BLOCK_N=64, BLOCK_C=64))
+            common, NUM_MASKS=3, TILE_H=2, TILE_W=32, BLOCK_C=64))
         backward = ttir(mg._masked_gram_bwd_kernel, dtype, dict(
             common, TILE_H=8, TILE_W=16, BLOCK_C=64, BLOCK_D=32))
         for text in (forward, backward):
@@ -343,8 +343,9 @@ SM90_RESOURCES = textwrap.dedent(
 def test_shipped_configs_compile_for_sm90_without_spills():
     """What the kernels promise an H100, read off their sm_90a machine code (no GPU needed):
     no spilled registers in any shipped config, Hopper's warpgroup MMA (wgmma) for every dot,
-    bf16 operands for bf16 input (not TF32), shared memory within the card's limit, and the
-    backward's tiles of U_j and dF moved in 128-bit loads and stores where sizes allow."""
+    bf16 operands for bf16 input (not TF32), shared memory within the card's limit, the
+    backward's tiles of U_j and dF moved in 128-bit loads and stores where sizes allow, and the
+    forward's centre-column loads of F in 128-bit loads where sizes are multiples of 16."""
     pytest.importorskip("triton.backends.nvidia")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -365,3 +366,5 @@ def test_shipped_configs_compile_for_sm90_without_spills():
         assert ("BF16" in mma) == (dtype == "bf16"), f"{where}: {mma}"
         if kernel == "_masked_gram_bwd_kernel":
             assert "LDG.E.128" in wide and "STG.E.128" in wide, f"{where}: {wide}"
+        elif aligned == "True":
+            assert "LDG.E.128" in wide, f"{where}: {wide}"
