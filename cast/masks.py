@@ -248,12 +248,15 @@ def inner(grid: torch.Tensor, radius: int) -> torch.Tensor:
     left at half its strongest) is eroded less, down to the plain mask, rather than lose its
     statistics.
     """
-    result = grid
-    for r in range(1, radius + 1):  # erosion only shrinks: the last radius a region survives wins
-        padded = F.pad(grid[None], (r, r, r, r), mode="replicate")
-        eroded = -F.max_pool2d(-padded, 2 * r + 1, stride=1)[0]
-        survives = eroded.flatten(1).amax(1) >= grid.flatten(1).amax(1) / 2
-        result = torch.where(survives[:, None, None], eroded, result)
+    result = grid.clone()
+    # one region at a time: the temporaries are one mask's, not K (a pixel grid of a large image)
+    for region, mask in zip(result, grid, strict=True):
+        for r in range(radius, 0, -1):  # erosion only shrinks: the largest radius that survives
+            padded = F.pad(mask[None, None], (r, r, r, r), mode="replicate").neg_()
+            eroded = F.max_pool2d(padded, 2 * r + 1, stride=1)[0, 0].neg_()
+            if eroded.amax() >= mask.amax() / 2:
+                region.copy_(eroded)
+                break
     return result
 
 

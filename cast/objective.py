@@ -216,10 +216,7 @@ def build(
                                            network.poolings_before(layer)), inside)
                 for layer in style_layers}  # fmt: skip
 
-    plan = plan_of(content)
-    region_masks = grid_masks(content_masks, content)
-    own, content_features = gather(network, content, plan, region_masks, kernels, backend,
-                                   keep=content_layers, shard=shard)  # fmt: skip
+    # the styles first: their masks on every grid are gone before the content's features come
     pooled = None
     for i, (style, mask) in enumerate(zip(styles, style_masks, strict=True)):
         stats, _ = gather(network, style, plan_of(style), grid_masks(mask, style), kernels,
@@ -227,6 +224,10 @@ def build(
         if blend is not None:
             stats = {layer: s.weighted(blend[i]) for layer, s in stats.items()}
         pooled = stats if pooled is None else {k: pooled[k] + stats[k] for k in stats}
+    plan = plan_of(content)
+    region_masks = grid_masks(content_masks, content)
+    own, content_features = gather(network, content, plan, region_masks, kernels, backend,
+                                   keep=content_layers, shard=shard)  # fmt: skip
     style_losses = {
         layer: StyleLoss(
             pooled[layer].mean(fallback=own[layer].mean()),

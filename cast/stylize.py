@@ -458,18 +458,23 @@ def _optimise(objective, image: Tensor, iters: int, optimizer: str, lr: float, h
     else:
         opt = torch.optim.Adam([x], lr=lr)
 
+    # image-sized copies cost most at large sizes: while the objective runs, only x, its new
+    # gradient, the last good image and the optimiser's state are alive
+    last_good, good_steps = image.detach(), 0  # the start (the caller's, never changed)
+
     def closure():
+        nonlocal last_good
+        x.grad = None  # the last gradient is not kept beside the new one
         loss, x.grad = objective.value_and_grad(x)
+        if torch.isfinite(loss):  # the loss belongs to x before the step moves it
+            last_good = x.detach().clone()
         return loss
 
-    last_good, good_steps = x.detach().clone(), 0
     for step in range(1, iters + 1):
-        before = x.detach().clone()
         loss = float(opt.step(closure).detach())
         if not math.isfinite(loss):
             raise _Diverged(step, loss, last_good, good_steps)
-        # the loss just computed belongs to the image before this step
-        last_good, good_steps = before, step - 1
+        good_steps = step - 1
         yield step, loss, x.detach()
     if not torch.isfinite(x).all():  # the last step diverged: no later loss would tell
         loss = float(objective.value_and_grad(x)[0])

@@ -8,6 +8,7 @@ the deepest layers).
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import subprocess
 import sys
@@ -116,6 +117,31 @@ def test_two_lbfgs_steps_give_the_same_image(built):
         results.append(result.clone())
     assert not torch.equal(results[0], image)
     assert _relative(results[1] - image, results[0] - image) <= 1e-9
+
+
+def test_while_the_objective_runs_only_one_copy_of_the_image_is_kept_beside_it():
+    """At large sizes every image-sized copy weighs: while the objective runs (a step's peak),
+    the last gradient is let go and, besides the image itself, only the last good one is kept
+    (not also a copy taken before the step); the start is not copied at all."""
+    network, (image, styles, regions, style_masks, kernels, *rest) = _problem(torch.float32)
+    shallow = dict(content_layers=("relu1_1",), style_layers=("relu1_1",))  # quick
+    whole = build(network, image, styles[:1], regions[:1], [style_masks[0][:1]], kernels,
+                  *rest, **shallow)  # fmt: skip
+
+    def images():
+        return {t.untyped_storage().data_ptr() for t in gc.get_objects()
+                if isinstance(t, torch.Tensor) and t.shape == image.shape}  # fmt: skip
+
+    before, seen = images(), []
+
+    class Watched:
+        def value_and_grad(self, x):
+            seen.append((x.grad is None, len(images() - before)))
+            return whole.value_and_grad(x)
+
+    list(_optimise(Watched(), image, 2, "lbfgs", 1.0, 50))
+    # x, and from the second step the last good image (the first is the start itself)
+    assert seen == [(True, 1), (True, 2)]
 
 
 def test_a_pooling_layer_of_stride_32_tiles_exactly():
