@@ -191,28 +191,34 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()[0]
 
     content = images.resize(images.load_image(CONTENT), (args.size, args.size))
+    # the fused rows right after the network's: their ratios pair steps seconds apart
+    specs = {("CAST J=K=3", False): ("neighbours", 3), ("Gatys", False): ("none", 1),
+             ("Gatys", True): ("none", 1), ("CAST J=K=3", True): ("neighbours", 3)}  # fmt: skip
     rows = {"network": (network_alone(network, args.size), content)}
-    for label, preset, K in (("Gatys", "none", 1), ("CAST J=K=3", "neighbours", 3)):
-        for eager in (False, True):
-            rows[(label, eager)] = objective(network, args.size, preset, K, eager)
+    for (label, eager), (preset, K) in specs.items():
+        rows[(label, eager)] = objective(network, args.size, preset, K, eager)
     times = seconds_per_step(rows, args.repeats)
     del rows
-    best = {row: min(t) for row, t in times.items()}  # the least disturbed step of each row
     middle = {row: statistics.median(t) for row, t in times.items()}
 
-    net = best["network"]
+    def ratio(row, to="network") -> float:
+        """The median over rounds of one round's ratio: a drift of the host's speed between
+        rounds cancels, unlike in a ratio of medians."""
+        return statistics.median(a / b for a, b in zip(times[row], times[to], strict=True))
+
     table = [
-        "| objective | op | best s / step | median s | vs eager | vs network alone |",
+        "| objective | op | median s / step | best s | vs eager | vs network alone |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
-        f"| network forward + backward only | - | {net:.3f} | {middle['network']:.3f} | | 1.00x |",
+        f"| network forward + backward only | - | {middle['network']:.3f} | "
+        f"{min(times['network']):.3f} | | 1.00x |",
     ]
     for label in ("Gatys", "CAST J=K=3"):
-        fast, slow = best[(label, False)], best[(label, True)]
-        table.append(f"| {label} | fused ({fused}) | {fast:.3f} | {middle[(label, False)]:.3f} | "
-                     f"{slow / fast:.2f}x faster | {fast / net:.2f}x |")  # fmt: skip
-        table.append(f"| {label} | eager reference + autograd | {slow:.3f} | "
-                     f"{middle[(label, True)]:.3f} | 1.00x | {slow / net:.2f}x |")  # fmt: skip
-    cast_ratio = best[("CAST J=K=3", False)] / net
+        fast, slow = (label, False), (label, True)
+        table.append(f"| {label} | fused ({fused}) | {middle[fast]:.3f} | {min(times[fast]):.3f} "
+                     f"| {ratio(slow, fast):.2f}x faster | {ratio(fast):.2f}x |")  # fmt: skip
+        table.append(f"| {label} | eager reference + autograd | {middle[slow]:.3f} | "
+                     f"{min(times[slow]):.3f} | 1.00x | {ratio(slow):.2f}x |")  # fmt: skip
+    cast_ratio = ratio(("CAST J=K=3", False))
     part1 = [
         f"## One step at {args.size}x{args.size}",
         "",
@@ -269,8 +275,9 @@ def main(argv=None) -> None:
             f"- load average at start / end: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
             "(other work on the machine slows every row alike)",
             "- one step = objective + gradient w.r.t. the image; rows timed in turn, "
-            f"{args.repeats} rounds after one warm-up, ratios of each row's best step (the "
-            f"least disturbed: this host's speed drifts); network {model}, {pooling} pooling, "
+            f"{args.repeats} rounds after one warm-up; a ratio is the median over the rounds of "
+            "the round's ratio (this host's speed drifts from minute to minute); "
+            f"network {model}, {pooling} pooling, "
             f"style layers {', '.join(STYLE_LAYERS)}, content {', '.join(CONTENT_LAYERS)}",
             "",
             *part1,
