@@ -40,6 +40,19 @@ def inputs(C, H, W, J, K, r, batched, B=2, seed=0):
     return features, masks, kernels
 
 
+def assert_matches_reference(features, masks, kernels, expected, grad):
+    """The CPU op in float32 and float64, forward and backward (given ``grad``), against the
+    float64 reference's ``expected`` Gram and its gradient; the mirrored triangle exact."""
+    expected_grad = masked_gram_backward_reference(grad, features, masks, kernels)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        x = features.to(dtype).requires_grad_(True)
+        gram = cast.masked_gram(x, masks.to(dtype), kernels.to(dtype), backend="cpu")
+        (d_features,) = torch.autograd.grad(gram, x, grad.to(gram.dtype))
+        assert relative_error(gram, expected) <= tol, dtype
+        assert relative_error(d_features, expected_grad) <= tol, dtype
+        assert torch.equal(gram, gram.transpose(-1, -2)), "the mirrored triangle must be exact"
+
+
 @pytest.fixture(params=[1, 3], ids=["1 thread", "3 threads"])
 def threads(request):
     before = torch.get_num_threads()
@@ -55,14 +68,7 @@ def test_large_shapes_match_reference(shape, threads):
     grad = torch.randn(
         expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
     )
-    expected_grad = masked_gram_backward_reference(grad, features, masks, kernels)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
-        x = features.to(dtype).requires_grad_(True)
-        gram = cast.masked_gram(x, masks.to(dtype), kernels.to(dtype), backend="cpu")
-        (d_features,) = torch.autograd.grad(gram, x, grad.to(gram.dtype))
-        assert relative_error(gram, expected) <= tol, dtype
-        assert relative_error(d_features, expected_grad) <= tol, dtype
-        assert torch.equal(gram, gram.transpose(-1, -2)), "the mirrored triangle must be exact"
+    assert_matches_reference(features, masks, kernels, expected, grad)
 
 
 def region_masks(B: int, K: int, H: int, W: int, seed: int = 0) -> torch.Tensor:
@@ -90,13 +96,7 @@ def test_region_masks_match_reference(batched, threads):
     kernels = torch.randn(J, r, r, generator=gen, dtype=torch.float64)
     expected = masked_gram_reference(features, masks, kernels)
     grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
-    expected_grad = masked_gram_backward_reference(grad, features, masks, kernels)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
-        x = features.to(dtype).requires_grad_(True)
-        gram = cast.masked_gram(x, masks.to(dtype), kernels.to(dtype), backend="cpu")
-        (d_features,) = torch.autograd.grad(gram, x, grad.to(gram.dtype))
-        assert relative_error(gram, expected) <= tol, dtype
-        assert relative_error(d_features, expected_grad) <= tol, dtype
+    assert_matches_reference(features, masks, kernels, expected, grad)
 
 
 def test_thread_count_changes_rounding_only():
