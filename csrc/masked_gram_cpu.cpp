@@ -201,8 +201,8 @@ struct TileScratch {
   }
   int64_t reach(int64_t k) const { return reached_at[k + 1] - reached_at[k]; }
 
-  // Fill z (C x T) with P_j F and weighted (C*K x T) with m_k^2 P_j F on rows [y0, y1), the
-  // rows set_masks was last given.
+  // Fill z (C x T) with P_j F and weighted (C*K x T) with m_k^2 P_j F for every mask dense on
+  // rows [y0, y1), the rows set_masks was last given.
   void fill(const Shape& s, const T* image, const T* p, int64_t y0, int64_t y1) {
     const int64_t W = s.W, T_ = (y1 - y0) * W, h = s.r / 2;
     for (int64_t c = 0; c < s.C; ++c) {
@@ -217,7 +217,7 @@ struct TileScratch {
         T* z_row = z.data() + c * T_ + at;
         correlate_row(taps, s.r, W, z_row);
         for (int64_t k = 0; k < s.K; ++k)
-          if (reach(k))
+          if (reach(k) == T_)  // a sparse mask's copies are gathered later, from z
             scale(W, mask_sq.data() + k * T_ + at, z_row, weighted.data() + (c * s.K + k) * T_ + at);
       }
     }
