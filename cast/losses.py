@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CastError
-from .ops import masked_gram
+from .ops import masked_gram, masked_gram_grad
 from .reference import inverse, mask_mass
 
 
@@ -133,9 +133,24 @@ def gram_sums(
     """``(B, J, K, C, C)`` masked Gram *sums* ``Y^T Y`` (not divided by the mask's mass), so the
     sums of disjoint masks (the tiles of an image) add up to the whole image's. Differentiable.
     """
-    # unit mass: the op divides by 1, so it returns the sums themselves
-    mass = torch.ones(masks.shape[-3], dtype=features.dtype, device=features.device)
-    return masked_gram(features, masks, kernels, mass=mass, backend=backend)
+    return masked_gram(features, masks, kernels, mass=_unit_mass(features, masks),
+                       backend=backend)  # fmt: skip
+
+
+def gram_sums_grad(
+    features: Tensor, masks: Tensor, kernels: Tensor, weight: Tensor, *,
+    backend: str | None = None,
+) -> Tensor:  # fmt: skip
+    """The gradient of ``(weight * gram_sums(features, masks, kernels)).sum()`` with respect
+    to ``features``, ``(B, C, H, W)``, without taking the sums (the op's backward alone).
+    ``weight``: ``(B, J, K, C, C)``."""
+    return masked_gram_grad(features, weight, masks, kernels, mass=_unit_mass(features, masks),
+                            backend=backend)  # fmt: skip
+
+
+def _unit_mass(features: Tensor, masks: Tensor) -> Tensor:
+    """The op divides by 1, so it gives the sums themselves."""
+    return torch.ones(masks.shape[-3], dtype=features.dtype, device=features.device)
 
 
 @dataclass(frozen=True)

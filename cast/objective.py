@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import masks
 from .distributed import ALONE, Shard
-from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, gram_sums
+from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, gram_sums, gram_sums_grad
 from .network import CONTENT_LAYERS, STYLE_LAYERS
 from .reference import inverse_mass, mask_mass
 from .tiling import Tile, TilePlan, halo_for, plan_tiles
@@ -106,7 +106,10 @@ class Tiled(WholeImage):
         d_grams = torch.autograd.grad(style, grams)
         loss = style.detach() + (self.content_weight * content + self.tv_weight * tv).to(style)
 
-        # 3. gradient pass: each tile's share, with dL/dG of the global statistics
+        # 3. gradient pass: each tile's share, with dL/dG of the global statistics. The style
+        # share <dL/dG, S_t / n_k> is linear in the tile's sums, so its gradient with respect to
+        # a layer's features is the op's backward alone (its forward would be wasted); one
+        # backward through the network then takes them with the content and TV shares.
         weights = [d * inverse for d, inverse in zip(d_grams, self.inverse_mass, strict=True)]
         grad = torch.zeros_like(image)
         for tile in self.shard.mine(self.plan.tiles):
@@ -115,17 +118,27 @@ class Tiled(WholeImage):
                 features = self.network(crop[None], self.layers)
                 share = self.content_weight * self._content(features, tile)
                 share = share + self.tv_weight * self._tv(crop, tile)
-                for weight, (layer, term) in zip(weights, style_losses, strict=True):
-                    share = share + (weight * self._sums(features[layer], term, tile, layer)).sum()
-            (crop_grad,) = torch.autograd.grad(share, crop)
+            outputs, d_outputs = [share], [torch.ones_like(share)]
+            for weight, (layer, term) in zip(weights, style_losses, strict=True):
+                masks, kernels = self._owned(term, tile, layer, features[layer].dtype)
+                outputs.append(features[layer])
+                d_outputs.append(gram_sums_grad(features[layer], masks, kernels, weight[None],
+                                                backend=self.backend))  # fmt: skip
+            (crop_grad,) = torch.autograd.grad(outputs, crop, d_outputs)
             top, bottom, left, right = tile.crop
             grad[:, top:bottom, left:right] += crop_grad
         return loss.detach(), self.shard.all_reduce(grad)
 
     def _sums(self, features: Tensor, loss: StyleLoss, tile: Tile, layer: str) -> Tensor:
         """Gram sums ``(1, J, K, C, C)`` over the tile's owned cells of ``layer``."""
-        owned = owned_masks(loss.masks.to(features.dtype), tile, self.strides[layer])
-        return gram_sums(features, owned, self.kernels.to(features.dtype), backend=self.backend)
+        masks, kernels = self._owned(loss, tile, layer, features.dtype)
+        return gram_sums(features, masks, kernels, backend=self.backend)
+
+    def _owned(self, loss: StyleLoss, tile: Tile, layer: str, dtype: torch.dtype):
+        """The op's masks (``loss``'s, on the crop's grid of ``layer``, zero outside the tile's
+        cells) and kernels, in ``dtype``."""
+        masks = owned_masks(loss.masks.to(dtype), tile, self.strides[layer])
+        return masks, self.kernels.to(dtype)
 
     def _content(self, features: dict[str, Tensor], tile: Tile) -> Tensor:
         """The content term's share of the tile's owned cells (``ContentLoss``, by parts)."""

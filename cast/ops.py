@@ -2,9 +2,10 @@
 
 The public function checks its inputs once, puts them in canonical form and calls the
 registered custom op ``torch.ops.cast.masked_gram``; its backward is the custom op
-``torch.ops.cast.masked_gram_backward``. Both carry fake kernels, so they trace under
-``torch.compile(fullgraph=True)`` without graph breaks. The backends behind them (see
-``cast.backends``) never repeat these checks.
+``torch.ops.cast.masked_gram_backward``, which ``masked_gram_grad`` calls alone (same checks)
+where a loss is linear in ``G`` and the forward would be wasted. Both ops carry fake kernels,
+so they trace under ``torch.compile(fullgraph=True)`` without graph breaks. The backends behind
+them (see ``cast.backends``) never repeat these checks.
 """
 
 from __future__ import annotations
@@ -58,6 +59,50 @@ def masked_gram(
     except backends.BackendUnavailable as err:
         raise backends.BackendUnavailable(f"cast.masked_gram: {err}") from None
     return torch.ops.cast.masked_gram(features, masks, kernels, inv_mass, chosen.name, allow_tf32)
+
+
+def masked_gram_grad(
+    features: Tensor,
+    grad: Tensor,
+    masks: Tensor | None = None,
+    kernels: Tensor | None = None,
+    *,
+    mass: Tensor | None = None,
+    backend: str | None = None,
+    allow_tf32: bool = True,
+) -> Tensor:
+    """The gradient of ``(grad * masked_gram(features, masks, kernels, mass=mass)).sum()`` with
+    respect to ``features``, from the op's backward alone: ``G`` is never computed. For a loss
+    that is linear in ``G`` (a tile's share of an image's loss, SPEC §5) this is all autograd
+    would use of the forward.
+
+    Args:
+        features, masks, kernels, mass, backend, allow_tf32: as for ``masked_gram``.
+        grad: ``dL/dG``, ``(B, J, K, C, C)``.
+
+    Returns:
+        ``dF`` of ``features``' shape and dtype (SPEC §1's backward); not differentiable.
+    """
+    # constants here, all three: nothing differentiates through dF
+    features, masks, kernels = (t.detach() for t in canonical_inputs(features, masks, kernels))
+    inv_mass = canonical_inverse_mass(features, masks, mass)
+    B, C = features.shape[:2]
+    expected = (B, kernels.shape[0], masks.shape[1], C, C)
+    if not isinstance(grad, Tensor) or not grad.is_floating_point():
+        raise TypeError("cast.masked_gram_grad: grad must be a floating-point tensor")
+    if grad.shape != expected or grad.device != features.device:
+        raise ValueError(
+            f"cast.masked_gram_grad: grad must be {expected} (B, J, K, C, C) on "
+            f"{features.device}, got {_describe(grad)}"
+        )
+    try:
+        chosen = backends.choose(backend, features.device, features.dtype)
+    except backends.BackendUnavailable as err:
+        raise backends.BackendUnavailable(f"cast.masked_gram_grad: {err}") from None
+    sym_grad = symmetric_grad(grad.detach().to(inv_mass.dtype), inv_mass).contiguous()
+    return torch.ops.cast.masked_gram_backward(
+        sym_grad, features, masks, kernels, chosen.name, allow_tf32
+    )
 
 
 def canonical_inverse_mass(features: Tensor, masks: Tensor, mass: Tensor | None) -> Tensor:

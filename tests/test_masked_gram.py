@@ -76,6 +76,9 @@ def test_forward_and_backward_match_reference(name, device, case):
         assert torch.isfinite(d_features).all()
         err = relative_error(d_features, expected_grad)
         assert err <= tol, (dtype, err)
+        # the backward alone, for a loss linear in G (a tile's share, SPEC §5)
+        alone = cast.ops.masked_gram_grad(features, grad_out.to(gram), masks, kernels, backend=name)
+        assert alone.dtype == dtype and relative_error(alone, expected_grad) <= tol, dtype
 
         if case.masks == "empty":
             assert (gram[:, :, -1] == 0).all()
@@ -369,6 +372,20 @@ def test_registered_ops_fuzzed_error_or_right_answer(device):
 def test_bad_mass_is_refused(mass, message):
     with pytest.raises((ValueError, TypeError), match=message):
         cast.masked_gram(F, M, P, mass=mass)
+
+
+@pytest.mark.parametrize(
+    "grad,message",
+    [
+        (torch.ones(2, 2, 3, 3, 3), r"grad must be \(2, 2, 2, 3, 3\)"),
+        (torch.ones(2, 2, 3, 3), r"grad must be \(2, 2, 2, 3, 3\)"),
+        (torch.ones(2, 2, 2, 3, 3, dtype=torch.int64), "floating-point"),
+    ],
+    ids=["wrong K", "no batch", "integer"],
+)
+def test_bad_grad_is_refused(grad, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        cast.ops.masked_gram_grad(F, grad, M, P)
 
 
 def test_mass_divides_instead_of_the_masks_own():
