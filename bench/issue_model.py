@@ -1,4 +1,4 @@
-"""Where the Triton kernels' time should go on an H100: an issue-rate model, no GPU needed.
+"""Where the fused kernels' time should go on an H100: an issue-rate model, no GPU needed.
 
 The roofline of ``bench_masked_gram.py`` bounds the op by its matmul flops and its DRAM bytes;
 the Triton kernels also form ``Z_j = P_j F`` with ``r^2`` shifted loads (L1/L2 hits) and
@@ -8,6 +8,10 @@ the card's rate for it: tensor-core FMAs at the measured TF32 ``torch.mm`` peak,
 and L1 wavefronts (128 bytes per SM and clock; a warp's 32-bit load of 32 positions is one).
 The slowest kind bounds the kernel. ``bench/results/gpu-notes.md`` compares it with what was
 measured.
+
+The CUDA forward (``csrc/masked_gram_cuda.cu``) reads its operands from shared memory it filled
+itself, so it is counted in shared-memory wavefronts (128 bytes per SM and clock, conflicts
+included), warp instructions issued (4 per SM and clock) and DRAM bytes, beside its MMAs.
 
     python bench/issue_model.py            # 1024^2, J = K = 3, r = 3, float32
 """
@@ -23,6 +27,9 @@ SMS, CLOCK = 132, 1.83e9
 CUDA_FMA_PER_S = SMS * 128 * CLOCK
 L1_WAVEFRONTS_PER_S = SMS * CLOCK
 MMA_FMA_PER_S = 400e12 / 2
+BF16_MMA_FMA_PER_S = 788e12 / 2  # the bf16 torch.mm peak measured the same day
+ISSUE_PER_S = SMS * 4 * CLOCK  # four schedulers, one warp instruction each per clock
+DRAM_BYTES_PER_S = 2.84e12  # the copy measured the same day
 BLOCK_C = 64  # the channel block of every shipped config for C >= 64
 
 
@@ -31,12 +38,17 @@ class Work:
     mma: float = 0.0  # tensor-core FMAs
     fma: float = 0.0  # CUDA-core FMAs and multiplies
     loads: float = 0.0  # 32-bit thread loads from L1/L2 (a 128-bit load counts four)
+    issue: float = 0.0  # warp instructions, where counted
+    dram: float = 0.0  # bytes from and to DRAM, where counted
+    mma_rate: float = MMA_FMA_PER_S
 
     def seconds(self) -> dict[str, float]:
         return dict(
-            mma=self.mma / MMA_FMA_PER_S,
+            mma=self.mma / self.mma_rate,
             fma=self.fma / CUDA_FMA_PER_S,
             l1=self.loads / 32 / L1_WAVEFRONTS_PER_S,
+            issue=self.issue / ISSUE_PER_S,
+            dram=self.dram / DRAM_BYTES_PER_S,
         )
 
 
@@ -78,6 +90,50 @@ def backward_tiled(N: int, C: int, J: int, K: int, r: int, tile: int = 16) -> Wo
     )
 
 
+def cuda_forward(N: int, C: int, J: int, K: int, r: int, size: int = 4) -> Work:
+    """The CUDA forward: per (channel-block pair, tile of 8 x 16 positions) F's haloed tile goes
+    to shared memory once (16-byte loads, columns padded to whole vectors), Z_j is formed there
+    for each kernel (a column of 8 outputs per thread), and each warp multiplies its 16 x 32
+    piece of the J x K Grams with mma.sync, A and B fragments read once per step for all masks
+    (J, K <= 3 per block). ``size``: bytes per input element (4 TF32, 2 bf16)."""
+    tile_rows, cols, P, warps = 8, 16, 128, 8
+    h = r // 2
+    halo_rows, halo_cols = tile_rows + 2 * h, cols + 2 * max(16 // size, 4)
+    blocks = max(1, -(-C // BLOCK_C))
+    diagonal, off = blocks, blocks * (blocks - 1) // 2
+    tiles = N / P
+    kg, mg = min(J, 3), min(K, 3)  # kernels and masks per block
+    groups = -(-J // kg) * -(-K // mg)
+    wavefronts = issue = fma = 0.0
+    for channels, pairs in ((BLOCK_C, diagonal), (2 * BLOCK_C, off)):
+        units = pairs * tiles * groups
+        halo = channels * halo_rows * halo_cols * size / 128  # STS.128: 4 wavefronts a warp
+        issue_halo = channels * halo_rows * halo_cols * size / 16 / 32 * 6  # LDG, STS, address
+        warp_items = channels * cols / 32  # a warp: 16 columns x 2 channels
+        form_lds = warp_items * (r * halo_rows + r * r)  # column values, broadcast taps
+        form_ffma = warp_items * tile_rows * r * r
+        z_store = warp_items * tile_rows * 2  # 2-way conflict between a warp's two channels
+        rounding = warp_items * tile_rows * (4 if size == 4 else 1)
+        step = 8 if size == 4 else 16
+        steps = P // step
+        mma_lds = warps * steps * (12 + (2 if size == 4 else 4) * mg)
+        scaling = warps * steps * 4 * mg * (5 if size == 4 else 6)
+        hmma = warps * steps * 4 * mg
+        per_kernel_wavefronts = form_lds + z_store + mma_lds
+        per_kernel_issue = form_lds + form_ffma + z_store + rounding + mma_lds + scaling + hmma
+        wavefronts += units * (halo + kg * per_kernel_wavefronts)
+        issue += units * (issue_halo + kg * per_kernel_issue)
+        fma += units * kg * form_ffma * 32
+    return Work(
+        mma=J * K * blocks * blocks * BLOCK_C**2 * N,  # full 64 x 64 Grams, diagonal included
+        fma=fma,
+        loads=32 * wavefronts,
+        issue=issue,
+        dram=blocks * N * C * size + K * N * size + J * K * C * C * 4 * 2,
+        mma_rate=MMA_FMA_PER_S if size == 4 else BF16_MMA_FMA_PER_S,
+    )
+
+
 def triton_seconds(N: int, C: int, J: int, K: int, r: int = 3) -> float:
     """The model's bound for the shipped Triton forward + backward (``bench_masked_gram``
     prints it beside the measured time)."""
@@ -93,11 +149,13 @@ def main() -> None:
     parser.add_argument("-K", type=int, default=3)
     parser.add_argument("-r", type=int, default=3)
     args = parser.parse_args()
-    designs = [("forward", forward), ("backward, stencil", backward_stencil)]
-    designs.append(("backward, tiled", backward_tiled))
+    designs = [("triton forward", forward), ("triton backward, stencil", backward_stencil)]
+    designs.append(("triton backward, tiled", backward_tiled))
+    designs.append(("cuda forward, TF32", cuda_forward))
+    designs.append(("cuda forward, bf16", lambda *shape: cuda_forward(*shape, size=2)))
     print(f"{args.image}^2, J={args.J}, K={args.K}, r={args.r}, float32 (TF32), H100 model\n")
-    print("| layer | kernel | MMA ms | CUDA-core ms | L1 ms | bound ms |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| layer | kernel | MMA ms | CUDA-core ms | L1/smem ms | issue ms | DRAM ms | bound ms |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for layer in style_layers(args.image):
         for name, design in designs:
             times = design(layer.N, layer.C, args.J, args.K, args.r).seconds()

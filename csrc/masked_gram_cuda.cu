@@ -3,28 +3,32 @@
 // Notation as in SPEC: F (B, C, H, W), masks m_k (Bm, K, H, W), kernels p_j (J, r, r) with
 // h = r / 2, Z_j = P_j F (cross-correlation, zero padding), n_k = sum m_k^2.
 //
-// Forward, one block per (channel-block pair a <= b, split s of the positions, batch item,
-// group of kernels and masks): for every tile of positions in its split it loads F on the tile
-// plus its h-halo for the 2 * kChannelTile channels of blocks a and b into shared memory once,
-// forms Z_j on the tile in shared memory for each kernel of its group, and adds
-// sum_n m_k[n]^2 Z_j[n, a] Z_j[n, b]^T for each mask of its group to accumulators in shared
-// memory. The split's partial Grams go to a scratch (S, B, J, K, C, C); a second kernel sums the
-// splits in a fixed order (deterministic, no atomics), scales by 1 / n_k and mirrors the upper
-// triangle.
+// Forward, one block of 8 warps per (channel-block pair a <= b of 64 channels, split s of the
+// positions, batch item, group of up to 3 kernels x 3 masks). For every tile of positions of
+// its split (kRows x 16) it
+//   1. loads F on the tile and its halo for the pair's 128 channels (64 on the diagonal) into
+//      shared memory ONCE, in 16-byte global loads: the halo's columns are padded to whole
+//      16-byte vectors (4 floats, 8 halves) on each side, which costs no extra DRAM sectors;
+//   2. for each kernel j of its group forms Z_j on the tile in shared memory (each thread a
+//      column of kRows outputs, every loaded value used for up to r rows), stored as the MMA's
+//      operand: TF32 rounded to nearest for float32, the input type for 16-bit input;
+//   3. adds (m_k^2 Z_j,a)^T Z_j,b for each mask k of its group to accumulators in registers
+//      with mma.sync (m16n8k8 TF32, m16n8k16 bf16/f16; float accumulators): each warp owns a
+//      16 x 32 piece of all 3 x 3 (64 x 64) Grams, m_k^2 is applied to the A fragment in
+//      registers, so Z_j's fragments are read from shared memory once for all masks.
+// 2 J + 1 barriers per tile. The split's partial Grams go to a scratch (S, B, J, K, C, C); a
+// second kernel sums the splits in a fixed order (deterministic, no atomics), scales by 1 / n_k
+// and mirrors the upper triangle. float64, and any input without tensor cores (float32 without
+// allow_tf32, 16-bit below sm_80), take the same kernel with a SIMT step in place of mma.sync
+// and 2-row tiles (not a speed path: no benchmark runs them).
 //
 // Backward, one block per (tile of output positions, output channel block, batch item): with
 // S_jk = (dG_jk + dG_jk^T) / n_k precomputed, for each kernel j it forms
 // U_j = sum_k m_k^2 Z_j S_jk on the tile plus its h-halo (Z_j needs F on a 2h-halo), one input
 // channel block at a time, in shared memory, then applies the adjoint convolution (p_j rotated by
 // 180 degrees) into the block's dF accumulators in registers. Nothing of size J * N * C is ever
-// written to global memory.
-//
-// Accumulation in float (double for double). The matrix products (the forward's Grams, the
-// backward's U_j) run on TF32 tensor cores (WMMA m16n16k8, float accumulators) for float16 and
-// bfloat16 input, and for float32 when allow_tf32, on sm_80 and newer where the tiles fit in
-// shared memory; float64 and float32 without allow_tf32 run plain SIMT code. TF32 keeps 10
-// mantissa bits: as many as float16 and more than bfloat16, so it loses nothing for those inputs.
-// The convolutions and the adjoint stay SIMT: r * r multiply-adds per value, not a product.
+// written to global memory. Its products run on TF32 tensor cores (WMMA m16n16k8) for 16-bit
+// input and for float32 when allow_tf32, on sm_80 and newer; SIMT otherwise.
 #include "masked_gram_cuda.h"
 
 #include <cuda_bf16.h>
@@ -33,21 +37,15 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "masked_gram_mma.cuh"
 
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kChannelTile = 32;  // channels per channel block: TC
-
-// A tile of positions. Double halves the rows so a block's shared memory stays the same size.
-template <typename A>
-struct PositionTile {
-  static constexpr int rows = 8, cols = 16, size = rows * cols;
-};
-template <>
-struct PositionTile<double> {
-  static constexpr int rows = 4, cols = 16, size = rows * cols;
-};
+constexpr int kWarps = kThreads / 32;
 
 template <typename T>
 struct AccumulatorOf {
@@ -78,50 +76,396 @@ __device__ __forceinline__ float narrow<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ double narrow<double>(double v) { return v; }
 
+// The same bits as another type of the same size (std::bit_cast is not available in device code).
+template <typename To, typename From>
+__device__ __forceinline__ To bits_as(From v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To out;
+  memcpy(&out, &v, sizeof(To));
+  return out;
+}
+
 // Shapes and cuts, passed by value to every kernel.
 struct Dims {
   int B, C, H, W, Bm, K, J, r;
-  int channel_blocks;         // nb = ceil(C / TC)
+  int channel_blocks;         // nb = ceil(C / channel block)
   int tiles_x, tiles;         // tiles of positions: per row of tiles, in all
   int splits, tiles_per_split;
   int kernel_group, mask_group, mask_groups;  // forward: kernels and masks per block
+  bool vector_rows;  // rows of F start on 16 bytes (W a multiple of the vector, F aligned)
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// The tensor-core forward: each warp multiplies one 16 x 16 tile of a (TC x TC) Gram block over
-// one half of the tile's positions, so the Gram accumulators come in two halves.
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+constexpr int kPairBlock = 64;  // channels per channel block of the forward
+constexpr int kTileCols = 16;   // positions per row of a tile
+constexpr int kMaxKernels = 3;  // kernels and masks per forward block: 3 x 3 Grams of 64 x 64
+constexpr int kMaxMasks = 3;    // accumulate in registers (144 per thread)
+constexpr int kMaxHalo = 4;     // h <= 4 (r <= 9): the halo's padding is at least 4 columns
+// Tile rows: 8 (128 positions) or, where shared memory is short, 4 on tensor cores; 2 on SIMT.
+constexpr int kWideRows = 8, kNarrowRows = 4, kSimtRows = 2;
+
+// F's halo in shared memory, (channels, halo rows, kHaloCols) of T: columns x0 - kPad ..
+// x0 + 16 + kPad, whole 16-byte vectors, so a row is kChunks aligned vector loads.
+template <typename T>
+struct Halo {
+  static constexpr int vector = 16 / sizeof(T);
+  static constexpr int pad = vector > kMaxHalo ? vector : kMaxHalo;
+  static constexpr int cols = kTileCols + 2 * pad;
+  static constexpr int chunks = cols / vector;
+  // Elements per channel: whole rows, padded to 16 (mod 32) 4-byte words, so that the two
+  // channels a warp's halves read during the formation sit in opposite halves of the banks.
+  __host__ __device__ static constexpr int channel_stride(int rows) {
+    const int words = rows * cols * static_cast<int>(sizeof(T)) / 4;
+    const int padded = words + (48 - words % 32) % 32;
+    return padded * 4 / static_cast<int>(sizeof(T));
+  }
+};
+
+// How a forward block multiplies: Z's type in shared memory, positions per MMA step, Grams per
+// block, and the step itself. Z is stored (channels, positions + 16 bytes): a row stride of 4
+// (mod 32) words makes every fragment load below conflict-free (lanes g * stride + t).
+template <typename T, bool kTensorCores>
+struct Operands;
+
+// SIMT: each lane computes its accumulators of the MMA layout with scalar multiply-adds.
+template <typename T>
+struct Operands<T, false> {
+  using A = acc_t<T>;
+  using Z = A;
+  static constexpr int step = 8, max_kernels = sizeof(A) == 8 ? 1 : kMaxKernels;
+  __device__ static Z operand(A v) { return v; }
+  template <int kStride, int kMaskStride>
+  __device__ static void multiply(A (&acc)[kMaxMasks][4][4], int kn, const Z* za, const Z* zb,
+                                  const A* w, int lane) {
+    const int g = lane / 4, t = lane % 4;
+    for (int p = 0; p < step; ++p) {
+      const A a0 = za[g * kStride + p], a1 = za[(g + 8) * kStride + p];
+      A b[4][2];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) b[nt][e] = zb[(nt * 8 + 2 * t + e) * kStride + p];
+#pragma unroll
+      for (int kl = 0; kl < kMaxMasks; ++kl) {
+        if (kl >= kn) break;
+        const A wa0 = w[kl * kMaskStride + p] * a0, wa1 = w[kl * kMaskStride + p] * a1;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          acc[kl][nt][0] += wa0 * b[nt][0];
+          acc[kl][nt][1] += wa0 * b[nt][1];
+          acc[kl][nt][2] += wa1 * b[nt][0];
+          acc[kl][nt][3] += wa1 * b[nt][1];
+        }
+      }
+    }
+  }
+};
+
+// float32 on TF32 tensor cores: Z holds TF32 bit patterns, rounded to nearest when formed;
+// m_k^2 Z_a is rounded again after the product.
+template <>
+struct Operands<float, true> {
+  using Z = uint32_t;
+  static constexpr int step = 8, max_kernels = kMaxKernels;
+  __device__ static Z operand(float v) { return round_to_tf32(v); }
+  template <int kStride, int kMaskStride>
+  __device__ static void multiply(float (&acc)[kMaxMasks][4][4], int kn, const Z* za,
+                                  const Z* zb, const float* w, int lane) {
+    const int g = lane / 4, t = lane % 4;
+    const float a[4] = {
+        bits_as<float>(za[g * kStride + t]), bits_as<float>(za[(g + 8) * kStride + t]),
+        bits_as<float>(za[g * kStride + t + 4]), bits_as<float>(za[(g + 8) * kStride + t + 4])};
+    uint32_t b[4][2];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      b[nt][0] = zb[(nt * 8 + g) * kStride + t];
+      b[nt][1] = zb[(nt * 8 + g) * kStride + t + 4];
+    }
+    uint32_t wa[kMaxMasks][4];
+#pragma unroll
+    for (int kl = 0; kl < kMaxMasks; ++kl) {
+      const float w0 = w[kl * kMaskStride + t], w1 = w[kl * kMaskStride + t + 4];
+      wa[kl][0] = round_to_tf32(a[0] * w0), wa[kl][1] = round_to_tf32(a[1] * w0);
+      wa[kl][2] = round_to_tf32(a[2] * w1), wa[kl][3] = round_to_tf32(a[3] * w1);
+    }
+    mma_grid_tf32(acc, wa, b, kn);
+  }
+};
+
+// bfloat16 and float16 on their own tensor cores (m16n8k16): Z in the input type, two
+// positions per 32-bit register.
+template <typename T>
+struct HalfOperands {
+  using Z = T;
+  static constexpr int step = 16, max_kernels = kMaxKernels;
+  __device__ static Z operand(float v) { return narrow<T>(v); }
+  __device__ static uint32_t pair(const Z* p) { return *reinterpret_cast<const uint32_t*>(p); }
+  __device__ static uint32_t scaled(uint32_t two, float w_low, float w_high) {
+    const T low = bits_as<T>(static_cast<uint16_t>(two & 0xFFFFu));
+    const T high = bits_as<T>(static_cast<uint16_t>(two >> 16));
+    const uint32_t out_low = bits_as<uint16_t>(narrow<T>(widen(low) * w_low));
+    const uint32_t out_high = bits_as<uint16_t>(narrow<T>(widen(high) * w_high));
+    return out_low | out_high << 16;
+  }
+  template <int kStride, int kMaskStride>
+  __device__ static void multiply(float (&acc)[kMaxMasks][4][4], int kn, const Z* za,
+                                  const Z* zb, const float* w, int lane) {
+    const int g = lane / 4, t = lane % 4;
+    const uint32_t a[4] = {pair(za + g * kStride + 2 * t), pair(za + (g + 8) * kStride + 2 * t),
+                           pair(za + g * kStride + 2 * t + 8),
+                           pair(za + (g + 8) * kStride + 2 * t + 8)};
+    uint32_t b[4][2];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      b[nt][0] = pair(zb + (nt * 8 + g) * kStride + 2 * t);
+      b[nt][1] = pair(zb + (nt * 8 + g) * kStride + 2 * t + 8);
+    }
+    uint32_t wa[kMaxMasks][4];
+#pragma unroll
+    for (int kl = 0; kl < kMaxMasks; ++kl) {
+      const float* wk = w + kl * kMaskStride + 2 * t;
+      wa[kl][0] = scaled(a[0], wk[0], wk[1]), wa[kl][1] = scaled(a[1], wk[0], wk[1]);
+      wa[kl][2] = scaled(a[2], wk[8], wk[9]), wa[kl][3] = scaled(a[3], wk[8], wk[9]);
+    }
+    mma_grid_16bit<T>(acc, wa, b, kn);
+  }
+};
+template <>
+struct Operands<__nv_bfloat16, true> : HalfOperands<__nv_bfloat16> {};
+template <>
+struct Operands<__half, true> : HalfOperands<__half> {};
+
+template <typename T, bool kTensorCores, int kRows>
+struct ForwardTile {
+  using Ops = Operands<T, kTensorCores>;
+  using A = acc_t<T>;
+  static constexpr int positions = kRows * kTileCols;
+  static constexpr int z_stride = positions + 16 / static_cast<int>(sizeof(typename Ops::Z));
+  static_assert(positions % Ops::step == 0);
+
+  // Shared memory in bytes, in the order the kernel lays it out (each region 16-byte aligned).
+  __host__ __device__ static constexpr int halo_bytes(int r) {
+    return 2 * kPairBlock * Halo<T>::channel_stride(kRows + 2 * (r / 2)) * sizeof(T);
+  }
+  static constexpr int z_bytes = 2 * kPairBlock * z_stride * sizeof(typename Ops::Z);
+  static constexpr int mask_bytes = kMaxMasks * positions * sizeof(A);
+  __host__ __device__ static constexpr int smem_bytes(int r) {
+    const int tap_bytes = kMaxKernels * r * r * static_cast<int>(sizeof(A));
+    return halo_bytes(r) + z_bytes + mask_bytes + ceil_div(tap_bytes, 16) * 16;
+  }
+};
+
+// features (B, C, H, W) T; masks (Bm, K, H, W) T; kernels (J, r, r) T.
+// scratch (S, B, J, K, C, C) A: the block for channel blocks (a, b) writes rows of a and columns
+// of b of its split's sum over positions of m_k^2 Z_j Z_j^T; lower blocks stay unwritten.
+template <typename T, bool kTensorCores, int kRows>
+__global__ void __launch_bounds__(kThreads, 1)
+    _masked_gram_fwd_kernel(const T* __restrict__ features, const T* __restrict__ masks,
+                            const T* __restrict__ kernels, acc_t<T>* __restrict__ scratch,
+                            const Dims d) {
+  using Tile = ForwardTile<T, kTensorCores, kRows>;
+  using Ops = typename Tile::Ops;
+  using A = acc_t<T>;
+  using Z = typename Ops::Z;
+  using HaloT = Halo<T>;
+  constexpr int TC = kPairBlock, P = Tile::positions, kZStride = Tile::z_stride;
+  constexpr int kMaxJ = Ops::max_kernels;
+  constexpr int kColumn = kRows + 2 * kMaxHalo;  // a thread's column of F, the longest halo
+
+  // Which pair of channel blocks (a <= b): pairs are numbered row by row of the upper triangle.
+  int a = 0, pair = blockIdx.x;
+  while (pair >= d.channel_blocks - a) {
+    pair -= d.channel_blocks - a;
+    ++a;
+  }
+  const int b = a + pair;
+  const int split = blockIdx.y;
+  const int groups = ceil_div(d.J, d.kernel_group) * d.mask_groups;
+  const int batch = blockIdx.z / groups, group = blockIdx.z % groups;
+  const int j0 = group / d.mask_groups * d.kernel_group;
+  const int k0 = group % d.mask_groups * d.mask_group;
+  const int jn = min(d.kernel_group, d.J - j0);
+  const int kn = min(d.mask_group, d.K - k0);
+  // On the diagonal both operands are block a: 64 channels loaded and formed, not 128.
+  const int channels = a == b ? TC : 2 * TC;
+  const int b_offset = a == b ? 0 : TC;
+
+  const int h = d.r / 2, taps_per_kernel = d.r * d.r;
+  const int halo_rows = kRows + 2 * h;
+  const int channel_stride = HaloT::channel_stride(halo_rows);
+
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  T* halo = reinterpret_cast<T*>(shared_bytes);  // (2 TC, channel_stride)
+  Z* z_tile = reinterpret_cast<Z*>(shared_bytes + Tile::halo_bytes(d.r));  // (2 TC, kZStride)
+  A* mask_sq = reinterpret_cast<A*>(reinterpret_cast<unsigned char*>(z_tile) + Tile::z_bytes);
+  A* taps = mask_sq + kMaxMasks * P;  // (jn, r, r)
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  for (int e = tid; e < jn * taps_per_kernel; e += kThreads)
+    taps[e] = widen(kernels[static_cast<int64_t>(j0) * taps_per_kernel + e]);
+
+  // This warp's 16 x 32 piece of every (TC x TC) Gram: rows m0.. of block a, columns n0.. of b.
+  static_assert(kWarps == (TC / 16) * (TC / 32), "a warp for each 16 x 32 piece of a Gram");
+  const int m0 = warp % 4 * 16, n0 = warp / 4 * 32;
+  A acc[kMaxJ][kMaxMasks][4][4];
+#pragma unroll
+  for (int jl = 0; jl < kMaxJ; ++jl)
+#pragma unroll
+    for (int kl = 0; kl < kMaxMasks; ++kl)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[jl][kl][nt][i] = A(0);
+
+  const int64_t N = static_cast<int64_t>(d.H) * d.W;
+  const T* f_batch = features + static_cast<int64_t>(batch) * d.C * N;
+  const T* m_batch = masks + static_cast<int64_t>(d.Bm == 1 ? 0 : batch) * d.K * N;
+
+  const int tile_begin = split * d.tiles_per_split;
+  const int tile_end = min(tile_begin + d.tiles_per_split, d.tiles);
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+    const int y0 = tile / d.tiles_x * kRows, x0 = tile % d.tiles_x * kTileCols;
+    __syncthreads();  // the previous tile's readers of halo and mask_sq are done
+
+    // 1. F on the tile and its halo: rows y0 - h .. y0 + kRows + h, whole 16-byte vectors.
+    for (int hr = 0; hr < halo_rows; ++hr) {
+      const int y = y0 - h + hr;
+      const bool row_inside = y >= 0 && y < d.H;
+      for (int e = tid; e < channels * HaloT::chunks; e += kThreads) {
+        const int c = e / HaloT::chunks, chunk = e % HaloT::chunks;
+        const int channel = c < TC ? a * TC + c : b * TC + c - TC;
+        const int x = x0 - HaloT::pad + chunk * HaloT::vector;
+        T* dst = halo + c * channel_stride + hr * HaloT::cols + chunk * HaloT::vector;
+        const bool inside = row_inside && channel < d.C;
+        const T* src = f_batch + (inside ? channel * N + static_cast<int64_t>(y) * d.W : 0);
+        if (inside && d.vector_rows && x >= 0 && x + HaloT::vector <= d.W) {
+          *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src + x));
+        } else {
+#pragma unroll
+          for (int v = 0; v < HaloT::vector; ++v) {
+            const bool in = inside && x + v >= 0 && x + v < d.W;
+            dst[v] = in ? src[x + v] : narrow<T>(A(0));
+          }
+        }
+      }
+    }
+    for (int e = tid; e < kn * P; e += kThreads) {
+      const int kl = e / P, n = e % P;
+      const int y = y0 + n / kTileCols, x = x0 + n % kTileCols;
+      const bool inside = y < d.H && x < d.W;
+      const A m =
+          inside ? widen(m_batch[(k0 + kl) * N + static_cast<int64_t>(y) * d.W + x]) : A(0);
+      mask_sq[e] = m * m;  // 0 outside the image: those positions add nothing
+    }
+
+#pragma unroll
+    for (int jl = 0; jl < kMaxJ; ++jl) {
+      if (jl >= jn) break;
+      __syncthreads();  // halo and mask_sq loaded; the previous kernel's z_tile readers done
+      // 2. Z_j on the tile: a thread forms a column of kRows outputs of one channel, reading
+      // each of its halo rows once per kernel column dx and using it for up to r outputs.
+      const A* tap = taps + jl * taps_per_kernel;
+      for (int item = tid; item < channels * kTileCols; item += kThreads) {
+        const int c = item / kTileCols, x = item % kTileCols;
+        const T* src = halo + c * channel_stride + HaloT::pad - h + x;
+        A z[kRows];
+#pragma unroll
+        for (int oy = 0; oy < kRows; ++oy) z[oy] = A(0);
+        for (int dx = 0; dx < d.r; ++dx) {
+          A column[kColumn];
+#pragma unroll
+          for (int hy = 0; hy < kColumn; ++hy)
+            column[hy] = hy < halo_rows ? widen(src[hy * HaloT::cols + dx]) : A(0);
+#pragma unroll
+          for (int dy = 0; dy < 2 * kMaxHalo + 1; ++dy) {
+            if (dy >= d.r) break;
+            const A w = tap[dy * d.r + dx];
+#pragma unroll
+            for (int oy = 0; oy < kRows; ++oy) z[oy] += w * column[oy + dy];
+          }
+        }
+#pragma unroll
+        for (int oy = 0; oy < kRows; ++oy)
+          z_tile[c * kZStride + oy * kTileCols + x] = Ops::operand(z[oy]);
+      }
+      __syncthreads();
+      // 3. The Grams of kernel j and every mask of the group, P positions deep.
+      const Z* za = z_tile + m0 * kZStride;
+      const Z* zb = z_tile + (b_offset + n0) * kZStride;
+#pragma unroll 1
+      for (int p0 = 0; p0 < P; p0 += Ops::step)
+        Ops::template multiply<kZStride, P>(acc[jl], kn, za + p0, zb + p0, mask_sq + p0, lane);
+    }
+  }
+
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int jl = 0; jl < kMaxJ; ++jl) {
+#pragma unroll
+    for (int kl = 0; kl < kMaxMasks; ++kl) {
+      if (jl >= jn || kl >= kn) continue;
+      const int64_t slice =
+          ((static_cast<int64_t>(split) * d.B + batch) * d.J + j0 + jl) * d.K + k0 + kl;
+      A* out = scratch + slice * d.C * d.C;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int row = a * TC + m0 + g + 8 * (i / 2);
+          const int col = b * TC + n0 + nt * 8 + 2 * t + i % 2;
+          if (row < d.C && col < d.C)
+            out[static_cast<int64_t>(row) * d.C + col] = acc[jl][kl][nt][i];
+        }
+    }
+  }
+}
+
+// scratch (S, B, J, K, C, C) A as written above; inverse_mass (Bm, K) A; gram (B, J, K, C, C) A.
+// Both halves of G read the same upper-triangle sum, so G is exactly symmetric.
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    _masked_gram_reduce_kernel(const A* __restrict__ scratch, const A* __restrict__ inverse_mass,
+                               A* __restrict__ gram, const Dims d) {
+  const int64_t C = d.C;
+  const int64_t total = static_cast<int64_t>(d.B) * d.J * d.K * C * C;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t col = e % C, row = e / C % C, slice = e / (C * C);  // slice: (batch, j, k)
+    const int k = static_cast<int>(slice % d.K);
+    const int batch = static_cast<int>(slice / (static_cast<int64_t>(d.J) * d.K));
+    const int64_t upper = slice * C * C + min(row, col) * C + max(row, col);
+    A sum = A(0);
+    for (int s = 0; s < d.splits; ++s) sum += scratch[s * total + upper];
+    gram[e] = sum * inverse_mass[(d.Bm == 1 ? 0 : batch) * d.K + k];
+  }
+}
+
+// One input channel block's share of U_j on tensor cores: U_j += W S, with
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+constexpr int kChannelTile = 32;  // channels per channel block of the backward: TC
+
+// A tile of positions. Double halves the rows so a block's shared memory stays the same size.
+template <typename A>
+struct PositionTile {
+  static constexpr int rows = 8, cols = 16, size = rows * cols;
+};
+template <>
+struct PositionTile<double> {
+  static constexpr int rows = 4, cols = 16, size = rows * cols;
+};
+
 constexpr int kMmaTile = 16;
 constexpr int kMmaDepth = 8;  // TF32 WMMA is m16n16k8
-constexpr int kPositionHalves = 2;
-constexpr int kGramTiles = (kChannelTile / kMmaTile) * (kChannelTile / kMmaTile);
-static_assert(kThreads / 32 == kPositionHalves * kGramTiles,
-              "one warp per (Gram tile, half of the positions)");
 static_assert(kChannelTile % kMmaDepth == 0,
               "the backward's products step over whole channel blocks");
 
-// Row strides of the forward's Z tile (2 TC channels) and weighted tile (TC channels): odd for
-// conflict-free SIMT, a multiple of 8 floats for WMMA's 32-byte aligned tile pointers.
-__host__ __device__ constexpr int z_stride_of(bool tensor_cores) {
-  return tensor_cores ? 2 * kChannelTile + 8 : 2 * kChannelTile + 1;
-}
-constexpr int kWeightedStride = kChannelTile + 8;
-
-// Forward shared memory, in accumulator elements, in the order the kernel lays it out.
-template <typename A>
-__host__ __device__ constexpr int forward_smem_elements(int r, int kernel_group, int mask_group,
-                                                        bool tensor_cores) {
-  using Tile = PositionTile<A>;
-  return (tensor_cores ? kPositionHalves : 1) * kernel_group * mask_group * kChannelTile *
-             kChannelTile  // Gram accumulators
-         + 2 * kChannelTile * (Tile::rows + r - 1) * (Tile::cols + r - 1)  // F on the halo
-         + Tile::size * z_stride_of(tensor_cores)  // Z_j on the tile
-         + (tensor_cores ? Tile::size * kWeightedStride : 0)  // m_k^2 Z_j, block a's channels
-         + mask_group * Tile::size  // m_k^2 on the tile
-         + kernel_group * r * r;  // taps of the group's kernels
-}
-
-// The backward's h-halo of positions, rounded up to whole 16-row WMMA tiles on tensor cores.
 template <typename A>
 __host__ __device__ constexpr int backward_rows(int r, bool tensor_cores) {
   using Tile = PositionTile<A>;
@@ -149,8 +493,7 @@ __host__ __device__ constexpr int backward_smem_elements(int r, int K, int J, bo
          + J * r * r;  // taps
 }
 
-// One Gram accumulation step on tensor cores: acc[jl, kl] += (m_k^2 Z_a)^T Z_b over the tile.
-// One TF32 tensor-core step shared by the forward and the backward: sum += A B with A
+// One TF32 tensor-core step of the backward: sum += A B with A
 // (kMmaTile x kMmaDepth) at a, leading dimension lda, laid out as LayoutA, and B
 // (kMmaDepth x kMmaTile) row-major at b, leading dimension ldb; both rounded to TF32 first.
 template <typename LayoutA, typename Accumulator>
@@ -174,196 +517,7 @@ __device__ __forceinline__ void mma_tf32_step(Accumulator& sum, const float* a, 
 }
 
 // weighted (Tile::size, kWeightedStride): m_k^2 Z_j for block a's channels; z_tile
-// (Tile::size, z_stride): Z_j, block b's channels from column TC; acc: the two halves of this
-// block's (TC x TC) accumulators for (jl, kl), half_stride elements apart.
-template <int positions, int z_stride>
-__device__ __forceinline__ void gram_tile_mma(const float* weighted, const float* z_tile,
-                                              float* acc, int half_stride) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // TF32 needs sm_80; the plan never picks tensor cores below it
-#else
-  namespace wmma = nvcuda::wmma;
-  constexpr int TC = kChannelTile;
-  const int warp = threadIdx.x / 32;
-  const int tile = warp % kGramTiles, half = warp / kGramTiles;
-  const int row = tile / (TC / kMmaTile) * kMmaTile, col = tile % (TC / kMmaTile) * kMmaTile;
-  float* out = acc + half * half_stride + row * TC + col;
-  wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaDepth, float> sum;
-  wmma::load_matrix_sync(sum, out, TC, wmma::mem_row_major);
-  constexpr int per_half = positions / kPositionHalves;
-  for (int n = half * per_half; n < (half + 1) * per_half; n += kMmaDepth) {
-    // A (rows of block a x positions) is weighted^T: column-major with stride kWeightedStride.
-    mma_tf32_step<wmma::col_major>(sum, weighted + n * kWeightedStride + row, kWeightedStride,
-                                   z_tile + n * z_stride + TC + col, z_stride);
-  }
-  wmma::store_matrix_sync(out, sum, TC, wmma::mem_row_major);
-#endif
-}
 
-// features (B, C, H, W) T; masks (Bm, K, H, W) T; kernels (J, r, r) T.
-// scratch (S, B, J, K, C, C) A: the block for channel blocks (a, b) writes rows of a and columns
-// of b of its split's sum over positions of m_k^2 Z_j Z_j^T; lower blocks stay unwritten.
-template <typename T, bool kTensorCores>
-__global__ void __launch_bounds__(kThreads)
-    _masked_gram_fwd_kernel(const T* __restrict__ features, const T* __restrict__ masks,
-                            const T* __restrict__ kernels, acc_t<T>* __restrict__ scratch,
-                            const Dims d) {
-  using A = acc_t<T>;
-  using Tile = PositionTile<A>;
-  constexpr int TC = kChannelTile;
-  constexpr int z_stride = z_stride_of(kTensorCores);
-  constexpr int halves = kTensorCores ? kPositionHalves : 1;
-  static_assert(!kTensorCores || sizeof(A) == 4, "tensor cores take float tiles");
-
-  // Which pair of channel blocks (a <= b): pairs are numbered row by row of the upper triangle.
-  int a = 0, pair = blockIdx.x;
-  while (pair >= d.channel_blocks - a) {
-    pair -= d.channel_blocks - a;
-    ++a;
-  }
-  const int b = a + pair;
-  const int split = blockIdx.y;
-  const int batch = blockIdx.z / (ceil_div(d.J, d.kernel_group) * d.mask_groups);
-  const int group = blockIdx.z % (ceil_div(d.J, d.kernel_group) * d.mask_groups);
-  const int j0 = group / d.mask_groups * d.kernel_group;
-  const int k0 = group % d.mask_groups * d.mask_group;
-  const int jn = min(d.kernel_group, d.J - j0);
-  const int kn = min(d.mask_group, d.K - k0);
-
-  const int h = d.r / 2;
-  const int halo_rows = Tile::rows + 2 * h, halo_cols = Tile::cols + 2 * h;
-  const int halo_size = halo_rows * halo_cols;
-  const int taps_per_kernel = d.r * d.r;
-
-  // Every region starts at a multiple of 8 elements: WMMA's tile pointers are 32-byte aligned.
-  extern __shared__ __align__(128) unsigned char shared_bytes[];
-  const int half_stride = jn * kn * TC * TC;
-  A* gram_acc = reinterpret_cast<A*>(shared_bytes);  // (halves, jn * kn, TC, TC)
-  A* f_halo = gram_acc + halves * half_stride;       // (2 TC, halo_rows, halo_cols)
-  A* z_tile = f_halo + 2 * TC * halo_size;           // (Tile::size, z_stride)
-  A* weighted = z_tile + Tile::size * z_stride;      // tensor cores: (Tile::size, kWeightedStride)
-  A* mask_sq = weighted + (kTensorCores ? Tile::size * kWeightedStride : 0);  // (kn, Tile::size)
-  A* taps = mask_sq + kn * Tile::size;               // (jn, r, r)
-
-  const int tid = threadIdx.x;
-  for (int e = tid; e < halves * half_stride; e += kThreads) gram_acc[e] = A(0);
-  for (int e = tid; e < jn * taps_per_kernel; e += kThreads)
-    taps[e] = widen(kernels[static_cast<int64_t>(j0) * taps_per_kernel + e]);
-
-  // This thread's 2 x 2 entries of every (TC x TC) Gram block: rows row0, row0 + 16 of block a,
-  // columns col0, col0 + 16 of block b.
-  const int row0 = tid / 16, col0 = tid % 16;
-
-  const int64_t N = static_cast<int64_t>(d.H) * d.W;
-  const T* f_batch = features + static_cast<int64_t>(batch) * d.C * N;
-  const T* m_batch = masks + static_cast<int64_t>(d.Bm == 1 ? 0 : batch) * d.K * N;
-
-  const int tile_begin = split * d.tiles_per_split;
-  const int tile_end = min(tile_begin + d.tiles_per_split, d.tiles);
-  for (int tile = tile_begin; tile < tile_end; ++tile) {
-    const int y0 = tile / d.tiles_x * Tile::rows, x0 = tile % d.tiles_x * Tile::cols;
-    __syncthreads();  // the previous tile's readers of f_halo, z_tile and mask_sq are done
-    for (int e = tid; e < 2 * TC * halo_size; e += kThreads) {
-      const int local = e / halo_size, p = e % halo_size;
-      const int c = local < TC ? a * TC + local : b * TC + local - TC;
-      const int y = y0 - h + p / halo_cols, x = x0 - h + p % halo_cols;
-      const bool inside = c < d.C && y >= 0 && y < d.H && x >= 0 && x < d.W;
-      f_halo[e] = inside ? widen(f_batch[c * N + static_cast<int64_t>(y) * d.W + x]) : A(0);
-    }
-    for (int e = tid; e < kn * Tile::size; e += kThreads) {
-      const int k = e / Tile::size, n = e % Tile::size;
-      const int y = y0 + n / Tile::cols, x = x0 + n % Tile::cols;
-      const bool inside = y < d.H && x < d.W;
-      const A m =
-          inside ? widen(m_batch[(k0 + k) * N + static_cast<int64_t>(y) * d.W + x]) : A(0);
-      mask_sq[e] = m * m;  // 0 outside the image: those positions add nothing
-    }
-    for (int jl = 0; jl < jn; ++jl) {
-      __syncthreads();  // f_halo and mask_sq loaded; the previous kernel's z_tile readers done
-      const A* tap = taps + jl * taps_per_kernel;
-      for (int e = tid; e < 2 * TC * Tile::size; e += kThreads) {
-        const int local = e / Tile::size, n = e % Tile::size;
-        const A* src = f_halo + local * halo_size + n / Tile::cols * halo_cols + n % Tile::cols;
-        A z = A(0);
-        for (int dy = 0; dy < d.r; ++dy)
-          for (int dx = 0; dx < d.r; ++dx) z += tap[dy * d.r + dx] * src[dy * halo_cols + dx];
-        z_tile[n * z_stride + local] = z;
-      }
-      __syncthreads();
-      if constexpr (kTensorCores) {
-        for (int kl = 0; kl < kn; ++kl) {
-          for (int e = tid; e < Tile::size * TC; e += kThreads) {
-            const int n = e / TC, c = e % TC;
-            weighted[n * kWeightedStride + c] =
-                mask_sq[kl * Tile::size + n] * z_tile[n * z_stride + c];
-          }
-          __syncthreads();
-          gram_tile_mma<Tile::size, z_stride>(weighted, z_tile,
-                                              gram_acc + (jl * kn + kl) * TC * TC, half_stride);
-          __syncthreads();  // weighted is rewritten for the next mask
-        }
-      } else {
-        for (int kl = 0; kl < kn; ++kl) {
-          const A* w = mask_sq + kl * Tile::size;
-          A s00 = A(0), s01 = A(0), s10 = A(0), s11 = A(0);
-          for (int n = 0; n < Tile::size; ++n) {
-            const A* zn = z_tile + n * z_stride;
-            const A u0 = w[n] * zn[row0], u1 = w[n] * zn[row0 + 16];
-            const A v0 = zn[TC + col0], v1 = zn[TC + col0 + 16];
-            s00 += u0 * v0;
-            s01 += u0 * v1;
-            s10 += u1 * v0;
-            s11 += u1 * v1;
-          }
-          A* acc = gram_acc + (jl * kn + kl) * TC * TC;
-          acc[row0 * TC + col0] += s00;
-          acc[row0 * TC + col0 + 16] += s01;
-          acc[(row0 + 16) * TC + col0] += s10;
-          acc[(row0 + 16) * TC + col0 + 16] += s11;
-        }
-      }
-    }
-  }
-
-  __syncthreads();  // tensor cores: warps wrote the accumulators this thread reads
-  for (int jl = 0; jl < jn; ++jl) {
-    for (int kl = 0; kl < kn; ++kl) {
-      const int64_t slice = ((static_cast<int64_t>(split) * d.B + batch) * d.J + j0 + jl) * d.K +
-                            k0 + kl;
-      A* out = scratch + slice * d.C * d.C;
-      const A* acc = gram_acc + (jl * kn + kl) * TC * TC;
-      for (int q = 0; q < 4; ++q) {
-        const int local_row = row0 + 16 * (q / 2), local_col = col0 + 16 * (q % 2);
-        const int row = a * TC + local_row, col = b * TC + local_col;
-        A value = acc[local_row * TC + local_col];
-        if (kTensorCores) value += acc[half_stride + local_row * TC + local_col];
-        if (row < d.C && col < d.C) out[static_cast<int64_t>(row) * d.C + col] = value;
-      }
-    }
-  }
-}
-
-// scratch (S, B, J, K, C, C) A as written above; inverse_mass (Bm, K) A; gram (B, J, K, C, C) A.
-// Both halves of G read the same upper-triangle sum, so G is exactly symmetric.
-template <typename A>
-__global__ void __launch_bounds__(kThreads)
-    _masked_gram_reduce_kernel(const A* __restrict__ scratch, const A* __restrict__ inverse_mass,
-                               A* __restrict__ gram, const Dims d) {
-  const int64_t C = d.C;
-  const int64_t total = static_cast<int64_t>(d.B) * d.J * d.K * C * C;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t col = e % C, row = e / C % C, slice = e / (C * C);  // slice: (batch, j, k)
-    const int k = static_cast<int>(slice % d.K);
-    const int batch = static_cast<int>(slice / (static_cast<int64_t>(d.J) * d.K));
-    const int64_t upper = slice * C * C + min(row, col) * C + max(row, col);
-    A sum = A(0);
-    for (int s = 0; s < d.splits; ++s) sum += scratch[s * total + upper];
-    gram[e] = sum * inverse_mass[(d.Bm == 1 ? 0 : batch) * d.K + k];
-  }
-}
-
-// One input channel block's share of U_j on tensor cores: U_j += W S, with
 // W = [m_1^2 Z_j | ... | m_K^2 Z_j] (rows, K TC) and S = [S_j1; ...; S_jK] (K TC, TC), each warp
 // taking 16 x 16 tiles of U_j in turn.
 __device__ __forceinline__ void u_tile_mma(const float* weighted, int weighted_stride,
@@ -530,9 +684,34 @@ __global__ void __launch_bounds__(kThreads, kTensorCores ? 1 : 2)
           narrow<T>(d_acc[i]);
   }
 }
+// ---------------------------------------------------------------------------------------------
+// Plans and launchers
 
 template <typename T>
-Dims dims_of(const CastGramShape& s, const CastGramPlan& plan) {
+Dims forward_dims(const CastGramShape& s, const CastGramPlan& plan, const void* features) {
+  Dims d{};
+  d.B = static_cast<int>(s.B);
+  d.C = static_cast<int>(s.C);
+  d.H = static_cast<int>(s.H);
+  d.W = static_cast<int>(s.W);
+  d.Bm = static_cast<int>(s.Bm);
+  d.K = static_cast<int>(s.K);
+  d.J = static_cast<int>(s.J);
+  d.r = static_cast<int>(s.r);
+  d.channel_blocks = ceil_div(d.C, kPairBlock);
+  d.tiles_x = ceil_div(d.W, kTileCols);
+  d.tiles = ceil_div(d.H, static_cast<int>(plan.tile_rows)) * d.tiles_x;
+  d.splits = static_cast<int>(plan.splits);
+  d.tiles_per_split = ceil_div(d.tiles, d.splits);
+  d.kernel_group = static_cast<int>(plan.kernel_group);
+  d.mask_group = static_cast<int>(plan.mask_group);
+  d.mask_groups = ceil_div(d.K, d.mask_group);
+  d.vector_rows = d.W % Halo<T>::vector == 0 && reinterpret_cast<uintptr_t>(features) % 16 == 0;
+  return d;
+}
+
+template <typename T>
+Dims backward_dims(const CastGramShape& s) {
   using Tile = PositionTile<acc_t<T>>;
   Dims d{};
   d.B = static_cast<int>(s.B);
@@ -546,53 +725,62 @@ Dims dims_of(const CastGramShape& s, const CastGramPlan& plan) {
   d.channel_blocks = ceil_div(d.C, kChannelTile);
   d.tiles_x = ceil_div(d.W, Tile::cols);
   d.tiles = ceil_div(d.H, Tile::rows) * d.tiles_x;
-  d.splits = static_cast<int>(plan.splits);
-  d.tiles_per_split = ceil_div(d.tiles, d.splits);
-  d.kernel_group = static_cast<int>(plan.kernel_group);
-  d.mask_group = static_cast<int>(plan.mask_group);
-  d.mask_groups = ceil_div(d.K, d.mask_group);
   return d;
+}
+
+template <typename T, bool kTensorCores, int kRows>
+size_t forward_smem(int r) {
+  return static_cast<size_t>(ForwardTile<T, kTensorCores, kRows>::smem_bytes(r));
+}
+
+// The forward's shared memory for a plan's tiles; 0 where no kernel has them.
+template <typename T>
+size_t forward_smem_of(bool tensor_cores, int rows, int r) {
+  if constexpr (sizeof(T) <= 4) {
+    if (tensor_cores && rows == kWideRows) return forward_smem<T, true, kWideRows>(r);
+    if (tensor_cores && rows == kNarrowRows) return forward_smem<T, true, kNarrowRows>(r);
+  }
+  return !tensor_cores && rows == kSimtRows ? forward_smem<T, false, kSimtRows>(r) : 0;
+}
+
+// The forward's tile rows: the widest whose shared memory fits, 0 if none does.
+template <typename T>
+int forward_rows(bool tensor_cores, int r, size_t max_smem) {
+  for (int rows : {kWideRows, kNarrowRows, kSimtRows}) {
+    const size_t bytes = forward_smem_of<T>(tensor_cores, rows, r);
+    if (bytes > 0 && bytes <= max_smem) return rows;
+  }
+  return 0;
 }
 
 template <typename T>
 CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem) {
   using A = acc_t<T>;
-  using Tile = PositionTile<A>;
   const int r = static_cast<int>(s.r), J = static_cast<int>(s.J), K = static_cast<int>(s.K);
   CastGramPlan plan{};
   plan.tensor_cores = tensor_cores;
-  // Smaller groups of kernels and masks until the Gram accumulators fit in shared memory.
-  int kernel_group = J, mask_group = K;
-  auto forward_bytes = [&] {
-    return sizeof(A) * static_cast<size_t>(
-                           forward_smem_elements<A>(r, kernel_group, mask_group, tensor_cores));
-  };
-  while (forward_bytes() > max_smem && (kernel_group > 1 || mask_group > 1)) {
-    if (kernel_group > 1)
-      kernel_group = ceil_div(kernel_group, 2);
-    else
-      mask_group = ceil_div(mask_group, 2);
-  }
-  plan.kernel_group = kernel_group;
-  plan.mask_group = mask_group;
-  plan.forward_smem = forward_bytes();
+  plan.tile_rows = r / 2 <= kMaxHalo ? forward_rows<T>(tensor_cores, r, max_smem) : 0;
+  const int max_kernels = Operands<T, false>::max_kernels;  // the same on tensor cores
+  plan.kernel_group = ceil_div(J, ceil_div(J, max_kernels));  // as even as the registers allow
+  plan.mask_group = ceil_div(K, ceil_div(K, kMaxMasks));
+  plan.forward_smem = forward_smem_of<T>(tensor_cores, static_cast<int>(plan.tile_rows), r);
   plan.backward_smem =
       sizeof(A) * static_cast<size_t>(backward_smem_elements<A>(r, K, J, tensor_cores));
-  if (plan.forward_smem > max_smem || plan.backward_smem > max_smem)
+  if (plan.tile_rows == 0 || plan.backward_smem > max_smem)
     plan.unsupported =
         "the kernels' size r or the number of masks K is too large for the CUDA backend's "
         "shared-memory tiles; use backend='triton'";
 
   // Enough splits of the positions for kTargetBlocks blocks even at C = 64: two for each of an
-  // H100's 132 SMs. A constant, not the device's SM count, so that the order of the sums, and
-  // with it G to the last bit, is the same on every GPU and for every grouping of kernels and
-  // masks.
+  // H100's 132 SMs. A constant, not the device's SM count, and independent of the groups of
+  // kernels and masks, so that the order of the sums, and with it G to the last bit, is the
+  // same on every GPU and for every grouping.
   constexpr int64_t kTargetBlocks = 2 * 132;
+  const int rows = std::max(1, static_cast<int>(plan.tile_rows));
   const int tiles =
-      ceil_div(static_cast<int>(s.H), Tile::rows) * ceil_div(static_cast<int>(s.W), Tile::cols);
-  const int nb = ceil_div(static_cast<int>(s.C), kChannelTile);
-  const int64_t blocks_per_split = static_cast<int64_t>(nb) * (nb + 1) / 2 * s.B *
-                                   ceil_div(J, kernel_group) * ceil_div(K, mask_group);
+      ceil_div(static_cast<int>(s.H), rows) * ceil_div(static_cast<int>(s.W), kTileCols);
+  const int nb = ceil_div(static_cast<int>(s.C), kPairBlock);
+  const int64_t blocks_per_split = static_cast<int64_t>(nb) * (nb + 1) / 2 * s.B;
   const int64_t wanted = (kTargetBlocks + blocks_per_split - 1) / blocks_per_split;
   constexpr int kMaxSplits = 64;  // bounds the scratch at 64 copies of G
   const int splits = static_cast<int>(std::clamp<int64_t>(wanted, 1, std::min(tiles, kMaxSplits)));
@@ -600,11 +788,11 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem
   return plan;
 }
 
-template <typename T, bool kTensorCores>
+template <typename T, bool kTensorCores, int kRows>
 cudaError_t launch_forward_kernel(const Dims& d, const CastGramPlan& plan, const void* features,
                                   const void* masks, const void* kernels, void* scratch,
                                   cudaStream_t stream) {
-  const auto kernel = _masked_gram_fwd_kernel<T, kTensorCores>;
+  const auto kernel = _masked_gram_fwd_kernel<T, kTensorCores, kRows>;
   const cudaError_t err = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.forward_smem));
   if (err != cudaSuccess) return err;
@@ -621,14 +809,21 @@ cudaError_t forward(const CastGramShape& s, const CastGramPlan& plan, const void
                     const void* masks, const void* kernels, const void* inverse_mass,
                     void* scratch, void* gram, cudaStream_t stream) {
   using A = acc_t<T>;
-  const Dims d = dims_of<T>(s, plan);
+  const Dims d = forward_dims<T>(s, plan, features);
   cudaError_t err;
   if constexpr (sizeof(A) == 4) {
-    err = plan.tensor_cores
-              ? launch_forward_kernel<T, true>(d, plan, features, masks, kernels, scratch, stream)
-              : launch_forward_kernel<T, false>(d, plan, features, masks, kernels, scratch, stream);
+    if (!plan.tensor_cores)
+      err = launch_forward_kernel<T, false, kSimtRows>(d, plan, features, masks, kernels,
+                                                       scratch, stream);
+    else if (plan.tile_rows == kWideRows)
+      err = launch_forward_kernel<T, true, kWideRows>(d, plan, features, masks, kernels, scratch,
+                                                      stream);
+    else
+      err = launch_forward_kernel<T, true, kNarrowRows>(d, plan, features, masks, kernels,
+                                                        scratch, stream);
   } else {
-    err = launch_forward_kernel<T, false>(d, plan, features, masks, kernels, scratch, stream);
+    err = launch_forward_kernel<T, false, kSimtRows>(d, plan, features, masks, kernels, scratch,
+                                                     stream);
   }
   if (err != cudaSuccess) return err;
 
@@ -644,7 +839,7 @@ template <typename T, bool kTensorCores>
 cudaError_t launch_backward_kernel(const CastGramShape& s, const CastGramPlan& plan,
                                    const void* sym_grad, const void* features, const void* masks,
                                    const void* kernels, void* d_features, cudaStream_t stream) {
-  const Dims d = dims_of<T>(s, plan);
+  const Dims d = backward_dims<T>(s);
   const auto kernel = _masked_gram_bwd_kernel<T, kTensorCores>;
   const cudaError_t err = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.backward_smem));
@@ -675,18 +870,28 @@ cudaError_t backward(const CastGramShape& s, const CastGramPlan& plan, const voi
 CastGramPlan cast_masked_gram_cuda_plan(CastDtype dtype, const CastGramShape& shape,
                                         bool allow_tf32, int compute_capability,
                                         size_t max_smem_per_block) {
-  if (dtype == CastDtype::float64)
+  // Tensor cores from sm_80 on: bf16 and fp16 MMAs for 16-bit input, TF32 for float32 if
+  // allow_tf32; float64 is SIMT.
+  const bool tensor_cores = compute_capability >= 80 && dtype != CastDtype::float64 &&
+                            (dtype != CastDtype::float32 || allow_tf32);
+  auto plan = [&](bool cores) {
+    switch (dtype) {
+      case CastDtype::float16:
+        return plan_for<__half>(shape, cores, max_smem_per_block);
+      case CastDtype::bfloat16:
+        return plan_for<__nv_bfloat16>(shape, cores, max_smem_per_block);
+      case CastDtype::float32:
+        return plan_for<float>(shape, cores, max_smem_per_block);
+      case CastDtype::float64:
+        break;
+    }
     return plan_for<double>(shape, false, max_smem_per_block);
-  // Every other dtype accumulates in float and tiles alike.
-  const bool tensor_cores =
-      compute_capability >= 80 && (dtype != CastDtype::float32 || allow_tf32);
-  const CastGramPlan plan = plan_for<float>(shape, tensor_cores, max_smem_per_block);
-  // The tensor-core kernels need more shared memory (two halves of Gram accumulators, weighted
-  // tiles): where they do not fit even with one kernel and one mask per forward block (99 KiB
-  // on sm_86 / sm_89 at r = 3), the SIMT kernels still may.
-  if (plan.unsupported != nullptr && tensor_cores)
-    return plan_for<float>(shape, false, max_smem_per_block);
-  return plan;
+  };
+  const CastGramPlan chosen = plan(tensor_cores);
+  // Where the tensor-core tiles do not fit (99 KiB on sm_86 / sm_89 at r = 3), the SIMT ones,
+  // smaller, still may.
+  if (chosen.unsupported != nullptr && tensor_cores) return plan(false);
+  return chosen;
 }
 
 cudaError_t cast_masked_gram_cuda_forward(CastDtype dtype, const CastGramShape& shape,

@@ -23,14 +23,15 @@ struct CastGramPlan {
   int64_t splits;        // S: the forward's partial sums over ranges of positions
   int64_t kernel_group;  // kernels whose Grams one forward block accumulates
   int64_t mask_group;    // masks whose Grams one forward block accumulates
-  bool tensor_cores;     // the matrix products on TF32 tensor cores
+  int64_t tile_rows;     // the forward's tiles of positions: tile_rows x 16
+  bool tensor_cores;     // the matrix products on tensor cores
   size_t forward_smem;   // dynamic shared memory per block, bytes
   size_t backward_smem;
   const char* unsupported;  // nullptr, or why this shape does not fit the kernels
 };
 
-// compute_capability: major * 10 + minor. Tensor cores where the device has TF32 (sm_80 and
-// newer) for float16 and bfloat16, and for float32 if allow_tf32.
+// compute_capability: major * 10 + minor. Tensor cores from sm_80 on: bf16 / fp16 products
+// for 16-bit input, TF32 (rounded to nearest) for float32 if allow_tf32; float64 on CUDA cores.
 CastGramPlan cast_masked_gram_cuda_plan(CastDtype dtype, const CastGramShape& shape,
                                         bool allow_tf32, int compute_capability,
                                         size_t max_smem_per_block);

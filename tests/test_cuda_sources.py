@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import collections
 import ctypes
+import functools
 import pathlib
 import re
 import shutil
@@ -57,20 +59,52 @@ def ptxas_report(stderr: str) -> dict[str, dict[str, int]]:
     return kernels
 
 
+def cuobjdump() -> str | None:
+    """The cuobjdump Triton ships (this machine's CUDA toolkit has only the compiler)."""
+    try:
+        import triton
+    except ImportError:
+        return shutil.which("cuobjdump")
+    tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(tool) if tool.is_file() else shutil.which("cuobjdump")
+
+
+def sass_opcodes(sass: str) -> dict[str, collections.Counter]:
+    """Per kernel of a ``cuobjdump -sass`` listing, how often each opcode occurs."""
+    kernels = {}
+    for block in re.split(r"\n\s+Function : ", sass)[1:]:
+        name = block.split("\n", 1)[0].strip()
+        opcode = r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Za-z0-9_.]*)"
+        kernels[name] = collections.Counter(re.findall(opcode, block, re.M))
+    return kernels
+
+
+@functools.cache
+def compiled(source: pathlib.Path, arch: str, folder: str) -> subprocess.CompletedProcess:
+    """nvcc's verdict on ``source`` for ``arch``, warnings as errors, with ptxas' report; the
+    object lands in ``folder`` for cuobjdump."""
+    command = [
+        NVCC, "-std=c++20", f"-arch={arch}", "-O3", "--use_fast_math",
+        "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra", "-Xptxas", "-v",
+        "-c", str(source), "-o", str(pathlib.Path(folder) / f"{source.stem}-{arch}.o"),
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def build_folder(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("nvcc"))
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", CU_SOURCES, ids=[p.name for p in CU_SOURCES])
-def test_nvcc_compiles_warning_free(source, arch, tmp_path):
+def test_nvcc_compiles_warning_free(source, arch, build_folder):
     """Warning-free for Hopper and Ampere, and what ptxas reports per kernel: at most 255
     registers and 227 KiB of static shared memory, and on Hopper no spills in any float32 or
     16-bit kernel (nvcc 13: float64's SIMT forward keeps an 8-byte stack frame on sm_90, a
     path no benchmark takes; on sm_80 the float32 backward spills 8 B)."""
-    command = [
-        NVCC, "-std=c++20", f"-arch={arch}", "-O3", "--use_fast_math",
-        "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra", "-Xptxas", "-v",
-        "-c", str(source), "-o", str(tmp_path / "out.o"),
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = compiled(source, arch, build_folder)
     assert result.returncode == 0, result.stderr
     report = [line for line in result.stderr.splitlines() if line.startswith("ptxas info")]
     warnings = [line for line in result.stderr.splitlines() if line not in report]
@@ -82,6 +116,36 @@ def test_nvcc_compiles_warning_free(source, arch, tmp_path):
         if arch == "sm_90" and "IdLb" not in name and "IdEE" not in name:  # not float64
             spilled = used["stack"] + used["spill_stores"] + used["spill_loads"]
             assert spilled == 0, f"{name} on {arch}: {used}"
+
+
+# The forward kernels' template arguments as the mangled names spell them.
+FORWARD_KERNEL = re.compile(
+    r"_masked_gram_fwd_kernelI(f|d|13__nv_bfloat16|6__half)Lb([01])ELi(\d)E"
+)
+# The tensor-core instruction each input type's forward must use, and the only one.
+FORWARD_MMA = {"f": "HMMA.1688.F32.TF32", "13__nv_bfloat16": "HMMA.16816.F32.BF16",
+               "6__half": "HMMA.16816.F32"}  # fmt: skip
+
+
+@pytest.mark.skipif(NVCC is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
+def test_cuda_forward_machine_code(build_folder):
+    """What the sm_90 machine code of every forward kernel shows, as the design promises:
+    tensor-core kernels use the MMA of their input type (m16n8k8 TF32 for float32, m16n8k16
+    bf16 / f16 for 16-bit input, never TF32 there) and the SIMT ones none; F's halo comes in
+    128-bit loads. (That TF32 operands are rounded, not truncated, the emulation checks.)"""
+    source = CSRC / "masked_gram_cuda.cu"
+    result = compiled(source, "sm_90", build_folder)
+    assert result.returncode == 0, result.stderr
+    objdump = [cuobjdump(), "-sass", str(pathlib.Path(build_folder) / f"{source.stem}-sm_90.o")]
+    sass = subprocess.run(objdump, capture_output=True, text=True, check=True).stdout
+    kernels = sass_opcodes(sass)
+    forward = {name: ops for name, ops in kernels.items() if FORWARD_KERNEL.search(name)}
+    assert len(forward) == 10, sorted(kernels)  # 3 MMA types x 2 tile heights, 4 SIMT
+    for name, ops in forward.items():
+        dtype, tensor_cores, _ = FORWARD_KERNEL.search(name).groups()
+        mma = {op for op in ops if op.startswith("HMMA")}
+        assert mma == ({FORWARD_MMA[dtype]} if tensor_cores == "1" else set()), (name, mma)
+        assert sum(n for op, n in ops.items() if op.startswith("LDG.E.128")) > 0, name
 
 
 def cuda_include_dirs() -> list[str]:
@@ -126,6 +190,7 @@ CUDA_EMULATION = r"""
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -242,6 +307,16 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   return {static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16)};
 }
 
+// The warps of the running block: a barrier each, and two turns of fragments for the emulated
+// mma.sync (a lane writes the turn its previous call did not read; the barrier between two calls
+// keeps a turn from being overwritten while a lane still reads it).
+struct EmulatedWarp {
+  std::barrier<> barrier{32};
+  float a[2][32][32], b[2][32][32];
+};
+inline std::vector<std::unique_ptr<EmulatedWarp>> emulated_warps;
+inline thread_local unsigned emulated_turn = 0;
+
 // One pool of threads runs the blocks one after another; the kernels' own __syncthreads share
 // the barrier, which CUDA already requires every thread of a block to reach alike.
 template <class Body>
@@ -253,10 +328,14 @@ void emulated_launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, B
   emulated_shared = shared.data() + (128 - reinterpret_cast<uintptr_t>(shared.data()) % 128);
   std::barrier<> barrier(threads);
   emulated_barrier = &barrier;
+  emulated_warps.clear();
+  for (unsigned w = 0; w < threads / 32; ++w)
+    emulated_warps.push_back(std::make_unique<EmulatedWarp>());
   std::vector<std::thread> pool;
   for (unsigned t = 0; t < threads; ++t)
     pool.emplace_back([&, t] {
       threadIdx = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
+      emulated_turn = 0;
       for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
           for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -268,6 +347,109 @@ void emulated_launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, B
           }
     });
   for (auto& thread : pool) thread.join();
+}
+
+// 128-bit loads through the read-only path fault, as on a GPU, unless 16-byte aligned.
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 __ldg(const uint4* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    emulated_fault = cudaErrorMisalignedAddress;
+    return uint4{};
+  }
+  return *p;
+}
+"""
+
+MMA_EMULATION = r"""
+// masked_gram_mma.cuh on the host: each warp-level grid of mma.sync is warp-collective, as on a
+// GPU. Every lane posts its fragment registers, the warp meets at its barrier, and each lane
+// rebuilds every A (16 x depth) and B (depth x 8) fragment of the warp from all 32 lanes by the
+// PTX fragment layouts (listed in the real header; this relies on exactly those facts: which
+// lane holds which row and column, two 16-bit values per register with the lower k in the low
+// half) and computes its own four entries of each D. A wrong layout in the kernel gives wrong
+// Grams here too.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include "cuda_emulation.h"
+
+inline float emulated_bits_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline uint32_t round_to_tf32(float x) {  // cvt.rna.tf32.f32: to nearest, ties away from zero
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return (u + 0x1000u) & ~0x1FFFu;
+}
+// Post this lane's values, wait for the warp, return the turn to read.
+inline int emulated_post(const float* a, int na, const float* b, int nb) {
+  EmulatedWarp& warp = *emulated_warps[threadIdx.x / 32];
+  const int turn = emulated_turn++ % 2, lane = threadIdx.x % 32;
+  for (int i = 0; i < na; ++i) warp.a[turn][lane][i] = a[i];
+  for (int i = 0; i < nb; ++i) warp.b[turn][lane][i] = b[i];
+  warp.barrier.arrive_and_wait();
+  return turn;
+}
+// The tensor cores read 19 bits of a TF32 operand: the low 13 are ignored.
+inline float emulated_tf32(uint32_t bits) { return emulated_bits_float(bits & ~0x1FFFu); }
+template <typename T>
+float emulated_half(uint32_t two, int high) {
+  const uint16_t bits = static_cast<uint16_t>(high ? two >> 16 : two & 0xFFFFu);
+  T v;
+  std::memcpy(&v, &bits, 2);
+  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+  else return __bfloat162float(v);
+}
+// `a`: per lane 4 registers per A fragment, `b` 2 per B fragment, as floats, `per` values per
+// register (1 for TF32 at depth 8, 2 for 16-bit at depth 16).
+template <int depth, int kM, int kN>
+void emulated_grid(float (&d)[kM][kN][4], const float* a, const float* b, int rows) {
+  constexpr int per = depth / 8;
+  const int turn = emulated_post(a, kM * 4 * per, b, kN * 2 * per);
+  const EmulatedWarp& warp = *emulated_warps[threadIdx.x / 32];
+  const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  for (int i = 0; i < rows; ++i)
+    for (int n = 0; n < kN; ++n) {
+      float A[16][16], B[16][8];
+      for (int lane = 0; lane < 32; ++lane) {
+        const int lg = lane / 4, lt = lane % 4;
+        const float* x = warp.a[turn][lane] + i * 4 * per;
+        const float* y = warp.b[turn][lane] + n * 2 * per;
+        // A's registers: rows g, g+8, g, g+8; columns per*t.. then depth/2 further.
+        for (int reg = 0; reg < 4; ++reg)
+          for (int e = 0; e < per; ++e)
+            A[lg + 8 * (reg % 2)][per * lt + e + depth / 2 * (reg / 2)] = x[reg * per + e];
+        // B's registers: rows per*t.. then depth/2 further; column g.
+        for (int reg = 0; reg < 2; ++reg)
+          for (int e = 0; e < per; ++e) B[per * lt + e + depth / 2 * reg][lg] = y[reg * per + e];
+      }
+      for (int c = 0; c < 4; ++c) {  // D: rows g, g, g+8, g+8; columns 2t, 2t+1
+        const int row = g + 8 * (c / 2), col = 2 * t + c % 2;
+        float sum = d[i][n][c];
+        for (int k = 0; k < depth; ++k) sum += A[row][k] * B[k][col];
+        d[i][n][c] = sum;
+      }
+    }
+}
+template <int kM, int kN>
+void mma_grid_tf32(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4], const uint32_t (&b)[kN][2],
+                   int rows) {
+  float av[kM * 4], bv[kN * 2];
+  for (int i = 0; i < kM * 4; ++i) av[i] = emulated_tf32(a[i / 4][i % 4]);
+  for (int i = 0; i < kN * 2; ++i) bv[i] = emulated_tf32(b[i / 2][i % 2]);
+  emulated_grid<8>(d, av, bv, rows);
+}
+template <typename T, int kM, int kN>
+void mma_grid_16bit(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4], const uint32_t (&b)[kN][2],
+                    int rows) {
+  float av[kM * 8], bv[kN * 4];
+  for (int i = 0; i < kM * 8; ++i) av[i] = emulated_half<T>(a[i / 8][i % 8 / 2], i % 2);
+  for (int i = 0; i < kN * 4; ++i) bv[i] = emulated_half<T>(b[i / 4][i % 4 / 2], i % 2);
+  emulated_grid<16>(d, av, bv, rows);
 }
 """
 
@@ -287,6 +469,9 @@ int emulated_plan(int dtype, const int64_t* s, const int64_t* machine, int64_t* 
   cuts[1] = plan.kernel_group;
   cuts[2] = plan.mask_group;
   cuts[3] = plan.tensor_cores;
+  cuts[4] = plan.tile_rows;
+  cuts[5] = static_cast<int64_t>(plan.forward_smem);
+  cuts[6] = static_cast<int64_t>(plan.backward_smem);
   return plan.unsupported == nullptr;
 }
 int emulated_forward(int dtype, const int64_t* s, const int64_t* machine, const void* f,
@@ -329,6 +514,7 @@ def emulated(tmp_path_factory):
     for header in ("cuda_runtime_api.h", "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h", "mma.h"):
         (build / header).write_text('#include "cuda_emulation.h"\n')
     (build / "cuda_emulation.h").write_text(CUDA_EMULATION)
+    (build / "masked_gram_mma.cuh").write_text(MMA_EMULATION)
     source = build / "masked_gram_host.cpp"
     source.write_text(host_source((CSRC / "masked_gram_cuda.cu").read_text()))
     library = build / "masked_gram_host.so"
@@ -349,7 +535,7 @@ def run_emulated(lib, features, masks, kernels, grad, allow_tf32, machine):
     shape = (ctypes.c_int64 * 8)(B, C, H, W, Bm, K, J, r)
     code, acc = DTYPE_CODES[features.dtype], gram_dtype(features.dtype)
     machine = (ctypes.c_int64 * 3)(allow_tf32, machine["compute_capability"], machine["max_smem"])
-    cuts = (ctypes.c_int64 * 4)()
+    cuts = (ctypes.c_int64 * 7)()
     assert lib.emulated_plan(code, shape, machine, cuts), "the plan says unsupported"
     splits = cuts[0]
     inv = canonical_inverse_mass(features, masks, None)
@@ -393,6 +579,8 @@ PRECISIONS = [
     (torch.float64, False, 1e-10, False),
     (torch.float32, False, 1e-5, False),
     (torch.float32, True, 3e-3, True),
+    (torch.bfloat16, True, 2e-2, True),
+    (torch.float16, True, 2e-2, True),
 ]
 
 
@@ -407,10 +595,12 @@ def test_emulated_kernels_match_reference(emulated, case):
 
 @pytest.mark.parametrize("allow_tf32,tol", [(False, 1e-5), (True, 3e-3)], ids=["simt", "tf32"])
 def test_emulated_kernel_size_7(emulated, allow_tf32, tol):
-    """r = 7 in float32, within the H100's shared memory (float64 stops at r = 5 there)."""
+    """r = 7 in float32, within the H100's shared memory (float64 stops at r = 5 there): the
+    tensor-core forward drops to 4-row tiles, whose halo fits."""
     features, masks, kernels = Case("r=7", 1, 5, 11, 9, 2, 2, 7).inputs(torch.float32, "cpu", 7)
     inputs = (features, masks[None].contiguous(), kernels)
-    check_against_reference(emulated, inputs, tol, allow_tf32)
+    _, cuts = check_against_reference(emulated, inputs, tol, allow_tf32)
+    assert cuts[4] == (4 if allow_tf32 else 2)
 
 
 @pytest.mark.parametrize("machine", [H100, V100], ids=["tensor cores", "no TF32"])
@@ -430,43 +620,77 @@ def random_inputs(B, C, H, W, J, K, r, dtype=torch.float32):
 
 @pytest.mark.parametrize("allow_tf32,tol", [(False, 1e-5), (True, 3e-3)], ids=["simt", "tf32"])
 def test_emulated_splits_of_positions(emulated, allow_tf32, tol):
-    """9 tiles of positions: one split each at B = 1; 25 tiles in 13 uneven splits at B = 4.
-    Interior tiles use every row of the backward's halo, also those on the last, partial, WMMA
-    tile."""
+    """Tiles of 8 x 16 positions on tensor cores, 2 x 16 on SIMT. 9 tiles in 9 splits (SIMT 30)
+    at B = 1; at B = 2, 35 tiles one a split (SIMT: 140 in 47 uneven splits). Interior tiles
+    use every row of the backward's halo, also those on the last, partial, WMMA tile."""
     inputs = random_inputs(1, 40, 19, 37, 2, 2, 3)
     _, cuts = check_against_reference(emulated, inputs, tol, allow_tf32)
-    assert cuts[0] == 9
-    inputs = random_inputs(4, 40, 40, 80, 1, 1, 3)
+    assert cuts[0] == (9 if allow_tf32 else 30)
+    inputs = random_inputs(2, 40, 40, 100, 1, 1, 3)
     _, cuts = check_against_reference(emulated, inputs, tol, allow_tf32)
-    assert cuts[0] == 13
+    assert cuts[0] == (35 if allow_tf32 else 47)
 
 
-# Shared memory that fits only one kernel per forward block: and one mask (SIMT), or all (TF32).
-GROUPS = [
-    (False, 1e-5, H100 | dict(max_smem=72 * 1024), (1, 1, 0)),
-    (True, 3e-3, H100 | dict(max_smem=125 * 1024), (1, 4, 1)),
-]
-
-
-@pytest.mark.parametrize("allow_tf32,tol,small,cuts", GROUPS, ids=["simt", "tf32"])
-def test_emulated_groups_of_kernels_and_masks(emulated, allow_tf32, tol, small, cuts):
-    """Groups of kernels and masks per block give the very same bits as all in one block."""
-    inputs = random_inputs(2, 40, 5, 9, 4, 4, 1)
-    _, grouped_cuts = check_against_reference(emulated, inputs, tol, allow_tf32, small)
-    assert grouped_cuts[1:] == cuts
-    grad = torch.randn(2, 4, 4, 40, 40, generator=torch.Generator().manual_seed(1))
-    *grouped, _ = run_emulated(emulated, *inputs, grad, allow_tf32, small)
-    *whole, whole_cuts = run_emulated(emulated, *inputs, grad, allow_tf32, H100)
-    assert whole_cuts[1:] == (4, 4, int(allow_tf32))
-    assert all(torch.equal(x, y) for x, y in zip(grouped, whole, strict=True))
+def test_emulated_groups_of_kernels_and_masks(emulated):
+    """A forward block holds the Grams of at most 3 kernels x 3 masks in registers: J = K = 4
+    runs in groups of 2 x 2. Each Gram's sum does not depend on its group: the first 3 kernels
+    and masks give the very same bits alone, in one group of 3 x 3. C = 70: two channel blocks,
+    so also a pair of different blocks (a < b)."""
+    allow_tf32 = True
+    features, masks, kernels = random_inputs(2, 70, 5, 9, 4, 4, 3)
+    _, cuts = check_against_reference(emulated, (features, masks, kernels), 3e-3, allow_tf32)
+    assert cuts[1:3] == (2, 2)
+    grad = torch.randn(2, 4, 4, 70, 70, generator=torch.Generator().manual_seed(1))
+    grouped, *_ = run_emulated(emulated, features, masks, kernels, grad, allow_tf32, H100)
+    first = (features, masks[:, :3].contiguous(), kernels[:3], grad[:, :3, :3])
+    alone, _, alone_cuts = run_emulated(emulated, *first, allow_tf32, H100)
+    assert alone_cuts[1:3] == (3, 3)
+    assert torch.equal(grouped[:, :3, :3], alone)
 
 
 def test_emulated_small_shared_memory_falls_back_to_simt(emulated):
-    """Where the tensor-core forward does not fit (99 KiB at r = 3), the SIMT one runs."""
+    """Where the tensor-core forward does not fit even with 4-row tiles (99 KiB at r = 3), the
+    SIMT one runs; at r = 1 the 4-row tensor-core tiles fit."""
     inputs = random_inputs(1, 40, 11, 19, 3, 3, 3)
     _, cuts = check_against_reference(emulated, inputs, 1e-5, True, RTX_4090)
-    assert cuts[3] == 0
+    assert cuts[3] == 0 and cuts[4] == 2
     _, cuts = check_against_reference(
         emulated, random_inputs(1, 40, 11, 19, 1, 1, 1), 3e-3, True, RTX_4090
     )
-    assert cuts[3] == 1
+    assert cuts[3] == 1 and cuts[4] == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tf32", "bfloat16"])
+def test_emulated_narrow_tiles(emulated, dtype):
+    """With less shared memory the tensor-core forward takes 4-row tiles: still the reference."""
+    K = 3 if dtype == torch.float32 else 1  # the backward's tiles must fit too
+    inputs = tuple(t.to(dtype) for t in random_inputs(1, 70, 13, 21, 2, K, 3))
+    small = H100 | dict(max_smem=(160 if dtype == torch.float32 else 110) * 1024)
+    _, cuts = check_against_reference(emulated, inputs, 3e-3 if dtype == torch.float32 else 2e-2,
+                                      True, small)  # fmt: skip
+    assert cuts[3] == 1 and cuts[4] == 4
+
+
+def test_emulated_tf32_rounds_to_nearest(emulated):
+    """Non-negative features, as after a ReLU: TF32 operands truncated (what the tensor cores do
+    with unrounded float32) would make every product low, about 5e-4 of G; rounded to nearest
+    the errors cancel, well under 1e-4."""
+    features, masks, kernels = random_inputs(1, 64, 16, 16, 1, 1, 1)
+    inputs = (features.abs(), masks, kernels.abs())
+    expected = masked_gram_reference(*(t.double() for t in inputs))
+    grad = torch.zeros(expected.shape, dtype=torch.float64)
+    gram, *_ = run_emulated(emulated, *inputs, grad, True, H100)
+    assert relative_error(gram, expected) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C", [64, 128, 256, 512])
+def test_forward_plan_for_vgg_layers(emulated, dtype, C):
+    """On an H100, every VGG style layer at r = 3, J = K = 3 gets the tensor-core forward with
+    8-row tiles (128 positions per tile), all 9 Grams in one block, within 227 KiB."""
+    shape = (ctypes.c_int64 * 8)(1, C, 64, 64, 1, 3, 3, 3)
+    machine = (ctypes.c_int64 * 3)(True, H100["compute_capability"], H100["max_smem"])
+    cuts = (ctypes.c_int64 * 7)()
+    assert emulated.emulated_plan(DTYPE_CODES[dtype], shape, machine, cuts)
+    assert cuts[1:5] == [3, 3, 1, 8]
+    assert cuts[5] <= 227 * 1024 and cuts[6] <= 227 * 1024
