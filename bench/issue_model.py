@@ -134,6 +134,41 @@ def cuda_forward(N: int, C: int, J: int, K: int, r: int, size: int = 4) -> Work:
     )
 
 
+def cuda_backward(N: int, C: int, J: int, K: int, r: int, size: int = 4) -> Work:
+    """The CUDA backward (its old structure, mma.sync since issue 9): a block per (tile of 8 x 16
+    outputs, 32 output channels); per kernel and block of 32 input channels F's 2h-halo in scalar
+    loads, Z_j on the h-halo (r^2 loads and FMAs per value), m_k^2 Z_j stored for every k (4-way
+    bank conflicts), U_j += W S with mma.sync through shared memory; the adjoint once per kernel
+    (its U_j reads 8-way conflicted: row stride 40 words)."""
+    h = r // 2
+    u_size, f_size = (8 + 2 * h) * (16 + 2 * h), (8 + 4 * h) * (16 + 4 * h)
+    rows = -(-u_size // 16) * 16
+    blocks = max(1, -(-C // 32))
+    units = N / 128 * blocks * J  # (tile, output block, kernel)
+    step = 8 if size == 4 else 16
+    per_input_block = dict(
+        f_wavefronts=32 * f_size / 32,
+        f_issue=32 * f_size / 32 * 12,  # a division, bounds, the load, a store per element
+        form_wavefronts=32 * u_size / 32 * (r * r + r * r / 32 + 4 * K),  # W stores 4-way
+        form_issue=32 * u_size / 32 * (3 * r * r + 3 * K),
+        mma_wavefronts=rows / 16 * (K * 32 / step * 12 + 2 * 2 * 4),
+        mma_issue=rows / 16 * (K * 32 / step * (12 + 4) + 2 * 16),
+    )
+    adjoint = 128 * 32 / 32 * r * r * 2  # per output: r^2 U loads (conflict-free), r^2 taps
+    wavefronts = units * (
+        blocks * sum(v for k, v in per_input_block.items() if "wavefronts" in k) + 8 * adjoint / 2
+    )
+    issue = units * (blocks * sum(v for k, v in per_input_block.items() if "issue" in k) + adjoint)
+    return Work(
+        mma=J * K * N * rows / 128 * C * blocks * 32,
+        fma=units * (blocks * 32 * u_size * r * r + 128 * 32 * r * r),
+        loads=32 * wavefronts,
+        issue=issue,
+        dram=N * C * size * (blocks + 1),
+        mma_rate=MMA_FMA_PER_S if size == 4 else BF16_MMA_FMA_PER_S,
+    )
+
+
 def triton_seconds(N: int, C: int, J: int, K: int, r: int = 3) -> float:
     """The model's bound for the shipped Triton forward + backward (``bench_masked_gram``
     prints it beside the measured time)."""
@@ -153,6 +188,8 @@ def main() -> None:
     designs.append(("triton backward, tiled", backward_tiled))
     designs.append(("cuda forward, TF32", cuda_forward))
     designs.append(("cuda forward, bf16", lambda *shape: cuda_forward(*shape, size=2)))
+    designs.append(("cuda backward, TF32", cuda_backward))
+    designs.append(("cuda backward, bf16", lambda *shape: cuda_backward(*shape, size=2)))
     print(f"{args.image}^2, J={args.J}, K={args.K}, r={args.r}, float32 (TF32), H100 model\n")
     print("| layer | kernel | MMA ms | CUDA-core ms | L1/smem ms | issue ms | DRAM ms | bound ms |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -34,7 +34,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -461,10 +460,7 @@ struct PositionTile<double> {
   static constexpr int rows = 4, cols = 16, size = rows * cols;
 };
 
-constexpr int kMmaTile = 16;
-constexpr int kMmaDepth = 8;  // TF32 WMMA is m16n16k8
-static_assert(kChannelTile % kMmaDepth == 0,
-              "the backward's products step over whole channel blocks");
+constexpr int kMmaTile = 16;  // rows of an MMA tile
 
 template <typename A>
 __host__ __device__ constexpr int backward_rows(int r, bool tensor_cores) {
@@ -473,75 +469,100 @@ __host__ __device__ constexpr int backward_rows(int r, bool tensor_cores) {
   return tensor_cores ? ceil_div(size, kMmaTile) * kMmaTile : size;
 }
 
-// Row strides of the backward's Z_j (SIMT) or m_k^2 Z_j for all k (tensor cores), and of U_j.
-__host__ __device__ constexpr int backward_z_stride(int K, bool tensor_cores) {
-  return tensor_cores ? K * kChannelTile + 8 : kChannelTile + 1;
-}
-__host__ __device__ constexpr int backward_u_stride(bool tensor_cores) {
-  return tensor_cores ? kChannelTile + 8 : kChannelTile + 1;
-}
-
-template <typename A>
-__host__ __device__ constexpr int backward_smem_elements(int r, int K, int J, bool tensor_cores) {
+// The backward's shared memory: F on the 2h-halo (A); Z_j (SIMT) or m_k^2 Z_j for every k side
+// by side (tensor cores, as MMA operands); U_j (A); S_jk for the block's (input, output)
+// channel blocks, (K, TC in, TC out) on SIMT, transposed (K, TC out, TC in) as MMA operands on
+// tensor cores; m_k^2 on the h-halo; the taps. Each region 16-byte aligned. The operands' row
+// strides are 4 (mod 32) words, so the fragment loads (lanes g * stride + t) are conflict-free.
+template <typename T, bool kTensorCores>
+struct BackwardLayout {
+  using A = acc_t<T>;
+  using Z = typename Operands<T, kTensorCores>::Z;
   using Tile = PositionTile<A>;
-  const int rows = backward_rows<A>(r, tensor_cores);
-  return kChannelTile * (Tile::rows + 2 * (r - 1)) * (Tile::cols + 2 * (r - 1))  // F, 2h-halo
-         + rows * backward_z_stride(K, tensor_cores)  // Z_j, or m_k^2 Z_j for every k
-         + rows * backward_u_stride(tensor_cores)  // U_j
-         + K * kChannelTile * kChannelTile  // S_jk restricted to (input, output) channel blocks
-         + K * (Tile::rows + r - 1) * (Tile::cols + r - 1)  // m_k^2 on the h-halo
-         + J * r * r;  // taps
-}
-
-// One TF32 tensor-core step of the backward: sum += A B with A
-// (kMmaTile x kMmaDepth) at a, leading dimension lda, laid out as LayoutA, and B
-// (kMmaDepth x kMmaTile) row-major at b, leading dimension ldb; both rounded to TF32 first.
-template <typename LayoutA, typename Accumulator>
-__device__ __forceinline__ void mma_tf32_step(Accumulator& sum, const float* a, int lda,
-                                              const float* b, int ldb) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // TF32 needs sm_80; the plan never picks tensor cores below it
-#else
-  namespace wmma = nvcuda::wmma;
-  wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaDepth, wmma::precision::tf32, LayoutA>
-      lhs;
-  wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaDepth, wmma::precision::tf32,
-                 wmma::row_major>
-      rhs;
-  wmma::load_matrix_sync(lhs, a, lda);
-  wmma::load_matrix_sync(rhs, b, ldb);
-  for (int t = 0; t < lhs.num_elements; ++t) lhs.x[t] = wmma::__float_to_tf32(lhs.x[t]);
-  for (int t = 0; t < rhs.num_elements; ++t) rhs.x[t] = wmma::__float_to_tf32(rhs.x[t]);
-  wmma::mma_sync(sum, lhs, rhs, sum);
-#endif
-}
-
-// weighted (Tile::size, kWeightedStride): m_k^2 Z_j for block a's channels; z_tile
-
-// W = [m_1^2 Z_j | ... | m_K^2 Z_j] (rows, K TC) and S = [S_j1; ...; S_jK] (K TC, TC), each warp
-// taking 16 x 16 tiles of U_j in turn.
-__device__ __forceinline__ void u_tile_mma(const float* weighted, int weighted_stride,
-                                           const float* sym, int K, float* u_halo, int u_stride,
-                                           int rows) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // TF32 needs sm_80; the plan never picks tensor cores below it
-#else
-  namespace wmma = nvcuda::wmma;
-  constexpr int TC = kChannelTile;
-  constexpr int col_tiles = TC / kMmaTile;
-  const int tiles = rows / kMmaTile * col_tiles;
-  for (int tile = threadIdx.x / 32; tile < tiles; tile += kThreads / 32) {
-    const int row = tile / col_tiles * kMmaTile, col = tile % col_tiles * kMmaTile;
-    float* out = u_halo + row * u_stride + col;
-    wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaDepth, float> sum;
-    wmma::load_matrix_sync(sum, out, u_stride, wmma::mem_row_major);
-    for (int c = 0; c < K * TC; c += kMmaDepth) {
-      mma_tf32_step<wmma::row_major>(sum, weighted + row * weighted_stride + c, weighted_stride,
-                                     sym + c * TC + col, TC);
-    }
-    wmma::store_matrix_sync(out, sum, u_stride, wmma::mem_row_major);
+  static constexpr int TC = kChannelTile, pad = 16 / static_cast<int>(sizeof(Z));
+  static constexpr int u_stride = kTensorCores ? TC + 8 : TC + 1;
+  static constexpr int sym_stride = kTensorCores ? TC + pad : TC;
+  __host__ __device__ static constexpr int z_stride(int K) {
+    return kTensorCores ? K * TC + pad : TC + 1;
   }
-#endif
+  __host__ __device__ static constexpr int aligned(int bytes) { return ceil_div(bytes, 16) * 16; }
+  __host__ __device__ static constexpr int f_bytes(int r) {
+    return aligned(TC * (Tile::rows + 2 * (r - 1)) * (Tile::cols + 2 * (r - 1)) *
+                   static_cast<int>(sizeof(A)));
+  }
+  __host__ __device__ static constexpr int z_bytes(int r, int K) {
+    return aligned(backward_rows<A>(r, kTensorCores) * z_stride(K) * static_cast<int>(sizeof(Z)));
+  }
+  __host__ __device__ static constexpr int u_bytes(int r) {
+    return aligned(backward_rows<A>(r, kTensorCores) * u_stride * static_cast<int>(sizeof(A)));
+  }
+  __host__ __device__ static constexpr int sym_bytes(int K) {
+    return aligned(K * TC * sym_stride * static_cast<int>(sizeof(Z)));
+  }
+  __host__ __device__ static constexpr int bytes(int r, int K, int J) {
+    const int u_size = (Tile::rows + r - 1) * (Tile::cols + r - 1);
+    return f_bytes(r) + z_bytes(r, K) + u_bytes(r) + sym_bytes(K) +
+           aligned(K * u_size * static_cast<int>(sizeof(A))) +
+           aligned(J * r * r * static_cast<int>(sizeof(A)));
+  }
+};
+
+// One input channel block's share of U_j on tensor cores: U_j += W S, with
+// W = [m_1^2 Z_j | ... | m_K^2 Z_j] (rows, K TC) and S = [S_j1; ...; S_jK] (K TC, TC), held
+// transposed (sym_t: rows of S^T), each warp taking 16 x 32 tiles of U_j in turn with mma.sync.
+template <typename T>
+__device__ __forceinline__ void u_tile_mma(const typename Operands<T, true>::Z* weighted,
+                                           int weighted_stride,
+                                           const typename Operands<T, true>::Z* sym_t, int K,
+                                           float* u_halo, int rows) {
+  using Layout = BackwardLayout<T, true>;
+  constexpr int TC = kChannelTile, kStep = Operands<T, true>::step;
+  constexpr int u_stride = Layout::u_stride, sym_stride = Layout::sym_stride;
+  static_assert(TC == 32 && TC % kStep == 0, "a warp's tile is 16 x 32; steps stay in a block");
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  for (int tile = threadIdx.x / 32; tile < rows / 16; tile += kWarps) {
+    float* out = u_halo + tile * 16 * u_stride;
+    float sum[1][4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        sum[0][nt][i] = out[(g + 8 * (i / 2)) * u_stride + nt * 8 + 2 * t + i % 2];
+    const auto* w = weighted + tile * 16 * weighted_stride;
+    for (int c = 0; c < K * TC; c += kStep) {
+      const auto* s = sym_t + c / TC * TC * sym_stride + c % TC;  // S^T rows of mask c / TC
+      uint32_t a[1][4], b[4][2];
+      if constexpr (kStep == 8) {  // TF32: one value a register
+        a[0][0] = w[g * weighted_stride + c + t];
+        a[0][1] = w[(g + 8) * weighted_stride + c + t];
+        a[0][2] = w[g * weighted_stride + c + t + 4];
+        a[0][3] = w[(g + 8) * weighted_stride + c + t + 4];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          b[nt][0] = s[(nt * 8 + g) * sym_stride + t];
+          b[nt][1] = s[(nt * 8 + g) * sym_stride + t + 4];
+        }
+        mma_grid_tf32(sum, a, b, 1);
+      } else {  // 16-bit: two consecutive input channels a register
+        using H = HalfOperands<T>;
+        a[0][0] = H::pair(w + g * weighted_stride + c + 2 * t);
+        a[0][1] = H::pair(w + (g + 8) * weighted_stride + c + 2 * t);
+        a[0][2] = H::pair(w + g * weighted_stride + c + 2 * t + 8);
+        a[0][3] = H::pair(w + (g + 8) * weighted_stride + c + 2 * t + 8);
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          b[nt][0] = H::pair(s + (nt * 8 + g) * sym_stride + 2 * t);
+          b[nt][1] = H::pair(s + (nt * 8 + g) * sym_stride + 2 * t + 8);
+        }
+        mma_grid_16bit<T>(sum, a, b, 1);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        out[(g + 8 * (i / 2)) * u_stride + nt * 8 + 2 * t + i % 2] = sum[0][nt][i];
+  }
 }
 
 // sym_grad (B, J, K, C, C) A: S_jk = (dG_jk + dG_jk^T) / n_k; features (B, C, H, W) T;
@@ -555,8 +576,10 @@ __global__ void __launch_bounds__(kThreads, kTensorCores ? 1 : 2)
                             T* __restrict__ d_features, const Dims d) {
   using A = acc_t<T>;
   using Tile = PositionTile<A>;
+  using Layout = BackwardLayout<T, kTensorCores>;
+  using Z = typename Layout::Z;
   constexpr int TC = kChannelTile;
-  constexpr int u_stride = backward_u_stride(kTensorCores);
+  constexpr int u_stride = Layout::u_stride, sym_stride = Layout::sym_stride;
   constexpr int per_thread = Tile::size * TC / kThreads;  // dF values this thread owns
   static_assert(!kTensorCores || sizeof(A) == 4, "tensor cores take float tiles");
   static_assert(Tile::size * TC % kThreads == 0, "a block's dF tile must split evenly");
@@ -569,18 +592,20 @@ __global__ void __launch_bounds__(kThreads, kTensorCores ? 1 : 2)
   const int f_rows = Tile::rows + 4 * h, f_cols = Tile::cols + 4 * h, f_size = f_rows * f_cols;
   const int taps_per_kernel = d.r * d.r;
 
-  // SIMT: z_halo holds Z_j. Tensor cores: m_k^2 Z_j for every k side by side, on whole WMMA
+  // SIMT: z_halo holds Z_j. Tensor cores: m_k^2 Z_j for every k side by side, on whole MMA
   // tiles of rows; the rows past u_size hold garbage that reaches only U_j's unused rows.
   const int rows = backward_rows<A>(d.r, kTensorCores);
-  const int z_stride = backward_z_stride(d.K, kTensorCores);
-  // Every region starts at a multiple of 8 elements: WMMA's tile pointers are 32-byte aligned.
+  const int z_stride = Layout::z_stride(d.K);
   extern __shared__ __align__(128) unsigned char shared_bytes[];
-  A* f_halo = reinterpret_cast<A*>(shared_bytes);  // (TC, f_rows, f_cols)
-  A* z_halo = f_halo + TC * f_size;                 // (rows, z_stride)
-  A* u_halo = z_halo + rows * z_stride;             // (rows, u_stride)
-  A* sym = u_halo + rows * u_stride;                // (K, TC in, TC out)
-  A* mask_sq = sym + d.K * TC * TC;                 // (K, u_size)
-  A* taps = mask_sq + d.K * u_size;                 // (J, r, r)
+  unsigned char* region = shared_bytes;
+  A* f_halo = reinterpret_cast<A*>(region);  // (TC, f_rows, f_cols)
+  Z* z_halo = reinterpret_cast<Z*>(region += Layout::f_bytes(d.r));  // (rows, z_stride)
+  A* u_halo = reinterpret_cast<A*>(region += Layout::z_bytes(d.r, d.K));  // (rows, u_stride)
+  // (K, TC in, sym_stride) on SIMT, (K, TC out, sym_stride) on tensor cores
+  Z* sym = reinterpret_cast<Z*>(region += Layout::u_bytes(d.r));
+  A* mask_sq = reinterpret_cast<A*>(region += Layout::sym_bytes(d.K));  // (K, u_size)
+  A* taps = mask_sq + ceil_div(d.K * u_size, 16 / static_cast<int>(sizeof(A))) *
+                          (16 / static_cast<int>(sizeof(A)));  // (J, r, r)
 
   const int tid = threadIdx.x;
   const int64_t N = static_cast<int64_t>(d.H) * d.W;
@@ -613,12 +638,15 @@ __global__ void __launch_bounds__(kThreads, kTensorCores ? 1 : 2)
         f_halo[e] = inside ? widen(f_batch[c * N + static_cast<int64_t>(y) * d.W + x]) : A(0);
       }
       for (int e = tid; e < d.K * TC * TC; e += kThreads) {
-        const int k = e / (TC * TC);
-        const int c_in = in_block * TC + e / TC % TC, c_out = out_block * TC + e % TC;
+        const int k = e / (TC * TC), row = e / TC % TC, col = e % TC;
         const int64_t slice = (static_cast<int64_t>(batch) * d.J + j) * d.K + k;
-        sym[e] = c_in < d.C && c_out < d.C
-                     ? sym_grad[(slice * d.C + c_in) * d.C + c_out]
-                     : A(0);
+        // Tensor cores hold S^T, rows of output channels: read as S's rows, S being symmetric.
+        const int first = (kTensorCores ? out_block : in_block) * TC + row;
+        const int second = (kTensorCores ? in_block : out_block) * TC + col;
+        const A value = first < d.C && second < d.C
+                            ? sym_grad[(slice * d.C + first) * d.C + second]
+                            : A(0);
+        sym[(k * TC + row) * sym_stride + col] = Operands<T, kTensorCores>::operand(value);
       }
       __syncthreads();
       // Z_j on the h-halo: position (uy, ux) of u_halo is (uy, ux) .. (uy + 2h, ux + 2h) of f_halo.
@@ -628,16 +656,17 @@ __global__ void __launch_bounds__(kThreads, kTensorCores ? 1 : 2)
         A z = A(0);
         for (int dy = 0; dy < d.r; ++dy)
           for (int dx = 0; dx < d.r; ++dx) z += tap[dy * d.r + dx] * src[dy * f_cols + dx];
-        if (kTensorCores) {
+        if constexpr (kTensorCores) {
           for (int k = 0; k < d.K; ++k)
-            z_halo[p * z_stride + k * TC + local] = mask_sq[k * u_size + p] * z;
+            z_halo[p * z_stride + k * TC + local] =
+                Operands<T, true>::operand(mask_sq[k * u_size + p] * z);
         } else {
           z_halo[p * z_stride + local] = z;
         }
       }
       __syncthreads();
       if constexpr (kTensorCores) {
-        u_tile_mma(z_halo, z_stride, sym, d.K, u_halo, u_stride, rows);
+        u_tile_mma<T>(z_halo, z_stride, sym, d.K, u_halo, rows);
       } else {
         // U_j[p, c_out] += sum_k m_k[p]^2 sum_{c_in in this block} Z_j[p, c_in] S_jk[c_in, c_out];
         // each (p, c_out) belongs to one thread for the whole loop over input blocks.
@@ -646,10 +675,10 @@ __global__ void __launch_bounds__(kThreads, kTensorCores ? 1 : 2)
           const A* zp = z_halo + p * z_stride;
           A u = A(0);
           for (int k = 0; k < d.K; ++k) {
-            const A* s = sym + k * TC * TC + c_out;
+            const A* s = sym + k * TC * sym_stride + c_out;
             A t = A(0);
 #pragma unroll 8
-            for (int c_in = 0; c_in < TC; ++c_in) t += zp[c_in] * s[c_in * TC];
+            for (int c_in = 0; c_in < TC; ++c_in) t += zp[c_in] * s[c_in * sym_stride];
             u += mask_sq[k * u_size + p] * t;
           }
           u_halo[p * u_stride + c_out] += u;
@@ -754,6 +783,14 @@ int forward_rows(bool tensor_cores, int r, size_t max_smem) {
 }
 
 template <typename T>
+size_t backward_smem_of(bool tensor_cores, int r, int K, int J) {
+  if constexpr (sizeof(T) <= 4) {
+    if (tensor_cores) return BackwardLayout<T, true>::bytes(r, K, J);
+  }
+  return BackwardLayout<T, false>::bytes(r, K, J);
+}
+
+template <typename T>
 CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem) {
   using A = acc_t<T>;
   const int r = static_cast<int>(s.r), J = static_cast<int>(s.J), K = static_cast<int>(s.K);
@@ -764,8 +801,7 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem
   plan.kernel_group = ceil_div(J, ceil_div(J, max_kernels));  // as even as the registers allow
   plan.mask_group = ceil_div(K, ceil_div(K, kMaxMasks));
   plan.forward_smem = forward_smem_of<T>(tensor_cores, static_cast<int>(plan.tile_rows), r);
-  plan.backward_smem =
-      sizeof(A) * static_cast<size_t>(backward_smem_elements<A>(r, K, J, tensor_cores));
+  plan.backward_smem = backward_smem_of<T>(tensor_cores, r, K, J);
   if (plan.tile_rows == 0 || plan.backward_smem > max_smem)
     plan.unsupported =
         "the kernels' size r or the number of masks K is too large for the CUDA backend's "

@@ -101,9 +101,8 @@ def build_folder(tmp_path_factory):
 @pytest.mark.parametrize("source", CU_SOURCES, ids=[p.name for p in CU_SOURCES])
 def test_nvcc_compiles_warning_free(source, arch, build_folder):
     """Warning-free for Hopper and Ampere, and what ptxas reports per kernel: at most 255
-    registers and 227 KiB of static shared memory, and on Hopper no spills in any float32 or
-    16-bit kernel (nvcc 13: float64's SIMT forward keeps an 8-byte stack frame on sm_90, a
-    path no benchmark takes; on sm_80 the float32 backward spills 8 B)."""
+    registers, 227 KiB of static shared memory and no spills (no stack frame) in any kernel,
+    float64's included."""
     result = compiled(source, arch, build_folder)
     assert result.returncode == 0, result.stderr
     report = [line for line in result.stderr.splitlines() if line.startswith("ptxas info")]
@@ -113,26 +112,25 @@ def test_nvcc_compiles_warning_free(source, arch, build_folder):
     assert any("fwd" in name for name in kernels) and any("bwd" in name for name in kernels)
     for name, used in kernels.items():
         assert used["registers"] <= 255 and used["smem"] <= 227 * 1024, (name, used)
-        if arch == "sm_90" and "IdLb" not in name and "IdEE" not in name:  # not float64
-            spilled = used["stack"] + used["spill_stores"] + used["spill_loads"]
-            assert spilled == 0, f"{name} on {arch}: {used}"
+        spilled = used["stack"] + used["spill_stores"] + used["spill_loads"]
+        assert spilled == 0, f"{name} on {arch}: {used}"
 
 
-# The forward kernels' template arguments as the mangled names spell them.
-FORWARD_KERNEL = re.compile(
-    r"_masked_gram_fwd_kernelI(f|d|13__nv_bfloat16|6__half)Lb([01])ELi(\d)E"
-)
-# The tensor-core instruction each input type's forward must use, and the only one.
-FORWARD_MMA = {"f": "HMMA.1688.F32.TF32", "13__nv_bfloat16": "HMMA.16816.F32.BF16",
+# The kernels' template arguments (input type, tensor cores) as the mangled names spell them.
+FORWARD_KERNEL = re.compile(r"_masked_gram_fwd_kernelI(f|d|13__nv_bfloat16|6__half)Lb([01])ELi\d")
+BACKWARD_KERNEL = re.compile(r"_masked_gram_bwd_kernelI(f|d|13__nv_bfloat16|6__half)Lb([01])E")
+# The tensor-core instruction each input type's kernels must use, and the only one.
+KERNEL_MMA = {"f": "HMMA.1688.F32.TF32", "13__nv_bfloat16": "HMMA.16816.F32.BF16",
                "6__half": "HMMA.16816.F32"}  # fmt: skip
 
 
 @pytest.mark.skipif(NVCC is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
-def test_cuda_forward_machine_code(build_folder):
-    """What the sm_90 machine code of every forward kernel shows, as the design promises:
-    tensor-core kernels use the MMA of their input type (m16n8k8 TF32 for float32, m16n8k16
-    bf16 / f16 for 16-bit input, never TF32 there) and the SIMT ones none; F's halo comes in
-    128-bit loads. (That TF32 operands are rounded, not truncated, the emulation checks.)"""
+def test_cuda_machine_code(build_folder):
+    """What the sm_90 machine code of every kernel shows, as the design promises: tensor-core
+    kernels, forward and backward, use the MMA of their input type (m16n8k8 TF32 for float32,
+    m16n8k16 bf16 / f16 for 16-bit input, never TF32 there) and the SIMT ones none; the
+    forward's halo of F comes in 128-bit loads. (That TF32 operands are rounded, not
+    truncated, the emulation checks.)"""
     source = CSRC / "masked_gram_cuda.cu"
     result = compiled(source, "sm_90", build_folder)
     assert result.returncode == 0, result.stderr
@@ -142,10 +140,16 @@ def test_cuda_forward_machine_code(build_folder):
     forward = {name: ops for name, ops in kernels.items() if FORWARD_KERNEL.search(name)}
     assert len(forward) == 10, sorted(kernels)  # 3 MMA types x 2 tile heights, 4 SIMT
     for name, ops in forward.items():
-        dtype, tensor_cores, _ = FORWARD_KERNEL.search(name).groups()
+        dtype, tensor_cores = FORWARD_KERNEL.search(name).groups()
         mma = {op for op in ops if op.startswith("HMMA")}
-        assert mma == ({FORWARD_MMA[dtype]} if tensor_cores == "1" else set()), (name, mma)
+        assert mma == ({KERNEL_MMA[dtype]} if tensor_cores == "1" else set()), (name, mma)
         assert sum(n for op, n in ops.items() if op.startswith("LDG.E.128")) > 0, name
+    backward = {name: ops for name, ops in kernels.items() if BACKWARD_KERNEL.search(name)}
+    assert len(backward) == 7, sorted(kernels)  # 3 MMA types, 4 SIMT
+    for name, ops in backward.items():
+        dtype, tensor_cores = BACKWARD_KERNEL.search(name).groups()
+        mma = {op for op in ops if op.startswith("HMMA")}
+        assert mma == ({KERNEL_MMA[dtype]} if tensor_cores == "1" else set()), (name, mma)
 
 
 def cuda_include_dirs() -> list[str]:
@@ -181,8 +185,8 @@ def test_cuda_glue_parses(tmp_path):
 CUDA_EMULATION = r"""
 // The CUDA names the kernels use, on the host: blocks run one after another, each with one
 // std::thread per CUDA thread; __syncthreads is a barrier; shared memory starts as NaN.
-// WMMA fragments hold the whole tile in every thread of the warp; a misaligned tile pointer or
-// stride makes the launch fail as it would on a GPU.
+// mma.sync is warp-collective (masked_gram_mma.cuh's emulation, below); a misaligned 128-bit
+// load makes the launch fail as it would on a GPU.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -223,73 +227,6 @@ cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) { return cudaSucces
 inline std::atomic<int> emulated_fault{cudaSuccess};
 inline cudaError_t cudaGetLastError() { return emulated_fault.exchange(cudaSuccess); }
 
-namespace nvcuda::wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-namespace precision {
-struct tf32 {};
-}
-enum layout_t { mem_row_major, mem_col_major };
-template <class Use, int M, int N, int K, class T, class Layout = void>
-struct fragment {
-  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
-  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
-  static constexpr int num_elements = rows * cols;
-  float x[rows * cols];
-};
-inline void check_tile(const float* p, unsigned ldm) {
-  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm % 4 != 0)
-    emulated_fault = cudaErrorMisalignedAddress;
-}
-template <class Fragment>
-void load_tile(Fragment& f, const float* p, unsigned ldm, bool col_major_layout) {
-  check_tile(p, ldm);
-  for (int i = 0; i < Fragment::rows; ++i)
-    for (int j = 0; j < Fragment::cols; ++j)
-      f.x[i * Fragment::cols + j] = col_major_layout ? p[i + j * ldm] : p[i * ldm + j];
-}
-template <class Use, int M, int N, int K, class T, class L>
-void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const float* p, unsigned ldm) {
-  load_tile(f, p, ldm, std::is_same_v<L, col_major>);
-}
-template <int M, int N, int K>
-void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm,
-                      layout_t layout) {
-  load_tile(f, p, ldm, layout == mem_col_major);
-}
-template <int M, int N, int K>
-void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
-                       layout_t layout) {
-  check_tile(p, ldm);
-  if (threadIdx.x % 32 != 0) return;  // every lane holds the same tile: one writes it
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j)
-      (layout == mem_col_major ? p[i + j * ldm] : p[i * ldm + j]) = f.x[i * N + j];
-}
-// Only lane 0 multiplies, for speed: the kernels read accumulators only through
-// store_matrix_sync, which lane 0 alone carries out.
-template <int M, int N, int K, class T, class LA, class LB>
-void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
-              const fragment<matrix_b, M, N, K, T, LB>& b,
-              const fragment<accumulator, M, N, K, float>& c) {
-  if (threadIdx.x % 32 != 0) return;
-  fragment<accumulator, M, N, K, float> sum = c;
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j)
-      for (int k = 0; k < K; ++k) sum.x[i * N + j] += a.x[i * K + k] * b.x[k * N + j];
-  d = sum;
-}
-inline float __float_to_tf32(float f) {  // round to nearest, ties away: cvt.rna.tf32.f32
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u = (u + 0x1000u) & ~0x1FFFu;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-}  // namespace nvcuda::wmma
 
 struct __half { _Float16 v; };
 inline float __half2float(__half h) { return static_cast<float>(h.v); }
@@ -511,7 +448,7 @@ def emulated(tmp_path_factory):
     if GXX is None:
         pytest.skip("g++ is not installed")
     build = tmp_path_factory.mktemp("cuda_emulation")
-    for header in ("cuda_runtime_api.h", "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h", "mma.h"):
+    for header in ("cuda_runtime_api.h", "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
         (build / header).write_text('#include "cuda_emulation.h"\n')
     (build / "cuda_emulation.h").write_text(CUDA_EMULATION)
     (build / "masked_gram_mma.cuh").write_text(MMA_EMULATION)
@@ -622,7 +559,7 @@ def random_inputs(B, C, H, W, J, K, r, dtype=torch.float32):
 def test_emulated_splits_of_positions(emulated, allow_tf32, tol):
     """Tiles of 8 x 16 positions on tensor cores, 2 x 16 on SIMT. 9 tiles in 9 splits (SIMT 30)
     at B = 1; at B = 2, 35 tiles one a split (SIMT: 140 in 47 uneven splits). Interior tiles
-    use every row of the backward's halo, also those on the last, partial, WMMA tile."""
+    use every row of the backward's halo, also those on the last, partial, MMA tile."""
     inputs = random_inputs(1, 40, 19, 37, 2, 2, 3)
     _, cuts = check_against_reference(emulated, inputs, tol, allow_tf32)
     assert cuts[0] == (9 if allow_tf32 else 30)
