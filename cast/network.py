@@ -105,10 +105,16 @@ class VGGFeatures(nn.Module):
             image = image.flip(1)
         return (image * self.scale - self.mean) / self.std
 
-    def forward(self, image: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, image: torch.Tensor, layers: Sequence[str],
+        windows: dict[str, tuple[int, int, int, int]] | None = None,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
         """Features ``{name: (B, C_l, H_l, W_l)}`` of ``image`` (``(B, 3, H, W)`` RGB in [0, 1]).
 
-        Runs only as deep as the deepest requested layer.
+        Runs only as deep as the deepest requested layer. ``windows``: per layer name, the
+        part ``(top, bottom, left, right)`` of the image's pixels (corners on that layer's
+        grid) whose cells its output keeps; the layers after it run on those alone (a tile's
+        crop: deeper layers need less of its halo).
         """
         if isinstance(layers, str):
             layers = (layers,)
@@ -123,8 +129,16 @@ class VGGFeatures(nn.Module):
         wanted = set(layers)
         deepest = max(self.layer_names.index(name) for name in wanted) if wanted else -1
         features, x = {}, self.preprocess(image)
+        top = left = 0  # the pixel at x's first cell
         for name, layer in list(self.layers.named_children())[: deepest + 1]:
             x = layer(x)
+            if windows and name in windows:
+                stride = self.stride(name)
+                w_top, w_bottom, w_left, w_right = windows[name]
+                w_top, w_left = max(top, w_top), max(left, w_left)  # never wider than x
+                rows = slice((w_top - top) // stride, (w_bottom - top) // stride)
+                x = x[..., rows, (w_left - left) // stride : (w_right - left) // stride]
+                top, left = w_top, w_left
             if name in wanted:
                 features[name] = x
         return features

@@ -26,7 +26,7 @@ from .distributed import ALONE, Shard
 from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, gram_sums, gram_sums_grad
 from .network import CONTENT_LAYERS, STYLE_LAYERS
 from .reference import inverse_mass, mask_mass
-from .tiling import Tile, TilePlan, halo_for, plan_tiles
+from .tiling import Tile, TilePlan, halo_for, margins, plan_tiles
 
 
 class WholeImage(nn.Module):
@@ -72,6 +72,7 @@ class Tiled(WholeImage):
         super().__init__(network, content_losses, style_losses, weights)
         self.plan, self.kernels, self.backend, self.shard = plan, kernels, backend, shard
         self.strides = {layer: network.stride(layer) for layer in self.layers}
+        self.margins = layer_margins(network, kernels, tuple(content_losses), tuple(style_losses))
         # 1 / n_k broadcast over (J, K, C, C)
         self.inverse_mass = [inverse_mass(loss.masks)[:, None, None]
                              for loss in self.style_losses.values()]  # fmt: skip
@@ -86,7 +87,7 @@ class Tiled(WholeImage):
         with torch.no_grad():
             for tile in self.shard.mine(self.plan.tiles):
                 crop = _crop(image, tile)
-                features = self.network(crop[None], self.layers)
+                features = self.network(crop[None], self.layers, tile.windows(self.margins))
                 for sums, (layer, loss) in zip(parts, style_losses, strict=False):
                     sums += self._sums(features[layer], loss, tile, layer)[0]
                 parts[-2] += self._content(features, tile)
@@ -115,7 +116,7 @@ class Tiled(WholeImage):
         for tile in self.shard.mine(self.plan.tiles):
             crop = _crop(image, tile).detach().requires_grad_()
             with torch.enable_grad():
-                features = self.network(crop[None], self.layers)
+                features = self.network(crop[None], self.layers, tile.windows(self.margins))
                 share = self.content_weight * self._content(features, tile)
                 share = share + self.tv_weight * self._tv(crop, tile)
             outputs, d_outputs = [share], [torch.ones_like(share)]
@@ -137,14 +138,14 @@ class Tiled(WholeImage):
     def _owned(self, loss: StyleLoss, tile: Tile, layer: str, dtype: torch.dtype):
         """The op's masks (``loss``'s, on the crop's grid of ``layer``, zero outside the tile's
         cells) and kernels, in ``dtype``."""
-        masks = owned_masks(loss.masks.to(dtype), tile, self.strides[layer])
+        masks = owned_masks(loss.masks.to(dtype), tile, self.strides[layer], self.margins[layer])
         return masks, self.kernels.to(dtype)
 
     def _content(self, features: dict[str, Tensor], tile: Tile) -> Tensor:
         """The content term's share of the tile's owned cells (``ContentLoss``, by parts)."""
         total = 0
         for layer, loss in self.content_losses.items():
-            whole, local = tile.cells(self.strides[layer])
+            whole, local = tile.cells(self.strides[layer], self.margins[layer])
             error = features[layer][..., local[0], local[1]] - loss.target[..., whole[0], whole[1]]
             total = total + error.square().sum() * loss.scale
         return total
@@ -165,11 +166,12 @@ def _crop(image: Tensor, tile: Tile) -> Tensor:
     return image[:, top:bottom, left:right]
 
 
-def owned_masks(grid_masks: Tensor, tile: Tile, stride: int) -> Tensor:
-    """``(K, h, w)`` masks on the tile's crop grid: the whole image's masks at the owned cells,
-    0 in the halo (SPEC §5: the masks do the ownership; the kernels still see the halo)."""
-    owned = grid_masks.new_zeros(grid_masks.shape[0], *tile.crop_grid(stride))
-    whole, local = tile.cells(stride)
+def owned_masks(grid_masks: Tensor, tile: Tile, stride: int, margin: int) -> Tensor:
+    """``(K, h, w)`` masks on the grid of the tile's window of ``margin`` px: the whole image's
+    masks at the owned cells, 0 around them (SPEC §5: the masks do the ownership; the kernels
+    still see the neighbours)."""
+    owned = grid_masks.new_zeros(grid_masks.shape[0], *tile.grid(stride, margin))
+    whole, local = tile.cells(stride, margin)
     owned[:, local[0], local[1]] = grid_masks[:, whole[0], whole[1]]
     return owned
 
@@ -189,13 +191,15 @@ def gather(
     kept = {layer: new(1, network.channels(layer), *(s // network.stride(layer)
                                                      for s in image.shape[-2:]))
             for layer in keep}  # fmt: skip
+    margin_of = layer_margins(network, kernels, keep, tuple(grid_masks))
     for tile in shard.mine(plan.tiles):
-        features = network(_crop(image, tile)[None], tuple(dict.fromkeys([*keep, *grid_masks])))
+        features = network(_crop(image, tile)[None], tuple(dict.fromkeys([*keep, *grid_masks])),
+                           tile.windows(margin_of))  # fmt: skip
         for layer, layer_masks in grid_masks.items():
-            owned = owned_masks(layer_masks, tile, network.stride(layer))
+            owned = owned_masks(layer_masks, tile, network.stride(layer), margin_of[layer])
             sums[layer] += gram_sums(features[layer], owned, kernels, backend=backend)[0]
         for layer in keep:
-            whole, local = tile.cells(network.stride(layer))
+            whole, local = tile.cells(network.stride(layer), margin_of[layer])
             kept[layer][..., whole[0], whole[1]] = features[layer][..., local[0], local[1]]
     for t in [*sums.values(), *kept.values()]:
         shard.all_reduce(t)  # owned cells are disjoint: the zeros elsewhere add exactly
@@ -266,6 +270,13 @@ def geometry(
     stride = max(network.stride(layer) for layer in (*content_layers, *style_layers))
     radius = kernels.shape[-1] // 2
     return halo_for(network, content_layers, style_layers, radius, stride), stride
+
+
+def layer_margins(network, kernels: Tensor, content_layers: Sequence[str],
+                  style_layers: Sequence[str]) -> dict[str, int]:  # fmt: skip
+    """What a crop's network keeps of each layer's output (``cast.tiling.margins``), in px."""
+    stride = geometry(network, kernels, content_layers, style_layers)[1]
+    return margins(network, content_layers, style_layers, kernels.shape[-1] // 2, stride)
 
 
 def on_grid(mask: Tensor, image_hw: tuple[int, int], poolings: int) -> Tensor:

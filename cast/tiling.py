@@ -3,7 +3,8 @@
 Every pixel is owned by exactly one tile; a tile's network pass reads its owned pixels plus a
 halo wide enough that every feature at an owned cell, and every neighbour the high-order kernels
 read, is computed exactly as on the whole image. Tile and crop corners sit on multiples of the
-network's total stride, so the pooling grids of a crop coincide with the whole image's.
+network's total stride, so the pooling grids of a crop coincide with the whole image's. Deeper
+layers need less of the halo: layer by layer, the network drops what no later layer reads.
 """
 
 from __future__ import annotations
@@ -13,26 +14,44 @@ from dataclasses import dataclass
 
 from .errors import CastError
 
+Rect = tuple[int, int, int, int]  # (top, bottom, left, right) px, ends exclusive
+
 
 @dataclass(frozen=True)
 class Tile:
-    """Pixel rectangles ``(top, bottom, left, right)``, ends exclusive, in image coordinates."""
+    """Pixel rectangles in image coordinates: the pixels the tile owns, and its crop."""
 
-    owned: tuple[int, int, int, int]
-    crop: tuple[int, int, int, int]
+    owned: Rect
+    crop: Rect
 
-    def cells(self, stride: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    def window(self, margin: int) -> Rect:
+        """The owned pixels and ``margin`` px around them, within the crop (image pixels)."""
+        top, bottom, left, right = self.owned
+        c_top, c_bottom, c_left, c_right = self.crop
+        return (max(c_top, top - margin), min(c_bottom, bottom + margin),
+                max(c_left, left - margin), min(c_right, right + margin))  # fmt: skip
+
+    def windows(self, margins: dict[str, int]) -> dict[str, Rect]:
+        """``window(margin)`` of every layer of ``margins`` in the crop's pixels: what the
+        network keeps of that layer's output (``VGGFeatures.forward``'s ``windows``)."""
+        y, x = self.crop[0], self.crop[2]
+        shift = lambda top, bottom, left, right: (top - y, bottom - y, left - x, right - x)  # noqa: E731
+        return {layer: shift(*self.window(margin)) for layer, margin in margins.items()}
+
+    def cells(self, stride: int, margin: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
         """The owned cells of a layer of ``stride`` px: as ``(rows, cols)`` of the whole
-        image's grid, and of the crop's grid. Pooling rounds down, so ``end // stride`` is the
-        last cell in both cases (also at the image's ragged bottom and right edges)."""
+        image's grid, and of the grid over ``window(margin)``. Pooling rounds down, so
+        ``end // stride`` is the last cell in both cases (also at the image's ragged bottom and
+        right edges)."""
         top, bottom, left, right = (p // stride for p in self.owned)
-        y, x = self.crop[0] // stride, self.crop[2] // stride
+        window = self.window(margin)
+        y, x = window[0] // stride, window[2] // stride
         whole = (slice(top, bottom), slice(left, right))
         return whole, (slice(top - y, bottom - y), slice(left - x, right - x))
 
-    def crop_grid(self, stride: int) -> tuple[int, int]:
-        """``(h, w)`` of the crop's grid at a layer of ``stride`` px."""
-        top, bottom, left, right = self.crop
+    def grid(self, stride: int, margin: int) -> tuple[int, int]:
+        """``(h, w)`` of the grid over ``window(margin)`` at a layer of ``stride`` px."""
+        top, bottom, left, right = self.window(margin)
         return (bottom - top) // stride, (right - left) // stride
 
 
@@ -55,11 +74,39 @@ def halo_for(network, content_layers: Sequence[str], style_layers: Sequence[str]
     """Pixels a crop must extend beyond its owned tile: the receptive-field reach of the deepest
     layer used, plus, for style layers, the high-order kernels' ``radius = (r - 1) / 2`` cells at
     that layer's stride; rounded up to ``stride`` so crop corners stay on the pooling grid."""
-    needed = max(
-        [network.reach(layer) for layer in content_layers]
-        + [network.reach(layer) + radius * network.stride(layer) for layer in style_layers]
-    )
-    return -(-needed // stride) * stride
+    return _round_up(max(_reads(network, content_layers, style_layers, radius).values()), stride)
+
+
+def margins(network, content_layers: Sequence[str], style_layers: Sequence[str], radius: int,
+            stride: int) -> dict[str, int]:  # fmt: skip
+    """Per layer of the network up to the deepest one used: the pixels beyond the owned tile
+    that its output must still hold for the owned cells of every later layer used to be exact
+    (the reach of the convolutions still to come, plus the kernels' radius at style layers;
+    the halo is the input's). Deeper layers need less: a crop's network drops the rest, in
+    whole ``stride`` px so the cuts keep every later pooling grid where the whole image's is.
+    """
+    reads, names = _reads(network, content_layers, style_layers, radius), network.layer_names
+    deepest = max(names.index(layer) for layer in reads)
+    needs = {name: max(need for layer, need in reads.items() if names.index(layer) >= i)
+             - network.reach(name) for i, name in enumerate(names[: deepest + 1])}  # fmt: skip
+    # at least one stride: a ragged tile narrower than a cell of the deepest layer still gets
+    # one there (a zero statistic for the cells it does not own, not an empty feature map)
+    return {name: _round_up(max(need, 1), stride) for name, need in needs.items()}
+
+
+def _reads(network, content_layers: Sequence[str], style_layers: Sequence[str],
+           radius: int) -> dict[str, int]:  # fmt: skip
+    """Per layer used, the pixels beyond a cell's own square of the input that its statistic
+    reads: its receptive-field reach, and at style layers the kernels' ``radius`` cells more."""
+    reads = {layer: network.reach(layer) for layer in content_layers}
+    for layer in style_layers:
+        own = network.reach(layer) + radius * network.stride(layer)
+        reads[layer] = max(reads.get(layer, 0), own)
+    return reads
+
+
+def _round_up(pixels: int, stride: int) -> int:
+    return -(-pixels // stride) * stride
 
 
 def count_tiles(height: int, width: int, tile: int, stride: int) -> int:

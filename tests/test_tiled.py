@@ -94,6 +94,31 @@ def test_a_halo_one_position_too_small_breaks_it(built):
     assert _relative(narrow.value_and_grad(image)[1], grad) > 1e-6
 
 
+def _one_cell_less(margins, layer):
+    """``margins`` with ``layer``'s one 16 px cell narrower, and no later layer's wider."""
+    narrowed, cap = {}, None
+    for name, margin in margins.items():
+        cap = margin - 16 if name == layer else cap
+        narrowed[name] = margin if cap is None else min(margin, cap)
+    return narrowed
+
+
+@pytest.mark.parametrize("layer", ["conv1_1", "relu4_1"])
+def test_a_layer_trimmed_one_cell_too_narrow_breaks_it(built, layer):
+    """A crop's deeper layers keep less of the halo: conv1_1 all 96 px (85 of them read),
+    relu4_1 64 (56: the reach of the convolutions up to relu5_1 and its kernels' 16), relu5_1
+    16 (its 3x3 kernels' reach). Each margin is needed to the cell: one 16 px cell less leaves
+    owned cells inexact (the equality above shows the margins suffice)."""
+    dtype, whole, tiled, image, (loss, grad) = built
+    if dtype != torch.float64:
+        pytest.skip("one case shows it; float64 puts the trim's effect far above rounding")
+    margins = tiled.margins
+    assert (margins["conv1_1"], margins["relu4_1"], margins["relu5_1"]) == (96, 64, 16)
+    narrow = copy.copy(tiled)
+    narrow.margins = _one_cell_less(margins, layer)
+    assert _relative(narrow.value_and_grad(image)[1], grad) > 1e-6
+
+
 def test_without_high_order_kernels_the_halo_is_the_receptive_field():
     """With 1x1 kernels relu5_1's reach alone sets the halo: 80 px. It is sufficient (a wider
     one changes only float32 rounding, about 1e-6) and needed (64 px: about 3e-4)."""
