@@ -54,11 +54,8 @@ def masked_gram(
     """
     features, masks, kernels = canonical_inputs(features, masks, kernels)
     inv_mass = canonical_inverse_mass(features, masks, mass)
-    try:
-        chosen = backends.choose(backend, features.device, features.dtype)
-    except backends.BackendUnavailable as err:
-        raise backends.BackendUnavailable(f"cast.masked_gram: {err}") from None
-    return torch.ops.cast.masked_gram(features, masks, kernels, inv_mass, chosen.name, allow_tf32)
+    chosen = _choose(backend, features, "cast.masked_gram")
+    return torch.ops.cast.masked_gram(features, masks, kernels, inv_mass, chosen, allow_tf32)
 
 
 def masked_gram_grad(
@@ -95,13 +92,23 @@ def masked_gram_grad(
             f"cast.masked_gram_grad: grad must be {expected} (B, J, K, C, C) on "
             f"{features.device}, got {_describe(grad)}"
         )
+    chosen = _choose(backend, features, "cast.masked_gram_grad")
+    return _d_features(grad.detach(), inv_mass, features, masks, kernels, chosen, allow_tf32)
+
+
+def _choose(backend: str | None, features: Tensor, where: str) -> str:
+    """The name of the backend that runs ``features``, or one line saying why none can."""
     try:
-        chosen = backends.choose(backend, features.device, features.dtype)
+        return backends.choose(backend, features.device, features.dtype).name
     except backends.BackendUnavailable as err:
-        raise backends.BackendUnavailable(f"cast.masked_gram_grad: {err}") from None
-    sym_grad = symmetric_grad(grad.detach().to(inv_mass.dtype), inv_mass).contiguous()
+        raise backends.BackendUnavailable(f"{where}: {err}") from None
+
+
+def _d_features(grad, inv_mass, features, masks, kernels, backend: str, allow_tf32: bool):
+    """``dF`` from ``dL/dG`` through the registered backward: ``S = (dG + dG^T) / n_k``."""
+    sym_grad = symmetric_grad(grad.to(inv_mass.dtype), inv_mass).contiguous()
     return torch.ops.cast.masked_gram_backward(
-        sym_grad, features, masks, kernels, chosen.name, allow_tf32
+        sym_grad, features, masks, kernels, backend, allow_tf32
     )
 
 
@@ -303,10 +310,8 @@ def _backward(ctx, grad):
     d_features = None
     if ctx.needs_input_grad[0]:
         # (B, J, K, C, C): masks' batch Bm is 1 or B, so S has the features' batch
-        sym_grad = symmetric_grad(grad.to(inv_mass.dtype), inv_mass).contiguous()
-        d_features = torch.ops.cast.masked_gram_backward(
-            sym_grad, features, masks, kernels, ctx.backend, ctx.allow_tf32
-        )
+        d_features = _d_features(grad, inv_mass, features, masks, kernels, ctx.backend,
+                                 ctx.allow_tf32)  # fmt: skip
     return d_features, None, None, None, None, None
 
 
