@@ -169,6 +169,54 @@ def cuda_backward(N: int, C: int, J: int, K: int, r: int, size: int = 4) -> Work
     )
 
 
+def cuda_backward_chain(N: int, C: int, J: int, K: int, r: int, size: int = 4) -> Work:
+    """The CUDA backward of issue 9's redesign: a block per (tile of 8 x 16 outputs, 64 output
+    channels); per kernel j and block of 32 input channels, F's 2h-halo and the block of every
+    S_jk arrive by cp.async (16 bytes), Z_j is formed on the h-halo once (a column of 4 values
+    per thread, each loaded value used for up to r of them), and U_j^T = [S_j1 .. S_jK]
+    [m_1^2 Z_j; ..; m_K^2 Z_j]^T is one mma.sync chain K * C deep, held in registers (m_k^2
+    applied to the B fragments); U_j goes to shared memory once per kernel and the adjoint
+    convolution reads it once per output (a column of 8 per thread, dF in registers)."""
+    h = r // 2
+    u_rows, u_cols, f_rows = 8 + 2 * h, 16 + 2 * h, 8 + 4 * h
+    f_cols = 16 + 2 * (-(-2 * h // (16 // size)) * (16 // size))
+    u_size = u_rows * u_cols
+    n_tiles = -(-u_size // 32) * 4  # 8 positions each, 4 warps across
+    out_blocks, in_blocks = -(-C // 64), -(-C // 32)
+    units = N / 128 * out_blocks * J * in_blocks  # (tile, output block, kernel, input block)
+    step, per = (8, 1) if size == 4 else (16, 2)
+    loads_bytes = 32 * f_rows * f_cols * size + K * 64 * 32 * 4
+    chunks = -(-u_rows // 4)
+    form_items = 32 * 24 * chunks / 32  # warps of (channel, column, 4 rows); 24 columns
+    form_lds = form_items * ((4 + 2 * h) * r)  # conflict-free column values; taps broadcast
+    form_issue = form_items * ((4 + 2 * h) * r * 2 + 4 * r * r + 4 * 2)
+    k_steps = 32 // step
+    warp_step = dict(  # per warp, k-step: 2 m-tiles x n_tiles / 4 n-tiles, K masks
+        a=2 * 4 * K * per, b=2 * n_tiles / 4, m=K * n_tiles / 4, hmma=K * 2 * n_tiles / 4
+    )
+    mma_lds = 8 * k_steps * (warp_step["a"] + warp_step["b"] + warp_step["m"])
+    mma_issue = 8 * k_steps * (
+        warp_step["a"] + warp_step["b"] + warp_step["m"] * 3 + warp_step["hmma"]
+    )
+    per_kernel = dict(  # per (tile, output block, kernel): U_j out, adjoint in
+        u_store=64 * n_tiles * 8 / 32 * 2,  # float2 stores, 2-way
+        adjoint_lds=64 * 16 / 32 * (8 + 2 * h) * r,
+        adjoint_issue=64 * 16 / 32 * ((8 + 2 * h) * r * 2 + 8 * r * r),
+    )
+    wavefronts = units * (loads_bytes / 128 + form_lds + form_items * 4 + mma_lds)
+    wavefronts += units / in_blocks * (per_kernel["u_store"] + per_kernel["adjoint_lds"])
+    issue = units * (loads_bytes / 16 / 32 * 3 + form_issue + mma_issue)
+    issue += units / in_blocks * (per_kernel["u_store"] + per_kernel["adjoint_issue"])
+    return Work(
+        mma=J * K * N / 128 * n_tiles * 8 * C * out_blocks * 64,
+        fma=units * 32 * u_size * r * r + J * N * C * r * r,
+        loads=32 * wavefronts,
+        issue=issue,
+        dram=N * C * size * (out_blocks + 1) + N * K * size,
+        mma_rate=MMA_FMA_PER_S if size == 4 else BF16_MMA_FMA_PER_S,
+    )
+
+
 def triton_seconds(N: int, C: int, J: int, K: int, r: int = 3) -> float:
     """The model's bound for the shipped Triton forward + backward (``bench_masked_gram``
     prints it beside the measured time)."""
@@ -190,6 +238,8 @@ def main() -> None:
     designs.append(("cuda forward, bf16", lambda *shape: cuda_forward(*shape, size=2)))
     designs.append(("cuda backward, TF32", cuda_backward))
     designs.append(("cuda backward, bf16", lambda *shape: cuda_backward(*shape, size=2)))
+    designs.append(("cuda backward chain, TF32", cuda_backward_chain))
+    designs.append(("cuda backward chain, bf16", lambda *s: cuda_backward_chain(*s, size=2)))
     print(f"{args.image}^2, J={args.J}, K={args.K}, r={args.r}, float32 (TF32), H100 model\n")
     print("| layer | kernel | MMA ms | CUDA-core ms | L1/smem ms | issue ms | DRAM ms | bound ms |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")

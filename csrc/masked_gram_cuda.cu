@@ -22,13 +22,15 @@
 // allow_tf32, 16-bit below sm_80), take the same kernel with a SIMT step in place of mma.sync
 // and 2-row tiles (not a speed path: no benchmark runs them).
 //
-// Backward, one block per (tile of output positions, output channel block, batch item): with
-// S_jk = (dG_jk + dG_jk^T) / n_k precomputed, for each kernel j it forms
-// U_j = sum_k m_k^2 Z_j S_jk on the tile plus its h-halo (Z_j needs F on a 2h-halo), one input
-// channel block at a time, in shared memory, then applies the adjoint convolution (p_j rotated by
-// 180 degrees) into the block's dF accumulators in registers. Nothing of size J * N * C is ever
-// written to global memory. Its products run on TF32 tensor cores (WMMA m16n16k8) for 16-bit
-// input and for float32 when allow_tf32, on sm_80 and newer; SIMT otherwise.
+// Backward, with S_jk = (dG_jk + dG_jk^T) / n_k precomputed: on tensor cores, one block per
+// (tile of kRows x 16 outputs, 64 output channels, batch item) forms, for each kernel j,
+// U_j^T = [S_j1 | ... | S_jK] [m_1^2 Z_j; ...; m_K^2 Z_j]^T as one mma.sync chain K * C deep in
+// registers (Z_j on the tile's h-halo, formed once per block of 32 input channels from F's
+// 2h-halo, which arrives with S's blocks by cp.async, overlapping the previous MMAs), then
+// applies the adjoint convolution (p_j rotated by 180 degrees) once into dF's accumulators in
+// registers (details above the kernel). On CUDA cores (float64, float32 without TF32, 16-bit
+// below sm_80, r > 7) the same sums with 32-channel blocks through shared memory. Nothing of
+// size J * N * C is ever written to global memory.
 #include "masked_gram_cuda.h"
 
 #include <cuda_bf16.h>
@@ -38,6 +40,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
+#include <utility>
 
 #include "masked_gram_mma.cuh"
 
@@ -443,12 +447,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One input channel block's share of U_j on tensor cores: U_j += W S, with
-
 // ---------------------------------------------------------------------------------------------
-// Backward
+// Backward on CUDA cores (float64; float32 without TF32; 16-bit below sm_80; shapes the
+// tensor-core tiles do not fit): a block per (tile of positions, 32 output channels, batch
+// item); per kernel j and block of 32 input channels F's 2h-halo, Z_j on the h-halo, U_j +=
+// sum_k m_k^2 Z_j S_jk in shared memory, then the adjoint once per kernel.
 
-constexpr int kChannelTile = 32;  // channels per channel block of the backward: TC
+constexpr int kSimtChannels = 32;  // channels per channel block of the SIMT backward: TC
 
 // A tile of positions. Double halves the rows so a block's shared memory stays the same size.
 template <typename A>
@@ -460,128 +465,48 @@ struct PositionTile<double> {
   static constexpr int rows = 4, cols = 16, size = rows * cols;
 };
 
-constexpr int kMmaTile = 16;  // rows of an MMA tile
-
-template <typename A>
-__host__ __device__ constexpr int backward_rows(int r, bool tensor_cores) {
-  using Tile = PositionTile<A>;
-  const int size = (Tile::rows + r - 1) * (Tile::cols + r - 1);
-  return tensor_cores ? ceil_div(size, kMmaTile) * kMmaTile : size;
-}
-
-// The backward's shared memory: F on the 2h-halo (A); Z_j (SIMT) or m_k^2 Z_j for every k side
-// by side (tensor cores, as MMA operands); U_j (A); S_jk for the block's (input, output)
-// channel blocks, (K, TC in, TC out) on SIMT, transposed (K, TC out, TC in) as MMA operands on
-// tensor cores; m_k^2 on the h-halo; the taps. Each region 16-byte aligned. The operands' row
-// strides are 4 (mod 32) words, so the fragment loads (lanes g * stride + t) are conflict-free.
-template <typename T, bool kTensorCores>
-struct BackwardLayout {
+// Its shared memory: F on the 2h-halo, Z_j and U_j on the h-halo, S_jk for the block's
+// (input, output) channel blocks, m_k^2 on the h-halo, the taps; each region 16-byte aligned.
+template <typename T>
+struct SimtBackwardLayout {
   using A = acc_t<T>;
-  using Z = typename Operands<T, kTensorCores>::Z;
   using Tile = PositionTile<A>;
-  static constexpr int TC = kChannelTile, pad = 16 / static_cast<int>(sizeof(Z));
-  static constexpr int u_stride = kTensorCores ? TC + 8 : TC + 1;
-  static constexpr int sym_stride = kTensorCores ? TC + pad : TC;
-  __host__ __device__ static constexpr int z_stride(int K) {
-    return kTensorCores ? K * TC + pad : TC + 1;
-  }
+  static constexpr int TC = kSimtChannels, u_stride = TC + 1, z_stride = TC + 1;
   __host__ __device__ static constexpr int aligned(int bytes) { return ceil_div(bytes, 16) * 16; }
+  __host__ __device__ static constexpr int u_size(int r) {
+    return (Tile::rows + r - 1) * (Tile::cols + r - 1);
+  }
   __host__ __device__ static constexpr int f_bytes(int r) {
     return aligned(TC * (Tile::rows + 2 * (r - 1)) * (Tile::cols + 2 * (r - 1)) *
                    static_cast<int>(sizeof(A)));
   }
-  __host__ __device__ static constexpr int z_bytes(int r, int K) {
-    return aligned(backward_rows<A>(r, kTensorCores) * z_stride(K) * static_cast<int>(sizeof(Z)));
-  }
-  __host__ __device__ static constexpr int u_bytes(int r) {
-    return aligned(backward_rows<A>(r, kTensorCores) * u_stride * static_cast<int>(sizeof(A)));
+  __host__ __device__ static constexpr int z_bytes(int r) {
+    return aligned(u_size(r) * z_stride * static_cast<int>(sizeof(A)));
   }
   __host__ __device__ static constexpr int sym_bytes(int K) {
-    return aligned(K * TC * sym_stride * static_cast<int>(sizeof(Z)));
+    return aligned(K * TC * TC * static_cast<int>(sizeof(A)));
   }
   __host__ __device__ static constexpr int bytes(int r, int K, int J) {
-    const int u_size = (Tile::rows + r - 1) * (Tile::cols + r - 1);
-    return f_bytes(r) + z_bytes(r, K) + u_bytes(r) + sym_bytes(K) +
-           aligned(K * u_size * static_cast<int>(sizeof(A))) +
+    return f_bytes(r) + 2 * z_bytes(r) + sym_bytes(K) +
+           aligned(K * u_size(r) * static_cast<int>(sizeof(A))) +
            aligned(J * r * r * static_cast<int>(sizeof(A)));
   }
 };
 
-// One input channel block's share of U_j on tensor cores: U_j += W S, with
-// W = [m_1^2 Z_j | ... | m_K^2 Z_j] (rows, K TC) and S = [S_j1; ...; S_jK] (K TC, TC), held
-// transposed (sym_t: rows of S^T), each warp taking 16 x 32 tiles of U_j in turn with mma.sync.
-template <typename T>
-__device__ __forceinline__ void u_tile_mma(const typename Operands<T, true>::Z* weighted,
-                                           int weighted_stride,
-                                           const typename Operands<T, true>::Z* sym_t, int K,
-                                           float* u_halo, int rows) {
-  using Layout = BackwardLayout<T, true>;
-  constexpr int TC = kChannelTile, kStep = Operands<T, true>::step;
-  constexpr int u_stride = Layout::u_stride, sym_stride = Layout::sym_stride;
-  static_assert(TC == 32 && TC % kStep == 0, "a warp's tile is 16 x 32; steps stay in a block");
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  for (int tile = threadIdx.x / 32; tile < rows / 16; tile += kWarps) {
-    float* out = u_halo + tile * 16 * u_stride;
-    float sum[1][4][4];
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        sum[0][nt][i] = out[(g + 8 * (i / 2)) * u_stride + nt * 8 + 2 * t + i % 2];
-    const auto* w = weighted + tile * 16 * weighted_stride;
-    for (int c = 0; c < K * TC; c += kStep) {
-      const auto* s = sym_t + c / TC * TC * sym_stride + c % TC;  // S^T rows of mask c / TC
-      uint32_t a[1][4], b[4][2];
-      if constexpr (kStep == 8) {  // TF32: one value a register
-        a[0][0] = w[g * weighted_stride + c + t];
-        a[0][1] = w[(g + 8) * weighted_stride + c + t];
-        a[0][2] = w[g * weighted_stride + c + t + 4];
-        a[0][3] = w[(g + 8) * weighted_stride + c + t + 4];
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          b[nt][0] = s[(nt * 8 + g) * sym_stride + t];
-          b[nt][1] = s[(nt * 8 + g) * sym_stride + t + 4];
-        }
-        mma_grid_tf32(sum, a, b, 1);
-      } else {  // 16-bit: two consecutive input channels a register
-        using H = HalfOperands<T>;
-        a[0][0] = H::pair(w + g * weighted_stride + c + 2 * t);
-        a[0][1] = H::pair(w + (g + 8) * weighted_stride + c + 2 * t);
-        a[0][2] = H::pair(w + g * weighted_stride + c + 2 * t + 8);
-        a[0][3] = H::pair(w + (g + 8) * weighted_stride + c + 2 * t + 8);
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          b[nt][0] = H::pair(s + (nt * 8 + g) * sym_stride + 2 * t);
-          b[nt][1] = H::pair(s + (nt * 8 + g) * sym_stride + 2 * t + 8);
-        }
-        mma_grid_16bit<T>(sum, a, b, 1);
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        out[(g + 8 * (i / 2)) * u_stride + nt * 8 + 2 * t + i % 2] = sum[0][nt][i];
-  }
-}
-
 // sym_grad (B, J, K, C, C) A: S_jk = (dG_jk + dG_jk^T) / n_k; features (B, C, H, W) T;
 // masks (Bm, K, H, W) T; kernels (J, r, r) T; d_features (B, C, H, W) T.
-// One block per SM on tensor cores (its shared memory allows no more): all registers may be used,
-// and 128 would spill (ptxas, sm_90). Two per SM with SIMT, which fits in 128 registers.
-template <typename T, bool kTensorCores>
-__global__ void __launch_bounds__(kThreads, kTensorCores ? 1 : 2)
-    _masked_gram_bwd_kernel(const acc_t<T>* __restrict__ sym_grad, const T* __restrict__ features,
-                            const T* __restrict__ masks, const T* __restrict__ kernels,
-                            T* __restrict__ d_features, const Dims d) {
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+    _masked_gram_bwd_simt_kernel(const acc_t<T>* __restrict__ sym_grad,
+                                 const T* __restrict__ features, const T* __restrict__ masks,
+                                 const T* __restrict__ kernels, T* __restrict__ d_features,
+                                 const Dims d) {
   using A = acc_t<T>;
   using Tile = PositionTile<A>;
-  using Layout = BackwardLayout<T, kTensorCores>;
-  using Z = typename Layout::Z;
-  constexpr int TC = kChannelTile;
-  constexpr int u_stride = Layout::u_stride, sym_stride = Layout::sym_stride;
+  using Layout = SimtBackwardLayout<T>;
+  constexpr int TC = kSimtChannels;
+  constexpr int u_stride = Layout::u_stride, z_stride = Layout::z_stride;
   constexpr int per_thread = Tile::size * TC / kThreads;  // dF values this thread owns
-  static_assert(!kTensorCores || sizeof(A) == 4, "tensor cores take float tiles");
   static_assert(Tile::size * TC % kThreads == 0, "a block's dF tile must split evenly");
 
   const int tile = blockIdx.x, out_block = blockIdx.y, batch = blockIdx.z;
@@ -592,17 +517,12 @@ __global__ void __launch_bounds__(kThreads, kTensorCores ? 1 : 2)
   const int f_rows = Tile::rows + 4 * h, f_cols = Tile::cols + 4 * h, f_size = f_rows * f_cols;
   const int taps_per_kernel = d.r * d.r;
 
-  // SIMT: z_halo holds Z_j. Tensor cores: m_k^2 Z_j for every k side by side, on whole MMA
-  // tiles of rows; the rows past u_size hold garbage that reaches only U_j's unused rows.
-  const int rows = backward_rows<A>(d.r, kTensorCores);
-  const int z_stride = Layout::z_stride(d.K);
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   unsigned char* region = shared_bytes;
-  A* f_halo = reinterpret_cast<A*>(region);  // (TC, f_rows, f_cols)
-  Z* z_halo = reinterpret_cast<Z*>(region += Layout::f_bytes(d.r));  // (rows, z_stride)
-  A* u_halo = reinterpret_cast<A*>(region += Layout::z_bytes(d.r, d.K));  // (rows, u_stride)
-  // (K, TC in, sym_stride) on SIMT, (K, TC out, sym_stride) on tensor cores
-  Z* sym = reinterpret_cast<Z*>(region += Layout::u_bytes(d.r));
+  A* f_halo = reinterpret_cast<A*>(region);                           // (TC, f_rows, f_cols)
+  A* z_halo = reinterpret_cast<A*>(region += Layout::f_bytes(d.r));   // (u_size, z_stride)
+  A* u_halo = reinterpret_cast<A*>(region += Layout::z_bytes(d.r));   // (u_size, u_stride)
+  A* sym = reinterpret_cast<A*>(region += Layout::z_bytes(d.r));      // (K, TC in, TC out)
   A* mask_sq = reinterpret_cast<A*>(region += Layout::sym_bytes(d.K));  // (K, u_size)
   A* taps = mask_sq + ceil_div(d.K * u_size, 16 / static_cast<int>(sizeof(A))) *
                           (16 / static_cast<int>(sizeof(A)));  // (J, r, r)
@@ -629,7 +549,7 @@ __global__ void __launch_bounds__(kThreads, kTensorCores ? 1 : 2)
     const A* tap = taps + j * taps_per_kernel;
     for (int e = tid; e < u_size * TC; e += kThreads) u_halo[e / TC * u_stride + e % TC] = A(0);
 
-    for (int in_block = 0; in_block < d.channel_blocks; ++in_block) {
+    for (int in_block = 0; in_block < ceil_div(d.C, TC); ++in_block) {
       __syncthreads();  // the previous readers of f_halo, z_halo and sym are done
       for (int e = tid; e < TC * f_size; e += kThreads) {
         const int c = in_block * TC + e / f_size, p = e % f_size;
@@ -640,13 +560,8 @@ __global__ void __launch_bounds__(kThreads, kTensorCores ? 1 : 2)
       for (int e = tid; e < d.K * TC * TC; e += kThreads) {
         const int k = e / (TC * TC), row = e / TC % TC, col = e % TC;
         const int64_t slice = (static_cast<int64_t>(batch) * d.J + j) * d.K + k;
-        // Tensor cores hold S^T, rows of output channels: read as S's rows, S being symmetric.
-        const int first = (kTensorCores ? out_block : in_block) * TC + row;
-        const int second = (kTensorCores ? in_block : out_block) * TC + col;
-        const A value = first < d.C && second < d.C
-                            ? sym_grad[(slice * d.C + first) * d.C + second]
-                            : A(0);
-        sym[(k * TC + row) * sym_stride + col] = Operands<T, kTensorCores>::operand(value);
+        const int c_in = in_block * TC + row, c_out = out_block * TC + col;
+        sym[e] = c_in < d.C && c_out < d.C ? sym_grad[(slice * d.C + c_in) * d.C + c_out] : A(0);
       }
       __syncthreads();
       // Z_j on the h-halo: position (uy, ux) of u_halo is (uy, ux) .. (uy + 2h, ux + 2h) of f_halo.
@@ -656,33 +571,23 @@ __global__ void __launch_bounds__(kThreads, kTensorCores ? 1 : 2)
         A z = A(0);
         for (int dy = 0; dy < d.r; ++dy)
           for (int dx = 0; dx < d.r; ++dx) z += tap[dy * d.r + dx] * src[dy * f_cols + dx];
-        if constexpr (kTensorCores) {
-          for (int k = 0; k < d.K; ++k)
-            z_halo[p * z_stride + k * TC + local] =
-                Operands<T, true>::operand(mask_sq[k * u_size + p] * z);
-        } else {
-          z_halo[p * z_stride + local] = z;
-        }
+        z_halo[p * z_stride + local] = z;
       }
       __syncthreads();
-      if constexpr (kTensorCores) {
-        u_tile_mma<T>(z_halo, z_stride, sym, d.K, u_halo, rows);
-      } else {
-        // U_j[p, c_out] += sum_k m_k[p]^2 sum_{c_in in this block} Z_j[p, c_in] S_jk[c_in, c_out];
-        // each (p, c_out) belongs to one thread for the whole loop over input blocks.
-        for (int e = tid; e < u_size * TC; e += kThreads) {
-          const int p = e / TC, c_out = e % TC;
-          const A* zp = z_halo + p * z_stride;
-          A u = A(0);
-          for (int k = 0; k < d.K; ++k) {
-            const A* s = sym + k * TC * sym_stride + c_out;
-            A t = A(0);
+      // U_j[p, c_out] += sum_k m_k[p]^2 sum_{c_in in this block} Z_j[p, c_in] S_jk[c_in, c_out];
+      // each (p, c_out) belongs to one thread for the whole loop over input blocks.
+      for (int e = tid; e < u_size * TC; e += kThreads) {
+        const int p = e / TC, c_out = e % TC;
+        const A* zp = z_halo + p * z_stride;
+        A u = A(0);
+        for (int k = 0; k < d.K; ++k) {
+          const A* s = sym + k * TC * TC + c_out;
+          A t = A(0);
 #pragma unroll 8
-            for (int c_in = 0; c_in < TC; ++c_in) t += zp[c_in] * s[c_in * sym_stride];
-            u += mask_sq[k * u_size + p] * t;
-          }
-          u_halo[p * u_stride + c_out] += u;
+          for (int c_in = 0; c_in < TC; ++c_in) t += zp[c_in] * s[c_in * TC];
+          u += mask_sq[k * u_size + p] * t;
         }
+        u_halo[p * u_stride + c_out] += u;
       }
     }
     __syncthreads();  // U_j complete
@@ -713,11 +618,356 @@ __global__ void __launch_bounds__(kThreads, kTensorCores ? 1 : 2)
           narrow<T>(d_acc[i]);
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backward on tensor cores: a block of 8 warps per (tile of kRows x 16 outputs, 64 output
+// channels, batch item). Per kernel j and block of 32 input channels (a "step"):
+//   1. F on the tile's 2h-halo (columns padded to whole 16-byte vectors, as the forward's) and
+//      the (64 out x 32 in) blocks of S_j1 .. S_jK arrive by cp.async, 16 bytes a copy, all in
+//      flight at once; the next step's copies are issued as soon as Z_j is formed, so they
+//      overlap this step's MMAs (S has two buffers, F one);
+//   2. Z_j on the h-halo, formed once: each thread a column of 4 values of one channel (two
+//      channels for 16-bit input), each loaded value used for up to r of them; stored
+//      channel-major as the B operand (a 32-bit word holds one TF32 value or a pair of
+//      consecutive channels);
+//   3. U_j^T (64 x positions) += [S_j1 | .. | S_jK] [m_1^2 Z_j; ..; m_K^2 Z_j]^T with mma.sync:
+//      one chain K * C deep whose accumulators stay in registers across the input blocks, each
+//      warp 32 channels x a quarter of the positions; m_k^2 scales the B fragments in
+//      registers (TF32 rounded to nearest after the product); S, symmetric, is read as A
+//      straight from its rows.
+// After the last input block U_j goes to shared memory once and the adjoint convolution (p_j
+// rotated by 180 degrees) adds into dF's accumulators in registers, a column of kRows outputs
+// per thread and item. dF is written once, at the end. Nothing of size J * N * C goes to
+// global memory.
+
+constexpr int kOutBlock = 64;    // output channels per block: 2 warps of 32 across
+constexpr int kInBlock = 32;     // input channels per step
+constexpr int kMmaHalo = 3;      // h <= 3 (r <= 7) on tensor cores
+constexpr int kMaxNTiles = 8;    // n-tiles (8 positions) per warp: the h-halo's <= 256 positions
+constexpr int kFormRows = 4;     // rows of Z_j a thread forms at once
+// Columns of the formation's items per row: the h-halo's widest row (22) rounded to 24, which
+// F's channel stride (24 mod 32 words) makes conflict-free.
+constexpr int kFormCols = 24;
+constexpr int kCopyChunks = 8;   // 16-byte chunks of a row of F's halo, at most
+
+template <typename T, int kRows>
+struct MmaBackwardTile {
+  static constexpr int per = sizeof(T) == 4 ? 1 : 2;  // channels per 32-bit word of Z
+  static constexpr int z_rows = kInBlock / per;
+  static constexpr int vector = 16 / sizeof(T);
+  static constexpr int step = per * 8;  // input channels per MMA (k of m16n8k8 / m16n8k16)
+  // F's halo rows are padded by whole vectors, at least 2h columns each side.
+  __host__ __device__ static constexpr int pad(int h) { return ceil_div(2 * h, vector) * vector; }
+  __host__ __device__ static constexpr int f_cols(int h) { return kTileCols + 2 * pad(h); }
+  // Elements per channel of F's halo: a multiple of 16 bytes that is 24 (mod 32) words, so a
+  // warp's formation loads (lanes on consecutive (channel, column) items, 24 columns per
+  // channel) fall into 32 distinct banks.
+  __host__ __device__ static constexpr int f_stride(int h) {
+    const int words = (kRows + 4 * h) * f_cols(h) * static_cast<int>(sizeof(T)) / 4;
+    return (words + (56 - words % 32) % 32) * 4 / static_cast<int>(sizeof(T));
+  }
+  __host__ __device__ static constexpr int u_size(int h) {
+    return (kRows + 2 * h) * (kTileCols + 2 * h);
+  }
+  __host__ __device__ static constexpr int u_padded(int h) { return ceil_div(u_size(h), 32) * 32; }
+  // Row strides in words: Z 8 (mod 32) and S 4 (TF32) or 8 (pairs, 64-bit reads) (mod 32), so
+  // the fragment loads are conflict-free; U 16 (mod 32), for the adjoint's two channels a warp.
+  __host__ __device__ static constexpr int z_stride(int h) { return u_padded(h) + 8; }
+  static constexpr int s_stride = kInBlock + 4 * per;
+  __host__ __device__ static constexpr int u_stride(int h) { return u_padded(h) + 16; }
+
+  __host__ __device__ static constexpr int f_bytes(int h) {
+    return kInBlock * f_stride(h) * static_cast<int>(sizeof(T));
+  }
+  __host__ __device__ static constexpr int s_bytes(int K) {
+    return K * kOutBlock * s_stride * static_cast<int>(sizeof(float));
+  }
+  __host__ __device__ static constexpr int z_bytes(int h) { return z_rows * z_stride(h) * 4; }
+  __host__ __device__ static constexpr int u_bytes(int h) { return kOutBlock * u_stride(h) * 4; }
+  __host__ __device__ static constexpr int mask_bytes(int h, int K) {
+    return K * u_padded(h) * 4;
+  }
+  // In the kernel's order: F, S twice, Z, U, m_k^2, taps (all multiples of 16 bytes but taps).
+  __host__ __device__ static constexpr int bytes(int r, int K, int J) {
+    const int h = r / 2;
+    return f_bytes(h) + 2 * s_bytes(K) + z_bytes(h) + u_bytes(h) + mask_bytes(h, K) +
+           J * r * r * 4;
+  }
+  // Whether the kernel takes r at all: the halo's positions within the warps' n-tiles.
+  __host__ __device__ static constexpr bool fits(int r) {
+    return r / 2 <= kMmaHalo && u_padded(r / 2) <= 4 * kMaxNTiles * 8;
+  }
+};
+
+// Two floats as one 32-bit register of the 16-bit MMA operands, the first in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
+  return static_cast<uint32_t>(bits_as<uint16_t>(narrow<T>(low))) |
+         static_cast<uint32_t>(bits_as<uint16_t>(narrow<T>(high))) << 16;
+}
+
+// A column of kOut outputs of a convolution on a channel-major tile in shared memory:
+// out[o] += sum_{dy,dx} w(dy, dx) src[(o + dy) * stride + dx], the rows read once per dx and
+// used for up to r outputs. `rows_in` (<= kOut + 2 kHalo) rows of src exist; w(dy, dx) is
+// taps[dy * r + dx], or taps[(r-1-dy) * r + r-1-dx] for the adjoint (`rotated`).
+template <int kOut, int kHalo, typename S>
+__device__ __forceinline__ void convolve_column(float (&out)[kOut], const S* src, int stride,
+                                                int rows_in, const float* taps, int r,
+                                                bool rotated) {
+  for (int dx = 0; dx < r; ++dx) {
+    float column[kOut + 2 * kHalo];
+#pragma unroll
+    for (int hy = 0; hy < kOut + 2 * kHalo; ++hy)
+      column[hy] = hy < rows_in ? widen(src[hy * stride + dx]) : 0.0f;
+#pragma unroll
+    for (int dy = 0; dy < 2 * kHalo + 1; ++dy) {
+      if (dy >= r) break;
+      const float w = rotated ? taps[(r - 1 - dy) * r + r - 1 - dx] : taps[dy * r + dx];
+#pragma unroll
+      for (int o = 0; o < kOut; ++o) out[o] += w * column[o + dy];
+    }
+  }
+}
+
+// sym_grad (B, J, K, C, C) float: S_jk = (dG_jk + dG_jk^T) / n_k; features (B, C, H, W) T;
+// masks (Bm, K, H, W) T; kernels (J, r, r) T; d_features (B, C, H, W) T.
+template <typename T, int kRows>
+__global__ void __launch_bounds__(kThreads, 1)
+    _masked_gram_bwd_mma_kernel(const float* __restrict__ sym_grad, const T* __restrict__ features,
+                                const T* __restrict__ masks, const T* __restrict__ kernels,
+                                T* __restrict__ d_features, const Dims d) {
+  using Tile = MmaBackwardTile<T, kRows>;
+  constexpr int per = Tile::per, vector = Tile::vector, step = Tile::step;
+  constexpr int s_stride = Tile::s_stride;
+  constexpr int kItems = kOutBlock * kTileCols / kThreads;  // adjoint columns per thread
+  static_assert(kWarps == 8 && kOutBlock == 64 && kInBlock % step == 0, "2 x 4 warps");
+  static_assert(Tile::f_cols(kMmaHalo) / vector <= kCopyChunks, "a row of F's halo: 8 copies");
+
+  const int tile = blockIdx.x, out_block = blockIdx.y, batch = blockIdx.z;
+  const int y0 = tile / d.tiles_x * kRows, x0 = tile % d.tiles_x * kTileCols;
+  const int h = d.r / 2, pad = Tile::pad(h), f_cols = Tile::f_cols(h);
+  const int f_rows = kRows + 4 * h, f_stride = Tile::f_stride(h), chunks = f_cols / vector;
+  const int u_rows = kRows + 2 * h, u_cols = kTileCols + 2 * h, u_size = u_rows * u_cols;
+  const int u_padded = Tile::u_padded(h), z_stride = Tile::z_stride(h);
+  const int u_stride = Tile::u_stride(h), taps_per_kernel = d.r * d.r;
+  const int in_blocks = ceil_div(d.C, kInBlock), steps = d.J * in_blocks;
+
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  unsigned char* region = shared_bytes;
+  T* f_halo = reinterpret_cast<T*>(region);  // (kInBlock, f_stride): rows of f_cols
+  float* s_tiles = reinterpret_cast<float*>(region += Tile::f_bytes(h));  // 2 x (K, 64, s_stride)
+  uint32_t* z_tile = reinterpret_cast<uint32_t*>(region += 2 * Tile::s_bytes(d.K));
+  float* u_tile = reinterpret_cast<float*>(region += Tile::z_bytes(h));  // (64, u_stride)
+  float* mask_sq = reinterpret_cast<float*>(region += Tile::u_bytes(h));  // (K, u_padded)
+  float* taps = reinterpret_cast<float*>(region += Tile::mask_bytes(h, d.K));  // (J, r, r)
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int64_t N = static_cast<int64_t>(d.H) * d.W;
+  const T* f_batch = features + static_cast<int64_t>(batch) * d.C * N;
+  const T* m_batch = masks + static_cast<int64_t>(d.Bm == 1 ? 0 : batch) * d.K * N;
+  const bool vector_sym = d.C % 4 == 0 && reinterpret_cast<uintptr_t>(sym_grad) % 16 == 0;
+
+  // Step s's copies: F for input block s % in_blocks, S_j1 .. S_jK for kernel s / in_blocks.
+  // Each thread: one channel and one 16-byte column chunk of F for every row; S alike.
+  auto issue_copies = [&](int s) {
+    const int j = s / in_blocks, in_block = s % in_blocks;
+    const int channel = in_block * kInBlock + tid / kCopyChunks, chunk = tid % kCopyChunks;
+    if (chunk < chunks) {
+      const int x = x0 - pad + chunk * vector;
+      T* dst = f_halo + (tid / kCopyChunks) * f_stride + chunk * vector;
+      const bool whole = d.vector_rows && x >= 0 && x + vector <= d.W;
+      for (int fr = 0; fr < f_rows; ++fr) {
+        const int y = y0 - 2 * h + fr;
+        const bool inside = channel < d.C && y >= 0 && y < d.H;
+        const T* src = f_batch + (inside ? channel * N + static_cast<int64_t>(y) * d.W : 0);
+        if (!inside || x + vector <= 0 || x >= d.W || whole) {
+          copy_async_16(dst + fr * f_cols, inside && whole ? src + x : f_batch,
+                        inside && whole ? 16 : 0);
+        } else {
+#pragma unroll
+          for (int v = 0; v < vector; ++v) {
+            const bool in = x + v >= 0 && x + v < d.W;
+            dst[fr * f_cols + v] = in ? src[x + v] : narrow<T>(0.0f);
+          }
+        }
+      }
+    }
+    float* s_dst = s_tiles + (s % 2) * (Tile::s_bytes(d.K) / 4);
+    const int c_in = in_block * kInBlock + chunk * 4;
+    for (int k = 0; k < d.K; ++k) {
+      const int64_t slice = (static_cast<int64_t>(batch) * d.J + j) * d.K + k;
+      for (int half = 0; half < 2; ++half) {
+        const int row = half * 32 + tid / kCopyChunks, c_out = out_block * kOutBlock + row;
+        float* dst = s_dst + (k * kOutBlock + row) * s_stride + chunk * 4;
+        const float* src = sym_grad + (slice * d.C + min(c_out, d.C - 1)) * d.C;
+        if (c_out >= d.C || c_in >= d.C || (vector_sym && c_in + 4 <= d.C)) {
+          const bool inside = c_out < d.C && c_in < d.C;
+          copy_async_16(dst, inside ? src + c_in : sym_grad, inside ? 16 : 0);
+        } else {
+#pragma unroll
+          for (int v = 0; v < 4; ++v) dst[v] = c_in + v < d.C ? src[c_in + v] : 0.0f;
+        }
+      }
+    }
+  };
+
+  issue_copies(0);
+  for (int e = tid; e < d.J * taps_per_kernel; e += kThreads) taps[e] = widen(kernels[e]);
+  for (int e = tid; e < d.K * u_padded; e += kThreads) {
+    const int k = e / u_padded, p = e % u_padded;
+    const int y = y0 - h + p / u_cols, x = x0 - h + p % u_cols;
+    const bool inside = p < u_size && y >= 0 && y < d.H && x >= 0 && x < d.W;
+    const float m = inside ? widen(m_batch[k * N + static_cast<int64_t>(y) * d.W + x]) : 0.0f;
+    mask_sq[e] = m * m;  // 0 outside the image: U_j is zero there, the adjoint's padding
+  }
+  // Z's columns past the halo are never formed: zeros, so the MMAs there add nothing.
+  for (int e = tid; e < Tile::z_rows * (u_padded - u_size); e += kThreads) {
+    const int row = e / (u_padded - u_size), p = u_size + e % (u_padded - u_size);
+    z_tile[row * z_stride + p] = 0u;
+  }
+
+  // This warp's piece of U_j^T: output channels wm .. wm + 31, positions wn .. (n_tiles of 8).
+  const int n_tiles = u_padded / 32, wm = warp % 2 * 32, wn = warp / 2 * n_tiles * 8;
+  float acc[2][kMaxNTiles][4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < kMaxNTiles; ++ni)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.0f;
+  float d_acc[kItems][kRows];
+#pragma unroll
+  for (int i = 0; i < kItems; ++i)
+#pragma unroll
+    for (int o = 0; o < kRows; ++o) d_acc[i][o] = 0.0f;
+
+  for (int s = 0; s < steps; ++s) {
+    const int j = s / in_blocks, in_block = s % in_blocks;
+    const float* tap = taps + j * taps_per_kernel;
+    copy_async_wait_all();
+    __syncthreads();  // step s's F and S are in; the previous step's Z readers are done
+
+    // 2. Z_j on the h-halo: item (word row of Z, column, group of kFormRows rows).
+    const int groups = ceil_div(u_rows, kFormRows);
+    for (int item = tid; item < Tile::z_rows * kFormCols * groups; item += kThreads) {
+      const int ux = item % kFormCols, row = item / kFormCols % Tile::z_rows;
+      const int uy = item / (kFormCols * Tile::z_rows) * kFormRows;
+      if (ux >= u_cols) continue;
+      const int rows_in = min(kFormRows, u_rows - uy) + 2 * h;
+      float z[per][kFormRows];
+#pragma unroll
+      for (int e = 0; e < per; ++e) {
+#pragma unroll
+        for (int o = 0; o < kFormRows; ++o) z[e][o] = 0.0f;
+        const T* src = f_halo + (row * per + e) * f_stride + uy * f_cols + ux + pad - 2 * h;
+        convolve_column<kFormRows, kMmaHalo>(z[e], src, f_cols, rows_in, tap, d.r, false);
+      }
+#pragma unroll
+      for (int o = 0; o < kFormRows; ++o) {
+        if (uy + o >= u_rows) break;
+        uint32_t word;
+        if constexpr (per == 1) word = bits_as<uint32_t>(z[0][o]);
+        else word = pack_pair<T>(z[0][o], z[1][o]);
+        z_tile[row * z_stride + (uy + o) * u_cols + ux] = word;
+      }
+    }
+    __syncthreads();  // Z_j formed; F's halo free
+    if (s + 1 < steps) issue_copies(s + 1);
+
+    // 3. U_j^T += S_k (m_k^2 Z_j)^T for every mask, kInBlock channels deep.
+    const float* s_tile = s_tiles + (s % 2) * (Tile::s_bytes(d.K) / 4);
+#pragma unroll
+    for (int c0 = 0; c0 < kInBlock; c0 += step) {
+      uint32_t z_frag[kMaxNTiles][2];
+#pragma unroll
+      for (int ni = 0; ni < kMaxNTiles; ++ni) {
+        if (ni >= n_tiles) break;
+        const uint32_t* zp = z_tile + (c0 / per + t) * z_stride + wn + ni * 8 + g;
+        z_frag[ni][0] = zp[0];
+        z_frag[ni][1] = zp[4 * z_stride];
+      }
+      for (int k = 0; k < d.K; ++k) {
+        const float* sk = s_tile + (k * kOutBlock + wm + g) * s_stride + c0;
+        uint32_t a[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          const float* sp = sk + mi * 16 * s_stride;
+          if constexpr (per == 1) {
+            a[mi][0] = round_to_tf32(sp[t]);
+            a[mi][1] = round_to_tf32(sp[8 * s_stride + t]);
+            a[mi][2] = round_to_tf32(sp[t + 4]);
+            a[mi][3] = round_to_tf32(sp[8 * s_stride + t + 4]);
+          } else {
+            const float2 lo = *reinterpret_cast<const float2*>(sp + 2 * t);
+            const float2 lo8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t);
+            const float2 hi = *reinterpret_cast<const float2*>(sp + 2 * t + 8);
+            const float2 hi8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t + 8);
+            a[mi][0] = pack_pair<T>(lo.x, lo.y), a[mi][1] = pack_pair<T>(lo8.x, lo8.y);
+            a[mi][2] = pack_pair<T>(hi.x, hi.y), a[mi][3] = pack_pair<T>(hi8.x, hi8.y);
+          }
+        }
+        uint32_t b[kMaxNTiles][2];
+#pragma unroll
+        for (int ni = 0; ni < kMaxNTiles; ++ni) {
+          if (ni >= n_tiles) break;
+          const float w = mask_sq[k * u_padded + wn + ni * 8 + g];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if constexpr (per == 1)
+              b[ni][e] = round_to_tf32(bits_as<float>(z_frag[ni][e]) * w);
+            else
+              b[ni][e] = HalfOperands<T>::scaled(z_frag[ni][e], w, w);
+          }
+        }
+        if constexpr (per == 1) mma_grid_tf32(acc, a, b, 2, n_tiles);
+        else mma_grid_16bit<T>(acc, a, b, 2, n_tiles);
+      }
+    }
+
+    if (in_block + 1 < in_blocks) continue;
+    // U_j complete: to shared memory (the previous kernel's adjoint readers passed a barrier
+    // since), then the adjoint into dF's accumulators.
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < kMaxNTiles; ++ni) {
+        if (ni >= n_tiles) break;
+#pragma unroll
+        for (int i = 0; i < 4; i += 2) {
+          const int row = wm + mi * 16 + g + 4 * i, p = wn + ni * 8 + 2 * t;
+          *reinterpret_cast<float2*>(u_tile + row * u_stride + p) =
+              make_float2(acc[mi][ni][i], acc[mi][ni][i + 1]);
+          acc[mi][ni][i] = acc[mi][ni][i + 1] = 0.0f;
+        }
+      }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int item = tid + i * kThreads, ox = item % kTileCols, c = item / kTileCols;
+      convolve_column<kRows, kMmaHalo>(d_acc[i], u_tile + c * u_stride + ox, u_cols,
+                                       kRows + 2 * h, tap, d.r, true);
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int item = tid + i * kThreads, x = x0 + item % kTileCols;
+    const int c = out_block * kOutBlock + item / kTileCols;
+#pragma unroll
+    for (int o = 0; o < kRows; ++o) {
+      const int y = y0 + o;
+      if (c < d.C && y < d.H && x < d.W)
+        d_features[(static_cast<int64_t>(batch) * d.C + c) * N + static_cast<int64_t>(y) * d.W +
+                   x] = narrow<T>(d_acc[i][o]);
+    }
+  }
+}
 // ---------------------------------------------------------------------------------------------
 // Plans and launchers
 
+// The shape's fields of Dims, which every kernel reads; the launchers add their cuts.
 template <typename T>
-Dims forward_dims(const CastGramShape& s, const CastGramPlan& plan, const void* features) {
+Dims shape_dims(const CastGramShape& s, const void* features) {
   Dims d{};
   d.B = static_cast<int>(s.B);
   d.C = static_cast<int>(s.C);
@@ -727,6 +977,13 @@ Dims forward_dims(const CastGramShape& s, const CastGramPlan& plan, const void* 
   d.K = static_cast<int>(s.K);
   d.J = static_cast<int>(s.J);
   d.r = static_cast<int>(s.r);
+  d.vector_rows = d.W % Halo<T>::vector == 0 && reinterpret_cast<uintptr_t>(features) % 16 == 0;
+  return d;
+}
+
+template <typename T>
+Dims forward_dims(const CastGramShape& s, const CastGramPlan& plan, const void* features) {
+  Dims d = shape_dims<T>(s, features);
   d.channel_blocks = ceil_div(d.C, kPairBlock);
   d.tiles_x = ceil_div(d.W, kTileCols);
   d.tiles = ceil_div(d.H, static_cast<int>(plan.tile_rows)) * d.tiles_x;
@@ -735,25 +992,17 @@ Dims forward_dims(const CastGramShape& s, const CastGramPlan& plan, const void* 
   d.kernel_group = static_cast<int>(plan.kernel_group);
   d.mask_group = static_cast<int>(plan.mask_group);
   d.mask_groups = ceil_div(d.K, d.mask_group);
-  d.vector_rows = d.W % Halo<T>::vector == 0 && reinterpret_cast<uintptr_t>(features) % 16 == 0;
   return d;
 }
 
+// rows x cols: the backward's tiles of positions; channel_block: its output channels per block.
 template <typename T>
-Dims backward_dims(const CastGramShape& s) {
-  using Tile = PositionTile<acc_t<T>>;
-  Dims d{};
-  d.B = static_cast<int>(s.B);
-  d.C = static_cast<int>(s.C);
-  d.H = static_cast<int>(s.H);
-  d.W = static_cast<int>(s.W);
-  d.Bm = static_cast<int>(s.Bm);
-  d.K = static_cast<int>(s.K);
-  d.J = static_cast<int>(s.J);
-  d.r = static_cast<int>(s.r);
-  d.channel_blocks = ceil_div(d.C, kChannelTile);
-  d.tiles_x = ceil_div(d.W, Tile::cols);
-  d.tiles = ceil_div(d.H, Tile::rows) * d.tiles_x;
+Dims backward_dims(const CastGramShape& s, const void* features, int rows, int cols,
+                   int channel_block) {
+  Dims d = shape_dims<T>(s, features);
+  d.channel_blocks = ceil_div(d.C, channel_block);
+  d.tiles_x = ceil_div(d.W, cols);
+  d.tiles = ceil_div(d.H, rows) * d.tiles_x;
   return d;
 }
 
@@ -782,12 +1031,24 @@ int forward_rows(bool tensor_cores, int r, size_t max_smem) {
   return 0;
 }
 
+template <typename T, int kRows>
+size_t mma_backward_smem(int r, int K, int J) {
+  using Tile = MmaBackwardTile<T, kRows>;
+  return Tile::fits(r) ? static_cast<size_t>(Tile::bytes(r, K, J)) : 0;
+}
+
+// The tensor-core backward's tile rows, the widest whose shared memory fits, or 0 (the SIMT
+// backward); its shared memory beside it.
 template <typename T>
-size_t backward_smem_of(bool tensor_cores, int r, int K, int J) {
+std::pair<int, size_t> backward_tiles(bool tensor_cores, int r, int K, int J, size_t max_smem) {
   if constexpr (sizeof(T) <= 4) {
-    if (tensor_cores) return BackwardLayout<T, true>::bytes(r, K, J);
+    for (int rows : {kWideRows, kNarrowRows}) {
+      const size_t bytes = rows == kWideRows ? mma_backward_smem<T, kWideRows>(r, K, J)
+                                             : mma_backward_smem<T, kNarrowRows>(r, K, J);
+      if (tensor_cores && bytes > 0 && bytes <= max_smem) return {rows, bytes};
+    }
   }
-  return BackwardLayout<T, false>::bytes(r, K, J);
+  return {0, static_cast<size_t>(SimtBackwardLayout<T>::bytes(r, K, J))};
 }
 
 template <typename T>
@@ -801,7 +1062,8 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem
   plan.kernel_group = ceil_div(J, ceil_div(J, max_kernels));  // as even as the registers allow
   plan.mask_group = ceil_div(K, ceil_div(K, kMaxMasks));
   plan.forward_smem = forward_smem_of<T>(tensor_cores, static_cast<int>(plan.tile_rows), r);
-  plan.backward_smem = backward_smem_of<T>(tensor_cores, r, K, J);
+  std::tie(plan.backward_rows, plan.backward_smem) =
+      backward_tiles<T>(tensor_cores, r, K, J, max_smem);
   if (plan.tile_rows == 0 || plan.backward_smem > max_smem)
     plan.unsupported =
         "the kernels' size r or the number of masks K is too large for the CUDA backend's "
@@ -871,12 +1133,10 @@ cudaError_t forward(const CastGramShape& s, const CastGramPlan& plan, const void
   return cudaGetLastError();
 }
 
-template <typename T, bool kTensorCores>
-cudaError_t launch_backward_kernel(const CastGramShape& s, const CastGramPlan& plan,
+template <typename T, typename Kernel>
+cudaError_t launch_backward_kernel(Kernel kernel, const Dims& d, const CastGramPlan& plan,
                                    const void* sym_grad, const void* features, const void* masks,
                                    const void* kernels, void* d_features, cudaStream_t stream) {
-  const Dims d = backward_dims<T>(s);
-  const auto kernel = _masked_gram_bwd_kernel<T, kTensorCores>;
   const cudaError_t err = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.backward_smem));
   if (err != cudaSuccess) return err;
@@ -892,13 +1152,20 @@ template <typename T>
 cudaError_t backward(const CastGramShape& s, const CastGramPlan& plan, const void* sym_grad,
                      const void* features, const void* masks, const void* kernels,
                      void* d_features, cudaStream_t stream) {
-  if constexpr (sizeof(acc_t<T>) == 4) {
-    if (plan.tensor_cores)
-      return launch_backward_kernel<T, true>(s, plan, sym_grad, features, masks, kernels,
-                                             d_features, stream);
+  const auto run = [&](auto kernel, int rows, int cols, int channel_block) {
+    const Dims d = backward_dims<T>(s, features, rows, cols, channel_block);
+    return launch_backward_kernel<T>(kernel, d, plan, sym_grad, features, masks, kernels,
+                                     d_features, stream);
+  };
+  if constexpr (sizeof(T) <= 4) {
+    if (plan.backward_rows == kWideRows)
+      return run(_masked_gram_bwd_mma_kernel<T, kWideRows>, kWideRows, kTileCols, kOutBlock);
+    if (plan.backward_rows == kNarrowRows)
+      return run(_masked_gram_bwd_mma_kernel<T, kNarrowRows>, kNarrowRows, kTileCols,
+                 kOutBlock);
   }
-  return launch_backward_kernel<T, false>(s, plan, sym_grad, features, masks, kernels, d_features,
-                                          stream);
+  using Tile = PositionTile<acc_t<T>>;
+  return run(_masked_gram_bwd_simt_kernel<T>, Tile::rows, Tile::cols, kSimtChannels);
 }
 
 }  // namespace

@@ -24,6 +24,7 @@ struct CastGramPlan {
   int64_t kernel_group;  // kernels whose Grams one forward block accumulates
   int64_t mask_group;    // masks whose Grams one forward block accumulates
   int64_t tile_rows;     // the forward's tiles of positions: tile_rows x 16
+  int64_t backward_rows;  // the backward's on tensor cores: backward_rows x 16; 0: on CUDA cores
   bool tensor_cores;     // the matrix products on tensor cores
   size_t forward_smem;   // dynamic shared memory per block, bytes
   size_t backward_smem;

@@ -1,5 +1,5 @@
-// The warp-level primitives of masked_gram_cuda.cu: TF32 rounding and the mma.sync tensor-core
-// products. They are the only inline PTX of the kernels and live apart so that the kernels' CPU
+// The warp-level primitives of masked_gram_cuda.cu: TF32 rounding, the mma.sync tensor-core
+// products and cp.async copies. They are the only inline PTX of the kernels and live apart so that the kernels' CPU
 // emulation (tests/test_cuda_sources.py) can put a warp-collective copy of each in their place;
 // everything else in the .cu runs there unchanged.
 //
@@ -67,27 +67,56 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 #endif
 }
 
-// A warp's grid of products: d[i][n] += a[i] b[n] for every n and the first `rows` A fragments
-// (warp-uniform), i.e. a column of A fragments (masks, rows of tiles) against a row of B
-// fragments. One call per step keeps the emulation's warp-wide meetings few.
+// A warp's grid of products: d[i][n] += a[i] b[n] for the first `rows` A fragments and the
+// first `cols` B fragments (both warp-uniform), i.e. a column of A fragments (masks, rows of
+// tiles) against a row of B fragments. One call per step keeps the emulation's warp-wide
+// meetings few.
 template <int kM, int kN>
 __device__ __forceinline__ void mma_grid_tf32(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4],
-                                              const uint32_t (&b)[kN][2], int rows) {
+                                              const uint32_t (&b)[kN][2], int rows,
+                                              int cols = kN) {
 #pragma unroll
   for (int i = 0; i < kM; ++i) {
     if (i >= rows) break;
 #pragma unroll
-    for (int n = 0; n < kN; ++n) mma_m16n8k8_tf32(d[i][n], a[i], b[n]);
+    for (int n = 0; n < kN; ++n) {
+      if (n >= cols) break;
+      mma_m16n8k8_tf32(d[i][n], a[i], b[n]);
+    }
   }
 }
 
 template <typename T, int kM, int kN>
 __device__ __forceinline__ void mma_grid_16bit(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4],
-                                               const uint32_t (&b)[kN][2], int rows) {
+                                               const uint32_t (&b)[kN][2], int rows,
+                                               int cols = kN) {
 #pragma unroll
   for (int i = 0; i < kM; ++i) {
     if (i >= rows) break;
 #pragma unroll
-    for (int n = 0; n < kN; ++n) mma_m16n8k16<T>(d[i][n], a[i], b[n]);
+    for (int n = 0; n < kN; ++n) {
+      if (n >= cols) break;
+      mma_m16n8k16<T>(d[i][n], a[i], b[n]);
+    }
   }
+}
+
+// 16 bytes from global to shared memory without holding a register (cp.async, sm_80 on): the
+// first `bytes` (16 or 0) from `global`, zeros for the rest. Both addresses 16-byte aligned.
+__device__ __forceinline__ void copy_async_16(void* shared, const void* global, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // only the tensor-core kernels copy this way
+#else
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(global),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+
+// Until every copy this thread issued has landed (other threads' copies: a barrier after).
+__device__ __forceinline__ void copy_async_wait_all() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
 }

@@ -118,7 +118,8 @@ def test_nvcc_compiles_warning_free(source, arch, build_folder):
 
 # The kernels' template arguments (input type, tensor cores) as the mangled names spell them.
 FORWARD_KERNEL = re.compile(r"_masked_gram_fwd_kernelI(f|d|13__nv_bfloat16|6__half)Lb([01])ELi\d")
-BACKWARD_KERNEL = re.compile(r"_masked_gram_bwd_kernelI(f|d|13__nv_bfloat16|6__half)Lb([01])E")
+MMA_BACKWARD_KERNEL = re.compile(r"_masked_gram_bwd_mma_kernelI(f|13__nv_bfloat16|6__half)Li\d")
+SIMT_BACKWARD_KERNEL = re.compile(r"_masked_gram_bwd_simt_kernelI(f|d|13__nv_bfloat16|6__half)E")
 # The tensor-core instruction each input type's kernels must use, and the only one.
 KERNEL_MMA = {"f": "HMMA.1688.F32.TF32", "13__nv_bfloat16": "HMMA.16816.F32.BF16",
                "6__half": "HMMA.16816.F32"}  # fmt: skip
@@ -129,8 +130,8 @@ def test_cuda_machine_code(build_folder):
     """What the sm_90 machine code of every kernel shows, as the design promises: tensor-core
     kernels, forward and backward, use the MMA of their input type (m16n8k8 TF32 for float32,
     m16n8k16 bf16 / f16 for 16-bit input, never TF32 there) and the SIMT ones none; the
-    forward's halo of F comes in 128-bit loads. (That TF32 operands are rounded, not
-    truncated, the emulation checks.)"""
+    forward's halo of F comes in 128-bit loads, the tensor-core backward's in 16-byte cp.async
+    copies (LDGSTS). (That TF32 operands are rounded, not truncated, the emulation checks.)"""
     source = CSRC / "masked_gram_cuda.cu"
     result = compiled(source, "sm_90", build_folder)
     assert result.returncode == 0, result.stderr
@@ -144,12 +145,14 @@ def test_cuda_machine_code(build_folder):
         mma = {op for op in ops if op.startswith("HMMA")}
         assert mma == ({KERNEL_MMA[dtype]} if tensor_cores == "1" else set()), (name, mma)
         assert sum(n for op, n in ops.items() if op.startswith("LDG.E.128")) > 0, name
-    backward = {name: ops for name, ops in kernels.items() if BACKWARD_KERNEL.search(name)}
-    assert len(backward) == 7, sorted(kernels)  # 3 MMA types, 4 SIMT
+    backward = {name: ops for name, ops in kernels.items() if MMA_BACKWARD_KERNEL.search(name)}
+    assert len(backward) == 6, sorted(kernels)  # 3 MMA types x 2 tile heights
     for name, ops in backward.items():
-        dtype, tensor_cores = BACKWARD_KERNEL.search(name).groups()
         mma = {op for op in ops if op.startswith("HMMA")}
-        assert mma == ({KERNEL_MMA[dtype]} if tensor_cores == "1" else set()), (name, mma)
+        assert mma == {KERNEL_MMA[MMA_BACKWARD_KERNEL.search(name)[1]]}, (name, mma)
+        assert ops["LDGSTS.E.BYPASS.128"] > 0, name
+    simt = [ops for name, ops in kernels.items() if SIMT_BACKWARD_KERNEL.search(name)]
+    assert len(simt) == 4 and not any(op.startswith("HMMA") for ops in simt for op in ops)
 
 
 def cuda_include_dirs() -> list[str]:
@@ -297,6 +300,10 @@ inline uint4 __ldg(const uint4* p) {
   }
   return *p;
 }
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 """
 
 MMA_EMULATION = r"""
@@ -308,6 +315,7 @@ MMA_EMULATION = r"""
 // half) and computes its own four entries of each D. A wrong layout in the kernel gives wrong
 // Grams here too.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include "cuda_emulation.h"
@@ -344,13 +352,13 @@ float emulated_half(uint32_t two, int high) {
 // `a`: per lane 4 registers per A fragment, `b` 2 per B fragment, as floats, `per` values per
 // register (1 for TF32 at depth 8, 2 for 16-bit at depth 16).
 template <int depth, int kM, int kN>
-void emulated_grid(float (&d)[kM][kN][4], const float* a, const float* b, int rows) {
+void emulated_grid(float (&d)[kM][kN][4], const float* a, const float* b, int rows, int cols) {
   constexpr int per = depth / 8;
   const int turn = emulated_post(a, kM * 4 * per, b, kN * 2 * per);
   const EmulatedWarp& warp = *emulated_warps[threadIdx.x / 32];
   const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
   for (int i = 0; i < rows; ++i)
-    for (int n = 0; n < kN; ++n) {
+    for (int n = 0; n < cols; ++n) {
       float A[16][16], B[16][8];
       for (int lane = 0; lane < 32; ++lane) {
         const int lg = lane / 4, lt = lane % 4;
@@ -372,22 +380,37 @@ void emulated_grid(float (&d)[kM][kN][4], const float* a, const float* b, int ro
       }
     }
 }
+// Fragments past `rows` / `cols` are not read: they may hold anything (here: NaN, which would
+// show if they were).
 template <int kM, int kN>
 void mma_grid_tf32(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4], const uint32_t (&b)[kN][2],
-                   int rows) {
+                   int rows, int cols = kN) {
   float av[kM * 4], bv[kN * 2];
-  for (int i = 0; i < kM * 4; ++i) av[i] = emulated_tf32(a[i / 4][i % 4]);
-  for (int i = 0; i < kN * 2; ++i) bv[i] = emulated_tf32(b[i / 2][i % 2]);
-  emulated_grid<8>(d, av, bv, rows);
+  for (int i = 0; i < kM * 4; ++i) av[i] = i / 4 < rows ? emulated_tf32(a[i / 4][i % 4]) : NAN;
+  for (int i = 0; i < kN * 2; ++i) bv[i] = i / 2 < cols ? emulated_tf32(b[i / 2][i % 2]) : NAN;
+  emulated_grid<8>(d, av, bv, rows, cols);
 }
 template <typename T, int kM, int kN>
 void mma_grid_16bit(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4], const uint32_t (&b)[kN][2],
-                    int rows) {
+                    int rows, int cols = kN) {
   float av[kM * 8], bv[kN * 4];
-  for (int i = 0; i < kM * 8; ++i) av[i] = emulated_half<T>(a[i / 8][i % 8 / 2], i % 2);
-  for (int i = 0; i < kN * 4; ++i) bv[i] = emulated_half<T>(b[i / 4][i % 4 / 2], i % 2);
-  emulated_grid<16>(d, av, bv, rows);
+  for (int i = 0; i < kM * 8; ++i)
+    av[i] = i / 8 < rows ? emulated_half<T>(a[i / 8][i % 8 / 2], i % 2) : NAN;
+  for (int i = 0; i < kN * 4; ++i)
+    bv[i] = i / 4 < cols ? emulated_half<T>(b[i / 4][i % 4 / 2], i % 2) : NAN;
+  emulated_grid<16>(d, av, bv, rows, cols);
 }
+// cp.async: the copy at once (the wait is then a no-op), faulting unless 16-byte aligned.
+inline void copy_async_16(void* shared, const void* global, int bytes) {
+  if (reinterpret_cast<uintptr_t>(shared) % 16 != 0 ||
+      (bytes > 0 && reinterpret_cast<uintptr_t>(global) % 16 != 0)) {
+    emulated_fault = cudaErrorMisalignedAddress;
+    return;
+  }
+  std::memset(shared, 0, 16);
+  std::memcpy(shared, global, bytes);
+}
+inline void copy_async_wait_all() {}
 """
 
 C_ENTRY_POINTS = r"""
@@ -409,6 +432,7 @@ int emulated_plan(int dtype, const int64_t* s, const int64_t* machine, int64_t* 
   cuts[4] = plan.tile_rows;
   cuts[5] = static_cast<int64_t>(plan.forward_smem);
   cuts[6] = static_cast<int64_t>(plan.backward_smem);
+  cuts[7] = plan.backward_rows;
   return plan.unsupported == nullptr;
 }
 int emulated_forward(int dtype, const int64_t* s, const int64_t* machine, const void* f,
@@ -439,7 +463,7 @@ def host_source(cu_text: str) -> str:
     text, shared = re.subn(
         r"extern __shared__ .*? (\w+)\[\];", r"unsigned char* \1 = emulated_shared;", text
     )
-    assert launches == 3 and shared == 2, "the emulation no longer matches the kernels' source"
+    assert launches == 3 and shared == 3, "the emulation no longer matches the kernels' source"
     return text + C_ENTRY_POINTS
 
 
@@ -472,7 +496,7 @@ def run_emulated(lib, features, masks, kernels, grad, allow_tf32, machine):
     shape = (ctypes.c_int64 * 8)(B, C, H, W, Bm, K, J, r)
     code, acc = DTYPE_CODES[features.dtype], gram_dtype(features.dtype)
     machine = (ctypes.c_int64 * 3)(allow_tf32, machine["compute_capability"], machine["max_smem"])
-    cuts = (ctypes.c_int64 * 7)()
+    cuts = (ctypes.c_int64 * 8)()
     assert lib.emulated_plan(code, shape, machine, cuts), "the plan says unsupported"
     splits = cuts[0]
     inv = canonical_inverse_mass(features, masks, None)
@@ -525,7 +549,7 @@ PRECISIONS = [
 def test_emulated_kernels_match_reference(emulated, case):
     for dtype, allow_tf32, tol, tensor_cores in PRECISIONS:
         gram, cuts = check_against_reference(emulated, canonical_case(case, dtype), tol, allow_tf32)
-        assert cuts[3] == tensor_cores
+        assert cuts[3] == tensor_cores and (cuts[7] > 0) == tensor_cores
         if case.masks == "empty":
             assert (gram[:, :, -1] == 0).all()
 
@@ -537,7 +561,7 @@ def test_emulated_kernel_size_7(emulated, allow_tf32, tol):
     features, masks, kernels = Case("r=7", 1, 5, 11, 9, 2, 2, 7).inputs(torch.float32, "cpu", 7)
     inputs = (features, masks[None].contiguous(), kernels)
     _, cuts = check_against_reference(emulated, inputs, tol, allow_tf32)
-    assert cuts[4] == (4 if allow_tf32 else 2)
+    assert cuts[4] == (4 if allow_tf32 else 2) and cuts[7] == (4 if allow_tf32 else 0)
 
 
 @pytest.mark.parametrize("machine", [H100, V100], ids=["tensor cores", "no TF32"])
@@ -566,6 +590,17 @@ def test_emulated_splits_of_positions(emulated, allow_tf32, tol):
     inputs = random_inputs(2, 40, 40, 100, 1, 1, 3)
     _, cuts = check_against_reference(emulated, inputs, tol, allow_tf32)
     assert cuts[0] == (35 if allow_tf32 else 47)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tf32", "bfloat16"])
+def test_emulated_mma_backward_blocks(emulated, dtype):
+    """The tensor-core backward over several blocks of everything: C = 72 is three blocks of 32
+    input channels (the last partial) and two of 64 output channels, W = 40 three tiles across
+    (16-byte copies of F in both dtypes, the last tile partial), own masks per batch item."""
+    features, masks, kernels = (t.to(dtype) for t in random_inputs(2, 72, 11, 40, 2, 3, 3))
+    tol = 3e-3 if dtype == torch.float32 else 2e-2
+    _, cuts = check_against_reference(emulated, (features, masks, kernels), tol, True)
+    assert cuts[7] == 8
 
 
 def test_emulated_groups_of_kernels_and_masks(emulated):
@@ -605,7 +640,7 @@ def test_emulated_narrow_tiles(emulated, dtype):
     small = H100 | dict(max_smem=(160 if dtype == torch.float32 else 110) * 1024)
     _, cuts = check_against_reference(emulated, inputs, 3e-3 if dtype == torch.float32 else 2e-2,
                                       True, small)  # fmt: skip
-    assert cuts[3] == 1 and cuts[4] == 4
+    assert cuts[3] == 1 and cuts[4] == 4 and cuts[7] == 4
 
 
 def test_emulated_tf32_rounds_to_nearest(emulated):
@@ -627,7 +662,7 @@ def test_forward_plan_for_vgg_layers(emulated, dtype, C):
     8-row tiles (128 positions per tile), all 9 Grams in one block, within 227 KiB."""
     shape = (ctypes.c_int64 * 8)(1, C, 64, 64, 1, 3, 3, 3)
     machine = (ctypes.c_int64 * 3)(True, H100["compute_capability"], H100["max_smem"])
-    cuts = (ctypes.c_int64 * 7)()
+    cuts = (ctypes.c_int64 * 8)()
     assert emulated.emulated_plan(DTYPE_CODES[dtype], shape, machine, cuts)
-    assert cuts[1:5] == [3, 3, 1, 8]
+    assert cuts[1:5] == [3, 3, 1, 8] and cuts[7] == 8
     assert cuts[5] <= 227 * 1024 and cuts[6] <= 227 * 1024
