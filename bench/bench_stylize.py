@@ -20,10 +20,13 @@ difference over the step count is its seconds per step (imports, weights and tar
 pastiche runs from a throwaway virtual environment (``--pastiche-venv``), made when missing
 with ``pip install torch==2.13.0 pillow pastiche==1.6.0`` (the pin takes the CPU build).
 
-Writes ``bench/results/<cpu>-stylize.md`` (CPU, versions, git sha, date, load average).
+Writes ``bench/results/<device>-stylize.md`` (device, versions, git sha, date, load average).
+With ``--device cuda`` part 1 runs on the GPU (the fused rows on ``--backend``, default the
+device's fastest) and part 2, a CPU comparison, is left out.
 
     python bench/bench_stylize.py [--size 512] [--repeats 5] [--peer-size 384] [--peer-steps 30]
                                   [--peer-rounds 2] [--pastiche-venv /tmp/pastiche-venv] [--no-peer]
+                                  [--device cpu|cuda] [--backend NAME]
 """
 
 from __future__ import annotations
@@ -73,12 +76,14 @@ def bands(K: int, h: int, w: int) -> torch.Tensor:
     return (1.5 - (rows - centres).abs()).clamp(0, 1)
 
 
-def objective(network, size: int, preset: str, K: int, eager: bool):
-    content = images.resize(images.load_image(CONTENT), (size, size))
-    style = images.resize(images.load_image(STYLE), (size, size))
-    masks = bands(K, size, size)
+def objective(network, size: int, preset: str, K: int, eager: bool, device: torch.device,
+              backend: str):  # fmt: skip
+    content = images.resize(images.load_image(CONTENT), (size, size)).to(device)
+    style = images.resize(images.load_image(STYLE), (size, size)).to(device)
+    masks = bands(K, size, size).to(device)
+    kernels = high_order_kernels(preset).to(device)
     built = build_objective(
-        network, content, [style], masks, [masks], high_order_kernels(preset), *WEIGHTS, None
+        network, content, [style], masks, [masks], kernels, *WEIGHTS, backend
     )
     if eager:
         for loss in built.style_losses.values():
@@ -100,8 +105,11 @@ def seconds_per_step(rows: dict, repeats: int) -> dict[object, list[float]]:
     def step(row) -> float:
         x = images[row]
         x.grad = None
+        synchronize = torch.cuda.synchronize if x.is_cuda else lambda: None
+        synchronize()
         start = time.perf_counter()
         rows[row][0](x).backward()
+        synchronize()
         return time.perf_counter() - start
 
     for row in rows:
@@ -184,19 +192,24 @@ def main(argv=None) -> None:
     parser.add_argument("--pastiche-venv", type=Path, default=Path("/tmp/pastiche-venv"),
                         metavar="DIR", help="pastiche's virtual environment, made when missing")
     parser.add_argument("--no-peer", action="store_true", help="part 1 only")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where part 1 runs; cuda leaves part 2 out")  # fmt: skip
+    parser.add_argument("--backend", choices=backends.NAMES, default=None,
+                        help="the fused rows' backend (default: the device's fastest)")  # fmt: skip
     args = parser.parse_args(argv)
-    fused = backends.default_for(torch.device("cpu"), torch.float32)
+    device = torch.device(args.device)
+    fused = args.backend or backends.default_for(device, torch.float32)
     model, pooling = DEFAULTS["model"], DEFAULTS["pooling"]
-    network = VGGFeatures(model, pooling=pooling)
+    network = VGGFeatures(model, pooling=pooling).to(device)
     load_before = os.getloadavg()[0]
 
-    content = images.resize(images.load_image(CONTENT), (args.size, args.size))
+    content = images.resize(images.load_image(CONTENT), (args.size, args.size)).to(device)
     # the fused rows right after the network's: their ratios pair steps seconds apart
     specs = {("CAST J=K=3", False): ("neighbours", 3), ("Gatys", False): ("none", 1),
              ("Gatys", True): ("none", 1), ("CAST J=K=3", True): ("neighbours", 3)}  # fmt: skip
     rows = {"network": (network_alone(network, args.size), content)}
     for (label, eager), (preset, K) in specs.items():
-        rows[(label, eager)] = objective(network, args.size, preset, K, eager)
+        rows[(label, eager)] = objective(network, args.size, preset, K, eager, device, fused)
     times = seconds_per_step(rows, args.repeats)
     del rows
     middle = {row: statistics.median(t) for row, t in times.items()}
@@ -228,7 +241,7 @@ def main(argv=None) -> None:
         f"{'met' if cast_ratio <= 1.6 else 'not met'}; at least 2.5x faster than eager.",
     ]
     part2 = []
-    if not args.no_peer:
+    if not args.no_peer and device.type == "cpu":
         with tempfile.TemporaryDirectory() as folder:
             runs = peer_runs(args.peer_size, args.peer_steps, args.pastiche_venv, Path(folder),
                              args.peer_rounds)  # fmt: skip
@@ -264,11 +277,12 @@ def main(argv=None) -> None:
             f"J=K=3 at most 1.25x pastiche's Gatys: {verdict(cast_ok)} (both on total and on "
             "s / step).",
         ]
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else cpu_model()
     text = "\n".join(
         [
-            f"# Stylisation step time, {cpu_model()}",
+            f"# Stylisation step time, {machine}",
             "",
-            f"- machine: {cpu_model()}, {os.cpu_count()} cores, torch threads "
+            f"- machine: {machine}, {os.cpu_count()} CPU cores, torch threads "
             f"{torch.get_num_threads()}",
             f"- torch {torch.__version__}, Python {platform.python_version()}, git {git_sha()}, "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -285,7 +299,7 @@ def main(argv=None) -> None:
             "",
         ]
     )
-    out = ROOT / "bench" / "results" / f"{slug(cpu_model())}-stylize.md"
+    out = ROOT / "bench" / "results" / f"{slug(machine)}-stylize.md"
     out.write_text(text)
     print(text)
     print(f"wrote {out}")

@@ -3,9 +3,13 @@
 #
 # With the machine's own python3 (torch with CUDA, Triton, pytest-xdist; no network): build the
 # CUDA extension for the card, run the GPU-relevant tests in parallel, benchmark the op (1024^2
-# and 4096^2, TF32 and bf16, both GPU backends, eager and torch.compile where they fit) and
-# write every log and table into OUT. Each step has its own time limit and a failing step does
-# not stop the next; the whole stays within 9 minutes.
+# and 4096^2, TF32 and bf16, both GPU backends, eager and torch.compile where they fit), probe
+# where the CUDA kernels' time goes (bench/gpu_probe.py) and time a stylisation step
+# (bench/bench_stylize.py; needs the VGG-19 weights, which the machine cannot download: carry
+# them in gpu-weights/, see the README). Every log goes into OUT, seven files (the device tool
+# brings back at most eight); the tables are in the bench logs. Each step has its own time
+# limit and a failing step does not stop the next; the limits add up to 520 s, so that one
+# 600 s call of the device tool holds everything.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
@@ -34,20 +38,24 @@ step() {  # step NAME SECONDS COMMAND...: run, log to OUT/NAME.log, note rc and 
 } 2>&1 | tee -a "$summary"
 arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 
-step build 170 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
+step build 75 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
   "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
-# The float32 table first (the numbers a lease is for), then the tests, then bf16 at 1024^2:
-# the limits add up to 540 s so that one 600 s call of the device tool holds everything.
+# The float32 table first (the numbers a lease is for), then the probe, the tests, bf16 at
+# 1024^2 and the stylisation step (measured 2026-11-26 on an H200: build 33 s, float32 122 s,
+# tests 98 s, bf16 57 s).
 step bench-float32 130 "$PY" bench/bench_masked_gram.py --device cuda --image 1024 4096 \
-  --dtype float32 --compile-max-image 1024 --warmup 1 --repeats 3 \
-  --out "$OUT/masked_gram-float32.md"
+  --dtype float32 --compile-max-image 1024 --warmup 1 --repeats 3
+step probe 60 "$PY" bench/gpu_probe.py
 # No autotuning in the tests: each shape class compiles once (the bench tunes). Only what runs
 # on the GPU or compiles for it: the CPU cases are CI's (on 2026-11-26 the whole three files
 # took over 150 s here).
-step tests 150 env CAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -n 8 -q --tb=line --durations=10 \
+step tests 120 env CAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -n 8 -q --tb=line --durations=10 \
   -p no:cacheprovider -k "cuda or gpu or triton" \
   tests/test_gpu.py tests/test_masked_gram.py tests/test_triton_kernels.py
-step bench-bfloat16 90 "$PY" bench/bench_masked_gram.py --device cuda --image 1024 \
-  --dtype bfloat16 --compile-max-image 1024 --warmup 1 --repeats 3 \
-  --out "$OUT/masked_gram-bfloat16.md"
+step bench-bfloat16 75 "$PY" bench/bench_masked_gram.py --device cuda --image 1024 \
+  --dtype bfloat16 --compile-max-image 1024 --warmup 1 --repeats 3
+weights=gpu-weights/vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin
+[ -f "$weights" ] && export CAST_VGG19="$PWD/$weights"
+step stylize 60 "$PY" bench/bench_stylize.py --device cuda --backend cuda --size 512 \
+  --repeats 3 --no-peer
 echo "== done $(date -u)" | tee -a "$summary"

@@ -39,7 +39,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <tuple>
 #include <utility>
 
@@ -99,6 +101,17 @@ struct Dims {
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Variants of the tensor-core kernels for bench/gpu_probe.py alone (environment variable
+// CAST_CUDA_PROBE, read by the launchers): one stage left out or done twice, to see where the
+// time goes on a GPU. Their results are wrong; nothing else launches them.
+enum Probe : int {
+  kFull = 0,      // the kernel
+  kLoadOnly = 1,  // the loads of F (and S, the masks) alone
+  kNoMma = 2,     // everything but the MMAs
+  kNoLoad = 3,    // F loaded for the first tile / step only
+  kLoadTwice = 4  // F's loads issued twice
+};
 
 // ---------------------------------------------------------------------------------------------
 // Forward
@@ -265,7 +278,7 @@ struct ForwardTile {
 // features (B, C, H, W) T; masks (Bm, K, H, W) T; kernels (J, r, r) T.
 // scratch (S, B, J, K, C, C) A: the block for channel blocks (a, b) writes rows of a and columns
 // of b of its split's sum over positions of m_k^2 Z_j Z_j^T; lower blocks stay unwritten.
-template <typename T, bool kTensorCores, int kRows>
+template <typename T, bool kTensorCores, int kRows, int kProbe = kFull>
 __global__ void __launch_bounds__(kThreads, 1)
     _masked_gram_fwd_kernel(const T* __restrict__ features, const T* __restrict__ masks,
                             const T* __restrict__ kernels, acc_t<T>* __restrict__ scratch,
@@ -335,14 +348,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();  // the previous tile's readers of halo and mask_sq are done
 
     // 1. F on the tile and its halo: rows y0 - h .. y0 + kRows + h, whole 16-byte vectors.
-    for (int hr = 0; hr < halo_rows; ++hr) {
-      const int y = y0 - h + hr;
+    const int passes = kProbe == kLoadTwice ? 2 : kProbe == kNoLoad && tile > tile_begin ? 0 : 1;
+    for (int hr = 0; hr < halo_rows * passes; ++hr) {
+      const int y = y0 - h + (kProbe == kLoadTwice && hr >= halo_rows ? hr - halo_rows : hr);
       const bool row_inside = y >= 0 && y < d.H;
       for (int e = tid; e < channels * HaloT::chunks; e += kThreads) {
         const int c = e / HaloT::chunks, chunk = e % HaloT::chunks;
         const int channel = c < TC ? a * TC + c : b * TC + c - TC;
         const int x = x0 - HaloT::pad + chunk * HaloT::vector;
-        T* dst = halo + c * channel_stride + hr * HaloT::cols + chunk * HaloT::vector;
+        T* dst = halo + c * channel_stride + (y - y0 + h) * HaloT::cols + chunk * HaloT::vector;
         const bool inside = row_inside && channel < d.C;
         const T* src = f_batch + (inside ? channel * N + static_cast<int64_t>(y) * d.W : 0);
         if (inside && d.vector_rows && x >= 0 && x + HaloT::vector <= d.W) {
@@ -372,7 +386,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       // 2. Z_j on the tile: a thread forms a column of kRows outputs of one channel, reading
       // each of its halo rows once per kernel column dx and using it for up to r outputs.
       const A* tap = taps + jl * taps_per_kernel;
-      for (int item = tid; item < channels * kTileCols; item += kThreads) {
+      for (int item = tid; item < (kProbe == kLoadOnly ? 0 : channels * kTileCols);
+           item += kThreads) {
         const int c = item / kTileCols, x = item % kTileCols;
         const T* src = halo + c * channel_stride + HaloT::pad - h + x;
         A z[kRows];
@@ -399,8 +414,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // 3. The Grams of kernel j and every mask of the group, P positions deep.
       const Z* za = z_tile + m0 * kZStride;
       const Z* zb = z_tile + (b_offset + n0) * kZStride;
+      constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : P;
 #pragma unroll 1
-      for (int p0 = 0; p0 < P; p0 += Ops::step)
+      for (int p0 = 0; p0 < kDepth; p0 += Ops::step)
         Ops::template multiply<kZStride, P>(acc[jl], kn, za + p0, zb + p0, mask_sq + p0, lane);
     }
   }
@@ -731,7 +747,7 @@ __device__ __forceinline__ void convolve_column(float (&out)[kOut], const S* src
 
 // sym_grad (B, J, K, C, C) float: S_jk = (dG_jk + dG_jk^T) / n_k; features (B, C, H, W) T;
 // masks (Bm, K, H, W) T; kernels (J, r, r) T; d_features (B, C, H, W) T.
-template <typename T, int kRows>
+template <typename T, int kRows, int kProbe = kFull>
 __global__ void __launch_bounds__(kThreads, 1)
     _masked_gram_bwd_mma_kernel(const float* __restrict__ sym_grad, const T* __restrict__ features,
                                 const T* __restrict__ masks, const T* __restrict__ kernels,
@@ -848,7 +864,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();  // step s's F and S are in; the previous step's Z readers are done
 
     // 2. Z_j on the h-halo: item (word row of Z, column, group of kFormRows rows).
-    const int groups = ceil_div(u_rows, kFormRows);
+    const int groups = kProbe == kLoadOnly ? 0 : ceil_div(u_rows, kFormRows);
     for (int item = tid; item < Tile::z_rows * kFormCols * groups; item += kThreads) {
       const int ux = item % kFormCols, row = item / kFormCols % Tile::z_rows;
       const int uy = item / (kFormCols * Tile::z_rows) * kFormRows;
@@ -872,12 +888,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     __syncthreads();  // Z_j formed; F's halo free
-    if (s + 1 < steps) issue_copies(s + 1);
+    if (s + 1 < steps && kProbe != kNoLoad) issue_copies(s + 1);
+    if (s + 1 < steps && kProbe == kLoadTwice) issue_copies(s + 1);
 
     // 3. U_j^T += S_k (m_k^2 Z_j)^T for every mask, kInBlock channels deep.
     const float* s_tile = s_tiles + (s % 2) * (Tile::s_bytes(d.K) / 4);
+    constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : kInBlock;
 #pragma unroll
-    for (int c0 = 0; c0 < kInBlock; c0 += step) {
+    for (int c0 = 0; c0 < kDepth; c0 += step) {
       uint32_t z_frag[kMaxNTiles][2];
 #pragma unroll
       for (int ni = 0; ni < kMaxNTiles; ++ni) {
@@ -942,7 +960,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     __syncthreads();
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
+    for (int i = 0; i < (kProbe == kLoadOnly ? 0 : kItems); ++i) {
       const int item = tid + i * kThreads, ox = item % kTileCols, c = item / kTileCols;
       convolve_column<kRows, kMmaHalo>(d_acc[i], u_tile + c * u_stride + ox, u_cols,
                                        kRows + 2 * h, tap, d.r, true);
@@ -1086,11 +1104,21 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem
   return plan;
 }
 
-template <typename T, bool kTensorCores, int kRows>
+// CAST_CUDA_PROBE's variant (kFull where unset).
+int probe_variant() {
+  const char* value = std::getenv("CAST_CUDA_PROBE");
+  return value == nullptr ? kFull : std::atoi(value);
+}
+
+// Probe variants exist for float32 and bfloat16 on the widest tiles.
+template <typename T>
+constexpr bool kProbed = std::is_same_v<T, float> || std::is_same_v<T, __nv_bfloat16>;
+
+template <typename T, bool kTensorCores, int kRows, int kProbe = kFull>
 cudaError_t launch_forward_kernel(const Dims& d, const CastGramPlan& plan, const void* features,
                                   const void* masks, const void* kernels, void* scratch,
                                   cudaStream_t stream) {
-  const auto kernel = _masked_gram_fwd_kernel<T, kTensorCores, kRows>;
+  const auto kernel = _masked_gram_fwd_kernel<T, kTensorCores, kRows, kProbe>;
   const cudaError_t err = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.forward_smem));
   if (err != cudaSuccess) return err;
@@ -1103,13 +1131,40 @@ cudaError_t launch_forward_kernel(const Dims& d, const CastGramPlan& plan, const
 }
 
 template <typename T>
+cudaError_t launch_forward_probe(int probe, const Dims& d, const CastGramPlan& plan,
+                                 const void* features, const void* masks, const void* kernels,
+                                 void* scratch, cudaStream_t stream) {
+  if constexpr (kProbed<T>) {
+    switch (probe) {
+      case kLoadOnly:
+        return launch_forward_kernel<T, true, kWideRows, kLoadOnly>(d, plan, features, masks,
+                                                                    kernels, scratch, stream);
+      case kNoMma:
+        return launch_forward_kernel<T, true, kWideRows, kNoMma>(d, plan, features, masks,
+                                                                 kernels, scratch, stream);
+      case kNoLoad:
+        return launch_forward_kernel<T, true, kWideRows, kNoLoad>(d, plan, features, masks,
+                                                                  kernels, scratch, stream);
+      case kLoadTwice:
+        return launch_forward_kernel<T, true, kWideRows, kLoadTwice>(d, plan, features, masks,
+                                                                     kernels, scratch, stream);
+    }
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
 cudaError_t forward(const CastGramShape& s, const CastGramPlan& plan, const void* features,
                     const void* masks, const void* kernels, const void* inverse_mass,
                     void* scratch, void* gram, cudaStream_t stream) {
   using A = acc_t<T>;
   const Dims d = forward_dims<T>(s, plan, features);
+  const bool probed = kProbed<T> && plan.tensor_cores && plan.tile_rows == kWideRows;
+  const int probe = probed ? probe_variant() : kFull;
   cudaError_t err;
-  if constexpr (sizeof(A) == 4) {
+  if (probe != kFull) {
+    err = launch_forward_probe<T>(probe, d, plan, features, masks, kernels, scratch, stream);
+  } else if constexpr (sizeof(A) == 4) {
     if (!plan.tensor_cores)
       err = launch_forward_kernel<T, false, kSimtRows>(d, plan, features, masks, kernels,
                                                        scratch, stream);
@@ -1157,6 +1212,22 @@ cudaError_t backward(const CastGramShape& s, const CastGramPlan& plan, const voi
     return launch_backward_kernel<T>(kernel, d, plan, sym_grad, features, masks, kernels,
                                      d_features, stream);
   };
+  if constexpr (kProbed<T>) {
+    switch (plan.backward_rows == kWideRows ? probe_variant() : kFull) {
+      case kLoadOnly:
+        return run(_masked_gram_bwd_mma_kernel<T, kWideRows, kLoadOnly>, kWideRows, kTileCols,
+                   kOutBlock);
+      case kNoMma:
+        return run(_masked_gram_bwd_mma_kernel<T, kWideRows, kNoMma>, kWideRows, kTileCols,
+                   kOutBlock);
+      case kNoLoad:
+        return run(_masked_gram_bwd_mma_kernel<T, kWideRows, kNoLoad>, kWideRows, kTileCols,
+                   kOutBlock);
+      case kLoadTwice:
+        return run(_masked_gram_bwd_mma_kernel<T, kWideRows, kLoadTwice>, kWideRows, kTileCols,
+                   kOutBlock);
+    }
+  }
   if constexpr (sizeof(T) <= 4) {
     if (plan.backward_rows == kWideRows)
       return run(_masked_gram_bwd_mma_kernel<T, kWideRows>, kWideRows, kTileCols, kOutBlock);

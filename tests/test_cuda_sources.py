@@ -117,8 +117,14 @@ def test_nvcc_compiles_warning_free(source, arch, build_folder):
 
 
 # The kernels' template arguments (input type, tensor cores) as the mangled names spell them.
-FORWARD_KERNEL = re.compile(r"_masked_gram_fwd_kernelI(f|d|13__nv_bfloat16|6__half)Lb([01])ELi\d")
-MMA_BACKWARD_KERNEL = re.compile(r"_masked_gram_bwd_mma_kernelI(f|13__nv_bfloat16|6__half)Li\d")
+# The last template argument: 0 for the kernels the op runs, 1-4 for bench/gpu_probe.py's variants.
+FORWARD_KERNEL = re.compile(
+    r"_masked_gram_fwd_kernelI(f|d|13__nv_bfloat16|6__half)Lb([01])ELi\dELi0E"
+)
+MMA_BACKWARD_KERNEL = re.compile(
+    r"_masked_gram_bwd_mma_kernelI(f|13__nv_bfloat16|6__half)Li\dELi0E"
+)
+PROBE_KERNEL = re.compile(r"_masked_gram_(fwd|bwd_mma)_kernelI(f|13__nv_bfloat16)\w*ELi[1-4]EE")
 SIMT_BACKWARD_KERNEL = re.compile(r"_masked_gram_bwd_simt_kernelI(f|d|13__nv_bfloat16|6__half)E")
 # The tensor-core instruction each input type's kernels must use, and the only one.
 KERNEL_MMA = {"f": "HMMA.1688.F32.TF32", "13__nv_bfloat16": "HMMA.16816.F32.BF16",
@@ -153,6 +159,8 @@ def test_cuda_machine_code(build_folder):
         assert ops["LDGSTS.E.BYPASS.128"] > 0, name
     simt = [ops for name, ops in kernels.items() if SIMT_BACKWARD_KERNEL.search(name)]
     assert len(simt) == 4 and not any(op.startswith("HMMA") for ops in simt for op in ops)
+    # 4 variants x 2 dtypes x forward and backward, all spill-free (the nvcc test)
+    assert len([name for name in kernels if PROBE_KERNEL.search(name)]) == 16
 
 
 def cuda_include_dirs() -> list[str]:
