@@ -343,14 +343,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int tile_begin = split * d.tiles_per_split;
   const int tile_end = min(tile_begin + d.tiles_per_split, d.tiles);
-  for (int tile = tile_begin; tile < tile_end; ++tile) {
+  // 1. F on a tile and its halo: rows y0 - h .. y0 + kRows + h, whole 16-byte vectors; on
+  // tensor cores by cp.async, all in flight at once (the caller waits), else by __ldg.
+  auto load_halo = [&](int tile) {
     const int y0 = tile / d.tiles_x * kRows, x0 = tile % d.tiles_x * kTileCols;
-    __syncthreads();  // the previous tile's readers of halo and mask_sq are done
-
-    // 1. F on the tile and its halo: rows y0 - h .. y0 + kRows + h, whole 16-byte vectors.
-    const int passes = kProbe == kLoadTwice ? 2 : kProbe == kNoLoad && tile > tile_begin ? 0 : 1;
+    const int passes = kProbe == kLoadTwice ? 2 : 1;
     for (int hr = 0; hr < halo_rows * passes; ++hr) {
-      const int y = y0 - h + (kProbe == kLoadTwice && hr >= halo_rows ? hr - halo_rows : hr);
+      const int y = y0 - h + (hr < halo_rows ? hr : hr - halo_rows);
       const bool row_inside = y >= 0 && y < d.H;
       for (int e = tid; e < channels * HaloT::chunks; e += kThreads) {
         const int c = e / HaloT::chunks, chunk = e % HaloT::chunks;
@@ -360,7 +359,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const bool inside = row_inside && channel < d.C;
         const T* src = f_batch + (inside ? channel * N + static_cast<int64_t>(y) * d.W : 0);
         if (inside && d.vector_rows && x >= 0 && x + HaloT::vector <= d.W) {
-          *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src + x));
+          if constexpr (kTensorCores) copy_async_16(dst, src + x, 16);
+          else *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src + x));
         } else {
 #pragma unroll
           for (int v = 0; v < HaloT::vector; ++v) {
@@ -370,6 +370,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+  };
+  if (tile_begin < tile_end) load_halo(tile_begin);
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+    const int y0 = tile / d.tiles_x * kRows, x0 = tile % d.tiles_x * kTileCols;
+    if constexpr (kTensorCores) copy_async_wait_all();
+    __syncthreads();  // this tile's halo is in; the previous tile's readers of mask_sq are done
     for (int e = tid; e < kn * P; e += kThreads) {
       const int kl = e / P, n = e % P;
       const int y = y0 + n / kTileCols, x = x0 + n % kTileCols;
@@ -411,6 +417,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           z_tile[c * kZStride + oy * kTileCols + x] = Ops::operand(z[oy]);
       }
       __syncthreads();
+      // The halo is free: the next tile's arrives during these MMAs.
+      if (jl + 1 == jn && tile + 1 < tile_end && kProbe != kNoLoad) load_halo(tile + 1);
       // 3. The Grams of kernel j and every mask of the group, P positions deep.
       const Z* za = z_tile + m0 * kZStride;
       const Z* zb = z_tile + (b_offset + n0) * kZStride;

@@ -135,9 +135,10 @@ KERNEL_MMA = {"f": "HMMA.1688.F32.TF32", "13__nv_bfloat16": "HMMA.16816.F32.BF16
 def test_cuda_machine_code(build_folder):
     """What the sm_90 machine code of every kernel shows, as the design promises: tensor-core
     kernels, forward and backward, use the MMA of their input type (m16n8k8 TF32 for float32,
-    m16n8k16 bf16 / f16 for 16-bit input, never TF32 there) and the SIMT ones none; the
-    forward's halo of F comes in 128-bit loads, the tensor-core backward's in 16-byte cp.async
-    copies (LDGSTS). (That TF32 operands are rounded, not truncated, the emulation checks.)"""
+    m16n8k16 bf16 / f16 for 16-bit input, never TF32 there) and the SIMT ones none; F's halo
+    comes in 16-byte cp.async copies (LDGSTS) in the tensor-core kernels, forward and backward,
+    in 128-bit loads in the SIMT forward. (That TF32 operands are rounded, not truncated, the
+    emulation checks.)"""
     source = CSRC / "masked_gram_cuda.cu"
     result = compiled(source, "sm_90", build_folder)
     assert result.returncode == 0, result.stderr
@@ -150,7 +151,8 @@ def test_cuda_machine_code(build_folder):
         dtype, tensor_cores = FORWARD_KERNEL.search(name).groups()
         mma = {op for op in ops if op.startswith("HMMA")}
         assert mma == ({KERNEL_MMA[dtype]} if tensor_cores == "1" else set()), (name, mma)
-        assert sum(n for op, n in ops.items() if op.startswith("LDG.E.128")) > 0, name
+        vector = "LDGSTS.E.BYPASS.128" if tensor_cores == "1" else "LDG.E.128"
+        assert sum(n for op, n in ops.items() if op.startswith(vector)) > 0, name
     backward = {name: ops for name, ops in kernels.items() if MMA_BACKWARD_KERNEL.search(name)}
     assert len(backward) == 6, sorted(kernels)  # 3 MMA types x 2 tile heights
     for name, ops in backward.items():
@@ -609,6 +611,16 @@ def test_emulated_mma_backward_blocks(emulated, dtype):
     tol = 3e-3 if dtype == torch.float32 else 2e-2
     _, cuts = check_against_reference(emulated, (features, masks, kernels), tol, True)
     assert cuts[7] == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tf32", "bfloat16"])
+def test_emulated_forward_tiles_per_split(emulated, dtype):
+    """72 tiles of 8 x 16 positions in 36 splits (at most 64): a forward block walks two tiles,
+    the second tile's halo arriving while the first's last MMAs run."""
+    features, masks, kernels = (t.to(dtype) for t in random_inputs(1, 8, 72, 128, 2, 2, 3))
+    tol = 3e-3 if dtype == torch.float32 else 2e-2
+    _, cuts = check_against_reference(emulated, (features, masks, kernels), tol, True)
+    assert cuts[0] == 36 and cuts[4] == 8
 
 
 def test_emulated_groups_of_kernels_and_masks(emulated):
