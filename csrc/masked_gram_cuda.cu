@@ -90,6 +90,26 @@ __device__ __forceinline__ To bits_as(From v) {
   return out;
 }
 
+// dst[e] = m^2 for e < count, m = src[at(e)], or 0 where at(e) < 0 (outside the image): kBatch
+// loads a thread in flight before their stores, rather than one load waited for at a time.
+template <int kBatch, typename A, typename T, typename Index>
+__device__ __forceinline__ void load_squares(A* dst, int count, const T* src, Index at) {
+  for (int e0 = threadIdx.x; e0 < count; e0 += kBatch * static_cast<int>(blockDim.x)) {
+    A m[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int e = e0 + i * static_cast<int>(blockDim.x);
+      const int64_t where = e < count ? at(e) : -1;
+      m[i] = where >= 0 ? widen(src[where]) : A(0);
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int e = e0 + i * static_cast<int>(blockDim.x);
+      if (e < count) dst[e] = m[i] * m[i];
+    }
+  }
+}
+
 // Shapes and cuts, passed by value to every kernel.
 struct Dims {
   int B, C, H, W, Bm, K, J, r;
@@ -376,14 +396,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int y0 = tile / d.tiles_x * kRows, x0 = tile % d.tiles_x * kTileCols;
     if constexpr (kTensorCores) copy_async_wait_all();
     __syncthreads();  // this tile's halo is in; the previous tile's readers of mask_sq are done
-    for (int e = tid; e < kn * P; e += kThreads) {
+    // m_k^2 on the tile, 0 outside the image: those positions add nothing.
+    load_squares<2>(mask_sq, kn * P, m_batch, [&](int e) -> int64_t {
       const int kl = e / P, n = e % P;
       const int y = y0 + n / kTileCols, x = x0 + n % kTileCols;
-      const bool inside = y < d.H && x < d.W;
-      const A m =
-          inside ? widen(m_batch[(k0 + kl) * N + static_cast<int64_t>(y) * d.W + x]) : A(0);
-      mask_sq[e] = m * m;  // 0 outside the image: those positions add nothing
-    }
+      return y < d.H && x < d.W ? (k0 + kl) * N + static_cast<int64_t>(y) * d.W + x : -1;
+    });
 
 #pragma unroll
     for (int jl = 0; jl < kMaxJ; ++jl) {
@@ -837,13 +855,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   issue_copies(0);
   for (int e = tid; e < d.J * taps_per_kernel; e += kThreads) taps[e] = widen(kernels[e]);
-  for (int e = tid; e < d.K * u_padded; e += kThreads) {
+  // m_k^2 on the h-halo, 0 outside the image: U_j is zero there, the adjoint's padding.
+  load_squares<4>(mask_sq, d.K * u_padded, m_batch, [&](int e) -> int64_t {
     const int k = e / u_padded, p = e % u_padded;
     const int y = y0 - h + p / u_cols, x = x0 - h + p % u_cols;
     const bool inside = p < u_size && y >= 0 && y < d.H && x >= 0 && x < d.W;
-    const float m = inside ? widen(m_batch[k * N + static_cast<int64_t>(y) * d.W + x]) : 0.0f;
-    mask_sq[e] = m * m;  // 0 outside the image: U_j is zero there, the adjoint's padding
-  }
+    return inside ? k * N + static_cast<int64_t>(y) * d.W + x : -1;
+  });
   // Z's columns past the halo are never formed: zeros, so the MMAs there add nothing.
   for (int e = tid; e < Tile::z_rows * (u_padded - u_size); e += kThreads) {
     const int row = e / (u_padded - u_size), p = u_size + e % (u_padded - u_size);
