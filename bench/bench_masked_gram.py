@@ -34,7 +34,7 @@ if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch  # noqa: E402
-from issue_model import triton_seconds  # noqa: E402
+from issue_model import cuda_seconds, triton_seconds  # noqa: E402
 from machine import device_name, git_sha, slug, versions  # noqa: E402
 
 import cast  # noqa: E402
@@ -291,9 +291,13 @@ def table(rows: list[Row], peak: float, bandwidth: float, args) -> str:
         blowup = r.J * r.K * r.layer.N * r.layer.C * bytes_per / MIB
         # no roofline on the CPU (no bandwidth measured there)
         model = r.model_seconds(peak * 1e9, bandwidth) if math.isfinite(bandwidth) else None
-        # bench/issue_model.py's bound of the Triton kernels at an H100's rates (3x3 kernels)
-        issued = r.backend == "triton" and args.device == "cuda"
-        issue = f"{triton_seconds(r.layer.N, r.layer.C, r.J, r.K) * 1e3:.2f}" if issued else "-"
+        # bench/issue_model.py's bound of the GPU kernels at an H100's rates (3x3 kernels)
+        shape = (r.layer.N, r.layer.C, r.J, r.K)
+        issue = "-"
+        if args.device == "cuda" and r.backend == "triton":
+            issue = f"{triton_seconds(*shape) * 1e3:.2f}"
+        elif args.device == "cuda" and r.backend == "cuda":
+            issue = f"{cuda_seconds(*shape, size=r.element_size) * 1e3:.2f}"
         lines.append(
             f"| {r.layer.name} | {r.layer.C}x{r.layer.H}x{r.layer.W} | {r.J},{r.K} | {r.backend} "
             f"| {r.seconds * 1e3:.2f} | {r.best * 1e3:.2f} | {r.forward_seconds * 1e3:.2f} "
@@ -352,8 +356,8 @@ def report(
                 "device-to-device copy, bytes read + written); model ms: the roofline bound "
                 "max(flops / peak, bytes / bandwidth) with the fewest bytes (F read twice, dF "
                 "written, masks read twice, G and dG); % roofline = model / measured; issue "
-                "model ms: bench/issue_model.py's bound of the Triton kernels (MMAs, CUDA-core "
-                "FMAs, L1 wavefronts of their shifted loads, at an H100's rates)"
+                "model ms: bench/issue_model.py's bound of the Triton and CUDA kernels (MMAs, "
+                "CUDA-core FMAs, L1 / shared-memory wavefronts, issue slots, at an H100's rates)"
             ]
             if math.isfinite(bandwidth)
             else []

@@ -223,6 +223,12 @@ def triton_seconds(N: int, C: int, J: int, K: int, r: int = 3) -> float:
     return sum(max(d(N, C, J, K, r).seconds().values()) for d in (forward, backward_tiled))
 
 
+def cuda_seconds(N: int, C: int, J: int, K: int, r: int = 3, size: int = 4) -> float:
+    """The model's bound for the CUDA forward + backward (``size``: bytes per input element)."""
+    designs = (cuda_forward, cuda_backward_chain)
+    return sum(max(d(N, C, J, K, r, size=size).seconds().values()) for d in designs)
+
+
 def main() -> None:
     from bench_masked_gram import style_layers
 
