@@ -28,8 +28,8 @@ bench: $(READY)
 	$(PY) bench/bench_masked_gram.py
 	$(PY) bench/bench_stylize.py
 
-# On a lent GPU machine, with its own python3 (no venv, no network): build, GPU tests, op
-# benchmark; every log and table into $(OUT).
+# On a lent GPU machine, with its own python3 (no venv, no network): build, op benchmark, probe
+# of the CUDA kernels, GPU tests, a stylisation step; every log into $(OUT).
 OUT ?= gpu-check-out
 gpu-check:
 	OUT=$(OUT) bench/gpu_check.sh
