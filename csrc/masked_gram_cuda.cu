@@ -22,8 +22,9 @@
 // allow_tf32, 16-bit below sm_80), take the same kernel with a SIMT step in place of mma.sync
 // and 2-row tiles (not a speed path: no benchmark runs them).
 //
-// Backward, with S_jk = (dG_jk + dG_jk^T) / n_k precomputed: on tensor cores, one block per
-// (tile of kRows x 16 outputs, 64 output channels, batch item) forms, for each kernel j,
+// Backward, with S_jk = (dG_jk + dG_jk^T) / n_k precomputed: on tensor cores, one block per SM
+// walks items (tile of kRows x 16 outputs, 64 output channels, batch item) and forms, for each
+// kernel j,
 // U_j^T = [S_j1 | ... | S_jK] [m_1^2 Z_j; ...; m_K^2 Z_j]^T as one mma.sync chain K * C deep in
 // registers (Z_j on the tile's h-halo, formed once per block of 32 input channels from F's
 // 2h-halo, which arrives with S's blocks by cp.async, overlapping the previous MMAs), then
@@ -662,12 +663,14 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward on tensor cores: a block of 8 warps per (tile of kRows x 16 outputs, 64 output
-// channels, batch item). Per kernel j and block of 32 input channels (a "step"):
+// Backward on tensor cores: one block of 8 warps per SM walks the items (tile of kRows x 16
+// outputs, 64 output channels, batch item), gridDim.x apart. Per item, kernel j and block of 32
+// input channels (a "step"):
 //   1. F on the tile's 2h-halo (columns padded to whole 16-byte vectors, as the forward's) and
 //      the (64 out x 32 in) blocks of S_j1 .. S_jK arrive by cp.async, 16 bytes a copy, all in
-//      flight at once; the next step's copies are issued as soon as Z_j is formed, so they
-//      overlap this step's MMAs (S has two buffers, F one);
+//      flight at once; the next step's copies (the next item's first, after an item's last
+//      step) are issued as soon as Z_j is formed, so they overlap this step's MMAs (S has two
+//      buffers, F one);
 //   2. Z_j on the h-halo, formed once: each thread a column of 4 values of one channel (two
 //      channels for 16-bit input), each loaded value used for up to r of them; stored
 //      channel-major as the B operand (a 32-bit word holds one TF32 value or a pair of
@@ -785,8 +788,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   static_assert(kWarps == 8 && kOutBlock == 64 && kInBlock % step == 0, "2 x 4 warps");
   static_assert(Tile::f_cols(kMmaHalo) / vector <= kCopyChunks, "a row of F's halo: 8 copies");
 
-  const int tile = blockIdx.x, out_block = blockIdx.y, batch = blockIdx.z;
-  const int y0 = tile / d.tiles_x * kRows, x0 = tile % d.tiles_x * kTileCols;
   const int h = d.r / 2, pad = Tile::pad(h), f_cols = Tile::f_cols(h);
   const int f_rows = kRows + 4 * h, f_stride = Tile::f_stride(h), chunks = f_cols / vector;
   const int u_rows = kRows + 2 * h, u_cols = kTileCols + 2 * h, u_size = u_rows * u_cols;
@@ -805,14 +806,27 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t N = static_cast<int64_t>(d.H) * d.W;
-  const T* f_batch = features + static_cast<int64_t>(batch) * d.C * N;
-  const T* m_batch = masks + static_cast<int64_t>(d.Bm == 1 ? 0 : batch) * d.K * N;
   const bool vector_sym = d.C % 4 == 0 && reinterpret_cast<uintptr_t>(sym_grad) % 16 == 0;
 
-  // Step s's copies: F for input block s % in_blocks, S_j1 .. S_jK for kernel s / in_blocks.
-  // Each thread: one channel and one 16-byte column chunk of F for every row; S alike.
-  auto issue_copies = [&](int s) {
+  // The block walks items (tile of outputs, output block, batch item), tiles fastest, so that
+  // the blocks running at once share F's halos in L2; gridDim.x apart.
+  struct Item {
+    int y0, x0, out_block, batch;
+  };
+  const int items = d.tiles * d.channel_blocks * d.B;
+  auto item_at = [&](int w) {
+    const int tile = w % d.tiles, rest = w / d.tiles;
+    return Item{tile / d.tiles_x * kRows, tile % d.tiles_x * kTileCols, rest % d.channel_blocks,
+                rest / d.channel_blocks};
+  };
+
+  // Step s's copies of an item: F for input block s % in_blocks, S_j1 .. S_jK for kernel
+  // s / in_blocks, into S's buffer `buffer`. Each thread: one channel and one 16-byte column
+  // chunk of F for every row; S alike.
+  auto issue_copies = [&](const Item& it, int s, int buffer) {
     const int j = s / in_blocks, in_block = s % in_blocks;
+    const int y0 = it.y0, x0 = it.x0, out_block = it.out_block, batch = it.batch;
+    const T* f_batch = features + static_cast<int64_t>(batch) * d.C * N;
     const int channel = in_block * kInBlock + tid / kCopyChunks, chunk = tid % kCopyChunks;
     if (chunk < chunks) {
       const int x = x0 - pad + chunk * vector;
@@ -834,7 +848,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-    float* s_dst = s_tiles + (s % 2) * (Tile::s_bytes(d.K) / 4);
+    float* s_dst = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
     const int c_in = in_block * kInBlock + chunk * 4;
     for (int k = 0; k < d.K; ++k) {
       const int64_t slice = (static_cast<int64_t>(batch) * d.J + j) * d.K + k;
@@ -853,15 +867,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
-  issue_copies(0);
+  if (static_cast<int>(blockIdx.x) >= items) return;
+  Item it = item_at(blockIdx.x);
+  issue_copies(it, 0, 0);
   for (int e = tid; e < d.J * taps_per_kernel; e += kThreads) taps[e] = widen(kernels[e]);
-  // m_k^2 on the h-halo, 0 outside the image: U_j is zero there, the adjoint's padding.
-  load_squares<4>(mask_sq, d.K * u_padded, m_batch, [&](int e) -> int64_t {
-    const int k = e / u_padded, p = e % u_padded;
-    const int y = y0 - h + p / u_cols, x = x0 - h + p % u_cols;
-    const bool inside = p < u_size && y >= 0 && y < d.H && x >= 0 && x < d.W;
-    return inside ? k * N + static_cast<int64_t>(y) * d.W + x : -1;
-  });
   // Z's columns past the halo are never formed: zeros, so the MMAs there add nothing.
   for (int e = tid; e < Tile::z_rows * (u_padded - u_size); e += kThreads) {
     const int row = e / (u_padded - u_size), p = u_size + e % (u_padded - u_size);
@@ -878,132 +887,152 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.0f;
   float d_acc[kItems][kRows];
-#pragma unroll
-  for (int i = 0; i < kItems; ++i)
-#pragma unroll
-    for (int o = 0; o < kRows; ++o) d_acc[i][o] = 0.0f;
+  int buffer = 0;  // S's buffer of the step in hand
 
-  for (int s = 0; s < steps; ++s) {
-    const int j = s / in_blocks, in_block = s % in_blocks;
-    const float* tap = taps + j * taps_per_kernel;
-    copy_async_wait_all();
-    __syncthreads();  // step s's F and S are in; the previous step's Z readers are done
+  for (int w = blockIdx.x; w < items; w += gridDim.x) {
+    const int y0 = it.y0, x0 = it.x0;
+    const bool last_item = w + static_cast<int>(gridDim.x) >= items;
+    const Item next = last_item ? it : item_at(w + gridDim.x);
+    // m_k^2 on the h-halo, 0 outside the image: U_j is zero there, the adjoint's padding. The
+    // previous item's readers (its MMAs) passed its last barrier.
+    const T* m_batch = masks + static_cast<int64_t>(d.Bm == 1 ? 0 : it.batch) * d.K * N;
+    load_squares<4>(mask_sq, d.K * u_padded, m_batch, [&](int e) -> int64_t {
+      const int k = e / u_padded, p = e % u_padded;
+      const int y = y0 - h + p / u_cols, x = x0 - h + p % u_cols;
+      const bool inside = p < u_size && y >= 0 && y < d.H && x >= 0 && x < d.W;
+      return inside ? k * N + static_cast<int64_t>(y) * d.W + x : -1;
+    });
+#pragma unroll
+    for (int i = 0; i < kItems; ++i)
+#pragma unroll
+      for (int o = 0; o < kRows; ++o) d_acc[i][o] = 0.0f;
 
-    // 2. Z_j on the h-halo: item (word row of Z, column, group of kFormRows rows).
-    const int groups = kProbe == kLoadOnly ? 0 : ceil_div(u_rows, kFormRows);
-    for (int item = tid; item < Tile::z_rows * kFormCols * groups; item += kThreads) {
-      const int ux = item % kFormCols, row = item / kFormCols % Tile::z_rows;
-      const int uy = item / (kFormCols * Tile::z_rows) * kFormRows;
-      if (ux >= u_cols) continue;
-      const int rows_in = min(kFormRows, u_rows - uy) + 2 * h;
-      float z[per][kFormRows];
-#pragma unroll
-      for (int e = 0; e < per; ++e) {
-#pragma unroll
-        for (int o = 0; o < kFormRows; ++o) z[e][o] = 0.0f;
-        const T* src = f_halo + (row * per + e) * f_stride + uy * f_cols + ux + pad - 2 * h;
-        convolve_column<kFormRows, kMmaHalo>(z[e], src, f_cols, rows_in, tap, d.r, false);
-      }
-#pragma unroll
-      for (int o = 0; o < kFormRows; ++o) {
-        if (uy + o >= u_rows) break;
-        uint32_t word;
-        if constexpr (per == 1) word = bits_as<uint32_t>(z[0][o]);
-        else word = pack_pair<T>(z[0][o], z[1][o]);
-        z_tile[row * z_stride + (uy + o) * u_cols + ux] = word;
-      }
-    }
-    __syncthreads();  // Z_j formed; F's halo free
-    if (s + 1 < steps && kProbe != kNoLoad) issue_copies(s + 1);
-    if (s + 1 < steps && kProbe == kLoadTwice) issue_copies(s + 1);
+    for (int s = 0; s < steps; ++s, buffer ^= 1) {
+      const int j = s / in_blocks, in_block = s % in_blocks;
+      const float* tap = taps + j * taps_per_kernel;
+      copy_async_wait_all();
+      __syncthreads();  // step s's F and S are in; the previous step's Z readers are done
 
-    // 3. U_j^T += S_k (m_k^2 Z_j)^T for every mask, kInBlock channels deep.
-    const float* s_tile = s_tiles + (s % 2) * (Tile::s_bytes(d.K) / 4);
-    constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : kInBlock;
+      // 2. Z_j on the h-halo: item (word row of Z, column, group of kFormRows rows).
+      const int groups = kProbe == kLoadOnly ? 0 : ceil_div(u_rows, kFormRows);
+      for (int item = tid; item < Tile::z_rows * kFormCols * groups; item += kThreads) {
+        const int ux = item % kFormCols, row = item / kFormCols % Tile::z_rows;
+        const int uy = item / (kFormCols * Tile::z_rows) * kFormRows;
+        if (ux >= u_cols) continue;
+        const int rows_in = min(kFormRows, u_rows - uy) + 2 * h;
+        float z[per][kFormRows];
 #pragma unroll
-    for (int c0 = 0; c0 < kDepth; c0 += step) {
-      uint32_t z_frag[kMaxNTiles][2];
+        for (int e = 0; e < per; ++e) {
 #pragma unroll
-      for (int ni = 0; ni < kMaxNTiles; ++ni) {
-        if (ni >= n_tiles) break;
-        const uint32_t* zp = z_tile + (c0 / per + t) * z_stride + wn + ni * 8 + g;
-        z_frag[ni][0] = zp[0];
-        z_frag[ni][1] = zp[4 * z_stride];
-      }
-      for (int k = 0; k < d.K; ++k) {
-        const float* sk = s_tile + (k * kOutBlock + wm + g) * s_stride + c0;
-        uint32_t a[2][4];
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
-          const float* sp = sk + mi * 16 * s_stride;
-          if constexpr (per == 1) {
-            a[mi][0] = round_to_tf32(sp[t]);
-            a[mi][1] = round_to_tf32(sp[8 * s_stride + t]);
-            a[mi][2] = round_to_tf32(sp[t + 4]);
-            a[mi][3] = round_to_tf32(sp[8 * s_stride + t + 4]);
-          } else {
-            const float2 lo = *reinterpret_cast<const float2*>(sp + 2 * t);
-            const float2 lo8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t);
-            const float2 hi = *reinterpret_cast<const float2*>(sp + 2 * t + 8);
-            const float2 hi8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t + 8);
-            a[mi][0] = pack_pair<T>(lo.x, lo.y), a[mi][1] = pack_pair<T>(lo8.x, lo8.y);
-            a[mi][2] = pack_pair<T>(hi.x, hi.y), a[mi][3] = pack_pair<T>(hi8.x, hi8.y);
-          }
+          for (int o = 0; o < kFormRows; ++o) z[e][o] = 0.0f;
+          const T* src = f_halo + (row * per + e) * f_stride + uy * f_cols + ux + pad - 2 * h;
+          convolve_column<kFormRows, kMmaHalo>(z[e], src, f_cols, rows_in, tap, d.r, false);
         }
-        uint32_t b[kMaxNTiles][2];
+#pragma unroll
+        for (int o = 0; o < kFormRows; ++o) {
+          if (uy + o >= u_rows) break;
+          uint32_t word;
+          if constexpr (per == 1) word = bits_as<uint32_t>(z[0][o]);
+          else word = pack_pair<T>(z[0][o], z[1][o]);
+          z_tile[row * z_stride + (uy + o) * u_cols + ux] = word;
+        }
+      }
+      __syncthreads();  // Z_j formed; F's halo free
+      // The next step's copies (the next item's first after the last step) land during the MMAs.
+      for (int pass = 0; pass < (kProbe == kNoLoad ? 0 : kProbe == kLoadTwice ? 2 : 1); ++pass) {
+        if (s + 1 < steps) issue_copies(it, s + 1, buffer ^ 1);
+        else if (!last_item) issue_copies(next, 0, buffer ^ 1);
+      }
+
+      // 3. U_j^T += S_k (m_k^2 Z_j)^T for every mask, kInBlock channels deep.
+      const float* s_tile = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
+      constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : kInBlock;
+#pragma unroll
+      for (int c0 = 0; c0 < kDepth; c0 += step) {
+        uint32_t z_frag[kMaxNTiles][2];
 #pragma unroll
         for (int ni = 0; ni < kMaxNTiles; ++ni) {
           if (ni >= n_tiles) break;
-          const float w = mask_sq[k * u_padded + wn + ni * 8 + g];
+          const uint32_t* zp = z_tile + (c0 / per + t) * z_stride + wn + ni * 8 + g;
+          z_frag[ni][0] = zp[0];
+          z_frag[ni][1] = zp[4 * z_stride];
+        }
+        for (int k = 0; k < d.K; ++k) {
+          const float* sk = s_tile + (k * kOutBlock + wm + g) * s_stride + c0;
+          uint32_t a[2][4];
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            if constexpr (per == 1)
-              b[ni][e] = round_to_tf32(bits_as<float>(z_frag[ni][e]) * w);
-            else
-              b[ni][e] = HalfOperands<T>::scaled(z_frag[ni][e], w, w);
+          for (int mi = 0; mi < 2; ++mi) {
+            const float* sp = sk + mi * 16 * s_stride;
+            if constexpr (per == 1) {
+              a[mi][0] = round_to_tf32(sp[t]);
+              a[mi][1] = round_to_tf32(sp[8 * s_stride + t]);
+              a[mi][2] = round_to_tf32(sp[t + 4]);
+              a[mi][3] = round_to_tf32(sp[8 * s_stride + t + 4]);
+            } else {
+              const float2 lo = *reinterpret_cast<const float2*>(sp + 2 * t);
+              const float2 lo8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t);
+              const float2 hi = *reinterpret_cast<const float2*>(sp + 2 * t + 8);
+              const float2 hi8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t + 8);
+              a[mi][0] = pack_pair<T>(lo.x, lo.y), a[mi][1] = pack_pair<T>(lo8.x, lo8.y);
+              a[mi][2] = pack_pair<T>(hi.x, hi.y), a[mi][3] = pack_pair<T>(hi8.x, hi8.y);
+            }
+          }
+          uint32_t b[kMaxNTiles][2];
+#pragma unroll
+          for (int ni = 0; ni < kMaxNTiles; ++ni) {
+            if (ni >= n_tiles) break;
+            const float w = mask_sq[k * u_padded + wn + ni * 8 + g];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              if constexpr (per == 1)
+                b[ni][e] = round_to_tf32(bits_as<float>(z_frag[ni][e]) * w);
+              else
+                b[ni][e] = HalfOperands<T>::scaled(z_frag[ni][e], w, w);
+            }
+          }
+          if constexpr (per == 1) mma_grid_tf32(acc, a, b, 2, n_tiles);
+          else mma_grid_16bit<T>(acc, a, b, 2, n_tiles);
+        }
+      }
+
+      if (in_block + 1 < in_blocks) continue;
+      // U_j complete: to shared memory (the previous kernel's adjoint readers passed a barrier
+      // since), then the adjoint into dF's accumulators.
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < kMaxNTiles; ++ni) {
+          if (ni >= n_tiles) break;
+#pragma unroll
+          for (int i = 0; i < 4; i += 2) {
+            const int row = wm + mi * 16 + g + 4 * i, p = wn + ni * 8 + 2 * t;
+            *reinterpret_cast<float2*>(u_tile + row * u_stride + p) =
+                make_float2(acc[mi][ni][i], acc[mi][ni][i + 1]);
+            acc[mi][ni][i] = acc[mi][ni][i + 1] = 0.0f;
           }
         }
-        if constexpr (per == 1) mma_grid_tf32(acc, a, b, 2, n_tiles);
-        else mma_grid_16bit<T>(acc, a, b, 2, n_tiles);
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < (kProbe == kLoadOnly ? 0 : kItems); ++i) {
+        const int item = tid + i * kThreads, ox = item % kTileCols, c = item / kTileCols;
+        convolve_column<kRows, kMmaHalo>(d_acc[i], u_tile + c * u_stride + ox, u_cols,
+                                         kRows + 2 * h, tap, d.r, true);
       }
     }
 
-    if (in_block + 1 < in_blocks) continue;
-    // U_j complete: to shared memory (the previous kernel's adjoint readers passed a barrier
-    // since), then the adjoint into dF's accumulators.
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int i = 0; i < kItems; ++i) {
+      const int item = tid + i * kThreads, x = x0 + item % kTileCols;
+      const int c = it.out_block * kOutBlock + item / kTileCols;
 #pragma unroll
-      for (int ni = 0; ni < kMaxNTiles; ++ni) {
-        if (ni >= n_tiles) break;
-#pragma unroll
-        for (int i = 0; i < 4; i += 2) {
-          const int row = wm + mi * 16 + g + 4 * i, p = wn + ni * 8 + 2 * t;
-          *reinterpret_cast<float2*>(u_tile + row * u_stride + p) =
-              make_float2(acc[mi][ni][i], acc[mi][ni][i + 1]);
-          acc[mi][ni][i] = acc[mi][ni][i + 1] = 0.0f;
-        }
+      for (int o = 0; o < kRows; ++o) {
+        const int y = y0 + o;
+        if (c < d.C && y < d.H && x < d.W)
+          d_features[(static_cast<int64_t>(it.batch) * d.C + c) * N +
+                     static_cast<int64_t>(y) * d.W + x] = narrow<T>(d_acc[i][o]);
       }
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < (kProbe == kLoadOnly ? 0 : kItems); ++i) {
-      const int item = tid + i * kThreads, ox = item % kTileCols, c = item / kTileCols;
-      convolve_column<kRows, kMmaHalo>(d_acc[i], u_tile + c * u_stride + ox, u_cols,
-                                       kRows + 2 * h, tap, d.r, true);
     }
-  }
-
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int item = tid + i * kThreads, x = x0 + item % kTileCols;
-    const int c = out_block * kOutBlock + item / kTileCols;
-#pragma unroll
-    for (int o = 0; o < kRows; ++o) {
-      const int y = y0 + o;
-      if (c < d.C && y < d.H && x < d.W)
-        d_features[(static_cast<int64_t>(batch) * d.C + c) * N + static_cast<int64_t>(y) * d.W +
-                   x] = narrow<T>(d_acc[i][o]);
-    }
+    it = next;
   }
 }
 // ---------------------------------------------------------------------------------------------
@@ -1218,13 +1247,13 @@ cudaError_t forward(const CastGramShape& s, const CastGramPlan& plan, const void
 }
 
 template <typename T, typename Kernel>
-cudaError_t launch_backward_kernel(Kernel kernel, const Dims& d, const CastGramPlan& plan,
-                                   const void* sym_grad, const void* features, const void* masks,
-                                   const void* kernels, void* d_features, cudaStream_t stream) {
+cudaError_t launch_backward_kernel(Kernel kernel, const Dims& d, const dim3 grid,
+                                   const CastGramPlan& plan, const void* sym_grad,
+                                   const void* features, const void* masks, const void* kernels,
+                                   void* d_features, cudaStream_t stream) {
   const cudaError_t err = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.backward_smem));
   if (err != cudaSuccess) return err;
-  const dim3 grid(d.tiles, d.channel_blocks, d.B);
   kernel<<<grid, kThreads, plan.backward_smem, stream>>>(
       static_cast<const acc_t<T>*>(sym_grad), static_cast<const T*>(features),
       static_cast<const T*>(masks), static_cast<const T*>(kernels), static_cast<T*>(d_features),
@@ -1236,36 +1265,43 @@ template <typename T>
 cudaError_t backward(const CastGramShape& s, const CastGramPlan& plan, const void* sym_grad,
                      const void* features, const void* masks, const void* kernels,
                      void* d_features, cudaStream_t stream) {
-  const auto run = [&](auto kernel, int rows, int cols, int channel_block) {
-    const Dims d = backward_dims<T>(s, features, rows, cols, channel_block);
-    return launch_backward_kernel<T>(kernel, d, plan, sym_grad, features, masks, kernels,
+  // The tensor-core kernel (`rows` x 16 tiles, 64 output channels): one block per SM (its
+  // shared memory allows no more), each walking items gridDim.x apart.
+  const auto mma = [&](auto kernel, int rows) {
+    int device = 0, sms = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess)
+      err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    const Dims d = backward_dims<T>(s, features, rows, kTileCols, kOutBlock);
+    const dim3 grid(std::min(d.tiles * d.channel_blocks * d.B, sms));
+    return launch_backward_kernel<T>(kernel, d, grid, plan, sym_grad, features, masks, kernels,
                                      d_features, stream);
   };
   if constexpr (kProbed<T>) {
     switch (plan.backward_rows == kWideRows ? probe_variant() : kFull) {
       case kLoadOnly:
-        return run(_masked_gram_bwd_mma_kernel<T, kWideRows, kLoadOnly>, kWideRows, kTileCols,
-                   kOutBlock);
+        return mma(_masked_gram_bwd_mma_kernel<T, kWideRows, kLoadOnly>, kWideRows);
       case kNoMma:
-        return run(_masked_gram_bwd_mma_kernel<T, kWideRows, kNoMma>, kWideRows, kTileCols,
-                   kOutBlock);
+        return mma(_masked_gram_bwd_mma_kernel<T, kWideRows, kNoMma>, kWideRows);
       case kNoLoad:
-        return run(_masked_gram_bwd_mma_kernel<T, kWideRows, kNoLoad>, kWideRows, kTileCols,
-                   kOutBlock);
+        return mma(_masked_gram_bwd_mma_kernel<T, kWideRows, kNoLoad>, kWideRows);
       case kLoadTwice:
-        return run(_masked_gram_bwd_mma_kernel<T, kWideRows, kLoadTwice>, kWideRows, kTileCols,
-                   kOutBlock);
+        return mma(_masked_gram_bwd_mma_kernel<T, kWideRows, kLoadTwice>, kWideRows);
     }
   }
   if constexpr (sizeof(T) <= 4) {
     if (plan.backward_rows == kWideRows)
-      return run(_masked_gram_bwd_mma_kernel<T, kWideRows>, kWideRows, kTileCols, kOutBlock);
+      return mma(_masked_gram_bwd_mma_kernel<T, kWideRows>, kWideRows);
     if (plan.backward_rows == kNarrowRows)
-      return run(_masked_gram_bwd_mma_kernel<T, kNarrowRows>, kNarrowRows, kTileCols,
-                 kOutBlock);
+      return mma(_masked_gram_bwd_mma_kernel<T, kNarrowRows>, kNarrowRows);
   }
+  // The SIMT kernel: a block per (tile, 32 output channels, batch item).
   using Tile = PositionTile<acc_t<T>>;
-  return run(_masked_gram_bwd_simt_kernel<T>, Tile::rows, Tile::cols, kSimtChannels);
+  const Dims d = backward_dims<T>(s, features, Tile::rows, Tile::cols, kSimtChannels);
+  return launch_backward_kernel<T>(_masked_gram_bwd_simt_kernel<T>, d,
+                                   dim3(d.tiles, d.channel_blocks, d.B), plan, sym_grad,
+                                   features, masks, kernels, d_features, stream);
 }
 
 }  // namespace

@@ -237,6 +237,13 @@ using cudaStream_t = void*;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 template <class F>
 cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) { return cudaSuccess; }
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
+inline cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
+// Three SMs: the persistent kernels' blocks walk several items each.
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = 3;
+  return cudaSuccess;
+}
 inline std::atomic<int> emulated_fault{cudaSuccess};
 inline cudaError_t cudaGetLastError() { return emulated_fault.exchange(cudaSuccess); }
 
