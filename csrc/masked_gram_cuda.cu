@@ -290,9 +290,11 @@ struct ForwardTile {
   }
   static constexpr int z_bytes = 2 * kPairBlock * z_stride * sizeof(typename Ops::Z);
   static constexpr int mask_bytes = kMaxMasks * positions * sizeof(A);
+  // The masks as loaded, by cp.async beside F's halo (tensor cores only).
+  static constexpr int raw_mask_bytes = kTensorCores ? kMaxMasks * positions * sizeof(T) : 0;
   __host__ __device__ static constexpr int smem_bytes(int r) {
     const int tap_bytes = kMaxKernels * r * r * static_cast<int>(sizeof(A));
-    return halo_bytes(r) + z_bytes + mask_bytes + ceil_div(tap_bytes, 16) * 16;
+    return halo_bytes(r) + z_bytes + mask_bytes + raw_mask_bytes + ceil_div(tap_bytes, 16) * 16;
   }
 };
 
@@ -339,7 +341,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* halo = reinterpret_cast<T*>(shared_bytes);  // (2 TC, channel_stride)
   Z* z_tile = reinterpret_cast<Z*>(shared_bytes + Tile::halo_bytes(d.r));  // (2 TC, kZStride)
   A* mask_sq = reinterpret_cast<A*>(reinterpret_cast<unsigned char*>(z_tile) + Tile::z_bytes);
-  A* taps = mask_sq + kMaxMasks * P;  // (jn, r, r)
+  T* raw_masks = reinterpret_cast<T*>(mask_sq + kMaxMasks * P);  // (kn, P) as loaded
+  A* taps = reinterpret_cast<A*>(reinterpret_cast<unsigned char*>(raw_masks) +
+                                 Tile::raw_mask_bytes);  // (jn, r, r)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   for (int e = tid; e < jn * taps_per_kernel; e += kThreads)
@@ -364,10 +368,29 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int tile_begin = split * d.tiles_per_split;
   const int tile_end = min(tile_begin + d.tiles_per_split, d.tiles);
+  const bool vector_masks = d.vector_rows && reinterpret_cast<uintptr_t>(masks) % 16 == 0;
   // 1. F on a tile and its halo: rows y0 - h .. y0 + kRows + h, whole 16-byte vectors; on
-  // tensor cores by cp.async, all in flight at once (the caller waits), else by __ldg.
+  // tensor cores by cp.async, all in flight at once (the caller waits), and the tile's masks
+  // with it; else by __ldg.
   auto load_halo = [&](int tile) {
     const int y0 = tile / d.tiles_x * kRows, x0 = tile % d.tiles_x * kTileCols;
+    if constexpr (kTensorCores) {
+      constexpr int kChunks = kTileCols / HaloT::vector;  // 16-byte chunks of a row of a mask
+      for (int e = tid; e < kn * kRows * kChunks; e += kThreads) {
+        const int chunk = e % kChunks, row = e / kChunks % kRows, kl = e / (kChunks * kRows);
+        const int y = y0 + row, x = x0 + chunk * HaloT::vector;
+        T* dst = raw_masks + kl * P + row * kTileCols + chunk * HaloT::vector;
+        const T* src = m_batch + (k0 + kl) * N + static_cast<int64_t>(min(y, d.H - 1)) * d.W;
+        if (y >= d.H || x >= d.W || (vector_masks && x + HaloT::vector <= d.W)) {
+          const bool inside = y < d.H && x < d.W;
+          copy_async_16(dst, inside ? src + x : m_batch, inside ? 16 : 0);
+        } else {
+#pragma unroll
+          for (int v = 0; v < HaloT::vector; ++v)
+            dst[v] = x + v < d.W ? src[x + v] : narrow<T>(A(0));
+        }
+      }
+    }
     const int passes = kProbe == kLoadTwice ? 2 : 1;
     for (int hr = 0; hr < halo_rows * passes; ++hr) {
       const int y = y0 - h + (hr < halo_rows ? hr : hr - halo_rows);
@@ -398,11 +421,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kTensorCores) copy_async_wait_all();
     __syncthreads();  // this tile's halo is in; the previous tile's readers of mask_sq are done
     // m_k^2 on the tile, 0 outside the image: those positions add nothing.
-    load_squares<2>(mask_sq, kn * P, m_batch, [&](int e) -> int64_t {
-      const int kl = e / P, n = e % P;
-      const int y = y0 + n / kTileCols, x = x0 + n % kTileCols;
-      return y < d.H && x < d.W ? (k0 + kl) * N + static_cast<int64_t>(y) * d.W + x : -1;
-    });
+    if constexpr (kTensorCores) {
+      for (int e = tid; e < kn * P; e += kThreads) {
+        const A m = widen(raw_masks[e]);
+        mask_sq[e] = m * m;
+      }
+    } else {
+      load_squares<2>(mask_sq, kn * P, m_batch, [&](int e) -> int64_t {
+        const int kl = e / P, n = e % P;
+        const int y = y0 + n / kTileCols, x = x0 + n % kTileCols;
+        return y < d.H && x < d.W ? (k0 + kl) * N + static_cast<int64_t>(y) * d.W + x : -1;
+      });
+    }
 
 #pragma unroll
     for (int jl = 0; jl < kMaxJ; ++jl) {
