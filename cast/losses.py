@@ -205,7 +205,9 @@ class StyleLoss(nn.Module):
 
     Args:
         target: ``(J, K, C, C)`` target Gram of each kernel and region (``GramStats.mean()``).
-        masks: ``(K, H, W)`` regions of the image being optimised, on this layer's grid.
+        masks: ``(K, H, W)`` regions of the image being optimised, on this layer's grid; or
+            ``None`` (then ``region_weights`` is needed) for a loss that only takes Grams
+            already formed (``of_gram``), as a tiled objective does.
         kernels: ``(J, r, r)`` high-order kernels (``high_order_kernels``).
         region_weights: ``(K,)`` say of each region; default each region's share of the mask
             mass, so every pixel pulls equally (the paper leaves this open).
@@ -218,7 +220,7 @@ class StyleLoss(nn.Module):
     def __init__(
         self,
         target: Tensor,
-        masks: Tensor,
+        masks: Tensor | None,
         kernels: Tensor,
         region_weights: Tensor | None = None,
         *,
@@ -226,14 +228,14 @@ class StyleLoss(nn.Module):
     ):
         super().__init__()
         J, K = target.shape[:2]
-        if masks.shape[0] != K or kernels.shape[0] != J:
+        if (masks is not None and masks.shape[0] != K) or kernels.shape[0] != J:
             raise ValueError(
                 f"StyleLoss: target {tuple(target.shape)} needs {K} masks and {J} kernels, "
-                f"got masks {tuple(masks.shape)} and kernels {tuple(kernels.shape)}"
+                f"got masks {None if masks is None else tuple(masks.shape)} and kernels "
+                f"{tuple(kernels.shape)}"
             )
         if region_weights is None:
-            mass = mask_mass(masks)
-            region_weights = mass / mass.sum().clamp_min(1e-30)
+            region_weights = self.region_weights(mask_mass(masks))
         # Relative error instead of Gatys' 1 / (4 C^2): the same weight means the same for every
         # layer, kernel and network. A target of norm 0 (nothing to match) drops out.
         norm = target.square().sum((-1, -2))
@@ -241,7 +243,7 @@ class StyleLoss(nn.Module):
             norm > 0, region_weights[None].to(norm) / norm.clamp_min(1e-30), torch.zeros_like(norm)
         )
         self.register_buffer("target", target)
-        self.register_buffer("masks", masks.to(target.dtype))
+        self.register_buffer("masks", None if masks is None else masks.to(target.dtype))
         self.register_buffer("kernels", kernels.to(target.dtype))
         self.register_buffer("scale", scale / J)
         self.backend = backend
@@ -254,6 +256,11 @@ class StyleLoss(nn.Module):
             backend=self.backend,
         )
         return self.of_gram(gram)
+
+    @staticmethod
+    def region_weights(mass: Tensor) -> Tensor:
+        """The default say of each region: its share of the mask mass ``(K,)``."""
+        return mass / mass.sum().clamp_min(1e-30)
 
     def of_gram(self, gram: Tensor) -> Tensor:
         """The loss of Gram matrices ``(B, J, K, C, C)`` already taken (by tiles, say)."""
@@ -270,7 +277,12 @@ class ContentLoss(nn.Module):
     def __init__(self, target: Tensor):
         super().__init__()
         self.register_buffer("target", target)
-        self.register_buffer("scale", 1 / target.square().sum().clamp_min(1e-30))
+        self.register_buffer("scale", self.scale_of(target.square().sum()))
+
+    @staticmethod
+    def scale_of(square_sum: Tensor) -> Tensor:
+        """``1 / ||P||^2`` from ``||P||^2``."""
+        return 1 / square_sum.clamp_min(1e-30)
 
     def forward(self, features: Tensor) -> Tensor:
         error = (features - self.target).square().flatten(1).sum(1)

@@ -17,16 +17,20 @@ The targets are gathered tile by tile in both cases (one tile when untiled).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from . import masks
+from . import masks, ondisk
 from .distributed import ALONE, Shard
 from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, gram_sums, gram_sums_grad
 from .network import CONTENT_LAYERS, STYLE_LAYERS
-from .reference import inverse_mass, mask_mass
+from .ondisk import Store
+from .reference import inverse, mask_mass
 from .tiling import Tile, TilePlan, halo_for, margins, plan_tiles
+
+Spill = bool | str | Path  # where image-sized state goes: False (RAM), True or a directory
 
 
 class WholeImage(nn.Module):
@@ -63,30 +67,39 @@ class WholeImage(nn.Module):
 class Tiled(WholeImage):
     """The same objective, one crop at a time (see the module's docstring).
 
-    ``shard`` deals the tiles to the ranks of a process group; every rank returns the same
-    loss and gradient.
+    Its image-sized state (the content targets, the masks on every style layer's grid) is in
+    stores (``cast.ondisk``), in RAM or on disk; ``value_and_grad`` takes the image as a tensor
+    or a store and gives the gradient in the same kind. ``shard`` deals the tiles to the ranks
+    of a process group; every rank returns the same loss and gradient.
     """
 
-    def __init__(self, network, content_losses, style_losses, weights, plan: TilePlan, kernels,
-                 backend, shard: Shard = ALONE):  # fmt: skip
-        super().__init__(network, content_losses, style_losses, weights)
+    def __init__(self, network, content_targets: dict[str, Store], style_losses,
+                 style_masks: dict[str, Store], masses: dict[str, Tensor], weights,
+                 plan: TilePlan, kernels, backend, shard: Shard = ALONE):  # fmt: skip
+        super().__init__(network, {}, style_losses, weights)
+        self.layers = tuple(dict.fromkeys([*content_targets, *style_losses]))
         self.plan, self.kernels, self.backend, self.shard = plan, kernels, backend, shard
+        self.content_targets, self.style_masks = content_targets, style_masks
+        self.content_scales = {layer: ContentLoss.scale_of(_square_sum(target))
+                               for layer, target in content_targets.items()}  # fmt: skip
         self.strides = {layer: network.stride(layer) for layer in self.layers}
-        self.margins = layer_margins(network, kernels, tuple(content_losses), tuple(style_losses))
+        self.margins = layer_margins(network, kernels, tuple(content_targets), tuple(style_losses))
         # 1 / n_k broadcast over (J, K, C, C)
-        self.inverse_mass = [inverse_mass(loss.masks)[:, None, None]
-                             for loss in self.style_losses.values()]  # fmt: skip
+        self.inverse_mass = [inverse(masses[layer])[:, None, None] for layer in style_losses]
 
-    def value_and_grad(self, image: Tensor) -> tuple[Tensor, Tensor]:
+    def value_and_grad(self, image: Tensor | Store) -> tuple[Tensor, Tensor | Store]:
+        given = image
+        image = ondisk.InRam(image.detach()) if isinstance(image, Tensor) else image
+        device = image.device
         style_losses = self.style_losses.items()
         # 1. statistics pass: Gram sums per style layer, then the content and TV errors
         parts = [
-            torch.zeros(loss.target.shape, dtype=loss.target.dtype, device=image.device)
+            torch.zeros(loss.target.shape, dtype=loss.target.dtype, device=device)
             for _, loss in style_losses
-        ] + [image.new_zeros((), dtype=torch.float64) for _ in range(2)]
+        ] + [torch.zeros((), dtype=torch.float64, device=device) for _ in range(2)]
         with torch.no_grad():
             for tile in self.shard.mine(self.plan.tiles):
-                crop = _crop(image, tile)
+                crop = image.read(tile.crop)
                 features = self.network(crop[None], self.layers, tile.windows(self.margins))
                 for sums, (layer, loss) in zip(parts, style_losses, strict=False):
                     sums += self._sums(features[layer], loss, tile, layer)[0]
@@ -112,9 +125,9 @@ class Tiled(WholeImage):
         # a layer's features is the op's backward alone (its forward would be wasted); one
         # backward through the network then takes them with the content and TV shares.
         weights = [d * inverse for d, inverse in zip(d_grams, self.inverse_mass, strict=True)]
-        grad = torch.zeros_like(image)
+        grad = image.zeros_like()
         for tile in self.shard.mine(self.plan.tiles):
-            crop = _crop(image, tile).detach().requires_grad_()
+            crop = image.read(tile.crop).detach().requires_grad_()
             with torch.enable_grad():
                 features = self.network(crop[None], self.layers, tile.windows(self.margins))
                 share = self.content_weight * self._content(features, tile)
@@ -126,9 +139,11 @@ class Tiled(WholeImage):
                 d_outputs.append(gram_sums_grad(features[layer], masks, kernels, weight[None],
                                                 backend=self.backend))  # fmt: skip
             (crop_grad,) = torch.autograd.grad(outputs, crop, d_outputs)
-            top, bottom, left, right = tile.crop
-            grad[:, top:bottom, left:right] += crop_grad
-        return loss.detach(), self.shard.all_reduce(grad)
+            grad.add(tile.crop, crop_grad)
+        if self.shard.world > 1:  # a chunk of rows at a time: a spilled gradient stays on disk
+            for rows in grad.chunks():
+                grad.write(rows, self.shard.all_reduce(grad.read(rows).contiguous()))
+        return loss.detach(), grad.read() if isinstance(given, Tensor) else grad
 
     def _sums(self, features: Tensor, loss: StyleLoss, tile: Tile, layer: str) -> Tensor:
         """Gram sums ``(1, J, K, C, C)`` over the tile's owned cells of ``layer``."""
@@ -138,16 +153,17 @@ class Tiled(WholeImage):
     def _owned(self, loss: StyleLoss, tile: Tile, layer: str, dtype: torch.dtype):
         """The op's masks (``loss``'s, on the crop's grid of ``layer``, zero outside the tile's
         cells) and kernels, in ``dtype``."""
-        masks = owned_masks(loss.masks.to(dtype), tile, self.strides[layer], self.margins[layer])
+        masks = owned_masks(self.style_masks[layer], tile, self.strides[layer],
+                            self.margins[layer], dtype)  # fmt: skip
         return masks, self.kernels.to(dtype)
 
     def _content(self, features: dict[str, Tensor], tile: Tile) -> Tensor:
         """The content term's share of the tile's owned cells (``ContentLoss``, by parts)."""
         total = 0
-        for layer, loss in self.content_losses.items():
+        for layer, target in self.content_targets.items():
             whole, local = tile.cells(self.strides[layer], self.margins[layer])
-            error = features[layer][..., local[0], local[1]] - loss.target[..., whole[0], whole[1]]
-            total = total + error.square().sum() * loss.scale
+            error = features[layer][..., local[0], local[1]] - target.read(_rect(whole))
+            total = total + error.square().sum() * self.content_scales[layer]
         return total
 
     def _tv(self, crop: Tensor, tile: Tile) -> Tensor:
@@ -161,50 +177,70 @@ class Tiled(WholeImage):
         return self.tv_loss.of_differences(dx, dy, (1, 3, H, W))
 
 
-def _crop(image: Tensor, tile: Tile) -> Tensor:
-    top, bottom, left, right = tile.crop
-    return image[:, top:bottom, left:right]
+def _rect(cells: tuple[slice, slice]) -> ondisk.Rect:
+    rows, cols = cells
+    return rows.start, rows.stop, cols.start, cols.stop
 
 
-def owned_masks(grid_masks: Tensor, tile: Tile, stride: int, margin: int) -> Tensor:
+def _square_sum(store: Store) -> Tensor:
+    """``sum(x^2)`` of a store, a chunk of rows at a time."""
+    return sum(store.read(rows).square().sum() for rows in store.chunks())
+
+
+def owned_masks(grid_masks: Store, tile: Tile, stride: int, margin: int,
+                dtype: torch.dtype) -> Tensor:  # fmt: skip
     """``(K, h, w)`` masks on the grid of the tile's window of ``margin`` px: the whole image's
-    masks at the owned cells, 0 around them (SPEC §5: the masks do the ownership; the kernels
-    still see the neighbours)."""
-    owned = grid_masks.new_zeros(grid_masks.shape[0], *tile.grid(stride, margin))
+    masks (``grid_masks``, on the layer's whole grid) at the owned cells, 0 around them (SPEC §5:
+    the masks do the ownership; the kernels still see the neighbours)."""
+    owned = torch.zeros(grid_masks.shape[0], *tile.grid(stride, margin), dtype=dtype,
+                        device=grid_masks.device)  # fmt: skip
     whole, local = tile.cells(stride, margin)
-    owned[:, local[0], local[1]] = grid_masks[:, whole[0], whole[1]]
+    owned[:, local[0], local[1]] = grid_masks.read(_rect(whole))
     return owned
 
 
 @torch.no_grad()
 def gather(
-    network, image: Tensor, plan: TilePlan, grid_masks: dict[str, Tensor], kernels: Tensor,
-    backend, keep: tuple[str, ...] = (), shard: Shard = ALONE,
-) -> tuple[dict[str, GramStats], dict[str, Tensor]]:  # fmt: skip
+    network, image: Tensor | Store, plan: TilePlan, grid_masks: dict[str, Store],
+    masses: dict[str, Tensor], kernels: Tensor, backend, keep: tuple[str, ...] = (),
+    shard: Shard = ALONE, spill: Spill = False,
+) -> tuple[dict[str, GramStats], dict[str, Store]]:  # fmt: skip
     """Statistics of ``image`` tile by tile: per layer of ``grid_masks`` (masks on that layer's
-    whole grid) its ``GramStats``, and the whole features ``(1, C, h, w)`` of the ``keep``
-    layers, assembled from the tiles' owned cells."""
+    whole grid, of mass ``masses``) its ``GramStats``, and the whole features ``(1, C, h, w)``
+    of the ``keep`` layers, assembled from the tiles' owned cells into stores (on disk when
+    ``spill``)."""
+    image = ondisk.InRam(image) if isinstance(image, Tensor) else image
     J, K = len(kernels), next(iter(grid_masks.values())).shape[0]
-    new = lambda *shape: image.new_zeros(shape)  # noqa: E731
-    sums = {layer: new(J, K, network.channels(layer), network.channels(layer))
+    sums = {layer: torch.zeros(J, K, network.channels(layer), network.channels(layer),
+                               dtype=image.dtype, device=image.device)
             for layer in grid_masks}  # fmt: skip
-    kept = {layer: new(1, network.channels(layer), *(s // network.stride(layer)
-                                                     for s in image.shape[-2:]))
+    kept = {layer: ondisk.zeros((1, network.channels(layer),
+                                 *(s // network.stride(layer) for s in image.shape[-2:])),
+                                image.dtype, image.device, spill)
             for layer in keep}  # fmt: skip
     margin_of = layer_margins(network, kernels, keep, tuple(grid_masks))
     for tile in shard.mine(plan.tiles):
-        features = network(_crop(image, tile)[None], tuple(dict.fromkeys([*keep, *grid_masks])),
-                           tile.windows(margin_of))  # fmt: skip
+        features = network(
+            image.read(tile.crop)[None],
+            tuple(dict.fromkeys([*keep, *grid_masks])),
+            tile.windows(margin_of),
+        )
         for layer, layer_masks in grid_masks.items():
-            owned = owned_masks(layer_masks, tile, network.stride(layer), margin_of[layer])
+            owned = owned_masks(layer_masks, tile, network.stride(layer), margin_of[layer],
+                                image.dtype)  # fmt: skip
             sums[layer] += gram_sums(features[layer], owned, kernels, backend=backend)[0]
         for layer in keep:
             whole, local = tile.cells(network.stride(layer), margin_of[layer])
-            kept[layer][..., whole[0], whole[1]] = features[layer][..., local[0], local[1]]
-    for t in [*sums.values(), *kept.values()]:
-        shard.all_reduce(t)  # owned cells are disjoint: the zeros elsewhere add exactly
-    stats = {layer: GramStats(sums[layer], mask_mass(m).to(sums[layer].dtype))
-             for layer, m in grid_masks.items()}  # fmt: skip
+            kept[layer].write(_rect(whole), features[layer][..., local[0], local[1]])
+    # owned cells are disjoint: the zeros elsewhere add exactly
+    for t in sums.values():
+        shard.all_reduce(t)
+    if shard.world > 1:
+        for store in kept.values():
+            for rows in store.chunks():
+                store.write(rows, shard.all_reduce(store.read(rows).contiguous()))
+    stats = {layer: GramStats(sums[layer], masses[layer].to(sums[layer].dtype))
+             for layer in grid_masks}  # fmt: skip
     return stats, kept
 
 
@@ -212,13 +248,16 @@ def build(
     network, content, styles, content_masks, style_masks, kernels, content_weight, style_weight,
     tv_weight, backend, tile: int = 0, shard: Shard = ALONE, *,
     content_layers: Sequence[str] = CONTENT_LAYERS, style_layers: Sequence[str] = STYLE_LAYERS,
-    blend: Sequence[float] | None = None,
+    blend: Sequence[float] | None = None, spill: Spill = False,
 ) -> WholeImage:  # fmt: skip
     """The objective at this scale: its targets are the content features, and per style layer
     the pooled statistics of every style image's regions; a region no style image has keeps its
     own statistics. ``tile`` px tiles (a multiple of the stride) or ``0``: the whole image.
     ``blend``: one weight per style image, each region's target the weighted mean of the styles'
-    Grams there; default, the styles pool their positions (a larger image counts more)."""
+    Grams there; default, the styles pool their positions (a larger image counts more).
+    ``spill`` (True, or a directory): the image-sized state goes to disk (``cast.ondisk``) as it
+    is made, and the objective is tiled even with one tile; the caller may then drop the
+    content and style images and the masks."""
     content_layers, style_layers = tuple(content_layers), tuple(style_layers)
     halo, stride = geometry(network, kernels, content_layers, style_layers)
     plan_of = lambda image: plan_tiles(*image.shape[-2:], tile, halo, stride)  # noqa: E731
@@ -229,36 +268,48 @@ def build(
     inside = kernels.shape[-1] // 2 + 1
 
     def grid_masks(region_masks, image):
-        return {layer: masks.inner(on_grid(region_masks, image.shape[-2:],
-                                           network.poolings_before(layer)), inside)
-                for layer in style_layers}  # fmt: skip
+        """Per style layer, the masks on its grid (a store, made one layer at a time) and their
+        mass."""
+        stores, masses = {}, {}
+        for layer in style_layers:
+            grid = masks.inner(on_grid(region_masks, image.shape[-2:],
+                                       network.poolings_before(layer)), inside)  # fmt: skip
+            masses[layer] = mask_mass(grid)
+            stores[layer] = ondisk.keep(grid, spill)
+            del grid
+        return stores, masses
 
     # the styles first: their masks on every grid are gone before the content's features come
     pooled = None
     for i, (style, mask) in enumerate(zip(styles, style_masks, strict=True)):
-        stats, _ = gather(network, style, plan_of(style), grid_masks(mask, style), kernels,
-                          backend, shard=shard)  # fmt: skip
+        stats, _ = gather(network, style, plan_of(style), *grid_masks(mask, style), kernels,
+                          backend, shard=shard, spill=spill)  # fmt: skip
         if blend is not None:
             stats = {layer: s.weighted(blend[i]) for layer, s in stats.items()}
         pooled = stats if pooled is None else {k: pooled[k] + stats[k] for k in stats}
     plan = plan_of(content)
-    region_masks = grid_masks(content_masks, content)
-    own, content_features = gather(network, content, plan, region_masks, kernels, backend,
-                                   keep=content_layers, shard=shard)  # fmt: skip
+    region_masks, masses = grid_masks(content_masks, content)
+    own, content_features = gather(network, content, plan, region_masks, masses, kernels,
+                                   backend, keep=content_layers, shard=shard,
+                                   spill=spill)  # fmt: skip
+    weights = (content_weight, style_weight, tv_weight)
+    tiled = len(plan) > 1 or shard.world > 1 or bool(spill)
     style_losses = {
         layer: StyleLoss(
             pooled[layer].mean(fallback=own[layer].mean()),
-            region_masks[layer],
+            None if tiled else region_masks[layer].read(),
             kernels,
+            StyleLoss.region_weights(masses[layer]),
             backend=backend,
         )  # fmt: skip
         for layer in style_layers
     }
-    content_losses = {layer: ContentLoss(content_features[layer]) for layer in content_layers}
-    weights = (content_weight, style_weight, tv_weight)
-    if len(plan) == 1 and shard.world == 1:
+    if not tiled:
+        content_losses = {layer: ContentLoss(content_features[layer].read())
+                          for layer in content_layers}  # fmt: skip
         return WholeImage(network, content_losses, style_losses, weights)
-    return Tiled(network, content_losses, style_losses, weights, plan, kernels, backend, shard)
+    return Tiled(network, content_features, style_losses, region_masks, masses, weights, plan,
+                 kernels, backend, shard)  # fmt: skip
 
 
 def geometry(

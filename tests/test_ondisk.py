@@ -1,0 +1,58 @@
+"""Stores of image-sized state (``cast.ondisk``): on disk they read, write and add exactly as in
+RAM, on any region, and leave no file behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cast import ondisk
+
+
+def _open_files(directory: Path) -> list[str]:
+    """This process's open files in ``directory`` (unnamed ones show as deleted)."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the listing's own descriptor, closed by now
+            pass
+    return [link for link in links if link.startswith(str(directory))]
+
+
+@pytest.mark.parametrize("shape", [(3, 17, 23), (1, 2, 3, 5, 1), (4, 1, 9)])
+def test_on_disk_reads_writes_and_adds_like_a_tensor(tmp_path, shape, monkeypatch):
+    monkeypatch.setattr(ondisk, "CHUNK_BYTES", 100)  # several chunks, some of one row
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(shape, generator=g, dtype=torch.float64)
+    ram, disk = ondisk.keep(values.clone()), ondisk.keep(values, tmp_path)
+    assert isinstance(disk, ondisk.OnDisk) and torch.equal(disk.read(), values)
+    H, W = shape[-2:]
+    for rect in [(0, H, 0, W), (1, H, 0, W - 1), (H - 1, H, W - 1, W), (0, 1, 1, W)]:
+        top, left = min(rect[0], H - 1), min(rect[2], W - 1)  # one row or column at least
+        rect = top, max(rect[1], top + 1), left, max(rect[3], left + 1)
+        top, bottom, left, right = rect
+        patch = torch.rand(*shape[:-2], bottom - top, right - left, generator=g,
+                           dtype=torch.float64)  # fmt: skip
+        for store in (ram, disk):
+            store.add(rect, patch)
+            store.write((top, bottom, left, left + 1), patch[..., :1] * 3)
+        assert torch.equal(disk.read(), ram.read())
+        assert torch.equal(disk.read(rect), ram.read(rect))
+    chunks = list(disk.chunks())
+    assert chunks[0][0] == 0 and chunks[-1][1] == H
+    assert all(a[1] == b[0] and a[2:] == (0, W) for a, b in zip(chunks, chunks[1:], strict=False))
+    assert torch.equal(disk.zeros_like().read(), torch.zeros(shape, dtype=torch.float64))
+
+
+def test_a_store_leaves_no_file_behind(tmp_path):
+    store = ondisk.zeros((3, 8, 8), torch.float32, "cpu", tmp_path)
+    store.write((0, 8, 0, 8), torch.ones(3, 8, 8))
+    assert os.listdir(tmp_path) == [] and len(_open_files(tmp_path)) == 1  # unnamed from birth
+    del store
+    gc.collect()
+    assert _open_files(tmp_path) == []
