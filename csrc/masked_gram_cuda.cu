@@ -783,24 +783,39 @@ __device__ __forceinline__ uint32_t pack_pair(float low, float high) {
 
 // A column of kOut outputs of a convolution on a channel-major tile in shared memory:
 // out[o] += sum_{dy,dx} w(dy, dx) src[(o + dy) * stride + dx], the rows read once per dx and
-// used for up to r outputs. `rows_in` (<= kOut + 2 kHalo) rows of src exist; w(dy, dx) is
-// taps[dy * r + dx], or taps[(r-1-dy) * r + r-1-dx] for the adjoint (`rotated`).
-template <int kOut, int kHalo, typename S>
+// used for up to r outputs. `rows_in` (<= kOut + kR - 1) rows of src exist; w(dy, dx) is
+// taps[dy * r + dx], or taps[(r-1-dy) * r + r-1-dx] for the adjoint (kRotated). r is a template
+// argument (convolve_odd picks it): with a runtime r the loops kept a branch after every tap and
+// a shared-memory round trip per tap (the probe's "no MMA" column, gpu-notes); unrolled, a
+// column's loads and taps issue together and no row past the r taps is read.
+template <int kOut, int kR, bool kRotated, typename S>
 __device__ __forceinline__ void convolve_column(float (&out)[kOut], const S* src, int stride,
-                                                int rows_in, const float* taps, int r,
-                                                bool rotated) {
-  for (int dx = 0; dx < r; ++dx) {
-    float column[kOut + 2 * kHalo];
+                                                int rows_in, const float* taps) {
+#pragma unroll 1  // a column at a time: unrolled, the next columns' loads spilled at r = 7
+  for (int dx = 0; dx < kR; ++dx) {
+    float column[kOut + kR - 1];
 #pragma unroll
-    for (int hy = 0; hy < kOut + 2 * kHalo; ++hy)
+    for (int hy = 0; hy < kOut + kR - 1; ++hy)
       column[hy] = hy < rows_in ? widen(src[hy * stride + dx]) : 0.0f;
 #pragma unroll
-    for (int dy = 0; dy < 2 * kHalo + 1; ++dy) {
-      if (dy >= r) break;
-      const float w = rotated ? taps[(r - 1 - dy) * r + r - 1 - dx] : taps[dy * r + dx];
+    for (int dy = 0; dy < kR; ++dy) {
+      const float w = kRotated ? taps[(kR - 1 - dy) * kR + kR - 1 - dx] : taps[dy * kR + dx];
 #pragma unroll
       for (int o = 0; o < kOut; ++o) out[o] += w * column[o + dy];
     }
+  }
+}
+
+// convolve_column for the kernel's odd r <= 2 kMmaHalo + 1, chosen at run time (warp-uniform).
+template <int kOut, bool kRotated, typename S>
+__device__ __forceinline__ void convolve_odd(int r, float (&out)[kOut], const S* src, int stride,
+                                             int rows_in, const float* taps) {
+  static_assert(kMmaHalo == 3, "one case per odd r up to 7");
+  switch (r) {
+    case 1: return convolve_column<kOut, 1, kRotated>(out, src, stride, rows_in, taps);
+    case 3: return convolve_column<kOut, 3, kRotated>(out, src, stride, rows_in, taps);
+    case 5: return convolve_column<kOut, 5, kRotated>(out, src, stride, rows_in, taps);
+    default: return convolve_column<kOut, 7, kRotated>(out, src, stride, rows_in, taps);
   }
 }
 
@@ -956,7 +971,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int o = 0; o < kFormRows; ++o) z[e][o] = 0.0f;
           const T* src = f_halo + (row * per + e) * f_stride + uy * f_cols + ux + pad - 2 * h;
-          convolve_column<kFormRows, kMmaHalo>(z[e], src, f_cols, rows_in, tap, d.r, false);
+          convolve_odd<kFormRows, false>(d.r, z[e], src, f_cols, rows_in, tap);
         }
 #pragma unroll
         for (int o = 0; o < kFormRows; ++o) {
@@ -1045,8 +1060,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < (kProbe == kLoadOnly ? 0 : kItems); ++i) {
         const int item = tid + i * kThreads, ox = item % kTileCols, c = item / kTileCols;
-        convolve_column<kRows, kMmaHalo>(d_acc[i], u_tile + c * u_stride + ox, u_cols,
-                                         kRows + 2 * h, tap, d.r, true);
+        convolve_odd<kRows, true>(d.r, d_acc[i], u_tile + c * u_stride + ox, u_cols,
+                                  kRows + 2 * h, tap);
       }
     }
 
