@@ -30,6 +30,10 @@ MMA_FMA_PER_S = 400e12 / 2
 BF16_MMA_FMA_PER_S = 788e12 / 2  # the bf16 torch.mm peak measured the same day
 ISSUE_PER_S = SMS * 4 * CLOCK  # four schedulers, one warp instruction each per clock
 DRAM_BYTES_PER_S = 2.84e12  # the copy measured the same day
+# The CUDA kernels run one 256-thread block per SM (their registers allow no second): 8 warps,
+# two a scheduler, too few to hide a warp's own dependent waits. A shared-memory load takes
+# about 33 clocks to return, a float multiply-add 4.
+RESIDENT_WARPS, LDS_LATENCY, FMA_LATENCY = 8, 33, 4
 BLOCK_C = 64  # the channel block of every shipped config for C >= 64
 
 
@@ -40,6 +44,7 @@ class Work:
     loads: float = 0.0  # 32-bit thread loads from L1/L2 (a 128-bit load counts four)
     issue: float = 0.0  # warp instructions, where counted
     dram: float = 0.0  # bytes from and to DRAM, where counted
+    chain: float = 0.0  # clocks warps wait on their own dependent loads, summed over warps
     mma_rate: float = MMA_FMA_PER_S
 
     def seconds(self) -> dict[str, float]:
@@ -49,6 +54,7 @@ class Work:
             l1=self.loads / 32 / L1_WAVEFRONTS_PER_S,
             issue=self.issue / ISSUE_PER_S,
             dram=self.dram / DRAM_BYTES_PER_S,
+            latency=self.chain / (SMS * RESIDENT_WARPS * CLOCK),
         )
 
 
@@ -189,24 +195,42 @@ def cuda_backward_chain(N: int, C: int, J: int, K: int, r: int, size: int = 4) -
     chunks = -(-u_rows // 4)
     form_items = 32 * 24 * chunks / 32  # warps of (channel, column, 4 rows); 24 columns
     form_lds = form_items * ((4 + 2 * h) * r)  # conflict-free column values; taps broadcast
-    form_issue = form_items * ((4 + 2 * h) * r * 2 + 4 * r * r + 4 * 2)
+
+    # A column of a convolution (r a template argument of the kernel): its rows and
+    # taps issue together, about 3 instructions a load (address, bound, load), then the
+    # multiply-adds; one shared-memory round trip and an r-deep FMA chain per column. About 90
+    # more per formation item (its indices, the 4 stores). sm_90 SASS at r = 3: 52 / 60
+    # instructions per column of the formation / adjoint (116 / ~110 with r at run time).
+    def column_issue(rows: int, outs: int) -> float:
+        return 3 * (rows + r) + outs * r
+
+    column_chain = LDS_LATENCY + r * FMA_LATENCY
+    form_issue = form_items * (r * column_issue(4 + 2 * h, 4) + 90)
+    form_chain = form_items * r * column_chain
     k_steps = 32 // step
     warp_step = dict(  # per warp, k-step: 2 m-tiles x n_tiles / 4 n-tiles, K masks
         a=2 * 4 * K * per, b=2 * n_tiles / 4, m=K * n_tiles / 4, hmma=K * 2 * n_tiles / 4
     )
     mma_lds = 8 * k_steps * (warp_step["a"] + warp_step["b"] + warp_step["m"])
-    mma_issue = 8 * k_steps * (
-        warp_step["a"] + warp_step["b"] + warp_step["m"] * 3 + warp_step["hmma"]
-    )
+    # Per warp, k-step and mask, the SASS (n-tiles up to 8 unrolled): 175 instructions TF32
+    # (16 LDS, 16 HMMA, 21 warp-uniform branches on n_tiles, cvt.rna.tf32 as FSETP + IADD +
+    # LOP3 per value), 189 bf16 (SHF / FMUL / F2FP to scale the packed pairs). Measured on the
+    # H200 (probe, whole - no MMA, 12 / 6 such iterations a step): about 1000 clocks each per
+    # SM, 3x their issue and 6x the tensor pipe, so a latency chain that two warps a scheduler
+    # do not hide; calibrated, not derived.
+    mma_issue = 8 * k_steps * K * (175 if size == 4 else 189)
+    mma_chain = 8 * k_steps * K * 1000
     per_kernel = dict(  # per (tile, output block, kernel): U_j out, adjoint in
         u_store=64 * n_tiles * 8 / 32 * 2,  # float2 stores, 2-way
         adjoint_lds=64 * 16 / 32 * (8 + 2 * h) * r,
-        adjoint_issue=64 * 16 / 32 * ((8 + 2 * h) * r * 2 + 8 * r * r),
+        adjoint_issue=64 * 16 / 32 * r * column_issue(8 + 2 * h, 8),
+        adjoint_chain=64 * 16 / 32 * r * column_chain,
     )
     wavefronts = units * (loads_bytes / 128 + form_lds + form_items * 4 + mma_lds)
     wavefronts += units / in_blocks * (per_kernel["u_store"] + per_kernel["adjoint_lds"])
     issue = units * (loads_bytes / 16 / 32 * 3 + form_issue + mma_issue)
     issue += units / in_blocks * (per_kernel["u_store"] + per_kernel["adjoint_issue"])
+    chain = units * (form_chain + mma_chain) + units / in_blocks * per_kernel["adjoint_chain"]
     return Work(
         mma=J * K * N / 128 * n_tiles * 8 * C * out_blocks * 64,
         fma=units * 32 * u_size * r * r + J * N * C * r * r,
@@ -214,6 +238,7 @@ def cuda_backward_chain(N: int, C: int, J: int, K: int, r: int, size: int = 4) -
         issue=issue,
         dram=N * C * size * (out_blocks + 1) + N * K * size,
         mma_rate=MMA_FMA_PER_S if size == 4 else BF16_MMA_FMA_PER_S,
+        chain=chain,
     )
 
 
@@ -247,8 +272,9 @@ def main() -> None:
     designs.append(("cuda backward chain, TF32", cuda_backward_chain))
     designs.append(("cuda backward chain, bf16", lambda *s: cuda_backward_chain(*s, size=2)))
     print(f"{args.image}^2, J={args.J}, K={args.K}, r={args.r}, float32 (TF32), H100 model\n")
-    print("| layer | kernel | MMA ms | CUDA-core ms | L1/smem ms | issue ms | DRAM ms | bound ms |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| layer | kernel | MMA ms | CUDA-core ms | L1/smem ms | issue ms | DRAM ms | latency ms "
+          "| bound ms |")  # fmt: skip
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for layer in style_layers(args.image):
         for name, design in designs:
             times = design(layer.N, layer.C, args.J, args.K, args.r).seconds()
