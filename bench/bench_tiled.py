@@ -10,6 +10,9 @@ on the CPU, peak allocated memory on CUDA. The rows, in groups (``--rows``, defa
   machine: other work slows the rows unevenly);
 - ``curve``: tiled at 1024², 2048² and 4096² (one step above 2048²): how flat the peak memory
   stays;
+- ``spill``: the curve's rows with the image-sized state on disk (``build(spill=True)``, the
+  image a store, the content and style images and masks dropped after the targets): the memory
+  a print-size image needs;
 - ``large``: one tiled step at 8192²;
 - ``shard``: 1 and 2 gloo processes, one thread each, tiled at 1024² (CPU only): scaling
   efficiency, with the CPU seconds every rank spent (the work that sharding does not split).
@@ -21,13 +24,15 @@ between rows of one run. The ratios on a quiet machine (about 20 minutes on 2 co
 
     python bench/bench_tiled.py --rows ratio shard
 
-and the rest (about an hour on 2 quiet cores, 8192² most of it): ``--rows curve large``.
+and the rest (about an hour on 2 quiet cores, 8192² most of it): ``--rows curve large``; the
+curve with the state on disk (about 30 minutes, 4096² most of it): ``--rows spill``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -40,7 +45,7 @@ from pathlib import Path
 import torch
 from machine import device_name, git_sha, slug
 
-from cast import images
+from cast import images, ondisk
 from cast.distributed import join
 from cast.errors import CastError
 from cast.losses import high_order_kernels
@@ -51,12 +56,13 @@ from cast.objective import build, geometry
 ROOT = Path(__file__).resolve().parents[1]
 CONTENT, STYLE = ROOT / "examples" / "tubingen.jpg", ROOT / "examples" / "starry_night.jpg"
 WEIGHTS = (0.3, 1.0, 2.0)
-# (size, tiled, processes) of each group; processes 0: one plain process, all threads
+# (size, mode, processes) of each group; processes 0: one plain process, all threads
 GROUPS = {
-    "ratio": [(1024, False, 0), (1024, True, 0), (2048, False, 0), (2048, True, 0)],
-    "curve": [(1024, True, 0), (2048, True, 0), (4096, True, 0)],
-    "large": [(8192, True, 0)],
-    "shard": [(1024, True, 1), (1024, True, 2)],
+    "ratio": [(1024, "untiled", 0), (1024, "tiled", 0), (2048, "untiled", 0), (2048, "tiled", 0)],
+    "curve": [(1024, "tiled", 0), (2048, "tiled", 0), (4096, "tiled", 0)],
+    "spill": [(1024, "spilled", 0), (2048, "spilled", 0), (4096, "spilled", 0)],
+    "large": [(8192, "tiled", 0)],
+    "shard": [(1024, "tiled", 1), (1024, "tiled", 2)],
 }
 CURVE_TARGET = 1.25  # issue 8: tiled peak memory flat within 25 % from 1024² to 4096²
 EFFICIENCY_TARGET = 0.8
@@ -69,9 +75,10 @@ def bands(K: int, h: int, w: int) -> torch.Tensor:
     return (1.5 - (rows - centres).abs()).clamp(0, 1)
 
 
-def one_row(size: int, tile: int, steps: int, device: str) -> dict:
+def one_row(size: int, tile: int, steps: int, device: str, spill: bool = False) -> dict:
     """Build the objective at ``size``^2 and time ``steps`` steps (after one warm-up step when
-    ``steps > 1``); in this process, joining a torchrun group when there is one."""
+    ``steps > 1``); in this process, joining a torchrun group when there is one. ``spill``: the
+    state on disk, the image a store, the images and masks dropped once the targets are built."""
     shard, on = join(torch.device(device))
     network = VGGFeatures().to(on)
     content = images.resize(images.load_image(CONTENT), (size, size)).to(on)
@@ -80,14 +87,17 @@ def one_row(size: int, tile: int, steps: int, device: str) -> dict:
     kernels = high_order_kernels("neighbours").to(on)
     started = time.perf_counter()
     objective = build(network, content, [style], masks, [masks], kernels, *WEIGHTS, None, tile,
-                      shard)  # fmt: skip
+                      shard, spill=spill)  # fmt: skip
     targets = time.perf_counter() - started
+    image = ondisk.keep(content, spill)
+    del content, style, masks
+    gc.collect()
     if steps > 1:
-        objective.value_and_grad(content)
+        objective.value_and_grad(image)
     _sync(on)
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
-        objective.value_and_grad(content)
+        objective.value_and_grad(image)
     _sync(on)
     seconds = (time.perf_counter() - start) / steps
     cpu = (time.process_time() - cpu) / steps
@@ -105,11 +115,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_row(size: int, tile: int, device: str, steps: int, processes: int) -> dict:
+def run_row(size: int, tile: int, device: str, steps: int, processes: int,
+            spill: bool = False) -> dict:  # fmt: skip
     """``one_row`` in a fresh process (``processes``: under torchrun, one thread each), with
     the load average before and after it."""
     args = [str(Path(__file__).resolve()), "--one", str(size), str(tile), str(steps),
-            "--device", device]  # fmt: skip
+            "--device", device, *(["--spill"] if spill else [])]  # fmt: skip
     if processes:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                   "--nproc-per-node", str(processes), *args]  # fmt: skip
@@ -139,8 +150,8 @@ def fits_untiled(size: int, device: str) -> bool:
     return True
 
 
-def key(size: int, tiled: bool, processes: int) -> str:
-    return f"{size} {'tiled' if tiled else 'untiled'} {processes}"
+def key(size: int, mode: str, processes: int) -> str:
+    return f"{size} {mode} {processes}"
 
 
 def main(argv=None) -> None:
@@ -153,9 +164,10 @@ def main(argv=None) -> None:
                         help="timed steps per row up to 2048², after a warm-up step; one above")
     parser.add_argument("--one", type=int, nargs=3, metavar=("SIZE", "TILE", "STEPS"),
                         help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument("--spill", action="store_true", help=argparse.SUPPRESS)  # with --one
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(one_row(*args.one, args.device)), flush=True)
+        print(json.dumps(one_row(*args.one, args.device, args.spill)), flush=True)
         return
 
     where = device_name(args.device)
@@ -163,7 +175,8 @@ def main(argv=None) -> None:
     kept = json.loads(store.read_text()) if store.exists() else {}
     wanted = [row for group in args.rows for row in GROUPS[group]]
     run = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"  # ratios within a run
-    for size, tiled, processes in dict.fromkeys(wanted):
+    for size, mode, processes in dict.fromkeys(wanted):
+        tiled = mode != "untiled"
         if processes and args.device != "cpu":
             continue
         if not tiled and not fits_untiled(size, args.device):
@@ -171,10 +184,11 @@ def main(argv=None) -> None:
                    "error": "does not fit"}  # fmt: skip
         else:
             steps = args.steps if size <= 2048 else 1
-            row = run_row(size, args.tile if tiled else 0, args.device, steps, processes)
-        kept[key(size, tiled, processes)] = row | {"tile": args.tile if tiled else 0, "run": run}
+            row = run_row(size, args.tile if tiled else 0, args.device, steps, processes,
+                          mode == "spilled")  # fmt: skip
+        kept[key(size, mode, processes)] = row | {"tile": args.tile if tiled else 0, "run": run}
         store.write_text(json.dumps(kept, indent=1) + "\n")
-        print(size, "tiled" if tiled else "untiled", processes, row, flush=True)
+        print(size, mode, processes, row, flush=True)
     table = ROOT / "bench" / "results" / f"{slug(where)}-tiled.md"
     table.write_text(render(kept, where, args.device))
     print(f"wrote {table.relative_to(ROOT)} and {store.relative_to(ROOT)}")
@@ -199,14 +213,15 @@ def render(rows: dict, where: str, device: str) -> str:
         "| tiled / untiled time | ran (UTC, load, git) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    def order(name: str) -> tuple:  # plain processes first, by size, untiled before tiled
+    def order(name: str) -> tuple:  # plain processes first, by size, untiled, tiled, spilled
         size, tiling, processes = name.split()
-        return int(processes), int(size), tiling == "tiled"
+        return int(processes), int(size), ("untiled", "tiled", "spilled").index(tiling)
 
     for name in sorted(rows, key=order):
         row = rows[name]
         size, tiling, processes = name.split()
-        tiling = f"tiles of {row['tile']} px" if tiling == "tiled" else tiling
+        if tiling != "untiled":
+            tiling = f"tiles of {row['tile']} px" + (", state on disk" * (tiling == "spilled"))
         threads = row.get("threads", torch.get_num_threads())
         shown = f"{max(1, int(processes))} × {threads} thread{'s' * (threads > 1)}"
         ran = row["when"]
@@ -228,19 +243,26 @@ def render(rows: dict, where: str, device: str) -> str:
             f"{targets} | {row['peak'] / 2**30:.2f} GiB | {ratio} | {ran} |"
         )
     lines.append("")
-    curve = [rows.get(f"{size} tiled 0", {}).get("peak") for size in (1024, 2048, 4096)]
-    if all(curve):
+    for mode, held in [
+        ("tiled", "what is image-sized (the image, its gradient, the content and style images "
+         "and masks, the content target's relu4_2 features, the masks on every style layer's "
+         "grid), not the crops"),
+        ("spilled", "what stays image-sized in RAM with the state on disk"),
+    ]:  # fmt: skip
+        curve = [rows.get(f"{size} {mode} 0", {}).get("peak") for size in (1024, 2048, 4096)]
+        if not all(curve):
+            continue
         spread = max(curve) / min(curve)
         shown = " → ".join(f"{peak / 2**30:.2f}" for peak in curve)
         verdict = "within" if spread <= CURVE_TARGET else "outside"
         # from 2048² on, every inner crop has its full size: what still grows is image-sized
         slope = (curve[2] - curve[1]) / (4096**2 - 2048**2)
+        name = "Tiled" if mode == "tiled" else "Tiled with the state on disk,"
+        lines += [""] * (mode == "spilled")
         lines.append(
-            f"Tiled peak memory 1024² → 2048² → 4096²: {shown} GiB, largest / smallest "
+            f"{name} peak memory 1024² → 2048² → 4096²: {shown} GiB, largest / smallest "
             f"{spread:.2f} ({verdict} the target {CURVE_TARGET:.2f}). From 2048² to 4096² it "
-            f"grows by {slope:.0f} bytes per pixel: what is image-sized (the image, its "
-            "gradient, the content and style images and masks, the content target's relu4_2 "
-            "features, the masks on every style layer's grid), not the crops."
+            f"grows by {slope:.0f} bytes per pixel: {held}."
         )
     one, two = rows.get("1024 tiled 1", {}), rows.get("1024 tiled 2", {})
     if "seconds" in one and "seconds" in two and one.get("run") == two.get("run"):
