@@ -134,6 +134,45 @@ enum Probe : int {
   kLoadTwice = 4  // F's loads issued twice
 };
 
+// A column of kOut outputs of a convolution on a channel-major tile in shared memory:
+// out[o] += sum_{dy,dx} w(dy, dx) src[(o + dy) * stride + dx], the rows read once per dx and
+// used for up to r outputs. `rows_in` (<= kOut + kR - 1) rows of src exist; w(dy, dx) is
+// taps[dy * r + dx], or taps[(r-1-dy) * r + r-1-dx] for the backward's adjoint (kRotated). r is
+// a template argument (convolve_odd picks it): with a runtime r the loops kept a branch after
+// every tap and a shared-memory round trip per tap (the probe's convolution stage, gpu-notes);
+// unrolled, a column's rows and taps issue together and no row past the r taps is read.
+template <int kOut, int kR, bool kRotated, typename A, typename S>
+__device__ __forceinline__ void convolve_column(A (&out)[kOut], const S* src, int stride,
+                                                int rows_in, const A* taps) {
+#pragma unroll 1  // a column at a time: unrolled, the next columns' loads spilled at r = 7
+  for (int dx = 0; dx < kR; ++dx) {
+    A column[kOut + kR - 1];
+#pragma unroll
+    for (int hy = 0; hy < kOut + kR - 1; ++hy)
+      column[hy] = hy < rows_in ? widen(src[hy * stride + dx]) : A(0);
+#pragma unroll
+    for (int dy = 0; dy < kR; ++dy) {
+      const A w = kRotated ? taps[(kR - 1 - dy) * kR + kR - 1 - dx] : taps[dy * kR + dx];
+#pragma unroll
+      for (int o = 0; o < kOut; ++o) out[o] += w * column[o + dy];
+    }
+  }
+}
+
+// convolve_column for the kernel's odd r <= kMaxR (7 or 9), chosen at run time (warp-uniform).
+template <int kOut, int kMaxR, bool kRotated, typename A, typename S>
+__device__ __forceinline__ void convolve_odd(int r, A (&out)[kOut], const S* src, int stride,
+                                             int rows_in, const A* taps) {
+  static_assert(kMaxR == 7 || kMaxR == 9, "one case per odd r up to kMaxR");
+  switch (r) {
+    case 1: return convolve_column<kOut, 1, kRotated>(out, src, stride, rows_in, taps);
+    case 3: return convolve_column<kOut, 3, kRotated>(out, src, stride, rows_in, taps);
+    case 5: return convolve_column<kOut, 5, kRotated>(out, src, stride, rows_in, taps);
+    case 7: return convolve_column<kOut, 7, kRotated>(out, src, stride, rows_in, taps);
+    default: return convolve_column<kOut, kMaxR, kRotated>(out, src, stride, rows_in, taps);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 
@@ -313,7 +352,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   using HaloT = Halo<T>;
   constexpr int TC = kPairBlock, P = Tile::positions, kZStride = Tile::z_stride;
   constexpr int kMaxJ = Ops::max_kernels;
-  constexpr int kColumn = kRows + 2 * kMaxHalo;  // a thread's column of F, the longest halo
 
   // Which pair of channel blocks (a <= b): pairs are numbered row by row of the upper triangle.
   int a = 0, pair = blockIdx.x;
@@ -448,19 +486,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         A z[kRows];
 #pragma unroll
         for (int oy = 0; oy < kRows; ++oy) z[oy] = A(0);
-        for (int dx = 0; dx < d.r; ++dx) {
-          A column[kColumn];
-#pragma unroll
-          for (int hy = 0; hy < kColumn; ++hy)
-            column[hy] = hy < halo_rows ? widen(src[hy * HaloT::cols + dx]) : A(0);
-#pragma unroll
-          for (int dy = 0; dy < 2 * kMaxHalo + 1; ++dy) {
-            if (dy >= d.r) break;
-            const A w = tap[dy * d.r + dx];
-#pragma unroll
-            for (int oy = 0; oy < kRows; ++oy) z[oy] += w * column[oy + dy];
-          }
-        }
+        convolve_odd<kRows, 2 * kMaxHalo + 1, false>(d.r, z, src, HaloT::cols, halo_rows, tap);
 #pragma unroll
         for (int oy = 0; oy < kRows; ++oy)
           z_tile[c * kZStride + oy * kTileCols + x] = Ops::operand(z[oy]);
@@ -781,44 +807,6 @@ __device__ __forceinline__ uint32_t pack_pair(float low, float high) {
          static_cast<uint32_t>(bits_as<uint16_t>(narrow<T>(high))) << 16;
 }
 
-// A column of kOut outputs of a convolution on a channel-major tile in shared memory:
-// out[o] += sum_{dy,dx} w(dy, dx) src[(o + dy) * stride + dx], the rows read once per dx and
-// used for up to r outputs. `rows_in` (<= kOut + kR - 1) rows of src exist; w(dy, dx) is
-// taps[dy * r + dx], or taps[(r-1-dy) * r + r-1-dx] for the adjoint (kRotated). r is a template
-// argument (convolve_odd picks it): with a runtime r the loops kept a branch after every tap and
-// a shared-memory round trip per tap (the probe's "no MMA" column, gpu-notes); unrolled, a
-// column's loads and taps issue together and no row past the r taps is read.
-template <int kOut, int kR, bool kRotated, typename S>
-__device__ __forceinline__ void convolve_column(float (&out)[kOut], const S* src, int stride,
-                                                int rows_in, const float* taps) {
-#pragma unroll 1  // a column at a time: unrolled, the next columns' loads spilled at r = 7
-  for (int dx = 0; dx < kR; ++dx) {
-    float column[kOut + kR - 1];
-#pragma unroll
-    for (int hy = 0; hy < kOut + kR - 1; ++hy)
-      column[hy] = hy < rows_in ? widen(src[hy * stride + dx]) : 0.0f;
-#pragma unroll
-    for (int dy = 0; dy < kR; ++dy) {
-      const float w = kRotated ? taps[(kR - 1 - dy) * kR + kR - 1 - dx] : taps[dy * kR + dx];
-#pragma unroll
-      for (int o = 0; o < kOut; ++o) out[o] += w * column[o + dy];
-    }
-  }
-}
-
-// convolve_column for the kernel's odd r <= 2 kMmaHalo + 1, chosen at run time (warp-uniform).
-template <int kOut, bool kRotated, typename S>
-__device__ __forceinline__ void convolve_odd(int r, float (&out)[kOut], const S* src, int stride,
-                                             int rows_in, const float* taps) {
-  static_assert(kMmaHalo == 3, "one case per odd r up to 7");
-  switch (r) {
-    case 1: return convolve_column<kOut, 1, kRotated>(out, src, stride, rows_in, taps);
-    case 3: return convolve_column<kOut, 3, kRotated>(out, src, stride, rows_in, taps);
-    case 5: return convolve_column<kOut, 5, kRotated>(out, src, stride, rows_in, taps);
-    default: return convolve_column<kOut, 7, kRotated>(out, src, stride, rows_in, taps);
-  }
-}
-
 // sym_grad (B, J, K, C, C) float: S_jk = (dG_jk + dG_jk^T) / n_k; features (B, C, H, W) T;
 // masks (Bm, K, H, W) T; kernels (J, r, r) T; d_features (B, C, H, W) T.
 template <typename T, int kRows, int kProbe = kFull>
@@ -971,7 +959,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int o = 0; o < kFormRows; ++o) z[e][o] = 0.0f;
           const T* src = f_halo + (row * per + e) * f_stride + uy * f_cols + ux + pad - 2 * h;
-          convolve_odd<kFormRows, false>(d.r, z[e], src, f_cols, rows_in, tap);
+          convolve_odd<kFormRows, 2 * kMmaHalo + 1, false>(d.r, z[e], src, f_cols, rows_in,
+                                                           tap);
         }
 #pragma unroll
         for (int o = 0; o < kFormRows; ++o) {
@@ -1060,8 +1049,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < (kProbe == kLoadOnly ? 0 : kItems); ++i) {
         const int item = tid + i * kThreads, ox = item % kTileCols, c = item / kTileCols;
-        convolve_odd<kRows, true>(d.r, d_acc[i], u_tile + c * u_stride + ox, u_cols,
-                                  kRows + 2 * h, tap);
+        convolve_odd<kRows, 2 * kMmaHalo + 1, true>(d.r, d_acc[i], u_tile + c * u_stride + ox,
+                                                    u_cols, kRows + 2 * h, tap);
       }
     }
 

@@ -581,6 +581,16 @@ def test_emulated_kernel_size_7(emulated, allow_tf32, tol):
     assert cuts[4] == (4 if allow_tf32 else 2) and cuts[7] == (4 if allow_tf32 else 0)
 
 
+@pytest.mark.parametrize("allow_tf32,tol", [(False, 1e-5), (True, 3e-3)], ids=["simt", "tf32"])
+def test_emulated_kernel_size_9(emulated, allow_tf32, tol):
+    """r = 9, the forward's widest kernel: its convolution's last case (convolve_odd's default);
+    the backward takes it on CUDA cores."""
+    features, masks, kernels = Case("r=9", 1, 3, 12, 10, 1, 2, 9).inputs(torch.float32, "cpu", 9)
+    inputs = (features, masks[None].contiguous(), kernels)
+    _, cuts = check_against_reference(emulated, inputs, tol, allow_tf32)
+    assert cuts[4] > 0 and cuts[7] == 0
+
+
 @pytest.mark.parametrize("machine", [H100, V100], ids=["tensor cores", "no TF32"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_emulated_low_precision(emulated, dtype, machine):
