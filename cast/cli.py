@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
 # Options of ``stylize`` that ``cast stylize`` and ``cast swap`` share, by their API names.
 RENDER_OPTIONS = (
     "size", "iters", "scales", "high_order", "model", "pooling", "content_weight",
-    "style_weight", "tv_weight", "optimizer", "lr", "init", "lbfgs_history", "tile",
+    "style_weight", "tv_weight", "optimizer", "lr", "init", "lbfgs_history", "tile", "spill",
     "style_scale", "content_layers", "style_layers", "seed", "save_every", "device", "backend",
     "preserve_color",
 )  # fmt: skip
@@ -168,6 +168,15 @@ def _add_render_options(parser: argparse.ArgumentParser) -> None:
         "only what does not fit; 0: never); tiles smaller than the halo (80-96 px) are valid "
         "but slow: the crops overlap more",
         metavar="PX",
+    )
+    parser.add_argument(
+        "--spill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the image-sized state (image, gradient, content features, masks, Adam's "
+        "moments) in temporary files ($TMPDIR, removed when the run ends, however it ends) "
+        "and step Adam chunk by chunk: for images whose state does not fit in memory "
+        "(default: only then; --no-spill: never)",
     )
     option("--style-scale", "style_scale", float,
            "style images at this times the result's size", metavar="X")  # fmt: skip

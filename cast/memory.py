@@ -49,25 +49,29 @@ class Plan:
     history: int | None  # L-BFGS only
     need: float  # bytes
     free: float | None  # bytes, None where unknown
+    spill: bool = False  # image-sized state on disk (cast.ondisk), Adam stepping in chunks
 
     def __str__(self) -> str:
         how = "whole" if self.tile == 0 else (
             f"in {self.tiles} tiles of {self.tile} px (+{self.halo} px halo)")  # fmt: skip
         history = "" if self.history is None else f", L-BFGS history {self.history}"
         free = "" if self.free is None else f" of {self.free / GiB:.1f} GiB free"
-        return (f"plan: {self.width}x{self.height} on {self.device} {how}{history}, about "
-                f"{self.need / GiB:.1f} GiB{free}")  # fmt: skip
+        spill = ", state on disk (Adam in chunks of rows)" if self.spill else ""
+        return (f"plan: {self.width}x{self.height} on {self.device} {how}{history}{spill}, "
+                f"about {self.need / GiB:.1f} GiB{free}")  # fmt: skip
 
 
 def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[str],
                 hw: tuple[int, int], style_hws: Sequence[tuple[int, int]], device: torch.device,
                 optimizer: str, history: int | None, tile: int | None, halo: int, stride: int,
-                processes: int = 1) -> Plan:  # fmt: skip
+                processes: int = 1, spill: bool | None = False) -> Plan:  # fmt: skip
     """The plan for an image of ``hw`` (its finest scale) styled by images of ``style_hws`` (at
     the same scale: ``--style-scale`` applied), with the layers that will run. ``tile``: ``None``
     chooses (whole if it fits), ``0`` forbids tiling, else that size (a multiple of ``stride``).
     ``history``: ``None`` chooses (50 if it fits). Every one of ``processes`` gets a tile at
-    least. Raises ``CastError`` when nothing fits."""
+    least. ``spill``: ``None`` puts the image-sized state on disk (and steps Adam in chunks)
+    only when nothing fits in memory, ``True`` always, ``False`` never. Raises ``CastError``
+    when nothing fits."""
     height, width = hw
     count = lambda size: count_tiles(height, width, size, stride)  # noqa: E731
     if tile is not None and count(tile) < processes:  # also refuses a tile off the stride
@@ -86,6 +90,10 @@ def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[s
     # and on every style layer's grid; every style image with its masks
     resident = 4 * (pixels * (3 * 4 + content_features + REGIONS * (1 + grids))
                     + sum(style_pixels) * (3 + REGIONS))  # fmt: skip
+    # on disk: the image, its gradient, the content features, the masks on the grids and the
+    # optimiser's state; in RAM stay the content image and its masks, the style images (and
+    # the image while the scales change)
+    spilled = 4 * (pixels * (3 * 2 + REGIONS) + sum(style_pixels) * (3 + REGIONS))
     if optimizer == "lbfgs":
         histories = HISTORIES if history is None else (history,)
     else:
@@ -108,17 +116,21 @@ def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[s
     def crop(size: int, h: int, w: int) -> int:
         return h * w if size == 0 else min(size + 2 * halo, h) * min(size + 2 * halo, w)
 
-    def need(size: int, history: int | None) -> float:
-        copies = 2 * history + 4 if history is not None else 6
+    def need(size: int, history: int | None, on_disk: bool = False) -> float:
+        copies = 0 if on_disk else 2 * history + 4 if history is not None else 6
         # the targets' pass runs the network on the style images' crops too, without autograd:
         # the activations of a differentiated crop of that size bound it
         largest = max(crop(size, h, w) for h, w in [hw, *style_hws])
-        return activations * largest + resident + copies * 3 * 4 * pixels
+        return activations * largest + (spilled if on_disk else resident) + copies * 12 * pixels
 
-    chosen = next((c for c in candidates if free is None or need(*c) <= HEADROOM * free), None)
+    if spill is not False:  # on disk: tiles as before, no history (Adam)
+        on_disk = [(s, None, True) for s in dict.fromkeys(s for s, _ in candidates)]
+        candidates = on_disk if spill else [(*c, False) for c in candidates] + on_disk
+    fits = lambda c: free is None or need(*c) <= HEADROOM * free  # noqa: E731
+    chosen = next((c for c in candidates if fits(c)), None)
     if chosen is None:
-        size, history = candidates[-1]
-        least = need(size, history)
+        least = need(*candidates[-1])
+        size = candidates[-1][0]
         fits = int(max(hw) * math.sqrt(free / least)) // stride * stride
         tiled = "" if tile == 0 else f" in tiles of {size} px"
         advice = {0: "allow tiling (drop --tile 0), ", None: ""}.get(tile, "lower --tile, ")
@@ -127,12 +139,13 @@ def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[s
             f"but {free / GiB:.1f} GiB is free; {advice}lower --size (about {fits} fits), "
             "use --optimizer adam or a larger device"
         )
-    size, history = chosen
+    size, history, *on_disk = chosen
+    on_disk = bool(on_disk and on_disk[0])
     # whole where every image is one tile (a style image larger than the image may not be)
     whole = all(count_tiles(h, w, size, stride) == 1 for h, w in [hw, *style_hws])
     tiled = 0 if whole else size
     return Plan(height, width, device, tiled, count(tiled), halo if tiled else 0, history,
-                need(size, history), free)  # fmt: skip
+                need(size, history, on_disk), free, on_disk)  # fmt: skip
 
 
 def _activation_bytes_per_pixel(network, layers, device: torch.device) -> float:

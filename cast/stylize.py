@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import checks, distributed, images, masks
+from . import checks, distributed, images, masks, ondisk
 from .errors import CastError, ImageError, MaskError
 from .losses import high_order_kernels
 from .memory import Plan, plan_memory
@@ -79,6 +79,7 @@ def stylize(
     callback: Callable[[Step], None] | None = None,
     backend: str | None = None,
     tile: int | None = None,
+    spill: bool | None = None,
     dry_run: bool = False,
 ) -> Tensor | Plan:
     """Stylise ``content`` with ``styles``, region by region.
@@ -132,6 +133,10 @@ def stylize(
             crop's whatever the image's size; the result is the untiled one (SPEC §5). ``0``
             never tiles; ``None`` tiles only what would not fit.
             A tile smaller than the halo (80-96 px) is valid but slow: the crops overlap more.
+        spill: keep the image-sized state (the image, its gradient, the content features, the
+            masks on every layer's grid, Adam's moments) in unnamed files of the temporary
+            directory (``$TMPDIR``) and step Adam a chunk of rows at a time (L-BFGS needs its
+            history in memory); ``None``: only when it would not fit in memory otherwise.
         dry_run: only work out the memory plan (size, tiles, L-BFGS history, memory) and
             return it, without loading the images.
 
@@ -160,7 +165,8 @@ def _run(
     content, styles, content_mask, style_masks, soft_masks, size, iters, scales, high_order,
     model, pooling, content_weight, style_weight, tv_weight, optimizer, lr, init, lbfgs_history,
     style_scale, style_blend, content_layers, style_layers, preserve_color, seed, save_every,
-    output, strict, progress, callback, backend, tile, dry_run, kernels, shard, device, **_,
+    output, strict, progress, callback, backend, tile, spill, dry_run, kernels, shard, device,
+    **_,
 ):  # fmt: skip
     """``stylize`` once its arguments are checked and its process group joined."""
     if not shard.main:  # rank 0 shows progress and writes files
@@ -173,9 +179,11 @@ def _run(
     style_hws = [images.fit(_image_hw(style), round(size * style_scale)) for style in styles]
     plan = plan_memory(network, content_layers, style_layers,
                        images.fit(_image_hw(content), size), style_hws, device, optimizer,
-                       lbfgs_history, tile, halo, stride, shard.world)  # fmt: skip
+                       lbfgs_history, tile, halo, stride, shard.world, spill)  # fmt: skip
     if dry_run:
         return plan
+    if plan.spill and optimizer != "adam":  # L-BFGS's history is image copies in memory
+        optimizer, lr = "adam", None
     if progress:
         tqdm.write(str(plan), file=sys.stderr)
 
@@ -202,15 +210,18 @@ def _run(
                 kernels.to(device),
                 content_weight, style_weight, tv_weight, backend, plan.tile, shard,
                 content_layers=content_layers, style_layers=style_layers, blend=style_blend,
+                spill=plan.spill,
             )  # fmt: skip
             if image is None:
                 image = _initial(init, content_image, style_images, generator).to(device)
-            image = images.resize(image.clamp(0, 1), (h, w))
+            image = images.resize(_whole(image).clamp(0, 1), (h, w))
             bar = tqdm(total=iters, desc=f"scale {scale}/{scales} {w}x{h}", disable=not progress)
             with bar:
-                steps = _optimise(objective, image, iters, optimizer,
-                                  DEFAULT_LR[optimizer] if lr is None else lr,
-                                  plan.history)  # fmt: skip
+                step_size = DEFAULT_LR[optimizer] if lr is None else lr
+                if plan.spill:
+                    steps = _adam_in_chunks(objective, ondisk.keep(image, True), iters, step_size)
+                else:
+                    steps = _optimise(objective, image, iters, optimizer, step_size, plan.history)
                 for step, loss, current in steps:
                     image, stepped = current, True
                     bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
@@ -218,10 +229,10 @@ def _run(
                     if save_every and output and step % save_every == 0:
                         images.save_image(_finish(image, content_image, preserve_color), output)
                     if callback is not None:
-                        callback(Step(scale, scales, step, iters, loss, image.detach().clone()))
+                        callback(Step(scale, scales, step, iters, loss, _whole(image).clone()))
     except (KeyboardInterrupt, distributed.LostContact):
         # a non-finite image is caught by the next step's loss; the interrupt came first
-        if output is not None and stepped and torch.isfinite(image).all():
+        if output is not None and stepped and torch.isfinite(_whole(image)).all():
             images.save_image(_finish(image, content_image, preserve_color), output)
         raise
     except _Diverged as diverged:
@@ -481,8 +492,43 @@ def _optimise(objective, image: Tensor, iters: int, optimizer: str, lr: float, h
         raise _Diverged(iters, loss, last_good, good_steps)
 
 
-def _finish(image: Tensor, content: Tensor, preserve_color: bool) -> Tensor:
-    image = image.detach().float().cpu().clamp(0, 1)
+def _adam_in_chunks(objective, image: ondisk.OnDisk, iters: int, lr: float,
+                    betas=(0.9, 0.999), eps=1e-8):  # fmt: skip
+    """``_optimise`` with Adam for an image on disk: Adam is elementwise, so it steps a chunk of
+    rows at a time with its moments on disk too (``torch.optim.Adam``'s arithmetic)."""
+    first, second = image.zeros_like(), image.zeros_like()
+    last_good, good_steps = image, 0  # the start (the caller's, never changed)
+    for step in range(1, iters + 1):
+        loss, grad = objective.value_and_grad(image)
+        if not torch.isfinite(loss):
+            raise _Diverged(step, float(loss), _whole(last_good), good_steps)
+        last_good, good_steps, moved = image, step - 1, image.zeros_like()
+        step_size = lr / (1 - betas[0] ** step)
+        root = (1 - betas[1] ** step) ** 0.5
+        for rows in image.chunks():
+            g, m, v = grad.read(rows), first.read(rows), second.read(rows)
+            m.lerp_(g, 1 - betas[0])
+            v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+            first.write(rows, m)
+            second.write(rows, v)
+            x = image.read(rows).addcdiv_(m, (v.sqrt() / root).add_(eps), value=-step_size)
+            moved.write(rows, x)
+        del grad
+        image = moved
+        yield step, float(loss), image
+    if not all(torch.isfinite(image.read(rows)).all() for rows in image.chunks()):
+        # the last step diverged: no later loss would tell
+        loss = float(objective.value_and_grad(image)[0])
+        raise _Diverged(iters, loss, _whole(last_good), good_steps)
+
+
+def _whole(image: Tensor | ondisk.Store) -> Tensor:
+    """The image in memory (read from its store)."""
+    return image if isinstance(image, Tensor) else image.read()
+
+
+def _finish(image: Tensor | ondisk.Store, content: Tensor, preserve_color: bool) -> Tensor:
+    image = _whole(image).detach().float().cpu().clamp(0, 1)
     if preserve_color:
         image = transfer_luminance(image, images.resize(content, tuple(image.shape[-2:])))
     return image

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from cast import images, masks
+from cast import images, masks, ondisk
 from cast.cli import main
 from cast.errors import CastError
 from cast.losses import GramStats, high_order_kernels
@@ -298,3 +301,56 @@ def test_bad_controls_are_one_line_exit_2(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("cast: error: ") and err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+def _open_files(directory: Path) -> list[str]:
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the listing's own descriptor, closed by now
+            pass
+    return [link for link in links if link.startswith(str(directory))]
+
+
+def test_a_run_with_its_state_on_disk_gives_the_image_of_one_in_memory(tmp_path, monkeypatch):
+    """Two scales of Adam stepping chunk by chunk on disk: the image of Adam in memory; no file
+    is left open, after the run nor after an interrupt (which still writes the latest image)."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    monkeypatch.setattr(ondisk, "CHUNK_BYTES", 4096)  # several chunks of rows
+    # tiled at both scales (an untiled objective would sum in another order)
+    run = dict(size=96, iters=2, scales=2, tile=32, optimizer="adam", progress=False)
+    opened = []
+    in_memory = stylize(CONTENT, STYLE, spill=False, **run)
+    on_disk = stylize(CONTENT, STYLE, spill=True, callback=lambda step: opened.append(
+        len(_open_files(spill))), **run)  # fmt: skip
+    assert torch.equal(on_disk, in_memory)
+    assert min(opened) >= 5 and _open_files(spill) == []
+
+    output, seen = tmp_path / "out.png", []
+
+    def interrupt(step):
+        seen.append(step.image)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stylize(CONTENT, STYLE, spill=True, callback=interrupt, output=output, **run)
+    assert (images.load_image(output) - seen[-1].clamp(0, 1)).abs().max() <= 1 / 255 + 1e-6
+    gc.collect()
+    assert _open_files(spill) == []
+
+
+def test_the_plan_spills_only_what_does_not_fit(monkeypatch):
+    run = dict(size=4096, scales=1, progress=False, dry_run=True)
+    monkeypatch.setenv("CAST_MEMORY_GIB", "24")
+    assert not stylize(CONTENT, STYLE, **run).spill
+    monkeypatch.setenv("CAST_MEMORY_GIB", "1.5")  # too little for the state in memory
+    plan = stylize(CONTENT, STYLE, **run)
+    assert plan.spill and plan.history is None and "state on disk" in str(plan)
+    assert not stylize(CONTENT, STYLE, **run | dict(size=256, spill=None)).spill
+    assert stylize(CONTENT, STYLE, **run | dict(size=256, spill=True)).spill
+    with pytest.raises(CastError, match="needs about"):
+        stylize(CONTENT, STYLE, **run | dict(spill=False))
