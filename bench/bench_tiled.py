@@ -89,7 +89,8 @@ def one_row(size: int, tile: int, steps: int, device: str, spill: bool = False) 
     objective = build(network, content, [style], masks, [masks], kernels, *WEIGHTS, None, tile,
                       shard, spill=spill)  # fmt: skip
     targets = time.perf_counter() - started
-    image = ondisk.keep(content, spill)
+    # the whole-image objective takes a tensor, the tiled one a tensor or a store
+    image = ondisk.keep(content, spill) if spill else content
     del content, style, masks
     gc.collect()
     if steps > 1:
