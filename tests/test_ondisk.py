@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import gc
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from open_files import open_files
 
 from cast import ondisk
-
-
-def _open_files(directory: Path) -> list[str]:
-    """This process's open files in ``directory`` (unnamed ones show as deleted)."""
-    links = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            links.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except FileNotFoundError:  # the listing's own descriptor, closed by now
-            pass
-    return [link for link in links if link.startswith(str(directory))]
 
 
 @pytest.mark.parametrize("shape", [(3, 17, 23), (1, 2, 3, 5, 1), (4, 1, 9)])
@@ -52,7 +41,7 @@ def test_on_disk_reads_writes_and_adds_like_a_tensor(tmp_path, shape, monkeypatc
 def test_a_store_leaves_no_file_behind(tmp_path):
     store = ondisk.zeros((3, 8, 8), torch.float32, "cpu", tmp_path)
     store.write((0, 8, 0, 8), torch.ones(3, 8, 8))
-    assert os.listdir(tmp_path) == [] and len(_open_files(tmp_path)) == 1  # unnamed from birth
+    assert os.listdir(tmp_path) == [] and len(open_files(tmp_path)) == 1  # unnamed from birth
     del store
     gc.collect()
-    assert _open_files(tmp_path) == []
+    assert open_files(tmp_path) == []

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import gc
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from open_files import open_files
 
 from cast import images, masks, ondisk
 from cast.cli import main
@@ -303,15 +303,6 @@ def test_bad_controls_are_one_line_exit_2(case, tmp_path, capsys):
     assert not out.exists()
 
 
-def _open_files(directory: Path) -> list[str]:
-    links = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            links.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except FileNotFoundError:  # the listing's own descriptor, closed by now
-            pass
-    return [link for link in links if link.startswith(str(directory))]
-
 
 def test_a_run_with_its_state_on_disk_gives_the_image_of_one_in_memory(tmp_path, monkeypatch):
     """Two scales of Adam stepping chunk by chunk on disk: the image of Adam in memory; no file
@@ -325,9 +316,9 @@ def test_a_run_with_its_state_on_disk_gives_the_image_of_one_in_memory(tmp_path,
     opened = []
     in_memory = stylize(CONTENT, STYLE, spill=False, **run)
     on_disk = stylize(CONTENT, STYLE, spill=True, callback=lambda step: opened.append(
-        len(_open_files(spill))), **run)  # fmt: skip
+        len(open_files(spill))), **run)  # fmt: skip
     assert torch.equal(on_disk, in_memory)
-    assert min(opened) >= 5 and _open_files(spill) == []
+    assert min(opened) >= 5 and open_files(spill) == []
 
     output, seen = tmp_path / "out.png", []
 
@@ -340,7 +331,7 @@ def test_a_run_with_its_state_on_disk_gives_the_image_of_one_in_memory(tmp_path,
         stylize(CONTENT, STYLE, spill=True, callback=interrupt, output=output, **run)
     assert (images.load_image(output) - seen[-1].clamp(0, 1)).abs().max() <= 1 / 255 + 1e-6
     gc.collect()
-    assert _open_files(spill) == []
+    assert open_files(spill) == []
 
 
 def test_the_plan_spills_only_what_does_not_fit(monkeypatch):

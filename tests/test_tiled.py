@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from open_files import open_files
 
 from cast import ondisk
 from cast.errors import CastError
@@ -49,16 +50,6 @@ def _problem(dtype, pooling="avg", preset="neighbours"):
     kernels = high_order_kernels(preset).to(dtype)
     return network, (content, styles, regions, style_masks, kernels, *WEIGHTS, "cpu")
 
-
-def _open_files(directory: Path) -> list[str]:
-    """This process's open files in ``directory`` (unnamed ones show as deleted)."""
-    links = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            links.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except FileNotFoundError:  # the listing's own descriptor, closed by now
-            pass
-    return [link for link in links if link.startswith(str(directory))]
 
 
 def _relative(a, b):
@@ -112,7 +103,7 @@ def test_state_spilled_to_disk_gives_the_same_loss_and_gradient(built, tmp_path)
 
     # files: unnamed from the start, closed with their store, also when a step fails midway
     state = len(spilled.content_targets) + len(spilled.style_masks)
-    assert os.listdir(tmp_path) == [] and len(_open_files(tmp_path)) == state + 2  # image, grad
+    assert os.listdir(tmp_path) == [] and len(open_files(tmp_path)) == state + 2  # image, grad
     del disk_grad
     calls, forward, tiles = [0], spilled.network.forward, len(spilled.plan)
 
@@ -126,10 +117,10 @@ def test_state_spilled_to_disk_gives_the_same_loss_and_gradient(built, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         spilled.value_and_grad(on_disk)
     gc.collect()
-    assert len(_open_files(tmp_path)) == state + 1  # the failed step's gradient is gone
+    assert len(open_files(tmp_path)) == state + 1  # the failed step's gradient is gone
     del spilled, on_disk
     gc.collect()
-    assert _open_files(tmp_path) == []
+    assert open_files(tmp_path) == []
 
 
 def test_a_halo_one_position_too_small_breaks_it(built):
