@@ -391,5 +391,7 @@ def test_ctrl_c_while_starting_is_one_line_exit_130(tmp_path):
         process.send_signal(signal.SIGINT)
         stderr = process.communicate(timeout=120)[1]
         assert "Traceback" not in stderr, (delay, stderr[-500:])
-        assert process.returncode in (2, 130), (delay, process.returncode, stderr)
+        # -SIGINT: the run had already ended (its one line printed) and the signal met run()'s
+        # default handler during exit, as it should (a fast machine gets there within 0.9 s).
+        assert process.returncode in (2, 130, -signal.SIGINT), (delay, process.returncode, stderr)
         assert len(stderr.strip().splitlines()) == 1, (delay, stderr)
