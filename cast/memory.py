@@ -2,9 +2,11 @@
 the history) that makes it fit, decided before any work.
 
 Three parts grow with the image: the network's activations while one crop is differentiated
-(measured on a small probe, then scaled by the crop's pixels: they grow linearly), what stays
-resident for the whole run (image, gradient, content and style images at this scale, content
-features, masks on every layer's grid), and the optimiser's copies of the image (L-BFGS keeps two
+(measured on a small probe, then scaled by the crop's pixels: they grow linearly; the whole
+network's, an upper bound for the shallow segment's crops, cast.tiling), what stays resident for
+the whole run (image, gradient, content and style images at this scale, content features, masks
+on every layer's grid, a tiled step's cut and its gradient), and the optimiser's copies of the
+image (L-BFGS keeps two
 per remembered step). Tiling bounds only the first; the plan lowers the L-BFGS history when the
 other two do not fit.
 """
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import CastError
-from .tiling import count_tiles
+from .tiling import count_tiles, cut_layer
 
 # Histories tried, longest first, when the default one does not fit (an explicit one is kept).
 HISTORIES = (50, 20, 10, 5)
@@ -86,6 +88,9 @@ def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[s
     content_features = sum(network.channels(layer) / network.stride(layer) ** 2
                            for layer in content_layers)  # fmt: skip
     grids = sum(1 / network.stride(layer) ** 2 for layer in style_layers)
+    # a tiled step's cut between its segments (cast.tiling), and its gradient
+    cut = cut_layer(network, content_layers, style_layers)
+    cut_bytes = 0 if cut is None else 8 * pixels * network.channels(cut) / network.stride(cut) ** 2
     # image, gradient, content at two sizes; content-layer features; region masks on the image
     # and on every style layer's grid; every style image with its masks
     resident = 4 * (pixels * (3 * 4 + content_features + REGIONS * (1 + grids))
@@ -121,7 +126,8 @@ def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[s
         # the targets' pass runs the network on the style images' crops too, without autograd:
         # the activations of a differentiated crop of that size bound it
         largest = max(crop(size, h, w) for h, w in [hw, *style_hws])
-        return activations * largest + (spilled if on_disk else resident) + copies * 12 * pixels
+        state = spilled if on_disk else resident + (cut_bytes if size else 0)
+        return activations * largest + state + copies * 12 * pixels
 
     if spill is not False:  # on disk: tiles as before, no history (Adam)
         on_disk = [(s, None, True) for s in dict.fromkeys(s for s, _ in candidates)]

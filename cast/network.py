@@ -107,14 +107,15 @@ class VGGFeatures(nn.Module):
 
     def forward(
         self, image: torch.Tensor, layers: Sequence[str],
-        windows: dict[str, tuple[int, int, int, int]] | None = None,
+        windows: dict[str, tuple[int, int, int, int]] | None = None, start: str | None = None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         """Features ``{name: (B, C_l, H_l, W_l)}`` of ``image`` (``(B, 3, H, W)`` RGB in [0, 1]).
 
         Runs only as deep as the deepest requested layer. ``windows``: per layer name, the
         part ``(top, bottom, left, right)`` of the image's pixels (corners on that layer's
         grid) whose cells its output keeps; the layers after it run on those alone (a tile's
-        crop: deeper layers need less of its halo).
+        crop: deeper layers need less of its halo). ``start``: ``image`` is that layer's output
+        instead, and the layers after it run (the deep segment of a tiled objective).
         """
         if isinstance(layers, str):
             layers = (layers,)
@@ -124,13 +125,14 @@ class VGGFeatures(nn.Module):
                 f"unknown layer(s) {unknown} for {self.architecture}; "
                 f"known: {', '.join(self.layer_names)}"
             )
-        if image.dim() != 4 or image.shape[1] != 3:
+        if start is None and (image.dim() != 4 or image.shape[1] != 3):
             raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(image.shape)}")
         wanted = set(layers)
         deepest = max(self.layer_names.index(name) for name in wanted) if wanted else -1
-        features, x = {}, self.preprocess(image)
+        first = 0 if start is None else self.layer_names.index(start) + 1
+        features, x = {}, self.preprocess(image) if start is None else image
         top = left = 0  # the pixel at x's first cell
-        for name, layer in list(self.layers.named_children())[: deepest + 1]:
+        for name, layer in list(self.layers.named_children())[first : deepest + 1]:
             x = layer(x)
             if windows and name in windows:
                 stride = self.stride(name)

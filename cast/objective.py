@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import masks, ondisk
+from . import masks, ondisk, tiling
 from .distributed import ALONE, Shard
 from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, gram_sums, gram_sums_grad
 from .network import CONTENT_LAYERS, STYLE_LAYERS
 from .ondisk import Store
 from .reference import inverse, mask_mass
-from .tiling import Tile, TilePlan, halo_for, margins, plan_tiles
+from .tiling import Segment, Tile, TilePlan, plan_tiles, segments
 
 Spill = bool | str | Path  # where image-sized state goes: False (RAM), True or a directory
 
@@ -65,46 +65,72 @@ class WholeImage(nn.Module):
 
 
 class Tiled(WholeImage):
-    """The same objective, one crop at a time (see the module's docstring).
+    """The same objective, one crop at a time (see the module's docstring), segment by segment
+    (``cast.tiling.segments``): a segment's crops read the image or the previous segment's
+    output at the cut, an image-wide store that the statistics pass fills; the gradient pass
+    runs the segments last first, each handing its input's gradient to the one before.
 
-    Its image-sized state (the content targets, the masks on every style layer's grid) is in
-    stores (``cast.ondisk``), in RAM or on disk; ``value_and_grad`` takes the image as a tensor
-    or a store and gives the gradient in the same kind. ``shard`` deals the tiles to the ranks
-    of a process group; every rank returns the same loss and gradient.
+    Its image-sized state (the content targets, the masks on every style layer's grid, the
+    cut and its gradient) is in stores (``cast.ondisk``), in RAM or on disk (``spill``);
+    ``value_and_grad`` takes the image as a tensor or a store and gives the gradient in the
+    same kind. ``shard`` deals the tiles to the ranks of a process group; every rank returns the
+    same loss and gradient.
     """
 
     def __init__(self, network, content_targets: dict[str, Store], style_losses,
                  style_masks: dict[str, Store], masses: dict[str, Tensor], weights,
-                 plan: TilePlan, kernels, backend, shard: Shard = ALONE):  # fmt: skip
+                 segments: tuple[Segment, ...], kernels, backend, shard: Shard = ALONE,
+                 spill: Spill = False):  # fmt: skip
         super().__init__(network, {}, style_losses, weights)
         self.layers = tuple(dict.fromkeys([*content_targets, *style_losses]))
-        self.plan, self.kernels, self.backend, self.shard = plan, kernels, backend, shard
+        self.segments, self.kernels, self.backend, self.shard = segments, kernels, backend, shard
+        self.spill = spill
         self.content_targets, self.style_masks = content_targets, style_masks
         self.content_scales = {layer: ContentLoss.scale_of(_square_sum(target))
                                for layer, target in content_targets.items()}  # fmt: skip
-        self.strides = {layer: network.stride(layer) for layer in self.layers}
-        self.margins = layer_margins(network, kernels, tuple(content_targets), tuple(style_losses))
+        self.strides = {layer: network.stride(layer) for layer in network.layer_names}
         # 1 / n_k broadcast over (J, K, C, C)
         self.inverse_mass = [inverse(masses[layer])[:, None, None] for layer in style_losses]
+
+    @property
+    def plan(self) -> TilePlan:
+        """The first segment's tiles: those of the image."""
+        return self.segments[0].plan
 
     def value_and_grad(self, image: Tensor | Store) -> tuple[Tensor, Tensor | Store]:
         given = image
         image = ondisk.InRam(image.detach()) if isinstance(image, Tensor) else image
         device = image.device
         style_losses = self.style_losses.items()
-        # 1. statistics pass: Gram sums per style layer, then the content and TV errors
+        # 1. statistics pass: Gram sums per style layer, then the content and TV errors; each
+        # segment but the last leaves its cut's owned cells in the next one's input. The last
+        # tile of all keeps its graph: the gradient pass starts with it, without a forward.
         parts = [
             torch.zeros(loss.target.shape, dtype=loss.target.dtype, device=device)
             for _, loss in style_losses
         ] + [torch.zeros((), dtype=torch.float64, device=device) for _ in range(2)]
-        with torch.no_grad():
-            for tile in self.shard.mine(self.plan.tiles):
-                crop = image.read(tile.crop)
-                features = self.network(crop[None], self.layers, tile.windows(self.margins))
-                for sums, (layer, loss) in zip(parts, style_losses, strict=False):
-                    sums += self._sums(features[layer], loss, tile, layer)[0]
-                parts[-2] += self._content(features, tile)
-                parts[-1] += self._tv(crop, tile)
+        inputs, kept = [image], None
+        for segment in self.segments:
+            source, cut = inputs[-1], self._cut(segment, image)
+            tiles = self.shard.mine(segment.plan.tiles)
+            for tile in tiles:
+                keep = segment is self.segments[-1] and tile is tiles[-1]
+                with torch.set_grad_enabled(keep):
+                    crop, features, share = self._forward(segment, source, tile)
+                with torch.no_grad():
+                    for sums, layer in zip(parts, self.style_losses, strict=False):
+                        if layer in features:
+                            sums += self._sums(features[layer], tile, segment, layer)[0]
+                    parts[-2] += share[0]
+                    parts[-1] += share[1]
+                    if cut is not None:
+                        cut.write(_rect(self._cut_cells(segment, tile)[0]),
+                                  self._cut_features(segment, tile, features))  # fmt: skip
+                if keep:
+                    kept = tile, crop, features, share
+                del crop, features, share
+            if cut is not None:
+                inputs.append(self._summed(cut))
         flat = self.shard.all_reduce(torch.cat([p.flatten().double() for p in parts]))
         parts = [f.view_as(p).to(p.dtype) for f, p in zip(flat.split([p.numel() for p in parts]),
                                                          parts, strict=True)]  # fmt: skip
@@ -120,50 +146,121 @@ class Tiled(WholeImage):
         d_grams = torch.autograd.grad(style, grams)
         loss = style.detach() + (self.content_weight * content + self.tv_weight * tv).to(style)
 
-        # 3. gradient pass: each tile's share, with dL/dG of the global statistics. The style
+        # 3. gradient pass, the last segment first: each tile's share, with dL/dG of the global
+        # statistics, and the later segment's gradient at the cut's owned cells. The style
         # share <dL/dG, S_t / n_k> is linear in the tile's sums, so its gradient with respect to
         # a layer's features is the op's backward alone (its forward would be wasted); one
-        # backward through the network then takes them with the content and TV shares.
-        weights = [d * inverse for d, inverse in zip(d_grams, self.inverse_mass, strict=True)]
-        grad = image.zeros_like()
-        for tile in self.shard.mine(self.plan.tiles):
-            crop = image.read(tile.crop).detach().requires_grad_()
-            with torch.enable_grad():
-                features = self.network(crop[None], self.layers, tile.windows(self.margins))
-                share = self.content_weight * self._content(features, tile)
-                share = share + self.tv_weight * self._tv(crop, tile)
-            outputs, d_outputs = [share], [torch.ones_like(share)]
-            for weight, (layer, term) in zip(weights, style_losses, strict=True):
-                masks, kernels = self._owned(term, tile, layer, features[layer].dtype)
-                outputs.append(features[layer])
-                d_outputs.append(gram_sums_grad(features[layer], masks, kernels, weight[None],
-                                                backend=self.backend))  # fmt: skip
-            (crop_grad,) = torch.autograd.grad(outputs, crop, d_outputs)
-            grad.add(tile.crop, crop_grad)
-        if self.shard.world > 1:  # a chunk of rows at a time: a spilled gradient stays on disk
-            for rows in grad.chunks():
-                grad.write(rows, self.shard.all_reduce(grad.read(rows).contiguous()))
+        # backward through the segment then takes them with the content, TV and cut shares.
+        weights = dict(zip(self.style_losses, (d * inverse for d, inverse in
+                                               zip(d_grams, self.inverse_mass, strict=True)),
+                           strict=True))  # fmt: skip
+        d_cut = None
+        for segment, source in reversed(list(zip(self.segments, inputs, strict=True))):
+            grad = source.zeros_like()
+            tiles = list(self.shard.mine(segment.plan.tiles))
+            if kept is not None and segment is self.segments[-1]:
+                tiles = [kept[0], *tiles[:-1]]
+            for tile in tiles:
+                if kept is not None and tile is kept[0]:
+                    (_, crop, features, share), kept = kept, None
+                else:
+                    with torch.enable_grad():
+                        crop, features, share = self._forward(segment, source, tile)
+                share = self.content_weight * share[0] + self.tv_weight * share[1]
+                outputs, d_outputs = [share], [torch.ones_like(share)]
+                for layer in self.style_losses:
+                    if layer in features:
+                        masks, kernels, cells = self._owned(tile, segment, layer,
+                                                            features[layer].dtype)  # fmt: skip
+                        outputs.append(features[layer][cells])
+                        d_outputs.append(gram_sums_grad(outputs[-1], masks, kernels,
+                                                        weights[layer][None],
+                                                        backend=self.backend))  # fmt: skip
+                if d_cut is not None:
+                    outputs.append(self._cut_features(segment, tile, features))
+                    d_outputs.append(d_cut.read(_rect(self._cut_cells(segment, tile)[0])))
+                # (a share that is a constant, no content or TV term in the segment, is skipped)
+                use = [o.requires_grad for o in outputs]
+                (crop_grad,) = torch.autograd.grad(
+                    [o for o, u in zip(outputs, use, strict=True) if u],
+                    crop, [d for d, u in zip(d_outputs, use, strict=True) if u],
+                )  # fmt: skip
+                grad.add(self._input_rect(segment, tile), crop_grad)
+                del crop, features, share, outputs, d_outputs
+            d_cut = self._summed(grad)
         return loss.detach(), grad.read() if isinstance(given, Tensor) else grad
 
-    def _sums(self, features: Tensor, loss: StyleLoss, tile: Tile, layer: str) -> Tensor:
+    def _forward(self, segment: Segment, source: Store, tile: Tile):
+        """The tile's crop of the segment's input, the segment's features on it, and its
+        ``(content, TV)`` shares (0-d tensors; TV in the first segment only). Differentiable
+        where autograd is on."""
+        crop = source.read(self._input_rect(segment, tile)).detach()
+        crop.requires_grad_(torch.is_grad_enabled())
+        features = self._features(segment, crop, tile)
+        zero = torch.zeros((), dtype=crop.dtype, device=crop.device)
+        content = self._content(features, tile, segment) + zero
+        tv = self._tv(crop, tile) if segment.start is None else zero
+        return crop, features, (content, tv)
+
+    def _cut_cells(self, segment: Segment, tile: Tile):
+        """The tile's owned cells of the segment's end: of the whole grid, and of its output."""
+        return tile.cells(self.strides[segment.end], segment.margins[segment.end])
+
+    def _cut_features(self, segment: Segment, tile: Tile, features) -> Tensor:
+        """``(C, h, w)``: the segment's end at the tile's owned cells."""
+        local = self._cut_cells(segment, tile)[1]
+        return features[segment.end][0, :, local[0], local[1]]
+
+    def _features(self, segment: Segment, crop: Tensor, tile: Tile) -> dict[str, Tensor]:
+        """The segment's layers on a crop of its input (the layers used, and its end)."""
+        wanted = [layer for layer in self.layers if layer in segment.margins]
+        return self.network(crop[None] if crop.dim() == 3 else crop,
+                            tuple(dict.fromkeys([*wanted, segment.end])),
+                            tile.windows(segment.margins), start=segment.start)  # fmt: skip
+
+    def _input_rect(self, segment: Segment, tile: Tile) -> ondisk.Rect:
+        """The tile's crop in its segment's input: image pixels, or cells of the cut."""
+        stride = 1 if segment.start is None else self.strides[segment.start]
+        return tuple(p // stride for p in tile.crop)
+
+    def _cut(self, segment: Segment, image: Store) -> Store | None:
+        """A zero store for the segment's output over the whole image, unless it is the last."""
+        if segment is self.segments[-1]:
+            return None
+        stride = self.strides[segment.end]
+        shape = (self.network.channels(segment.end), *(s // stride for s in image.shape[-2:]))
+        return ondisk.zeros(shape, image.dtype, image.device, self.spill)
+
+    def _summed(self, store: Store) -> Store:
+        """``store`` summed over the ranks (each wrote or added its own tiles' part), a chunk of
+        rows at a time: a spilled store stays on disk."""
+        if self.shard.world > 1:
+            for rows in store.chunks():
+                store.write(rows, self.shard.all_reduce(store.read(rows).contiguous()))
+        return store
+
+    def _sums(self, features: Tensor, tile: Tile, segment: Segment, layer: str) -> Tensor:
         """Gram sums ``(1, J, K, C, C)`` over the tile's owned cells of ``layer``."""
-        masks, kernels = self._owned(loss, tile, layer, features.dtype)
-        return gram_sums(features, masks, kernels, backend=self.backend)
+        masks, kernels, cells = self._owned(tile, segment, layer, features.dtype)
+        return gram_sums(features[cells], masks, kernels, backend=self.backend)
 
-    def _owned(self, loss: StyleLoss, tile: Tile, layer: str, dtype: torch.dtype):
-        """The op's masks (``loss``'s, on the crop's grid of ``layer``, zero outside the tile's
-        cells) and kernels, in ``dtype``."""
-        masks = owned_masks(self.style_masks[layer], tile, self.strides[layer],
-                            self.margins[layer], dtype)  # fmt: skip
-        return masks, self.kernels.to(dtype)
+    def _owned(self, tile: Tile, segment: Segment, layer: str, dtype: torch.dtype):
+        """The op's inputs for the tile's share of ``layer``: its masks (zero outside the
+        owned cells) and kernels in ``dtype``, and the cells of the layer's output they lie on
+        (``owned_masks``)."""
+        masks, cells = owned_masks(self.style_masks[layer], tile, self.strides[layer],
+                                   segment.margins[layer], self.kernels.shape[-1] // 2,
+                                   dtype)  # fmt: skip
+        return masks, self.kernels.to(dtype), cells
 
-    def _content(self, features: dict[str, Tensor], tile: Tile) -> Tensor:
+    def _content(self, features: dict[str, Tensor], tile: Tile, segment: Segment) -> Tensor:
         """The content term's share of the tile's owned cells (``ContentLoss``, by parts)."""
         total = 0
         for layer, target in self.content_targets.items():
-            whole, local = tile.cells(self.strides[layer], self.margins[layer])
-            error = features[layer][..., local[0], local[1]] - target.read(_rect(whole))
-            total = total + error.square().sum() * self.content_scales[layer]
+            if layer in features:
+                whole, local = tile.cells(self.strides[layer], segment.margins[layer])
+                error = features[layer][..., local[0], local[1]] - target.read(_rect(whole))
+                total = total + error.square().sum() * self.content_scales[layer]
         return total
 
     def _tv(self, crop: Tensor, tile: Tile) -> Tensor:
@@ -187,16 +284,30 @@ def _square_sum(store: Store) -> Tensor:
     return sum(store.read(rows).square().sum() for rows in store.chunks())
 
 
-def owned_masks(grid_masks: Store, tile: Tile, stride: int, margin: int,
-                dtype: torch.dtype) -> Tensor:  # fmt: skip
-    """``(K, h, w)`` masks on the grid of the tile's window of ``margin`` px: the whole image's
-    masks (``grid_masks``, on the layer's whole grid) at the owned cells, 0 around them (SPEC §5:
-    the masks do the ownership; the kernels still see the neighbours)."""
-    owned = torch.zeros(grid_masks.shape[0], *tile.grid(stride, margin), dtype=dtype,
-                        device=grid_masks.device)  # fmt: skip
+def owned_masks(grid_masks: Store, tile: Tile, stride: int, margin: int, radius: int,
+                dtype: torch.dtype) -> tuple[Tensor, tuple[slice, ...]]:  # fmt: skip
+    """The op's masks for a tile's share of a layer of ``stride`` px whose output covers the
+    tile's window of ``margin`` px: ``(K, h, w)``, the whole image's masks (``grid_masks``, on
+    the layer's whole grid) at the owned cells, 0 around them (SPEC §5: the masks do the
+    ownership; the kernels still see the neighbours). They cover the owned cells and the
+    ``radius`` cells around them that the kernels read, no more (the op's cost is per cell);
+    the second result is that part of the layer's output, ``(..., rows, cols)``."""
     whole, local = tile.cells(stride, margin)
-    owned[:, local[0], local[1]] = grid_masks.read(_rect(whole))
-    return owned
+    h, w = tile.grid(stride, margin)
+    rows, cols = _around(local[0], radius, h), _around(local[1], radius, w)
+    owned = torch.zeros(grid_masks.shape[0], rows.stop - rows.start, cols.stop - cols.start,
+                        dtype=dtype, device=grid_masks.device)  # fmt: skip
+    inside = (slice(local[0].start - rows.start, local[0].stop - rows.start),
+              slice(local[1].start - cols.start, local[1].stop - cols.start))  # fmt: skip
+    owned[:, inside[0], inside[1]] = grid_masks.read(_rect(whole))
+    return owned, (Ellipsis, rows, cols)
+
+
+def _around(cells: slice, radius: int, size: int) -> slice:
+    """``cells`` and ``radius`` more on each side, within ``size``; one cell at least (a
+    ragged tile may own none of a deep layer's: a zero statistic, not an empty feature map)."""
+    start = max(0, min(cells.start - radius, size - 1))
+    return slice(start, max(start + 1, min(size, cells.stop + radius)))
 
 
 @torch.no_grad()
@@ -218,7 +329,7 @@ def gather(
                                  *(s // network.stride(layer) for s in image.shape[-2:])),
                                 image.dtype, image.device, spill)
             for layer in keep}  # fmt: skip
-    margin_of = layer_margins(network, kernels, keep, tuple(grid_masks))
+    margin_of = tiling.geometry(network, keep, tuple(grid_masks), kernels.shape[-1] // 2)[0]
     for tile in shard.mine(plan.tiles):
         features = network(
             image.read(tile.crop)[None],
@@ -226,9 +337,10 @@ def gather(
             tile.windows(margin_of),
         )
         for layer, layer_masks in grid_masks.items():
-            owned = owned_masks(layer_masks, tile, network.stride(layer), margin_of[layer],
-                                image.dtype)  # fmt: skip
-            sums[layer] += gram_sums(features[layer], owned, kernels, backend=backend)[0]
+            owned, cells = owned_masks(layer_masks, tile, network.stride(layer),
+                                       margin_of[layer], kernels.shape[-1] // 2,
+                                       image.dtype)  # fmt: skip
+            sums[layer] += gram_sums(features[layer][cells], owned, kernels, backend=backend)[0]
         for layer in keep:
             whole, local = tile.cells(network.stride(layer), margin_of[layer])
             kept[layer].write(_rect(whole), features[layer][..., local[0], local[1]])
@@ -259,13 +371,15 @@ def build(
     is made, and the objective is tiled even with one tile; the caller may then drop the
     content and style images and the masks."""
     content_layers, style_layers = tuple(content_layers), tuple(style_layers)
-    halo, stride = geometry(network, kernels, content_layers, style_layers)
+    # the targets: one pass without autograd, in crops with the whole network's halo
+    radius = kernels.shape[-1] // 2
+    _, halo, stride = tiling.geometry(network, content_layers, style_layers, radius)
     plan_of = lambda image: plan_tiles(*image.shape[-2:], tile, halo, stride)  # noqa: E731
 
     # A region's statistics, the style's and the result's alike, come only from cells whose
     # kernel neighbourhood and one cell more lie inside it: a deep layer's cell sees far across
     # the border, and would carry the neighbouring region's look into the region's.
-    inside = kernels.shape[-1] // 2 + 1
+    inside = radius + 1
 
     def grid_masks(region_masks, image):
         """Per style layer, the masks on its grid (a store, made one layer at a time) and their
@@ -308,26 +422,22 @@ def build(
         content_losses = {layer: ContentLoss(content_features[layer].read())
                           for layer in content_layers}  # fmt: skip
         return WholeImage(network, content_losses, style_losses, weights)
-    return Tiled(network, content_features, style_losses, region_masks, masses, weights, plan,
-                 kernels, backend, shard)  # fmt: skip
+    steps = segments(network, content_layers, style_layers, radius,
+                     tuple(content.shape[-2:]), tile, shard.world)  # fmt: skip
+    return Tiled(network, content_features, style_losses, region_masks, masses, weights, steps,
+                 kernels, backend, shard, spill)  # fmt: skip
 
 
 def geometry(
     network, kernels: Tensor, content_layers: Sequence[str] = CONTENT_LAYERS,
     style_layers: Sequence[str] = STYLE_LAYERS,
 ) -> tuple[int, int]:  # fmt: skip
-    """``(halo, stride)`` in pixels of this objective's tiles: the network's total stride over
-    the layers used, and the halo that makes tiling exact (``cast.tiling.halo_for``)."""
+    """``(halo, stride)`` in pixels of this objective's tiles: the halo of the crops a step
+    differentiates at full resolution (``cast.tiling.crop_halo``), and the network's total
+    stride over the layers used (tile sizes are multiples of it)."""
     stride = max(network.stride(layer) for layer in (*content_layers, *style_layers))
     radius = kernels.shape[-1] // 2
-    return halo_for(network, content_layers, style_layers, radius, stride), stride
-
-
-def layer_margins(network, kernels: Tensor, content_layers: Sequence[str],
-                  style_layers: Sequence[str]) -> dict[str, int]:  # fmt: skip
-    """What a crop's network keeps of each layer's output (``cast.tiling.margins``), in px."""
-    stride = geometry(network, kernels, content_layers, style_layers)[1]
-    return margins(network, content_layers, style_layers, kernels.shape[-1] // 2, stride)
+    return tiling.crop_halo(network, content_layers, style_layers, radius), stride
 
 
 def on_grid(mask: Tensor, image_hw: tuple[int, int], poolings: int) -> Tensor:

@@ -5,6 +5,13 @@ halo wide enough that every feature at an owned cell, and every neighbour the hi
 read, is computed exactly as on the whole image. Tile and crop corners sit on multiples of the
 network's total stride, so the pooling grids of a crop coincide with the whole image's. Deeper
 layers need less of the halo: layer by layer, the network drops what no later layer reads.
+
+A halo as wide as the deepest layer's reach (96 px on VGG-19) makes the shallow layers, the
+costly ones, compute a 512 px tile's crop at (512 + 2 * 96)^2 px, 1.9x the tile. So the steps cut
+the network in two segments at ``CUT`` (pool3): the first runs the shallow layers on crops with
+the halo that they and the cut need (24 px), and writes the cut's owned cells into an image-wide
+map (16 B/px); the second runs the deep layers on that map in tiles twice as wide, whose halo
+(64 px) costs little at an eighth of the resolution. Every feature is still the whole image's.
 """
 
 from __future__ import annotations
@@ -63,35 +70,108 @@ class TilePlan:
     width: int
     tile: int  # 0: one tile, the whole image
     halo: int
+    stride: int  # px: tile and crop corners sit on multiples of it
     tiles: tuple[Tile, ...]
 
     def __len__(self) -> int:
         return len(self.tiles)
 
 
-def halo_for(network, content_layers: Sequence[str], style_layers: Sequence[str], radius: int,
-             stride: int) -> int:  # fmt: skip
-    """Pixels a crop must extend beyond its owned tile: the receptive-field reach of the deepest
-    layer used, plus, for style layers, the high-order kernels' ``radius = (r - 1) / 2`` cells at
-    that layer's stride; rounded up to ``stride`` so crop corners stay on the pooling grid."""
-    return _round_up(max(_reads(network, content_layers, style_layers, radius).values()), stride)
+# Where the steps cut the network (above), and how much wider the deep segment's tiles are.
+CUT = "pool3"
+DEEP_TILE_FACTOR = 2
 
 
-def margins(network, content_layers: Sequence[str], style_layers: Sequence[str], radius: int,
-            stride: int) -> dict[str, int]:  # fmt: skip
-    """Per layer of the network up to the deepest one used: the pixels beyond the owned tile
-    that its output must still hold for the owned cells of every later layer used to be exact
-    (the reach of the convolutions still to come, plus the kernels' radius at style layers;
-    the halo is the input's). Deeper layers need less: a crop's network drops the rest, in
-    whole ``stride`` px so the cuts keep every later pooling grid where the whole image's is.
-    """
-    reads, names = _reads(network, content_layers, style_layers, radius), network.layer_names
-    deepest = max(names.index(layer) for layer in reads)
-    needs = {name: max(need for layer, need in reads.items() if names.index(layer) >= i)
-             - network.reach(name) for i, name in enumerate(names[: deepest + 1])}  # fmt: skip
-    # at least one stride: a ragged tile narrower than a cell of the deepest layer still gets
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive layers of the network run tile by tile on their own plan: after ``start``
+    (``None``: from the image) up to ``end``. Its tiles' crops are in image pixels; its input
+    is the image, or ``start``'s output over the whole image (a cell per ``stride(start)`` px).
+    ``margins``: what a crop keeps of each layer's output (``margins``); ``end`` is the cut
+    that the next segment reads, or the deepest layer used."""
+
+    start: str | None
+    end: str
+    margins: dict[str, int]
+    plan: TilePlan
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(self.margins)
+
+
+def segments(network, content_layers: Sequence[str], style_layers: Sequence[str], radius: int,
+             hw: tuple[int, int], tile: int, world: int = 1) -> tuple[Segment, ...]:  # fmt: skip
+    """The steps' segments for an image of ``hw`` in tiles of ``tile`` px (0: whole): one, or
+    two cut at ``cut_layer`` where the image has several tiles (the deep segment's tiles
+    ``DEEP_TILE_FACTOR`` times as wide, where that still gives every one of ``world``
+    processes a tile)."""
+    cut = cut_layer(network, content_layers, style_layers)
+    stride = max(network.stride(layer) for layer in (*content_layers, *style_layers))
+    if count_tiles(*hw, tile, stride) == 1:
+        cut = None
+    deep_tile = tile * DEEP_TILE_FACTOR
+    if count_tiles(*hw, deep_tile, stride) < world:
+        deep_tile = tile
+    result = []
+    for start, end in _bounds(network, content_layers, style_layers, cut):
+        margins_, halo, align = geometry(network, content_layers, style_layers, radius, start,
+                                          end)  # fmt: skip
+        size = tile if start is None else deep_tile
+        result.append(Segment(start, end, margins_, plan_tiles(*hw, size, halo, align)))
+    return tuple(result)
+
+
+def cut_layer(network, content_layers: Sequence[str], style_layers: Sequence[str]) -> str | None:
+    """``CUT``, where a layer after it is used (else there is nothing to cut)."""
+    names = network.layer_names
+    deepest = max(names.index(layer) for layer in (*content_layers, *style_layers))
+    return CUT if CUT in names and names.index(CUT) < deepest else None
+
+
+def crop_halo(network, content_layers: Sequence[str], style_layers: Sequence[str],
+              radius: int) -> int:  # fmt: skip
+    """The halo of the crops a tiled step differentiates at full resolution: the first
+    segment's (what the memory plan sizes)."""
+    cut = cut_layer(network, content_layers, style_layers)
+    start, end = _bounds(network, content_layers, style_layers, cut)[0]
+    return geometry(network, content_layers, style_layers, radius, start, end)[1]
+
+
+def _bounds(network, content_layers, style_layers, cut: str | None):
+    """``(start, end)`` of each segment: up to ``cut`` and after it, or one."""
+    names = network.layer_names
+    deepest = names[max(names.index(layer) for layer in (*content_layers, *style_layers))]
+    return [(None, cut), (cut, deepest)] if cut else [(None, deepest)]
+
+
+def geometry(network, content_layers: Sequence[str], style_layers: Sequence[str], radius: int,
+             start: str | None = None, end: str | None = None) -> tuple[dict[str, int], int, int]:
+    """``(margins, halo, align)`` of the layers after ``start`` (default: from the image) up to
+    ``end`` (default: the deepest used), ``radius = (r - 1) / 2`` being the high-order kernels'.
+
+    ``halo``: the pixels a crop must extend beyond its owned tile, the receptive-field reach of
+    the deepest layer read (beyond ``start``'s), plus, at style layers, the kernels' radius in
+    cells of that layer. ``margins``: per layer, the pixels beyond the owned tile that its output
+    must still hold for the owned cells of every later layer read to be exact; deeper layers
+    need less, and a crop's network drops the rest. ``end``, when a cut, is read at its owned
+    cells only. Everything is rounded up to ``align``, the largest stride among the layers
+    (``start`` included), so every cut keeps the later pooling grids where the whole image's
+    are."""
+    names = network.layer_names
+    end = end or names[max(names.index(layer) for layer in (*content_layers, *style_layers))]
+    first, last = (names.index(start) + 1 if start else 0), names.index(end)
+    inside = lambda layers: [la for la in layers if first <= names.index(la) <= last]  # noqa: E731
+    reads = _reads(network, inside(content_layers), inside(style_layers), radius)
+    reads.setdefault(end, network.reach(end))
+    align = max(network.stride(name) for name in names[max(first - 1, 0) : last + 1])
+    needs = {names[i]: max(need for layer, need in reads.items() if names.index(layer) >= i)
+             - network.reach(names[i]) for i in range(first, last + 1)}  # fmt: skip
+    # at least one cell: a ragged tile narrower than a cell of the deepest layer still gets
     # one there (a zero statistic for the cells it does not own, not an empty feature map)
-    return {name: _round_up(max(need, 1), stride) for name, need in needs.items()}
+    margins_ = {name: _round_up(max(need, 1), align) for name, need in needs.items()}
+    halo = _round_up(max(reads.values()) - (network.reach(start) if start else 0), align)
+    return margins_, halo, align
 
 
 def _reads(network, content_layers: Sequence[str], style_layers: Sequence[str],
@@ -128,7 +208,7 @@ def plan_tiles(height: int, width: int, tile: int, halo: int, stride: int) -> Ti
         raise ValueError(f"the halo must be a multiple of {stride} px, got {halo}")
     if count_tiles(height, width, tile, stride) == 1:
         whole = (0, height, 0, width)
-        return TilePlan(height, width, 0, 0, (Tile(whole, whole),))
+        return TilePlan(height, width, 0, 0, stride, (Tile(whole, whole),))
     tiles = []
     for top in range(0, height, tile):
         for left in range(0, width, tile):
@@ -136,4 +216,4 @@ def plan_tiles(height: int, width: int, tile: int, halo: int, stride: int) -> Ti
             crop = (max(0, top - halo), min(height, bottom + halo),
                     max(0, left - halo), min(width, right + halo))  # fmt: skip
             tiles.append(Tile((top, bottom, left, right), crop))
-    return TilePlan(height, width, tile, halo, tuple(tiles))
+    return TilePlan(height, width, tile, halo, stride, tuple(tiles))

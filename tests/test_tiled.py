@@ -8,6 +8,7 @@ the deepest layers).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import os
 import subprocess
@@ -24,7 +25,7 @@ from cast.losses import high_order_kernels
 from cast.network import CONTENT_LAYERS, STYLE_LAYERS, VGGFeatures
 from cast.objective import Tiled, WholeImage, build
 from cast.stylize import _optimise
-from cast.tiling import halo_for, plan_tiles
+from cast.tiling import geometry, plan_tiles
 
 H, W, TILE = 40, 130, 32  # 2 x 5 tiles, the last row 8 px high, the last column 2 px wide
 WEIGHTS = (0.3, 1.0, 2.0)
@@ -66,6 +67,7 @@ def built(request):
     network, args = _problem(dtype, pooling)
     whole, tiled = build(network, *args, tile=0), build(network, *args, tile=TILE)
     assert isinstance(tiled, Tiled) and type(whole) is WholeImage and len(tiled.plan) == 10
+    assert [len(segment.plan) for segment in tiled.segments] == [10, 3]  # cut at pool3
     content = args[0]
     image = (content + 0.1 * _random(*content.shape, seed=9, dtype=dtype)).clamp(0, 1)
     return dtype, whole, tiled, image, whole.value_and_grad(image)
@@ -105,7 +107,8 @@ def test_state_spilled_to_disk_gives_the_same_loss_and_gradient(built, tmp_path)
     state = len(spilled.content_targets) + len(spilled.style_masks)
     assert os.listdir(tmp_path) == [] and len(open_files(tmp_path)) == state + 2  # image, grad
     del disk_grad
-    calls, forward, tiles = [0], spilled.network.forward, len(spilled.plan)
+    calls, forward = [0], spilled.network.forward
+    tiles = sum(len(segment.plan) for segment in spilled.segments)
 
     def failing(*args, **kwargs):
         calls[0] += 1
@@ -123,54 +126,74 @@ def test_state_spilled_to_disk_gives_the_same_loss_and_gradient(built, tmp_path)
     assert open_files(tmp_path) == []
 
 
+def _with(tiled, index, halo=None, margins=None):
+    """A copy of ``tiled`` whose segment ``index`` has another halo or other margins."""
+    segment = tiled.segments[index]
+    align = segment.plan.stride
+    if halo is not None:
+        plan = segment.plan
+        segment = dataclasses.replace(segment, plan=plan_tiles(H, W, plan.tile, halo, align))
+    if margins is not None:
+        segment = dataclasses.replace(segment, margins=margins)
+    other = copy.copy(tiled)
+    other.segments = tuple(segment if i == index else s for i, s in enumerate(tiled.segments))
+    return other
+
+
 def test_a_halo_one_position_too_small_breaks_it(built):
-    """The derived halo is needed to the position: relu5_1's reach (70 px on VGG-19) plus the
-    3x3 kernels' reach (one 16 px cell) is 86, so 96 px; 80 px leaves owned cells inexact."""
+    """Each segment's halo is needed to the position (8 px cells up to pool3, 16 px after):
+    the shallow one is pool3's reach on VGG-19, 22 px, so 24; the deep one relu5_1's reach (70
+    px) plus the 3x3 kernels' (one 16 px cell) beyond pool3's, 86 - 22 = 64. One cell less
+    leaves owned cells inexact (the equality above shows they suffice)."""
     dtype, whole, tiled, image, (loss, grad) = built
     if dtype != torch.float64:
         pytest.skip("one case shows it; float64 puts the halo's effect far above rounding")
-    assert tiled.plan.halo == 96
-    narrow = copy.copy(tiled)
-    narrow.plan = plan_tiles(H, W, TILE, tiled.plan.halo - 16, 16)
-    assert _relative(narrow.value_and_grad(image)[1], grad) > 1e-6
+    assert [(s.plan.halo, s.plan.stride) for s in tiled.segments] == [(24, 8), (64, 16)]
+    for index, segment in enumerate(tiled.segments):
+        narrow = _with(tiled, index, halo=segment.plan.halo - segment.plan.stride)
+        assert _relative(narrow.value_and_grad(image)[1], grad) > 1e-6, index
 
 
-def _one_cell_less(margins, layer):
-    """``margins`` with ``layer``'s one 16 px cell narrower, and no later layer's wider."""
+def _one_cell_less(margins, layer, cell):
+    """``margins`` with ``layer``'s one ``cell`` px narrower, and no later layer's wider."""
     narrowed, cap = {}, None
     for name, margin in margins.items():
-        cap = margin - 16 if name == layer else cap
+        cap = margin - cell if name == layer else cap
         narrowed[name] = margin if cap is None else min(margin, cap)
     return narrowed
 
 
-@pytest.mark.parametrize("layer", ["conv1_1", "relu4_1"])
-def test_a_layer_trimmed_one_cell_too_narrow_breaks_it(built, layer):
-    """A crop's deeper layers keep less of the halo: conv1_1 all 96 px (85 of them read),
-    relu4_1 64 (56: the reach of the convolutions up to relu5_1 and its kernels' 16), relu5_1
-    16 (its 3x3 kernels' reach). Each margin is needed to the cell: one 16 px cell less leaves
-    owned cells inexact (the equality above shows the margins suffice)."""
+@pytest.mark.parametrize("index, layer", [(0, "conv1_1"), (0, "relu2_2"), (1, "relu4_1")])
+def test_a_layer_trimmed_one_cell_too_narrow_breaks_it(built, index, layer):
+    """A crop's deeper layers keep less of the halo: conv1_1 all 24 px (22 of them read),
+    relu2_2 16 (pool3's reach less its own, 22 - 6), relu4_1 64 (56: the reach of the
+    convolutions up to relu5_1 and its kernels' 16), relu5_1 16 (its 3x3 kernels' reach).
+    Each margin is needed to the cell. (pool3, the cut, keeps one 8 px cell: it needs none
+    beyond its owned cells, and the cell is only the floor every layer has.)"""
     dtype, whole, tiled, image, (loss, grad) = built
     if dtype != torch.float64:
         pytest.skip("one case shows it; float64 puts the trim's effect far above rounding")
-    margins = tiled.margins
-    assert (margins["conv1_1"], margins["relu4_1"], margins["relu5_1"]) == (96, 64, 16)
-    narrow = copy.copy(tiled)
-    narrow.margins = _one_cell_less(margins, layer)
+    shallow, deep = (segment.margins for segment in tiled.segments)
+    assert (shallow["conv1_1"], shallow["relu2_2"], shallow["pool3"], deep["relu4_1"],
+            deep["relu5_1"]) == (24, 16, 8, 64, 16)  # fmt: skip
+    segment = tiled.segments[index]
+    narrow = _with(tiled, index, margins=_one_cell_less(segment.margins, layer,
+                                                        segment.plan.stride))  # fmt: skip
     assert _relative(narrow.value_and_grad(image)[1], grad) > 1e-6
 
 
 def test_without_high_order_kernels_the_halo_is_the_receptive_field():
-    """With 1x1 kernels relu5_1's reach alone sets the halo: 80 px. It is sufficient (a wider
-    one changes only float32 rounding, about 1e-6) and needed (64 px: about 3e-4)."""
+    """With 1x1 kernels the reach alone sets the halos: pool3's 22 px (24), and relu5_1's 70
+    beyond pool3's 22 (48). They are sufficient (wider ones change only float32 rounding, about
+    1e-6) and needed (the deep one a cell narrower: about 3e-4)."""
     network, args = _problem(torch.float32, preset="none")
-    assert halo_for(network, CONTENT_LAYERS, STYLE_LAYERS, 0, 16) == 80  # reach 70
+    assert geometry(network, CONTENT_LAYERS, STYLE_LAYERS, 0)[1] == 80  # one segment: reach 70
     tiled = build(network, *args, tile=TILE)
+    assert [s.plan.halo for s in tiled.segments] == [24, 48]
     grad = tiled.value_and_grad(args[0])[1]
-    for halo, low, high in ((96, 0, 1e-5), (64, 1e-4, 1)):
-        other = copy.copy(tiled)
-        other.plan = plan_tiles(H, W, TILE, halo, 16)
-        assert low <= _relative(other.value_and_grad(args[0])[1], grad) <= high, halo
+    for index, halo, low, high in ((0, 48, 0, 1e-5), (1, 96, 0, 1e-5), (1, 32, 1e-4, 1)):
+        other = _with(tiled, index, halo=halo)
+        assert low <= _relative(other.value_and_grad(args[0])[1], grad) <= high, (index, halo)
 
 
 def test_two_lbfgs_steps_give_the_same_image(built):
@@ -211,13 +234,15 @@ def test_while_the_objective_runs_only_one_copy_of_the_image_is_kept_beside_it()
 
 
 def test_a_pooling_layer_of_stride_32_tiles_exactly():
-    """pool5's cells are 32 px apart (its own pooling counts): masks on its grid, tiles and
-    halo on multiples of 32 px. One style image: the other has no pool5 cell."""
+    """pool5's cells are 32 px apart (its own pooling counts): masks on its grid, the deep
+    segment's tiles and halo on multiples of 32 px. One style image: the other has no pool5
+    cell."""
     network, (content, styles, regions, style_masks, *rest) = _problem(torch.float64)
     args = (content, styles[:1], regions, style_masks[:1], *rest)
     layers = dict(content_layers=("relu3_1",), style_layers=("relu2_1", "pool5"))
     whole, tiled = (build(network, *args, tile=tile, **layers) for tile in (0, 64))
-    assert len(tiled.plan) == 3 and tiled.plan.halo % 32 == 0
+    shallow, deep = (segment.plan for segment in tiled.segments)
+    assert len(shallow) == 3 and len(deep) == 2 and deep.stride == 32 and deep.halo % 32 == 0
     image = (content + 0.1 * _random(*content.shape, seed=9, dtype=torch.float64)).clamp(0, 1)
     (loss, grad), (tiled_loss, tiled_grad) = (o.value_and_grad(image) for o in (whole, tiled))
     assert abs(tiled_loss.item() - loss.item()) <= 1e-9 * abs(loss.item())
