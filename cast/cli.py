@@ -165,8 +165,8 @@ def _add_render_options(parser: argparse.ArgumentParser) -> None:
         int,
         "run the network on tiles of PX pixels (a multiple of the network's stride, 16; 32 "
         "with pool5), each with a halo: memory of one crop, the same result (default: tile "
-        "only what does not fit; 0: never); tiles smaller than the halo (80-96 px) are valid "
-        "but slow: the crops overlap more",
+        "only what does not fit; 0: never); tiles smaller than the halos (24 px; 64 px for the "
+        "layers after pool3, in tiles twice as wide) are valid but slow: the crops overlap more",
         metavar="PX",
     )
     parser.add_argument(

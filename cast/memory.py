@@ -27,8 +27,9 @@ from .tiling import count_tiles, cut_layer
 
 # Histories tried, longest first, when the default one does not fit (an explicit one is kept).
 HISTORIES = (50, 20, 10, 5)
-# Tile sizes tried, largest first: large tiles waste least on halos (at 512 px with an 80-96 px
-# halo a crop is about 1.7x its tile). Smaller ones only when nothing else fits.
+# Tile sizes tried, largest first: large tiles waste least on halos (at 512 px a shallow crop,
+# 24 px each side, is up to 1.2x its tile; at 128 px 1.8x). Smaller ones only when nothing else
+# fits.
 TILES = (2048, 1536, 1024, 768, 512, 384, 256, 192, 128, 96, 64, 48, 32, 16)
 # Regions assumed for the masks' memory (the masks are read after the plan): a few floats per
 # pixel, small next to the rest.

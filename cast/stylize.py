@@ -132,7 +132,8 @@ def stylize(
             network's total stride: 16, 32 with ``pool5``), each with a halo, so memory is one
             crop's whatever the image's size; the result is the untiled one (SPEC §5). ``0``
             never tiles; ``None`` tiles only what would not fit.
-            A tile smaller than the halo (80-96 px) is valid but slow: the crops overlap more.
+            A tile smaller than the halos (24 px; 64 px for the layers after pool3, which run
+            in tiles twice as wide: ``cast.tiling``) is valid but slow: the crops overlap more.
         spill: keep the image-sized state (the image, its gradient, the content features, the
             masks on every layer's grid, Adam's moments) in unnamed files of the temporary
             directory (``$TMPDIR``) and step Adam a chunk of rows at a time (L-BFGS needs its

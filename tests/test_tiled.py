@@ -87,6 +87,22 @@ def test_tiled_equals_whole_image(built):
     assert _relative(tiled_grad, grad) <= tol
 
 
+def test_a_step_runs_every_crop_twice_but_the_last(built, monkeypatch):
+    """The statistics pass runs each segment's crops without autograd except the very last,
+    whose graph the gradient pass starts with; every other crop runs again there."""
+    _, _, tiled, image, _ = built
+    calls, forward = [], tiled.network.forward
+
+    def counting(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiled.network, "forward", counting)
+    tiled.value_and_grad(image)
+    tiles = sum(len(segment.plan) for segment in tiled.segments)  # 10 + 3
+    assert calls == [False] * (tiles - 1) + [True] * tiles
+
+
 def test_state_spilled_to_disk_gives_the_same_loss_and_gradient(built, tmp_path):
     """Bit for bit: the same code reads the same numbers from a file instead of RAM."""
     dtype, _, tiled, image, _ = built
