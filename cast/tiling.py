@@ -3,8 +3,9 @@
 Every pixel is owned by exactly one tile; a tile's network pass reads its owned pixels plus a
 halo wide enough that every feature at an owned cell, and every neighbour the high-order kernels
 read, is computed exactly as on the whole image. Tile and crop corners sit on multiples of the
-network's total stride, so the pooling grids of a crop coincide with the whole image's. Deeper
-layers need less of the halo: layer by layer, the network drops what no later layer reads.
+strides of the poolings the crop runs through, so its pooling grids coincide with the whole
+image's. Deeper layers need less of the halo: layer by layer, the network drops what no later
+layer reads.
 
 A halo as wide as the deepest layer's reach (96 px on VGG-19) makes the shallow layers, the
 costly ones, compute a 512 px tile's crop at (512 + 2 * 96)^2 px, 1.9x the tile. So the steps cut
@@ -87,17 +88,13 @@ class Segment:
     """Consecutive layers of the network run tile by tile on their own plan: after ``start``
     (``None``: from the image) up to ``end``. Its tiles' crops are in image pixels; its input
     is the image, or ``start``'s output over the whole image (a cell per ``stride(start)`` px).
-    ``margins``: what a crop keeps of each layer's output (``margins``); ``end`` is the cut
-    that the next segment reads, or the deepest layer used."""
+    ``margins``: what a crop keeps of each of its layers' output (``geometry``); ``end`` is
+    the cut that the next segment reads, or the deepest layer used."""
 
     start: str | None
     end: str
     margins: dict[str, int]
     plan: TilePlan
-
-    @property
-    def layers(self) -> tuple[str, ...]:
-        return tuple(self.margins)
 
 
 def segments(network, content_layers: Sequence[str], style_layers: Sequence[str], radius: int,
