@@ -4,12 +4,13 @@
 # With the machine's own python3 (torch with CUDA, Triton, pytest-xdist; no network): build the
 # CUDA extension for the card, run the GPU-relevant tests in parallel, benchmark the op (1024^2
 # and 4096^2, TF32 and bf16, both GPU backends, eager and torch.compile where they fit), probe
-# where the CUDA kernels' time goes (bench/gpu_probe.py) and time a stylisation step
-# (bench/bench_stylize.py; needs the VGG-19 weights, which the machine cannot download: carry
-# them in gpu-weights/, see the README). Every log goes into OUT, seven files (the device tool
-# brings back at most eight); the tables are in the bench logs. Each step has its own time
-# limit and a failing step does not stop the next; the limits add up to 520 s, so that one
-# 600 s call of the device tool holds everything.
+# where the CUDA kernels' time goes (bench/gpu_probe.py), time a stylisation step
+# (bench/bench_stylize.py) and tiled steps from 1024^2 to 8192^2, one rank (bench/bench_tiled.py,
+# issue 8); both need the VGG-19 weights, which the machine cannot download: carry them in
+# gpu-weights/, see the README. Every log goes into OUT, eight files (the device tool brings
+# back at most eight); the tables are in the bench logs. Each step has its own time limit and a
+# failing step does not stop the next; the limits add up to 540 s, so that one 600 s call of
+# the device tool holds everything.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
@@ -44,10 +45,10 @@ step build 75 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
 # The probe first: it runs the CUDA kernels alone, so if they crash the card (a lost CUDA
 # context ends the whole process) the benches leave the cuda backend out and keep their other
 # rows. Then the float32 table (the numbers a lease is for), the tests, bf16 at 1024^2 and the
-# stylisation step (measured 2026-11-26 on an H200: build 33 s, float32 122 s, tests 98 s,
-# bf16 57 s).
+# stylisation step (measured 2026-11-26 on an H200: build 33-59 s, probe 7 s, float32 122-127 s,
+# tests 98-104 s, bf16 55-57 s, stylisation 11 s).
 backends=() stylize_backend=cuda
-step probe 60 "$PY" bench/gpu_probe.py
+step probe 30 "$PY" bench/gpu_probe.py
 probe_rc=$?
 if [ "$probe_rc" -ne 0 ] && [ "$probe_rc" -ne 124 ]; then
   echo "== the CUDA kernels failed in the probe: the benches leave them out" | tee -a "$summary"
@@ -65,6 +66,9 @@ step bench-bfloat16 75 "$PY" bench/bench_masked_gram.py --device cuda --image 10
   --dtype bfloat16 --compile-max-image 1024 --warmup 1 --repeats 3 "${backends[@]}"
 weights=gpu-weights/vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin
 [ -f "$weights" ] && export CAST_VGG19="$PWD/$weights"
-step stylize 60 "$PY" bench/bench_stylize.py --device cuda --backend "$stylize_backend" --size 512 \
+step stylize 30 "$PY" bench/bench_stylize.py --device cuda --backend "$stylize_backend" --size 512 \
   --repeats 3 --no-peer
+# last: the rows it finishes are in its log even if the limit cuts it (one process per row)
+step tiled 80 bash -c '"$0" bench/bench_tiled.py --device cuda --rows curve large --steps 1 &&
+  cat "$(ls -t bench/results/*-tiled.md | head -n 1)"' "$PY"
 echo "== done $(date -u)" | tee -a "$summary"
