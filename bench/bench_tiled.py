@@ -26,6 +26,10 @@ between rows of one run. The ratios on a quiet machine (about 20 minutes on 2 co
 
 and the rest (about an hour on 2 quiet cores, 8192² most of it): ``--rows curve large``; the
 curve with the state on disk (about 30 minutes, 4096² most of it): ``--rows spill``.
+
+``--sizes`` puts other sizes in place of 1024², 2048², 4096² and 8192², and ``--out`` the
+results elsewhere: ``tests/test_bench_tiled.py`` runs the whole bench on tiny images that way, so
+that it cannot break unseen.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from cast.objective import build, geometry
 ROOT = Path(__file__).resolve().parents[1]
 CONTENT, STYLE = ROOT / "examples" / "tubingen.jpg", ROOT / "examples" / "starry_night.jpg"
 WEIGHTS = (0.3, 1.0, 2.0)
+SIZES = (1024, 2048, 4096, 8192)  # what ``--sizes`` replaces, in this order
 # (size, mode, processes) of each group; processes 0: one plain process, all threads
 GROUPS = {
     "ratio": [(1024, "untiled", 0), (1024, "tiled", 0), (2048, "untiled", 0), (2048, "tiled", 0)],
@@ -161,6 +166,11 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", nargs="*", choices=list(GROUPS), default=list(GROUPS),
                         help="row groups to measure (none: rewrite the table from kept rows)")
     parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--sizes", type=int, nargs=4, default=SIZES, metavar="PX",
+                        help="sizes in place of 1024, 2048, 4096 and 8192 (a quick check: "
+                        "equal sizes make one row)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
+                        help="folder of the kept rows and the table")
     parser.add_argument("--steps", type=int, default=2,
                         help="timed steps per row up to 2048², after a warm-up step; one above")
     parser.add_argument("--one", type=int, nargs=3, metavar=("SIZE", "TILE", "STEPS"),
@@ -172,11 +182,13 @@ def main(argv=None) -> None:
         return
 
     where = device_name(args.device)
-    store = ROOT / "bench" / "results" / f"{slug(where)}-tiled.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = args.out / f"{slug(where)}-tiled.json"
     kept = json.loads(store.read_text()) if store.exists() else {}
     wanted = [row for group in args.rows for row in GROUPS[group]]
     run = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"  # ratios within a run
-    for size, mode, processes in dict.fromkeys(wanted):
+    sizes = dict(zip(SIZES, args.sizes, strict=True))
+    for size, mode, processes in dict.fromkeys((sizes[n], *rest) for n, *rest in wanted):
         tiled = mode != "untiled"
         if processes and args.device != "cpu":
             continue
@@ -184,18 +196,18 @@ def main(argv=None) -> None:
             row = {"when": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
                    "error": "does not fit"}  # fmt: skip
         else:
-            steps = args.steps if size <= 2048 else 1
+            steps = args.steps if size <= sizes[2048] else 1
             row = run_row(size, args.tile if tiled else 0, args.device, steps, processes,
                           mode == "spilled")  # fmt: skip
         kept[key(size, mode, processes)] = row | {"tile": args.tile if tiled else 0, "run": run}
         store.write_text(json.dumps(kept, indent=1) + "\n")
         print(size, mode, processes, row, flush=True)
-    table = ROOT / "bench" / "results" / f"{slug(where)}-tiled.md"
-    table.write_text(render(kept, where, args.device))
-    print(f"wrote {table.relative_to(ROOT)} and {store.relative_to(ROOT)}")
+    table = args.out / f"{slug(where)}-tiled.md"
+    table.write_text(render(kept, where, args.device, args.sizes))
+    print(f"wrote {table} and {store}")
 
 
-def render(rows: dict, where: str, device: str) -> str:
+def render(rows: dict, where: str, device: str, sizes=SIZES) -> str:
     memory = "peak RSS of the process" if device == "cpu" else "peak CUDA memory allocated"
     lines = [
         f"# Tiled stylisation step, {where}",
@@ -251,22 +263,24 @@ def render(rows: dict, where: str, device: str) -> str:
          "grid), not the crops"),
         ("spilled", "what stays image-sized in RAM with the state on disk"),
     ]:  # fmt: skip
-        curve = [rows.get(f"{size} {mode} 0", {}).get("peak") for size in (1024, 2048, 4096)]
+        curve = [rows.get(f"{size} {mode} 0", {}).get("peak") for size in sizes[:3]]
         if not all(curve):
             continue
         spread = max(curve) / min(curve)
         shown = " → ".join(f"{peak / 2**30:.2f}" for peak in curve)
+        small, middle, large = sizes[:3]
         verdict = "within" if spread <= CURVE_TARGET else "outside"
-        # from 2048² on, every inner crop has its full size: what still grows is image-sized
-        slope = (curve[2] - curve[1]) / (4096**2 - 2048**2)
+        grows = ""
+        if large > middle:  # from 2048² on, every inner crop has its full size: what still
+            slope = (curve[2] - curve[1]) / (large**2 - middle**2)  # grows is image-sized
+            grows = f" From {middle}² to {large}² it grows by {slope:.0f} bytes per pixel: {held}."
         name = "Tiled" if mode == "tiled" else "Tiled with the state on disk,"
         lines += [""] * (mode == "spilled")
         lines.append(
-            f"{name} peak memory 1024² → 2048² → 4096²: {shown} GiB, largest / smallest "
-            f"{spread:.2f} ({verdict} the target {CURVE_TARGET:.2f}). From 2048² to 4096² it "
-            f"grows by {slope:.0f} bytes per pixel: {held}."
+            f"{name} peak memory {small}² → {middle}² → {large}²: {shown} GiB, largest / smallest "
+            f"{spread:.2f} ({verdict} the target {CURVE_TARGET:.2f}).{grows}"
         )
-    one, two = rows.get("1024 tiled 1", {}), rows.get("1024 tiled 2", {})
+    one, two = rows.get(f"{sizes[0]} tiled 1", {}), rows.get(f"{sizes[0]} tiled 2", {})
     if "seconds" in one and "seconds" in two and one.get("run") == two.get("run"):
         efficiency = one["seconds"] / (2 * two["seconds"])
         work = ""
@@ -274,7 +288,7 @@ def render(rows: dict, where: str, device: str) -> str:
             work = (f"; CPU seconds per step {one['cpu']:.1f} alone, {two['cpu']:.1f} summed over "
                     "the two ranks")  # fmt: skip
         lines.append(
-            f"\nScaling efficiency, 1 → 2 gloo processes (one thread each) at 1024²: "
+            f"\nScaling efficiency, 1 → 2 gloo processes (one thread each) at {sizes[0]}²: "
             f"{efficiency:.0%} = {one['seconds']:.1f} / (2 × {two['seconds']:.1f}) (target "
             f"{EFFICIENCY_TARGET:.0%}){work}."
         )
