@@ -25,24 +25,49 @@ RUN = dict(size=64, scales=1, tile=32, progress=False, device="cpu")  # 2 x 2 ti
 pytestmark = pytest.mark.slow
 
 RANK_SCRIPT = """
-import os, sys, torch
+import os, sys, tempfile, torch
+sys.path.insert(0, {tests!r})
+from open_files import open_files
 from cast.stylize import stylize
-image = stylize({content!r}, {style!r}, iters=3, **{run!r})
-torch.save(image, sys.argv[1] + "." + os.environ["RANK"])
+tempfile.tempdir = spill = sys.argv[2]  # where spilled state goes
+held = []  # spill files this rank holds open after each step
+image = stylize({content!r}, {style!r}, iters=3, **{run!r},
+                callback=lambda step: held.append(len(open_files(spill))))
+torch.save((image, held), sys.argv[1] + "." + os.environ["RANK"])
 """
 
 
-def test_two_gloo_processes_give_the_image_of_one(tmp_path):
+def _two_ranks(tmp_path, run: dict) -> tuple:
+    """``stylize(iters=3, **run)`` on two gloo ranks under torchrun: their image and, per rank,
+    how many files it held open in ``tmp_path / "spill"`` after each step (spilled state)."""
+    (tmp_path / "spill").mkdir()
     script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT.format(content=CONTENT, style=STYLE, run=RUN))
+    tests = str(Path(__file__).resolve().parent)
+    script.write_text(RANK_SCRIPT.format(content=CONTENT, style=STYLE, run=run, tests=tests))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-              "--nproc-per-node", "2", str(script), str(tmp_path / "image")]  # fmt: skip
-    subprocess.run(launch, check=True, timeout=300, capture_output=True)
-    rank0, rank1 = (torch.load(tmp_path / f"image.{rank}") for rank in (0, 1))
+              "--nproc-per-node", "2", str(script), str(tmp_path / "image"),
+              str(tmp_path / "spill")]  # fmt: skip
+    done = subprocess.run(launch, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (rank0, held0), (rank1, held1) = (torch.load(tmp_path / f"image.{rank}") for rank in (0, 1))
     assert torch.equal(rank0, rank1)  # every rank stepped identically
+    return rank0, (held0, held1)
+
+
+def test_two_gloo_processes_give_the_image_of_one(tmp_path):
+    image, _ = _two_ranks(tmp_path, RUN)
     alone = stylize(CONTENT, STYLE, iters=3, **RUN)
     # the ranks add their tiles' sums in another order than one process: float32 rounding
-    assert (rank0 - alone).abs().max() <= 1e-4
+    assert (image - alone).abs().max() <= 1e-4
+
+
+def test_two_gloo_processes_with_the_state_on_disk_give_the_image_of_one_in_memory(tmp_path):
+    run = RUN | dict(optimizer="adam")  # the spilled run's optimiser
+    image, held = _two_ranks(tmp_path, run | dict(spill=True))
+    assert all(min(rank) >= 5 for rank in held), held  # each rank's state was on disk
+    assert os.listdir(tmp_path / "spill") == []  # unnamed files: nothing left behind
+    alone = stylize(CONTENT, STYLE, iters=3, spill=False, **run)
+    assert (image - alone).abs().max() <= 1e-4  # 1.9e-5 here: float32 sums in another order
 
 
 def _free_port() -> int:
