@@ -29,6 +29,7 @@ from .weights import DEFAULT_MODEL
 ImageLike = str | os.PathLike | Tensor
 
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults
 OPTIMIZERS = tuple(DEFAULT_LR)
 INITS = ("content", "noise", "style")
 
@@ -467,8 +468,14 @@ def _optimise(objective, image: Tensor, iters: int, optimizer: str, lr: float, h
     if optimizer == "lbfgs":
         # one L-BFGS iteration per step() call, so steps are counted, shown and saved
         opt = torch.optim.LBFGS([x], lr=lr, max_iter=1, history_size=history)
+        step_once = lambda step: opt.step(closure)
     else:
-        opt = torch.optim.Adam([x], lr=lr)
+        moments = torch.zeros_like(x), torch.zeros_like(x)
+
+        def step_once(step: int) -> Tensor:
+            loss = closure()
+            _adam_step(x.detach(), x.grad, *moments, step, lr)
+            return loss
 
     # image-sized copies cost most at large sizes: while the objective runs, only x, its new
     # gradient, the last good image and the optimiser's state are alive
@@ -483,7 +490,7 @@ def _optimise(objective, image: Tensor, iters: int, optimizer: str, lr: float, h
         return loss
 
     for step in range(1, iters + 1):
-        loss = float(opt.step(closure).detach())
+        loss = float(step_once(step).detach())
         if not math.isfinite(loss):
             raise _Diverged(step, loss, last_good, good_steps)
         good_steps = step - 1
@@ -493,10 +500,22 @@ def _optimise(objective, image: Tensor, iters: int, optimizer: str, lr: float, h
         raise _Diverged(iters, loss, last_good, good_steps)
 
 
-def _adam_in_chunks(objective, image: ondisk.OnDisk, iters: int, lr: float,
-                    betas=(0.9, 0.999), eps=1e-8):  # fmt: skip
+def _adam_step(x: Tensor, grad: Tensor, first: Tensor, second: Tensor, step: int,
+               lr: float) -> None:  # fmt: skip
+    """Adam's step ``step`` (from 1) of ``x`` in place, updating its moments ``first`` and
+    ``second`` in place: ``torch.optim.Adam``'s arithmetic, bit for bit. Elementwise, so a
+    chunk of rows at a time gives the numbers of the whole image at once."""
+    beta1, beta2 = ADAM_BETAS
+    first.lerp_(grad, 1 - beta1)
+    second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    root = (1 - beta2**step) ** 0.5
+    x.addcdiv_(first, (second.sqrt() / root).add_(ADAM_EPS), value=-step_size)
+
+
+def _adam_in_chunks(objective, image: ondisk.OnDisk, iters: int, lr: float):
     """``_optimise`` with Adam for an image on disk: Adam is elementwise, so it steps a chunk of
-    rows at a time with its moments on disk too (``torch.optim.Adam``'s arithmetic)."""
+    rows at a time with its moments on disk too."""
     first, second = image.zeros_like(), image.zeros_like()
     last_good, good_steps = image, 0  # the start (the caller's, never changed)
     for step in range(1, iters + 1):
@@ -504,15 +523,11 @@ def _adam_in_chunks(objective, image: ondisk.OnDisk, iters: int, lr: float,
         if not torch.isfinite(loss):
             raise _Diverged(step, float(loss), _whole(last_good), good_steps)
         last_good, good_steps, moved = image, step - 1, image.zeros_like()
-        step_size = lr / (1 - betas[0] ** step)
-        root = (1 - betas[1] ** step) ** 0.5
         for rows in image.chunks():
-            g, m, v = grad.read(rows), first.read(rows), second.read(rows)
-            m.lerp_(g, 1 - betas[0])
-            v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+            x, m, v = image.read(rows), first.read(rows), second.read(rows)  # copies: on disk
+            _adam_step(x, grad.read(rows), m, v, step, lr)
             first.write(rows, m)
             second.write(rows, v)
-            x = image.read(rows).addcdiv_(m, (v.sqrt() / root).add_(eps), value=-step_size)
             moved.write(rows, x)
         del grad
         image = moved

@@ -17,7 +17,7 @@ from cast.errors import CastError
 from cast.losses import GramStats, high_order_kernels
 from cast.network import STYLE_LAYERS, VGGFeatures
 from cast.objective import build, on_grid
-from cast.stylize import _regions, stylize, transfer_luminance
+from cast.stylize import _adam_step, _regions, stylize, transfer_luminance
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONTENT, STYLE = EXAMPLES / "tubingen.jpg", EXAMPLES / "starry_night.jpg"
@@ -332,6 +332,27 @@ def test_a_run_with_its_state_on_disk_gives_the_image_of_one_in_memory(tmp_path,
     assert (images.load_image(output) - seen[-1].clamp(0, 1)).abs().max() <= 1 / 255 + 1e-6
     gc.collect()
     assert open_files(spill) == []
+
+
+def test_one_adam_step_function_is_torch_adam_bit_for_bit_whole_or_in_chunks():
+    """The in-memory run and the chunked one on disk share ``_adam_step``: it must be
+    torch.optim.Adam's arithmetic, and the same numbers a few rows at a time."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 20, 24, generator=generator)
+    grads = [torch.randn(3, 20, 24, generator=generator) * 10.0**-k for k in range(3)]
+    x = start.clone().requires_grad_()
+    adam = torch.optim.Adam([x], lr=0.02)
+    whole, chunked = start.clone(), start.clone()
+    moments = [torch.zeros_like(start) for _ in range(4)]
+    for step, grad in enumerate(grads, 1):
+        x.grad = grad
+        adam.step()
+        _adam_step(whole, grad, *moments[:2], step, 0.02)
+        for top in range(0, 20, 7):  # rows 0-6, 7-13, 14-19
+            rows = slice(top, top + 7)
+            m, v = moments[2][:, rows], moments[3][:, rows]
+            _adam_step(chunked[:, rows], grad[:, rows], m, v, step, 0.02)
+        assert torch.equal(whole, x.detach()) and torch.equal(chunked, whole), step
 
 
 def test_the_plan_spills_only_what_does_not_fit(monkeypatch):
