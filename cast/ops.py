@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .reference import gram_dtype, inverse, inverse_mass, symmetric_grad
+from .reference import gram_dtype, inverse, symmetric_grad
 
 
 def masked_gram(
@@ -112,13 +112,34 @@ def _d_features(grad, inv_mass, features, masks, kernels, backend: str, allow_tf
     )
 
 
+# Mask values converted to float64 at a time when summing n_k: 8 MiB of scratch.
+MASS_BAND_VALUES = 1 << 20
+
+
+def mass_band_rows(Bm: int, K: int, W: int) -> int:
+    return max(1, MASS_BAND_VALUES // max(1, Bm * K * W))
+
+
+def mask_mass_in_bands(masks: Tensor) -> Tensor:
+    """``n_k = sum_n m_k[n]^2`` ``(Bm, K)`` summed in float64 a band of rows at a time: all
+    the masks in float64 would be 2-4x their size (24 MiB at K = 3, 1024^2, float32), more
+    than the kernels' own scratch."""
+    Bm, K, H, W = masks.shape
+    rows = mass_band_rows(Bm, K, W)
+    mass = masks.new_zeros((Bm, K), dtype=torch.float64)
+    for top in range(0, H, rows):
+        band = masks[:, :, top : top + rows].to(torch.float64, copy=True)  # squared in place
+        mass += band.square_().sum(dim=(2, 3))
+    return mass
+
+
 def canonical_inverse_mass(features: Tensor, masks: Tensor, mass: Tensor | None) -> Tensor:
     """``1 / n_k`` ``(Bm, K)`` in the accumulation dtype, formed once here for every backend:
     from the masks (summed in float64), or from ``mass`` where given."""
     where = "cast.masked_gram"
     accumulation = gram_dtype(features.dtype)
     if mass is None:
-        return inverse_mass(masks.to(torch.float64)).to(accumulation).contiguous()
+        return inverse(mask_mass_in_bands(masks)).to(accumulation).contiguous()
     Bm, K = masks.shape[:2]
     if not isinstance(mass, Tensor) or not mass.is_floating_point():
         raise TypeError(f"{where}: mass must be a floating-point tensor or None")

@@ -24,8 +24,9 @@ every mask to one accumulator: ``[m_1^2 Z_j | ... | m_K^2 Z_j] [S_j1; ...; S_jK]
 with a ``K*C``-long reduction on the tensor cores (bf16/fp16 operands for 16-bit input). Then
 ``U_j`` goes through a per-program scratch tile (a tile cannot be shifted in registers) and the
 adjoint convolution adds ``p_j[t] U_j[n - t]``, ``r*r`` multiply-adds per output element.
-Programs are persistent (about two per SM), so the scratch is three tiles per program (two of
-``U_j``, used in turn, and dF's accumulator), not anything proportional to ``N``.
+Programs are persistent (as many as are resident at once: one per SM at 8 warps), so the
+scratch is two tiles per program (``U_j`` and dF's accumulator), not anything proportional to
+``N``: 16.5 MiB on 132 SMs, 6.4 % of ``F`` at relu1_1 of a 1024^2 image.
 
 Cost: matmul work ``2*J*K*N*C^2`` times the halo's overhead (the tile over its inner part,
 256 / 196 = 1.31 at 16 x 16 and r = 3); CUDA-core work ``J*r*r`` per element and block of output
@@ -37,6 +38,7 @@ applied the ``(2r-1)^2`` stencil of ``P_j^T M_k^2 P_j`` per mask and block of ou
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -51,6 +53,7 @@ from .utils import (
     channel_blocks,
     dot_constexprs,
     fits_channels,
+    multiprocessors,
     on_device,
     programs_to_fill,
     wide_offsets,
@@ -61,6 +64,8 @@ AUTOTUNE = os.environ.get("CAST_TRITON_AUTOTUNE", "1") not in ("", "0")
 MASKS_PER_PROGRAM = 4
 # Split scratch (partial Grams) may take at most this fraction of the inputs and outputs.
 SPLIT_SCRATCH_FRACTION = 0.1
+# The backward's scratch per program, in (TILE_H * TILE_W, BLOCK_C) tiles: U_j's and dF's.
+BWD_SCRATCH_TILES = tl.constexpr(2)
 
 # One fixed config under the interpreter, where each op costs a numpy call however big its
 # tile: large position tiles keep the tests fast, small channel blocks still give several
@@ -346,7 +351,7 @@ def _masked_gram_bwd_kernel(
     masks_ptr,  # (Bm, K, H, W)
     kernels_ptr,  # (J, R, R)
     sym_grad_ptr,  # (B, J, K, C, C): S = (dG + dG^T) / n_k, 0 for an empty mask
-    scratch_ptr,  # (programs, 3 * TILE_H * TILE_W * BLOCK_C) at least: two of U_j, one of dF
+    scratch_ptr,  # (programs, 2 * TILE_H * TILE_W * BLOCK_C) at least: U_j's tile, dF's
     dfeatures_ptr,  # (B, C, H, W)
     B,
     C,
@@ -383,10 +388,10 @@ def _masked_gram_bwd_kernel(
     ty = offs_m // TILE_W
     tx = offs_m % TILE_W
     inner = (ty >= HALO) & (ty < TILE_H - HALO) & (tx >= HALO) & (tx < TILE_W - HALO)
-    scratch = scratch_ptr + pid.to(tl.int64) * (3 * BLOCK_M * BLOCK_C)
+    scratch = scratch_ptr + pid.to(tl.int64) * (BWD_SCRATCH_TILES * BLOCK_M * BLOCK_C)
     cols = tl.arange(0, BLOCK_C)
     programs = tl.num_programs(0)
-    accumulated = scratch + 2 * BLOCK_M * BLOCK_C + offs_m * BLOCK_C
+    accumulated = scratch + BLOCK_M * BLOCK_C + offs_m * BLOCK_C
 
     for item in range(pid, B * tiles * blocks, programs):
         block = item % blocks
@@ -445,13 +450,14 @@ def _masked_gram_bwd_kernel(
                     sym = _dot_operand(sym, DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
                     u = tl.dot(left, sym, u, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             # P_j^T on the inner positions, dF[n] += sum_t p_j[t] U_j[n - t]: through the
-            # scratch, the only way to shift a tile in Triton. Two buffers, used in turn, so one
-            # barrier (this write before these reads) also orders the reads of the buffer's
-            # previous use before its next write. Addresses from row pointers: a (tile, channel)
+            # scratch, the only way to shift a tile in Triton. One buffer (a second one, used in
+            # turn, saved only the first barrier below and cost a third of the scratch): the
+            # first barrier orders the last kernel's shifted reads before this write, the second
+            # this write before these reads. Addresses from row pointers: a (tile, channel)
             # offset tensor is loop-invariant, the compiler hoists it, and it takes registers
             # for good (sm_90, Triton 3.9: two hoisted pointer tensors, 255 registers, spills).
-            rows = scratch + ((item - pid) // programs * J + j) % 2 * (BLOCK_M * BLOCK_C)
-            rows += offs_m * BLOCK_C
+            rows = scratch + offs_m * BLOCK_C
+            tl.debug_barrier()
             tl.store(rows[:, None] + cols[None, :], u)
             tl.debug_barrier()
             started = tl.full((BLOCK_M, BLOCK_C), j, tl.int32) > 0  # zero before kernel 0
@@ -552,16 +558,50 @@ def _launch_choice(tuned, raw, configs, config, interpreter_config, C, num_masks
     return tuned, {}
 
 
-def position_splits(features: Tensor, gram_bytes: int, programs: int, quantum: int) -> int:
-    """How many splits of the rows (``quantum`` rows or more each) fill the GPU, keeping
-    their scratch small."""
-    wanted = triton.cdiv(programs_to_fill(features.device), programs)
-    affordable = int(
-        SPLIT_SCRATCH_FRACTION
-        * (features.numel() * features.element_size() + gram_bytes)
-        // gram_bytes
-    )
-    return max(1, min(wanted, affordable, triton.cdiv(features.shape[-2], quantum), 65535))
+def split_rows(
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    J: int,
+    K: int,
+    launch_config: dict,
+    fill: int,
+    splits: int | None = None,
+) -> int:
+    """The rows of each split of the forward (a multiple of the tiles' rows): as many splits
+    as give ``fill`` programs, their partial Grams within ``SPLIT_SCRATCH_FRACTION`` of ``F``
+    and ``G`` (or ``splits`` of them)."""
+    B, C, H, _ = shape
+    quantum = launch_config.get("TILE_H", SPLIT_QUANTUM)
+    if splits is None:
+        blocks = channel_blocks(C, launch_config.get("BLOCK_C", 64))
+        programs = B * J * (K // masks_per_program(K)) * blocks * (blocks + 1) // 2
+        gram_bytes = B * J * K * C * C * gram_dtype(dtype).itemsize
+        features_bytes = math.prod(shape) * dtype.itemsize
+        affordable = int(SPLIT_SCRATCH_FRACTION * (features_bytes + gram_bytes) // gram_bytes)
+        wanted = triton.cdiv(fill, programs)
+        splits = max(1, min(wanted, affordable, triton.cdiv(H, quantum), 65535))
+    return triton.cdiv(triton.cdiv(H, splits), quantum) * quantum
+
+
+def resident_programs(config: dict, multiprocessors: int) -> int:
+    """How many backward programs run at once: one of 8 warps per SM (184-235 registers a
+    thread, so its 256 threads take the SM's 64 K registers), two of 4 warps. Persistent
+    programs beyond these would only queue, each holding its own scratch."""
+    return multiprocessors * max(1, 8 // config["num_warps"])
+
+
+def backward_slot(config: dict) -> int:
+    """One backward program's scratch, in elements of the accumulation dtype."""
+    return BWD_SCRATCH_TILES.value * config["TILE_H"] * config["TILE_W"] * config["BLOCK_C"]
+
+
+def backward_scratch(candidates: list[dict], multiprocessors: int, programs: int | None) -> int:
+    """The backward's scratch, in elements: a slot for each resident program of the config
+    that needs the most (each config then runs as many programs as the scratch has slots
+    for it), or ``programs`` slots of the largest."""
+    if programs is not None:
+        return programs * max(backward_slot(c) for c in candidates)
+    return max(resident_programs(c, multiprocessors) * backward_slot(c) for c in candidates)
 
 
 def forward(
@@ -599,14 +639,8 @@ def forward(
         num_masks,
         R,
     )
-    quantum = launch_config.get("TILE_H", SPLIT_QUANTUM)
-    if splits is None:
-        nominal_block = launch_config.get("BLOCK_C", 64)
-        blocks = channel_blocks(C, nominal_block)
-        programs = B * J * chunks * blocks * (blocks + 1) // 2
-        gram_bytes = gram.numel() * gram.element_size()
-        splits = position_splits(features, gram_bytes, programs, quantum)
-    rows_per_split = triton.cdiv(triton.cdiv(H, splits), quantum) * quantum
+    fill = programs_to_fill(features.device)
+    rows_per_split = split_rows(features.shape, features.dtype, J, K, launch_config, fill, splits)
     splits = triton.cdiv(H, rows_per_split)
     out = gram[None] if splits == 1 else gram.new_empty((splits, *gram.shape))
 
@@ -671,25 +705,16 @@ def backward(
         C,
         R=R,
     )
-    candidates = [launch_config] if launch_config else [c.kwargs for c in BWD_CONFIGS]
-    slot = max(3 * c["TILE_H"] * c["TILE_W"] * c["BLOCK_C"] for c in candidates)
-    scratch_element = gram_dtype(features.dtype).itemsize
-    if programs is None:
-        io_bytes = 2 * features.numel() * features.element_size()
-        io_bytes += sym_grad.numel() * sym_grad.element_size()
-        affordable = int(SPLIT_SCRATCH_FRACTION * io_bytes) // (slot * scratch_element)
-        # Never fewer programs than SMs, though: at relu5_1 of a 1024^2 image a tenth of the
-        # inputs and outputs pays for 12 programs on an H100's 132 SMs; one per SM costs at
-        # most 132 x 196 KiB (26 MiB) of scratch.
-        fill = programs_to_fill(features.device)
-        programs = max(1, min(fill, max(affordable, fill // 2)))
+    candidates = [launch_config] if launch_config else [_as_launch_config(c) for c in BWD_CONFIGS]
     scratch = torch.empty(
-        (programs, slot), dtype=gram_dtype(features.dtype), device=features.device
+        backward_scratch(candidates, multiprocessors(features.device), programs),
+        dtype=gram_dtype(features.dtype),
+        device=features.device,
     )
 
     def grid(meta):
         items = B * channel_blocks(C, meta["BLOCK_C"]) * backward_tiles(H, W, R, meta)
-        return (min(programs, items),)
+        return (min(scratch.numel() // backward_slot(meta), items),)
 
     with on_device(features):
         kernel[grid](

@@ -73,11 +73,16 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def programs_to_fill(device: torch.device) -> int:
-    """How many programs keep every SM busy: two waves' worth on a GPU, one on the interpreter."""
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's SMs; one on the interpreter."""
     if device.type != "cuda":
         return 1
-    return 2 * _multiprocessors(device.index if device.index is not None else 0)
+    return _multiprocessors(device.index if device.index is not None else 0)
+
+
+def programs_to_fill(device: torch.device) -> int:
+    """How many programs keep every SM busy: two waves' worth on a GPU, one on the interpreter."""
+    return 2 * multiprocessors(device) if device.type == "cuda" else 1
 
 
 def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:

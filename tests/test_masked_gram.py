@@ -400,3 +400,14 @@ def test_mass_divides_instead_of_the_masks_own():
     top[:, 3:] = 0
     halves = [cast.masked_gram(features, m, kernels, mass=mass) for m in (top, masks - top)]
     assert torch.allclose(halves[0] + halves[1], whole, rtol=1e-12)
+
+
+def test_mask_mass_in_bands_is_the_float64_sum(monkeypatch):
+    monkeypatch.setattr(cast.ops, "MASS_BAND_VALUES", 100)  # bands of 1-2 rows
+    for dtype in (torch.float32, torch.float64):  # float64: a band is a copy, not a view
+        masks = torch.rand(2, 3, 37, 11, generator=torch.Generator().manual_seed(3)).to(dtype)
+        given = masks.clone()
+        exact = masks.double().square().sum(dim=(2, 3))
+        banded = cast.ops.mask_mass_in_bands(masks)
+        torch.testing.assert_close(banded, exact, rtol=1e-15, atol=0)
+        assert torch.equal(masks, given)
