@@ -216,6 +216,10 @@ def _run(
             )  # fmt: skip
             if image is None:
                 image = _initial(init, content_image, style_images, generator).to(device)
+            if scale == scales:  # they made the last targets: ~30 B/px less during the steps
+                del style_images, content_masks, style_region_masks
+                if not preserve_color:  # the colour transfer at the end needs the content
+                    content_image = None
             image = images.resize(_whole(image).clamp(0, 1), (h, w))
             bar = tqdm(total=iters, desc=f"scale {scale}/{scales} {w}x{h}", disable=not progress)
             with bar:

@@ -334,6 +334,28 @@ def test_a_run_with_its_state_on_disk_gives_the_image_of_one_in_memory(tmp_path,
     assert open_files(spill) == []
 
 
+def test_a_spilled_run_holds_no_image_sized_tensor_once_its_last_targets_are_built(
+    tmp_path, monkeypatch
+):
+    """With the state on disk, the content and style images and masks would be what stays
+    image-sized in memory during the last scale's steps (~30 B/px, ~0.45 GiB at 4096²): the run
+    drops them once they have made the last targets."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(ondisk, "CHUNK_BYTES", 4096)  # Adam's chunks: a few rows
+    run = dict(size=96, iters=1, scales=2, tile=48, progress=False, spill=True)
+    full = [images.fit(images.image_size(path), 96) for path in (CONTENT, STYLE)]
+    held = []
+
+    def image_sized(step):
+        gc.collect()
+        held.append(sorted(tuple(t.shape) for t in gc.get_objects()
+                           if issubclass(type(t), torch.Tensor) and t is not step.image
+                           and tuple(t.shape[-2:]) in full))  # fmt: skip
+
+    stylize(CONTENT, STYLE, callback=image_sized, **run)
+    assert held[0] != [] and held[-1] == [], held  # the first scale still needs them
+
+
 def test_one_adam_step_function_is_torch_adam_bit_for_bit_whole_or_in_chunks():
     """The in-memory run and the chunked one on disk share ``_adam_step``: it must be
     torch.optim.Adam's arithmetic, and the same numbers a few rows at a time."""
