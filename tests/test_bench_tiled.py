@@ -31,17 +31,23 @@ def test_every_row_group_gives_its_rows(tmp_path):
                             "32 untiled 0"]  # fmt: skip
     assert not [name for name, row in rows.items() if "error" in row]
     table = kept.with_suffix(".md").read_text()
-    lines = [line.split(" | ") for line in table.splitlines() if line.startswith("| 32² |")]
+    def cells(line: str) -> list[str]:
+        return [cell.strip() for cell in line.strip("| ").split("|")]
+
+    header = cells(next(line for line in table.splitlines() if line.startswith("| image |")))
+    shown = [dict(zip(header, cells(line), strict=True))
+            for line in table.splitlines() if line.startswith("| 32² |")]  # fmt: skip
     # the plain rows use every thread, the shard rows one each
-    shown = [(tiling, processes) for _, tiling, processes, *_ in lines]
-    assert [(tiling, processes.split(" × ")[0]) for tiling, processes in shown] == [
+    assert [(row["tiling"], row["processes"].split(" × ")[0]) for row in shown] == [
         ("untiled", "1"), ("tiles of 16 px", "1"), ("tiles of 16 px, state on disk", "1"),
         ("tiles of 16 px", "1"), ("tiles of 16 px", "2")]  # fmt: skip
-    for row, plain in zip(lines, [True] * 3 + [False] * 2, strict=True):
-        _, tiling, _, seconds, cpu, targets, peak, ratio, _ = row
-        assert float(seconds.split()[0]) > 0 and float(cpu) > 0 and float(targets) > 0
-        assert 0.1 <= float(peak.removesuffix(" GiB")) <= 6  # VGG-19 alone is ~0.5 GiB
-        assert bool(ratio) == (plain and tiling != "untiled"), row  # against the untiled row
+    for row, plain in zip(shown, [True] * 3 + [False] * 2, strict=True):
+        assert float(row["s / step"].split()[0]) > 0, row
+        assert float(row["CPU s / step"]) > 0 and float(row["targets s"]) > 0, row
+        peaks = [value for name, value in row.items() if name.startswith("peak")]
+        assert peaks and all(0.1 <= float(peak.removesuffix(" GiB")) <= 6 for peak in peaks), row
+        # the ratio to the untiled row of the run
+        assert bool(row["tiled / untiled time"]) == (plain and row["tiling"] != "untiled"), row
     assert re.search(r"^Tiled peak memory 32² → 32² → 32²: [\d.]+ → ", table, re.M)
     assert re.search(r"^Tiled with the state on disk, peak memory", table, re.M)
     assert re.search(r"^Scaling efficiency, 1 → 2 gloo processes .* at 32²: \d+%", table, re.M)
