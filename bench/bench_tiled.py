@@ -40,7 +40,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -98,7 +97,8 @@ def one_row(size: int, tile: int, steps: int, device: str, spill: bool = False) 
     image = ondisk.keep(content, spill) if spill else content
     del content, style, masks
     gc.collect()
-    _reset_peak(on)  # the steps' own peak, apart from the targets' (the caller's images too)
+    # the steps' own peak, apart from the targets' (which hold the bench's full-size images)
+    targets_peak = _reset_peak(on)
     if steps > 1:
         objective.value_and_grad(image)
     _sync(on)
@@ -108,24 +108,30 @@ def one_row(size: int, tile: int, steps: int, device: str, spill: bool = False) 
     _sync(on)
     seconds = (time.perf_counter() - start) / steps
     cpu = (time.process_time() - cpu) / steps
-    if on.type == "cuda":
-        peak = steps_peak = torch.cuda.max_memory_allocated(on)  # reset: the steps' only
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole process's
-        status = Path("/proc/self/status").read_text()
-        steps_peak = int(status.split("VmHWM:")[1].split()[0]) * 1024  # since _reset_peak
+    steps_peak = _peak(on)
     shard.close()
-    return {"seconds": seconds, "cpu": cpu, "targets": targets, "peak": peak,
-            "steps_peak": steps_peak, "threads": torch.get_num_threads()}  # fmt: skip
+    return {"seconds": seconds, "cpu": cpu, "targets": targets,
+            "peak": max(targets_peak, steps_peak), "steps_peak": steps_peak,
+            "threads": torch.get_num_threads()}  # fmt: skip
 
 
-def _reset_peak(device: torch.device) -> None:
-    """Start the peak memory afresh: CUDA's allocator statistics, or the kernel's high-water
-    mark of the resident set (``VmHWM``; ``ru_maxrss`` keeps the whole process's)."""
+def _peak(device: torch.device) -> int:
+    """Peak memory since the start or the last ``_reset_peak``: CUDA's allocated bytes, or the
+    resident set's high-water mark (``VmHWM``)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+
+
+def _reset_peak(device: torch.device) -> int:
+    """The peak so far, then start it afresh (resetting ``VmHWM`` resets ``ru_maxrss`` too)."""
+    peak = _peak(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
         Path("/proc/self/clear_refs").write_text("5")
+    return peak
 
 
 def _sync(device: torch.device) -> None:
