@@ -771,6 +771,10 @@ struct MmaBackwardTile {
     return (kRows + 2 * h) * (kTileCols + 2 * h);
   }
   __host__ __device__ static constexpr int u_padded(int h) { return ceil_div(u_size(h), 32) * 32; }
+  // n-tiles of 8 positions per warp (4 warps share the positions); capped where fits() fails.
+  __host__ __device__ static constexpr int n_tiles(int h) {
+    return u_padded(h) / 32 < kMaxNTiles ? u_padded(h) / 32 : kMaxNTiles;
+  }
   // Row strides in words: Z 8 (mod 32) and S 4 (TF32) or 8 (pairs, 64-bit reads) (mod 32), so
   // the fragment loads are conflict-free; U 16 (mod 32), for the adjoint's two channels a warp.
   __host__ __device__ static constexpr int z_stride(int h) { return u_padded(h) + 8; }
@@ -799,6 +803,21 @@ struct MmaBackwardTile {
     return r / 2 <= kMmaHalo && u_padded(r / 2) <= 4 * kMaxNTiles * 8;
   }
 };
+
+// f(std::integral_constant<int, n>{}) for the n-tiles of 8 positions each warp of the
+// backward takes at halo h (a switch on h <= kMmaHalo, warp-uniform), so the MMA loops run a
+// compile-time count: with a runtime bound each n-tile's HMMA sat behind a branch (21 an
+// iteration, the probe of effb4cf) and ptxas could not issue an iteration's loads together.
+template <typename Tile, typename F>
+__device__ __forceinline__ void with_n_tiles(int h, F&& f) {
+  static_assert(kMmaHalo == 3, "one case per halo");
+  switch (h) {
+    case 0: return f(std::integral_constant<int, Tile::n_tiles(0)>{});
+    case 1: return f(std::integral_constant<int, Tile::n_tiles(1)>{});
+    case 2: return f(std::integral_constant<int, Tile::n_tiles(2)>{});
+    default: return f(std::integral_constant<int, Tile::n_tiles(3)>{});
+  }
+}
 
 // Two floats as one 32-bit register of the 16-bit MMA operands, the first in the low half.
 template <typename T>
@@ -900,6 +919,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
+  // TF32 operands of S rounded once, when they land: each thread its own copies of
+  // issue_copies (rounding is idempotent, so the MMAs see the bits they saw rounding each
+  // fragment, 4x as often, between their loads and their HMMAs).
+  auto round_own_copies = [&](int buffer) {
+    float* s_dst = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
+    for (int k = 0; k < d.K; ++k)
+      for (int half = 0; half < 2; ++half) {
+        const int row = half * 32 + tid / kCopyChunks, chunk = tid % kCopyChunks;
+        float* own = s_dst + (k * kOutBlock + row) * s_stride + chunk * 4;
+#pragma unroll
+        for (int v = 0; v < 4; ++v) own[v] = bits_as<float>(round_to_tf32(own[v]));
+      }
+  };
+
   if (static_cast<int>(blockIdx.x) >= items) return;
   Item it = item_at(blockIdx.x);
   issue_copies(it, 0, 0);
@@ -911,7 +944,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // This warp's piece of U_j^T: output channels wm .. wm + 31, positions wn .. (n_tiles of 8).
-  const int n_tiles = u_padded / 32, wm = warp % 2 * 32, wn = warp / 2 * n_tiles * 8;
+  const int n_tiles = Tile::n_tiles(h), wm = warp % 2 * 32, wn = warp / 2 * n_tiles * 8;
   float acc[2][kMaxNTiles][4];
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
@@ -944,6 +977,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int j = s / in_blocks, in_block = s % in_blocks;
       const float* tap = taps + j * taps_per_kernel;
       copy_async_wait_all();
+      if constexpr (per == 1) round_own_copies(buffer);
       __syncthreads();  // step s's F and S are in; the previous step's Z readers are done
 
       // 2. Z_j on the h-halo: item (word row of Z, column, group of kFormRows rows).
@@ -978,56 +1012,59 @@ __global__ void __launch_bounds__(kThreads, 1)
         else if (!last_item) issue_copies(next, 0, buffer ^ 1);
       }
 
-      // 3. U_j^T += S_k (m_k^2 Z_j)^T for every mask, kInBlock channels deep.
+      // 3. U_j^T += S_k (m_k^2 Z_j)^T for every mask, kInBlock channels deep; the warp's
+      // n-tiles a compile-time count (with_n_tiles), so no branch sits between the HMMAs.
       const float* s_tile = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
       constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : kInBlock;
+      with_n_tiles<Tile>(h, [&](auto n_tiles_constant) {
+        constexpr int kN = decltype(n_tiles_constant)::value;
 #pragma unroll
-      for (int c0 = 0; c0 < kDepth; c0 += step) {
-        uint32_t z_frag[kMaxNTiles][2];
+        for (int c0 = 0; c0 < kDepth; c0 += step) {
+          uint32_t z_frag[kMaxNTiles][2];
 #pragma unroll
-        for (int ni = 0; ni < kMaxNTiles; ++ni) {
-          if (ni >= n_tiles) break;
-          const uint32_t* zp = z_tile + (c0 / per + t) * z_stride + wn + ni * 8 + g;
-          z_frag[ni][0] = zp[0];
-          z_frag[ni][1] = zp[4 * z_stride];
-        }
-        for (int k = 0; k < d.K; ++k) {
-          const float* sk = s_tile + (k * kOutBlock + wm + g) * s_stride + c0;
-          uint32_t a[2][4];
-#pragma unroll
-          for (int mi = 0; mi < 2; ++mi) {
-            const float* sp = sk + mi * 16 * s_stride;
-            if constexpr (per == 1) {
-              a[mi][0] = round_to_tf32(sp[t]);
-              a[mi][1] = round_to_tf32(sp[8 * s_stride + t]);
-              a[mi][2] = round_to_tf32(sp[t + 4]);
-              a[mi][3] = round_to_tf32(sp[8 * s_stride + t + 4]);
-            } else {
-              const float2 lo = *reinterpret_cast<const float2*>(sp + 2 * t);
-              const float2 lo8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t);
-              const float2 hi = *reinterpret_cast<const float2*>(sp + 2 * t + 8);
-              const float2 hi8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t + 8);
-              a[mi][0] = pack_pair<T>(lo.x, lo.y), a[mi][1] = pack_pair<T>(lo8.x, lo8.y);
-              a[mi][2] = pack_pair<T>(hi.x, hi.y), a[mi][3] = pack_pair<T>(hi8.x, hi8.y);
-            }
+          for (int ni = 0; ni < kN; ++ni) {
+            const uint32_t* zp = z_tile + (c0 / per + t) * z_stride + wn + ni * 8 + g;
+            z_frag[ni][0] = zp[0];
+            z_frag[ni][1] = zp[4 * z_stride];
           }
-          uint32_t b[kMaxNTiles][2];
+          for (int k = 0; k < d.K; ++k) {
+            const float* sk = s_tile + (k * kOutBlock + wm + g) * s_stride + c0;
+            uint32_t a[2][4];
 #pragma unroll
-          for (int ni = 0; ni < kMaxNTiles; ++ni) {
-            if (ni >= n_tiles) break;
-            const float w = mask_sq[k * u_padded + wn + ni * 8 + g];
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              if constexpr (per == 1)
-                b[ni][e] = round_to_tf32(bits_as<float>(z_frag[ni][e]) * w);
-              else
-                b[ni][e] = HalfOperands<T>::scaled(z_frag[ni][e], w, w);
+            for (int mi = 0; mi < 2; ++mi) {
+              const float* sp = sk + mi * 16 * s_stride;
+              if constexpr (per == 1) {  // S came rounded to TF32 (round_own_copies)
+                a[mi][0] = bits_as<uint32_t>(sp[t]);
+                a[mi][1] = bits_as<uint32_t>(sp[8 * s_stride + t]);
+                a[mi][2] = bits_as<uint32_t>(sp[t + 4]);
+                a[mi][3] = bits_as<uint32_t>(sp[8 * s_stride + t + 4]);
+              } else {
+                const float2 lo = *reinterpret_cast<const float2*>(sp + 2 * t);
+                const float2 lo8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t);
+                const float2 hi = *reinterpret_cast<const float2*>(sp + 2 * t + 8);
+                const float2 hi8 =
+                    *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t + 8);
+                a[mi][0] = pack_pair<T>(lo.x, lo.y), a[mi][1] = pack_pair<T>(lo8.x, lo8.y);
+                a[mi][2] = pack_pair<T>(hi.x, hi.y), a[mi][3] = pack_pair<T>(hi8.x, hi8.y);
+              }
             }
+            uint32_t b[kMaxNTiles][2];
+#pragma unroll
+            for (int ni = 0; ni < kN; ++ni) {
+              const float w = mask_sq[k * u_padded + wn + ni * 8 + g];
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                if constexpr (per == 1)
+                  b[ni][e] = round_to_tf32(bits_as<float>(z_frag[ni][e]) * w);
+                else
+                  b[ni][e] = HalfOperands<T>::scaled(z_frag[ni][e], w, w);
+              }
+            }
+            if constexpr (per == 1) mma_grid_tf32(acc, a, b, 2, kN);
+            else mma_grid_16bit<T>(acc, a, b, 2, kN);
           }
-          if constexpr (per == 1) mma_grid_tf32(acc, a, b, 2, n_tiles);
-          else mma_grid_16bit<T>(acc, a, b, 2, n_tiles);
         }
-      }
+      });
 
       if (in_block + 1 < in_blocks) continue;
       // U_j complete: to shared memory (the previous kernel's adjoint readers passed a barrier

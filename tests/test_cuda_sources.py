@@ -74,8 +74,25 @@ def sass_opcodes(sass: str) -> dict[str, collections.Counter]:
     kernels = {}
     for block in re.split(r"\n\s+Function : ", sass)[1:]:
         name = block.split("\n", 1)[0].strip()
-        opcode = r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Za-z0-9_.]*)"
-        kernels[name] = collections.Counter(re.findall(opcode, block, re.M))
+        kernels[name] = collections.Counter(re.findall(OPCODE, block, re.M))
+    return kernels
+
+
+OPCODE = r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Za-z0-9_.]*)"
+
+
+def hmma_runs(sass: str) -> dict[str, list[int]]:
+    """Per kernel of a ``cuobjdump -sass`` listing, the lengths of its runs of HMMAs that no
+    branch (BRA, or a convergence barrier BSSY / BSYNC) interrupts, in program order."""
+    kernels = {}
+    for block in re.split(r"\n\s+Function : ", sass)[1:]:
+        runs, run = [], 0
+        for op in re.findall(OPCODE, block, re.M):
+            if op.startswith("HMMA"):
+                run += 1
+            elif op.split(".")[0] in ("BRA", "BSSY", "BSYNC") and run:
+                runs, run = [*runs, run], 0
+        kernels[block.split("\n", 1)[0].strip()] = runs + ([run] if run else [])
     return kernels
 
 
@@ -122,8 +139,11 @@ FORWARD_KERNEL = re.compile(
     r"_masked_gram_fwd_kernelI(f|d|13__nv_bfloat16|6__half)Lb([01])ELi\dELi0E"
 )
 MMA_BACKWARD_KERNEL = re.compile(
-    r"_masked_gram_bwd_mma_kernelI(f|13__nv_bfloat16|6__half)Li\dELi0E"
+    r"_masked_gram_bwd_mma_kernelI(f|13__nv_bfloat16|6__half)Li(\d)ELi0E"
 )
+# The tensor-core backward's n-tiles of 8 positions per warp (MmaBackwardTile::n_tiles) at
+# r = 1, 3, 5 (and 7), by tile rows: an (input step, mask) iteration is 2 x n HMMAs.
+BACKWARD_N_TILES = {8: (4, 6, 8), 4: (2, 4, 5, 7)}
 PROBE_KERNEL = re.compile(r"_masked_gram_(fwd|bwd_mma)_kernelI(f|13__nv_bfloat16)\w*ELi[1-4]EE")
 SIMT_BACKWARD_KERNEL = re.compile(r"_masked_gram_bwd_simt_kernelI(f|d|13__nv_bfloat16|6__half)E")
 # The tensor-core instruction each input type's kernels must use, and the only one.
@@ -155,10 +175,17 @@ def test_cuda_machine_code(build_folder):
         assert sum(n for op, n in ops.items() if op.startswith(vector)) > 0, name
     backward = {name: ops for name, ops in kernels.items() if MMA_BACKWARD_KERNEL.search(name)}
     assert len(backward) == 6, sorted(kernels)  # 3 MMA types x 2 tile heights
+    runs = hmma_runs(sass)
     for name, ops in backward.items():
+        dtype, rows = MMA_BACKWARD_KERNEL.search(name).groups()
         mma = {op for op in ops if op.startswith("HMMA")}
-        assert mma == {KERNEL_MMA[MMA_BACKWARD_KERNEL.search(name)[1]]}, (name, mma)
+        assert mma == {KERNEL_MMA[dtype]}, (name, mma)
         assert ops["LDGSTS.E.BYPASS.128"] > 0, name
+        # Whole iterations between branches: n-tiles a compile-time count, no test of the
+        # bound between the HMMAs (there were 21 an iteration, the probe of effb4cf).
+        n_tiles = BACKWARD_N_TILES[int(rows)]
+        whole = {run for run in runs[name] for n in n_tiles if run % (2 * n) == 0}
+        assert whole == set(runs[name]), (name, sorted(set(runs[name])))
     simt = [ops for name, ops in kernels.items() if SIMT_BACKWARD_KERNEL.search(name)]
     assert len(simt) == 4 and not any(op.startswith("HMMA") for ops in simt for op in ops)
     # 4 variants x 2 dtypes x forward and backward, all spill-free (the nvcc test)
@@ -690,6 +717,18 @@ def test_emulated_tf32_rounds_to_nearest(emulated):
     grad = torch.zeros(expected.shape, dtype=torch.float64)
     gram, *_ = run_emulated(emulated, *inputs, grad, True, H100)
     assert relative_error(gram, expected) < 1e-4
+
+
+def test_emulated_tf32_backward_rounds_to_nearest(emulated):
+    """The backward's TF32 operands on non-negative data (S rounded once where it lands in
+    shared memory, m_k^2 Z_j per fragment): S left truncated, dF came 3.5e-4 off; rounded to
+    nearest the errors cancel, under 5e-5."""
+    features, masks, kernels = random_inputs(1, 64, 16, 16, 1, 1, 3)
+    inputs = (features.abs(), masks, kernels.abs())
+    grad = torch.rand(1, 1, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    expected = masked_gram_backward_reference(grad, *(t.double() for t in inputs))
+    _, d_features, _ = run_emulated(emulated, *inputs, grad.double(), True, H100)
+    assert relative_error(d_features, expected) < 5e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
