@@ -212,10 +212,10 @@ class Tiled(WholeImage):
         return features[segment.end][0, :, local[0], local[1]]
 
     def _features(self, segment: Segment, crop: Tensor, tile: Tile) -> dict[str, Tensor]:
-        """The segment's layers on a crop of its input (the layers used, and its end)."""
+        """The segment's layers on a crop ``(C, h, w)`` of its input (the layers used, and its
+        end)."""
         wanted = [layer for layer in self.layers if layer in segment.margins]
-        return self.network(crop[None] if crop.dim() == 3 else crop,
-                            tuple(dict.fromkeys([*wanted, segment.end])),
+        return self.network(crop[None], tuple(dict.fromkeys([*wanted, segment.end])),
                             tile.windows(segment.margins), start=segment.start)  # fmt: skip
 
     def _input_rect(self, segment: Segment, tile: Tile) -> ondisk.Rect:

@@ -314,7 +314,7 @@ def peak_growth(**options):
     return max(peak[0], current()) - start
 
 
-os.environ["CAST_MEMORY_GIB"] = "0.11"  # tiles of 64 px: the whole image needs 0.6 GiB
+os.environ["CAST_MEMORY_GIB"] = "0.09"  # tiles of 64 px (0.11: 192); whole: 0.6 GiB
 plan = stylize(content, style, dry_run=True, **run)
 tiled = peak_growth()  # first: the freed memory a later run reuses only flatters that run
 del os.environ["CAST_MEMORY_GIB"]
@@ -332,7 +332,7 @@ def test_under_a_memory_cap_an_image_too_large_runs_tiled_in_a_crops_memory(tmp_
                           timeout=600, env=os.environ)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     tiles, need, tiled, whole = (float(x) for x in done.stdout.split())
-    assert tiles > 1 and need <= 0.11 * 2**30
+    assert tiles > 1 and need <= 0.09 * 2**30
     # measured: 106 MiB tiled (most of it the weights, loaded again by stylize), 477 MiB whole
     assert tiled < whole / 4, f"tiled grew {tiled / 2**20:.0f} MiB, whole {whole / 2**20:.0f}"
 
