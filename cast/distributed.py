@@ -59,6 +59,14 @@ class Shard:
                 ) from None
         return tensor
 
+    def all_reduce_store(self, store):
+        """A store (``cast.ondisk``) summed over all ranks, a chunk of rows at a time, so a
+        store on disk stays there; each rank wrote or added its own tiles' part."""
+        if self.world > 1:
+            for rows in store.chunks():
+                store.write(rows, self.all_reduce(store.read(rows).contiguous()))
+        return store
+
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -130,7 +130,7 @@ class Tiled(WholeImage):
                     kept = tile, crop, features, share
                 del crop, features, share
             if cut is not None:
-                inputs.append(self._summed(cut))
+                inputs.append(self.shard.all_reduce_store(cut))
         flat = self.shard.all_reduce(torch.cat([p.flatten().double() for p in parts]))
         parts = [f.view_as(p).to(p.dtype) for f, p in zip(flat.split([p.numel() for p in parts]),
                                                          parts, strict=True)]  # fmt: skip
@@ -187,7 +187,7 @@ class Tiled(WholeImage):
                 )  # fmt: skip
                 grad.add(self._input_rect(segment, tile), crop_grad)
                 del crop, features, share, outputs, d_outputs
-            d_cut = self._summed(grad)
+            d_cut = self.shard.all_reduce_store(grad)
         return loss.detach(), grad.read() if isinstance(given, Tensor) else grad
 
     def _forward(self, segment: Segment, source: Store, tile: Tile):
@@ -230,14 +230,6 @@ class Tiled(WholeImage):
         stride = self.strides[segment.end]
         shape = (self.network.channels(segment.end), *(s // stride for s in image.shape[-2:]))
         return ondisk.zeros(shape, image.dtype, image.device, self.spill)
-
-    def _summed(self, store: Store) -> Store:
-        """``store`` summed over the ranks (each wrote or added its own tiles' part), a chunk of
-        rows at a time: a spilled store stays on disk."""
-        if self.shard.world > 1:
-            for rows in store.chunks():
-                store.write(rows, self.shard.all_reduce(store.read(rows).contiguous()))
-        return store
 
     def _sums(self, features: Tensor, tile: Tile, segment: Segment, layer: str) -> Tensor:
         """Gram sums ``(1, J, K, C, C)`` over the tile's owned cells of ``layer``."""
@@ -347,10 +339,8 @@ def gather(
     # owned cells are disjoint: the zeros elsewhere add exactly
     for t in sums.values():
         shard.all_reduce(t)
-    if shard.world > 1:
-        for store in kept.values():
-            for rows in store.chunks():
-                store.write(rows, shard.all_reduce(store.read(rows).contiguous()))
+    for store in kept.values():
+        shard.all_reduce_store(store)
     stats = {layer: GramStats(sums[layer], masses[layer].to(sums[layer].dtype))
              for layer in grid_masks}  # fmt: skip
     return stats, kept
