@@ -122,8 +122,8 @@ def segments(network, content_layers: Sequence[str], style_layers: Sequence[str]
 def cut_layer(network, content_layers: Sequence[str], style_layers: Sequence[str]) -> str | None:
     """``CUT``, where a layer after it is used (else there is nothing to cut)."""
     names = network.layer_names
-    deepest = max(names.index(layer) for layer in (*content_layers, *style_layers))
-    return CUT if CUT in names and names.index(CUT) < deepest else None
+    deepest = _deepest(network, content_layers, style_layers)
+    return CUT if CUT in names and names.index(CUT) < names.index(deepest) else None
 
 
 def crop_halo(network, content_layers: Sequence[str], style_layers: Sequence[str],
@@ -137,9 +137,14 @@ def crop_halo(network, content_layers: Sequence[str], style_layers: Sequence[str
 
 def _bounds(network, content_layers, style_layers, cut: str | None):
     """``(start, end)`` of each segment: up to ``cut`` and after it, or one."""
-    names = network.layer_names
-    deepest = names[max(names.index(layer) for layer in (*content_layers, *style_layers))]
+    deepest = _deepest(network, content_layers, style_layers)
     return [(None, cut), (cut, deepest)] if cut else [(None, deepest)]
+
+
+def _deepest(network, content_layers, style_layers) -> str:
+    """The deepest layer used."""
+    names = network.layer_names
+    return names[max(names.index(layer) for layer in (*content_layers, *style_layers))]
 
 
 def geometry(network, content_layers: Sequence[str], style_layers: Sequence[str], radius: int,
@@ -156,7 +161,7 @@ def geometry(network, content_layers: Sequence[str], style_layers: Sequence[str]
     (``start`` included), so every cut keeps the later pooling grids where the whole image's
     are."""
     names = network.layer_names
-    end = end or names[max(names.index(layer) for layer in (*content_layers, *style_layers))]
+    end = end or _deepest(network, content_layers, style_layers)
     first, last = (names.index(start) + 1 if start else 0), names.index(end)
     inside = lambda layers: [la for la in layers if first <= names.index(la) <= last]  # noqa: E731
     reads = _reads(network, inside(content_layers), inside(style_layers), radius)
