@@ -248,16 +248,43 @@ def inner(grid: torch.Tensor, radius: int) -> torch.Tensor:
     left at half its strongest) is eroded less, down to the plain mask, rather than lose its
     statistics.
     """
-    result = grid.clone()
-    # one region at a time: the temporaries are one mask's, not K (a pixel grid of a large image)
-    for region, mask in zip(result, grid, strict=True):
-        for r in range(radius, 0, -1):  # erosion only shrinks: the largest radius that survives
-            padded = F.pad(mask[None, None], (r, r, r, r), mode="replicate").neg_()
-            eroded = F.max_pool2d(padded, 2 * r + 1, stride=1)[0, 0].neg_()
-            if eroded.amax() >= mask.amax() / 2:
-                region.copy_(eroded)
-                break
-    return result
+    return torch.cat([band for _, band in inner_bands(grid, radius, grid.shape[-2])], dim=-2)
+
+
+def inner_bands(grid: torch.Tensor, radius: int, rows: int):
+    """``inner(grid, radius)`` a band of up to ``rows`` rows at a time, top first, as
+    ``(top, band (K, rows, w))``: its temporaries are a band's, not a grid's (at a large
+    image's first layer the grid is the image's size)."""
+    height = grid.shape[-2]
+    radii = [_surviving_radius(mask, radius, rows) for mask in grid]
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        yield top, torch.stack([_eroded(mask, r, top, bottom)
+                                for mask, r in zip(grid, radii, strict=True)])  # fmt: skip
+
+
+def _surviving_radius(mask: torch.Tensor, radius: int, rows: int) -> int:
+    """The largest radius up to ``radius`` whose erosion of ``mask (h, w)`` leaves half its
+    strongest value somewhere (erosion only shrinks), or 0; ``rows`` at a time."""
+    height = mask.shape[0]
+    for r in range(radius, 0, -1):
+        bands = range(0, height, rows)
+        if max(_eroded(mask, r, top, min(height, top + rows)).amax() for top in bands) >= (
+            mask.amax() / 2
+        ):
+            return r
+    return 0
+
+
+def _eroded(mask: torch.Tensor, r: int, top: int, bottom: int) -> torch.Tensor:
+    """Rows ``top:bottom`` of ``mask (h, w)`` eroded by ``r`` cells, reading ``r`` rows beyond
+    them where the grid has them and repeating its edge rows where it does not."""
+    if r == 0:
+        return mask[top:bottom]
+    above, below = max(0, top - r), min(mask.shape[0], bottom + r)
+    pad = (r, r, r - (top - above), r - (below - bottom))
+    padded = F.pad(mask[None, None, above:below], pad, mode="replicate").neg_()
+    return F.max_pool2d(padded, 2 * r + 1, stride=1)[0, 0].neg_()
 
 
 # Matting

@@ -376,10 +376,15 @@ def build(
         mass."""
         stores, masses = {}, {}
         for layer in style_layers:
-            grid = masks.inner(on_grid(region_masks, image.shape[-2:],
-                                       network.poolings_before(layer)), inside)  # fmt: skip
-            masses[layer] = mask_mass(grid)
-            stores[layer] = ondisk.keep(grid, spill)
+            grid = on_grid(region_masks, image.shape[-2:], network.poolings_before(layer))
+            stores[layer] = ondisk.zeros(grid.shape, grid.dtype, grid.device, spill)
+            # eroded a store's chunk of rows at a time: at the first layer the grid is the
+            # image's size, and an eroded copy of it is what peaked in a large image's targets
+            rows, mass = stores[layer].chunks()[0][1], 0
+            for top, band in masks.inner_bands(grid, inside, rows):
+                stores[layer].write((top, top + band.shape[-2], 0, band.shape[-1]), band)
+                mass = mass + mask_mass(band.double())
+            masses[layer] = mass.to(grid.dtype)
             del grid
         return stores, masses
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from cast.errors import CastError, ImageError, MaskError
 from cast.images import load_image, open_image, resize, save_image
-from cast.masks import inner, label_masks, matte, read_trimap, resample, soft_masks
+from cast.masks import inner, inner_bands, label_masks, matte, read_trimap, resample, soft_masks
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TUBINGEN, TRIMAP = EXAMPLES / "tubingen.jpg", EXAMPLES / "tubingen_trimap.png"
@@ -288,6 +288,22 @@ def test_inner_keeps_the_cells_far_from_a_regions_border():
     assert eroded[1, :, :8].sum() == 0 and eroded[1, :, 8:].eq(torch.tensor([0.5, 1])).all()
     torch.testing.assert_close(eroded[2], grid[2])
     torch.testing.assert_close(inner(torch.ones(1, 3, 4), 2), torch.ones(1, 3, 4))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 12])
+def test_inner_in_bands_is_inner_whole(rows):
+    """A large image's grids are eroded a band of rows at a time: the bands read the rows
+    around them, and only the grid's own edges repeat."""
+    generator = torch.Generator().manual_seed(rows)
+    grid = torch.rand(3, 12, 9, generator=generator)
+    grid[1] = grid[1].gt(0.3).float()
+    grid[2] = 0
+    grid[2, 7, 1:8] = 0.8  # one row: too thin for any radius, kept as it is
+    whole = inner(grid, 2)
+    bands = dict(inner_bands(grid, 2, rows))
+    assert list(bands) == list(range(0, 12, rows))
+    torch.testing.assert_close(torch.cat(list(bands.values()), dim=-2), whole, rtol=0, atol=0)
+    assert whole[1].sum() < grid[1].sum() and whole[2].equal(grid[2])
 
 
 def test_committed_trimap_fits_tubingen():
