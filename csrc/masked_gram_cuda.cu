@@ -1109,9 +1109,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ---------------------------------------------------------------------------------------------
 // Plans and launchers
 
-// The shape's fields of Dims, which every kernel reads; the launchers add their cuts.
+// Dims of a launch: the shape's fields, which every kernel reads, and its cut into tiles of
+// rows x cols positions and blocks of channel_block channels; the forward adds its splits.
 template <typename T>
-Dims shape_dims(const CastGramShape& s, const void* features) {
+Dims tiled_dims(const CastGramShape& s, const void* features, int rows, int cols,
+                int channel_block) {
   Dims d{};
   d.B = static_cast<int>(s.B);
   d.C = static_cast<int>(s.C);
@@ -1122,31 +1124,20 @@ Dims shape_dims(const CastGramShape& s, const void* features) {
   d.J = static_cast<int>(s.J);
   d.r = static_cast<int>(s.r);
   d.vector_rows = d.W % Halo<T>::vector == 0 && reinterpret_cast<uintptr_t>(features) % 16 == 0;
+  d.channel_blocks = ceil_div(d.C, channel_block);
+  d.tiles_x = ceil_div(d.W, cols);
+  d.tiles = ceil_div(d.H, rows) * d.tiles_x;
   return d;
 }
 
 template <typename T>
 Dims forward_dims(const CastGramShape& s, const CastGramPlan& plan, const void* features) {
-  Dims d = shape_dims<T>(s, features);
-  d.channel_blocks = ceil_div(d.C, kPairBlock);
-  d.tiles_x = ceil_div(d.W, kTileCols);
-  d.tiles = ceil_div(d.H, static_cast<int>(plan.tile_rows)) * d.tiles_x;
+  Dims d = tiled_dims<T>(s, features, static_cast<int>(plan.tile_rows), kTileCols, kPairBlock);
   d.splits = static_cast<int>(plan.splits);
   d.tiles_per_split = ceil_div(d.tiles, d.splits);
   d.kernel_group = static_cast<int>(plan.kernel_group);
   d.mask_group = static_cast<int>(plan.mask_group);
   d.mask_groups = ceil_div(d.K, d.mask_group);
-  return d;
-}
-
-// rows x cols: the backward's tiles of positions; channel_block: its output channels per block.
-template <typename T>
-Dims backward_dims(const CastGramShape& s, const void* features, int rows, int cols,
-                   int channel_block) {
-  Dims d = shape_dims<T>(s, features);
-  d.channel_blocks = ceil_div(d.C, channel_block);
-  d.tiles_x = ceil_div(d.W, cols);
-  d.tiles = ceil_div(d.H, rows) * d.tiles_x;
   return d;
 }
 
@@ -1344,7 +1335,7 @@ cudaError_t backward(const CastGramShape& s, const CastGramPlan& plan, const voi
     if (err == cudaSuccess)
       err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (err != cudaSuccess) return err;
-    const Dims d = backward_dims<T>(s, features, rows, kTileCols, kOutBlock);
+    const Dims d = tiled_dims<T>(s, features, rows, kTileCols, kOutBlock);
     const dim3 grid(std::min(d.tiles * d.channel_blocks * d.B, sms));
     return launch_backward_kernel<T>(kernel, d, grid, plan, sym_grad, features, masks, kernels,
                                      d_features, stream);
@@ -1369,7 +1360,7 @@ cudaError_t backward(const CastGramShape& s, const CastGramPlan& plan, const voi
   }
   // The SIMT kernel: a block per (tile, 32 output channels, batch item).
   using Tile = PositionTile<acc_t<T>>;
-  const Dims d = backward_dims<T>(s, features, Tile::rows, Tile::cols, kSimtChannels);
+  const Dims d = tiled_dims<T>(s, features, Tile::rows, Tile::cols, kSimtChannels);
   return launch_backward_kernel<T>(_masked_gram_bwd_simt_kernel<T>, d,
                                    dim3(d.tiles, d.channel_blocks, d.B), plan, sym_grad,
                                    features, masks, kernels, d_features, stream);
