@@ -123,10 +123,8 @@ def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[s
 
     def need(size: int, history: int | None, on_disk: bool = False) -> float:
         copies = 0 if on_disk else 2 * history + 4 if history is not None else 6
-        # the targets' pass runs the network on the style images' crops too, without autograd
-        # but with the whole network's halo (96 px): a differentiated crop of the shallow halo
-        # bounds it at the tiles plans pick (on a 4096x48 strip in 192 px tiles the two peaks
-        # were within 6 %); at tiles of a few cells it may not
+        # the targets' pass runs the network on the style images' crops too, on the same
+        # segments but without autograd: a differentiated crop bounds it
         largest = max(crop(size, h, w) for h, w in [hw, *style_hws])
         state = spilled if on_disk else resident + (cut_bytes if size else 0)
         return activations * largest + state + copies * 12 * pixels

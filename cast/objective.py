@@ -11,7 +11,8 @@ optimiser needs:
   ``<dL/dG, S_t / n_k>`` (plus its owned content and TV terms) through its crop. Its memory is one
   crop's, and its result the whole image's up to float summation order.
 
-The targets are gathered tile by tile in both cases (one tile when untiled).
+The targets are gathered tile by tile in both cases (one tile when untiled), on the steps'
+segments (``Crops``), in one pass without autograd.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .losses import ContentLoss, GramStats, StyleLoss, TVLoss, gram_sums, gram_s
 from .network import CONTENT_LAYERS, STYLE_LAYERS
 from .ondisk import Store
 from .reference import inverse, mask_mass
-from .tiling import Segment, Tile, TilePlan, plan_tiles, segments
+from .tiling import Segment, Tile, TilePlan, segments
 
 Spill = bool | str | Path  # where image-sized state goes: False (RAM), True or a directory
 
@@ -64,11 +65,90 @@ class WholeImage(nn.Module):
         return loss.detach(), grad
 
 
+class Crops:
+    """The network run segment by segment (``cast.tiling.segments``), one tile's crop at a
+    time: a segment's crops read the image or the previous segment's output at the cut, an
+    image-wide store (in RAM or on disk: ``spill``) that a statistics pass fills with its
+    tiles' owned cells. ``layers``: the layers wanted of the network. ``shard`` deals the
+    tiles to the ranks of a process group."""
+
+    def __init__(self, network, segments: tuple[Segment, ...], layers: Sequence[str],
+                 shard: Shard = ALONE, spill: Spill = False):  # fmt: skip
+        self.network, self.segments, self.layers = network, segments, tuple(layers)
+        self.shard, self.spill = shard, spill
+        self.strides = {layer: network.stride(layer) for layer in network.layer_names}
+
+    def statistics(self, image: Store, inputs: list | None = None, keep_last: bool = False):
+        """Every tile's ``(segment, tile, crop, features)`` of the ranks' tiles, segment by
+        segment, without autograd; with it for the last tile of all where ``keep_last`` (the
+        crop then requires grad). Each segment but the last writes its end's owned cells into
+        the next one's input, shared among the ranks; ``inputs``, where given, receives the
+        segments' inputs (the image, then each cut)."""
+        inputs = [] if inputs is None else inputs
+        inputs.append(image)
+        for segment in self.segments:
+            cut = self._cut(segment, image)
+            tiles = self.shard.mine(segment.plan.tiles)
+            for tile in tiles:
+                keep = keep_last and segment is self.segments[-1] and tile is tiles[-1]
+                with torch.set_grad_enabled(keep):
+                    crop, features = self.forward(segment, inputs[-1], tile)
+                yield segment, tile, crop, features
+                if cut is not None:
+                    cut.write(_rect(self.cut_cells(segment, tile)[0]),
+                              self.cut_features(segment, tile, features))  # fmt: skip
+                del crop, features
+            if cut is not None:
+                inputs.append(self.shard.all_reduce_store(cut))
+
+    def forward(self, segment: Segment, source: Store, tile: Tile) -> tuple[Tensor, dict]:
+        """The tile's crop of the segment's input ``source``, and the segment's features on
+        it (the layers wanted that it holds, and its end); differentiable where autograd is
+        on."""
+        crop = source.read(self.input_rect(segment, tile)).detach()
+        crop.requires_grad_(torch.is_grad_enabled())
+        wanted = [layer for layer in self.layers if layer in segment.margins]
+        features = self.network(crop[None], tuple(dict.fromkeys([*wanted, segment.end])),
+                                tile.windows(segment.margins), start=segment.start)  # fmt: skip
+        return crop, features
+
+    def input_rect(self, segment: Segment, tile: Tile) -> ondisk.Rect:
+        """The tile's crop in its segment's input: image pixels, or cells of the cut."""
+        stride = 1 if segment.start is None else self.strides[segment.start]
+        return tuple(p // stride for p in tile.crop)
+
+    def cells(self, segment: Segment, tile: Tile, layer: str):
+        """The tile's owned cells of ``layer``: of the whole grid, and of the crop's output."""
+        return tile.cells(self.strides[layer], segment.margins[layer])
+
+    def cut_cells(self, segment: Segment, tile: Tile):
+        """The tile's owned cells of the segment's end: of the whole grid, and of its output."""
+        return self.cells(segment, tile, segment.end)
+
+    def cut_features(self, segment: Segment, tile: Tile, features) -> Tensor:
+        """``(C, h, w)``: the segment's end at the tile's owned cells."""
+        local = self.cut_cells(segment, tile)[1]
+        return features[segment.end][0, :, local[0], local[1]]
+
+    def owned(self, grid_masks: Store, segment: Segment, tile: Tile, layer: str, radius: int,
+              dtype: torch.dtype) -> tuple[Tensor, tuple[slice, ...]]:  # fmt: skip
+        """``owned_masks`` of the tile's share of ``layer``."""
+        return owned_masks(grid_masks, tile, self.strides[layer], segment.margins[layer], radius,
+                           dtype)  # fmt: skip
+
+    def _cut(self, segment: Segment, image: Store) -> Store | None:
+        """A zero store for the segment's output over the whole image, unless it is the last."""
+        if segment is self.segments[-1]:
+            return None
+        stride = self.strides[segment.end]
+        shape = (self.network.channels(segment.end), *(s // stride for s in image.shape[-2:]))
+        return ondisk.zeros(shape, image.dtype, image.device, self.spill)
+
+
 class Tiled(WholeImage):
     """The same objective, one crop at a time (see the module's docstring), segment by segment
-    (``cast.tiling.segments``): a segment's crops read the image or the previous segment's
-    output at the cut, an image-wide store that the statistics pass fills; the gradient pass
-    runs the segments last first, each handing its input's gradient to the one before.
+    (``Crops``); the gradient pass runs the segments last first, each handing its input's
+    gradient to the one before.
 
     Its image-sized state (the content targets, the masks on every style layer's grid, the
     cut and its gradient) is in stores (``cast.ondisk``), in RAM or on disk (``spill``);
@@ -83,14 +163,17 @@ class Tiled(WholeImage):
                  spill: Spill = False):  # fmt: skip
         super().__init__(network, {}, style_losses, weights)
         self.layers = tuple(dict.fromkeys([*content_targets, *style_losses]))
-        self.segments, self.kernels, self.backend, self.shard = segments, kernels, backend, shard
-        self.spill = spill
+        self.crops = Crops(network, segments, self.layers, shard, spill)
+        self.kernels, self.backend, self.shard = kernels, backend, shard
         self.content_targets, self.style_masks = content_targets, style_masks
         self.content_scales = {layer: ContentLoss.scale_of(_square_sum(target))
                                for layer, target in content_targets.items()}  # fmt: skip
-        self.strides = {layer: network.stride(layer) for layer in network.layer_names}
         # 1 / n_k broadcast over (J, K, C, C)
         self.inverse_mass = [inverse(masses[layer])[:, None, None] for layer in style_losses]
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return self.crops.segments
 
     @property
     def plan(self) -> TilePlan:
@@ -109,28 +192,19 @@ class Tiled(WholeImage):
             torch.zeros(loss.target.shape, dtype=loss.target.dtype, device=device)
             for _, loss in style_losses
         ] + [torch.zeros((), dtype=torch.float64, device=device) for _ in range(2)]
-        inputs, kept = [image], None
-        for segment in self.segments:
-            source, cut = inputs[-1], self._cut(segment, image)
-            tiles = self.shard.mine(segment.plan.tiles)
-            for tile in tiles:
-                keep = segment is self.segments[-1] and tile is tiles[-1]
-                with torch.set_grad_enabled(keep):
-                    crop, features, share = self._forward(segment, source, tile)
-                with torch.no_grad():
-                    for sums, layer in zip(parts, self.style_losses, strict=False):
-                        if layer in features:
-                            sums += self._sums(features[layer], tile, segment, layer)[0]
-                    parts[-2] += share[0]
-                    parts[-1] += share[1]
-                    if cut is not None:
-                        cut.write(_rect(self._cut_cells(segment, tile)[0]),
-                                  self._cut_features(segment, tile, features))  # fmt: skip
-                if keep:
-                    kept = tile, crop, features, share
-                del crop, features, share
-            if cut is not None:
-                inputs.append(self.shard.all_reduce_store(cut))
+        inputs, kept = [], None
+        for segment, tile, crop, features in self.crops.statistics(image, inputs, keep_last=True):
+            with torch.set_grad_enabled(crop.requires_grad):
+                share = self._shares(segment, tile, crop, features)
+            with torch.no_grad():
+                for sums, layer in zip(parts, self.style_losses, strict=False):
+                    if layer in features:
+                        sums += self._sums(features[layer], tile, segment, layer)[0]
+                parts[-2] += share[0]
+                parts[-1] += share[1]
+            if crop.requires_grad:
+                kept = tile, crop, features, share
+            del crop, features, share
         flat = self.shard.all_reduce(torch.cat([p.flatten().double() for p in parts]))
         parts = [f.view_as(p).to(p.dtype) for f, p in zip(flat.split([p.numel() for p in parts]),
                                                          parts, strict=True)]  # fmt: skip
@@ -165,7 +239,8 @@ class Tiled(WholeImage):
                     (_, crop, features, share), kept = kept, None
                 else:
                     with torch.enable_grad():
-                        crop, features, share = self._forward(segment, source, tile)
+                        crop, features = self.crops.forward(segment, source, tile)
+                        share = self._shares(segment, tile, crop, features)
                 share = self.content_weight * share[0] + self.tv_weight * share[1]
                 outputs, d_outputs = [share], [torch.ones_like(share)]
                 for layer in self.style_losses:
@@ -177,59 +252,24 @@ class Tiled(WholeImage):
                                                         weights[layer][None],
                                                         backend=self.backend))  # fmt: skip
                 if d_cut is not None:
-                    outputs.append(self._cut_features(segment, tile, features))
-                    d_outputs.append(d_cut.read(_rect(self._cut_cells(segment, tile)[0])))
+                    outputs.append(self.crops.cut_features(segment, tile, features))
+                    d_outputs.append(d_cut.read(_rect(self.crops.cut_cells(segment, tile)[0])))
                 # (a share that is a constant, no content or TV term in the segment, is skipped)
                 use = [o.requires_grad for o in outputs]
                 (crop_grad,) = torch.autograd.grad(
                     [o for o, u in zip(outputs, use, strict=True) if u],
                     crop, [d for d, u in zip(d_outputs, use, strict=True) if u],
                 )  # fmt: skip
-                grad.add(self._input_rect(segment, tile), crop_grad)
+                grad.add(self.crops.input_rect(segment, tile), crop_grad)
                 del crop, features, share, outputs, d_outputs
             d_cut = self.shard.all_reduce_store(grad)
         return loss.detach(), grad.read() if isinstance(given, Tensor) else grad
 
-    def _forward(self, segment: Segment, source: Store, tile: Tile):
-        """The tile's crop of the segment's input, the segment's features on it, and its
-        ``(content, TV)`` shares (0-d tensors; TV in the first segment only). Differentiable
-        where autograd is on."""
-        crop = source.read(self._input_rect(segment, tile)).detach()
-        crop.requires_grad_(torch.is_grad_enabled())
-        features = self._features(segment, crop, tile)
+    def _shares(self, segment: Segment, tile: Tile, crop: Tensor, features) -> tuple:
+        """The tile's ``(content, TV)`` shares (0-d tensors; TV in the first segment only)."""
         zero = torch.zeros((), dtype=crop.dtype, device=crop.device)
         content = self._content(features, tile, segment) + zero
-        tv = self._tv(crop, tile) if segment.start is None else zero
-        return crop, features, (content, tv)
-
-    def _cut_cells(self, segment: Segment, tile: Tile):
-        """The tile's owned cells of the segment's end: of the whole grid, and of its output."""
-        return tile.cells(self.strides[segment.end], segment.margins[segment.end])
-
-    def _cut_features(self, segment: Segment, tile: Tile, features) -> Tensor:
-        """``(C, h, w)``: the segment's end at the tile's owned cells."""
-        local = self._cut_cells(segment, tile)[1]
-        return features[segment.end][0, :, local[0], local[1]]
-
-    def _features(self, segment: Segment, crop: Tensor, tile: Tile) -> dict[str, Tensor]:
-        """The segment's layers on a crop ``(C, h, w)`` of its input (the layers used, and its
-        end)."""
-        wanted = [layer for layer in self.layers if layer in segment.margins]
-        return self.network(crop[None], tuple(dict.fromkeys([*wanted, segment.end])),
-                            tile.windows(segment.margins), start=segment.start)  # fmt: skip
-
-    def _input_rect(self, segment: Segment, tile: Tile) -> ondisk.Rect:
-        """The tile's crop in its segment's input: image pixels, or cells of the cut."""
-        stride = 1 if segment.start is None else self.strides[segment.start]
-        return tuple(p // stride for p in tile.crop)
-
-    def _cut(self, segment: Segment, image: Store) -> Store | None:
-        """A zero store for the segment's output over the whole image, unless it is the last."""
-        if segment is self.segments[-1]:
-            return None
-        stride = self.strides[segment.end]
-        shape = (self.network.channels(segment.end), *(s // stride for s in image.shape[-2:]))
-        return ondisk.zeros(shape, image.dtype, image.device, self.spill)
+        return content, self._tv(crop, tile) if segment.start is None else zero
 
     def _sums(self, features: Tensor, tile: Tile, segment: Segment, layer: str) -> Tensor:
         """Gram sums ``(1, J, K, C, C)`` over the tile's owned cells of ``layer``."""
@@ -240,9 +280,8 @@ class Tiled(WholeImage):
         """The op's inputs for the tile's share of ``layer``: its masks (zero outside the
         owned cells) and kernels in ``dtype``, and the cells of the layer's output they lie on
         (``owned_masks``)."""
-        masks, cells = owned_masks(self.style_masks[layer], tile, self.strides[layer],
-                                   segment.margins[layer], self.kernels.shape[-1] // 2,
-                                   dtype)  # fmt: skip
+        masks, cells = self.crops.owned(self.style_masks[layer], segment, tile, layer,
+                                        self.kernels.shape[-1] // 2, dtype)  # fmt: skip
         return masks, self.kernels.to(dtype), cells
 
     def _content(self, features: dict[str, Tensor], tile: Tile, segment: Segment) -> Tensor:
@@ -250,7 +289,7 @@ class Tiled(WholeImage):
         total = 0
         for layer, target in self.content_targets.items():
             if layer in features:
-                whole, local = tile.cells(self.strides[layer], segment.margins[layer])
+                whole, local = self.crops.cells(segment, tile, layer)
                 error = features[layer][..., local[0], local[1]] - target.read(_rect(whole))
                 total = total + error.square().sum() * self.content_scales[layer]
         return total
@@ -304,16 +343,16 @@ def _around(cells: slice, radius: int, size: int) -> slice:
 
 @torch.no_grad()
 def gather(
-    network, image: Tensor | Store, plan: TilePlan, grid_masks: dict[str, Store],
+    network, image: Tensor | Store, segments: tuple[Segment, ...], grid_masks: dict[str, Store],
     masses: dict[str, Tensor], kernels: Tensor, backend, keep: tuple[str, ...] = (),
     shard: Shard = ALONE, spill: Spill = False,
 ) -> tuple[dict[str, GramStats], dict[str, Store]]:  # fmt: skip
-    """Statistics of ``image`` tile by tile: per layer of ``grid_masks`` (masks on that layer's
-    whole grid, of mass ``masses``) its ``GramStats``, and the whole features ``(1, C, h, w)``
-    of the ``keep`` layers, assembled from the tiles' owned cells into stores (on disk when
-    ``spill``)."""
+    """Statistics of ``image`` tile by tile, on the steps' ``segments``: per layer of
+    ``grid_masks`` (masks on that layer's whole grid, of mass ``masses``) its ``GramStats``, and
+    the whole features ``(1, C, h, w)`` of the ``keep`` layers, assembled from the tiles' owned
+    cells into stores (on disk when ``spill``)."""
     image = ondisk.InRam(image) if isinstance(image, Tensor) else image
-    J, K = len(kernels), next(iter(grid_masks.values())).shape[0]
+    J, K, radius = len(kernels), next(iter(grid_masks.values())).shape[0], kernels.shape[-1] // 2
     sums = {layer: torch.zeros(J, K, network.channels(layer), network.channels(layer),
                                dtype=image.dtype, device=image.device)
             for layer in grid_masks}  # fmt: skip
@@ -321,21 +360,17 @@ def gather(
                                  *(s // network.stride(layer) for s in image.shape[-2:])),
                                 image.dtype, image.device, spill)
             for layer in keep}  # fmt: skip
-    margin_of = tiling.geometry(network, keep, tuple(grid_masks), kernels.shape[-1] // 2)[0]
-    for tile in shard.mine(plan.tiles):
-        features = network(
-            image.read(tile.crop)[None],
-            tuple(dict.fromkeys([*keep, *grid_masks])),
-            tile.windows(margin_of),
-        )
+    crops = Crops(network, segments, (*keep, *grid_masks), shard, spill)
+    for segment, tile, _, features in crops.statistics(image):
         for layer, layer_masks in grid_masks.items():
-            owned, cells = owned_masks(layer_masks, tile, network.stride(layer),
-                                       margin_of[layer], kernels.shape[-1] // 2,
-                                       image.dtype)  # fmt: skip
-            sums[layer] += gram_sums(features[layer][cells], owned, kernels, backend=backend)[0]
+            if layer in features:
+                owned, cells = crops.owned(layer_masks, segment, tile, layer, radius, image.dtype)
+                sums[layer] += gram_sums(features[layer][cells], owned, kernels,
+                                         backend=backend)[0]  # fmt: skip
         for layer in keep:
-            whole, local = tile.cells(network.stride(layer), margin_of[layer])
-            kept[layer].write(_rect(whole), features[layer][..., local[0], local[1]])
+            if layer in features:
+                whole, local = crops.cells(segment, tile, layer)
+                kept[layer].write(_rect(whole), features[layer][..., local[0], local[1]])
     # owned cells are disjoint: the zeros elsewhere add exactly
     for t in sums.values():
         shard.all_reduce(t)
@@ -361,10 +396,10 @@ def build(
     is made, and the objective is tiled even with one tile; the caller may then drop the
     content and style images and the masks."""
     content_layers, style_layers = tuple(content_layers), tuple(style_layers)
-    # the targets: one pass without autograd, in crops with the whole network's halo
+    # the targets: one pass without autograd on each image, on the steps' segments
     radius = kernels.shape[-1] // 2
-    _, halo, stride = tiling.geometry(network, content_layers, style_layers, radius)
-    plan_of = lambda image: plan_tiles(*image.shape[-2:], tile, halo, stride)  # noqa: E731
+    segments_of = lambda image, keep=(): segments(network, keep, style_layers, radius,  # noqa: E731
+                                                  tuple(image.shape[-2:]), tile, shard.world)
 
     # A region's statistics, the style's and the result's alike, come only from cells whose
     # kernel neighbourhood and one cell more lie inside it: a deep layer's cell sees far across
@@ -391,18 +426,18 @@ def build(
     # the styles first: their masks on every grid are gone before the content's features come
     pooled = None
     for i, (style, mask) in enumerate(zip(styles, style_masks, strict=True)):
-        stats, _ = gather(network, style, plan_of(style), *grid_masks(mask, style), kernels,
-                          backend, shard=shard, spill=spill)  # fmt: skip
+        stats, _ = gather(network, style, segments_of(style), *grid_masks(mask, style),
+                          kernels, backend, shard=shard, spill=spill)  # fmt: skip
         if blend is not None:
             stats = {layer: s.weighted(blend[i]) for layer, s in stats.items()}
         pooled = stats if pooled is None else {k: pooled[k] + stats[k] for k in stats}
-    plan = plan_of(content)
+    steps = segments_of(content, content_layers)
     region_masks, masses = grid_masks(content_masks, content)
-    own, content_features = gather(network, content, plan, region_masks, masses, kernels,
+    own, content_features = gather(network, content, steps, region_masks, masses, kernels,
                                    backend, keep=content_layers, shard=shard,
                                    spill=spill)  # fmt: skip
     weights = (content_weight, style_weight, tv_weight)
-    tiled = len(plan) > 1 or shard.world > 1 or bool(spill)
+    tiled = len(steps[0].plan) > 1 or shard.world > 1 or bool(spill)
     style_losses = {
         layer: StyleLoss(
             pooled[layer].mean(fallback=own[layer].mean()),
@@ -417,8 +452,6 @@ def build(
         content_losses = {layer: ContentLoss(content_features[layer].read())
                           for layer in content_layers}  # fmt: skip
         return WholeImage(network, content_losses, style_losses, weights)
-    steps = segments(network, content_layers, style_layers, radius,
-                     tuple(content.shape[-2:]), tile, shard.world)  # fmt: skip
     return Tiled(network, content_features, style_losses, region_masks, masses, weights, steps,
                  kernels, backend, shard, spill)  # fmt: skip
 

@@ -40,7 +40,7 @@ torch.save((image, held), sys.argv[1] + "." + os.environ["RANK"])
 def _two_ranks(tmp_path, run: dict) -> tuple:
     """``stylize(iters=3, **run)`` on two gloo ranks under torchrun: their image and, per rank,
     how many files it held open in ``tmp_path / "spill"`` after each step (spilled state)."""
-    (tmp_path / "spill").mkdir()
+    (tmp_path / "spill").mkdir(parents=True)
     script = tmp_path / "rank.py"
     tests = str(Path(__file__).resolve().parent)
     script.write_text(RANK_SCRIPT.format(content=CONTENT, style=STYLE, run=run, tests=tests))
@@ -61,13 +61,19 @@ def test_two_gloo_processes_give_the_image_of_one(tmp_path):
     assert (image - alone).abs().max() <= 1e-4
 
 
-def test_two_gloo_processes_with_the_state_on_disk_give_the_image_of_one_in_memory(tmp_path):
+def test_two_gloo_processes_with_the_state_on_disk_give_their_image_in_memory(tmp_path):
+    """Bit for bit: the same ranks, tiles and sums, the state read from files instead of RAM."""
     run = RUN | dict(optimizer="adam")  # the spilled run's optimiser
-    image, held = _two_ranks(tmp_path, run | dict(spill=True))
+    image, held = _two_ranks(tmp_path / "disk", run | dict(spill=True))
     assert all(min(rank) >= 5 for rank in held), held  # each rank's state was on disk
-    assert os.listdir(tmp_path / "spill") == []  # unnamed files: nothing left behind
-    alone = stylize(CONTENT, STYLE, iters=3, spill=False, **run)
-    assert (image - alone).abs().max() <= 1e-4  # 1.9e-5 here: float32 sums in another order
+    # unnamed files: nothing left behind (torch's first custom op call makes its compile cache
+    # directory in tempfile's directory, which the ranks point at the spill directory)
+    assert [name for name in os.listdir(tmp_path / "disk" / "spill")
+            if not name.startswith("torchinductor")] == []  # fmt: skip
+    in_memory, _ = _two_ranks(tmp_path / "ram", run | dict(spill=False))
+    # (one process gives another image by more than rounding here: Adam's first steps move
+    # each pixel by about lr * sign(gradient), and the ranks' sums round differently)
+    assert torch.equal(image, in_memory)
 
 
 def _free_port() -> int:

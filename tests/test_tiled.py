@@ -152,7 +152,9 @@ def _with(tiled, index, halo=None, margins=None):
     if margins is not None:
         segment = dataclasses.replace(segment, margins=margins)
     other = copy.copy(tiled)
-    other.segments = tuple(segment if i == index else s for i, s in enumerate(tiled.segments))
+    other.crops = copy.copy(tiled.crops)
+    other.crops.segments = tuple(segment if i == index else s
+                                 for i, s in enumerate(tiled.segments))  # fmt: skip
     return other
 
 
