@@ -25,8 +25,8 @@ with a ``K*C``-long reduction on the tensor cores (bf16/fp16 operands for 16-bit
 ``U_j`` goes through a per-program scratch tile (a tile cannot be shifted in registers) and the
 adjoint convolution adds ``p_j[t] U_j[n - t]``, ``r*r`` multiply-adds per output element.
 Programs are persistent (as many as are resident at once: one per SM at 8 warps), so the
-scratch is two tiles per program (``U_j`` and dF's accumulator), not anything proportional to
-``N``: 16.5 MiB on 132 SMs, 6.4 % of ``F`` at relu1_1 of a 1024^2 image.
+scratch is two tiles per program (``U_j`` and dF's accumulator; one when ``J = 1``), not anything
+proportional to ``N``: at most 16.5 MiB on 132 SMs, 6.4 % of ``F`` at relu1_1 of a 1024^2 image.
 
 Cost: matmul work ``2*J*K*N*C^2`` times the halo's overhead (the tile over its inner part,
 256 / 196 = 1.31 at 16 x 16 and r = 3); CUDA-core work ``J*r*r`` per element and block of output
@@ -38,7 +38,6 @@ applied the ``(2r-1)^2`` stencil of ``P_j^T M_k^2 P_j`` per mask and block of ou
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -62,10 +61,9 @@ from .utils import (
 DTYPES = FLOAT_DTYPES  # every dtype the op takes
 AUTOTUNE = os.environ.get("CAST_TRITON_AUTOTUNE", "1") not in ("", "0")
 MASKS_PER_PROGRAM = 4
-# Split scratch (partial Grams) may take at most this fraction of the inputs and outputs.
-SPLIT_SCRATCH_FRACTION = 0.1
-# The backward's scratch per program, in (TILE_H * TILE_W, BLOCK_C) tiles: U_j's and dF's.
-BWD_SCRATCH_TILES = tl.constexpr(2)
+# Scratch (the forward's partial Grams, the backward's tiles) may take at most this fraction of
+# the op's inputs and outputs (inputs_outputs_bytes) where that leaves every SM its programs.
+SCRATCH_FRACTION = 0.1
 
 # One fixed config under the interpreter, where each op costs a numpy call however big its
 # tile: large position tiles keep the tests fast, small channel blocks still give several
@@ -352,6 +350,7 @@ def _masked_gram_bwd_kernel(
     kernels_ptr,  # (J, R, R)
     sym_grad_ptr,  # (B, J, K, C, C): S = (dG + dG^T) / n_k, 0 for an empty mask
     scratch_ptr,  # (programs, 2 * TILE_H * TILE_W * BLOCK_C) at least: U_j's tile, dF's
+    #              (one tile with ONE_KERNEL: dF's sum takes U_0's tile once it is read)
     dfeatures_ptr,  # (B, C, H, W)
     B,
     C,
@@ -369,6 +368,7 @@ def _masked_gram_bwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     ROUND_TF32: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr,
+    ONE_KERNEL: tl.constexpr,  # J == 1
     TILE_H: tl.constexpr,
     TILE_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -388,10 +388,14 @@ def _masked_gram_bwd_kernel(
     ty = offs_m // TILE_W
     tx = offs_m % TILE_W
     inner = (ty >= HALO) & (ty < TILE_H - HALO) & (tx >= HALO) & (tx < TILE_W - HALO)
-    scratch = scratch_ptr + pid.to(tl.int64) * (BWD_SCRATCH_TILES * BLOCK_M * BLOCK_C)
+    if ONE_KERNEL:
+        scratch = scratch_ptr + pid.to(tl.int64) * (BLOCK_M * BLOCK_C)
+        accumulated = scratch + offs_m * BLOCK_C
+    else:
+        scratch = scratch_ptr + pid.to(tl.int64) * (2 * BLOCK_M * BLOCK_C)
+        accumulated = scratch + BLOCK_M * BLOCK_C + offs_m * BLOCK_C
     cols = tl.arange(0, BLOCK_C)
     programs = tl.num_programs(0)
-    accumulated = scratch + BLOCK_M * BLOCK_C + offs_m * BLOCK_C
 
     for item in range(pid, B * tiles * blocks, programs):
         block = item % blocks
@@ -406,10 +410,11 @@ def _masked_gram_bwd_kernel(
         batch_features = features_ptr + b.to(tl.int64) * C * N
         batch_masks = masks_ptr + b.to(tl.int64) * mask_batch_stride
 
-        # dF's tile waits in the scratch's third tile while U_j is formed: in registers beside
-        # U_j, Z_j and the MMA operands it spilled (sm_90a, Triton 3.9, 16 x 16 x 64, 8 warps).
-        # Its reads and writes are ordered by the barrier after each U_j is written, and by the
-        # one before it is read for the last time.
+        # dF's tile waits in the scratch's second tile while U_j is formed: in registers beside
+        # U_j, Z_j and the MMA operands it spilled (sm_90a, Triton 3.9, 16 x 16 x 64, 8 warps;
+        # in dF itself, as did its masked pointers, 96-152 B). Its reads and writes are ordered
+        # by the barrier after each U_j is written, and by the one before it is read for the
+        # last time. With one kernel it takes U_0's tile, once every shifted read of it is done.
         for j in range(J):
             kernel_ptr = kernels_ptr + j * R * R
             sym_ptr = sym_grad_ptr + (b * J + j).to(tl.int64) * K * C * C
@@ -470,6 +475,8 @@ def _masked_gram_bwd_kernel(
                     other=0.0,
                 )
                 acc += tl.load(kernel_ptr + t).to(ACC_DTYPE) * shifted
+            if ONE_KERNEL:
+                tl.debug_barrier()
             tl.store(accumulated[:, None] + cols[None, :], acc)
         tl.debug_barrier()
         acc = tl.load(accumulated[:, None] + cols[None, :])
@@ -558,8 +565,20 @@ def _launch_choice(tuned, raw, configs, config, interpreter_config, C, num_masks
     return tuned, {}
 
 
+def inputs_outputs_bytes(
+    shape: tuple[int, int, int, int], mask_batch: int, dtype: torch.dtype, J: int, K: int, R: int
+) -> int:
+    """What one forward + backward reads and writes, as ``bench/bench_masked_gram.py`` counts
+    it: F, the masks, the kernels and dG in, G and dF out."""
+    B, C, H, W = shape
+    gram_bytes = B * J * K * C * C * gram_dtype(dtype).itemsize
+    inputs = (2 * B * C + mask_batch * K) * H * W + J * R * R
+    return inputs * dtype.itemsize + 2 * gram_bytes
+
+
 def split_rows(
     shape: tuple[int, int, int, int],
+    mask_batch: int,
     dtype: torch.dtype,
     J: int,
     K: int,
@@ -568,40 +587,94 @@ def split_rows(
     splits: int | None = None,
 ) -> int:
     """The rows of each split of the forward (a multiple of the tiles' rows): as many splits
-    as give ``fill`` programs, their partial Grams within ``SPLIT_SCRATCH_FRACTION`` of ``F``
-    and ``G`` (or ``splits`` of them)."""
+    as give ``fill`` programs, their partial Grams within the scratch budget (or ``splits``
+    of them)."""
     B, C, H, _ = shape
     quantum = launch_config.get("TILE_H", SPLIT_QUANTUM)
     if splits is None:
         blocks = channel_blocks(C, launch_config.get("BLOCK_C", 64))
         programs = B * J * (K // masks_per_program(K)) * blocks * (blocks + 1) // 2
         gram_bytes = B * J * K * C * C * gram_dtype(dtype).itemsize
-        features_bytes = math.prod(shape) * dtype.itemsize
-        affordable = int(SPLIT_SCRATCH_FRACTION * (features_bytes + gram_bytes) // gram_bytes)
+        # R = 1: the kernels' few bytes are no reason to split differently
+        budget = SCRATCH_FRACTION * inputs_outputs_bytes(shape, mask_batch, dtype, J, K, 1)
         wanted = triton.cdiv(fill, programs)
-        splits = max(1, min(wanted, affordable, triton.cdiv(H, quantum), 65535))
+        splits = max(1, min(wanted, int(budget // gram_bytes), triton.cdiv(H, quantum), 65535))
     return triton.cdiv(triton.cdiv(H, splits), quantum) * quantum
 
 
-def resident_programs(config: dict, multiprocessors: int) -> int:
+def forward_scratch_bytes(
+    shape: tuple[int, int, int, int],
+    mask_batch: int,
+    dtype: torch.dtype,
+    J: int,
+    K: int,
+    sms: int,
+) -> int:
+    """The partial Grams the autotuned forward allocates on a GPU with ``sms`` SMs."""
+    B, C, H, _ = shape
+    rows = split_rows(shape, mask_batch, dtype, J, K, {}, programs_to_fill(sms))
+    splits = triton.cdiv(H, rows)
+    return (splits if splits > 1 else 0) * B * J * K * C * C * gram_dtype(dtype).itemsize
+
+
+def resident_programs(config: dict, sms: int) -> int:
     """How many backward programs run at once: one of 8 warps per SM (184-235 registers a
     thread, so its 256 threads take the SM's 64 K registers), two of 4 warps. Persistent
     programs beyond these would only queue, each holding its own scratch."""
-    return multiprocessors * max(1, 8 // config["num_warps"])
+    return sms * max(1, 8 // config["num_warps"])
 
 
-def backward_slot(config: dict) -> int:
-    """One backward program's scratch, in elements of the accumulation dtype."""
-    return BWD_SCRATCH_TILES.value * config["TILE_H"] * config["TILE_W"] * config["BLOCK_C"]
+def backward_programs(shape: tuple[int, int, int, int], R: int, config: dict, sms: int):
+    """The backward's persistent programs: as few as take the work items (batch item, tile,
+    block of output channels) in as many rounds as all resident programs would, so the
+    busiest program has as many items as with every SM's program launched (the same makespan)
+    and no slot of scratch is held by a program that would only wait."""
+    B, C, H, W = shape
+    items = B * channel_blocks(C, config["BLOCK_C"]) * backward_tiles(H, W, R, config)
+    rounds = triton.cdiv(items, resident_programs(config, sms))
+    return triton.cdiv(items, rounds)
 
 
-def backward_scratch(candidates: list[dict], multiprocessors: int, programs: int | None) -> int:
-    """The backward's scratch, in elements: a slot for each resident program of the config
-    that needs the most (each config then runs as many programs as the scratch has slots
-    for it), or ``programs`` slots of the largest."""
-    if programs is not None:
-        return programs * max(backward_slot(c) for c in candidates)
-    return max(resident_programs(c, multiprocessors) * backward_slot(c) for c in candidates)
+def backward_slot(config: dict, J: int) -> int:
+    """One backward program's scratch, in elements of the accumulation dtype: U_j's tile and
+    dF's running sum over j (with one kernel, U_0's tile takes the sum once it is read)."""
+    tiles = 1 if J == 1 else 2
+    return tiles * config["TILE_H"] * config["TILE_W"] * config["BLOCK_C"]
+
+
+def backward_scratch(
+    shape: tuple[int, int, int, int],
+    J: int,
+    R: int,
+    candidates: list[dict],
+    sms: int,
+    programs: int | None = None,
+) -> int:
+    """The backward's scratch, in elements: a slot for each program of the candidate config
+    that needs the most (or for ``programs`` of them)."""
+    return max(
+        (programs or backward_programs(shape, R, c, sms)) * backward_slot(c, J) for c in candidates
+    )
+
+
+def backward_candidates() -> list[dict]:
+    """The configs an autotuned backward may launch (all shipped ones: the scratch is
+    allocated before the tuner picks)."""
+    return [_as_launch_config(c) for c in BWD_CONFIGS]
+
+
+def backward_scratch_bytes(
+    shape: tuple[int, int, int, int],
+    mask_batch: int,
+    dtype: torch.dtype,
+    J: int,
+    K: int,
+    R: int,
+    sms: int,
+) -> int:
+    """The scratch the autotuned backward allocates on a GPU with ``sms`` SMs."""
+    elements = backward_scratch(shape, J, R, backward_candidates(), sms)
+    return elements * gram_dtype(dtype).itemsize
 
 
 def forward(
@@ -639,8 +712,11 @@ def forward(
         num_masks,
         R,
     )
-    fill = programs_to_fill(features.device)
-    rows_per_split = split_rows(features.shape, features.dtype, J, K, launch_config, fill, splits)
+    on_gpu = features.device.type == "cuda"
+    fill = programs_to_fill(multiprocessors(features.device)) if on_gpu else 1  # interpreter: 1
+    rows_per_split = split_rows(
+        features.shape, masks.shape[0], features.dtype, J, K, launch_config, fill, splits
+    )
     splits = triton.cdiv(H, rows_per_split)
     out = gram[None] if splits == 1 else gram.new_empty((splits, *gram.shape))
 
@@ -705,16 +781,24 @@ def backward(
         C,
         R=R,
     )
-    candidates = [launch_config] if launch_config else [_as_launch_config(c) for c in BWD_CONFIGS]
+    candidates = [launch_config] if launch_config else backward_candidates()
+    sms = multiprocessors(features.device)
     scratch = torch.empty(
-        backward_scratch(candidates, multiprocessors(features.device), programs),
+        backward_scratch(features.shape, J, R, candidates, sms, programs),
         dtype=gram_dtype(features.dtype),
         device=features.device,
     )
 
+    # by tiling: the grid's meta holds a config's constexprs but not its warps
+    tiling = ("TILE_H", "TILE_W", "BLOCK_C", "BLOCK_D")
+    planned = {tuple(c[k] for k in tiling): backward_programs(features.shape, R, c, sms)
+               for c in candidates}  # fmt: skip
+
     def grid(meta):
+        if programs is None:
+            return (planned[tuple(meta[k] for k in tiling)],)
         items = B * channel_blocks(C, meta["BLOCK_C"]) * backward_tiles(H, W, R, meta)
-        return (min(scratch.numel() // backward_slot(meta), items),)
+        return (min(programs, items),)
 
     with on_device(features):
         kernel[grid](
@@ -735,6 +819,7 @@ def backward(
             size_class(N),
             R=R,
             WIDE_OFFSETS=wide_offsets(C, N),
+            ONE_KERNEL=J == 1,
             **dot_constexprs(features.dtype, allow_tf32),
             **launch_config,
         )

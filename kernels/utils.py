@@ -80,9 +80,9 @@ def multiprocessors(device: torch.device) -> int:
     return _multiprocessors(device.index if device.index is not None else 0)
 
 
-def programs_to_fill(device: torch.device) -> int:
-    """How many programs keep every SM busy: two waves' worth on a GPU, one on the interpreter."""
-    return 2 * multiprocessors(device) if device.type == "cuda" else 1
+def programs_to_fill(sms: int) -> int:
+    """How many programs keep every SM busy: two waves' worth."""
+    return 2 * sms
 
 
 def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:

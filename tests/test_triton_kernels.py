@@ -218,25 +218,92 @@ def test_launchers_allocate_nothing_proportional_to_JNC(splits):
     assert backward_count.bytes <= backward_budget < features.numel() * 4 + smallest_forbidden
 
 
-def test_extra_memory_at_relu1_1_within_a_tenth_of_the_features():
-    """Issue 9's target (extra memory within 10 % of inputs + outputs) at the bench's row
-    relu1_1 of a 1024^2 image (64 channels, float32, J = K = 3) on a 132-SM card (H100,
-    H200), from the plans the wrappers launch with: the forward's partial Grams, the
-    backward's scratch and n_k's float64 band, each within 10 % of F alone (F, the masks, G,
-    dG and dF are more than twice F). The H200 measured 49.5 MiB here before (19 % of F)."""
-    shape, dtype, J, K, sms = (1, 64, 1024, 1024), torch.float32, 3, 3, 132
-    B, C, H, W = shape
-    tenth_of_features = 0.1 * B * C * H * W * 4
-    for config in triton_gram.FWD_CONFIGS:
-        launch_config = triton_gram._as_launch_config(config)
-        rows = triton_gram.split_rows(shape, dtype, J, K, launch_config, 2 * sms)
-        partials = -(-H // rows) * B * J * K * C * C * 4
-        assert partials <= tenth_of_features
-    candidates = [triton_gram._as_launch_config(c) for c in triton_gram.BWD_CONFIGS]
-    scratch = triton_gram.backward_scratch(candidates, sms, None) * 4
-    assert scratch <= tenth_of_features
-    mass_rows = cast.ops.mass_band_rows(B, K, W)
-    assert B * K * mass_rows * W * 8 <= tenth_of_features
+def test_symmetric_grad_holds_one_gram_sized_tensor():
+    """S = (dG + dG^T) / n_k is the backward's largest scratch at deep layers (dG's size: 9 MiB
+    at relu5_1, J = K = 3), beside the launchers': formed with no second temporary."""
+    grad = torch.randn(2, 3, 3, 16, 16)
+    inv_mass = torch.rand(1, 3)
+    with AllocationCounter() as count:
+        sym_grad = symmetric_grad(grad, inv_mass)
+    assert count.bytes == grad.nbytes
+    assert torch.equal(sym_grad, (grad + grad.transpose(-1, -2)) * inv_mass[:, None, :, None, None])
+
+
+H100_SMS = 132  # and H200's
+# relu<b>_1 of VGG-19 (the bench's layers): channels, and the grid as a fraction of the image
+VGG_STYLE_LAYERS = [("relu1_1", 64, 1), ("relu2_1", 128, 2), ("relu3_1", 256, 4),
+                    ("relu4_1", 512, 8), ("relu5_1", 512, 16)]  # fmt: skip
+# Where the launchers' scratch still passes a tenth of the op's bytes, and why (gpu-notes.md,
+# "Triton's extra memory per layer"): the backward's U_j tiles, one per resident program
+# (Triton shifts a tile only through memory), are 132 x 64 KiB = 8.25 MiB whatever the layer,
+# as much as F at relu5_1 of a 1024^2 image; fewer programs would idle SMs. With J > 1, dF's
+# running sum over j takes a second tile per program (in dF itself it spilled, 96-152 B).
+OVER_A_TENTH = {  # (image, layer, dtype, J = K, launcher): its scratch in % of the op's bytes
+    (1024, "relu4_1", "float32", 1, "backward"): 10.9,
+    (1024, "relu5_1", "float32", 1, "backward"): 34.7,
+    (1024, "relu3_1", "float32", 3, "backward"): 12.4,
+    (1024, "relu4_1", "float32", 3, "backward"): 17.5,
+    (1024, "relu5_1", "float32", 3, "backward"): 36.7,
+    (1024, "relu3_1", "bfloat16", 1, "backward"): 12.8,
+    (1024, "relu4_1", "bfloat16", 1, "backward"): 21.1,
+    (1024, "relu5_1", "bfloat16", 1, "backward"): 62.5,
+    (1024, "relu2_1", "bfloat16", 3, "backward"): 12.5,
+    (1024, "relu3_1", "bfloat16", 3, "backward"): 24.0,
+    (1024, "relu4_1", "bfloat16", 3, "backward"): 28.7,
+    (1024, "relu5_1", "bfloat16", 3, "backward"): 48.0,
+    (4096, "relu5_1", "bfloat16", 3, "backward"): 11.3,
+}
+
+
+def test_scratch_within_a_tenth_of_inputs_and_outputs_at_every_vgg_layer():
+    """Issue 9's target, extra memory within 10 % of inputs + outputs, for what the launchers
+    allocate (the forward's partial Grams, the backward's scratch) as an autotuned launch on a
+    132-SM card sizes it, at every VGG style layer of 1024^2 and 4096^2 images, J = K = 1 and
+    3, float32 and bfloat16 (3 x 3 kernels, as the bench). Inputs + outputs as the bench
+    counts them: F, the masks and dG before the call, G and dF after it. Where the target is
+    not met, the miss is listed above with its size: a new miss fails, a listed one that grew
+    fails, and so does one that went away (update the list)."""
+    over = {}
+    for image in (1024, 4096):
+        for name, C, fraction in VGG_STYLE_LAYERS:
+            size = image // fraction
+            shape = (1, C, size, size)
+            for dtype in (torch.float32, torch.bfloat16):
+                for J, K in ((1, 1), (3, 3)):
+                    features = C * size * size * dtype.itemsize
+                    masks = K * size * size * dtype.itemsize
+                    grams = J * K * C * C * 4  # G and dG, float32
+                    tenth = 0.1 * (2 * features + masks + 2 * grams)
+                    scratch = {
+                        "forward": triton_gram.forward_scratch_bytes(
+                            shape, 1, dtype, J, K, H100_SMS
+                        ),
+                        "backward": triton_gram.backward_scratch_bytes(
+                            shape, 1, dtype, J, K, 3, H100_SMS
+                        ),
+                    }
+                    dtype_name = str(dtype).removeprefix("torch.")
+                    for what, nbytes in scratch.items():
+                        if nbytes > tenth:
+                            over[image, name, dtype_name, J, what] = nbytes / tenth * 10
+    assert over.keys() == OVER_A_TENTH.keys(), over
+    for key, percent in over.items():
+        assert percent <= OVER_A_TENTH[key] + 0.05, (key, percent)
+
+
+def test_backward_takes_as_few_rounds_as_every_resident_program_at_every_vgg_layer():
+    """Sizing the scratch to the work must not slow the backward: its busiest program takes
+    no more work items than with every resident program launched (the same makespan), and
+    no program is launched that would only queue."""
+    for image in (1024, 4096):
+        for _, C, fraction in VGG_STYLE_LAYERS:
+            shape = (1, C, image // fraction, image // fraction)
+            for config in triton_gram.backward_candidates():
+                programs = triton_gram.backward_programs(shape, 3, config, H100_SMS)
+                resident = triton_gram.resident_programs(config, H100_SMS)
+                tiles = triton_gram.backward_tiles(shape[2], shape[3], 3, config)
+                items = -(-C // config["BLOCK_C"]) * tiles
+                assert programs <= resident and -(-items // programs) == -(-items // resident)
 
 
 def test_autotuning_is_keyed_on_a_size_class_not_on_the_size():
@@ -336,27 +403,29 @@ SM90_RESOURCES = textwrap.dedent(
     import sm90
     from cast.kernels import masked_gram as mg
 
-    # Every shipped config at the mask counts the launchers give it (_fits), in the precisions
-    # that change the code (TF32-rounded float32 and bf16; fp16 takes bf16's path), with sizes
-    # that are multiples of 16 (VGG layers) and sizes that are not: what Triton specialises on.
+    # Every shipped config at the mask counts the launchers give it (_fits), the backward with
+    # one kernel (J = 1: U_0's tile reused) and several, in the precisions that change the code
+    # (TF32-rounded float32 and bf16; fp16 takes bf16's path), with sizes that are multiples of
+    # 16 (VGG layers) and sizes that are not: what Triton specialises on.
     # Two compiles at a time (CI's two cores); kernels go to the workers by name.
     def compile_named(name, *args):
         return sm90.compile_for_sm90(getattr(mg, name), *args)
 
     jobs = [
-        (kernel.__name__, dtype, True, config, 3, num_masks, aligned)
+        (kernel.__name__, dtype, True, config, 3, num_masks, aligned, one_kernel)
         for kernel, config in sm90.shipped()
         for num_masks in ((1,) if "BLOCK_D" in config.kwargs else (1, 2, 3, 4))
         if mg.config_fits(config, 512, num_masks)
         for aligned in (True, False)
         for dtype in (torch.float32, torch.bfloat16)
+        for one_kernel in ((False, True) if "BLOCK_D" in config.kwargs else (False,))
     ]
     with ProcessPoolExecutor(2) as pool:
         reports = pool.map(compile_named, *zip(*jobs))
-        for (*_, num_masks, aligned), r in zip(jobs, reports):
+        for (*_, num_masks, aligned, one_kernel), r in zip(jobs, reports):
             mma = sorted(op for op in r.instructions if "MMA" in op)
             wide = sorted(op for op in r.instructions if op.endswith((".64", ".128")))
-            print(r.kernel, num_masks, r.dtype, aligned, r.config, r.registers,
+            print(r.kernel, num_masks, one_kernel, r.dtype, aligned, r.config, r.registers,
                   r.spilled_bytes, r.shared_bytes, mma, wide, sep="|")
     """
 )
@@ -378,10 +447,22 @@ def test_shipped_configs_compile_for_sm90_without_spills():
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 9]
-    assert len(rows) >= 16, done.stdout
-    for kernel, num_masks, dtype, aligned, config, registers, spilled, shared, mma, wide in rows:
-        where = f"{kernel} {config} masks={num_masks} {dtype} aligned sizes: {aligned}"
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 10]
+    assert len(rows) >= 24, done.stdout
+    for (
+        kernel,
+        masks,
+        one_kernel,
+        dtype,
+        aligned,
+        config,
+        registers,
+        spilled,
+        shared,
+        mma,
+        wide,
+    ) in rows:
+        where = f"{kernel} {config} masks={masks} J=1: {one_kernel} {dtype} aligned: {aligned}"
         assert int(spilled) == 0, f"{where}: {spilled} bytes spilled ({registers} registers)"
         assert int(shared) <= 227 * 1024, where
         assert "HGMMA" in mma, f"{where}: no wgmma: {mma}"
