@@ -5,12 +5,14 @@ Compares the fused backends present for the device with the eager reference
 and ``torch.compile`` of that reference, in one run, on one machine. For each layer and J, K:
 median time, effective GFLOP/s (``4*J*K*N*C^2`` per forward + backward), the fraction of the
 machine's matmul peak measured in the same run, speedups, and the extra peak memory beside the
-``J*K*N*C`` intermediate the eager code materialises. Writes a markdown table to
+``J*K*N*C`` intermediate the eager code materialises (and, for Triton, beside what its
+launchers' own sizing predicts). Writes a markdown table to
 ``bench/results/<device>-masked_gram.md``.
 
     python bench/bench_masked_gram.py                       # CPU, 512x512 image
     python bench/bench_masked_gram.py --device cuda --image 1024 4096
     python bench/bench_masked_gram.py --quick               # smoke run, writes nothing
+    python bench/bench_masked_gram.py --memory-model --image 1024 4096   # no GPU needed
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ from machine import device_name, git_sha, slug, versions  # noqa: E402
 import cast  # noqa: E402
 from cast import backends  # noqa: E402
 from cast.network import STYLE_LAYERS  # noqa: E402
+from cast.ops import mass_band_bytes  # noqa: E402
 from cast.reference import masked_gram_reference  # noqa: E402
 from cast.weights import ARCHITECTURES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("eager", "compile")
 MIB = 1 << 20
+H100_SMS = 132  # and H200's: the card the memory model assumes without a GPU
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,55 @@ def style_layers(image: int, architecture: str = "vgg16") -> list[Layer]:
         size = image >> (block - 1)
         layers.append(Layer(name, ARCHITECTURES[architecture][block - 1][0], size, size))
     return layers
+
+
+def inputs_outputs_bytes(layer: Layer, J: int, K: int, dtype: torch.dtype) -> int:
+    """What one forward + backward reads and writes (``measure`` checks it on its tensors):
+    F, the masks, the 3 x 3 kernels and dG in, G and dF out; the Triton launchers' figure."""
+    from cast.kernels import masked_gram as triton_gram
+
+    return triton_gram.inputs_outputs_bytes((1, layer.C, layer.H, layer.W), 1, dtype, J, K, 3)
+
+
+def triton_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, sms: int) -> int:
+    """The Triton backend's extra bytes in one forward + backward on a card with ``sms`` SMs,
+    from the launchers' own sizing and ``cast.ops``': the largest of n_k's float64 band, the
+    forward's partial Grams and, in the backward, ``S = (dG + dG^T) / n_k`` beside the
+    backward's scratch (the three phases do not overlap)."""
+    from cast.kernels import masked_gram as triton_gram
+
+    shape = (1, layer.C, layer.H, layer.W)
+    sym_grad = J * K * layer.C**2 * 4
+    return max(
+        mass_band_bytes(1, K, layer.H, layer.W),
+        triton_gram.forward_scratch_bytes(shape, 1, dtype, J, K, sms),
+        sym_grad + triton_gram.backward_scratch_bytes(shape, 1, dtype, J, K, 3, sms),
+    )
+
+
+def memory_model_table(args) -> str:
+    """The Triton backend's predicted extra memory at every layer, no GPU needed."""
+    dtype = getattr(torch, args.dtype)
+    lines = [
+        f"# Triton's extra memory, predicted for a {args.sms}-SM card, {args.dtype}",
+        "",
+        "Forward + backward, 3x3 kernels, B = 1 (bench/bench_masked_gram.py "
+        "triton_extra_model); target: within 10 % of inputs + outputs.",
+        "",
+        "| image | layer | C x H x W | J,K | inputs + outputs MiB | model extra MiB | % | target |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for image in args.image:
+        for layer in style_layers(image):
+            for J, K in args.jk:
+                io = inputs_outputs_bytes(layer, J, K, dtype)
+                extra = triton_extra_model(layer, J, K, dtype, args.sms)
+                lines.append(
+                    f"| {image} | {layer.name} | {layer.C}x{layer.H}x{layer.W} | {J},{K} "
+                    f"| {io / MIB:.1f} | {extra / MIB:.2f} | {100 * extra / io:.1f} "
+                    f"| {'met' if extra <= 0.1 * io else 'not met'} |"
+                )
+    return "\n".join(lines)
 
 
 def fused_backends(device: str) -> list[str]:
@@ -183,6 +236,8 @@ class Row:
     best: float
     forward_seconds: float  # median of the forward alone (no autograd)
     extra_bytes: int
+    io_bytes: int  # inputs + outputs
+    model_extra_bytes: int | None  # Triton's launchers' own sizing, at this card's SMs
 
     element_size: int = 4
 
@@ -219,6 +274,8 @@ def measure(args, image: int) -> list[Row]:
             to = dict(device=device, dtype=dtype)
             inputs = (features.to(**to), masks.to(**to), kernels.to(**to), grad.to(device))
             out_bytes = grad.nbytes + inputs[0].nbytes  # G and dF
+            io = sum(t.nbytes for t in inputs) + out_bytes
+            assert io == inputs_outputs_bytes(layer, J, K, inputs[0].dtype)
             for backend in args.backends:
                 skip = baseline_skip(backend, layer, J, K, image, args)
                 if skip:
@@ -244,6 +301,8 @@ def measure(args, image: int) -> list[Row]:
                         best,
                         forward_seconds,
                         extra,
+                        io,
+                        model_extra(backend, layer, J, K, inputs[0].dtype, device),
                         inputs[0].element_size(),
                     )
                 )
@@ -252,10 +311,17 @@ def measure(args, image: int) -> list[Row]:
                     f"{seconds * 1e3:9.1f} ms (best {best * 1e3:.1f}, forward "
                     f"{forward_seconds * 1e3:.1f}) "
                     f"{rows[-1].flops / seconds / 1e9:7.1f} GFLOP/s "
-                    f"extra {extra / MIB:8.1f} MiB",
+                    f"extra {extra / MIB:8.1f} MiB ({100 * extra / io:.1f} % of io)",
                     flush=True,
                 )
     return rows
+
+
+def model_extra(backend: str, layer: Layer, J: int, K: int, dtype, device: str) -> int | None:
+    if backend != "triton" or device != "cuda":
+        return None
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return triton_extra_model(layer, J, K, dtype, sms)
 
 
 def baseline_skip(backend: str, layer: Layer, J: int, K: int, image: int, args) -> str:
@@ -281,9 +347,10 @@ def table(rows: list[Row], peak: float, bandwidth: float, args) -> str:
     bytes_per = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     lines = [
         "| layer | C x H x W | J,K | backend | ms | best ms | forward ms | model ms | % roofline "
-        "| issue model ms | GFLOP/s | % peak | vs eager | vs compile | extra MiB | J*K*N*C MiB |",
+        "| issue model ms | GFLOP/s | % peak | vs eager | vs compile | extra MiB | model extra MiB "
+        "| extra % io | J*K*N*C MiB |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         key = (r.layer.name, r.J, r.K)
@@ -305,7 +372,9 @@ def table(rows: list[Row], peak: float, bandwidth: float, args) -> str:
             + f"| {issue} | {gflops:.1f} | {100 * gflops / peak:.0f}% "
             f"| {ratio(by_key.get((*key, 'eager')), r)} "
             f"| {ratio(by_key.get((*key, 'compile')), r)} "
-            f"| {r.extra_bytes / MIB:.1f} | {blowup:.0f} |"
+            f"| {r.extra_bytes / MIB:.1f} "
+            + (f"| {r.model_extra_bytes / MIB:.1f} " if r.model_extra_bytes is not None else "| - ")
+            + f"| {100 * r.extra_bytes / r.io_bytes:.1f} | {blowup:.0f} |"
         )
 
     lines += ["", "Summed over the five layers:", ""]
@@ -372,7 +441,10 @@ def report(
             if args.device == "cuda"
             else "(process VmHWM after clear_refs, fixed malloc mmap threshold)"
         )
-        + "; J*K*N*C MiB: the intermediate the eager code materialises",
+        + "; model extra MiB: Triton's, predicted from its launchers' own sizing at this card's "
+        "SM count (triton_extra_model); extra % io: extra over inputs + outputs (F, masks, "
+        "kernels, dG, G, dF; issue 9's target: 10 %); "
+        "J*K*N*C MiB: the intermediate the eager code materialises",
         "",
         "",
     ]
@@ -414,6 +486,12 @@ def parse_args(argv=None):
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: a 64x64 image, few runs, writes nothing"
     )
+    parser.add_argument(
+        "--memory-model",
+        action="store_true",
+        help="print the Triton backend's predicted extra memory per layer and exit (no GPU)",
+    )
+    parser.add_argument("--sms", type=int, default=H100_SMS, help="SMs for --memory-model")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not cuda:
         parser.error("--device cuda: no CUDA device here")
@@ -434,6 +512,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.memory_model:
+        print(memory_model_table(args))
+        return
     peak, peak_how = matmul_peak(args.device, getattr(torch, args.dtype), args.warmup, args.repeats)
     print(f"matmul peak: {peak:.0f} GFLOP/s ({peak_how})", flush=True)
     bandwidth = memory_bandwidth(args.device, args.warmup, args.repeats)

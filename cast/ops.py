@@ -120,6 +120,11 @@ def mass_band_rows(Bm: int, K: int, W: int) -> int:
     return max(1, MASS_BAND_VALUES // max(1, Bm * K * W))
 
 
+def mass_band_bytes(Bm: int, K: int, H: int, W: int) -> int:
+    """The float64 band ``mask_mass_in_bands`` holds at once: its scratch."""
+    return Bm * K * min(H, mass_band_rows(Bm, K, W)) * W * 8
+
+
 def mask_mass_in_bands(masks: Tensor) -> Tensor:
     """``n_k = sum_n m_k[n]^2`` ``(Bm, K)`` summed in float64 a band of rows at a time: all
     the masks in float64 would be 2-4x their size (24 MiB at K = 3, 1024^2, float32), more
