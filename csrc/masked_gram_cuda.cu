@@ -1018,6 +1018,40 @@ __global__ void __launch_bounds__(kThreads, 1)
       constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : kInBlock;
       with_n_tiles<Tile>(h, [&](auto n_tiles_constant) {
         constexpr int kN = decltype(n_tiles_constant)::value;
+        // An (input step c0, mask k) iteration's operands from shared memory: the S fragments
+        // (A) and the mask words of the warp's n-tiles. Each iteration loads the next one's
+        // before its HMMAs, so that their round trip is not on its path (there were two: the
+        // masks before the products, S after them). The loop runs two iterations a trip:
+        // rolled, ptxas sank the loads below the HMMAs and copied the registers at the back
+        // edge; unrolled, the first of each two keeps its loads a trip ahead (gpu-notes).
+        struct Fragments {
+          uint32_t a[2][4];
+          float w[kN];
+        };
+        const auto load = [&](int c0, int k, Fragments& f) {
+          const float* sk = s_tile + (k * kOutBlock + wm + g) * s_stride + c0;
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+            const float* sp = sk + mi * 16 * s_stride;
+            if constexpr (per == 1) {  // S came rounded to TF32 (round_own_copies)
+              f.a[mi][0] = bits_as<uint32_t>(sp[t]);
+              f.a[mi][1] = bits_as<uint32_t>(sp[8 * s_stride + t]);
+              f.a[mi][2] = bits_as<uint32_t>(sp[t + 4]);
+              f.a[mi][3] = bits_as<uint32_t>(sp[8 * s_stride + t + 4]);
+            } else {
+              const float2 lo = *reinterpret_cast<const float2*>(sp + 2 * t);
+              const float2 lo8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t);
+              const float2 hi = *reinterpret_cast<const float2*>(sp + 2 * t + 8);
+              const float2 hi8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t + 8);
+              f.a[mi][0] = pack_pair<T>(lo.x, lo.y), f.a[mi][1] = pack_pair<T>(lo8.x, lo8.y);
+              f.a[mi][2] = pack_pair<T>(hi.x, hi.y), f.a[mi][3] = pack_pair<T>(hi8.x, hi8.y);
+            }
+          }
+#pragma unroll
+          for (int ni = 0; ni < kN; ++ni) f.w[ni] = mask_sq[k * u_padded + wn + ni * 8 + g];
+        };
+        Fragments next;
+        if constexpr (kDepth > 0) load(0, 0, next);
 #pragma unroll
         for (int c0 = 0; c0 < kDepth; c0 += step) {
           uint32_t z_frag[kMaxNTiles][2];
@@ -1027,41 +1061,25 @@ __global__ void __launch_bounds__(kThreads, 1)
             z_frag[ni][0] = zp[0];
             z_frag[ni][1] = zp[4 * z_stride];
           }
+#pragma unroll 2
           for (int k = 0; k < d.K; ++k) {
-            const float* sk = s_tile + (k * kOutBlock + wm + g) * s_stride + c0;
-            uint32_t a[2][4];
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi) {
-              const float* sp = sk + mi * 16 * s_stride;
-              if constexpr (per == 1) {  // S came rounded to TF32 (round_own_copies)
-                a[mi][0] = bits_as<uint32_t>(sp[t]);
-                a[mi][1] = bits_as<uint32_t>(sp[8 * s_stride + t]);
-                a[mi][2] = bits_as<uint32_t>(sp[t + 4]);
-                a[mi][3] = bits_as<uint32_t>(sp[8 * s_stride + t + 4]);
-              } else {
-                const float2 lo = *reinterpret_cast<const float2*>(sp + 2 * t);
-                const float2 lo8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t);
-                const float2 hi = *reinterpret_cast<const float2*>(sp + 2 * t + 8);
-                const float2 hi8 =
-                    *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t + 8);
-                a[mi][0] = pack_pair<T>(lo.x, lo.y), a[mi][1] = pack_pair<T>(lo8.x, lo8.y);
-                a[mi][2] = pack_pair<T>(hi.x, hi.y), a[mi][3] = pack_pair<T>(hi8.x, hi8.y);
-              }
-            }
+            const Fragments now = next;
+            // The next mask's, or the next input step's first; after the last, the first
+            // again (loaded, not used: no branch).
+            const bool same_step = k + 1 < d.K;
+            load(same_step ? c0 : (c0 + step) % kInBlock, same_step ? k + 1 : 0, next);
             uint32_t b[kMaxNTiles][2];
 #pragma unroll
-            for (int ni = 0; ni < kN; ++ni) {
-              const float w = mask_sq[k * u_padded + wn + ni * 8 + g];
+            for (int ni = 0; ni < kN; ++ni)
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
                 if constexpr (per == 1)
-                  b[ni][e] = round_to_tf32(bits_as<float>(z_frag[ni][e]) * w);
+                  b[ni][e] = round_to_tf32(bits_as<float>(z_frag[ni][e]) * now.w[ni]);
                 else
-                  b[ni][e] = HalfOperands<T>::scaled(z_frag[ni][e], w, w);
+                  b[ni][e] = HalfOperands<T>::scaled(z_frag[ni][e], now.w[ni], now.w[ni]);
               }
-            }
-            if constexpr (per == 1) mma_grid_tf32(acc, a, b, 2, kN);
-            else mma_grid_16bit<T>(acc, a, b, 2, kN);
+            if constexpr (per == 1) mma_grid_tf32(acc, now.a, b, 2, kN);
+            else mma_grid_16bit<T>(acc, now.a, b, 2, kN);
           }
         }
       });

@@ -96,6 +96,63 @@ def hmma_runs(sass: str) -> dict[str, list[int]]:
     return kernels
 
 
+# Address, guard predicate, opcode, operands.
+INSTRUCTION = re.compile(
+    r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?(U?P[T\d]+)\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);", re.M
+)
+
+
+def registers(operand: str, width: int) -> set[str]:
+    """The registers an operand names: ``R10`` of a 4-register operand is R10 .. R13; ``P4``."""
+    if found := re.match(r"\s*-?\|?R(\d+)", operand):
+        return {f"R{i}" for i in range(int(found[1]), int(found[1]) + width)}
+    return {f"P{p}" for p in re.findall(r"^\s*!?P(\d)\b", operand)}
+
+
+def hmmas_fed_early(sass: str) -> dict[str, list[tuple[int, int]]]:
+    """Per kernel of a ``cuobjdump -sass`` listing, for each innermost loop holding HMMAs (the
+    body of a backward branch with no other): its HMMAs, and how many of them take operands
+    that no shared-memory load of the same trip feeds (traced through the instructions between,
+    predicates included), i.e. operands loaded a trip ahead."""
+    kernels = {}
+    for block in re.split(r"\n\s+Function : ", sass)[1:]:
+        code = [
+            (int(a, 16), op, [*ops.split(","), guard])
+            for a, guard, op, ops in INSTRUCTION.findall(block)
+        ]  # the guard predicate last, read like an operand
+
+        def back_to(address, op, ops):
+            target = re.search(r"0x([0-9a-f]+)", ops[0]) if op.startswith("BRA") else None
+            return int(target[1], 16) if target and int(target[1], 16) < address else None
+
+        index = {x[0]: i for i, x in enumerate(code)}
+        loops = []
+        for end, (address, op, ops) in enumerate(code):
+            head = back_to(address, op, ops)
+            body = code[index[head] : end + 1] if head in index else []
+            if any(o.startswith("HMMA") for _, o, _ in body) and not any(
+                back_to(*x) is not None for x in body[:-1]
+            ):
+                loops.append(body)
+        kernels[block.split("\n", 1)[0].strip()] = [fed_early(body) for body in loops]
+    return kernels
+
+
+def fed_early(body) -> tuple[int, int]:
+    fed, hmmas, early = set(), 0, 0  # fed: registers this trip's loads reach
+    for _, op, ops in body:
+        # HMMA's operands: D, A (4 registers), B (2), C (the accumulator: not an operand here).
+        read = [*ops[1:3], ops[-1]] if op.startswith("HMMA") else ops[1:]
+        widths = (4, 2, 1) if op.startswith("HMMA") else (1,) * len(read)
+        sources = set().union(set(), *map(registers, read, widths))
+        if op.startswith("HMMA"):
+            hmmas, early = hmmas + 1, early + (not sources & fed)
+            continue
+        written = registers(ops[0], {"64": 2, "128": 4}.get(op.split(".")[-1], 1))
+        fed = fed | written if op.startswith("LDS") or sources & fed else fed - written
+    return hmmas, early
+
+
 @functools.cache
 def compiled(source: pathlib.Path, arch: str, folder: str) -> subprocess.CompletedProcess:
     """nvcc's verdict on ``source`` for ``arch``, warnings as errors, with ptxas' report; the
@@ -175,7 +232,7 @@ def test_cuda_machine_code(build_folder):
         assert sum(n for op, n in ops.items() if op.startswith(vector)) > 0, name
     backward = {name: ops for name, ops in kernels.items() if MMA_BACKWARD_KERNEL.search(name)}
     assert len(backward) == 6, sorted(kernels)  # 3 MMA types x 2 tile heights
-    runs = hmma_runs(sass)
+    runs, fed = hmma_runs(sass), hmmas_fed_early(sass)
     for name, ops in backward.items():
         dtype, rows = MMA_BACKWARD_KERNEL.search(name).groups()
         mma = {op for op in ops if op.startswith("HMMA")}
@@ -186,6 +243,11 @@ def test_cuda_machine_code(build_folder):
         n_tiles = BACKWARD_N_TILES[int(rows)]
         whole = {run for run in runs[name] for n in n_tiles if run % (2 * n) == 0}
         assert whole == set(runs[name]), (name, sorted(set(runs[name])))
+        # The operands (S fragments, mask words) come a (k-step, mask) iteration ahead: in
+        # every trip of the MMA loop (two iterations) the first iteration's HMMAs take
+        # registers loaded in the trip before (they waited for loads issued just before them).
+        loops = fed[name]
+        assert loops and all(2 * early >= hmmas for hmmas, early in loops), (name, loops)
     simt = [ops for name, ops in kernels.items() if SIMT_BACKWARD_KERNEL.search(name)]
     assert len(simt) == 4 and not any(op.startswith("HMMA") for ops in simt for op in ops)
     # 4 variants x 2 dtypes x forward and backward, all spill-free (the nvcc test)
