@@ -236,7 +236,8 @@ def render(rows: dict, where: str, device: str, sizes=SIZES) -> str:
         "step, or one cold step; every row in a fresh process; memory: "
         f"{memory} (over the ranks), optimiser state excluded; tiles of 512 px unless said; "
         "rows from b142d52 on run two segments (24 px halo up to pool3, then 64 px in tiles "
-        "twice as wide), earlier rows one crop per tile with a 96 px halo",
+        "twice as wide; from acaa56e on, the targets too), earlier rows one crop per tile with a "
+        "96 px halo",
         "- each row says when it ran, the 1-minute load average before and after it (this "
         "machine's cores are shared: load slows rows unevenly) and the commit",
         "- written by `python bench/bench_tiled.py` (see its docstring for the row groups)",
