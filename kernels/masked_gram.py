@@ -25,8 +25,8 @@ with a ``K*C``-long reduction on the tensor cores (bf16/fp16 operands for 16-bit
 ``U_j`` goes through a per-program scratch tile (a tile cannot be shifted in registers) and the
 adjoint convolution adds ``p_j[t] U_j[n - t]``, ``r*r`` multiply-adds per output element.
 Programs are persistent (as many as are resident at once: one per SM at 8 warps), so the
-scratch is two tiles per program (``U_j`` and dF's accumulator; one when ``J = 1``), not anything
-proportional to ``N``: at most 16.5 MiB on 132 SMs, 6.4 % of ``F`` at relu1_1 of a 1024^2 image.
+scratch is one tile per program (``U_j``, and dF's running sum between kernels), not anything
+proportional to ``N``: at most 8.25 MiB on 132 SMs, 3.2 % of ``F`` at relu1_1 of a 1024^2 image.
 
 Cost: matmul work ``2*J*K*N*C^2`` times the halo's overhead (the tile over its inner part,
 256 / 196 = 1.31 at 16 x 16 and r = 3); CUDA-core work ``J*r*r`` per element and block of output
@@ -79,10 +79,11 @@ INTERPRETER_BWD_CONFIG = dict(TILE_H=8, TILE_W=16, BLOCK_C=16, BLOCK_D=16, num_w
 # sm_90a, float32 and bf16, 1-4 masks, sizes multiples of 16 or not, Triton 3.9 and 3.6: 2 x 32
 # positions x 64 channels takes 126-255 registers, 4 x 32 x 64 195-255; 4 warps (m64n64 MMAs
 # instead of m64n32) spilled 8-272 B at 3-4 masks. Backward,
-# sm_90a, float32 and bf16, sizes multiples of 16 or not, Triton 3.9 and 3.6: 16 x 16 x 64
-# (reduction blocks of 16) takes 184-233 registers, 16 x 16 x 32 (for C <= 32) 222-235; the
-# register allocation is erratic near the limit: 8 x 16 x 64 x 32 (half the tile) spilled 16-32
-# bytes, and so did 16 x 16 x 32 x 16 at 8 warps (8 B).
+# sm_90a, float32 and bf16, sizes multiples of 16 or not: 16 x 16 x 64 (reduction blocks of
+# 16) takes 216-250 registers, 16 x 16 x 32 (for C <= 32) 228-243 (Triton 3.9, one scratch tile;
+# 184-235 with two, on 3.9 and 3.6); the register allocation is erratic near the limit:
+# 8 x 16 x 64 x 32 (half the tile) spilled 16-32 bytes, and so did 16 x 16 x 32 x 16 at 8 warps
+# (8 B).
 FWD_CONFIGS = [
     triton.Config(
         dict(TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_C=BLOCK_C), num_warps=num_warps, num_stages=1
@@ -349,8 +350,7 @@ def _masked_gram_bwd_kernel(
     masks_ptr,  # (Bm, K, H, W)
     kernels_ptr,  # (J, R, R)
     sym_grad_ptr,  # (B, J, K, C, C): S = (dG + dG^T) / n_k, 0 for an empty mask
-    scratch_ptr,  # (programs, 2 * TILE_H * TILE_W * BLOCK_C) at least: U_j's tile, dF's
-    #              (one tile with ONE_KERNEL: dF's sum takes U_0's tile once it is read)
+    scratch_ptr,  # (programs, TILE_H * TILE_W * BLOCK_C) at least: U_j's tile, or dF's sum
     dfeatures_ptr,  # (B, C, H, W)
     B,
     C,
@@ -368,7 +368,6 @@ def _masked_gram_bwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     ROUND_TF32: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr,
-    ONE_KERNEL: tl.constexpr,  # J == 1
     TILE_H: tl.constexpr,
     TILE_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -388,14 +387,13 @@ def _masked_gram_bwd_kernel(
     ty = offs_m // TILE_W
     tx = offs_m % TILE_W
     inner = (ty >= HALO) & (ty < TILE_H - HALO) & (tx >= HALO) & (tx < TILE_W - HALO)
-    if ONE_KERNEL:
-        scratch = scratch_ptr + pid.to(tl.int64) * (BLOCK_M * BLOCK_C)
-        accumulated = scratch + offs_m * BLOCK_C
-    else:
-        scratch = scratch_ptr + pid.to(tl.int64) * (2 * BLOCK_M * BLOCK_C)
-        accumulated = scratch + BLOCK_M * BLOCK_C + offs_m * BLOCK_C
+    scratch = scratch_ptr + pid.to(tl.int64) * (BLOCK_M * BLOCK_C)
     cols = tl.arange(0, BLOCK_C)
     programs = tl.num_programs(0)
+    # the tile's rows: addresses from row pointers, since a (tile, channel) offset tensor is
+    # loop-invariant, the compiler hoists it, and it takes registers for good (sm_90, Triton
+    # 3.9: two hoisted pointer tensors, 255 registers, spills)
+    rows = scratch + offs_m * BLOCK_C
 
     for item in range(pid, B * tiles * blocks, programs):
         block = item % blocks
@@ -410,11 +408,10 @@ def _masked_gram_bwd_kernel(
         batch_features = features_ptr + b.to(tl.int64) * C * N
         batch_masks = masks_ptr + b.to(tl.int64) * mask_batch_stride
 
-        # dF's tile waits in the scratch's second tile while U_j is formed: in registers beside
-        # U_j, Z_j and the MMA operands it spilled (sm_90a, Triton 3.9, 16 x 16 x 64, 8 warps;
-        # in dF itself, as did its masked pointers, 96-152 B). Its reads and writes are ordered
-        # by the barrier after each U_j is written, and by the one before it is read for the
-        # last time. With one kernel it takes U_0's tile, once every shifted read of it is done.
+        # One tile per program holds U_j while it is shifted and, between kernels, dF's running
+        # sum while U_j is formed: in registers beside U_j, Z_j and the MMA operands the sum
+        # spilled (sm_90a, Triton 3.9, 16 x 16 x 64, 8 warps), and a second tile for it doubled
+        # the scratch. Four barriers a kernel order the tile's uses (below).
         for j in range(J):
             kernel_ptr = kernels_ptr + j * R * R
             sym_ptr = sym_grad_ptr + (b * J + j).to(tl.int64) * K * C * C
@@ -455,18 +452,15 @@ def _masked_gram_bwd_kernel(
                     sym = _dot_operand(sym, DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
                     u = tl.dot(left, sym, u, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             # P_j^T on the inner positions, dF[n] += sum_t p_j[t] U_j[n - t]: through the
-            # scratch, the only way to shift a tile in Triton. One buffer (a second one, used in
-            # turn, saved only the first barrier below and cost a third of the scratch): the
-            # first barrier orders the last kernel's shifted reads before this write, the second
-            # this write before these reads. Addresses from row pointers: a (tile, channel)
-            # offset tensor is loop-invariant, the compiler hoists it, and it takes registers
-            # for good (sm_90, Triton 3.9: two hoisted pointer tensors, 255 registers, spills).
-            rows = scratch + offs_m * BLOCK_C
+            # scratch, the only way to shift a tile in Triton. The barriers order: the last
+            # kernel's sum, stored, before it is read back; every read of it before U_j takes
+            # the tile; U_j whole before its shifted reads; these before the sum takes the tile.
+            started = tl.full((BLOCK_M, BLOCK_C), j, tl.int32) > 0  # zero before kernel 0
+            tl.debug_barrier()
+            acc = tl.load(rows[:, None] + cols[None, :], mask=started, other=0.0)
             tl.debug_barrier()
             tl.store(rows[:, None] + cols[None, :], u)
             tl.debug_barrier()
-            started = tl.full((BLOCK_M, BLOCK_C), j, tl.int32) > 0  # zero before kernel 0
-            acc = tl.load(accumulated[:, None] + cols[None, :], mask=started, other=0.0)
             for t in range(R * R):
                 shift = (t // R - HALO) * TILE_W + (t % R - HALO)
                 shifted = tl.load(
@@ -475,11 +469,10 @@ def _masked_gram_bwd_kernel(
                     other=0.0,
                 )
                 acc += tl.load(kernel_ptr + t).to(ACC_DTYPE) * shifted
-            if ONE_KERNEL:
-                tl.debug_barrier()
-            tl.store(accumulated[:, None] + cols[None, :], acc)
+            tl.debug_barrier()
+            tl.store(rows[:, None] + cols[None, :], acc)
         tl.debug_barrier()
-        acc = tl.load(accumulated[:, None] + cols[None, :])
+        acc = tl.load(rows[:, None] + cols[None, :])
 
         if WIDE_OFFSETS:
             out_offsets = offs_c.to(tl.int64)[None, :] * N + offs_n[:, None]
@@ -618,7 +611,7 @@ def forward_scratch_bytes(
 
 
 def resident_programs(config: dict, sms: int) -> int:
-    """How many backward programs run at once: one of 8 warps per SM (184-235 registers a
+    """How many backward programs run at once: one of 8 warps per SM (216-250 registers a
     thread, so its 256 threads take the SM's 64 K registers), two of 4 warps. Persistent
     programs beyond these would only queue, each holding its own scratch."""
     return sms * max(1, 8 // config["num_warps"])
@@ -635,16 +628,14 @@ def backward_programs(shape: tuple[int, int, int, int], R: int, config: dict, sm
     return triton.cdiv(items, rounds)
 
 
-def backward_slot(config: dict, J: int) -> int:
-    """One backward program's scratch, in elements of the accumulation dtype: U_j's tile and
-    dF's running sum over j (with one kernel, U_0's tile takes the sum once it is read)."""
-    tiles = 1 if J == 1 else 2
-    return tiles * config["TILE_H"] * config["TILE_W"] * config["BLOCK_C"]
+def backward_slot(config: dict) -> int:
+    """One backward program's scratch, in elements of the accumulation dtype: one tile, for
+    U_j and, between kernels, dF's running sum."""
+    return config["TILE_H"] * config["TILE_W"] * config["BLOCK_C"]
 
 
 def backward_scratch(
     shape: tuple[int, int, int, int],
-    J: int,
     R: int,
     candidates: list[dict],
     sms: int,
@@ -653,7 +644,7 @@ def backward_scratch(
     """The backward's scratch, in elements: a slot for each program of the candidate config
     that needs the most (or for ``programs`` of them)."""
     return max(
-        (programs or backward_programs(shape, R, c, sms)) * backward_slot(c, J) for c in candidates
+        (programs or backward_programs(shape, R, c, sms)) * backward_slot(c) for c in candidates
     )
 
 
@@ -664,16 +655,10 @@ def backward_candidates() -> list[dict]:
 
 
 def backward_scratch_bytes(
-    shape: tuple[int, int, int, int],
-    mask_batch: int,
-    dtype: torch.dtype,
-    J: int,
-    K: int,
-    R: int,
-    sms: int,
+    shape: tuple[int, int, int, int], dtype: torch.dtype, R: int, sms: int
 ) -> int:
     """The scratch the autotuned backward allocates on a GPU with ``sms`` SMs."""
-    elements = backward_scratch(shape, J, R, backward_candidates(), sms)
+    elements = backward_scratch(shape, R, backward_candidates(), sms)
     return elements * gram_dtype(dtype).itemsize
 
 
@@ -784,7 +769,7 @@ def backward(
     candidates = [launch_config] if launch_config else backward_candidates()
     sms = multiprocessors(features.device)
     scratch = torch.empty(
-        backward_scratch(features.shape, J, R, candidates, sms, programs),
+        backward_scratch(features.shape, R, candidates, sms, programs),
         dtype=gram_dtype(features.dtype),
         device=features.device,
     )
@@ -819,7 +804,6 @@ def backward(
             size_class(N),
             R=R,
             WIDE_OFFSETS=wide_offsets(C, N),
-            ONE_KERNEL=J == 1,
             **dot_constexprs(features.dtype, allow_tf32),
             **launch_config,
         )

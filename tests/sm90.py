@@ -84,14 +84,11 @@ def compile_for_sm90(
     R=3,
     num_masks=3,
     aligned_sizes=True,
-    one_kernel=False,
 ) -> Report:
     """Compile ``kernel`` with ``config`` for sm_90a and read its resources and SASS."""
     constexprs = dict(config.kwargs, R=R, WIDE_OFFSETS=False, **dot_constexprs(dtype, allow_tf32))
     if "NUM_MASKS" in kernel.arg_names:
         constexprs["NUM_MASKS"] = num_masks
-    if "ONE_KERNEL" in kernel.arg_names:
-        constexprs["ONE_KERNEL"] = one_kernel
     precision = constexprs["INPUT_PRECISION"]
     dtype = TRITON_DTYPES[dtype]
     signature = _signature(kernel, dtype, constexprs)

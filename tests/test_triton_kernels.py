@@ -211,9 +211,9 @@ def test_launchers_allocate_nothing_proportional_to_JNC(splits):
         triton_gram.backward(
             sym_grad, features, masks, kernels, True, config=config, programs=programs
         )
-    # dF, and two tiles per (persistent) program (U_j's, dF's): the tile's size, not N's
-    # (S = (dG + dG^T) / n_k comes formed from cast.ops)
-    scratch_bytes = programs * 2 * config["TILE_H"] * config["TILE_W"] * config["BLOCK_C"] * 4
+    # dF, and one tile per (persistent) program (U_j's, then dF's sum): the tile's size, not
+    # N's (S = (dG + dG^T) / n_k comes formed from cast.ops)
+    scratch_bytes = programs * config["TILE_H"] * config["TILE_W"] * config["BLOCK_C"] * 4
     backward_budget = features.numel() * 4 + scratch_bytes + 1024
     assert backward_count.bytes <= backward_budget < features.numel() * 4 + smallest_forbidden
 
@@ -234,24 +234,20 @@ H100_SMS = 132  # and H200's
 VGG_STYLE_LAYERS = [("relu1_1", 64, 1), ("relu2_1", 128, 2), ("relu3_1", 256, 4),
                     ("relu4_1", 512, 8), ("relu5_1", 512, 16)]  # fmt: skip
 # Where the launchers' scratch still passes a tenth of the op's bytes, and why (gpu-notes.md,
-# "Triton's extra memory per layer"): the backward's U_j tiles, one per resident program
-# (Triton shifts a tile only through memory), are 132 x 64 KiB = 8.25 MiB whatever the layer,
-# as much as F at relu5_1 of a 1024^2 image; fewer programs would idle SMs. With J > 1, dF's
-# running sum over j takes a second tile per program (in dF itself it spilled, 96-152 B).
+# "Triton's extra memory per layer"): the backward's one tile per program (U_j, which Triton
+# shifts only through memory, and dF's running sum between kernels), 64 KiB for each of the
+# programs that keep every SM busy: about 6-8 MiB whatever the layer, as much as F at relu5_1
+# of a 1024^2 image; fewer programs would idle SMs.
 OVER_A_TENTH = {  # (image, layer, dtype, J = K, launcher): its scratch in % of the op's bytes
     (1024, "relu4_1", "float32", 1, "backward"): 10.9,
     (1024, "relu5_1", "float32", 1, "backward"): 34.7,
-    (1024, "relu3_1", "float32", 3, "backward"): 12.4,
-    (1024, "relu4_1", "float32", 3, "backward"): 17.5,
-    (1024, "relu5_1", "float32", 3, "backward"): 36.7,
+    (1024, "relu5_1", "float32", 3, "backward"): 18.4,
     (1024, "relu3_1", "bfloat16", 1, "backward"): 12.8,
-    (1024, "relu4_1", "bfloat16", 1, "backward"): 21.1,
+    (1024, "relu4_1", "bfloat16", 1, "backward"): 21.2,
     (1024, "relu5_1", "bfloat16", 1, "backward"): 62.5,
-    (1024, "relu2_1", "bfloat16", 3, "backward"): 12.5,
-    (1024, "relu3_1", "bfloat16", 3, "backward"): 24.0,
-    (1024, "relu4_1", "bfloat16", 3, "backward"): 28.7,
-    (1024, "relu5_1", "bfloat16", 3, "backward"): 48.0,
-    (4096, "relu5_1", "bfloat16", 3, "backward"): 11.3,
+    (1024, "relu3_1", "bfloat16", 3, "backward"): 12.0,
+    (1024, "relu4_1", "bfloat16", 3, "backward"): 14.4,
+    (1024, "relu5_1", "bfloat16", 3, "backward"): 24.1,
 }
 
 
@@ -278,9 +274,7 @@ def test_scratch_within_a_tenth_of_inputs_and_outputs_at_every_vgg_layer():
                         "forward": triton_gram.forward_scratch_bytes(
                             shape, 1, dtype, J, K, H100_SMS
                         ),
-                        "backward": triton_gram.backward_scratch_bytes(
-                            shape, 1, dtype, J, K, 3, H100_SMS
-                        ),
+                        "backward": triton_gram.backward_scratch_bytes(shape, dtype, 3, H100_SMS),
                     }
                     dtype_name = str(dtype).removeprefix("torch.")
                     for what, nbytes in scratch.items():
@@ -403,29 +397,27 @@ SM90_RESOURCES = textwrap.dedent(
     import sm90
     from cast.kernels import masked_gram as mg
 
-    # Every shipped config at the mask counts the launchers give it (_fits), the backward with
-    # one kernel (J = 1: U_0's tile reused) and several, in the precisions that change the code
-    # (TF32-rounded float32 and bf16; fp16 takes bf16's path), with sizes that are multiples of
-    # 16 (VGG layers) and sizes that are not: what Triton specialises on.
+    # Every shipped config at the mask counts the launchers give it (_fits), in the precisions
+    # that change the code (TF32-rounded float32 and bf16; fp16 takes bf16's path), with sizes
+    # that are multiples of 16 (VGG layers) and sizes that are not: what Triton specialises on.
     # Two compiles at a time (CI's two cores); kernels go to the workers by name.
     def compile_named(name, *args):
         return sm90.compile_for_sm90(getattr(mg, name), *args)
 
     jobs = [
-        (kernel.__name__, dtype, True, config, 3, num_masks, aligned, one_kernel)
+        (kernel.__name__, dtype, True, config, 3, num_masks, aligned)
         for kernel, config in sm90.shipped()
         for num_masks in ((1,) if "BLOCK_D" in config.kwargs else (1, 2, 3, 4))
         if mg.config_fits(config, 512, num_masks)
         for aligned in (True, False)
         for dtype in (torch.float32, torch.bfloat16)
-        for one_kernel in ((False, True) if "BLOCK_D" in config.kwargs else (False,))
     ]
     with ProcessPoolExecutor(2) as pool:
         reports = pool.map(compile_named, *zip(*jobs))
-        for (*_, num_masks, aligned, one_kernel), r in zip(jobs, reports):
+        for (*_, num_masks, aligned), r in zip(jobs, reports):
             mma = sorted(op for op in r.instructions if "MMA" in op)
             wide = sorted(op for op in r.instructions if op.endswith((".64", ".128")))
-            print(r.kernel, num_masks, one_kernel, r.dtype, aligned, r.config, r.registers,
+            print(r.kernel, num_masks, r.dtype, aligned, r.config, r.registers,
                   r.spilled_bytes, r.shared_bytes, mma, wide, sep="|")
     """
 )
@@ -447,22 +439,10 @@ def test_shipped_configs_compile_for_sm90_without_spills():
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 10]
-    assert len(rows) >= 24, done.stdout
-    for (
-        kernel,
-        masks,
-        one_kernel,
-        dtype,
-        aligned,
-        config,
-        registers,
-        spilled,
-        shared,
-        mma,
-        wide,
-    ) in rows:
-        where = f"{kernel} {config} masks={masks} J=1: {one_kernel} {dtype} aligned: {aligned}"
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 9]
+    assert len(rows) >= 16, done.stdout
+    for kernel, num_masks, dtype, aligned, config, registers, spilled, shared, mma, wide in rows:
+        where = f"{kernel} {config} masks={num_masks} {dtype} aligned sizes: {aligned}"
         assert int(spilled) == 0, f"{where}: {spilled} bytes spilled ({registers} registers)"
         assert int(shared) <= 227 * 1024, where
         assert "HGMMA" in mma, f"{where}: no wgmma: {mma}"
