@@ -61,8 +61,9 @@ from .utils import (
 DTYPES = FLOAT_DTYPES  # every dtype the op takes
 AUTOTUNE = os.environ.get("CAST_TRITON_AUTOTUNE", "1") not in ("", "0")
 MASKS_PER_PROGRAM = 4
-# Scratch (the forward's partial Grams, the backward's tiles) may take at most this fraction of
-# the op's inputs and outputs (inputs_outputs_bytes) where that leaves every SM its programs.
+# The forward's partial Grams may take at most this fraction of the op's inputs and outputs
+# (inputs_outputs_bytes; issue 9's target for all scratch). The backward's is sized by the
+# programs that keep every SM busy (backward_programs), one tile each.
 SCRATCH_FRACTION = 0.1
 
 # One fixed config under the interpreter, where each op costs a numpy call however big its
