@@ -874,47 +874,55 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Step s's copies of an item: F for input block s % in_blocks, S_j1 .. S_jK for kernel
   // s / in_blocks, into S's buffer `buffer`. Each thread: one channel and one 16-byte column
-  // chunk of F for every row; S alike.
+  // chunk of F for every row; S alike. What every row shares (the chunk in, out of or across
+  // the image, the rows inside it) is decided once, and a row's address is the last one's plus
+  // W: decided per row, the loop took 97-131 instructions a row (gpu-notes).
   auto issue_copies = [&](const Item& it, int s, int buffer) {
     const int j = s / in_blocks, in_block = s % in_blocks;
-    const int y0 = it.y0, x0 = it.x0, out_block = it.out_block, batch = it.batch;
-    const T* f_batch = features + static_cast<int64_t>(batch) * d.C * N;
     const int channel = in_block * kInBlock + tid / kCopyChunks, chunk = tid % kCopyChunks;
     if (chunk < chunks) {
-      const int x = x0 - pad + chunk * vector;
+      const int x = it.x0 - pad + chunk * vector, y_top = it.y0 - 2 * h;
       T* dst = f_halo + (tid / kCopyChunks) * f_stride + chunk * vector;
-      const bool whole = d.vector_rows && x >= 0 && x + vector <= d.W;
-      for (int fr = 0; fr < f_rows; ++fr) {
-        const int y = y0 - 2 * h + fr;
-        const bool inside = channel < d.C && y >= 0 && y < d.H;
-        const T* src = f_batch + (inside ? channel * N + static_cast<int64_t>(y) * d.W : 0);
-        if (!inside || x + vector <= 0 || x >= d.W || whole) {
-          copy_async_16(dst + fr * f_cols, inside && whole ? src + x : f_batch,
-                        inside && whole ? 16 : 0);
-        } else {
+      // The halo's rows in the image: [first, last), none past the last channel.
+      const int first = max(0, -y_top), last = channel < d.C ? min(f_rows, d.H - y_top) : 0;
+      int64_t row = (static_cast<int64_t>(it.batch) * d.C + channel) * N +
+                    static_cast<int64_t>(y_top) * d.W;  // (y_top + fr) * W, read when inside
+      const bool outside = x + vector <= 0 || x >= d.W;
+      if (outside || (d.vector_rows && x >= 0 && x + vector <= d.W)) {  // 16 bytes or none
+        for (int fr = 0; fr < f_rows; ++fr, row += d.W) {
+          const bool inside = !outside && fr >= first && fr < last;
+          copy_async_16(dst + fr * f_cols, inside ? features + row + x : features,
+                        inside ? 16 : 0);
+        }
+      } else {  // across the image's edge, or rows not on whole vectors: element by element
+        for (int fr = 0; fr < f_rows; ++fr, row += d.W) {
+          const bool inside = fr >= first && fr < last;
 #pragma unroll
           for (int v = 0; v < vector; ++v) {
-            const bool in = x + v >= 0 && x + v < d.W;
-            dst[fr * f_cols + v] = in ? src[x + v] : narrow<T>(0.0f);
+            const bool in = inside && x + v >= 0 && x + v < d.W;
+            dst[fr * f_cols + v] = in ? features[row + x + v] : narrow<T>(0.0f);
           }
         }
       }
     }
     float* s_dst = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
     const int c_in = in_block * kInBlock + chunk * 4;
-    for (int k = 0; k < d.K; ++k) {
-      const int64_t slice = (static_cast<int64_t>(batch) * d.J + j) * d.K + k;
-      for (int half = 0; half < 2; ++half) {
-        const int row = half * 32 + tid / kCopyChunks, c_out = out_block * kOutBlock + row;
-        float* dst = s_dst + (k * kOutBlock + row) * s_stride + chunk * 4;
-        const float* src = sym_grad + (slice * d.C + min(c_out, d.C - 1)) * d.C;
-        if (c_out >= d.C || c_in >= d.C || (vector_sym && c_in + 4 <= d.C)) {
-          const bool inside = c_out < d.C && c_in < d.C;
-          copy_async_16(dst, inside ? src + c_in : sym_grad, inside ? 16 : 0);
-        } else {
+    const int64_t slice = static_cast<int64_t>(d.C) * d.C;  // S_jk to S_j(k+1)
+    for (int half = 0; half < 2; ++half) {
+      const int row = half * 32 + tid / kCopyChunks, c_out = it.out_block * kOutBlock + row;
+      const bool inside = c_out < d.C && c_in < d.C;
+      float* dst = s_dst + row * s_stride + chunk * 4;
+      // S_j1's row c_out from column c_in, read when inside.
+      int64_t at = ((static_cast<int64_t>(it.batch) * d.J + j) * d.K * d.C + c_out) * d.C + c_in;
+      if (!inside || (vector_sym && c_in + 4 <= d.C)) {
+        for (int k = 0; k < d.K; ++k, at += slice)
+          copy_async_16(dst + k * kOutBlock * s_stride, inside ? sym_grad + at : sym_grad,
+                        inside ? 16 : 0);
+      } else {
+        for (int k = 0; k < d.K; ++k, at += slice)
 #pragma unroll
-          for (int v = 0; v < 4; ++v) dst[v] = c_in + v < d.C ? src[c_in + v] : 0.0f;
-        }
+          for (int v = 0; v < 4; ++v)
+            dst[k * kOutBlock * s_stride + v] = c_in + v < d.C ? sym_grad[at + v] : 0.0f;
       }
     }
   };

@@ -109,17 +109,16 @@ def registers(operand: str, width: int) -> set[str]:
     return {f"P{p}" for p in re.findall(r"^\s*!?P(\d)\b", operand)}
 
 
-def hmmas_fed_early(sass: str) -> dict[str, list[tuple[int, int]]]:
-    """Per kernel of a ``cuobjdump -sass`` listing, for each innermost loop holding HMMAs (the
-    body of a backward branch with no other): its HMMAs, and how many of them take operands
-    that no shared-memory load of the same trip feeds (traced through the instructions between,
-    predicates included), i.e. operands loaded a trip ahead."""
+def innermost_loops(sass: str) -> dict[str, list[list[tuple[int, str, list[str]]]]]:
+    """Per kernel of a ``cuobjdump -sass`` listing, the bodies of its innermost loops (a
+    backward branch's, holding no other), each a list of (address, opcode, operands): the
+    operands as written, then the guard predicate, read like an operand."""
     kernels = {}
     for block in re.split(r"\n\s+Function : ", sass)[1:]:
         code = [
             (int(a, 16), op, [*ops.split(","), guard])
             for a, guard, op, ops in INSTRUCTION.findall(block)
-        ]  # the guard predicate last, read like an operand
+        ]
 
         def back_to(address, op, ops):
             target = re.search(r"0x([0-9a-f]+)", ops[0]) if op.startswith("BRA") else None
@@ -130,12 +129,20 @@ def hmmas_fed_early(sass: str) -> dict[str, list[tuple[int, int]]]:
         for end, (address, op, ops) in enumerate(code):
             head = back_to(address, op, ops)
             body = code[index[head] : end + 1] if head in index else []
-            if any(o.startswith("HMMA") for _, o, _ in body) and not any(
-                back_to(*x) is not None for x in body[:-1]
-            ):
+            if body and not any(back_to(*x) is not None for x in body[:-1]):
                 loops.append(body)
-        kernels[block.split("\n", 1)[0].strip()] = [fed_early(body) for body in loops]
+        kernels[block.split("\n", 1)[0].strip()] = loops
     return kernels
+
+
+def hmmas_fed_early(sass: str) -> dict[str, list[tuple[int, int]]]:
+    """Per kernel, for each innermost loop holding HMMAs: its HMMAs, and how many of them take
+    operands that no shared-memory load of the same trip feeds (traced through the
+    instructions between, predicates included), i.e. operands loaded a trip ahead."""
+    return {
+        name: [fed_early(body) for body in loops if any(op[1].startswith("HMMA") for op in body)]
+        for name, loops in innermost_loops(sass).items()
+    }
 
 
 def fed_early(body) -> tuple[int, int]:
@@ -232,7 +239,7 @@ def test_cuda_machine_code(build_folder):
         assert sum(n for op, n in ops.items() if op.startswith(vector)) > 0, name
     backward = {name: ops for name, ops in kernels.items() if MMA_BACKWARD_KERNEL.search(name)}
     assert len(backward) == 6, sorted(kernels)  # 3 MMA types x 2 tile heights
-    runs, fed = hmma_runs(sass), hmmas_fed_early(sass)
+    runs, fed, loops_of = hmma_runs(sass), hmmas_fed_early(sass), innermost_loops(sass)
     for name, ops in backward.items():
         dtype, rows = MMA_BACKWARD_KERNEL.search(name).groups()
         mma = {op for op in ops if op.startswith("HMMA")}
@@ -248,6 +255,12 @@ def test_cuda_machine_code(build_folder):
         # registers loaded in the trip before (they waited for loads issued just before them).
         loops = fed[name]
         assert loops and all(2 * early >= hmmas for hmmas, early in loops), (name, loops)
+        # F's and S's 16-byte copies: no scalar border path inside their loops and a few
+        # instructions a copy (were 48-91 with the scalar path inside: gpu-notes).
+        copies = [body for body in loops_of[name] if any(x[1].startswith("LDGSTS") for x in body)]
+        per_copy = [len(b) / sum(x[1].startswith("LDGSTS") for x in b) for b in copies]
+        scalar = [x[1] for b in copies for x in b if x[1].startswith("LDG.")]
+        assert copies and max(per_copy) <= 32 and not scalar, (name, per_copy, scalar)
     simt = [ops for name, ops in kernels.items() if SIMT_BACKWARD_KERNEL.search(name)]
     assert len(simt) == 4 and not any(op.startswith("HMMA") for ops in simt for op in ops)
     # 4 variants x 2 dtypes x forward and backward, all spill-free (the nvcc test)
