@@ -11,8 +11,8 @@ optimiser needs:
   ``<dL/dG, S_t / n_k>`` (plus its owned content and TV terms) through its crop. Its memory is one
   crop's, and its result the whole image's up to float summation order.
 
-The targets are gathered tile by tile in both cases (one tile when untiled), on the steps'
-segments (``Crops``), in one pass without autograd.
+The targets are gathered tile by tile in both cases (one tile when untiled), each image on its
+own segments cut as the steps' are (``Crops``), in one pass without autograd.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ class WholeImage(nn.Module):
 class Crops:
     """The network run segment by segment (``cast.tiling.segments``), one tile's crop at a
     time: a segment's crops read the image or the previous segment's output at the cut, an
-    image-wide store (in RAM or on disk: ``spill``) that a statistics pass fills with its
-    tiles' owned cells. ``layers``: the layers wanted of the network. ``shard`` deals the
+    image-wide store (in RAM or on disk: ``spill``) that ``forwards`` fills with its tiles'
+    owned cells. ``layers``: the layers wanted of the network. ``shard`` deals the
     tiles to the ranks of a process group."""
 
     def __init__(self, network, segments: tuple[Segment, ...], layers: Sequence[str],
@@ -78,7 +78,7 @@ class Crops:
         self.shard, self.spill = shard, spill
         self.strides = {layer: network.stride(layer) for layer in network.layer_names}
 
-    def statistics(self, image: Store, inputs: list | None = None, keep_last: bool = False):
+    def forwards(self, image: Store, inputs: list | None = None, keep_last: bool = False):
         """Every tile's ``(segment, tile, crop, features)`` of the ranks' tiles, segment by
         segment, without autograd; with it for the last tile of all where ``keep_last`` (the
         crop then requires grad). Each segment but the last writes its end's owned cells into
@@ -193,7 +193,7 @@ class Tiled(WholeImage):
             for _, loss in style_losses
         ] + [torch.zeros((), dtype=torch.float64, device=device) for _ in range(2)]
         inputs, kept = [], None
-        for segment, tile, crop, features in self.crops.statistics(image, inputs, keep_last=True):
+        for segment, tile, crop, features in self.crops.forwards(image, inputs, keep_last=True):
             with torch.set_grad_enabled(crop.requires_grad):
                 share = self._shares(segment, tile, crop, features)
             with torch.no_grad():
@@ -229,7 +229,8 @@ class Tiled(WholeImage):
                                                zip(d_grams, self.inverse_mass, strict=True)),
                            strict=True))  # fmt: skip
         d_cut = None
-        for segment, source in reversed(list(zip(self.segments, inputs, strict=True))):
+        for segment in reversed(self.segments):
+            source = inputs.pop()  # (the cut goes once its segment is done: d_cut is enough)
             grad = source.zeros_like()
             tiles = list(self.shard.mine(segment.plan.tiles))
             if kept is not None and segment is self.segments[-1]:
@@ -261,7 +262,7 @@ class Tiled(WholeImage):
                     crop, [d for d, u in zip(d_outputs, use, strict=True) if u],
                 )  # fmt: skip
                 grad.add(self.crops.input_rect(segment, tile), crop_grad)
-                del crop, features, share, outputs, d_outputs
+                del crop, features, share, outputs, d_outputs, crop_grad
             d_cut = self.shard.all_reduce_store(grad)
         return loss.detach(), grad.read() if isinstance(given, Tensor) else grad
 
@@ -347,7 +348,7 @@ def gather(
     masses: dict[str, Tensor], kernels: Tensor, backend, keep: tuple[str, ...] = (),
     shard: Shard = ALONE, spill: Spill = False,
 ) -> tuple[dict[str, GramStats], dict[str, Store]]:  # fmt: skip
-    """Statistics of ``image`` tile by tile, on the steps' ``segments``: per layer of
+    """Statistics of ``image`` tile by tile, on its ``segments``: per layer of
     ``grid_masks`` (masks on that layer's whole grid, of mass ``masses``) its ``GramStats``, and
     the whole features ``(1, C, h, w)`` of the ``keep`` layers, assembled from the tiles' owned
     cells into stores (on disk when ``spill``)."""
@@ -361,7 +362,7 @@ def gather(
                                 image.dtype, image.device, spill)
             for layer in keep}  # fmt: skip
     crops = Crops(network, segments, (*keep, *grid_masks), shard, spill)
-    for segment, tile, _, features in crops.statistics(image):
+    for segment, tile, crop, features in crops.forwards(image):
         for layer, layer_masks in grid_masks.items():
             if layer in features:
                 owned, cells = crops.owned(layer_masks, segment, tile, layer, radius, image.dtype)
@@ -371,6 +372,7 @@ def gather(
             if layer in features:
                 whole, local = crops.cells(segment, tile, layer)
                 kept[layer].write(_rect(whole), features[layer][..., local[0], local[1]])
+        del crop, features  # before the next tile's forward
     # owned cells are disjoint: the zeros elsewhere add exactly
     for t in sums.values():
         shard.all_reduce(t)
@@ -396,7 +398,7 @@ def build(
     is made, and the objective is tiled even with one tile; the caller may then drop the
     content and style images and the masks."""
     content_layers, style_layers = tuple(content_layers), tuple(style_layers)
-    # the targets: one pass without autograd on each image, on the steps' segments
+    # the targets: one pass without autograd on each image, on segments cut as the steps' are
     radius = kernels.shape[-1] // 2
     segments_of = lambda image, keep=(): segments(network, keep, style_layers, radius,  # noqa: E731
                                                   tuple(image.shape[-2:]), tile, shard.world)
@@ -415,10 +417,11 @@ def build(
             stores[layer] = ondisk.zeros(grid.shape, grid.dtype, grid.device, spill)
             # eroded a store's chunk of rows at a time: at the first layer the grid is the
             # image's size, and an eroded copy of it is what peaked in a large image's targets
-            rows, mass = stores[layer].chunks()[0][1], 0
+            rows = ondisk.chunk_rows(grid.shape, grid.element_size())
+            mass = torch.zeros(grid.shape[0], dtype=torch.float64, device=grid.device)
             for top, band in masks.inner_bands(grid, inside, rows):
                 stores[layer].write((top, top + band.shape[-2], 0, band.shape[-1]), band)
-                mass = mass + mask_mass(band.double())
+                mass += mask_mass(band.double())
             masses[layer] = mass.to(grid.dtype)
             del grid
         return stores, masses

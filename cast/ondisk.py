@@ -137,9 +137,13 @@ def zeros(shape, dtype: torch.dtype, device, spill: bool | str | Path = False) -
     return OnDisk(shape, dtype, device, None if spill is True else spill)
 
 
+def chunk_rows(shape, itemsize: int) -> int:
+    """How many whole rows of a tensor ``(*lead, H, W)`` make a chunk (``chunks``)."""
+    return max(1, CHUNK_BYTES // max(1, math.prod(shape[:-2]) * shape[-1] * itemsize))
+
+
 def _chunks(shape, itemsize: int) -> list[Rect]:
-    height, width = shape[-2:]
-    rows = max(1, CHUNK_BYTES // max(1, math.prod(shape[:-2]) * width * itemsize))
+    height, width, rows = *shape[-2:], chunk_rows(shape, itemsize)
     return [(top, min(top + rows, height), 0, width) for top in range(0, height, rows)]
 
 

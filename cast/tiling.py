@@ -8,11 +8,12 @@ image's. Deeper layers need less of the halo: layer by layer, the network drops 
 layer reads.
 
 A halo as wide as the deepest layer's reach (96 px on VGG-19) makes the shallow layers, the
-costly ones, compute a 512 px tile's crop at (512 + 2 * 96)^2 px, 1.9x the tile. So the steps cut
-the network in two segments at ``CUT`` (pool3): the first runs the shallow layers on crops with
-the halo that they and the cut need (24 px), and writes the cut's owned cells into an image-wide
-map (16 B/px); the second runs the deep layers on that map in tiles twice as wide, whose halo
-(64 px) costs little at an eighth of the resolution. Every feature is still the whole image's.
+costly ones, compute a 512 px tile's crop at (512 + 2 * 96)^2 px, 1.9x the tile. So the steps
+and the targets cut the network in two segments at ``CUT`` (pool3): the first runs the shallow
+layers on crops with the halo that they and the cut need (24 px), and writes the cut's owned
+cells into an image-wide map (16 B/px); the second runs the deep layers on that map in tiles
+twice as wide, whose halo (64 px) costs little at an eighth of the resolution. Every feature is
+still the whole image's.
 """
 
 from __future__ import annotations

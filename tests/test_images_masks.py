@@ -290,7 +290,7 @@ def test_inner_keeps_the_cells_far_from_a_regions_border():
     torch.testing.assert_close(inner(torch.ones(1, 3, 4), 2), torch.ones(1, 3, 4))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 12])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7])
 def test_inner_in_bands_is_inner_whole(rows):
     """A large image's grids are eroded a band of rows at a time: the bands read the rows
     around them, and only the grid's own edges repeat."""

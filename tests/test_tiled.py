@@ -158,6 +158,19 @@ def _with(tiled, index, halo=None, margins=None):
     return other
 
 
+def test_the_masks_on_the_grids_are_built_a_band_of_rows_at_a_time(monkeypatch):
+    """With chunks of a few rows the masks on every style layer's grid, eroded band by band
+    into their stores, and their mass are those made in one piece."""
+    network, args = _problem(torch.float64)
+    whole = build(network, *args, tile=TILE)
+    monkeypatch.setattr(ondisk, "CHUNK_BYTES", 3 * 3 * W * 8)  # 3 rows of relu1_1's grid
+    banded = build(network, *args, tile=TILE)
+    for layer, store in whole.style_masks.items():
+        assert torch.equal(banded.style_masks[layer].read(), store.read()), layer
+    for a, b in zip(banded.inverse_mass, whole.inverse_mass, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-15, atol=0)
+
+
 def test_a_halo_one_position_too_small_breaks_it(built):
     """Each segment's halo is needed to the position (8 px cells up to pool3, 16 px after):
     the shallow one is pool3's reach on VGG-19, 22 px, so 24; the deep one relu5_1's reach (70
