@@ -9,7 +9,8 @@ on the CPU, peak allocated memory on CUDA. The rows, in groups (``--rows``, defa
 - ``ratio``: untiled and tiled at 1024² and 2048²: the tiled / untiled time (needs a quiet
   machine: other work slows the rows unevenly);
 - ``curve``: tiled at 1024², 2048² and 4096² (one step above 2048²): how flat the peak memory
-  stays;
+  stays (its 1024² and 2048² rows are the same rows as ``ratio``'s tiled ones: running it
+  replaces them, and the ratios then need ``ratio`` again, in one run);
 - ``spill``: the curve's rows with the image-sized state on disk (``build(spill=True)``, the
   image a store, the content and style images and masks dropped after the targets): the memory
   a print-size image needs;
