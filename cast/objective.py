@@ -130,11 +130,22 @@ class Crops:
         local = self.cut_cells(segment, tile)[1]
         return features[segment.end][0, :, local[0], local[1]]
 
-    def owned(self, grid_masks: Store, segment: Segment, tile: Tile, layer: str, radius: int,
-              dtype: torch.dtype) -> tuple[Tensor, tuple[slice, ...]]:  # fmt: skip
-        """``owned_masks`` of the tile's share of ``layer``."""
-        return owned_masks(grid_masks, tile, self.strides[layer], segment.margins[layer], radius,
-                           dtype)  # fmt: skip
+    def owned(self, grid_masks: Store, segment: Segment, tile: Tile, layer: str,
+              kernels: Tensor, dtype: torch.dtype):  # fmt: skip
+        """The op's inputs for the tile's share of ``layer``: its masks (zero outside the
+        owned cells) and ``kernels`` in ``dtype``, and the cells of the layer's output they lie
+        on (``owned_masks``)."""
+        masks, cells = owned_masks(grid_masks, tile, self.strides[layer], segment.margins[layer],
+                                   kernels.shape[-1] // 2, dtype)  # fmt: skip
+        return masks, kernels.to(dtype), cells
+
+    def sums(self, grid_masks: Store, segment: Segment, tile: Tile, layer: str,
+             features: Tensor, kernels: Tensor, backend) -> Tensor:  # fmt: skip
+        """Gram sums ``(1, J, K, C, C)`` of ``features``, the crop's output of ``layer``, over
+        the tile's owned cells."""
+        masks, kernels, cells = self.owned(grid_masks, segment, tile, layer, kernels,
+                                           features.dtype)  # fmt: skip
+        return gram_sums(features[cells], masks, kernels, backend=backend)
 
     def _cut(self, segment: Segment, image: Store) -> Store | None:
         """A zero store for the segment's output over the whole image, unless it is the last."""
@@ -199,7 +210,9 @@ class Tiled(WholeImage):
             with torch.no_grad():
                 for sums, layer in zip(parts, self.style_losses, strict=False):
                     if layer in features:
-                        sums += self._sums(features[layer], tile, segment, layer)[0]
+                        sums += self.crops.sums(self.style_masks[layer], segment, tile, layer,
+                                                features[layer], self.kernels,
+                                                self.backend)[0]  # fmt: skip
                 parts[-2] += share[0]
                 parts[-1] += share[1]
             if crop.requires_grad:
@@ -246,8 +259,9 @@ class Tiled(WholeImage):
                 outputs, d_outputs = [share], [torch.ones_like(share)]
                 for layer in self.style_losses:
                     if layer in features:
-                        masks, kernels, cells = self._owned(tile, segment, layer,
-                                                            features[layer].dtype)  # fmt: skip
+                        masks, kernels, cells = self.crops.owned(
+                            self.style_masks[layer], segment, tile, layer, self.kernels,
+                            features[layer].dtype)  # fmt: skip
                         outputs.append(features[layer][cells])
                         d_outputs.append(gram_sums_grad(outputs[-1], masks, kernels,
                                                         weights[layer][None],
@@ -271,19 +285,6 @@ class Tiled(WholeImage):
         zero = torch.zeros((), dtype=crop.dtype, device=crop.device)
         content = self._content(features, tile, segment) + zero
         return content, self._tv(crop, tile) if segment.start is None else zero
-
-    def _sums(self, features: Tensor, tile: Tile, segment: Segment, layer: str) -> Tensor:
-        """Gram sums ``(1, J, K, C, C)`` over the tile's owned cells of ``layer``."""
-        masks, kernels, cells = self._owned(tile, segment, layer, features.dtype)
-        return gram_sums(features[cells], masks, kernels, backend=self.backend)
-
-    def _owned(self, tile: Tile, segment: Segment, layer: str, dtype: torch.dtype):
-        """The op's inputs for the tile's share of ``layer``: its masks (zero outside the
-        owned cells) and kernels in ``dtype``, and the cells of the layer's output they lie on
-        (``owned_masks``)."""
-        masks, cells = self.crops.owned(self.style_masks[layer], segment, tile, layer,
-                                        self.kernels.shape[-1] // 2, dtype)  # fmt: skip
-        return masks, self.kernels.to(dtype), cells
 
     def _content(self, features: dict[str, Tensor], tile: Tile, segment: Segment) -> Tensor:
         """The content term's share of the tile's owned cells (``ContentLoss``, by parts)."""
@@ -353,7 +354,7 @@ def gather(
     the whole features ``(1, C, h, w)`` of the ``keep`` layers, assembled from the tiles' owned
     cells into stores (on disk when ``spill``)."""
     image = ondisk.InRam(image) if isinstance(image, Tensor) else image
-    J, K, radius = len(kernels), next(iter(grid_masks.values())).shape[0], kernels.shape[-1] // 2
+    J, K = len(kernels), next(iter(grid_masks.values())).shape[0]
     sums = {layer: torch.zeros(J, K, network.channels(layer), network.channels(layer),
                                dtype=image.dtype, device=image.device)
             for layer in grid_masks}  # fmt: skip
@@ -365,9 +366,8 @@ def gather(
     for segment, tile, crop, features in crops.forwards(image):
         for layer, layer_masks in grid_masks.items():
             if layer in features:
-                owned, cells = crops.owned(layer_masks, segment, tile, layer, radius, image.dtype)
-                sums[layer] += gram_sums(features[layer][cells], owned, kernels,
-                                         backend=backend)[0]  # fmt: skip
+                sums[layer] += crops.sums(layer_masks, segment, tile, layer, features[layer],
+                                          kernels, backend)[0]  # fmt: skip
         for layer in keep:
             if layer in features:
                 whole, local = crops.cells(segment, tile, layer)
