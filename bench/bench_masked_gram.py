@@ -6,7 +6,7 @@ and ``torch.compile`` of that reference, in one run, on one machine. For each la
 median time, effective GFLOP/s (``4*J*K*N*C^2`` per forward + backward), the fraction of the
 machine's matmul peak measured in the same run, speedups, and the extra peak memory beside the
 ``J*K*N*C`` intermediate the eager code materialises (and, for Triton, beside what its
-launchers' own sizing predicts). Writes a markdown table to
+launchers' own sizing predicts, and for CUDA what its plan allocates). Writes a markdown table to
 ``bench/results/<device>-masked_gram.md``.
 
     python bench/bench_masked_gram.py                       # CPU, 512x512 image
@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -49,7 +51,24 @@ from cast.weights import ARCHITECTURES  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("eager", "compile")
 MIB = 1 << 20
-H100_SMS = 132  # and H200's: the card the memory model assumes without a GPU
+
+
+@dataclass(frozen=True)
+class Card:
+    """What the memory models need of a GPU."""
+
+    sms: int
+    compute_capability: int  # major * 10 + minor
+    max_smem: int  # shared memory per block, opted in, bytes
+
+    @classmethod
+    def of_device(cls) -> Card:
+        props = torch.cuda.get_device_properties(0)
+        smem = props.shared_memory_per_block_optin
+        return cls(props.multi_processor_count, 10 * props.major + props.minor, smem)
+
+
+H100 = Card(132, 90, 227 * 1024)  # and H200's: the card the memory model assumes without a GPU
 
 
 @dataclass(frozen=True)
@@ -98,27 +117,71 @@ def triton_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, sms: in
     )
 
 
+@functools.cache
+def cuda_planner():
+    """``csrc/masked_gram_cuda.cu``'s plan, its host code built for this CPU by the tests' CUDA
+    emulation (g++, about 3 s): the module and the library."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import cuda_emulation
+
+    with tempfile.TemporaryDirectory(prefix="cast-cuda-plan-") as folder:
+        return cuda_emulation, cuda_emulation.build(Path(folder), "-O0")
+
+
+def cuda_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, card: Card) -> int:
+    """The CUDA backend's extra bytes in one forward + backward on ``card``, from the plan of
+    ``csrc/masked_gram_cuda.cu`` itself: the largest of n_k's float64 band, the forward's
+    scratch (the plan's copies of G; G holds split 0's sums) and, in the backward (which has
+    no scratch of its own), ``S = (dG + dG^T) / n_k``."""
+    emulation, library = cuda_planner()
+    shape = (1, layer.C, layer.H, layer.W, 1, K, J, 3)
+    plan = emulation.plan(
+        library, dtype, shape, True, compute_capability=card.compute_capability,
+        max_smem=card.max_smem,
+    )  # fmt: skip
+    gram = J * K * layer.C**2 * 4
+    return max(mass_band_bytes(1, K, layer.H, layer.W), plan["scratch_grams"] * gram, gram)
+
+
+def model_extra(backend: str, layer: Layer, J: int, K: int, dtype, card: Card) -> int | None:
+    """The backend's predicted extra bytes, where it has a model."""
+    if backend == "triton":
+        return triton_extra_model(layer, J, K, dtype, card.sms)
+    if backend == "cuda":
+        return cuda_extra_model(layer, J, K, dtype, card)
+    return None
+
+
+MODELLED = ("triton", "cuda")
+
+
 def memory_model_table(args) -> str:
-    """The Triton backend's predicted extra memory at every layer, no GPU needed."""
+    """The Triton and CUDA backends' predicted extra memory at every layer, no GPU needed."""
     dtype = getattr(torch, args.dtype)
+    card = Card(args.sms, H100.compute_capability, H100.max_smem)
     lines = [
-        f"# Triton's extra memory, predicted for a {args.sms}-SM card, {args.dtype}",
+        f"# Extra memory of the fused GPU backends, predicted for a {args.sms}-SM sm_90 card, "
+        f"{args.dtype}",
         "",
         "Forward + backward, 3x3 kernels, B = 1 (bench/bench_masked_gram.py "
-        "triton_extra_model); target: within 10 % of inputs + outputs.",
+        "triton_extra_model, cuda_extra_model); target: within 10 % of inputs + outputs.",
         "",
-        "| image | layer | C x H x W | J,K | inputs + outputs MiB | model extra MiB | % | target |",
-        "| ---: | --- | --- | --- | ---: | ---: | ---: | --- |",
+        "| image | layer | C x H x W | J,K | inputs + outputs MiB "
+        + "".join(f"| {b} model extra MiB | % " for b in MODELLED)
+        + "| target |",
+        "| ---: | --- | --- | --- | ---: " + "| ---: | ---: " * len(MODELLED) + "| --- |",
     ]
     for image in args.image:
         for layer in style_layers(image):
             for J, K in args.jk:
                 io = inputs_outputs_bytes(layer, J, K, dtype)
-                extra = triton_extra_model(layer, J, K, dtype, args.sms)
+                extra = {b: model_extra(b, layer, J, K, dtype, card) for b in MODELLED}
+                missed = [b for b in MODELLED if extra[b] > 0.1 * io]
+                cells = "".join(f"| {x / MIB:.2f} | {100 * x / io:.1f} " for x in extra.values())
                 lines.append(
                     f"| {image} | {layer.name} | {layer.C}x{layer.H}x{layer.W} | {J},{K} "
-                    f"| {io / MIB:.1f} | {extra / MIB:.2f} | {100 * extra / io:.1f} "
-                    f"| {'met' if extra <= 0.1 * io else 'not met'} |"
+                    f"| {io / MIB:.1f} {cells}"
+                    f"| {'not met: ' + ', '.join(missed) if missed else 'met'} |"
                 )
     return "\n".join(lines)
 
@@ -237,7 +300,7 @@ class Row:
     forward_seconds: float  # median of the forward alone (no autograd)
     extra_bytes: int
     io_bytes: int  # inputs + outputs
-    model_extra_bytes: int | None  # Triton's launchers' own sizing, at this card's SMs
+    model_extra_bytes: int | None  # the backend's memory model for this card (model_extra)
 
     element_size: int = 4
 
@@ -263,6 +326,7 @@ def measure(args, image: int) -> list[Row]:
     device, dtype = args.device, getattr(torch, args.dtype)
     compiled_reference = torch.compile(masked_gram_reference, dynamic=False)
     memory = Memory(device)
+    card = Card.of_device() if device == "cuda" else None
     rows = []
     for layer in style_layers(image):
         for J, K in args.jk:
@@ -302,7 +366,9 @@ def measure(args, image: int) -> list[Row]:
                         forward_seconds,
                         extra,
                         io,
-                        model_extra(backend, layer, J, K, inputs[0].dtype, device),
+                        model_extra(backend, layer, J, K, inputs[0].dtype, card)
+                        if device == "cuda"
+                        else None,
                         inputs[0].element_size(),
                     )
                 )
@@ -315,13 +381,6 @@ def measure(args, image: int) -> list[Row]:
                     flush=True,
                 )
     return rows
-
-
-def model_extra(backend: str, layer: Layer, J: int, K: int, dtype, device: str) -> int | None:
-    if backend != "triton" or device != "cuda":
-        return None
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    return triton_extra_model(layer, J, K, dtype, sms)
 
 
 def baseline_skip(backend: str, layer: Layer, J: int, K: int, image: int, args) -> str:
@@ -441,9 +500,9 @@ def report(
             if args.device == "cuda"
             else "(process VmHWM after clear_refs, fixed malloc mmap threshold)"
         )
-        + "; model extra MiB: Triton's, predicted from its launchers' own sizing at this card's "
-        "SM count (triton_extra_model); extra % io: extra over inputs + outputs (F, masks, "
-        "kernels, dG, G, dF; issue 9's target: 10 %); "
+        + "; model extra MiB: predicted for this card, Triton's from its launchers' own sizing "
+        "(triton_extra_model), CUDA's from its plan (cuda_extra_model); extra % io: extra "
+        "over inputs + outputs (F, masks, kernels, dG, G, dF; issue 9's target: 10 %); "
         "J*K*N*C MiB: the intermediate the eager code materialises",
         "",
         "",
@@ -489,9 +548,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--memory-model",
         action="store_true",
-        help="print the Triton backend's predicted extra memory per layer and exit (no GPU)",
+        help="print the GPU backends' predicted extra memory per layer and exit (no GPU)",
     )
-    parser.add_argument("--sms", type=int, default=H100_SMS, help="SMs for --memory-model")
+    parser.add_argument("--sms", type=int, default=H100.sms, help="SMs for --memory-model")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not cuda:
         parser.error("--device cuda: no CUDA device here")

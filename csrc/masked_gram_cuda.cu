@@ -16,11 +16,12 @@
 //      with mma.sync (m16n8k8 TF32, m16n8k16 bf16/f16; float accumulators): each warp owns a
 //      16 x 32 piece of all 3 x 3 (64 x 64) Grams, m_k^2 is applied to the A fragment in
 //      registers, so Z_j's fragments are read from shared memory once for all masks.
-// 2 J + 1 barriers per tile. The split's partial Grams go to a scratch (S, B, J, K, C, C); a
-// second kernel sums the splits in a fixed order (deterministic, no atomics), scales by 1 / n_k
-// and mirrors the upper triangle. float64, and any input without tensor cores (float32 without
-// allow_tf32, 16-bit below sm_80), take the same kernel with a SIMT step in place of mma.sync
-// and 2-row tiles (not a speed path: no benchmark runs them).
+// 2 J + 1 barriers per tile. Split 0's partial Grams go to G itself, the other splits' to a
+// scratch (S - 1, B, J, K, C, C); a second kernel sums the splits in a fixed order
+// (deterministic, no atomics), scales by 1 / n_k and mirrors the upper triangle, in place.
+// float64, and any input without tensor cores (float32 without allow_tf32, 16-bit below
+// sm_80), take the same kernel with a SIMT step in place of mma.sync and 2-row tiles (not a
+// speed path: no benchmark runs them).
 //
 // Backward, with S_jk = (dG_jk + dG_jk^T) / n_k precomputed: on tensor cores, one block per SM
 // walks items (tile of kRows x 16 outputs, 64 output channels, batch item) and forms, for each
@@ -338,13 +339,14 @@ struct ForwardTile {
 };
 
 // features (B, C, H, W) T; masks (Bm, K, H, W) T; kernels (J, r, r) T.
-// scratch (S, B, J, K, C, C) A: the block for channel blocks (a, b) writes rows of a and columns
-// of b of its split's sum over positions of m_k^2 Z_j Z_j^T; lower blocks stay unwritten.
+// gram (B, J, K, C, C) A for split 0, scratch (S - 1, B, J, K, C, C) A for split s > 0 at s - 1:
+// the block for channel blocks (a, b) writes rows of a and columns of b of its split's sum over
+// positions of m_k^2 Z_j Z_j^T; lower blocks stay unwritten.
 template <typename T, bool kTensorCores, int kRows, int kProbe = kFull>
 __global__ void __launch_bounds__(kThreads, 1)
     _masked_gram_fwd_kernel(const T* __restrict__ features, const T* __restrict__ masks,
-                            const T* __restrict__ kernels, acc_t<T>* __restrict__ scratch,
-                            const Dims d) {
+                            const T* __restrict__ kernels, acc_t<T>* __restrict__ gram,
+                            acc_t<T>* __restrict__ scratch, const Dims d) {
   using Tile = ForwardTile<T, kTensorCores, kRows>;
   using Ops = typename Tile::Ops;
   using A = acc_t<T>;
@@ -510,9 +512,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int kl = 0; kl < kMaxMasks; ++kl) {
       if (jl >= jn || kl >= kn) continue;
-      const int64_t slice =
-          ((static_cast<int64_t>(split) * d.B + batch) * d.J + j0 + jl) * d.K + k0 + kl;
-      A* out = scratch + slice * d.C * d.C;
+      const int64_t gram_size = static_cast<int64_t>(d.B) * d.J * d.K * d.C * d.C;
+      const int64_t slice = (static_cast<int64_t>(batch) * d.J + j0 + jl) * d.K + k0 + kl;
+      A* out = (split == 0 ? gram : scratch + (split - 1) * gram_size) + slice * d.C * d.C;
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
@@ -526,23 +528,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-// scratch (S, B, J, K, C, C) A as written above; inverse_mass (Bm, K) A; gram (B, J, K, C, C) A.
-// Both halves of G read the same upper-triangle sum, so G is exactly symmetric.
+// gram (B, J, K, C, C) A and scratch (S - 1, B, J, K, C, C) A as written above; inverse_mass
+// (Bm, K) A. In place: the thread of an upper-triangle element (row <= col) adds its splits in
+// order (G's, then the scratch's), scales, and writes it and its mirror, so each element of G
+// is read and written by one thread alone; both halves get the same value, G is exactly
+// symmetric.
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
-    _masked_gram_reduce_kernel(const A* __restrict__ scratch, const A* __restrict__ inverse_mass,
+    _masked_gram_finish_kernel(const A* __restrict__ scratch, const A* __restrict__ inverse_mass,
                                A* __restrict__ gram, const Dims d) {
   const int64_t C = d.C;
   const int64_t total = static_cast<int64_t>(d.B) * d.J * d.K * C * C;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t col = e % C, row = e / C % C, slice = e / (C * C);  // slice: (batch, j, k)
+    if (row > col) continue;  // the mirror of (col, row): that thread writes it
     const int k = static_cast<int>(slice % d.K);
     const int batch = static_cast<int>(slice / (static_cast<int64_t>(d.J) * d.K));
-    const int64_t upper = slice * C * C + min(row, col) * C + max(row, col);
-    A sum = A(0);
-    for (int s = 0; s < d.splits; ++s) sum += scratch[s * total + upper];
-    gram[e] = sum * inverse_mass[(d.Bm == 1 ? 0 : batch) * d.K + k];
+    A sum = gram[e];
+    for (int s = 1; s < d.splits; ++s) sum += scratch[(s - 1) * total + e];
+    const A value = sum * inverse_mass[(d.Bm == 1 ? 0 : batch) * d.K + k];
+    gram[e] = value;
+    gram[slice * C * C + col * C + row] = value;
   }
 }
 
@@ -1212,6 +1219,8 @@ std::pair<int, size_t> backward_tiles(bool tensor_cores, int r, int K, int J, si
   return {0, static_cast<size_t>(SimtBackwardLayout<T>::bytes(r, K, J))};
 }
 
+constexpr int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 template <typename T>
 CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem) {
   using A = acc_t<T>;
@@ -1220,7 +1229,6 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem
   plan.tensor_cores = tensor_cores;
   plan.tile_rows = r / 2 <= kMaxHalo ? forward_rows<T>(tensor_cores, r, max_smem) : 0;
   const int max_kernels = Operands<T, false>::max_kernels;  // the same on tensor cores
-  plan.kernel_group = ceil_div(J, ceil_div(J, max_kernels));  // as even as the registers allow
   plan.mask_group = ceil_div(K, ceil_div(K, kMaxMasks));
   plan.forward_smem = forward_smem_of<T>(tensor_cores, static_cast<int>(plan.tile_rows), r);
   std::tie(plan.backward_rows, plan.backward_smem) =
@@ -1230,23 +1238,48 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem
         "the kernels' size r or the number of masks K is too large for the CUDA backend's "
         "shared-memory tiles; use backend='triton'";
 
-  // Enough splits of the positions for kTargetBlocks blocks even at C = 64: two for each of an
-  // H100's 132 SMs. A constant, not the device's SM count, and independent of the groups of
-  // kernels and masks, so that the order of the sums, and with it G to the last bit, is the
-  // same on every GPU and for every grouping.
-  constexpr int64_t kTargetBlocks = 2 * 132;
-  const int rows = std::max(1, static_cast<int>(plan.tile_rows));
-  const int tiles =
-      ceil_div(static_cast<int>(s.H), rows) * ceil_div(static_cast<int>(s.W), kTileCols);
-  const int nb = ceil_div(static_cast<int>(s.C), kPairBlock);
-  const int64_t blocks_per_split = static_cast<int64_t>(nb) * (nb + 1) / 2 * s.B;
-  const int64_t wanted = (kTargetBlocks + blocks_per_split - 1) / blocks_per_split;
-  // Bounds the scratch at 132 copies of G: at C = 64 a block on each SM of a 132-SM card (64
-  // left half of an H100 idle at relu1_1, the forward's slowest layer on the H200), 19.5 MB at
-  // J = K = 3, under a tenth of F at 1024^2.
-  constexpr int kMaxSplits = 132;
-  const int splits = static_cast<int>(std::clamp<int64_t>(wanted, 1, std::min(tiles, kMaxSplits)));
-  plan.splits = ceil_div(tiles, ceil_div(tiles, splits));  // no split left without a tile
+  // The forward's splits of the positions and its groups of kernels. G holds split 0's sums,
+  // a scratch the other splits', within a tenth of the op's inputs and outputs (issue 9's
+  // target: F, the masks, the kernels and dG in, G and dF out; nothing else of the op's is
+  // live while the forward runs). Both are chosen for whole waves of kWave blocks, one a
+  // block per SM (a forward block takes an SM's shared memory or registers: 124-188 KiB,
+  // 225-242 registers a thread), minimising waves x tiles a block x (kernels a block + 1/2),
+  // the half a tile's loads, which each group of kernels repeats (the probe of effb4cf at
+  // relu1_1: F's loads alone 0.3 ms of the forward's 1.34, partly hidden by cp.async); ties
+  // to fewer blocks. kWave is an H100's and H200's SM count, a constant, not the device's:
+  // the splits fix the order of the sums, and with it G to the last bit, on every GPU; the
+  // groups do not change it.
+  constexpr int64_t kWave = 132;
+  // At most the splits for two blocks on each SM (the count before the cap: more would add
+  // scratch, not parallelism) and kMaxSplits (131 copies of G at C = 64, J = K = 3: 18 MiB,
+  // 3.5 % of inputs + outputs at 1024^2).
+  constexpr int64_t kMaxSplits = 132;
+  const int64_t rows = std::max<int64_t>(1, plan.tile_rows);
+  const int64_t tiles = div_up(s.H, rows) * div_up(s.W, kTileCols);
+  const int64_t nb = div_up(s.C, kPairBlock);
+  const int64_t blocks_per_split = nb * (nb + 1) / 2 * s.B * div_up(K, plan.mask_group);
+  const int64_t gram_bytes = s.B * s.J * s.K * s.C * s.C * static_cast<int64_t>(sizeof(A));
+  const int64_t io = ((2 * s.B * s.C + s.Bm * s.K) * s.H * s.W + s.J * s.r * s.r) *
+                         static_cast<int64_t>(sizeof(T)) +
+                     2 * gram_bytes;
+  const int64_t most = std::clamp<int64_t>(
+      std::min(div_up(2 * kWave, blocks_per_split), 1 + io / 10 / gram_bytes), 1,
+      std::min(tiles, kMaxSplits));
+  int64_t best_cost = -1, best_blocks = 0;
+  for (int64_t wanted = 1; wanted <= most; ++wanted) {
+    const int64_t splits = div_up(tiles, div_up(tiles, wanted));  // no split left without a tile
+    for (int64_t groups = div_up(J, max_kernels); groups <= J; ++groups) {
+      const int64_t group = div_up(J, groups);  // as even as the count allows
+      const int64_t blocks = blocks_per_split * splits * div_up(J, group);
+      const int64_t cost = div_up(blocks, kWave) * div_up(tiles, splits) * (2 * group + 1);
+      if (best_cost < 0 || cost < best_cost || (cost == best_cost && blocks < best_blocks)) {
+        best_cost = cost, best_blocks = blocks;
+        plan.splits = splits;
+        plan.kernel_group = group;
+      }
+    }
+  }
+  plan.scratch_grams = plan.splits - 1;
   return plan;
 }
 
@@ -1262,8 +1295,8 @@ constexpr bool kProbed = std::is_same_v<T, float> || std::is_same_v<T, __nv_bflo
 
 template <typename T, bool kTensorCores, int kRows, int kProbe = kFull>
 cudaError_t launch_forward_kernel(const Dims& d, const CastGramPlan& plan, const void* features,
-                                  const void* masks, const void* kernels, void* scratch,
-                                  cudaStream_t stream) {
+                                  const void* masks, const void* kernels, void* gram,
+                                  void* scratch, cudaStream_t stream) {
   const auto kernel = _masked_gram_fwd_kernel<T, kTensorCores, kRows, kProbe>;
   const cudaError_t err = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.forward_smem));
@@ -1272,28 +1305,29 @@ cudaError_t launch_forward_kernel(const Dims& d, const CastGramPlan& plan, const
   const dim3 grid(d.channel_blocks * (d.channel_blocks + 1) / 2, d.splits, d.B * groups);
   kernel<<<grid, kThreads, plan.forward_smem, stream>>>(
       static_cast<const T*>(features), static_cast<const T*>(masks),
-      static_cast<const T*>(kernels), static_cast<acc_t<T>*>(scratch), d);
+      static_cast<const T*>(kernels), static_cast<acc_t<T>*>(gram),
+      static_cast<acc_t<T>*>(scratch), d);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_forward_probe(int probe, const Dims& d, const CastGramPlan& plan,
                                  const void* features, const void* masks, const void* kernels,
-                                 void* scratch, cudaStream_t stream) {
+                                 void* gram, void* scratch, cudaStream_t stream) {
   if constexpr (kProbed<T>) {
     switch (probe) {
       case kLoadOnly:
         return launch_forward_kernel<T, true, kWideRows, kLoadOnly>(d, plan, features, masks,
-                                                                    kernels, scratch, stream);
+                                                                    kernels, gram, scratch, stream);
       case kNoMma:
         return launch_forward_kernel<T, true, kWideRows, kNoMma>(d, plan, features, masks,
-                                                                 kernels, scratch, stream);
+                                                                 kernels, gram, scratch, stream);
       case kNoLoad:
         return launch_forward_kernel<T, true, kWideRows, kNoLoad>(d, plan, features, masks,
-                                                                  kernels, scratch, stream);
+                                                                  kernels, gram, scratch, stream);
       case kLoadTwice:
-        return launch_forward_kernel<T, true, kWideRows, kLoadTwice>(d, plan, features, masks,
-                                                                     kernels, scratch, stream);
+        return launch_forward_kernel<T, true, kWideRows, kLoadTwice>(
+            d, plan, features, masks, kernels, gram, scratch, stream);
     }
   }
   return cudaErrorInvalidValue;
@@ -1309,26 +1343,26 @@ cudaError_t forward(const CastGramShape& s, const CastGramPlan& plan, const void
   const int probe = probed ? probe_variant() : kFull;
   cudaError_t err;
   if (probe != kFull) {
-    err = launch_forward_probe<T>(probe, d, plan, features, masks, kernels, scratch, stream);
+    err = launch_forward_probe<T>(probe, d, plan, features, masks, kernels, gram, scratch, stream);
   } else if constexpr (sizeof(A) == 4) {
     if (!plan.tensor_cores)
-      err = launch_forward_kernel<T, false, kSimtRows>(d, plan, features, masks, kernels,
+      err = launch_forward_kernel<T, false, kSimtRows>(d, plan, features, masks, kernels, gram,
                                                        scratch, stream);
     else if (plan.tile_rows == kWideRows)
-      err = launch_forward_kernel<T, true, kWideRows>(d, plan, features, masks, kernels, scratch,
-                                                      stream);
+      err = launch_forward_kernel<T, true, kWideRows>(d, plan, features, masks, kernels, gram,
+                                                      scratch, stream);
     else
-      err = launch_forward_kernel<T, true, kNarrowRows>(d, plan, features, masks, kernels,
+      err = launch_forward_kernel<T, true, kNarrowRows>(d, plan, features, masks, kernels, gram,
                                                         scratch, stream);
   } else {
-    err = launch_forward_kernel<T, false, kSimtRows>(d, plan, features, masks, kernels, scratch,
-                                                     stream);
+    err = launch_forward_kernel<T, false, kSimtRows>(d, plan, features, masks, kernels, gram,
+                                                     scratch, stream);
   }
   if (err != cudaSuccess) return err;
 
   const int64_t total = static_cast<int64_t>(d.B) * d.J * d.K * d.C * d.C;
-  const int64_t reduce_blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 1 << 20);
-  _masked_gram_reduce_kernel<A><<<static_cast<unsigned>(reduce_blocks), kThreads, 0, stream>>>(
+  const int64_t finish_blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 1 << 20);
+  _masked_gram_finish_kernel<A><<<static_cast<unsigned>(finish_blocks), kThreads, 0, stream>>>(
       static_cast<const A*>(scratch), static_cast<const A*>(inverse_mass), static_cast<A*>(gram),
       d);
   return cudaGetLastError();

@@ -21,6 +21,7 @@ struct CastGramShape {
 // How a shape is cut into blocks; the caller allocates the forward scratch from it.
 struct CastGramPlan {
   int64_t splits;        // S: the forward's partial sums over ranges of positions
+  int64_t scratch_grams;  // copies of G in the forward's scratch: S - 1 (G holds split 0's)
   int64_t kernel_group;  // kernels whose Grams one forward block accumulates
   int64_t mask_group;    // masks whose Grams one forward block accumulates
   int64_t tile_rows;     // the forward's tiles of positions: tile_rows x 16
@@ -38,7 +39,7 @@ CastGramPlan cast_masked_gram_cuda_plan(CastDtype dtype, const CastGramShape& sh
                                         size_t max_smem_per_block);
 
 // gram (B, J, K, C, C) A. inverse_mass (Bm, K) A: 1 / n_k, 0 where n_k == 0.
-// scratch (plan.splits, B, J, K, C, C) A, uninitialised.
+// scratch (plan.scratch_grams, B, J, K, C, C) A, uninitialised (none at one split).
 cudaError_t cast_masked_gram_cuda_forward(
     CastDtype dtype, const CastGramShape& shape, const CastGramPlan& plan, const void* features,
     const void* masks, const void* kernels, const void* inverse_mass, void* scratch, void* gram,

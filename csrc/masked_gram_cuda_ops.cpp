@@ -81,8 +81,8 @@ at::Tensor masked_gram_fused_cuda(const at::Tensor& features, const at::Tensor& 
   const CastGramPlan plan = plan_for(dtype, shape, allow_tf32);
   const auto options = features.options().dtype(accumulation_type(features));
 
-  at::Tensor scratch = at::empty({plan.splits, shape.B, shape.J, shape.K, shape.C, shape.C},
-                                 options);
+  at::Tensor scratch =
+      at::empty({plan.scratch_grams, shape.B, shape.J, shape.K, shape.C, shape.C}, options);
   at::Tensor gram = at::empty({shape.B, shape.J, shape.K, shape.C, shape.C}, options);
   C10_CUDA_CHECK(cast_masked_gram_cuda_forward(
       dtype, shape, plan, features.const_data_ptr(), masks.const_data_ptr(),

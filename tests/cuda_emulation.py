@@ -1,0 +1,352 @@
+"""The host code of ``csrc/masked_gram_cuda.cu`` built for this CPU with g++ under a small CUDA
+emulation (no GPU, no CUDA toolkit): its kernels run one block at a time, one ``std::thread`` per
+CUDA thread, ``__syncthreads`` a barrier, shared memory poisoned with NaN
+(tests/test_cuda_sources.py compares them with the reference), and its plan says how a launch on
+a given card cuts a shape and what it allocates (bench/bench_masked_gram.py's memory model).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import pathlib
+import re
+import shutil
+import subprocess
+
+import torch
+
+CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+GXX = shutil.which("g++")
+
+CUDA_EMULATION = r"""
+// The CUDA names the kernels use, on the host: blocks run one after another, each with one
+// std::thread per CUDA thread; __syncthreads is a barrier; shared memory starts as NaN.
+// mma.sync is warp-collective (masked_gram_mma.cuh's emulation, below); a misaligned 128-bit
+// load makes the launch fail as it would on a GPU.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+inline std::barrier<>* emulated_barrier;
+inline unsigned char* emulated_shared;
+inline void __syncthreads() { emulated_barrier->arrive_and_wait(); }
+using std::max;
+using std::min;
+
+using cudaError_t = int;
+constexpr cudaError_t cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMisalignedAddress = 2;
+using cudaStream_t = void*;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+template <class F>
+cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) { return cudaSuccess; }
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
+inline cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
+// Three SMs: the persistent kernels' blocks walk several items each.
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = 3;
+  return cudaSuccess;
+}
+inline std::atomic<int> emulated_fault{cudaSuccess};
+inline cudaError_t cudaGetLastError() { return emulated_fault.exchange(cudaSuccess); }
+
+
+struct __half { _Float16 v; };
+inline float __half2float(__half h) { return static_cast<float>(h.v); }
+inline __half __float2half_rn(float f) { return {static_cast<_Float16>(f)}; }
+struct __nv_bfloat16 { uint16_t bits; };
+inline float __bfloat162float(__nv_bfloat16 b) {
+  uint32_t u = static_cast<uint32_t>(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return {static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16)};
+}
+
+// The warps of the running block: a barrier each, and two turns of fragments for the emulated
+// mma.sync (a lane writes the turn its previous call did not read; the barrier between two calls
+// keeps a turn from being overwritten while a lane still reads it).
+struct EmulatedWarp {
+  std::barrier<> barrier{32};
+  float a[2][32][32], b[2][32][32];
+};
+inline std::vector<std::unique_ptr<EmulatedWarp>> emulated_warps;
+inline thread_local unsigned emulated_turn = 0;
+
+// One pool of threads runs the blocks one after another; the kernels' own __syncthreads share
+// the barrier, which CUDA already requires every thread of a block to reach alike.
+template <class Body>
+void emulated_launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, Body body) {
+  gridDim = grid;
+  blockDim = block;
+  const unsigned threads = block.x * block.y * block.z;
+  std::vector<unsigned char> shared(shared_bytes + 128);
+  emulated_shared = shared.data() + (128 - reinterpret_cast<uintptr_t>(shared.data()) % 128);
+  std::barrier<> barrier(threads);
+  emulated_barrier = &barrier;
+  emulated_warps.clear();
+  for (unsigned w = 0; w < threads / 32; ++w)
+    emulated_warps.push_back(std::make_unique<EmulatedWarp>());
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      threadIdx = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
+      emulated_turn = 0;
+      for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+          for (unsigned bx = 0; bx < grid.x; ++bx) {
+            if (t == 0) std::memset(emulated_shared, 0xFF, shared_bytes);  // NaN, float or double
+            barrier.arrive_and_wait();
+            blockIdx = dim3(bx, by, bz);
+            body();
+            barrier.arrive_and_wait();  // the block is done before the next one's NaN
+          }
+    });
+  for (auto& thread : pool) thread.join();
+}
+
+// 128-bit loads through the read-only path fault, as on a GPU, unless 16-byte aligned.
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 __ldg(const uint4* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    emulated_fault = cudaErrorMisalignedAddress;
+    return uint4{};
+  }
+  return *p;
+}
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+"""
+
+MMA_EMULATION = r"""
+// masked_gram_mma.cuh on the host: each warp-level grid of mma.sync is warp-collective, as on a
+// GPU. Every lane posts its fragment registers, the warp meets at its barrier, and each lane
+// rebuilds every A (16 x depth) and B (depth x 8) fragment of the warp from all 32 lanes by the
+// PTX fragment layouts (listed in the real header; this relies on exactly those facts: which
+// lane holds which row and column, two 16-bit values per register with the lower k in the low
+// half) and computes its own four entries of each D. A wrong layout in the kernel gives wrong
+// Grams here too.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include "cuda_emulation.h"
+
+inline float emulated_bits_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline uint32_t round_to_tf32(float x) {  // cvt.rna.tf32.f32: to nearest, ties away from zero
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return (u + 0x1000u) & ~0x1FFFu;
+}
+// Post this lane's values, wait for the warp, return the turn to read.
+inline int emulated_post(const float* a, int na, const float* b, int nb) {
+  EmulatedWarp& warp = *emulated_warps[threadIdx.x / 32];
+  const int turn = emulated_turn++ % 2, lane = threadIdx.x % 32;
+  for (int i = 0; i < na; ++i) warp.a[turn][lane][i] = a[i];
+  for (int i = 0; i < nb; ++i) warp.b[turn][lane][i] = b[i];
+  warp.barrier.arrive_and_wait();
+  return turn;
+}
+// The tensor cores read 19 bits of a TF32 operand: the low 13 are ignored.
+inline float emulated_tf32(uint32_t bits) { return emulated_bits_float(bits & ~0x1FFFu); }
+template <typename T>
+float emulated_half(uint32_t two, int high) {
+  const uint16_t bits = static_cast<uint16_t>(high ? two >> 16 : two & 0xFFFFu);
+  T v;
+  std::memcpy(&v, &bits, 2);
+  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+  else return __bfloat162float(v);
+}
+// `a`: per lane 4 registers per A fragment, `b` 2 per B fragment, as floats, `per` values per
+// register (1 for TF32 at depth 8, 2 for 16-bit at depth 16).
+template <int depth, int kM, int kN>
+void emulated_grid(float (&d)[kM][kN][4], const float* a, const float* b, int rows, int cols) {
+  constexpr int per = depth / 8;
+  const int turn = emulated_post(a, kM * 4 * per, b, kN * 2 * per);
+  const EmulatedWarp& warp = *emulated_warps[threadIdx.x / 32];
+  const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  for (int i = 0; i < rows; ++i)
+    for (int n = 0; n < cols; ++n) {
+      float A[16][16], B[16][8];
+      for (int lane = 0; lane < 32; ++lane) {
+        const int lg = lane / 4, lt = lane % 4;
+        const float* x = warp.a[turn][lane] + i * 4 * per;
+        const float* y = warp.b[turn][lane] + n * 2 * per;
+        // A's registers: rows g, g+8, g, g+8; columns per*t.. then depth/2 further.
+        for (int reg = 0; reg < 4; ++reg)
+          for (int e = 0; e < per; ++e)
+            A[lg + 8 * (reg % 2)][per * lt + e + depth / 2 * (reg / 2)] = x[reg * per + e];
+        // B's registers: rows per*t.. then depth/2 further; column g.
+        for (int reg = 0; reg < 2; ++reg)
+          for (int e = 0; e < per; ++e) B[per * lt + e + depth / 2 * reg][lg] = y[reg * per + e];
+      }
+      for (int c = 0; c < 4; ++c) {  // D: rows g, g, g+8, g+8; columns 2t, 2t+1
+        const int row = g + 8 * (c / 2), col = 2 * t + c % 2;
+        float sum = d[i][n][c];
+        for (int k = 0; k < depth; ++k) sum += A[row][k] * B[k][col];
+        d[i][n][c] = sum;
+      }
+    }
+}
+// Fragments past `rows` / `cols` are not read: they may hold anything (here: NaN, which would
+// show if they were).
+template <int kM, int kN>
+void mma_grid_tf32(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4], const uint32_t (&b)[kN][2],
+                   int rows, int cols = kN) {
+  float av[kM * 4], bv[kN * 2];
+  for (int i = 0; i < kM * 4; ++i) av[i] = i / 4 < rows ? emulated_tf32(a[i / 4][i % 4]) : NAN;
+  for (int i = 0; i < kN * 2; ++i) bv[i] = i / 2 < cols ? emulated_tf32(b[i / 2][i % 2]) : NAN;
+  emulated_grid<8>(d, av, bv, rows, cols);
+}
+template <typename T, int kM, int kN>
+void mma_grid_16bit(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4], const uint32_t (&b)[kN][2],
+                    int rows, int cols = kN) {
+  float av[kM * 8], bv[kN * 4];
+  for (int i = 0; i < kM * 8; ++i)
+    av[i] = i / 8 < rows ? emulated_half<T>(a[i / 8][i % 8 / 2], i % 2) : NAN;
+  for (int i = 0; i < kN * 4; ++i)
+    bv[i] = i / 4 < cols ? emulated_half<T>(b[i / 4][i % 4 / 2], i % 2) : NAN;
+  emulated_grid<16>(d, av, bv, rows, cols);
+}
+// cp.async: the copy at once (the wait is then a no-op), faulting unless 16-byte aligned.
+inline void copy_async_16(void* shared, const void* global, int bytes) {
+  if (reinterpret_cast<uintptr_t>(shared) % 16 != 0 ||
+      (bytes > 0 && reinterpret_cast<uintptr_t>(global) % 16 != 0)) {
+    emulated_fault = cudaErrorMisalignedAddress;
+    return;
+  }
+  std::memset(shared, 0, 16);
+  std::memcpy(shared, global, bytes);
+}
+inline void copy_async_wait_all() {}
+"""
+
+C_ENTRY_POINTS = r"""
+extern "C" {
+static CastGramShape shape_of(const int64_t* s) {
+  return CastGramShape{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]};
+}
+static CastGramPlan plan_of(int dtype, const int64_t* s, const int64_t* machine) {
+  return cast_masked_gram_cuda_plan(CastDtype(dtype), shape_of(s), machine[0], machine[1],
+                                    machine[2]);
+}
+// machine: allow_tf32, compute capability, shared memory per block.
+int emulated_plan(int dtype, const int64_t* s, const int64_t* machine, int64_t* cuts) {
+  const CastGramPlan plan = plan_of(dtype, s, machine);
+  cuts[0] = plan.splits;
+  cuts[1] = plan.kernel_group;
+  cuts[2] = plan.mask_group;
+  cuts[3] = plan.tensor_cores;
+  cuts[4] = plan.tile_rows;
+  cuts[5] = static_cast<int64_t>(plan.forward_smem);
+  cuts[6] = static_cast<int64_t>(plan.backward_smem);
+  cuts[7] = plan.backward_rows;
+  cuts[8] = plan.scratch_grams;
+  return plan.unsupported == nullptr;
+}
+// kernel_group: the plan's own where 0, else this many kernels a block (a test's variant).
+int emulated_forward(int dtype, const int64_t* s, const int64_t* machine, int64_t kernel_group,
+                     const void* f, const void* m, const void* p, const void* inv, void* scratch,
+                     void* g) {
+  CastGramPlan plan = plan_of(dtype, s, machine);
+  if (kernel_group > 0) plan.kernel_group = kernel_group;
+  return cast_masked_gram_cuda_forward(CastDtype(dtype), shape_of(s), plan, f, m, p, inv,
+                                       scratch, g, nullptr);
+}
+int emulated_backward(int dtype, const int64_t* s, const int64_t* machine, const void* sym,
+                      const void* f, const void* m, const void* p, void* df) {
+  return cast_masked_gram_cuda_backward(CastDtype(dtype), shape_of(s),
+                                        plan_of(dtype, s, machine), sym, f, m, p, df, nullptr);
+}
+}
+"""
+
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+# The plan's fields, in the order emulated_plan writes them.
+PLAN_FIELDS = ("splits", "kernel_group", "mask_group", "tensor_cores", "tile_rows", "forward_smem",
+               "backward_smem", "backward_rows", "scratch_grams")  # fmt: skip
+
+
+def host_source(cu_text: str) -> str:
+    """The .cu text with its launches and dynamic shared memory routed to the emulation."""
+    launch = re.compile(r"([\w<>]+)<<<(.*?)>>>\((.*?)\);", re.DOTALL)
+    text, launches = launch.subn(
+        lambda m: f"emulated_launch({m[2]}, [&] {{ {m[1]}({m[3]}); }});", cu_text
+    )
+    text, shared = re.subn(
+        r"extern __shared__ .*? (\w+)\[\];", r"unsigned char* \1 = emulated_shared;", text
+    )
+    assert launches == 3 and shared == 3, "the emulation no longer matches the kernels' source"
+    return text + C_ENTRY_POINTS
+
+
+def build(folder: pathlib.Path, optimisation: str = "-O1") -> ctypes.CDLL:
+    """Compiles the emulated .cu into ``folder`` and loads it (about 3 s at -O0, for the plan
+    alone; the kernels run faster at -O1)."""
+    if GXX is None:
+        raise RuntimeError("the CUDA emulation needs g++, which is not installed")
+    for header in ("cuda_runtime_api.h", "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
+        (folder / header).write_text('#include "cuda_emulation.h"\n')
+    (folder / "cuda_emulation.h").write_text(CUDA_EMULATION)
+    (folder / "masked_gram_mma.cuh").write_text(MMA_EMULATION)
+    source = folder / "masked_gram_host.cpp"
+    source.write_text(host_source((CSRC / "masked_gram_cuda.cu").read_text()))
+    library = folder / "masked_gram_host.so"
+    command = [
+        GXX, "-std=c++20", optimisation, "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
+        f"-I{folder}", f"-I{CSRC}", str(source), "-o", str(library),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"the CUDA emulation does not build:\n{result.stderr}")
+    return ctypes.CDLL(str(library))
+
+
+def plan(
+    lib: ctypes.CDLL,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    allow_tf32: bool,
+    *,
+    compute_capability: int,
+    max_smem: int,
+) -> dict[str, int] | None:
+    """``cast_masked_gram_cuda_plan`` for ``shape`` = (B, C, H, W, Bm, K, J, r) on a card of
+    that compute capability and shared memory per block: its fields by name, or None where
+    the shape is unsupported."""
+    machine = (ctypes.c_int64 * 3)(allow_tf32, compute_capability, max_smem)
+    cuts = (ctypes.c_int64 * len(PLAN_FIELDS))()
+    supported = lib.emulated_plan(DTYPE_CODES[dtype], (ctypes.c_int64 * 8)(*shape), machine, cuts)
+    return dict(zip(PLAN_FIELDS, cuts, strict=True)) if supported else None
