@@ -557,7 +557,8 @@ def test_bench_memory_model_takes_the_cuda_plan():
     """``bench/bench_masked_gram.py --memory-model`` predicts the CUDA backend's extra memory from
     the plan itself (built for this CPU): at relu4_1 of a 1024^2 image, J = K = 3, float32, the
     forward finishes in G (no scratch), so the largest piece is S = (dG + dG^T)/n_k, 9 MiB of
-    82.2 MiB of inputs + outputs; at relu2_1 the forward's 43 scratch copies of G (44 splits), 24.19 MiB."""
+    82.2 MiB of inputs + outputs; at relu2_1 the forward's 43 scratch copies of G (44 splits),
+    24.19 MiB."""
     bench = CSRC.parent / "bench" / "bench_masked_gram.py"
     argv = [sys.executable, str(bench), "--memory-model", "--image", "1024", "--jk", "3x3"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
