@@ -104,16 +104,15 @@ def inputs_outputs_bytes(layer: Layer, J: int, K: int, dtype: torch.dtype) -> in
 def triton_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, sms: int) -> int:
     """The Triton backend's extra bytes in one forward + backward on a card with ``sms`` SMs,
     from the launchers' own sizing and ``cast.ops``': the largest of n_k's float64 band, the
-    forward's partial Grams and, in the backward, ``S = (dG + dG^T) / n_k`` beside the
-    backward's scratch (the three phases do not overlap)."""
+    forward's partial Grams and the backward's scratch (the three phases do not overlap; the
+    backward forms ``S = (dG + dG^T) / n_k`` a tile at a time, never whole)."""
     from cast.kernels import masked_gram as triton_gram
 
     shape = (1, layer.C, layer.H, layer.W)
-    sym_grad = J * K * layer.C**2 * 4
     return max(
         mass_band_bytes(1, K, layer.H, layer.W),
         triton_gram.forward_scratch_bytes(shape, 1, dtype, J, K, sms),
-        sym_grad + triton_gram.backward_scratch_bytes(shape, dtype, 3, sms),
+        triton_gram.backward_scratch_bytes(shape, dtype, 3, sms),
     )
 
 

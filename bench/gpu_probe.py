@@ -20,7 +20,6 @@ from issue_model import cuda_backward_chain, cuda_forward
 
 from cast import backends
 from cast.ops import canonical_inverse_mass
-from cast.reference import symmetric_grad
 
 VARIANTS = {"whole": 0, "loads only": 1, "no MMA": 2, "no loads": 3, "loads twice": 4}
 LAYERS = (("relu1_1", 64, 1024), ("relu3_1", 256, 256))  # name, C, side at a 1024^2 image
@@ -46,8 +45,7 @@ def probe(name: str, C: int, side: int, dtype: torch.dtype, gen: torch.Generator
     masks = torch.rand((1, K, side, side), generator=gen, device="cuda").to(dtype)
     kernels = torch.randn((J, 3, 3), generator=gen, device="cuda").to(dtype)
     inv = canonical_inverse_mass(features, masks, None)
-    sym = symmetric_grad(torch.randn((1, J, K, C, C), generator=gen, device="cuda"), inv)
-    sym = sym.contiguous()
+    grad = torch.randn((1, J, K, C, C), generator=gen, device="cuda")
     size = 4 if dtype == torch.float32 else 2
     cuda = backends.load("cuda")
     runs = {
@@ -56,7 +54,7 @@ def probe(name: str, C: int, side: int, dtype: torch.dtype, gen: torch.Generator
             cuda_forward(side * side, C, J, K, 3, size=size),
         ),
         "backward": (
-            lambda: cuda.backward(sym, features, masks, kernels, True),
+            lambda: cuda.backward(grad, features, masks, kernels, inv, True),
             cuda_backward_chain(side * side, C, J, K, 3, size=size),
         ),
     }

@@ -3,8 +3,9 @@
 Every backend implements the same two functions on canonical, already validated inputs
 (``cast.ops`` checks them once and forms the derived quantities once):
 ``forward(features, masks, kernels, inv_mass, allow_tf32) -> G`` with ``inv_mass = 1 / n_k``
-``(Bm, K)``, and ``backward(sym_grad, features, masks, kernels, allow_tf32) -> dF`` with
-``sym_grad = (dG + dG^T) / n_k`` ``(B, J, K, C, C)``, both in the accumulation dtype.
+``(Bm, K)``, and ``backward(grad, features, masks, kernels, inv_mass, allow_tf32) -> dF`` with
+``grad = dG`` ``(B, J, K, C, C)``, both in the accumulation dtype; each backward forms
+``S = (dG + dG^T) / n_k`` where it needs it.
 Nothing here repeats the op's checks; it only knows what each backend needs (device, dtypes,
 a compiled extension, Triton) and says clearly what is missing.
 """
@@ -32,7 +33,7 @@ class BackendUnavailable(RuntimeError):
 class Backend(NamedTuple):
     name: str
     forward: Callable[[Tensor, Tensor, Tensor, Tensor, bool], Tensor]
-    backward: Callable[[Tensor, Tensor, Tensor, Tensor, bool], Tensor]
+    backward: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, bool], Tensor]
     dtypes: tuple[torch.dtype, ...]
     device_types: tuple[str, ...]
 
@@ -45,7 +46,9 @@ def _reference() -> Backend:
     return Backend(
         "reference",
         lambda f, m, p, inv_mass, tf32: reference.masked_gram_reference(f, m, p, inv_mass),
-        lambda s, f, m, p, tf32: reference.backward_from_symmetric(s, f, m, p),
+        lambda g, f, m, p, inv_mass, tf32: reference.masked_gram_backward_reference(
+            g, f, m, p, inv_mass
+        ),
         FLOAT_DTYPES,
         ("cpu", "cuda"),
     )
@@ -69,10 +72,21 @@ def _compiled(name: str, device_type: str, dtypes: tuple[torch.dtype, ...]) -> B
     return Backend(
         name,
         torch.ops.cast._masked_gram_fused,
-        torch.ops.cast._masked_gram_fused_backward,
+        _with_symmetric_grad(torch.ops.cast._masked_gram_fused_backward),
         dtypes,
         (device_type,),
     )
+
+
+def _with_symmetric_grad(fused_backward) -> Callable[..., Tensor]:
+    """The compiled kernels' backward takes ``S = (dG + dG^T) / n_k`` whole (their schema in
+    ``csrc/module.cpp``): formed here, a dG-sized temporary, until a kernel forms it itself."""
+
+    def backward(grad, features, masks, kernels, inv_mass, allow_tf32):
+        sym_grad = reference.symmetric_grad(grad, inv_mass).contiguous()
+        return fused_backward(sym_grad, features, masks, kernels, allow_tf32)
+
+    return backward
 
 
 def _triton() -> Backend:

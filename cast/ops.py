@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .reference import gram_dtype, inverse, symmetric_grad
+from .reference import gram_dtype, inverse
 
 
 def masked_gram(
@@ -105,10 +105,11 @@ def _choose(backend: str | None, features: Tensor, where: str) -> str:
 
 
 def _d_features(grad, inv_mass, features, masks, kernels, backend: str, allow_tf32: bool):
-    """``dF`` from ``dL/dG`` through the registered backward: ``S = (dG + dG^T) / n_k``."""
-    sym_grad = symmetric_grad(grad.to(inv_mass.dtype), inv_mass).contiguous()
+    """``dF`` from ``dL/dG`` through the registered backward (``dG`` in the accumulation dtype,
+    contiguous: no copy when it is so already)."""
+    grad = grad.to(inv_mass.dtype).contiguous()
     return torch.ops.cast.masked_gram_backward(
-        sym_grad, features, masks, kernels, backend, allow_tf32
+        grad, features, masks, kernels, inv_mass, backend, allow_tf32
     )
 
 
@@ -238,13 +239,17 @@ def canonical_inputs(
 
 
 def check_canonical(
-    features: Tensor, masks: Tensor, kernels: Tensor, scale: Tensor, scale_shape: tuple
+    features: Tensor, masks: Tensor, kernels: Tensor, inv_mass: Tensor, grad: Tensor | None = None
 ) -> None:
     """The contract between the registered ops and the backends, checked at the registered
     entry itself (``torch.ops.cast.masked_gram`` can be called directly): canonical shapes, one
-    device, one floating dtype, contiguous. Cheap: metadata only, no pass over the data."""
-    where = "torch.ops.cast.masked_gram"
-    tensors = {"features": features, "masks": masks, "kernels": kernels, "scale": scale}
+    device, one floating dtype, contiguous; ``inv_mass`` ``(Bm, K)`` and, for the backward,
+    ``grad`` ``(B, J, K, C, C)`` in the accumulation dtype. Cheap: metadata only, no pass over
+    the data."""
+    where = "torch.ops.cast.masked_gram" + ("" if grad is None else "_backward")
+    tensors = {"features": features, "masks": masks, "kernels": kernels, "inv_mass": inv_mass}
+    if grad is not None:
+        tensors["grad"] = grad
     for name, t in tensors.items():
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{where}: {name} must be a floating-point tensor")
@@ -274,12 +279,13 @@ def check_canonical(
     if J == 0 or kernels.shape[1] != kernels.shape[2] or kernels.shape[1] % 2 == 0:
         raise ValueError(f"{where}: kernels must be (J, r, r), r odd, got {_describe(kernels)}")
     K = masks.shape[1]
-    expected = {"inverse mass": (masks.shape[0], K), "symmetric grad": (B, J, K, C, C)}
-    if scale.shape != expected[scale_shape] or scale.dtype != gram_dtype(features.dtype):
-        raise ValueError(
-            f"{where}: the {scale_shape} must be {expected[scale_shape]} "
-            f"{gram_dtype(features.dtype)}, got {_describe(scale)}"
-        )
+    expected = {"inv_mass": (masks.shape[0], K), "grad": (B, J, K, C, C)}
+    for name, shape in expected.items():
+        t = tensors.get(name)
+        if t is not None and (t.shape != shape or t.dtype != gram_dtype(features.dtype)):
+            raise ValueError(
+                f"{where}: {name} must be {shape} {gram_dtype(features.dtype)}, got {_describe(t)}"
+            )
 
 
 @torch.library.custom_op("cast::masked_gram", mutates_args=())
@@ -291,7 +297,7 @@ def _masked_gram_op(
     backend: str,
     allow_tf32: bool,
 ) -> Tensor:
-    check_canonical(features, masks, kernels, inv_mass, "inverse mass")
+    check_canonical(features, masks, kernels, inv_mass)
     return backends.choose(backend, features.device, features.dtype).forward(
         features, masks, kernels, inv_mass, allow_tf32
     )
@@ -306,22 +312,24 @@ def _(features, masks, kernels, inv_mass, backend, allow_tf32):
 
 @torch.library.custom_op("cast::masked_gram_backward", mutates_args=())
 def _masked_gram_backward_op(
-    sym_grad: Tensor,
+    grad: Tensor,
     features: Tensor,
     masks: Tensor,
     kernels: Tensor,
+    inv_mass: Tensor,
     backend: str,
     allow_tf32: bool,
 ) -> Tensor:
-    """``dF`` from ``sym_grad = (dG + dG^T) / n_k`` ``(B, J, K, C, C)``."""
-    check_canonical(features, masks, kernels, sym_grad, "symmetric grad")
+    """``dF`` from ``dG`` ``(B, J, K, C, C)`` and ``1 / n_k`` ``(Bm, K)``. Each backend forms
+    ``S = (dG + dG^T) / n_k`` as it needs it (Triton: a tile at a time, never all of it)."""
+    check_canonical(features, masks, kernels, inv_mass, grad)
     return backends.choose(backend, features.device, features.dtype).backward(
-        sym_grad, features, masks, kernels, allow_tf32
+        grad, features, masks, kernels, inv_mass, allow_tf32
     )
 
 
 @_masked_gram_backward_op.register_fake
-def _(sym_grad, features, masks, kernels, backend, allow_tf32):
+def _(grad, features, masks, kernels, inv_mass, backend, allow_tf32):
     return torch.empty_like(features)
 
 
@@ -335,7 +343,6 @@ def _backward(ctx, grad):
     features, masks, kernels, inv_mass = ctx.saved_tensors
     d_features = None
     if ctx.needs_input_grad[0]:
-        # (B, J, K, C, C): masks' batch Bm is 1 or B, so S has the features' batch
         d_features = _d_features(grad, inv_mass, features, masks, kernels, ctx.backend,
                                  ctx.allow_tf32)  # fmt: skip
     return d_features, None, None, None, None, None

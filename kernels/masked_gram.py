@@ -14,7 +14,8 @@ its own partial Gram and the splits are summed afterwards: deterministic, no ato
 and the scratch, ``S * B*J*K*C^2``, is kept within a tenth of the inputs and outputs.
 
 Backward. ``dF = sum_j P_j^T U_j`` with ``U_j = sum_k M_k^2 Z_j S_jk`` and
-``S_jk = (dG_jk + dG_jk^T) / n_k`` (tiny, formed once in ``cast.ops``): ``P_j^T`` acts on each
+``S_jk = (dG_jk + dG_jk^T) / n_k``, a tile of it formed as it is loaded (a tile of dG, the
+mirrored tile, 1/n_k: S is never in memory, nor anything of dG's size): ``P_j^T`` acts on each
 channel alone, so it commutes with the channel mixing and is applied once per output instead of
 once per mask. A program owns a ``TILE_H x TILE_W`` tile of positions and a block of output
 channels; it writes dF on the tile's inner positions and computes ``U_j`` on the whole tile,
@@ -350,7 +351,8 @@ def _masked_gram_bwd_kernel(
     features_ptr,  # (B, C, H, W)
     masks_ptr,  # (Bm, K, H, W)
     kernels_ptr,  # (J, R, R)
-    sym_grad_ptr,  # (B, J, K, C, C): S = (dG + dG^T) / n_k, 0 for an empty mask
+    grad_ptr,  # (B, J, K, C, C): dG
+    inv_mass_ptr,  # (Bm, K): 1 / n_k, 0 for an empty mask
     scratch_ptr,  # (programs, TILE_H * TILE_W * BLOCK_C) at least: U_j's tile, or dF's sum
     dfeatures_ptr,  # (B, C, H, W)
     B,
@@ -361,6 +363,7 @@ def _masked_gram_bwd_kernel(
     J,
     K,
     mask_batch_stride,  # K * N when each batch item has its masks, 0 when they are shared
+    inv_mass_batch_stride,  # K or 0, likewise
     size_class,  # only for the tuning key (size_class())
     R: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -406,8 +409,10 @@ def _masked_gram_bwd_kernel(
         offs_n = row * W + col
         offs_c = block * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
+        loaded_c = tl.minimum(offs_c, C - 1)
         batch_features = features_ptr + b.to(tl.int64) * C * N
         batch_masks = masks_ptr + b.to(tl.int64) * mask_batch_stride
+        batch_inv_mass = inv_mass_ptr + b * inv_mass_batch_stride
 
         # One tile per program holds U_j while it is shifted and, between kernels, dF's running
         # sum while U_j is formed: in registers beside U_j, Z_j and the MMA operands the sum
@@ -415,7 +420,7 @@ def _masked_gram_bwd_kernel(
         # the scratch. Four barriers a kernel order the tile's uses (below).
         for j in range(J):
             kernel_ptr = kernels_ptr + j * R * R
-            sym_ptr = sym_grad_ptr + (b * J + j).to(tl.int64) * K * C * C
+            grad_j = grad_ptr + (b * J + j).to(tl.int64) * K * C * C
             # U_j = [m_1^2 Z_j | ... | m_K^2 Z_j] [S_j1; ...; S_jK] on the whole tile, halo
             # included; zero outside the image (the masks are), which is P_j^T's zero padding.
             u = tl.zeros((BLOCK_M, BLOCK_C), ACC_DTYPE)
@@ -443,14 +448,20 @@ def _masked_gram_bwd_kernel(
                     ACC_DTYPE,
                     False,
                 )
-                sym_offsets = offs_d[:, None] * C + offs_c[None, :]
-                sym_ok = d_ok[:, None] & c_ok[None, :]
+                # no masks: past C, rows of S meet zero columns of Z_j and columns of S give
+                # columns of U_j that are never stored, so they read row or column C - 1
+                loaded_d = tl.minimum(offs_d, C - 1)
+                grad_offsets = loaded_d[:, None] * C + loaded_c[None, :]
+                mirrored_offsets = loaded_c[None, :] * C + loaded_d[:, None]
                 for k in range(K):
+                    # S_jk[d, c] = (dG[d, c] + dG[c, d]) / n_k, as reference.symmetric_grad
+                    grad_k = grad_j + k * C * C
+                    sym = tl.load(grad_k + grad_offsets) + tl.load(grad_k + mirrored_offsets)
+                    sym = sym * tl.load(batch_inv_mass + k)
+                    sym = _dot_operand(sym, DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
                     m = tl.load(batch_masks + k * N + offs_n, mask=in_image, other=0.0)
                     m = m.to(ACC_DTYPE)
                     left = _dot_operand(z * (m * m)[:, None], DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
-                    sym = tl.load(sym_ptr + k * C * C + sym_offsets, mask=sym_ok, other=0.0)
-                    sym = _dot_operand(sym, DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
                     u = tl.dot(left, sym, u, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             # P_j^T on the inner positions, dF[n] += sum_t p_j[t] U_j[n - t]: through the
             # scratch, the only way to shift a tile in Triton. The barriers order: the last
@@ -738,16 +749,18 @@ def forward(
 
 
 def backward(
-    sym_grad: Tensor,
+    grad: Tensor,
     features: Tensor,
     masks: Tensor,
     kernels: Tensor,
+    inv_mass: Tensor,
     allow_tf32: bool,
     *,
     config: dict | None = None,
     programs: int | None = None,
 ) -> Tensor:
-    """``dF (B, C, H, W)`` in the features' dtype, for ``sym_grad = (dG + dG^T) / n_k``.
+    """``dF (B, C, H, W)`` in the features' dtype, from ``dG`` and ``1 / n_k`` (see
+    ``cast.backends``).
 
     ``config`` (``TILE_H``, ``TILE_W``, ``BLOCK_C``, ``BLOCK_D``, ``num_warps``) overrides the
     tiling and ``programs`` the number of (persistent) programs; they change only the order of
@@ -791,7 +804,8 @@ def backward(
             features,
             masks,
             kernels,
-            sym_grad,
+            grad,
+            inv_mass,
             scratch,
             dfeatures,
             B,
@@ -802,6 +816,7 @@ def backward(
             J,
             K,
             0 if masks.shape[0] == 1 else K * N,
+            0 if masks.shape[0] == 1 else K,
             size_class(N),
             R=R,
             WIDE_OFFSETS=wide_offsets(C, N),

@@ -31,7 +31,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 227 * 1024  # the opt-in maximum per block on sm_90
 _NAMES = {tl.float16: "fp16", tl.bfloat16: "bf16", tl.float32: "fp32", tl.float64: "fp64"}
 # Pointers to float32 (float64 for float64 input) accumulators rather than to input-dtype data.
-_ACCUMULATOR_POINTERS = {"inv_mass_ptr", "out_ptr", "sym_grad_ptr", "scratch_ptr"}
+_ACCUMULATOR_POINTERS = {"inv_mass_ptr", "out_ptr", "grad_ptr", "scratch_ptr"}
 ALIGNED = {"C", "H", "W", "N"}  # sizes a launch may find to be multiples of 16
 # (input dtype, allow_tf32): each precision path the launchers can take (kernels/utils.py).
 DTYPES = [

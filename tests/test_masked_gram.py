@@ -144,10 +144,10 @@ def test_opcheck(name, device, batched):
     torch.library.opcheck(
         torch.ops.cast.masked_gram.default, (features, masks, kernels, inv_mass, name, True)
     )
-    sym_grad = torch.randn(2, 2, 2, 4, 4, dtype=cast.reference.gram_dtype(dtype), device=device)
+    grad = torch.randn(2, 2, 2, 4, 4, dtype=cast.reference.gram_dtype(dtype), device=device)
     torch.library.opcheck(
         torch.ops.cast.masked_gram_backward.default,
-        (sym_grad, features.detach(), masks, kernels, name, True),
+        (grad, features.detach(), masks, kernels, inv_mass, name, True),
     )
 
 
@@ -356,6 +356,33 @@ def test_registered_ops_fuzzed_error_or_right_answer(device):
             assert relative_error(gram, expected) <= 2e-2, label
             answered += 1
     assert answered > 0  # the fuzzing also reaches valid inputs
+
+
+G_SHAPE = (2, 2, 2, 3, 3)  # (B, J, K, C, C) of F, M, P
+REGISTERED_BAD_BACKWARD = [
+    ("grad wrong K", dict(grad=torch.randn(2, 2, 3, 3, 3))),
+    ("grad float64", dict(grad=torch.randn(G_SHAPE, dtype=torch.float64))),
+    ("grad not contiguous", dict(grad=torch.randn(G_SHAPE).transpose(-1, -2))),
+    ("inv_mass wrong K", dict(inv_mass=torch.ones(1, 3))),
+    ("inv_mass (K,)", dict(inv_mass=torch.ones(2))),
+]
+
+
+@pytest.mark.parametrize("name,device", PRESENT, ids=BACKEND_IDS)
+@pytest.mark.parametrize(
+    "args", [b[1] for b in REGISTERED_BAD_BACKWARD], ids=[b[0] for b in REGISTERED_BAD_BACKWARD]
+)
+def test_registered_backward_refuses_bad_grad_or_mass(name, device, args):
+    """The registered backward takes dG and 1 / n_k and checks both itself (a backend reads
+    dG's mirrored elements, so a wrong C or stride would read elsewhere)."""
+    if torch.float32 not in backends.load(name).dtypes:
+        pytest.skip(f"{name} has no float32")
+    inputs = dict(grad=torch.randn(G_SHAPE), inv_mass=torch.ones(1, 2)) | args
+    with pytest.raises(ValueError, match="masked_gram_backward: (grad|inv_mass) must be"):
+        torch.ops.cast.masked_gram_backward(
+            inputs["grad"].to(device), F.to(device), M4.to(device), P.to(device),
+            inputs["inv_mass"].to(device), name, False,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -204,23 +204,24 @@ def test_launchers_allocate_nothing_proportional_to_JNC(splits):
     forward_budget = (1 + (splits if splits > 1 else 0)) * gram_bytes + 1024
     assert forward_count.bytes <= forward_budget < smallest_forbidden
 
-    sym_grad = symmetric_grad(torch.ones_like(gram), inv_mass).contiguous()
+    grad = torch.randn(gram.shape, generator=torch.Generator().manual_seed(9)).to(gram)
     config = dict(TILE_H=8, TILE_W=8, BLOCK_C=16, BLOCK_D=16, num_warps=4)
     programs = 2
     with AllocationCounter() as backward_count:
         triton_gram.backward(
-            sym_grad, features, masks, kernels, True, config=config, programs=programs
+            grad, features, masks, kernels, inv_mass, True, config=config, programs=programs
         )
     # dF, and one tile per (persistent) program (U_j's, then dF's sum): the tile's size, not
-    # N's (S = (dG + dG^T) / n_k comes formed from cast.ops)
+    # N's; nothing of dG's size (S = (dG + dG^T) / n_k is formed a tile at a time)
     scratch_bytes = programs * config["TILE_H"] * config["TILE_W"] * config["BLOCK_C"] * 4
     backward_budget = features.numel() * 4 + scratch_bytes + 1024
     assert backward_count.bytes <= backward_budget < features.numel() * 4 + smallest_forbidden
 
 
 def test_symmetric_grad_holds_one_gram_sized_tensor():
-    """S = (dG + dG^T) / n_k is the backward's largest scratch at deep layers (dG's size: 9 MiB
-    at relu5_1, J = K = 3), beside the launchers': formed with no second temporary."""
+    """S = (dG + dG^T) / n_k, which the CPU and CUDA backends take whole (Triton forms it a
+    tile at a time), is dG's size (9 MiB at relu5_1, J = K = 3): formed with no second
+    temporary."""
     grad = torch.randn(2, 3, 3, 16, 16)
     inv_mass = torch.rand(1, 3)
     with AllocationCounter() as count:
@@ -338,7 +339,7 @@ SM90_FRONTEND = textwrap.dedent(
     TARGET = GPUTarget("cuda", 90, 32)
     BACKEND = make_backend(TARGET)
     NAMES = {tl.float16: "fp16", tl.bfloat16: "bf16", tl.float32: "fp32", tl.float64: "fp64"}
-    ACC_POINTERS = {"inv_mass_ptr", "out_ptr", "sym_grad_ptr", "scratch_ptr"}
+    ACC_POINTERS = {"inv_mass_ptr", "out_ptr", "grad_ptr", "scratch_ptr"}
 
     def ttir(kernel, dtype, constexprs):
         acc = tl.float64 if dtype == tl.float64 else tl.float32
