@@ -112,7 +112,7 @@ def triton_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, sms: in
     return max(
         mass_band_bytes(1, K, layer.H, layer.W),
         triton_gram.forward_scratch_bytes(shape, 1, dtype, J, K, sms),
-        triton_gram.backward_scratch_bytes(shape, dtype, 3, sms),
+        triton_gram.backward_scratch_bytes(shape, 1, dtype, J, K, 3, sms),
     )
 
 

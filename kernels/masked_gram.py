@@ -25,9 +25,12 @@ every mask to one accumulator: ``[m_1^2 Z_j | ... | m_K^2 Z_j] [S_j1; ...; S_jK]
 with a ``K*C``-long reduction on the tensor cores (bf16/fp16 operands for 16-bit input). Then
 ``U_j`` goes through a per-program scratch tile (a tile cannot be shifted in registers) and the
 adjoint convolution adds ``p_j[t] U_j[n - t]``, ``r*r`` multiply-adds per output element.
-Programs are persistent (as many as are resident at once: one per SM at 8 warps), so the
-scratch is one tile per program (``U_j``, and dF's running sum between kernels), not anything
-proportional to ``N``: at most 8.25 MiB on 132 SMs, 3.2 % of ``F`` at relu1_1 of a 1024^2 image.
+Programs are persistent (as many as are resident at once, one per SM at 8 warps, and as the
+scratch budget, a tenth of the op's inputs and outputs, has tiles for), so the scratch is one
+tile per program (``U_j``, and dF's running sum between kernels), not anything proportional
+to ``N``: at most 8.25 MiB on 132 SMs, 3.2 % of ``F`` at relu1_1 of a 1024^2 image; at a
+small layer, fewer programs (relu5_1 of a 1024^2 image: 25 for 200 items in float32 and 16 in
+bfloat16, where 100 would take them in 2 rounds: issue 9's memory target, paid in time).
 
 Cost: matmul work ``2*J*K*N*C^2`` times the halo's overhead (the tile over its inner part,
 256 / 196 = 1.31 at 16 x 16 and r = 3); CUDA-core work ``J*r*r`` per element and block of output
@@ -63,8 +66,8 @@ DTYPES = FLOAT_DTYPES  # every dtype the op takes
 AUTOTUNE = os.environ.get("CAST_TRITON_AUTOTUNE", "1") not in ("", "0")
 MASKS_PER_PROGRAM = 4
 # The forward's partial Grams may take at most this fraction of the op's inputs and outputs
-# (inputs_outputs_bytes; issue 9's target for all scratch). The backward's is sized by the
-# programs that keep every SM busy (backward_programs), one tile each.
+# (inputs_outputs_bytes; issue 9's target for all scratch), and so may the backward's tiles,
+# one per program (backward_programs: fewer programs where the budget asks).
 SCRATCH_FRACTION = 0.1
 
 # One fixed config under the interpreter, where each op costs a numpy call however big its
@@ -629,14 +632,27 @@ def resident_programs(config: dict, sms: int) -> int:
     return sms * max(1, 8 // config["num_warps"])
 
 
-def backward_programs(shape: tuple[int, int, int, int], R: int, config: dict, sms: int):
-    """The backward's persistent programs: as few as take the work items (batch item, tile,
-    block of output channels) in as many rounds as all resident programs would, so the
-    busiest program has as many items as with every SM's program launched (the same makespan)
-    and no slot of scratch is held by a program that would only wait."""
+def backward_programs(
+    shape: tuple[int, int, int, int],
+    mask_batch: int,
+    dtype: torch.dtype,
+    J: int,
+    K: int,
+    R: int,
+    config: dict,
+    sms: int,
+) -> int:
+    """The backward's persistent programs, one scratch tile each: at most as many as are
+    resident and as the scratch budget (a tenth of the op's inputs and outputs) has tiles for,
+    at least one; then as few as take the work items (batch item, tile, block of output
+    channels) in as many rounds as that many would. So the busiest program has as few items as
+    the budget allows (as with every SM's program launched wherever the budget does not bite)
+    and no tile is held by a program that would only wait."""
     B, C, H, W = shape
     items = B * channel_blocks(C, config["BLOCK_C"]) * backward_tiles(H, W, R, config)
-    rounds = triton.cdiv(items, resident_programs(config, sms))
+    budget = SCRATCH_FRACTION * inputs_outputs_bytes(shape, mask_batch, dtype, J, K, R)
+    tiles = int(budget // (backward_slot(config) * gram_dtype(dtype).itemsize))
+    rounds = triton.cdiv(items, max(1, min(resident_programs(config, sms), tiles)))
     return triton.cdiv(items, rounds)
 
 
@@ -648,6 +664,10 @@ def backward_slot(config: dict) -> int:
 
 def backward_scratch(
     shape: tuple[int, int, int, int],
+    mask_batch: int,
+    dtype: torch.dtype,
+    J: int,
+    K: int,
     R: int,
     candidates: list[dict],
     sms: int,
@@ -656,7 +676,9 @@ def backward_scratch(
     """The backward's scratch, in elements: a slot for each program of the candidate config
     that needs the most (or for ``programs`` of them)."""
     return max(
-        (programs or backward_programs(shape, R, c, sms)) * backward_slot(c) for c in candidates
+        (programs or backward_programs(shape, mask_batch, dtype, J, K, R, c, sms))
+        * backward_slot(c)
+        for c in candidates
     )
 
 
@@ -667,10 +689,17 @@ def backward_candidates() -> list[dict]:
 
 
 def backward_scratch_bytes(
-    shape: tuple[int, int, int, int], dtype: torch.dtype, R: int, sms: int
+    shape: tuple[int, int, int, int],
+    mask_batch: int,
+    dtype: torch.dtype,
+    J: int,
+    K: int,
+    R: int,
+    sms: int,
 ) -> int:
     """The scratch the autotuned backward allocates on a GPU with ``sms`` SMs."""
-    elements = backward_scratch(shape, R, backward_candidates(), sms)
+    candidates = backward_candidates()
+    elements = backward_scratch(shape, mask_batch, dtype, J, K, R, candidates, sms)
     return elements * gram_dtype(dtype).itemsize
 
 
@@ -782,15 +811,16 @@ def backward(
     )
     candidates = [launch_config] if launch_config else backward_candidates()
     sms = multiprocessors(features.device)
+    problem = (features.shape, masks.shape[0], features.dtype, J, K, R)
     scratch = torch.empty(
-        backward_scratch(features.shape, R, candidates, sms, programs),
+        backward_scratch(*problem, candidates, sms, programs),
         dtype=gram_dtype(features.dtype),
         device=features.device,
     )
 
     # by tiling: the grid's meta holds a config's constexprs but not its warps
     tiling = ("TILE_H", "TILE_W", "BLOCK_C", "BLOCK_D")
-    planned = {tuple(c[k] for k in tiling): backward_programs(features.shape, R, c, sms)
+    planned = {tuple(c[k] for k in tiling): backward_programs(*problem, c, sms)
                for c in candidates}  # fmt: skip
 
     def grid(meta):
