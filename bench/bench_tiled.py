@@ -197,7 +197,11 @@ def main(argv=None) -> None:
     parser.add_argument("--spill", action="store_true", help=argparse.SUPPRESS)  # with --one
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(one_row(*args.one, args.device, args.spill)), flush=True)
+        # one write of the whole line: under torchrun every rank shares this pipe, and a
+        # line written in pieces (print writes the text and its newline apart when stdout is
+        # unbuffered) can run into another rank's (PIPE_BUF keeps a single write whole)
+        line = json.dumps(one_row(*args.one, args.device, args.spill)) + "\n"
+        os.write(sys.stdout.fileno(), line.encode())
         return
 
     where = device_name(args.device)
