@@ -129,9 +129,9 @@ def cuda_planner():
 
 def cuda_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, card: Card) -> int:
     """The CUDA backend's extra bytes in one forward + backward on ``card``, from the plan of
-    ``csrc/masked_gram_cuda.cu`` itself: the largest of n_k's float64 band, the forward's
-    scratch (the plan's copies of G; G holds split 0's sums) and, in the backward (which has
-    no scratch of its own), ``S = (dG + dG^T) / n_k``."""
+    ``csrc/masked_gram_cuda.cu`` itself: the larger of n_k's float64 band and the forward's
+    scratch (the plan's copies of G; G holds split 0's sums). The backward has none: it forms
+    ``S = (dG + dG^T) / n_k`` a block at a time in shared memory."""
     emulation, library = cuda_planner()
     shape = (1, layer.C, layer.H, layer.W, 1, K, J, 3)
     plan = emulation.plan(
@@ -139,7 +139,7 @@ def cuda_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, card: Car
         max_smem=card.max_smem,
     )  # fmt: skip
     gram = J * K * layer.C**2 * 4
-    return max(mass_band_bytes(1, K, layer.H, layer.W), plan["scratch_grams"] * gram, gram)
+    return max(mass_band_bytes(1, K, layer.H, layer.W), plan["scratch_grams"] * gram)
 
 
 def model_extra(backend: str, layer: Layer, J: int, K: int, dtype, card: Card) -> int | None:

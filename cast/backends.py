@@ -72,21 +72,10 @@ def _compiled(name: str, device_type: str, dtypes: tuple[torch.dtype, ...]) -> B
     return Backend(
         name,
         torch.ops.cast._masked_gram_fused,
-        _with_symmetric_grad(torch.ops.cast._masked_gram_fused_backward),
+        torch.ops.cast._masked_gram_fused_backward,
         dtypes,
         (device_type,),
     )
-
-
-def _with_symmetric_grad(fused_backward) -> Callable[..., Tensor]:
-    """The compiled kernels' backward takes ``S = (dG + dG^T) / n_k`` whole (their schema in
-    ``csrc/module.cpp``): formed here, a dG-sized temporary, until a kernel forms it itself."""
-
-    def backward(grad, features, masks, kernels, inv_mass, allow_tf32):
-        sym_grad = reference.symmetric_grad(grad, inv_mass).contiguous()
-        return fused_backward(sym_grad, features, masks, kernels, allow_tf32)
-
-    return backward
 
 
 def _triton() -> Backend:

@@ -20,7 +20,7 @@ inline void cast_check_shapes(const at::Tensor& features, const at::Tensor& mask
               ": kernels must be square with an odd size");
 }
 
-// inv_mass (Bm, K) or sym_grad (B, J, K, C, C), formed once by cast/ops.py: contiguous, in the
+// inv_mass (Bm, K), formed once by cast/ops.py, or grad (B, J, K, C, C): contiguous, in the
 // accumulation dtype, on the features' device.
 inline void cast_check_scale(const at::Tensor& scale, const at::Tensor& features,
                              at::ScalarType accumulation, at::IntArrayRef shape,

@@ -466,13 +466,19 @@ at::Tensor masked_gram_fused_cpu(const at::Tensor& features, const at::Tensor& m
              : forward_impl<float>(features, masks, inv_mass, kernels);
 }
 
-at::Tensor masked_gram_fused_backward_cpu(const at::Tensor& sym_grad, const at::Tensor& features,
+at::Tensor masked_gram_fused_backward_cpu(const at::Tensor& grad, const at::Tensor& features,
                                           const at::Tensor& masks, const at::Tensor& kernels,
+                                          const at::Tensor& inv_mass,
                                           bool /*allow_tf32: GPU only*/) {
   check_contract(features, masks, kernels);
-  const int64_t C = features.size(1);
-  cast_check_scale(sym_grad, features, features.scalar_type(),
-                   {features.size(0), kernels.size(0), masks.size(1), C, C}, "sym_grad", kWhere);
+  const int64_t C = features.size(1), Bm = masks.size(0), K = masks.size(1);
+  cast_check_scale(grad, features, features.scalar_type(),
+                   {features.size(0), kernels.size(0), K, C, C}, "grad", kWhere);
+  cast_check_scale(inv_mass, features, features.scalar_type(), {Bm, K}, "inv_mass", kWhere);
+  // S = (dG + dG^T) / n_k whole, as reference.symmetric_grad forms it: a G-sized temporary,
+  // which issue 9's memory target (a GPU's) does not count here.
+  const at::Tensor sym_grad =
+      (grad + grad.transpose(-1, -2)).mul_(inv_mass.view({Bm, 1, K, 1, 1}));
   return features.scalar_type() == at::kDouble
              ? backward_impl<double>(sym_grad, features, masks, kernels)
              : backward_impl<float>(sym_grad, features, masks, kernels);

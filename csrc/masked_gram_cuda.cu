@@ -23,9 +23,9 @@
 // sm_80), take the same kernel with a SIMT step in place of mma.sync and 2-row tiles (not a
 // speed path: no benchmark runs them).
 //
-// Backward, with S_jk = (dG_jk + dG_jk^T) / n_k precomputed: on tensor cores, one block per SM
-// walks items (tile of kRows x 16 outputs, 64 output channels, batch item) and forms, for each
-// kernel j,
+// Backward, from dG and 1 / n_k, with S_jk = (dG_jk + dG_jk^T) / n_k formed a block at a time
+// where it is used: on tensor cores, one block per SM walks items (tile of kRows x 16 outputs,
+// 64 output channels, batch item) and forms, for each kernel j,
 // U_j^T = [S_j1 | ... | S_jK] [m_1^2 Z_j; ...; m_K^2 Z_j]^T as one mma.sync chain K * C deep in
 // registers (Z_j on the tile's h-halo, formed once per block of 32 input channels from F's
 // 2h-halo, which arrives with S's blocks by cp.async, overlapping the previous MMAs), then
@@ -599,11 +599,12 @@ struct SimtBackwardLayout {
   }
 };
 
-// sym_grad (B, J, K, C, C) A: S_jk = (dG_jk + dG_jk^T) / n_k; features (B, C, H, W) T;
+// grad (B, J, K, C, C) A: dG; inverse_mass (Bm, K) A: 1 / n_k; features (B, C, H, W) T;
 // masks (Bm, K, H, W) T; kernels (J, r, r) T; d_features (B, C, H, W) T.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
-    _masked_gram_bwd_simt_kernel(const acc_t<T>* __restrict__ sym_grad,
+    _masked_gram_bwd_simt_kernel(const acc_t<T>* __restrict__ grad,
+                                 const acc_t<T>* __restrict__ inverse_mass,
                                  const T* __restrict__ features, const T* __restrict__ masks,
                                  const T* __restrict__ kernels, T* __restrict__ d_features,
                                  const Dims d) {
@@ -667,7 +668,12 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int k = e / (TC * TC), row = e / TC % TC, col = e % TC;
         const int64_t slice = (static_cast<int64_t>(batch) * d.J + j) * d.K + k;
         const int c_in = in_block * TC + row, c_out = out_block * TC + col;
-        sym[e] = c_in < d.C && c_out < d.C ? sym_grad[(slice * d.C + c_in) * d.C + c_out] : A(0);
+        // S_jk = (dG_jk + dG_jk^T) / n_k, as reference.symmetric_grad forms it
+        const A inverse = inverse_mass[(d.Bm == 1 ? 0 : batch) * d.K + k];
+        const A* g = grad + slice * d.C * d.C;
+        sym[e] = c_in < d.C && c_out < d.C
+                     ? (g[c_in * d.C + c_out] + g[c_out * d.C + c_in]) * inverse
+                     : A(0);
       }
       __syncthreads();
       // Z_j on the h-halo: position (uy, ux) of u_halo is (uy, ux) .. (uy + 2h, ux + 2h) of f_halo.
@@ -729,11 +735,14 @@ __global__ void __launch_bounds__(kThreads, 2)
 // Backward on tensor cores: one block of 8 warps per SM walks the items (tile of kRows x 16
 // outputs, 64 output channels, batch item), gridDim.x apart. Per item, kernel j and block of 32
 // input channels (a "step"):
-//   1. F on the tile's 2h-halo (columns padded to whole 16-byte vectors, as the forward's) and
-//      the (64 out x 32 in) blocks of S_j1 .. S_jK arrive by cp.async, 16 bytes a copy, all in
-//      flight at once; the next step's copies (the next item's first, after an item's last
-//      step) are issued as soon as Z_j is formed, so they overlap this step's MMAs (S has two
-//      buffers, F one);
+//   1. F on the tile's 2h-halo (columns padded to whole 16-byte vectors, as the forward's), the
+//      (64 out x 32 in) blocks of dG_j1 .. dG_jK and their (32 in x 64 out) mirrors arrive by
+//      cp.async, 16 bytes a copy, all in flight at once; the next step's copies (the next
+//      item's first, after an item's last step) are issued as soon as Z_j is formed, so they
+//      overlap this step's MMAs (S has two buffers, F one; the mirrors take U_j's region, so a
+//      kernel's first step issues its own, after the last kernel's adjoint); then each S_jk
+//      block is formed in place, (dG + mirror) / n_k (rounded to TF32 for float32): S is
+//      never in global memory;
 //   2. Z_j on the h-halo, formed once: each thread a column of 4 values of one channel (two
 //      channels for 16-bit input), each loaded value used for up to r of them; stored
 //      channel-major as the B operand (a 32-bit word holds one TF32 value or a pair of
@@ -787,6 +796,9 @@ struct MmaBackwardTile {
   __host__ __device__ static constexpr int z_stride(int h) { return u_padded(h) + 8; }
   static constexpr int s_stride = kInBlock + 4 * per;
   __host__ __device__ static constexpr int u_stride(int h) { return u_padded(h) + 16; }
+  // The mirrors' rows: 8 / per (mod 32) words, so that forming S (lanes on 4 * per input by
+  // 8 / per output channels) reads S and the mirrors without bank conflicts.
+  static constexpr int t_stride = kOutBlock + 8 / per;
 
   __host__ __device__ static constexpr int f_bytes(int h) {
     return kInBlock * f_stride(h) * static_cast<int>(sizeof(T));
@@ -794,15 +806,24 @@ struct MmaBackwardTile {
   __host__ __device__ static constexpr int s_bytes(int K) {
     return K * kOutBlock * s_stride * static_cast<int>(sizeof(float));
   }
+  __host__ __device__ static constexpr int t_bytes(int K) {
+    return K * kInBlock * t_stride * static_cast<int>(sizeof(float));
+  }
   __host__ __device__ static constexpr int z_bytes(int h) { return z_rows * z_stride(h) * 4; }
   __host__ __device__ static constexpr int u_bytes(int h) { return kOutBlock * u_stride(h) * 4; }
   __host__ __device__ static constexpr int mask_bytes(int h, int K) {
     return K * u_padded(h) * 4;
   }
-  // In the kernel's order: F, S twice, Z, U, m_k^2, taps (all multiples of 16 bytes but taps).
+  // U_j's region, which dG's mirrors take during a kernel's steps: as large as U (53 KiB at
+  // r = 3, 8-row tiles) holds the mirrors of 5 masks (f32; 6 for 16-bit input).
+  __host__ __device__ static constexpr int u_region(int h, int K) {
+    return u_bytes(h) > t_bytes(K) ? u_bytes(h) : t_bytes(K);
+  }
+  // In the kernel's order: F, S twice, Z, U (or the mirrors), m_k^2, taps (all multiples of 16
+  // bytes but taps).
   __host__ __device__ static constexpr int bytes(int r, int K, int J) {
     const int h = r / 2;
-    return f_bytes(h) + 2 * s_bytes(K) + z_bytes(h) + u_bytes(h) + mask_bytes(h, K) +
+    return f_bytes(h) + 2 * s_bytes(K) + z_bytes(h) + u_region(h, K) + mask_bytes(h, K) +
            J * r * r * 4;
   }
   // Whether the kernel takes r at all: the halo's positions within the warps' n-tiles.
@@ -833,16 +854,18 @@ __device__ __forceinline__ uint32_t pack_pair(float low, float high) {
          static_cast<uint32_t>(bits_as<uint16_t>(narrow<T>(high))) << 16;
 }
 
-// sym_grad (B, J, K, C, C) float: S_jk = (dG_jk + dG_jk^T) / n_k; features (B, C, H, W) T;
+// grad (B, J, K, C, C) float: dG; inverse_mass (Bm, K) float: 1 / n_k; features (B, C, H, W) T;
 // masks (Bm, K, H, W) T; kernels (J, r, r) T; d_features (B, C, H, W) T.
 template <typename T, int kRows, int kProbe = kFull>
 __global__ void __launch_bounds__(kThreads, 1)
-    _masked_gram_bwd_mma_kernel(const float* __restrict__ sym_grad, const T* __restrict__ features,
-                                const T* __restrict__ masks, const T* __restrict__ kernels,
-                                T* __restrict__ d_features, const Dims d) {
+    _masked_gram_bwd_mma_kernel(const float* __restrict__ grad,
+                                const float* __restrict__ inverse_mass,
+                                const T* __restrict__ features, const T* __restrict__ masks,
+                                const T* __restrict__ kernels, T* __restrict__ d_features,
+                                const Dims d) {
   using Tile = MmaBackwardTile<T, kRows>;
   constexpr int per = Tile::per, vector = Tile::vector, step = Tile::step;
-  constexpr int s_stride = Tile::s_stride;
+  constexpr int s_stride = Tile::s_stride, t_stride = Tile::t_stride;
   constexpr int kItems = kOutBlock * kTileCols / kThreads;  // adjoint columns per thread
   static_assert(kWarps == 8 && kOutBlock == 64 && kInBlock % step == 0, "2 x 4 warps");
   static_assert(Tile::f_cols(kMmaHalo) / vector <= kCopyChunks, "a row of F's halo: 8 copies");
@@ -860,12 +883,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* s_tiles = reinterpret_cast<float*>(region += Tile::f_bytes(h));  // 2 x (K, 64, s_stride)
   uint32_t* z_tile = reinterpret_cast<uint32_t*>(region += 2 * Tile::s_bytes(d.K));
   float* u_tile = reinterpret_cast<float*>(region += Tile::z_bytes(h));  // (64, u_stride)
-  float* mask_sq = reinterpret_cast<float*>(region += Tile::u_bytes(h));  // (K, u_padded)
+  float* mirrors = u_tile;  // (K, 32, t_stride): dG's mirrors during a kernel's steps
+  float* mask_sq = reinterpret_cast<float*>(region += Tile::u_region(h, d.K));  // (K, u_padded)
   float* taps = reinterpret_cast<float*>(region += Tile::mask_bytes(h, d.K));  // (J, r, r)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t N = static_cast<int64_t>(d.H) * d.W;
-  const bool vector_sym = d.C % 4 == 0 && reinterpret_cast<uintptr_t>(sym_grad) % 16 == 0;
+  const bool vector_grad = d.C % 4 == 0 && reinterpret_cast<uintptr_t>(grad) % 16 == 0;
 
   // The block walks items (tile of outputs, output block, batch item), tiles fastest, so that
   // the blocks running at once share F's halos in L2; gridDim.x apart.
@@ -879,11 +903,41 @@ __global__ void __launch_bounds__(kThreads, 1)
                 rest / d.channel_blocks};
   };
 
-  // Step s's copies of an item: F for input block s % in_blocks, S_j1 .. S_jK for kernel
-  // s / in_blocks, into S's buffer `buffer`. Each thread: one channel and one 16-byte column
-  // chunk of F for every row; S alike. What every row shares (the chunk in, out of or across
-  // the image, the rows inside it) is decided once, and a row's address is the last one's plus
-  // W: decided per row, the loop took 97-131 instructions a row (gpu-notes).
+  // A 16-byte chunk of rows `row` .. of the item's dG_j1 .. dG_jK from column `col` into dst,
+  // k apart by dst_k: copied where inside and whole, zeros outside, element by element across C.
+  auto copy_grad_rows = [&](const Item& it, int j, float* dst, int dst_k, int row, int col) {
+    const int64_t slice = static_cast<int64_t>(d.C) * d.C;  // dG_jk to dG_j(k+1)
+    const bool inside = row < d.C && col < d.C;
+    const float* src = grad + (static_cast<int64_t>(it.batch) * d.J + j) * d.K * slice +
+                       (inside ? row * d.C + col : 0);
+    if (!inside || (vector_grad && col + 4 <= d.C)) {
+      for (int k = 0; k < d.K; ++k, src += slice)
+        copy_async_16(dst + k * dst_k, src, inside ? 16 : 0);
+    } else {
+      for (int k = 0; k < d.K; ++k, src += slice)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) dst[k * dst_k + v] = col + v < d.C ? src[v] : 0.0f;
+    }
+  };
+  // Step s's mirrors of dG's blocks, (32 in x 64 out): rows c_in, columns c_out. Their region
+  // is U_j's, free during a kernel's steps: a kernel's first step issues its own after the
+  // last kernel's adjoint, the other steps' come with the rest of their copies.
+  auto issue_mirrors = [&](const Item& it, int s) {
+    const int j = s / in_blocks, in_block = s % in_blocks;
+    for (int half = 0; half < 2; ++half) {
+      const int row = half * 16 + tid / 16;
+      copy_grad_rows(it, j, mirrors + row * t_stride + tid % 16 * 4, kInBlock * t_stride,
+                     in_block * kInBlock + row, it.out_block * kOutBlock + tid % 16 * 4);
+    }
+  };
+
+  // Step s's copies of an item: F for input block s % in_blocks, dG_j1 .. dG_jK's blocks for
+  // kernel s / in_blocks into S's buffer `buffer`, and their mirrors but at a kernel's first
+  // step (issue_mirrors). Each thread: one channel
+  // and one 16-byte column chunk of F for every row; dG's blocks alike. What every row shares
+  // (the chunk in, out of or across the image, the rows inside it) is decided once, and a
+  // row's address is the last one's plus W: decided per row, the loop took 97-131
+  // instructions a row (gpu-notes).
   auto issue_copies = [&](const Item& it, int s, int buffer) {
     const int j = s / in_blocks, in_block = s % in_blocks;
     const int channel = in_block * kInBlock + tid / kCopyChunks, chunk = tid % kCopyChunks;
@@ -913,39 +967,35 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     float* s_dst = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
-    const int c_in = in_block * kInBlock + chunk * 4;
-    const int64_t slice = static_cast<int64_t>(d.C) * d.C;  // S_jk to S_j(k+1)
     for (int half = 0; half < 2; ++half) {
-      const int row = half * 32 + tid / kCopyChunks, c_out = it.out_block * kOutBlock + row;
-      const bool inside = c_out < d.C && c_in < d.C;
-      float* dst = s_dst + row * s_stride + chunk * 4;
-      // S_j1's row c_out from column c_in, read when inside.
-      int64_t at = ((static_cast<int64_t>(it.batch) * d.J + j) * d.K * d.C + c_out) * d.C + c_in;
-      if (!inside || (vector_sym && c_in + 4 <= d.C)) {
-        for (int k = 0; k < d.K; ++k, at += slice)
-          copy_async_16(dst + k * kOutBlock * s_stride, inside ? sym_grad + at : sym_grad,
-                        inside ? 16 : 0);
-      } else {
-        for (int k = 0; k < d.K; ++k, at += slice)
-#pragma unroll
-          for (int v = 0; v < 4; ++v)
-            dst[k * kOutBlock * s_stride + v] = c_in + v < d.C ? sym_grad[at + v] : 0.0f;
-      }
+      const int row = half * 32 + tid / kCopyChunks;  // dG's rows c_out, columns c_in
+      copy_grad_rows(it, j, s_dst + row * s_stride + chunk * 4, kOutBlock * s_stride,
+                     it.out_block * kOutBlock + row, in_block * kInBlock + chunk * 4);
     }
+    if (in_block > 0) issue_mirrors(it, s);
   };
 
-  // TF32 operands of S rounded once, when they land: each thread its own copies of
-  // issue_copies (rounding is idempotent, so the MMAs see the bits they saw rounding each
-  // fragment, 4x as often, between their loads and their HMMAs).
-  auto round_own_copies = [&](int buffer) {
-    float* s_dst = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
-    for (int k = 0; k < d.K; ++k)
-      for (int half = 0; half < 2; ++half) {
-        const int row = half * 32 + tid / kCopyChunks, chunk = tid % kCopyChunks;
-        float* own = s_dst + (k * kOutBlock + row) * s_stride + chunk * 4;
-#pragma unroll
-        for (int v = 0; v < 4; ++v) own[v] = bits_as<float>(round_to_tf32(own[v]));
+  // S_jk = (dG_jk + dG_jk^T) / n_k on the step's blocks, in place of dG's: the same operands,
+  // added and scaled in the same order as reference.symmetric_grad, so the same bits; TF32
+  // operands rounded once, here (rounding per fragment, 4x as often, gave the same bits).
+  // A warp's lanes take 4 * per input by 8 / per output channels (the strides make that
+  // conflict-free); a thread's 8 elements of each mask share its 1 / n_k.
+  auto form_symmetric = [&](int buffer, int batch) {
+    constexpr int kInLanes = 4 * per, kOutLanes = 8 / per;
+    float* s_tile = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
+    for (int k = 0; k < d.K; ++k) {
+      const float inverse = inverse_mass[(d.Bm == 1 ? 0 : batch) * d.K + k];
+#pragma unroll 2
+      for (int i = 0; i < kInBlock * kOutBlock / kThreads; ++i) {
+        const int e = i * kThreads + tid, rest = e / 32;
+        const int c_in = rest % (kInBlock / kInLanes) * kInLanes + e % kInLanes;
+        const int c_out = rest / (kInBlock / kInLanes) * kOutLanes + e / kInLanes % kOutLanes;
+        float* s = s_tile + (k * kOutBlock + c_out) * s_stride + c_in;
+        const float value = (*s + mirrors[(k * kInBlock + c_in) * t_stride + c_out]) * inverse;
+        if constexpr (per == 1) *s = bits_as<float>(round_to_tf32(value));
+        else *s = value;
       }
+    }
   };
 
   if (static_cast<int>(blockIdx.x) >= items) return;
@@ -991,9 +1041,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < steps; ++s, buffer ^= 1) {
       const int j = s / in_blocks, in_block = s % in_blocks;
       const float* tap = taps + j * taps_per_kernel;
+      if (in_block == 0) {
+        __syncthreads();  // the last kernel's adjoint has read U_j: the mirrors may land
+        issue_mirrors(it, s);
+      }
       copy_async_wait_all();
-      if constexpr (per == 1) round_own_copies(buffer);
-      __syncthreads();  // step s's F and S are in; the previous step's Z readers are done
+      __syncthreads();  // step s's F, dG's blocks and mirrors are in
+      form_symmetric(buffer, it.batch);
+      __syncthreads();  // S formed; the previous step's Z readers are done
 
       // 2. Z_j on the h-halo: item (word row of Z, column, group of kFormRows rows).
       const int groups = kProbe == kLoadOnly ? 0 : ceil_div(u_rows, kFormRows);
@@ -1048,7 +1103,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int mi = 0; mi < 2; ++mi) {
             const float* sp = sk + mi * 16 * s_stride;
-            if constexpr (per == 1) {  // S came rounded to TF32 (round_own_copies)
+            if constexpr (per == 1) {  // S came rounded to TF32 (form_symmetric)
               f.a[mi][0] = bits_as<uint32_t>(sp[t]);
               f.a[mi][1] = bits_as<uint32_t>(sp[8 * s_stride + t]);
               f.a[mi][2] = bits_as<uint32_t>(sp[t + 4]);
@@ -1370,23 +1425,24 @@ cudaError_t forward(const CastGramShape& s, const CastGramPlan& plan, const void
 
 template <typename T, typename Kernel>
 cudaError_t launch_backward_kernel(Kernel kernel, const Dims& d, const dim3 grid,
-                                   const CastGramPlan& plan, const void* sym_grad,
-                                   const void* features, const void* masks, const void* kernels,
-                                   void* d_features, cudaStream_t stream) {
+                                   const CastGramPlan& plan, const void* grad,
+                                   const void* inverse_mass, const void* features,
+                                   const void* masks, const void* kernels, void* d_features,
+                                   cudaStream_t stream) {
   const cudaError_t err = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.backward_smem));
   if (err != cudaSuccess) return err;
   kernel<<<grid, kThreads, plan.backward_smem, stream>>>(
-      static_cast<const acc_t<T>*>(sym_grad), static_cast<const T*>(features),
-      static_cast<const T*>(masks), static_cast<const T*>(kernels), static_cast<T*>(d_features),
-      d);
+      static_cast<const acc_t<T>*>(grad), static_cast<const acc_t<T>*>(inverse_mass),
+      static_cast<const T*>(features), static_cast<const T*>(masks),
+      static_cast<const T*>(kernels), static_cast<T*>(d_features), d);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t backward(const CastGramShape& s, const CastGramPlan& plan, const void* sym_grad,
-                     const void* features, const void* masks, const void* kernels,
-                     void* d_features, cudaStream_t stream) {
+cudaError_t backward(const CastGramShape& s, const CastGramPlan& plan, const void* grad,
+                     const void* inverse_mass, const void* features, const void* masks,
+                     const void* kernels, void* d_features, cudaStream_t stream) {
   // The tensor-core kernel (`rows` x 16 tiles, 64 output channels): one block per SM (its
   // shared memory allows no more), each walking items gridDim.x apart.
   const auto mma = [&](auto kernel, int rows) {
@@ -1397,8 +1453,8 @@ cudaError_t backward(const CastGramShape& s, const CastGramPlan& plan, const voi
     if (err != cudaSuccess) return err;
     const Dims d = tiled_dims<T>(s, features, rows, kTileCols, kOutBlock);
     const dim3 grid(std::min(d.tiles * d.channel_blocks * d.B, sms));
-    return launch_backward_kernel<T>(kernel, d, grid, plan, sym_grad, features, masks, kernels,
-                                     d_features, stream);
+    return launch_backward_kernel<T>(kernel, d, grid, plan, grad, inverse_mass, features, masks,
+                                     kernels, d_features, stream);
   };
   if constexpr (kProbed<T>) {
     switch (plan.backward_rows == kWideRows ? probe_variant() : kFull) {
@@ -1422,8 +1478,8 @@ cudaError_t backward(const CastGramShape& s, const CastGramPlan& plan, const voi
   using Tile = PositionTile<acc_t<T>>;
   const Dims d = tiled_dims<T>(s, features, Tile::rows, Tile::cols, kSimtChannels);
   return launch_backward_kernel<T>(_masked_gram_bwd_simt_kernel<T>, d,
-                                   dim3(d.tiles, d.channel_blocks, d.B), plan, sym_grad,
-                                   features, masks, kernels, d_features, stream);
+                                   dim3(d.tiles, d.channel_blocks, d.B), plan, grad,
+                                   inverse_mass, features, masks, kernels, d_features, stream);
 }
 
 }  // namespace
@@ -1478,23 +1534,23 @@ cudaError_t cast_masked_gram_cuda_forward(CastDtype dtype, const CastGramShape& 
 }
 
 cudaError_t cast_masked_gram_cuda_backward(CastDtype dtype, const CastGramShape& shape,
-                                           const CastGramPlan& plan, const void* sym_grad,
-                                           const void* features, const void* masks,
-                                           const void* kernels, void* d_features,
-                                           cudaStream_t stream) {
+                                           const CastGramPlan& plan, const void* grad,
+                                           const void* inverse_mass, const void* features,
+                                           const void* masks, const void* kernels,
+                                           void* d_features, cudaStream_t stream) {
   switch (dtype) {
     case CastDtype::float16:
-      return backward<__half>(shape, plan, sym_grad, features, masks, kernels, d_features,
-                              stream);
+      return backward<__half>(shape, plan, grad, inverse_mass, features, masks, kernels,
+                              d_features, stream);
     case CastDtype::bfloat16:
-      return backward<__nv_bfloat16>(shape, plan, sym_grad, features, masks, kernels, d_features,
-                                     stream);
+      return backward<__nv_bfloat16>(shape, plan, grad, inverse_mass, features, masks, kernels,
+                                     d_features, stream);
     case CastDtype::float32:
-      return backward<float>(shape, plan, sym_grad, features, masks, kernels, d_features,
-                             stream);
+      return backward<float>(shape, plan, grad, inverse_mass, features, masks, kernels,
+                             d_features, stream);
     case CastDtype::float64:
-      return backward<double>(shape, plan, sym_grad, features, masks, kernels, d_features,
-                              stream);
+      return backward<double>(shape, plan, grad, inverse_mass, features, masks, kernels,
+                              d_features, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -45,9 +45,9 @@ cudaError_t cast_masked_gram_cuda_forward(
     const void* masks, const void* kernels, const void* inverse_mass, void* scratch, void* gram,
     cudaStream_t stream);
 
-// d_features (B, C, H, W) T. sym_grad (B, J, K, C, C) A: (dG_jk + dG_jk^T) / n_k, 0 where
-// n_k == 0.
+// d_features (B, C, H, W) T. grad (B, J, K, C, C) A: dG. inverse_mass (Bm, K) A: 1 / n_k, 0
+// where n_k == 0. S_jk = (dG_jk + dG_jk^T) / n_k is formed a block at a time on the GPU.
 cudaError_t cast_masked_gram_cuda_backward(
-    CastDtype dtype, const CastGramShape& shape, const CastGramPlan& plan, const void* sym_grad,
-    const void* features, const void* masks, const void* kernels, void* d_features,
-    cudaStream_t stream);
+    CastDtype dtype, const CastGramShape& shape, const CastGramPlan& plan, const void* grad,
+    const void* inverse_mass, const void* features, const void* masks, const void* kernels,
+    void* d_features, cudaStream_t stream);

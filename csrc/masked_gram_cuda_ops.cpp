@@ -92,13 +92,16 @@ at::Tensor masked_gram_fused_cuda(const at::Tensor& features, const at::Tensor& 
   return gram;
 }
 
-at::Tensor masked_gram_fused_backward_cuda(const at::Tensor& sym, const at::Tensor& features,
+// The kernels form S = (dG + dG^T) / n_k a block at a time: no G-sized temporary.
+at::Tensor masked_gram_fused_backward_cuda(const at::Tensor& grad, const at::Tensor& features,
                                            const at::Tensor& masks, const at::Tensor& kernels,
-                                           bool allow_tf32) {
+                                           const at::Tensor& inv, bool allow_tf32) {
   check_contract(features, masks, kernels);
   const int64_t C = features.size(1);
-  cast_check_scale(sym, features, accumulation_type(features),
-                   {features.size(0), kernels.size(0), masks.size(1), C, C}, "sym_grad", kWhere);
+  cast_check_scale(grad, features, accumulation_type(features),
+                   {features.size(0), kernels.size(0), masks.size(1), C, C}, "grad", kWhere);
+  cast_check_scale(inv, features, accumulation_type(features), {masks.size(0), masks.size(1)},
+                   "inv_mass", kWhere);
   const c10::cuda::CUDAGuard guard(features.device());
   const CastDtype dtype = cast_dtype(features);
   const CastGramShape shape = shape_of(features, masks, kernels);
@@ -106,7 +109,7 @@ at::Tensor masked_gram_fused_backward_cuda(const at::Tensor& sym, const at::Tens
 
   at::Tensor d_features = at::empty_like(features);
   C10_CUDA_CHECK(cast_masked_gram_cuda_backward(
-      dtype, shape, plan, sym.const_data_ptr(), features.const_data_ptr(),
+      dtype, shape, plan, grad.const_data_ptr(), inv.const_data_ptr(), features.const_data_ptr(),
       masks.const_data_ptr(), kernels.const_data_ptr(), d_features.mutable_data_ptr(),
       c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -13,14 +13,14 @@ PyObject* PyInit__C(void) {
 
 // Canonical inputs (cast/ops.py puts them in this form; each implementation checks the
 // contract again before reading memory): features (B, C, H, W) contiguous, masks (Bm, K, H, W)
-// with Bm in {1, B}, kernels (J, r, r), r odd, all of one dtype; inv_mass = 1 / n_k (Bm, K)
-// and sym_grad = (dG + dG^T) / n_k (B, J, K, C, C) in the accumulation dtype, formed once by
-// cast/ops.py.
+// with Bm in {1, B}, kernels (J, r, r), r odd, all of one dtype; inv_mass = 1 / n_k (Bm, K),
+// formed once by cast/ops.py, and grad = dG (B, J, K, C, C), in the accumulation dtype. Each
+// backward forms S = (dG + dG^T) / n_k its own way (the CUDA kernels a block at a time).
 TORCH_LIBRARY_FRAGMENT(cast, m) {
   m.def(
       "_masked_gram_fused(Tensor features, Tensor masks, Tensor kernels, Tensor inv_mass, "
       "bool allow_tf32) -> Tensor");
   m.def(
-      "_masked_gram_fused_backward(Tensor sym_grad, Tensor features, Tensor masks, "
-      "Tensor kernels, bool allow_tf32) -> Tensor");
+      "_masked_gram_fused_backward(Tensor grad, Tensor features, Tensor masks, "
+      "Tensor kernels, Tensor inv_mass, bool allow_tf32) -> Tensor");
 }

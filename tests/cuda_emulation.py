@@ -285,10 +285,11 @@ int emulated_forward(int dtype, const int64_t* s, const int64_t* machine, int64_
   return cast_masked_gram_cuda_forward(CastDtype(dtype), shape_of(s), plan, f, m, p, inv,
                                        scratch, g, nullptr);
 }
-int emulated_backward(int dtype, const int64_t* s, const int64_t* machine, const void* sym,
-                      const void* f, const void* m, const void* p, void* df) {
+int emulated_backward(int dtype, const int64_t* s, const int64_t* machine, const void* grad,
+                      const void* inv, const void* f, const void* m, const void* p, void* df) {
   return cast_masked_gram_cuda_backward(CastDtype(dtype), shape_of(s),
-                                        plan_of(dtype, s, machine), sym, f, m, p, df, nullptr);
+                                        plan_of(dtype, s, machine), grad, inv, f, m, p, df,
+                                        nullptr);
 }
 }
 """

@@ -312,10 +312,12 @@ def emulated(tmp_path_factory):
     return cuda_emulation.build(tmp_path_factory.mktemp("cuda_emulation"))
 
 
-def run_emulated(lib, features, masks, kernels, grad, allow_tf32, machine, kernel_group=0):
+def run_emulated(
+    lib, features, masks, kernels, grad, allow_tf32, machine, kernel_group=0, inv_mass=None
+):
     """What cast/ops.py and csrc/masked_gram_cuda_ops.cpp do around the launchers, on host
-    tensors: ``1 / n_k`` and ``(dG + dG^T) / n_k`` as the op's entry forms them; the forward in
-    the plan's groups of kernels, or in groups of ``kernel_group``."""
+    tensors: ``1 / n_k`` as the op's entry forms it (or ``inv_mass``), dG in the accumulation
+    dtype; the forward in the plan's groups of kernels, or in groups of ``kernel_group``."""
     B, C, H, W = features.shape
     (J, r, _), (Bm, K) = kernels.shape, masks.shape[:2]
     shape = (ctypes.c_int64 * 8)(B, C, H, W, Bm, K, J, r)
@@ -323,16 +325,16 @@ def run_emulated(lib, features, masks, kernels, grad, allow_tf32, machine, kerne
     machine = (ctypes.c_int64 * 3)(allow_tf32, machine["compute_capability"], machine["max_smem"])
     cuts = (ctypes.c_int64 * len(PLAN_FIELDS))()
     assert lib.emulated_plan(code, shape, machine, cuts), "the plan says unsupported"
-    inv = canonical_inverse_mass(features, masks, None)
+    inv = canonical_inverse_mass(features, masks, None) if inv_mass is None else inv_mass
     scratch = torch.full((cuts[8], B, J, K, C, C), float("nan"), dtype=acc)
     gram = torch.full((B, J, K, C, C), float("nan"), dtype=acc)
     ptr = [t.data_ptr() for t in (features, masks, kernels, inv, scratch, gram)]
     group = ctypes.c_int64(kernel_group)
     assert lib.emulated_forward(code, shape, machine, group, *map(ctypes.c_void_p, ptr)) == 0
 
-    sym = symmetric_grad(grad.to(acc), inv).contiguous()
+    grad = grad.to(acc).contiguous()
     d_features = torch.full_like(features, float("nan"))
-    ptr = [t.data_ptr() for t in (sym, features, masks, kernels, d_features)]
+    ptr = [t.data_ptr() for t in (grad, inv, features, masks, kernels, d_features)]
     assert lib.emulated_backward(code, shape, machine, *map(ctypes.c_void_p, ptr)) == 0
     return gram, d_features, tuple(cuts)
 
@@ -441,6 +443,29 @@ def test_emulated_mma_backward_blocks(emulated, dtype):
     tol = 3e-3 if dtype == torch.float32 else 2e-2
     _, cuts = check_against_reference(emulated, (features, masks, kernels), tol, True)
     assert cuts[7] == 8
+
+
+@pytest.mark.parametrize(
+    "dtype,C,allow_tf32",
+    [(torch.float32, 70, True), (torch.bfloat16, 72, True), (torch.float32, 40, False)],
+    ids=["tf32 C=70", "bfloat16 C=72", "simt"],
+)
+def test_emulated_backward_forms_s_from_dg(emulated, dtype, C, allow_tf32):
+    """The backward takes dG and 1/n_k and forms S = (dG + dG^T)/n_k itself, a block at a time
+    (on tensor cores: dG's block and its mirror by cp.async, added and scaled in shared memory):
+    the very bits of reference.symmetric_grad's S, so dF is the one from S handed over whole (as
+    dG = S/2 with 1/n_k = 1: S/2 + S/2 is S exactly). Own masks per batch item (1/n_k by batch
+    and mask), dG far from symmetric; C = 70 is off whole 16-byte rows of dG (element-wise
+    copies), both C end in a partial block of output channels."""
+    features, masks, kernels = (t.to(dtype) for t in random_inputs(2, C, 11, 21, 2, 3, 3))
+    grad = torch.randn(2, 2, 3, C, C, generator=torch.Generator().manual_seed(4))
+    inv = canonical_inverse_mass(features, masks, None)
+    _, d_features, cuts = run_emulated(emulated, features, masks, kernels, grad, allow_tf32, H100)
+    assert cuts[3] == allow_tf32
+    whole = symmetric_grad(grad, inv) / 2
+    _, from_whole, _ = run_emulated(emulated, features, masks, kernels, whole, allow_tf32, H100,
+                                    inv_mass=torch.ones_like(inv))  # fmt: skip
+    assert torch.equal(d_features, from_whole)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tf32", "bfloat16"])
@@ -556,9 +581,9 @@ def test_forward_plan_for_vgg_layers(emulated, dtype):
 def test_bench_memory_model_takes_the_cuda_plan():
     """``bench/bench_masked_gram.py --memory-model`` predicts the CUDA backend's extra memory from
     the plan itself (built for this CPU): at relu4_1 of a 1024^2 image, J = K = 3, float32, the
-    forward finishes in G (no scratch), so the largest piece is S = (dG + dG^T)/n_k, 9 MiB of
-    82.2 MiB of inputs + outputs; at relu2_1 the forward's 43 scratch copies of G (44 splits),
-    24.19 MiB."""
+    forward finishes in G (no scratch) and the backward forms S a block at a time, so what is
+    left is n_k's float64 band, 0.38 MiB; at relu2_1 the forward's 43 scratch copies of G (44
+    splits), 24.19 MiB."""
     bench = CSRC.parent / "bench" / "bench_masked_gram.py"
     argv = [sys.executable, str(bench), "--memory-model", "--image", "1024", "--jk", "3x3"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
@@ -567,4 +592,4 @@ def test_bench_memory_model_takes_the_cuda_plan():
             if line.startswith("| 1024 |")}  # fmt: skip
     header = next(line for line in done.stdout.splitlines() if line.startswith("| image |"))
     cuda = [cell.strip() for cell in header.split("|")].index("cuda model extra MiB")
-    assert rows["relu4_1"][cuda].strip() == "9.00" and rows["relu2_1"][cuda].strip() == "24.19"
+    assert rows["relu4_1"][cuda].strip() == "0.38" and rows["relu2_1"][cuda].strip() == "24.19"
