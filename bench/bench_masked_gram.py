@@ -64,7 +64,8 @@ class Card:
     @classmethod
     def of_device(cls) -> Card:
         props = torch.cuda.get_device_properties(0)
-        smem = props.shared_memory_per_block_optin
+        # a torch build without the field (it is not in every one's bindings): an sm_90 card's
+        smem = getattr(props, "shared_memory_per_block_optin", H100.max_smem)
         return cls(props.multi_processor_count, 10 * props.major + props.minor, smem)
 
 
