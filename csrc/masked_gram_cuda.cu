@@ -932,12 +932,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   // Step s's copies of an item: F for input block s % in_blocks, dG_j1 .. dG_jK's blocks for
-  // kernel s / in_blocks into S's buffer `buffer`, and their mirrors but at a kernel's first
-  // step (issue_mirrors). Each thread: one channel
-  // and one 16-byte column chunk of F for every row; dG's blocks alike. What every row shares
-  // (the chunk in, out of or across the image, the rows inside it) is decided once, and a
-  // row's address is the last one's plus W: decided per row, the loop took 97-131
-  // instructions a row (gpu-notes).
+  // kernel s / in_blocks into S's buffer `buffer`, and their mirrors unless s is a kernel's
+  // first step (issue_mirrors). Each thread: one channel and one 16-byte column chunk of F for
+  // every row; dG's blocks alike. What every row shares (the chunk in, out of or across the
+  // image, the rows inside it) is decided once, and a row's address is the last one's plus W:
+  // decided per row, the loop took 97-131 instructions a row (gpu-notes).
   auto issue_copies = [&](const Item& it, int s, int buffer) {
     const int j = s / in_blocks, in_block = s % in_blocks;
     const int channel = in_block * kInBlock + tid / kCopyChunks, chunk = tid % kCopyChunks;
