@@ -69,6 +69,13 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
 }
 inline std::atomic<int> emulated_fault{cudaSuccess};
 inline cudaError_t cudaGetLastError() { return emulated_fault.exchange(cudaSuccess); }
+// A thread's cp.async copies not yet landed (CAST_EMULATED_LATE_COPIES only).
+struct EmulatedCopy {
+  void* shared;
+  const void* global;
+  int bytes;
+};
+inline thread_local std::vector<EmulatedCopy> emulated_copies;
 
 
 struct __half { _Float16 v; };
@@ -123,6 +130,9 @@ void emulated_launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, B
             barrier.arrive_and_wait();
             blockIdx = dim3(bx, by, bz);
             body();
+            // a copy still in flight when its block ends lands nowhere the kernel reads
+            if (!emulated_copies.empty()) emulated_fault = cudaErrorInvalidValue;
+            emulated_copies.clear();
             barrier.arrive_and_wait();  // the block is done before the next one's NaN
           }
     });
@@ -240,17 +250,32 @@ void mma_grid_16bit(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4], const uin
     bv[i] = i / 4 < cols ? emulated_half<T>(b[i / 4][i % 4 / 2], i % 2) : NAN;
   emulated_grid<16>(d, av, bv, rows, cols);
 }
-// cp.async: the copy at once (the wait is then a no-op), faulting unless 16-byte aligned.
+// cp.async, faulting unless 16-byte aligned: the copy at once (the wait is then a no-op), or,
+// with CAST_EMULATED_LATE_COPIES, as late as a GPU may land it: the destination is NaN from the
+// issue until the issuing thread's wait, which lands the copy (then, not before, a write by
+// another thread to the destination is lost). Reading a copy before its wait and a barrier, or
+// issuing one into shared memory that others still read, then shows as NaN.
+inline void land_copy(const EmulatedCopy& copy) {
+  std::memset(copy.shared, 0, 16);
+  std::memcpy(copy.shared, copy.global, copy.bytes);
+}
 inline void copy_async_16(void* shared, const void* global, int bytes) {
   if (reinterpret_cast<uintptr_t>(shared) % 16 != 0 ||
       (bytes > 0 && reinterpret_cast<uintptr_t>(global) % 16 != 0)) {
     emulated_fault = cudaErrorMisalignedAddress;
     return;
   }
-  std::memset(shared, 0, 16);
-  std::memcpy(shared, global, bytes);
+#ifdef CAST_EMULATED_LATE_COPIES
+  std::memset(shared, 0xFF, 16);  // NaN in every dtype
+  emulated_copies.push_back({shared, global, bytes});
+#else
+  land_copy({shared, global, bytes});
+#endif
 }
-inline void copy_async_wait_all() {}
+inline void copy_async_wait_all() {
+  for (const EmulatedCopy& copy : emulated_copies) land_copy(copy);
+  emulated_copies.clear();
+}
 """
 
 C_ENTRY_POINTS = r"""
@@ -313,9 +338,12 @@ def host_source(cu_text: str) -> str:
     return text + C_ENTRY_POINTS
 
 
-def build(folder: pathlib.Path, optimisation: str = "-O1") -> ctypes.CDLL:
+def build(
+    folder: pathlib.Path, optimisation: str = "-O1", late_copies: bool = False
+) -> ctypes.CDLL:
     """Compiles the emulated .cu into ``folder`` and loads it (about 3 s at -O0, for the plan
-    alone; the kernels run faster at -O1)."""
+    alone; the kernels run faster at -O1). ``late_copies``: cp.async copies land at their
+    thread's wait, their destinations NaN until then (else at once)."""
     if GXX is None:
         raise RuntimeError("the CUDA emulation needs g++, which is not installed")
     for header in ("cuda_runtime_api.h", "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
@@ -328,7 +356,7 @@ def build(folder: pathlib.Path, optimisation: str = "-O1") -> ctypes.CDLL:
     command = [
         GXX, "-std=c++20", optimisation, "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
         f"-I{folder}", f"-I{CSRC}", str(source), "-o", str(library),
-    ]  # fmt: skip
+    ] + (["-DCAST_EMULATED_LATE_COPIES"] if late_copies else [])  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"the CUDA emulation does not build:\n{result.stderr}")

@@ -312,6 +312,14 @@ def emulated(tmp_path_factory):
     return cuda_emulation.build(tmp_path_factory.mktemp("cuda_emulation"))
 
 
+@pytest.fixture(scope="module")
+def emulated_late(tmp_path_factory):
+    if GXX is None:
+        pytest.skip("g++ is not installed")
+    folder = tmp_path_factory.mktemp("cuda_emulation_late")
+    return cuda_emulation.build(folder, late_copies=True)
+
+
 def run_emulated(
     lib, features, masks, kernels, grad, allow_tf32, machine, kernel_group=0, inv_mass=None
 ):
@@ -466,6 +474,35 @@ def test_emulated_backward_forms_s_from_dg(emulated, dtype, C, allow_tf32):
     _, from_whole, _ = run_emulated(emulated, features, masks, kernels, whole, allow_tf32, H100,
                                     inv_mass=torch.ones_like(inv))  # fmt: skip
     assert torch.equal(d_features, from_whole)
+
+
+@pytest.mark.parametrize(
+    "dtype,shape",
+    [
+        (torch.float32, (1, 72, 9, 40, 2, 2, 3)),
+        (torch.bfloat16, (1, 70, 9, 21, 2, 2, 3)),
+        (torch.float32, (1, 24, 9, 20, 3, 1, 5)),
+    ],
+    ids=["tf32 C=72", "bfloat16 C=70", "tf32 C=24 r=5"],
+)
+def test_emulated_copies_landing_late(emulated, emulated_late, dtype, shape):
+    """The cp.async copies landing as late as a GPU may (at their thread's wait, NaN in their
+    destination from the issue): the very bits of copies landing at once, so no copy is read
+    before its wait and a barrier, none issued into shared memory still being read (U_j's
+    region, which dG's mirrors take after the last kernel's adjoint), none left in flight when
+    a block ends. Tensor-core forward (one split: a block walks 6 tiles, each next halo issued
+    during the MMAs) and backward (12 items on 3 blocks, 2 kernels); C = 72: 3 input blocks and
+    2 output blocks, 16-byte copies of F and dG; C = 70, W = 21: element-wise copies of both;
+    C = 24: one input block, every step a kernel's first."""
+    features, masks, kernels = (t.to(dtype) for t in random_inputs(*shape))
+    B, C, J, K = shape[0], shape[1], shape[4], shape[5]
+    grad = torch.randn(B, J, K, C, C, generator=torch.Generator().manual_seed(3))
+    gram, d_features, cuts = run_emulated(emulated, features, masks, kernels, grad, True, H100)
+    assert cuts[3] == 1 and cuts[7] > 0  # tensor cores both ways: the kernels that copy so
+    late_gram, late_d_features, _ = run_emulated(
+        emulated_late, features, masks, kernels, grad, True, H100
+    )
+    assert torch.equal(late_gram, gram) and torch.equal(late_d_features, d_features)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tf32", "bfloat16"])
