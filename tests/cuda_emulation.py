@@ -20,7 +20,8 @@ GXX = shutil.which("g++")
 
 CUDA_EMULATION = r"""
 // The CUDA names the kernels use, on the host: blocks run one after another, each with one
-// std::thread per CUDA thread; __syncthreads is a barrier; shared memory starts as NaN.
+// std::thread per CUDA thread; __syncthreads is a barrier; shared memory starts as NaN, and so
+// does a guard past it, which a write makes the launch fail.
 // mma.sync is warp-collective (masked_gram_mma.cuh's emulation, below); a misaligned 128-bit
 // load makes the launch fail as it would on a GPU.
 #pragma once
@@ -111,8 +112,12 @@ void emulated_launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, B
   gridDim = grid;
   blockDim = block;
   const unsigned threads = block.x * block.y * block.z;
-  std::vector<unsigned char> shared(shared_bytes + 128);
+  // Past the block's shared memory, a guard: NaN to a read, and a write to it faults.
+  constexpr size_t kGuard = 64 * 1024;
+  std::vector<unsigned char> shared(shared_bytes + 128 + kGuard);
   emulated_shared = shared.data() + (128 - reinterpret_cast<uintptr_t>(shared.data()) % 128);
+  unsigned char* guard = emulated_shared + shared_bytes;
+  std::memset(guard, 0xFF, kGuard);
   std::barrier<> barrier(threads);
   emulated_barrier = &barrier;
   emulated_warps.clear();
@@ -134,6 +139,10 @@ void emulated_launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, B
             if (!emulated_copies.empty()) emulated_fault = cudaErrorInvalidValue;
             emulated_copies.clear();
             barrier.arrive_and_wait();  // the block is done before the next one's NaN
+            if (t == 0 && std::any_of(guard, guard + kGuard, [](unsigned char b) {
+                  return b != 0xFF;
+                }))
+              emulated_fault = cudaErrorInvalidValue;  // written past its shared memory
           }
     });
   for (auto& thread : pool) thread.join();

@@ -476,6 +476,18 @@ def test_emulated_backward_forms_s_from_dg(emulated, dtype, C, allow_tf32):
     assert torch.equal(d_features, from_whole)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tf32", "bfloat16"])
+def test_emulated_mirrors_outgrow_u(emulated, dtype):
+    """dG's mirrors borrow U_j's region, as large as the larger: at r = 1 U_j takes 36 KiB (8 x
+    16 positions) and the mirrors of K = 6 masks 54 KiB (f32; 51 KiB bf16), so the region is
+    theirs and m_k^2 and the taps sit past it (in the emulation, writes past the block's shared
+    memory fail the launch and reads there give NaN)."""
+    inputs = tuple(t.to(dtype) for t in random_inputs(1, 40, 9, 20, 2, 6, 1))
+    tol = 3e-3 if dtype == torch.float32 else 2e-2
+    _, cuts = check_against_reference(emulated, inputs, tol, True)
+    assert cuts[7] == 8
+
+
 @pytest.mark.parametrize(
     "dtype,shape",
     [
