@@ -492,10 +492,11 @@ def test_emulated_mirrors_outgrow_u(emulated, dtype):
     "dtype,shape",
     [
         (torch.float32, (1, 72, 9, 40, 2, 2, 3)),
+        (torch.bfloat16, (1, 72, 9, 40, 2, 2, 3)),
         (torch.bfloat16, (1, 70, 9, 21, 2, 2, 3)),
         (torch.float32, (1, 24, 9, 20, 3, 1, 5)),
     ],
-    ids=["tf32 C=72", "bfloat16 C=70", "tf32 C=24 r=5"],
+    ids=["tf32 C=72", "bfloat16 C=72", "bfloat16 C=70", "tf32 C=24 r=5"],
 )
 def test_emulated_copies_landing_late(emulated, emulated_late, dtype, shape):
     """The cp.async copies landing as late as a GPU may (at their thread's wait, NaN in their
@@ -504,8 +505,9 @@ def test_emulated_copies_landing_late(emulated, emulated_late, dtype, shape):
     region, which dG's mirrors take after the last kernel's adjoint), none left in flight when
     a block ends. Tensor-core forward (one split: a block walks 6 tiles, each next halo issued
     during the MMAs) and backward (12 items on 3 blocks, 2 kernels); C = 72: 3 input blocks and
-    2 output blocks, 16-byte copies of F and dG; C = 70, W = 21: element-wise copies of both;
-    C = 24: one input block, every step a kernel's first."""
+    2 output blocks, 16-byte copies of F, the masks and dG; C = 70, W = 21: element-wise copies
+    of all three beside 16-byte zero fills; C = 24: one input block, every step a kernel's
+    first."""
     features, masks, kernels = (t.to(dtype) for t in random_inputs(*shape))
     B, C, J, K = shape[0], shape[1], shape[4], shape[5]
     grad = torch.randn(B, J, K, C, C, generator=torch.Generator().manual_seed(3))
