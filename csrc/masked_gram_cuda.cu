@@ -243,33 +243,45 @@ struct Operands<T, false> {
 };
 
 // float32 on TF32 tensor cores: Z holds TF32 bit patterns, rounded to nearest when formed;
-// m_k^2 Z_a is rounded again after the product.
+// m_k^2 Z_a is rounded again after the product. A step is a load of its operands for kK masks
+// (the kernel loads the next step's before this one's HMMAs) and the products.
 template <>
 struct Operands<float, true> {
   using Z = uint32_t;
   static constexpr int step = 8, max_kernels = kMaxKernels;
   __device__ static Z operand(float v) { return round_to_tf32(v); }
-  template <int kStride, int kMaskStride>
-  __device__ static void multiply(float (&acc)[kMaxMasks][4][4], int kn, const Z* za,
-                                  const Z* zb, const float* w, int lane) {
-    const int g = lane / 4, t = lane % 4;
-    const float a[4] = {
-        bits_as<float>(za[g * kStride + t]), bits_as<float>(za[(g + 8) * kStride + t]),
-        bits_as<float>(za[g * kStride + t + 4]), bits_as<float>(za[(g + 8) * kStride + t + 4])};
+  template <int kK>
+  struct Fragments {
+    float a[4], w[kK][2];
     uint32_t b[4][2];
+  };
+  template <int kStride, int kMaskStride, int kK>
+  __device__ static void load(Fragments<kK>& f, const Z* za, const Z* zb, const float* w,
+                              int lane) {
+    const int g = lane / 4, t = lane % 4;
+    f.a[0] = bits_as<float>(za[g * kStride + t]);
+    f.a[1] = bits_as<float>(za[(g + 8) * kStride + t]);
+    f.a[2] = bits_as<float>(za[g * kStride + t + 4]);
+    f.a[3] = bits_as<float>(za[(g + 8) * kStride + t + 4]);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
-      b[nt][0] = zb[(nt * 8 + g) * kStride + t];
-      b[nt][1] = zb[(nt * 8 + g) * kStride + t + 4];
+      f.b[nt][0] = zb[(nt * 8 + g) * kStride + t];
+      f.b[nt][1] = zb[(nt * 8 + g) * kStride + t + 4];
     }
-    uint32_t wa[kMaxMasks][4];
 #pragma unroll
-    for (int kl = 0; kl < kMaxMasks; ++kl) {
-      const float w0 = w[kl * kMaskStride + t], w1 = w[kl * kMaskStride + t + 4];
-      wa[kl][0] = round_to_tf32(a[0] * w0), wa[kl][1] = round_to_tf32(a[1] * w0);
-      wa[kl][2] = round_to_tf32(a[2] * w1), wa[kl][3] = round_to_tf32(a[3] * w1);
+    for (int kl = 0; kl < kK; ++kl)
+      f.w[kl][0] = w[kl * kMaskStride + t], f.w[kl][1] = w[kl * kMaskStride + t + 4];
+  }
+  template <int kK>
+  __device__ static void multiply(float (&acc)[kMaxMasks][4][4], const Fragments<kK>& f) {
+    uint32_t wa[kMaxMasks][4] = {};
+#pragma unroll
+    for (int kl = 0; kl < kK; ++kl) {
+      const float w0 = f.w[kl][0], w1 = f.w[kl][1];
+      wa[kl][0] = round_to_tf32(f.a[0] * w0), wa[kl][1] = round_to_tf32(f.a[1] * w0);
+      wa[kl][2] = round_to_tf32(f.a[2] * w1), wa[kl][3] = round_to_tf32(f.a[3] * w1);
     }
-    mma_grid_tf32(acc, wa, b, kn);
+    mma_grid_tf32(acc, wa, f.b, kK);
   }
 };
 
@@ -288,33 +300,58 @@ struct HalfOperands {
     const uint32_t out_high = bits_as<uint16_t>(narrow<T>(widen(high) * w_high));
     return out_low | out_high << 16;
   }
-  template <int kStride, int kMaskStride>
-  __device__ static void multiply(float (&acc)[kMaxMasks][4][4], int kn, const Z* za,
-                                  const Z* zb, const float* w, int lane) {
+  template <int kK>
+  struct Fragments {
+    uint32_t a[4], b[4][2];
+    float w[kK][4];
+  };
+  template <int kStride, int kMaskStride, int kK>
+  __device__ static void load(Fragments<kK>& f, const Z* za, const Z* zb, const float* w,
+                              int lane) {
     const int g = lane / 4, t = lane % 4;
-    const uint32_t a[4] = {pair(za + g * kStride + 2 * t), pair(za + (g + 8) * kStride + 2 * t),
-                           pair(za + g * kStride + 2 * t + 8),
-                           pair(za + (g + 8) * kStride + 2 * t + 8)};
-    uint32_t b[4][2];
+    f.a[0] = pair(za + g * kStride + 2 * t), f.a[1] = pair(za + (g + 8) * kStride + 2 * t);
+    f.a[2] = pair(za + g * kStride + 2 * t + 8);
+    f.a[3] = pair(za + (g + 8) * kStride + 2 * t + 8);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
-      b[nt][0] = pair(zb + (nt * 8 + g) * kStride + 2 * t);
-      b[nt][1] = pair(zb + (nt * 8 + g) * kStride + 2 * t + 8);
+      f.b[nt][0] = pair(zb + (nt * 8 + g) * kStride + 2 * t);
+      f.b[nt][1] = pair(zb + (nt * 8 + g) * kStride + 2 * t + 8);
     }
-    uint32_t wa[kMaxMasks][4];
 #pragma unroll
-    for (int kl = 0; kl < kMaxMasks; ++kl) {
+    for (int kl = 0; kl < kK; ++kl) {
       const float* wk = w + kl * kMaskStride + 2 * t;
-      wa[kl][0] = scaled(a[0], wk[0], wk[1]), wa[kl][1] = scaled(a[1], wk[0], wk[1]);
-      wa[kl][2] = scaled(a[2], wk[8], wk[9]), wa[kl][3] = scaled(a[3], wk[8], wk[9]);
+      f.w[kl][0] = wk[0], f.w[kl][1] = wk[1], f.w[kl][2] = wk[8], f.w[kl][3] = wk[9];
     }
-    mma_grid_16bit<T>(acc, wa, b, kn);
+  }
+  template <int kK>
+  __device__ static void multiply(float (&acc)[kMaxMasks][4][4], const Fragments<kK>& f) {
+    uint32_t wa[kMaxMasks][4] = {};
+#pragma unroll
+    for (int kl = 0; kl < kK; ++kl) {
+      const float* wk = f.w[kl];
+      wa[kl][0] = scaled(f.a[0], wk[0], wk[1]), wa[kl][1] = scaled(f.a[1], wk[0], wk[1]);
+      wa[kl][2] = scaled(f.a[2], wk[2], wk[3]), wa[kl][3] = scaled(f.a[3], wk[2], wk[3]);
+    }
+    mma_grid_16bit<T>(acc, wa, f.b, kK);
   }
 };
 template <>
 struct Operands<__nv_bfloat16, true> : HalfOperands<__nv_bfloat16> {};
 template <>
 struct Operands<__half, true> : HalfOperands<__half> {};
+
+// f(integral_constant<int, n>) for the forward's mask count n = 1 .. kMaxMasks (warp-uniform):
+// with a runtime count, tests of it sat between a step's HMMAs (gpu-notes: the forward's MMA
+// iteration).
+template <typename F>
+__device__ __forceinline__ void with_mask_count(int n, F&& f) {
+  static_assert(kMaxMasks == 3, "one case per mask count");
+  switch (n) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 3>{});
+  }
+}
 
 template <typename T, bool kTensorCores, int kRows>
 struct ForwardTile {
@@ -500,9 +537,30 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Z* za = z_tile + m0 * kZStride;
       const Z* zb = z_tile + (b_offset + n0) * kZStride;
       constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : P;
+      if constexpr (kTensorCores) {
+        // The mask count a compile-time value, so no branch sits between a step's HMMAs; each
+        // step loads the next one's operands before its HMMAs (after the last, the first again:
+        // loaded, not used), so that their round trip is not on its path. Two steps a trip:
+        // rolled, ptxas sinks such loads below the HMMAs (the backward's lesson, gpu-notes).
+        with_mask_count(kn, [&](auto mask_count) {
+          constexpr int kK = decltype(mask_count)::value;
+          using Fragments = typename Ops::template Fragments<kK>;
+          static_assert(kDepth % (2 * Ops::step) == 0, "whole trips of two steps");
+          Fragments next;
+          if constexpr (kDepth > 0) Ops::template load<kZStride, P>(next, za, zb, mask_sq, lane);
+#pragma unroll 2
+          for (int p0 = 0; p0 < kDepth; p0 += Ops::step) {
+            const Fragments now = next;
+            const int p1 = (p0 + Ops::step) % P;
+            Ops::template load<kZStride, P>(next, za + p1, zb + p1, mask_sq + p1, lane);
+            Ops::multiply(acc[jl], now);
+          }
+        });
+      } else {
 #pragma unroll 1
-      for (int p0 = 0; p0 < kDepth; p0 += Ops::step)
-        Ops::template multiply<kZStride, P>(acc[jl], kn, za + p0, zb + p0, mask_sq + p0, lane);
+        for (int p0 = 0; p0 < kDepth; p0 += Ops::step)
+          Ops::template multiply<kZStride, P>(acc[jl], kn, za + p0, zb + p0, mask_sq + p0, lane);
+      }
     }
   }
 
