@@ -139,9 +139,10 @@ def cuda_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, card: Car
     ``csrc/masked_gram_cuda.cu`` itself: the larger of n_k's float64 band and the forward's
     scratch (the plan's copies of G; G holds split 0's sums). The backward has none: it forms
     ``S = (dG + dG^T) / n_k`` a block at a time in shared memory."""
-    if cuda_planner() is None:
+    planner = cuda_planner()
+    if planner is None:
         return None
-    emulation, library = cuda_planner()
+    emulation, library = planner
     shape = (1, layer.C, layer.H, layer.W, 1, K, J, 3)
     plan = emulation.plan(
         library, dtype, shape, True, compute_capability=card.compute_capability,
