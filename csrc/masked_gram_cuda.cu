@@ -139,13 +139,16 @@ enum Probe : int {
 // out[o] += sum_{dy,dx} w(dy, dx) src[(o + dy) * stride + dx], the rows read once per dx and
 // used for up to r outputs. `rows_in` (<= kOut + kR - 1) rows of src exist; w(dy, dx) is
 // taps[dy * r + dx], or taps[(r-1-dy) * r + r-1-dx] for the backward's adjoint (kRotated). r is
-// a template argument (convolve_odd picks it): with a runtime r the loops kept a branch after
-// every tap and a shared-memory round trip per tap (the probe's convolution stage, gpu-notes);
-// unrolled, a column's rows and taps issue together and no row past the r taps is read.
+// a template argument (convolve_odd or the backward's with_halo picks it): with a runtime r the
+// loops kept a branch after every tap and a shared-memory round trip per tap (the probe's
+// convolution stage, gpu-notes); unrolled, a column's rows and taps issue together and no row
+// past the r taps is read. With the stride a constant too, every row is an immediate offset.
 template <int kOut, int kR, bool kRotated, typename A, typename S>
 __device__ __forceinline__ void convolve_column(A (&out)[kOut], const S* src, int stride,
                                                 int rows_in, const A* taps) {
-#pragma unroll 1  // a column at a time: unrolled, the next columns' loads spilled at r = 7
+  // Columns all at once up to r = 3 (one round trip for their loads), else one at a time:
+  // unrolled, r = 7 spilled 20-408 B.
+#pragma unroll(kR <= 3 ? kR : 1)
   for (int dx = 0; dx < kR; ++dx) {
     A column[kOut + kR - 1];
 #pragma unroll
@@ -801,8 +804,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 //      kernel's first step issues its own, after the last kernel's adjoint); then each S_jk
 //      block is formed in place, (dG + mirror) / n_k (rounded to TF32 for float32): S is
 //      never in global memory;
-//   2. Z_j on the h-halo, formed once: each thread a column of 4 values of one channel (two
-//      channels for 16-bit input), each loaded value used for up to r of them; stored
+//   2. Z_j on the h-halo, formed once: each thread a column of half its rows in one channel
+//      (two channels for 16-bit input), each loaded value used for up to r of them; stored
 //      channel-major as the B operand (a 32-bit word holds one TF32 value or a pair of
 //      consecutive channels);
 //   3. U_j^T (64 x positions) += [S_j1 | .. | S_jK] [m_1^2 Z_j; ..; m_K^2 Z_j]^T with mma.sync:
@@ -819,7 +822,6 @@ constexpr int kOutBlock = 64;    // output channels per block: 2 warps of 32 acr
 constexpr int kInBlock = 32;     // input channels per step
 constexpr int kMmaHalo = 3;      // h <= 3 (r <= 7) on tensor cores
 constexpr int kMaxNTiles = 8;    // n-tiles (8 positions) per warp: the h-halo's <= 256 positions
-constexpr int kFormRows = 4;     // rows of Z_j a thread forms at once
 // Columns of the formation's items per row: the h-halo's widest row (22) rounded to 24, which
 // F's channel stride (24 mod 32 words) makes conflict-free.
 constexpr int kFormCols = 24;
@@ -890,18 +892,19 @@ struct MmaBackwardTile {
   }
 };
 
-// f(std::integral_constant<int, n>{}) for the n-tiles of 8 positions each warp of the
-// backward takes at halo h (a switch on h <= kMmaHalo, warp-uniform), so the MMA loops run a
-// compile-time count: with a runtime bound each n-tile's HMMA sat behind a branch (21 an
-// iteration, the probe of effb4cf) and ptxas could not issue an iteration's loads together.
-template <typename Tile, typename F>
-__device__ __forceinline__ void with_n_tiles(int h, F&& f) {
+// f(std::integral_constant<int, h>{}) for the backward's halo h <= kMmaHalo (a switch,
+// warp-uniform), so that what h decides is compile-time: the convolutions' r, row strides and
+// rows (with them runtime, a formation column was 48 instructions for its 12 FFMA: each row's
+// address formed apart and behind a guard, gpu-notes), and the MMA loops' n-tiles (with a
+// runtime bound each n-tile's HMMA sat behind a branch, 21 an iteration at effb4cf).
+template <typename F>
+__device__ __forceinline__ void with_halo(int h, F&& f) {
   static_assert(kMmaHalo == 3, "one case per halo");
   switch (h) {
-    case 0: return f(std::integral_constant<int, Tile::n_tiles(0)>{});
-    case 1: return f(std::integral_constant<int, Tile::n_tiles(1)>{});
-    case 2: return f(std::integral_constant<int, Tile::n_tiles(2)>{});
-    default: return f(std::integral_constant<int, Tile::n_tiles(3)>{});
+    case 0: return f(std::integral_constant<int, 0>{});
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 3>{});
   }
 }
 
@@ -1107,31 +1110,36 @@ __global__ void __launch_bounds__(kThreads, 1)
       form_symmetric(buffer, it.batch);
       __syncthreads();  // S formed; the previous step's Z readers are done
 
-      // 2. Z_j on the h-halo: item (word row of Z, column, group of kFormRows rows).
-      const int groups = kProbe == kLoadOnly ? 0 : ceil_div(u_rows, kFormRows);
-      for (int item = tid; item < Tile::z_rows * kFormCols * groups; item += kThreads) {
-        const int ux = item % kFormCols, row = item / kFormCols % Tile::z_rows;
-        const int uy = item / (kFormCols * Tile::z_rows) * kFormRows;
-        if (ux >= u_cols) continue;
-        const int rows_in = min(kFormRows, u_rows - uy) + 2 * h;
-        float z[per][kFormRows];
+      // 2. Z_j on the h-halo: item (word row of Z, column, half of the rows), every loaded
+      // value used for up to r of the item's rows; the halo's geometry compile-time.
+      if constexpr (kProbe != kLoadOnly)
+        with_halo(h, [&](auto halo) {
+          constexpr int kH = decltype(halo)::value, kR = 2 * kH + 1;
+          constexpr int kGroup = (kRows + 2 * kH) / 2;  // rows of Z_j an item forms
+          constexpr int kUCols = kTileCols + 2 * kH, kFCols = Tile::f_cols(kH);
+          constexpr int kFStride = Tile::f_stride(kH), kZStride = Tile::z_stride(kH);
+          for (int item = tid; item < Tile::z_rows * kFormCols * 2; item += kThreads) {
+            const int ux = item % kFormCols, row = item / kFormCols % Tile::z_rows;
+            const int uy = item / (kFormCols * Tile::z_rows) * kGroup;
+            if (ux >= kUCols) continue;
+            float z[per][kGroup];
 #pragma unroll
-        for (int e = 0; e < per; ++e) {
+            for (int e = 0; e < per; ++e) {
 #pragma unroll
-          for (int o = 0; o < kFormRows; ++o) z[e][o] = 0.0f;
-          const T* src = f_halo + (row * per + e) * f_stride + uy * f_cols + ux + pad - 2 * h;
-          convolve_odd<kFormRows, 2 * kMmaHalo + 1, false>(d.r, z[e], src, f_cols, rows_in,
-                                                           tap);
-        }
+              for (int o = 0; o < kGroup; ++o) z[e][o] = 0.0f;
+              const T* src = f_halo + (row * per + e) * kFStride + uy * kFCols + ux +
+                             Tile::pad(kH) - 2 * kH;
+              convolve_column<kGroup, kR, false>(z[e], src, kFCols, kGroup + 2 * kH, tap);
+            }
 #pragma unroll
-        for (int o = 0; o < kFormRows; ++o) {
-          if (uy + o >= u_rows) break;
-          uint32_t word;
-          if constexpr (per == 1) word = bits_as<uint32_t>(z[0][o]);
-          else word = pack_pair<T>(z[0][o], z[1][o]);
-          z_tile[row * z_stride + (uy + o) * u_cols + ux] = word;
-        }
-      }
+            for (int o = 0; o < kGroup; ++o) {
+              uint32_t word;
+              if constexpr (per == 1) word = bits_as<uint32_t>(z[0][o]);
+              else word = pack_pair<T>(z[0][o], z[1][o]);
+              z_tile[row * kZStride + (uy + o) * kUCols + ux] = word;
+            }
+          }
+        });
       __syncthreads();  // Z_j formed; F's halo free
       // The next step's copies (the next item's first after the last step) land during the MMAs.
       for (int pass = 0; pass < (kProbe == kNoLoad ? 0 : kProbe == kLoadTwice ? 2 : 1); ++pass) {
@@ -1143,8 +1151,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       // n-tiles a compile-time count (with_n_tiles), so no branch sits between the HMMAs.
       const float* s_tile = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
       constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : kInBlock;
-      with_n_tiles<Tile>(h, [&](auto n_tiles_constant) {
-        constexpr int kN = decltype(n_tiles_constant)::value;
+      with_halo(h, [&](auto halo) {
+        constexpr int kN = Tile::n_tiles(decltype(halo)::value);
         // An (input step c0, mask k) iteration's operands from shared memory: the S fragments
         // (A) and the mask words of the warp's n-tiles. Each iteration loads the next one's
         // before its HMMAs, so that their round trip is not on its path (there were two: the
@@ -1228,12 +1236,16 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       __syncthreads();
+      if constexpr (kProbe != kLoadOnly)
+        with_halo(h, [&](auto halo) {
+          constexpr int kH = decltype(halo)::value, kUStride = Tile::u_stride(kH);
 #pragma unroll
-      for (int i = 0; i < (kProbe == kLoadOnly ? 0 : kItems); ++i) {
-        const int item = tid + i * kThreads, ox = item % kTileCols, c = item / kTileCols;
-        convolve_odd<kRows, 2 * kMmaHalo + 1, true>(d.r, d_acc[i], u_tile + c * u_stride + ox,
-                                                    u_cols, kRows + 2 * h, tap);
-      }
+          for (int i = 0; i < kItems; ++i) {
+            const int item = tid + i * kThreads, ox = item % kTileCols, c = item / kTileCols;
+            convolve_column<kRows, 2 * kH + 1, true>(d_acc[i], u_tile + c * kUStride + ox,
+                                                     kTileCols + 2 * kH, kRows + 2 * kH, tap);
+          }
+        });
     }
 
 #pragma unroll

@@ -274,6 +274,14 @@ def test_cuda_machine_code(build_folder):
         per_copy = [len(b) / sum(x[1].startswith("LDGSTS") for x in b) for b in copies]
         scalar = [x[1] for b in copies for x in b if x[1].startswith("LDG.")]
         assert copies and max(per_copy) <= 32 and not scalar, (name, per_copy, scalar)
+        # The convolutions (Z_j's formation, the adjoint) with the halo's geometry compile-time
+        # (with_halo): a column loop (FFMAs, no HMMA, no store) reads its rows at immediate
+        # offsets, none behind a guard, so at most its own loop test and 40 % FFMA or more (the
+        # formation's column at r = 3 was 48 instructions for 12 FFMA, 7 ISETP: gpu-notes).
+        columns = [collections.Counter(x[1].split(".")[0] for x in body) for body in loops_of[name]]
+        columns = [c for c in columns if c["FFMA"] and not c["HMMA"] and not c["STS"]]
+        lean = [c["ISETP"] <= 1 and c["FFMA"] >= 0.4 * c.total() for c in columns]
+        assert columns and all(lean), (name, [(c["FFMA"], c.total(), c["ISETP"]) for c in columns])
     simt = [ops for name, ops in kernels.items() if SIMT_BACKWARD_KERNEL.search(name)]
     assert len(simt) == 4 and not any(op.startswith("HMMA") for ops in simt for op in ops)
     # 4 variants x 2 dtypes x forward and backward, all spill-free (the nvcc test)
