@@ -42,13 +42,15 @@ step() {  # step NAME SECONDS COMMAND...: run, log to OUT/NAME.log, note rc and 
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-        'triton', triton.__version__, torch.cuda.get_device_name())"
+  "$PY" -c "import torch, triton; from torch.utils.cpp_extension import is_ninja_available
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__,
+      torch.cuda.get_device_name(), 'ninja', is_ninja_available())"
   git log -1 --format='git %h %s' 2>/dev/null || true
 } 2>&1 | tee -a "$summary"
 arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 
-# One .cu file, so nvcc runs on one core: 107 s on an H100 machine at a37e7bb (75 s cut it).
+# 107 s on an H100 machine at a37e7bb, when the kernels were one .cu file (nvcc on one core);
+# now in parts that ninja compiles at once (predicted 35-50 s: gpu-notes).
 step build 240 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
   "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
 # The probe first: it runs the CUDA kernels alone, so if they crash the card (a lost CUDA

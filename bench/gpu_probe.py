@@ -1,11 +1,11 @@
 """Where the CUDA kernels' time goes on a GPU: each tensor-core kernel, forward and backward,
 timed whole and with one stage left out or done twice.
 
-The variants are ``Probe`` in ``csrc/masked_gram_cuda.cu``, chosen by the environment variable
-``CAST_CUDA_PROBE`` (read at every launch; float32 and bfloat16, the widest tiles): the loads
-alone, everything but the MMAs, the loads of F for the first tile / step only, the loads twice.
-Their results are wrong; only their times matter. Layers relu1_1 and relu3_1 of a 1024^2 image,
-J = K = 3, r = 3, beside ``bench/issue_model.py``'s bound for each kernel (H100 rates).
+The variants are ``Probe`` in ``csrc/masked_gram_cuda_kernels.cuh``, chosen by the environment
+variable ``CAST_CUDA_PROBE`` (read at every launch; float32 and bfloat16, the widest tiles): the
+loads alone, everything but the MMAs, the loads of F for the first tile / step only, the loads
+twice. Their results are wrong; only their times matter. Layers relu1_1 and relu3_1 of a 1024^2
+image, J = K = 3, r = 3, beside ``bench/issue_model.py``'s bound for each kernel (H100 rates).
 
     python bench/gpu_probe.py            # a CUDA machine; about 20 s
 """

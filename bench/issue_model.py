@@ -9,8 +9,8 @@ and L1 wavefronts (128 bytes per SM and clock; a warp's 32-bit load of 32 positi
 The slowest kind bounds the kernel. ``bench/results/gpu-notes.md`` compares it with what was
 measured.
 
-The CUDA forward (``csrc/masked_gram_cuda.cu``) reads its operands from shared memory it filled
-itself, so it is counted in shared-memory wavefronts (128 bytes per SM and clock, conflicts
+The CUDA forward (``csrc/masked_gram_cuda_kernels.cuh``) reads its operands from shared memory it
+filled itself, so it is counted in shared-memory wavefronts (128 bytes per SM and clock, conflicts
 included), warp instructions issued (4 per SM and clock) and DRAM bytes, beside its MMAs.
 
     python bench/issue_model.py            # 1024^2, J = K = 3, r = 3, float32

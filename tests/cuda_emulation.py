@@ -1,8 +1,9 @@
-"""The host code of ``csrc/masked_gram_cuda.cu`` built for this CPU with g++ under a small CUDA
-emulation (no GPU, no CUDA toolkit): its kernels run one block at a time, one ``std::thread`` per
-CUDA thread, ``__syncthreads`` a barrier, shared memory poisoned with NaN
-(tests/test_cuda_sources.py compares them with the reference), and its plan says how a launch on
-a given card cuts a shape and what it allocates (bench/bench_masked_gram.py's memory model).
+"""The host code of the CUDA backend (``csrc/masked_gram_cuda*.cu``, their kernels in
+``csrc/masked_gram_cuda_kernels.cuh``) built for this CPU with g++ under a small CUDA emulation
+(no GPU, no CUDA toolkit): its kernels run one block at a time, one ``std::thread`` per CUDA
+thread, ``__syncthreads`` a barrier, shared memory poisoned with NaN (tests/test_cuda_sources.py
+compares them with the reference), and its plan says how a launch on a given card cuts a shape
+and what it allocates (bench/bench_masked_gram.py's memory model).
 """
 
 from __future__ import annotations
@@ -335,7 +336,7 @@ PLAN_FIELDS = ("splits", "kernel_group", "mask_group", "tensor_cores", "tile_row
 
 
 def host_source(cu_text: str) -> str:
-    """The .cu text with its launches and dynamic shared memory routed to the emulation."""
+    """The kernels' text with their launches and dynamic shared memory routed to the emulation."""
     launch = re.compile(r"([\w<>]+)<<<(.*?)>>>\((.*?)\);", re.DOTALL)
     text, launches = launch.subn(
         lambda m: f"emulated_launch({m[2]}, [&] {{ {m[1]}({m[3]}); }});", cu_text
@@ -344,7 +345,7 @@ def host_source(cu_text: str) -> str:
         r"extern __shared__ .*? (\w+)\[\];", r"unsigned char* \1 = emulated_shared;", text
     )
     assert launches == 3 and shared == 3, "the emulation no longer matches the kernels' source"
-    return text + C_ENTRY_POINTS
+    return text
 
 
 def build(
@@ -359,8 +360,15 @@ def build(
         (folder / header).write_text('#include "cuda_emulation.h"\n')
     (folder / "cuda_emulation.h").write_text(CUDA_EMULATION)
     (folder / "masked_gram_mma.cuh").write_text(MMA_EMULATION)
+    # The parts that the build compiles one by one, here one translation unit: each part's copy
+    # includes the emulated kernels' header beside it.
+    kernels = "masked_gram_cuda_kernels.cuh"
+    (folder / kernels).write_text(host_source((CSRC / kernels).read_text()))
+    parts = sorted(CSRC.glob("*.cu"))
+    for part in parts:
+        (folder / part.name).write_text(part.read_text())
     source = folder / "masked_gram_host.cpp"
-    source.write_text(host_source((CSRC / "masked_gram_cuda.cu").read_text()))
+    source.write_text("".join(f'#include "{part.name}"\n' for part in parts) + C_ENTRY_POINTS)
     library = folder / "masked_gram_host.so"
     command = [
         GXX, "-std=c++20", optimisation, "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
