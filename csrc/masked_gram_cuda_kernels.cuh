@@ -802,8 +802,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 //   1. F on the tile's 2h-halo (columns padded to whole 16-byte vectors, as the forward's), the
 //      (64 out x 32 in) blocks of dG_j1 .. dG_jK and their (32 in x 64 out) mirrors arrive by
 //      cp.async, 16 bytes a copy, all in flight at once; the next step's copies (the next
-//      item's first, after an item's last step) are issued as soon as Z_j is formed, so they
-//      overlap this step's MMAs (S has two buffers, F one; the mirrors take U_j's region, so a
+//      item's first, after an item's last step) are issued as soon as their regions are free,
+//      dG's once this step's S is formed, F's once Z_j is, so they overlap this step's
+//      formation and MMAs (S has two buffers, F one; the mirrors take U_j's region, so a
 //      kernel's first step issues its own, after the last kernel's adjoint); then each S_jk
 //      block is formed in place, (dG + mirror) / n_k (rounded to TF32 for float32): S is
 //      never in global memory;
@@ -996,14 +997,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
-  // Step s's copies of an item: F for input block s % in_blocks, dG_j1 .. dG_jK's blocks for
-  // kernel s / in_blocks into S's buffer `buffer`, and their mirrors unless s is a kernel's
-  // first step (issue_mirrors). Each thread: one channel and one 16-byte column chunk of F for
-  // every row; dG's blocks alike. What every row shares (the chunk in, out of or across the
-  // image, the rows inside it) is decided once, and a row's address is the last one's plus W:
-  // decided per row, the loop took 97-131 instructions a row (gpu-notes).
-  auto issue_copies = [&](const Item& it, int s, int buffer) {
-    const int j = s / in_blocks, in_block = s % in_blocks;
+  // Step s's copies of an item, in two parts: F's for input block s % in_blocks, and dG's
+  // (issue_grad_copies, below). Each thread: one channel and one 16-byte column chunk of F for
+  // every row. What every row shares (the chunk in, out of or across the image, the rows
+  // inside it) is decided once, and a row's address is the last one's plus W: decided per row,
+  // the loop took 97-131 instructions a row (gpu-notes).
+  auto issue_feature_copies = [&](const Item& it, int s) {
+    const int in_block = s % in_blocks;
     const int channel = in_block * kInBlock + tid / kCopyChunks, chunk = tid % kCopyChunks;
     if (chunk < chunks) {
       const int x = it.x0 - pad + chunk * vector, y_top = it.y0 - 2 * h;
@@ -1030,6 +1030,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+  };
+  // dG_j1 .. dG_jK's blocks of step s (kernel s / in_blocks) into S's buffer `buffer`, and
+  // their mirrors unless s is a kernel's first step (issue_mirrors).
+  auto issue_grad_copies = [&](const Item& it, int s, int buffer) {
+    const int j = s / in_blocks, in_block = s % in_blocks, chunk = tid % kCopyChunks;
     float* s_dst = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
     for (int half = 0; half < 2; ++half) {
       const int row = half * 32 + tid / kCopyChunks;  // dG's rows c_out, columns c_in
@@ -1064,7 +1069,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (static_cast<int>(blockIdx.x) >= items) return;
   Item it = item_at(blockIdx.x);
-  issue_copies(it, 0, 0);
+  issue_feature_copies(it, 0);
+  issue_grad_copies(it, 0, 0);
   for (int e = tid; e < d.J * taps_per_kernel; e += kThreads) taps[e] = widen(kernels[e]);
   // Z's columns past the halo are never formed: zeros, so the MMAs there add nothing.
   for (int e = tid; e < Tile::z_rows * (u_padded - u_size); e += kThreads) {
@@ -1105,6 +1111,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < steps; ++s, buffer ^= 1) {
       const int j = s / in_blocks, in_block = s % in_blocks;
       const float* tap = taps + j * taps_per_kernel;
+      // The next step's copies (the next item's first after the last step), issued as soon as
+      // their regions are free, to land during this step's work: dG's once S is formed (S's
+      // other buffer was read by the last step's MMAs, the mirrors' region by this form pass),
+      // F's once Z_j is formed.
+      const bool more = s + 1 < steps || !last_item;
+      const Item after = s + 1 < steps ? it : next;
+      const int after_step = s + 1 < steps ? s + 1 : 0;
+      constexpr int kPasses = kProbe == kNoLoad ? 0 : kProbe == kLoadTwice ? 2 : 1;
       if (in_block == 0) {
         __syncthreads();  // the last kernel's adjoint has read U_j: the mirrors may land
         issue_mirrors(it, s);
@@ -1113,6 +1127,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();  // step s's F, dG's blocks and mirrors are in
       form_symmetric(buffer, it.batch);
       __syncthreads();  // S formed; the previous step's Z readers are done
+      for (int pass = 0; pass < kPasses && more; ++pass)
+        issue_grad_copies(after, after_step, buffer ^ 1);
 
       // 2. Z_j on the h-halo: item (word row of Z, column, half of the rows), every loaded
       // value used for up to r of the item's rows; the halo's geometry compile-time.
@@ -1145,14 +1161,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         });
       __syncthreads();  // Z_j formed; F's halo free
-      // The next step's copies (the next item's first after the last step) land during the MMAs.
-      for (int pass = 0; pass < (kProbe == kNoLoad ? 0 : kProbe == kLoadTwice ? 2 : 1); ++pass) {
-        if (s + 1 < steps) issue_copies(it, s + 1, buffer ^ 1);
-        else if (!last_item) issue_copies(next, 0, buffer ^ 1);
-      }
+      for (int pass = 0; pass < kPasses && more; ++pass) issue_feature_copies(after, after_step);
 
       // 3. U_j^T += S_k (m_k^2 Z_j)^T for every mask, kInBlock channels deep; the warp's
-      // n-tiles a compile-time count (with_n_tiles), so no branch sits between the HMMAs.
+      // n-tiles a compile-time count (with_halo), so no branch sits between the HMMAs.
       const float* s_tile = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
       constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : kInBlock;
       with_halo(h, [&](auto halo) {
