@@ -389,10 +389,21 @@ def measure(args, image: int) -> list[Row]:
                     f"{seconds * 1e3:9.1f} ms (best {best * 1e3:.1f}, forward "
                     f"{forward_seconds * 1e3:.1f}) "
                     f"{rows[-1].flops / seconds / 1e9:7.1f} GFLOP/s "
-                    f"extra {extra / MIB:8.1f} MiB ({100 * extra / io:.1f} % of io)",
+                    f"extra {extra / MIB:8.1f} MiB ({100 * extra / io:.1f} % of io)"
+                    + tuned_configs(backend),
                     flush=True,
                 )
     return rows
+
+
+def tuned_configs(backend: str) -> str:
+    """For the log: the configs the Triton autotuner took for the row just run (a slow row may
+    be its pick, not the kernels' speed: gpu-notes)."""
+    if backend != "triton":
+        return ""
+    from cast.kernels import masked_gram as triton_gram
+
+    return f" {triton_gram.tuned_configs()}"
 
 
 def baseline_skip(backend: str, layer: Layer, J: int, K: int, image: int, args) -> str:

@@ -19,12 +19,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 summary="$OUT/summary.txt"
 : >"$summary"
+rm -f "$OUT"/*.log  # the steps append (two share probe.log: at most eight files come back)
 
 # Every step's limit is clipped to one deadline, so the call ends inside the device tool's
 # limit whatever the build takes; a step with no time left is skipped and says so.
 deadline=$(($(date +%s) + ${GPU_CHECK_SECONDS:-560}))
-step() {  # step NAME SECONDS COMMAND...: run, log to OUT/NAME.log, note rc and time
-  local name=$1 limit=$2 start rc
+step() {  # step NAME[:LOG] SECONDS COMMAND...: run, log to OUT/LOG.log (NAME's if no LOG)
+  local name=${1%%:*} log=${1#*:} limit=$2 start rc
   shift 2
   start=$(date +%s)
   if ((deadline - start < limit)); then limit=$((deadline - start)); fi
@@ -32,10 +33,10 @@ step() {  # step NAME SECONDS COMMAND...: run, log to OUT/NAME.log, note rc and 
     echo "== $name: skipped, the deadline has passed" | tee -a "$summary"
     return 124
   fi
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" >>"$OUT/$log.log" 2>&1
   rc=$?
   echo "== $name: rc $rc, $(($(date +%s) - start)) s" | tee -a "$summary"
-  tail -n 25 "$OUT/$name.log" | tee -a "$summary"
+  tail -n 25 "$OUT/$log.log" | tee -a "$summary"
   return "$rc"
 }
 
@@ -75,6 +76,9 @@ step tests 120 env CAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -n 8 -q --tb=line --du
   tests/test_gpu.py tests/test_masked_gram.py tests/test_triton_kernels.py
 step bench-bfloat16 75 "$PY" bench/bench_masked_gram.py --device cuda --image 1024 \
   --dtype bfloat16 --compile-max-image 1024 --warmup 1 --repeats 3 "${backends[@]}"
+# The Triton probe: a process of its own, after the benches so that every kernel it launches is
+# in Triton's cache (its compiles would take it 20-40 s); into probe.log, after the CUDA probe.
+step triton-probe:probe 30 "$PY" bench/gpu_probe.py --triton
 weights=gpu-weights/vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin
 [ -f "$weights" ] && export CAST_VGG19="$PWD/$weights"
 step stylize 30 "$PY" bench/bench_stylize.py --device cuda --backend "$stylize_backend" --size 512 \

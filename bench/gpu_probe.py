@@ -8,12 +8,31 @@ twice. Their results are wrong; only their times matter. Layers relu1_1 and relu
 image, J = K = 3, r = 3, beside ``bench/issue_model.py``'s bound for each kernel (H100 rates).
 
     python bench/gpu_probe.py            # a CUDA machine; about 20 s
+
+``--triton``: the Triton section (a process of its own in bench/gpu_check.sh, following no
+``torch.compile``), the forward and the backward timed apart, CUDA events, median of 20:
+
+- (a) the backward's scratch budget: at relu4_1 and relu5_1, J = K = 1 and 3, float32 and
+  bfloat16, the first shipped backward config that fits, with the programs the budget allows
+  (``backward_programs``, as shipped) and with as many as are resident (``capped=False``);
+- (b) the float32 J = K = 1 step at relu2_1 and relu3_1 (6.1 ms at a37e7bb, 2.1 at 48ea547):
+  every shipped forward and backward config forced, then the autotuned pair and the configs the
+  tuner took. Hypotheses and the rows that tell them apart: bench/results/gpu-notes.md.
+
+Each row also gives the host's time to issue the call (the op is launch-bound where it is near
+the GPU time). ``--tiny``: the same rows on tiny shapes, on the CPU under the Triton
+interpreter (TRITON_INTERPRET=1), for the tests.
+
+    python bench/gpu_probe.py --triton   # a CUDA machine; about 10 s after the benches' compiles
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
+import time
+from functools import partial
 
 import torch
 from issue_model import cuda_backward_chain, cuda_forward
@@ -26,17 +45,31 @@ LAYERS = (("relu1_1", 64, 1024), ("relu3_1", 256, 256))  # name, C, side at a 10
 J = K = 3
 
 
-def median_ms(run, repeats: int = 5) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-        start.record()
+def timed(run, device: str, warmup: int = 1, repeats: int = 5) -> tuple[float, float, float]:
+    """Median and best ms of ``run`` (CUDA events on a GPU, the host's clock on the CPU) and the
+    median ms the host takes to issue it (returning before the GPU is done)."""
+    for _ in range(warmup):
         run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    times, host = [], []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            torch.cuda.synchronize()
+            start.record()
+        issued = time.perf_counter()
+        run()
+        host.append(1e3 * (time.perf_counter() - issued))
+        if device == "cuda":
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            times.append(host[-1])
+    return statistics.median(times), min(times), statistics.median(host)
+
+
+def median_ms(run, repeats: int = 5) -> float:
+    return timed(run, "cuda", 1, repeats)[0]
 
 
 def probe(name: str, C: int, side: int, dtype: torch.dtype, gen: torch.Generator) -> None:
@@ -71,7 +104,7 @@ def probe(name: str, C: int, side: int, dtype: torch.dtype, gen: torch.Generator
               + " | ".join(cells) + " |", flush=True)  # fmt: skip
 
 
-def main() -> None:
+def cuda_main() -> None:
     print(f"{torch.cuda.get_device_name()}, 1024^2 image, J = K = {J}, r = 3; ms, median of 5")
     print()
     print("| layer | dtype | kernel | model bound | " + " | ".join(VARIANTS) + " |")
@@ -80,6 +113,107 @@ def main() -> None:
     for name, C, side in LAYERS:
         for dtype in (torch.float32, torch.bfloat16):
             probe(name, C, side, dtype, gen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: the backward's scratch budget, and the float32 J = K = 1 step at relu2_1 / relu3_1
+
+# name, C, side at a 1024^2 image (bench/bench_masked_gram.py's VGG-16 layers)
+BUDGET_LAYERS = (("relu4_1", 512, 128), ("relu5_1", 512, 64))
+STEP_LAYERS = (("relu2_1", 128, 512), ("relu3_1", 256, 256))
+TINY_LAYERS = (("tiny", 48, 12),)  # --tiny: every shipped config fits C = 48
+
+
+def triton_inputs(C: int, side: int, jk: int, dtype: torch.dtype, device: str, seed: int):
+    """Features (ReLU'd), soft masks, 3 x 3 kernels, 1 / n_k and dG, as the op's backward gets
+    them."""
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn((1, C, side, side), generator=gen).relu()
+    masks = torch.rand((1, jk, side, side), generator=gen)
+    kernels = torch.randn((jk, 3, 3), generator=gen)
+    grad = torch.randn((1, jk, jk, C, C), generator=gen)  # float32: the Grams' dtype
+    to = dict(device=device, dtype=dtype)
+    features, masks, kernels = features.to(**to), masks.to(**to), kernels.to(**to)
+    return features, masks, kernels, canonical_inverse_mass(features, masks, None), grad.to(device)
+
+
+def config_name(config: dict) -> str:
+    sizes = [config[k] for k in ("TILE_H", "TILE_W", "BLOCK_C", "BLOCK_D") if k in config]
+    return "x".join(map(str, sizes)) + f" w{config['num_warps']}"
+
+
+def triton_row(part, layer, dtype, jk, kernel, config, programs, times) -> None:
+    cells = [part, layer, str(dtype).removeprefix("torch."), f"{jk},{jk}", kernel, config,
+             programs, *(f"{ms:.2f}" for ms in times)]  # fmt: skip
+    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def probe_budget(layers, dtypes, device: str, warmup: int, repeats: int) -> None:
+    """(a) The backward alone, with the programs the scratch budget allows and uncapped."""
+    from cast.kernels import masked_gram as triton_gram
+
+    sms = triton_gram.multiprocessors(torch.device(device))
+    for name, C, side in layers:
+        for dtype in dtypes:
+            for jk in (1, 3):
+                features, masks, kernels, inv, grad = triton_inputs(C, side, jk, dtype, device, 0)
+                config = triton_gram.fitting_configs(True, C, R=3)[0]
+                problem = (features.shape, 1, dtype, jk, jk, 3)
+                items = triton_gram.backward_programs(*problem, config, 1 << 30, capped=False)
+                for label, capped in (("budget", True), ("uncapped", False)):
+                    programs = triton_gram.backward_programs(*problem, config, sms, capped=capped)
+                    run = partial(triton_gram.backward, grad, features, masks, kernels, inv,
+                                  True, config=config, programs=programs)  # fmt: skip
+                    rounds = -(-items // programs)
+                    triton_row("a", name, dtype, jk, f"backward, {label}", config_name(config),
+                               f"{programs} ({rounds} rounds)",
+                               timed(run, device, warmup, repeats))  # fmt: skip
+
+
+def probe_step(layers, device: str, warmup: int, repeats: int) -> None:
+    """(b) float32, J = K = 1: the forward and the backward apart, each shipped config forced,
+    then autotuned (the configs the tuner took in the last column's place)."""
+    from cast.kernels import masked_gram as triton_gram
+
+    dtype, jk = torch.float32, 1
+    for name, C, side in layers:
+        features, masks, kernels, inv, grad = triton_inputs(C, side, jk, dtype, device, 0)
+        runs = {
+            "forward": partial(triton_gram.forward, features, masks, kernels, inv, True),
+            "backward": partial(triton_gram.backward, grad, features, masks, kernels, inv, True),
+        }
+        for kernel, run in runs.items():
+            for config in triton_gram.fitting_configs(kernel == "backward", C, R=3):
+                triton_row("b", name, dtype, jk, kernel, config_name(config), "-",
+                           timed(partial(run, config=config), device, warmup, repeats))  # fmt: skip
+            times = timed(run, device, warmup, repeats)
+            tuned = triton_gram.tuned_configs()[kernel]
+            triton_row("b", name, dtype, jk, f"{kernel}, autotuned", tuned, "-", times)
+
+
+def triton_main(tiny: bool) -> None:
+    device = "cpu" if tiny else "cuda"
+    warmup, repeats = (0, 1) if tiny else (3, 20)
+    where = "CPU, Triton interpreter" if tiny else f"{torch.cuda.get_device_name()}, CUDA events"
+    print(f"Triton, {where}, 1024^2 image's layers, r = 3; ms: median and best of {repeats} "
+          f"after {warmup} warm-up calls; host ms: the median time to issue one")  # fmt: skip
+    print()
+    print("| part | layer | dtype | J,K | kernel | config | programs | ms | best ms | host ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: |")
+    dtypes = (torch.float32, torch.bfloat16)
+    probe_budget(TINY_LAYERS if tiny else BUDGET_LAYERS, dtypes, device, warmup, repeats)
+    probe_step(TINY_LAYERS if tiny else STEP_LAYERS, device, warmup, repeats)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--triton", action="store_true", help="the Triton section (see above)")
+    parser.add_argument("--tiny", action="store_true", help="--triton on the CPU, tiny shapes")
+    args = parser.parse_args(argv)
+    if args.triton or args.tiny:
+        triton_main(args.tiny)
+    else:
+        cuda_main()
 
 
 if __name__ == "__main__":

@@ -544,6 +544,12 @@ else:
     )
 
 
+def tuned_configs() -> dict[str, str]:
+    """The config each autotuned kernel launched last (the bench's logs), by direction."""
+    tuned = {"forward": _fwd_kernel, "backward": _bwd_kernel}
+    return {name: str(getattr(kernel, "best_config", None)) for name, kernel in tuned.items()}
+
+
 def masks_per_program(K: int) -> int:
     """The largest divisor of K up to four: every chunk of masks is full, so no kernel needs
     a "mask k exists" test, and at most four (C, C) accumulators live in registers."""
@@ -641,17 +647,19 @@ def backward_programs(
     R: int,
     config: dict,
     sms: int,
+    capped: bool = True,
 ) -> int:
     """The backward's persistent programs, one scratch tile each: at most as many as are
     resident and as the scratch budget (a tenth of the op's inputs and outputs) has tiles for,
     at least one; then as few as take the work items (batch item, tile, block of output
     channels) in as many rounds as that many would. So the busiest program has as few items as
     the budget allows (as with every SM's program launched wherever the budget does not bite)
-    and no tile is held by a program that would only wait."""
+    and no tile is held by a program that would only wait. ``capped=False``: the count without
+    the budget (bench/gpu_probe.py times both)."""
     B, C, H, W = shape
     items = B * channel_blocks(C, config["BLOCK_C"]) * backward_tiles(H, W, R, config)
     budget = SCRATCH_FRACTION * inputs_outputs_bytes(shape, mask_batch, dtype, J, K, R)
-    tiles = int(budget // (backward_slot(config) * gram_dtype(dtype).itemsize))
+    tiles = int(budget // (backward_slot(config) * gram_dtype(dtype).itemsize)) if capped else items
     rounds = triton.cdiv(items, max(1, min(resident_programs(config, sms), tiles)))
     return triton.cdiv(items, rounds)
 
@@ -680,6 +688,12 @@ def backward_scratch(
         * backward_slot(c)
         for c in candidates
     )
+
+
+def fitting_configs(backward: bool, C: int, num_masks: int = 1, R: int = 1) -> list[dict]:
+    """The shipped configs that fit (``config_fits``), as launch configs (``config=``)."""
+    configs = BWD_CONFIGS if backward else FWD_CONFIGS
+    return [_as_launch_config(c) for c in configs if config_fits(c, C, num_masks, R)]
 
 
 def backward_candidates() -> list[dict]:

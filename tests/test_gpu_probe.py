@@ -1,0 +1,40 @@
+"""bench/gpu_probe.py's Triton section, so that it cannot break unseen before a lease: its rows
+on tiny shapes under the Triton interpreter, and the two program counts its part (a) compares."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from cast.kernels import masked_gram as triton_gram
+
+PROBE = Path(__file__).resolve().parent.parent / "bench" / "gpu_probe.py"
+
+
+def test_triton_probe_gives_every_row_on_the_interpreter():
+    env = os.environ | {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(PROBE), "--tiny"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines()]
+    rows = [row for row in rows if row[0] in ("a", "b")]
+    # (a): 2 dtypes x 2 J = K x budget / uncapped; (b): 2 configs + autotuned, forward and backward
+    assert [row[0] for row in rows] == ["a"] * 8 + ["b"] * 6, done.stdout
+    assert all(float(cell) > 0 for row in rows for cell in row[-3:]), done.stdout
+    assert {row[4] for row in rows if row[0] == "a"} == {"backward, budget", "backward, uncapped"}
+
+
+def test_uncapped_programs_are_the_resident_ones():
+    """Where the budget binds (relu5_1 of a 1024^2 image, float32, J = K = 1: 25 programs where
+    100 would be resident and balanced, gpu-notes), ``capped=False`` gives the count without it;
+    elsewhere the two agree."""
+    config = triton_gram.fitting_configs(True, 512, R=3)[0]
+    relu5_1 = ((1, 512, 64, 64), 1, torch.float32, 1, 1, 3, config, 132)
+    assert triton_gram.backward_programs(*relu5_1) == 25
+    assert triton_gram.backward_programs(*relu5_1, capped=False) == 100
+    relu2_1 = ((1, 128, 512, 512), 1, torch.float32, 1, 1, 3, config, 132)
+    assert triton_gram.backward_programs(*relu2_1, capped=False) == 131
+    assert triton_gram.backward_programs(*relu2_1) == 131
