@@ -370,11 +370,12 @@ def measure(args, image: int) -> list[Row]:
                 if skip:
                     print(f"{layer.name} J={J} K={K} {backend}: skipped ({skip})", flush=True)
                     continue
+                repeats = args.repeats if backend in BASELINES else args.fused_repeats
                 run = forward_backward(backend, compiled_reference)
-                seconds, best = timings(partial(run, *inputs), device, args.warmup, args.repeats)
+                seconds, best = timings(partial(run, *inputs), device, args.warmup, repeats)
                 forward_only = forward_backward(backend, compiled_reference, backward=False)
                 forward_seconds, _ = timings(
-                    partial(forward_only, *inputs), device, args.warmup, args.repeats
+                    partial(forward_only, *inputs), device, args.warmup, repeats
                 )
                 memory.start()
                 result = run(*inputs)
@@ -541,7 +542,8 @@ def report(
             if math.isfinite(bandwidth)
             else []
         ),
-        f"- time: median (and best) of {args.repeats} runs after {args.warmup} warm-up runs, "
+        f"- time: median (and best) of {args.fused_repeats} runs (eager and compile: "
+        f"{args.repeats}) after {args.warmup} warm-up runs, "
         "forward + backward (forward ms: the forward alone, without autograd); "
         "GFLOP/s from the median, counting 4*J*K*N*C^2 per forward + backward, against the "
         "peak's best run; 3x3 random kernels, soft masks, B=1",
@@ -597,6 +599,12 @@ def parse_args(argv=None):
     parser.add_argument("--jk", default="1x1,3x3", help="J x K pairs, e.g. 1x1,3x3")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--fused-repeats",
+        type=int,
+        default=None,
+        help="timed runs of the fused backends' rows, short ones (default: --repeats)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="markdown table path")
     parser.add_argument(
         "--compile-max-image",
@@ -617,7 +625,8 @@ def parse_args(argv=None):
     if args.device == "cuda" and not cuda:
         parser.error("--device cuda: no CUDA device here")
     if args.quick:
-        args.warmup, args.repeats = 1, 2
+        args.warmup, args.repeats, args.fused_repeats = 1, 2, 2
+    args.fused_repeats = args.fused_repeats or args.repeats
     args.image = args.image or [64 if args.quick else 512 if args.device == "cpu" else 1024]
     args.jk = [tuple(int(n) for n in pair.split("x")) for pair in args.jk.split(",")]
     present = fused_backends(args.device)
