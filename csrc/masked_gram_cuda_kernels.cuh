@@ -1051,18 +1051,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   // conflict-free); a thread's 8 elements of each mask share its 1 / n_k.
   auto form_symmetric = [&](int buffer, int batch) {
     constexpr int kInLanes = 4 * per, kOutLanes = 8 / per;
-    float* s_tile = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
-    for (int k = 0; k < d.K; ++k) {
+    constexpr int kElements = kInBlock * kOutBlock / kThreads;  // a thread's, per mask
+    // Element e = i * kThreads + tid has this c_in and c_out + i * kOutStep for every i (the
+    // block's threads cover kInBlock input by kOutStep output channels): fixed offsets from a
+    // mask's two rows. Derived from e apart, each element cost 30 instructions of indices.
+    constexpr int kOutStep = kThreads / kInBlock;
+    static_assert(kInLanes * kOutLanes == 32 && kThreads % (kInBlock * kOutLanes) == 0);
+    const int rest = tid / 32;
+    const int c_in = rest % (kInBlock / kInLanes) * kInLanes + tid % kInLanes;
+    const int c_out = rest / (kInBlock / kInLanes) * kOutLanes + tid / kInLanes % kOutLanes;
+    float* s = s_tiles + buffer * (Tile::s_bytes(d.K) / 4) + c_out * s_stride + c_in;
+    const float* t = mirrors + c_in * t_stride + c_out;
+    for (int k = 0; k < d.K; ++k, s += kOutBlock * s_stride, t += kInBlock * t_stride) {
       const float inverse = inverse_mass[(d.Bm == 1 ? 0 : batch) * d.K + k];
-#pragma unroll 2
-      for (int i = 0; i < kInBlock * kOutBlock / kThreads; ++i) {
-        const int e = i * kThreads + tid, rest = e / 32;
-        const int c_in = rest % (kInBlock / kInLanes) * kInLanes + e % kInLanes;
-        const int c_out = rest / (kInBlock / kInLanes) * kOutLanes + e / kInLanes % kOutLanes;
-        float* s = s_tile + (k * kOutBlock + c_out) * s_stride + c_in;
-        const float value = (*s + mirrors[(k * kInBlock + c_in) * t_stride + c_out]) * inverse;
-        if constexpr (per == 1) *s = bits_as<float>(round_to_tf32(value));
-        else *s = value;
+#pragma unroll
+      for (int i = 0; i < kElements; ++i) {
+        const float value = (s[i * kOutStep * s_stride] + t[i * kOutStep]) * inverse;
+        if constexpr (per == 1) s[i * kOutStep * s_stride] = bits_as<float>(round_to_tf32(value));
+        else s[i * kOutStep * s_stride] = value;
       }
     }
   };

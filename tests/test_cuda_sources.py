@@ -297,10 +297,15 @@ def test_cuda_machine_code(build_folder):
         # (with_halo): a column loop (FFMAs, no HMMA, no store) reads its rows at immediate
         # offsets, none behind a guard, so at most its own loop test and 40 % FFMA or more (the
         # formation's column at r = 3 was 48 instructions for 12 FFMA, 7 ISETP: gpu-notes).
-        columns = [collections.Counter(x[1].split(".")[0] for x in body) for body in loops_of[name]]
-        columns = [c for c in columns if c["FFMA"] and not c["HMMA"] and not c["STS"]]
+        counts = [collections.Counter(x[1].split(".")[0] for x in body) for body in loops_of[name]]
+        columns = [c for c in counts if c["FFMA"] and not c["HMMA"] and not c["STS"]]
         lean = [c["ISETP"] <= 1 and c["FFMA"] >= 0.4 * c.total() for c in columns]
         assert columns and all(lean), (name, [(c["FFMA"], c.total(), c["ISETP"]) for c in columns])
+        # The form pass, S = (dG + mirror) / n_k: a thread's elements at fixed offsets from a
+        # mask's two rows, at most 12 instructions an element (one FADD each); each element's
+        # indices derived anew from its number took 34-37 (gpu-notes).
+        forms = [c for c in counts if c["FADD"] and c["STS"] and not c["HMMA"] and not c["FFMA"]]
+        assert forms and all(c.total() <= 12 * c["FADD"] for c in forms), (name, forms)
     simt = [ops for name, ops in kernels.items() if SIMT_BACKWARD_KERNEL.search(name)]
     assert len(simt) == 4 and not any(op.startswith("HMMA") for ops in simt for op in ops)
     # 4 variants x 2 dtypes x forward and backward, all spill-free (the nvcc test)
