@@ -172,23 +172,34 @@ def probe_budget(layers, dtypes, device: str, warmup: int, repeats: int) -> None
 
 def probe_step(layers, device: str, warmup: int, repeats: int) -> None:
     """(b) float32, J = K = 1: the forward and the backward apart, each shipped config forced,
-    then autotuned (the configs the tuner took in the last column's place)."""
+    then autotuned (the config column names the tuner's pick). The forced forwards take the
+    autotuned one's splits of the rows (a forced config would cut by its own tile height)."""
     from cast.kernels import masked_gram as triton_gram
 
     dtype, jk = torch.float32, 1
+    sms = triton_gram.multiprocessors(torch.device(device))
+    fill = triton_gram.programs_to_fill(sms) if device == "cuda" else 1  # as forward() has it
     for name, C, side in layers:
         features, masks, kernels, inv, grad = triton_inputs(C, side, jk, dtype, device, 0)
-        runs = {
-            "forward": partial(triton_gram.forward, features, masks, kernels, inv, True),
-            "backward": partial(triton_gram.backward, grad, features, masks, kernels, inv, True),
-        }
-        for kernel, run in runs.items():
-            for config in triton_gram.fitting_configs(kernel == "backward", C, R=3):
-                triton_row("b", name, dtype, jk, kernel, config_name(config), "-",
-                           timed(partial(run, config=config), device, warmup, repeats))  # fmt: skip
-            times = timed(run, device, warmup, repeats)
-            tuned = triton_gram.tuned_configs()[kernel]
-            triton_row("b", name, dtype, jk, f"{kernel}, autotuned", tuned, "-", times)
+        rows = triton_gram.split_rows(features.shape, 1, dtype, jk, jk, {}, fill)
+        splits = -(-side // rows)
+        problem = (features.shape, 1, dtype, jk, jk, 3)
+        forward = partial(triton_gram.forward, features, masks, kernels, inv, True)
+        backward = partial(triton_gram.backward, grad, features, masks, kernels, inv, True)
+        for config in triton_gram.fitting_configs(False, C, R=3):
+            triton_row("b", name, dtype, jk, "forward", config_name(config), f"{splits} splits",
+                       timed(partial(forward, config=config, splits=splits), device, warmup,
+                             repeats))  # fmt: skip
+        times = timed(forward, device, warmup, repeats)
+        tuned = triton_gram.tuned_configs()["forward"]
+        triton_row("b", name, dtype, jk, "forward, autotuned", tuned, "-", times)
+        for config in triton_gram.fitting_configs(True, C, R=3):
+            programs = triton_gram.backward_programs(*problem, config, sms)
+            times = timed(partial(backward, config=config), device, warmup, repeats)
+            triton_row("b", name, dtype, jk, "backward", config_name(config), str(programs), times)
+        times = timed(backward, device, warmup, repeats)
+        tuned = triton_gram.tuned_configs()["backward"]
+        triton_row("b", name, dtype, jk, "backward, autotuned", tuned, "-", times)
 
 
 def triton_main(tiny: bool) -> None:
