@@ -84,9 +84,10 @@ step tests 140 env CAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -n 8 -q --tb=line --du
 step bench-bfloat16 85 "$PY" bench/bench_masked_gram.py --device cuda --image 1024 \
   --dtype bfloat16 --compile-max-image 1024 --warmup 1 --repeats 3 --fused-repeats 10 \
   "${backends[@]}"
-# The Triton probe: a process of its own, after the benches so that every kernel it launches is
-# in Triton's cache (its compiles would take it 20-40 s); into probe.log, after the CUDA probe.
-step triton-probe:probe 30 "$PY" bench/gpu_probe.py --triton
+# The Triton probe: a process of its own, after the benches so that every shipped kernel it
+# launches is in Triton's cache (its compiles would take it 20-40 s); the unshipped 8 x 8 tile
+# compiles here, twice (float32, bf16), hence 60 s; into probe.log, after the CUDA probe.
+step triton-probe:probe 60 "$PY" bench/gpu_probe.py --triton
 weights=gpu-weights/vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin
 [ -f "$weights" ] && export CAST_VGG19="$PWD/$weights"
 step stylize 30 "$PY" bench/bench_stylize.py --device cuda --backend "$stylize_backend" --size 512 \

@@ -21,10 +21,15 @@ def test_triton_probe_gives_every_row_on_the_interpreter():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines()]
     rows = [row for row in rows if row[0] in ("a", "b")]
-    # (b): 2 configs + autotuned, forward and backward; (a): 2 dtypes x 2 J = K x budget / uncapped
-    assert [row[0] for row in rows] == ["b"] * 6 + ["a"] * 8, done.stdout
+    # (b): 2 configs + autotuned, forward and backward; (a): 2 dtypes x 2 J = K x budget /
+    # uncapped / the small tile under the budget
+    assert [row[0] for row in rows] == ["b"] * 6 + ["a"] * 12, done.stdout
     assert all(float(cell) > 0 for row in rows for cell in row[-3:]), done.stdout
-    assert {row[4] for row in rows if row[0] == "a"} == {"backward, budget", "backward, uncapped"}
+    assert {row[4] for row in rows if row[0] == "a"} == {
+        "backward, budget",
+        "backward, uncapped",
+        "backward, budget, 8x8 tile",
+    }
 
 
 def test_uncapped_programs_are_the_resident_ones():
