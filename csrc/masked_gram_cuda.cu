@@ -40,21 +40,23 @@ int forward_rows(bool tensor_cores, int r, size_t max_smem) {
 }
 
 template <typename T, int kRows>
-size_t mma_backward_smem(int r, int K, int J) {
+size_t mma_backward_smem(int r, int K, int J, bool own_mirrors) {
   using Tile = MmaBackwardTile<T, kRows>;
-  return Tile::fits(r) ? static_cast<size_t>(Tile::bytes(r, K, J)) : 0;
+  return Tile::fits(r) ? static_cast<size_t>(Tile::bytes(r, K, J, own_mirrors)) : 0;
 }
 
 // The tensor-core backward's tile rows, the widest whose shared memory fits, or 0 (the SIMT
-// backward); its shared memory beside it.
+// backward); its shared memory beside it: with dG's mirrors in a region of their own where that
+// fits too (a kernel's first step need not wait for them), else in U_j's.
 template <typename T>
 std::pair<int, size_t> backward_tiles(bool tensor_cores, int r, int K, int J, size_t max_smem) {
   if constexpr (sizeof(T) <= 4) {
-    for (int rows : {kWideRows, kNarrowRows}) {
-      const size_t bytes = rows == kWideRows ? mma_backward_smem<T, kWideRows>(r, K, J)
-                                             : mma_backward_smem<T, kNarrowRows>(r, K, J);
-      if (tensor_cores && bytes > 0 && bytes <= max_smem) return {rows, bytes};
-    }
+    for (int rows : {kWideRows, kNarrowRows})
+      for (bool own : {true, false}) {
+        const size_t bytes = rows == kWideRows ? mma_backward_smem<T, kWideRows>(r, K, J, own)
+                                               : mma_backward_smem<T, kNarrowRows>(r, K, J, own);
+        if (tensor_cores && bytes > 0 && bytes <= max_smem) return {rows, bytes};
+      }
   }
   return {0, static_cast<size_t>(SimtBackwardLayout<T>::bytes(r, K, J))};
 }

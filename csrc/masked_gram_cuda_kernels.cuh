@@ -122,6 +122,7 @@ struct Dims {
   int splits, tiles_per_split;
   int kernel_group, mask_group, mask_groups;  // forward: kernels and masks per block
   bool vector_rows;  // rows of F start on 16 bytes (W a multiple of the vector, F aligned)
+  bool own_mirrors;  // the tensor-core backward's dG mirrors in a region of their own
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -879,17 +880,19 @@ struct MmaBackwardTile {
   __host__ __device__ static constexpr int mask_bytes(int h, int K) {
     return K * u_padded(h) * 4;
   }
-  // U_j's region, which dG's mirrors take during a kernel's steps: as large as U (53 KiB at
-  // r = 3, 8-row tiles) holds the mirrors of 5 masks (f32; 6 for 16-bit input).
-  __host__ __device__ static constexpr int u_region(int h, int K) {
+  // U_j's region and, with it, dG's mirrors': theirs after U (own_mirrors), or U's own during
+  // a kernel's steps where shared memory is short (as large as U, 53 KiB at r = 3 with 8-row
+  // tiles, it holds the mirrors of 5 masks in f32, 6 for 16-bit input).
+  __host__ __device__ static constexpr int u_region(int h, int K, bool own_mirrors) {
+    if (own_mirrors) return u_bytes(h) + t_bytes(K);
     return u_bytes(h) > t_bytes(K) ? u_bytes(h) : t_bytes(K);
   }
-  // In the kernel's order: F, S twice, Z, U (or the mirrors), m_k^2, taps (all multiples of 16
+  // In the kernel's order: F, S twice, Z, U and the mirrors, m_k^2, taps (all multiples of 16
   // bytes but taps).
-  __host__ __device__ static constexpr int bytes(int r, int K, int J) {
+  __host__ __device__ static constexpr int bytes(int r, int K, int J, bool own_mirrors) {
     const int h = r / 2;
-    return f_bytes(h) + 2 * s_bytes(K) + z_bytes(h) + u_region(h, K) + mask_bytes(h, K) +
-           J * r * r * 4;
+    return f_bytes(h) + 2 * s_bytes(K) + z_bytes(h) + u_region(h, K, own_mirrors) +
+           mask_bytes(h, K) + J * r * r * 4;
   }
   // Whether the kernel takes r at all: the halo's positions within the warps' n-tiles.
   __host__ __device__ static constexpr bool fits(int r) {
@@ -949,8 +952,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* s_tiles = reinterpret_cast<float*>(region += Tile::f_bytes(h));  // 2 x (K, 64, s_stride)
   uint32_t* z_tile = reinterpret_cast<uint32_t*>(region += 2 * Tile::s_bytes(d.K));
   float* u_tile = reinterpret_cast<float*>(region += Tile::z_bytes(h));  // (64, u_stride)
-  float* mirrors = u_tile;  // (K, 32, t_stride): dG's mirrors during a kernel's steps
-  float* mask_sq = reinterpret_cast<float*>(region += Tile::u_region(h, d.K));  // (K, u_padded)
+  // dG's mirrors, (K, 32, t_stride): after U_j, or in U_j's region during a kernel's steps.
+  float* mirrors = d.own_mirrors ? u_tile + Tile::u_bytes(h) / 4 : u_tile;
+  float* mask_sq =
+      reinterpret_cast<float*>(region += Tile::u_region(h, d.K, d.own_mirrors));  // (K, u_padded)
   float* taps = reinterpret_cast<float*>(region += Tile::mask_bytes(h, d.K));  // (J, r, r)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
@@ -985,9 +990,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int v = 0; v < 4; ++v) dst[k * dst_k + v] = col + v < d.C ? src[v] : 0.0f;
     }
   };
-  // Step s's mirrors of dG's blocks, (32 in x 64 out): rows c_in, columns c_out. Their region
-  // is U_j's, free during a kernel's steps: a kernel's first step issues its own after the
-  // last kernel's adjoint, the other steps' come with the rest of their copies.
+  // Step s's mirrors of dG's blocks, (32 in x 64 out): rows c_in, columns c_out. They come with
+  // the rest of dG's copies, but where they borrow U_j's region (not own_mirrors), free only
+  // during a kernel's steps, a kernel's first step issues its own after the last kernel's
+  // adjoint, and waits for them at once.
   auto issue_mirrors = [&](const Item& it, int s) {
     const int j = s / in_blocks, in_block = s % in_blocks;
     for (int half = 0; half < 2; ++half) {
@@ -1032,7 +1038,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
   // dG_j1 .. dG_jK's blocks of step s (kernel s / in_blocks) into S's buffer `buffer`, and
-  // their mirrors unless s is a kernel's first step (issue_mirrors).
+  // their mirrors unless they borrow U_j's region and s is a kernel's first step.
   auto issue_grad_copies = [&](const Item& it, int s, int buffer) {
     const int j = s / in_blocks, in_block = s % in_blocks, chunk = tid % kCopyChunks;
     float* s_dst = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
@@ -1041,7 +1047,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       copy_grad_rows(it, j, s_dst + row * s_stride + chunk * 4, kOutBlock * s_stride,
                      it.out_block * kOutBlock + row, in_block * kInBlock + chunk * 4);
     }
-    if (in_block > 0) issue_mirrors(it, s);
+    if (in_block > 0 || d.own_mirrors) issue_mirrors(it, s);
   };
 
   // S_jk = (dG_jk + dG_jk^T) / n_k on the step's blocks, in place of dG's: the same operands,
@@ -1125,7 +1131,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Item after = s + 1 < steps ? it : next;
       const int after_step = s + 1 < steps ? s + 1 : 0;
       constexpr int kPasses = kProbe == kNoLoad ? 0 : kProbe == kLoadTwice ? 2 : 1;
-      if (in_block == 0) {
+      if (in_block == 0 && !d.own_mirrors) {
         __syncthreads();  // the last kernel's adjoint has read U_j: the mirrors may land
         issue_mirrors(it, s);
       }
@@ -1482,7 +1488,12 @@ cudaError_t launch_mma_backward(Kernel kernel, int rows, const CastGramShape& s,
   if (err == cudaSuccess)
     err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
-  const Dims d = tiled_dims<T>(s, features, rows, kTileCols, kOutBlock);
+  Dims d = tiled_dims<T>(s, features, rows, kTileCols, kOutBlock);
+  const auto own = [&](auto tile) {
+    return plan.backward_smem == static_cast<size_t>(decltype(tile)::bytes(d.r, d.K, d.J, true));
+  };
+  d.own_mirrors = rows == kWideRows ? own(MmaBackwardTile<T, kWideRows>{})
+                                    : own(MmaBackwardTile<T, kNarrowRows>{});  // the plan's
   const dim3 grid(std::min(d.tiles * d.channel_blocks * d.B, sms));
   return launch_backward_kernel<T>(kernel, d, grid, plan, grad, inverse_mass, features, masks,
                                    kernels, d_features, stream);
