@@ -133,8 +133,7 @@ def gram_sums(
     """``(B, J, K, C, C)`` masked Gram *sums* ``Y^T Y`` (not divided by the mask's mass), so the
     sums of disjoint masks (the tiles of an image) add up to the whole image's. Differentiable.
     """
-    return masked_gram(features, masks, kernels, mass=_unit_mass(features, masks),
-                       backend=backend)  # fmt: skip
+    return masked_gram(features, masks, kernels, mass=1.0, backend=backend)
 
 
 def gram_sums_grad(
@@ -144,13 +143,7 @@ def gram_sums_grad(
     """The gradient of ``(weight * gram_sums(features, masks, kernels)).sum()`` with respect
     to ``features``, ``(B, C, H, W)``, without taking the sums (the op's backward alone).
     ``weight``: ``(B, J, K, C, C)``."""
-    return masked_gram_grad(features, weight, masks, kernels, mass=_unit_mass(features, masks),
-                            backend=backend)  # fmt: skip
-
-
-def _unit_mass(features: Tensor, masks: Tensor) -> Tensor:
-    """The op divides by 1, so it gives the sums themselves."""
-    return torch.ones(masks.shape[-3], dtype=features.dtype, device=features.device)
+    return masked_gram_grad(features, weight, masks, kernels, mass=1.0, backend=backend)
 
 
 @dataclass(frozen=True)

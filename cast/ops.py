@@ -10,6 +10,9 @@ them (see ``cast.backends``) never repeat these checks.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -22,7 +25,7 @@ def masked_gram(
     masks: Tensor | None = None,
     kernels: Tensor | None = None,
     *,
-    mass: Tensor | None = None,
+    mass: Tensor | float | None = None,
     backend: str | None = None,
     allow_tf32: bool = True,
 ) -> Tensor:
@@ -37,10 +40,12 @@ def masked_gram(
             channel as cross-correlation with zero padding (``conv2d``'s convention).
             ``None`` means the identity ``[[1.]]`` (``J = 1``): Gatys' Gram matrix.
         mass: the ``n_k`` to divide by instead of the masks' own, ``(K,)``, or ``(B, K)``
-            with ``(B, K, H, W)`` masks; finite, non-negative. A tile of an image divides its
-            sums by the whole image's mass, so the tiles' results add up to the image's
-            (SPEC §5); ones give the sums ``Y^T Y`` themselves. Zero mass gives zero, as an
-            empty mask does.
+            with ``(B, K, H, W)`` masks, or one number for every mask; finite, non-negative.
+            A tile of an image divides its sums by the whole image's mass, so the tiles'
+            results add up to the image's (SPEC §5); ``1.0`` gives the sums ``Y^T Y``
+            themselves. Zero mass gives zero, as an empty mask does. A number is checked on
+            the host; a tensor's values are checked where they are, which on a GPU waits for
+            the work queued before (a device synchronisation each call).
         backend: ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; default
             ``$CAST_BACKEND``, else the fastest one present for the device and dtype.
         allow_tf32: let the GPU backends use TF32 tensor cores for float32 input.
@@ -64,7 +69,7 @@ def masked_gram_grad(
     masks: Tensor | None = None,
     kernels: Tensor | None = None,
     *,
-    mass: Tensor | None = None,
+    mass: Tensor | float | None = None,
     backend: str | None = None,
     allow_tf32: bool = True,
 ) -> Tensor:
@@ -141,14 +146,21 @@ def mask_mass_in_bands(masks: Tensor) -> Tensor:
 
 def canonical_inverse_mass(features: Tensor, masks: Tensor, mass: Tensor | None) -> Tensor:
     """``1 / n_k`` ``(Bm, K)`` in the accumulation dtype, formed once here for every backend:
-    from the masks (summed in float64), or from ``mass`` where given."""
+    from the masks (summed in float64), or from ``mass`` where given (a number for every
+    mask, or a tensor)."""
     where = "cast.masked_gram"
     accumulation = gram_dtype(features.dtype)
     if mass is None:
         return inverse(mask_mass_in_bands(masks)).to(accumulation).contiguous()
     Bm, K = masks.shape[:2]
+    if isinstance(mass, numbers.Real) and not isinstance(mass, bool):
+        if not (math.isfinite(mass) and mass >= 0):
+            raise ValueError(f"{where}: mass must be finite and >= 0, got {mass}")
+        # as inverse() of the float64 tensor: 1 / n in float64, 0 for 0, then rounded
+        value = 1.0 / float(mass) if mass > 0 else 0.0
+        return torch.full((Bm, K), value, dtype=accumulation, device=features.device)
     if not isinstance(mass, Tensor) or not mass.is_floating_point():
-        raise TypeError(f"{where}: mass must be a floating-point tensor or None")
+        raise TypeError(f"{where}: mass must be a number, a floating-point tensor or None")
     if mass.device != features.device:
         raise ValueError(f"{where}: mass is on {mass.device} but features on {features.device}")
     if mass.shape not in ((K,), (Bm, K)):
@@ -158,7 +170,8 @@ def canonical_inverse_mass(features: Tensor, masks: Tensor, mass: Tensor | None)
         )
     if mass.requires_grad:
         raise ValueError(f"{where}: mass is a constant of the problem; pass mass.detach()")
-    if not bool((torch.isfinite(mass) & (mass >= 0)).all()):  # (K,): a cheap check
+    # (K,): cheap, but reading the answer waits for the device (a number's check does not)
+    if not bool((torch.isfinite(mass) & (mass >= 0)).all()):
         raise ValueError(f"{where}: mass must be finite and >= 0, got {mass.tolist()}")
     return inverse(mass.to(torch.float64)).expand(Bm, K).to(accumulation).contiguous()
 

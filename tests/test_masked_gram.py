@@ -393,8 +393,14 @@ def test_registered_backward_refuses_bad_grad_or_mass(name, device, args):
         (torch.tensor([1.0, float("nan")]), "finite and >= 0"),
         (torch.tensor([1.0, float("inf")]), "finite and >= 0"),
         (torch.ones(2, dtype=torch.int64), "floating-point"),
+        (-1.0, "finite and >= 0"),
+        (float("nan"), "finite and >= 0"),
+        (float("inf"), "finite and >= 0"),
+        (True, "a number, a floating-point tensor"),
+        ("1", "a number, a floating-point tensor"),
     ],
-    ids=["wrong K", "negative", "NaN", "inf", "integer"],
+    ids=["wrong K", "negative", "NaN", "inf", "integer", "negative number", "NaN number",
+         "inf number", "bool", "string"],
 )
 def test_bad_mass_is_refused(mass, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -427,6 +433,39 @@ def test_mass_divides_instead_of_the_masks_own():
     top[:, 3:] = 0
     halves = [cast.masked_gram(features, m, kernels, mass=mass) for m in (top, masks - top)]
     assert torch.allclose(halves[0] + halves[1], whole, rtol=1e-12)
+
+
+@pytest.mark.parametrize("number", [1.0, 3, 2.5, 0.0])
+def test_a_number_as_mass_is_that_mass_for_every_mask(number):
+    """``mass=x`` gives what ``mass`` = x for each mask gives, bit for bit (0: zero, as an empty
+    mask), forward and the gradient pass alike."""
+    for features, masks in ((F, M), (F.double(), M.double()), (F[:1], M[None])):
+        kernels = P.to(features.dtype)
+        per_mask = torch.full(masks.shape[-3:-2], float(number), dtype=features.dtype)
+        assert torch.equal(cast.masked_gram(features, masks, kernels, mass=number),
+                           cast.masked_gram(features, masks, kernels, mass=per_mask))  # fmt: skip
+        dtype = cast.reference.gram_dtype(features.dtype)
+        grad = torch.randn(features.shape[0], 2, 2, 3, 3, dtype=dtype)
+        assert torch.equal(
+            cast.ops.masked_gram_grad(features, grad, masks, kernels, mass=number),
+            cast.ops.masked_gram_grad(features, grad, masks, kernels, mass=per_mask),
+        )
+
+
+def test_a_number_as_mass_reads_no_tensor_on_the_host(monkeypatch):
+    """What makes ``mass=1.0`` (``cast.losses.gram_sums``, every step of a stylisation) cheap
+    on a GPU: no tensor's value is read back to decide anything, so the host never waits for
+    the device. A tensor mass is read (its check), which this test would catch."""
+
+    def refuse(*_):
+        raise AssertionError("a tensor's value was read on the host")
+
+    for name in ("__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    cast.masked_gram(F, M, P, mass=1.0)
+    cast.ops.masked_gram_grad(F, torch.ones(2, 2, 2, 3, 3), M, P, mass=1.0)
+    with pytest.raises(AssertionError, match="read on the host"):
+        cast.masked_gram(F, M, P, mass=torch.ones(2))
 
 
 def test_mask_mass_in_bands_is_the_float64_sum(monkeypatch):
