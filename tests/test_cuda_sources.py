@@ -312,6 +312,35 @@ def test_cuda_machine_code(build_folder):
     assert len([name for name in kernels if PROBE_KERNEL.search(name)]) == 16
 
 
+# The entry points that csrc/masked_gram_cuda_ops.cpp calls, by their header's signatures.
+ENTRY_POINTS_CALLED = r"""
+#include "masked_gram_cuda.h"
+int main() {
+  const CastGramShape shape{1, 1, 1, 1, 1, 1, 1, 1};
+  const CastGramPlan plan = cast_masked_gram_cuda_plan(CastDtype::float32, shape, true, 90, 0);
+  return cast_masked_gram_cuda_forward(CastDtype::float32, shape, plan, 0, 0, 0, 0, 0, 0, 0) +
+         cast_masked_gram_cuda_backward(CastDtype::float32, shape, plan, 0, 0, 0, 0, 0, 0, 0);
+}
+"""
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+def test_cuda_parts_link(build_folder, tmp_path):
+    """The parts link into one program with the entry points' callers: every launcher that
+    some part or the entry points use is instantiated in one part. (The emulation builds the
+    parts as one translation unit, which hides a missing one; torch's shared object would link
+    without it and fail to load on the card, at `import cast`, every gpu-check step with it.)"""
+    objects = []
+    for source, result in compiled_all("sm_90", build_folder).items():
+        assert result.returncode == 0, result.stderr
+        objects.append(str(object_file(source, "sm_90", build_folder)))
+    caller = tmp_path / "caller.cpp"
+    caller.write_text(ENTRY_POINTS_CALLED)
+    command = [NVCC, "-std=c++20", f"-I{CSRC}", str(caller), *objects, "-o", str(tmp_path / "a")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def cuda_include_dirs() -> list[str]:
     """The directories nvcc itself searches, as it reports them."""
     dry_run = subprocess.run([NVCC, "--dryrun", "-c", "x.cu"], capture_output=True, text=True)
