@@ -5,8 +5,9 @@
 # CUDA extension for the card, run the GPU-relevant tests in parallel, benchmark the op (1024^2
 # and 4096^2, TF32 and bf16, both GPU backends, eager and torch.compile where they fit), probe
 # where the CUDA kernels' time goes and the Triton kernels' questions (bench/gpu_probe.py and
-# its --triton section), time a stylisation step
-# (bench/bench_stylize.py) and tiled steps from 1024^2 to 8192^2, one rank (bench/bench_tiled.py,
+# its --triton section), time a stylisation step (bench/bench_stylize.py), run the CUDA
+# backward under compute-sanitizer (bench/gpu_sanitize.py) and time
+# tiled steps from 1024^2 to 8192^2, one rank (bench/bench_tiled.py,
 # issue 8); both need the VGG-19 weights, which the machine cannot download: carry them in
 # gpu-weights/, see the README. Every log goes into OUT, eight files (the device tool brings
 # back at most eight); the tables are in the bench logs. Each step has its own time limit, all
@@ -78,7 +79,7 @@ step bench-float32 150 "$PY" bench/bench_masked_gram.py --device cuda --image 10
 # No autotuning in the tests: each shape class compiles once (the bench tunes). Only what runs
 # on the GPU or compiles for it: the CPU cases are CI's (on 2026-11-26 the whole three files
 # took over 150 s here).
-step tests 140 env CAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -n 8 -q --tb=line --durations=10 \
+step tests 160 env CAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -n 8 -q --tb=line --durations=10 \
   -p no:cacheprovider -k "cuda or gpu or triton" \
   tests/test_gpu.py tests/test_masked_gram.py tests/test_triton_kernels.py
 step bench-bfloat16 85 "$PY" bench/bench_masked_gram.py --device cuda --image 1024 \
@@ -92,6 +93,12 @@ weights=gpu-weights/vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin
 [ -f "$weights" ] && export CAST_VGG19="$PWD/$weights"
 step stylize 30 "$PY" bench/bench_stylize.py --device cuda --backend "$stylize_backend" --size 512 \
   --repeats 3 --no-peer
+# The CUDA backward's copy orders under compute-sanitizer (memcheck, racecheck, synccheck; 40 s
+# each at most), into probe.log: the review of 2026-11-27 in gpu-notes says what each shows.
+step sanitizer:probe 125 bash -c 'for tool in memcheck racecheck synccheck; do
+  echo "== compute-sanitizer --tool $tool"
+  timeout 40 compute-sanitizer --tool "$tool" "$0" bench/gpu_sanitize.py 2>&1 | tail -n 8
+done' "$PY"
 # last: the rows it finishes are in its log even if the limit cuts it (one process per row);
 # the deadline, not its own limit, ends it where the build is slow
 step tiled 150 bash -c '"$0" bench/bench_tiled.py --device cuda --rows curve large --steps 1 &&

@@ -1,5 +1,6 @@
 """bench/gpu_probe.py's Triton section, so that it cannot break unseen before a lease: its rows
-on tiny shapes under the Triton interpreter, and the two program counts its part (a) compares."""
+on tiny shapes under the Triton interpreter, and the two program counts its part (a) compares;
+and bench/gpu_sanitize.py, the sanitizer step's program, on the CPU backend."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import torch
 from cast.kernels import masked_gram as triton_gram
 
-PROBE = Path(__file__).resolve().parent.parent / "bench" / "gpu_probe.py"
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+PROBE = BENCH / "gpu_probe.py"
 
 
 def test_triton_probe_gives_every_row_on_the_interpreter():
@@ -43,3 +45,16 @@ def test_uncapped_programs_are_the_resident_ones():
     relu2_1 = ((1, 128, 512, 512), 1, torch.float32, 1, 1, 3, config, 132)
     assert triton_gram.backward_programs(*relu2_1, capped=False) == 131
     assert triton_gram.backward_programs(*relu2_1) == 131
+
+
+def test_sanitizer_program_runs_every_case():
+    """What `make gpu-check` runs under compute-sanitizer: here on the CPU backend, its three
+    cases (the mirrors' two places, bf16) each finishing with a finite dF."""
+    argv = [sys.executable, str(BENCH / "gpu_sanitize.py")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [line.split(":")[0] for line in done.stdout.splitlines()] == [
+        "cpu float32 K=3",
+        "cpu float32 K=4",
+        "cpu float32 K=5",
+    ], done.stdout
