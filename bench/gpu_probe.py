@@ -14,7 +14,8 @@ image, J = K = 3, r = 3, beside ``bench/issue_model.py``'s bound for each kernel
 
 - (a) the backward's scratch budget: at relu4_1 and relu5_1, J = K = 1 and 3, float32 and
   bfloat16, the first shipped backward config that fits, with the programs the budget allows
-  (``backward_programs``, as shipped) and with as many as are resident (``capped=False``);
+  (``backward_programs``, as shipped) and with as many as are resident (``capped=False``), and
+  an unshipped 8 x 8 tile (``SMALL_TILE``) under the budget;
 - (b) the float32 J = K = 1 step at relu2_1 and relu3_1 (6.1 ms at a37e7bb, 2.1 at 48ea547):
   every shipped forward and backward config forced, then the autotuned pair and the configs the
   tuner took. Hypotheses and the rows that tell them apart: bench/results/gpu-notes.md.
