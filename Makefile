@@ -29,7 +29,8 @@ bench: $(READY)
 	$(PY) bench/bench_stylize.py
 
 # On a lent GPU machine, with its own python3 (no venv, no network): build, op benchmark, probe
-# of the CUDA kernels, GPU tests, a stylisation step; every log into $(OUT).
+# of the CUDA kernels, GPU tests, a stylisation step; every log into $(OUT). QUICK=1: a shorter
+# second call (bench/gpu_check.sh says what it leaves out).
 OUT ?= gpu-check-out
 gpu-check:
 	OUT=$(OUT) bench/gpu_check.sh

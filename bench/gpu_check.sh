@@ -13,6 +13,10 @@
 # back at most eight); the tables are in the bench logs. Each step has its own time limit, all
 # clipped to one deadline (GPU_CHECK_SECONDS, 560 s), and a failing step does not stop the
 # next, so that one 600 s call of the device tool holds everything.
+#
+# QUICK=1: what a lease's second call can afford after the full check, about 4 minutes with
+# the build (deadline 230 s): the tests and both probes, the op at 1024^2 only without
+# torch.compile, the stylisation step; no sanitizer, no tiled rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
@@ -25,7 +29,14 @@ rm -f "$OUT"/*.log  # the steps append (two share probe.log: at most eight files
 
 # Every step's limit is clipped to one deadline, so the call ends inside the device tool's
 # limit whatever the build takes; a step with no time left is skipped and says so.
-deadline=$(($(date +%s) + ${GPU_CHECK_SECONDS:-560}))
+quick=${QUICK:-0}
+if [ "$quick" = 1 ]; then
+  deadline=$(($(date +%s) + ${GPU_CHECK_SECONDS:-230}))
+  images=(--image 1024) compile_max=512  # below every image: no torch.compile rows
+else
+  deadline=$(($(date +%s) + ${GPU_CHECK_SECONDS:-560}))
+  images=(--image 1024 4096) compile_max=1024
+fi
 step() {  # step NAME[:LOG] SECONDS COMMAND...: run, log to OUT/LOG.log (NAME's if no LOG)
   local name=${1%%:*} log=${1#*:} limit=$2 start rc
   shift 2
@@ -73,8 +84,8 @@ if [ "$probe_rc" -ne 0 ] && [ "$probe_rc" -ne 124 ]; then
   echo "== the CUDA kernels failed in the probe: the benches leave them out" | tee -a "$summary"
   backends=(--backends triton,eager,compile) stylize_backend=triton
 fi
-step bench-float32 150 "$PY" bench/bench_masked_gram.py --device cuda --image 1024 4096 \
-  --dtype float32 --compile-max-image 1024 --warmup 1 --repeats 3 --fused-repeats 10 \
+step bench-float32 150 "$PY" bench/bench_masked_gram.py --device cuda "${images[@]}" \
+  --dtype float32 --compile-max-image "$compile_max" --warmup 1 --repeats 3 --fused-repeats 10 \
   "${backends[@]}"
 # No autotuning in the tests: each shape class compiles once (the bench tunes). Only what runs
 # on the GPU or compiles for it: the CPU cases are CI's (on 2026-11-26 the whole three files
@@ -83,7 +94,7 @@ step tests 160 env CAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -n 8 -q --tb=line --du
   -p no:cacheprovider -k "cuda or gpu or triton" \
   tests/test_gpu.py tests/test_masked_gram.py tests/test_triton_kernels.py
 step bench-bfloat16 85 "$PY" bench/bench_masked_gram.py --device cuda --image 1024 \
-  --dtype bfloat16 --compile-max-image 1024 --warmup 1 --repeats 3 --fused-repeats 10 \
+  --dtype bfloat16 --compile-max-image "$compile_max" --warmup 1 --repeats 3 --fused-repeats 10 \
   "${backends[@]}"
 # The Triton probe: a process of its own, after the benches so that every shipped kernel it
 # launches is in Triton's cache (its compiles would take it 20-40 s); the unshipped 8 x 8 tile
@@ -93,6 +104,10 @@ weights=gpu-weights/vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin
 [ -f "$weights" ] && export CAST_VGG19="$PWD/$weights"
 step stylize 30 "$PY" bench/bench_stylize.py --device cuda --backend "$stylize_backend" --size 512 \
   --repeats 3 --no-peer
+if [ "$quick" = 1 ]; then
+  echo "== done (quick) $(date -u)" | tee -a "$summary"
+  exit 0
+fi
 # The CUDA backward's copy orders under compute-sanitizer (memcheck, racecheck, synccheck; 40 s
 # each at most), into probe.log: the review of 2026-11-27 in gpu-notes says what each shows.
 step sanitizer:probe 125 bash -c 'for tool in memcheck racecheck synccheck; do
