@@ -125,6 +125,27 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem
   return plan;
 }
 
+template <typename T>
+struct Element {
+  using type = T;
+};
+
+// Calls f(Element<T>{}) with T the input type that dtype names: the one dispatch by type.
+template <typename F>
+auto with_element_type(CastDtype dtype, F&& f) {
+  switch (dtype) {
+    case CastDtype::float16:
+      return f(Element<__half>{});
+    case CastDtype::bfloat16:
+      return f(Element<__nv_bfloat16>{});
+    case CastDtype::float32:
+      return f(Element<float>{});
+    case CastDtype::float64:
+      break;
+  }
+  return f(Element<double>{});
+}
+
 }  // namespace
 }  // namespace cast_cuda
 
@@ -135,19 +156,11 @@ CastGramPlan cast_masked_gram_cuda_plan(CastDtype dtype, const CastGramShape& sh
   // allow_tf32; float64 is SIMT.
   const bool tensor_cores = compute_capability >= 80 && dtype != CastDtype::float64 &&
                             (dtype != CastDtype::float32 || allow_tf32);
-  using cast_cuda::plan_for;
   auto plan = [&](bool cores) {
-    switch (dtype) {
-      case CastDtype::float16:
-        return plan_for<__half>(shape, cores, max_smem_per_block);
-      case CastDtype::bfloat16:
-        return plan_for<__nv_bfloat16>(shape, cores, max_smem_per_block);
-      case CastDtype::float32:
-        return plan_for<float>(shape, cores, max_smem_per_block);
-      case CastDtype::float64:
-        break;
-    }
-    return plan_for<double>(shape, false, max_smem_per_block);
+    return cast_cuda::with_element_type(dtype, [&](auto element) {
+      using T = typename decltype(element)::type;
+      return cast_cuda::plan_for<T>(shape, cores, max_smem_per_block);
+    });
   };
   const CastGramPlan chosen = plan(tensor_cores);
   // Where the tensor-core tiles do not fit (99 KiB on sm_86 / sm_89 at r = 3), the SIMT ones,
@@ -161,22 +174,11 @@ cudaError_t cast_masked_gram_cuda_forward(CastDtype dtype, const CastGramShape& 
                                           const void* masks, const void* kernels,
                                           const void* inverse_mass, void* scratch, void* gram,
                                           cudaStream_t stream) {
-  using cast_cuda::Forward;
-  switch (dtype) {
-    case CastDtype::float16:
-      return Forward<__half>::launch(shape, plan, features, masks, kernels, inverse_mass, scratch,
-                                     gram, stream);
-    case CastDtype::bfloat16:
-      return Forward<__nv_bfloat16>::launch(shape, plan, features, masks, kernels, inverse_mass,
-                                            scratch, gram, stream);
-    case CastDtype::float32:
-      return Forward<float>::launch(shape, plan, features, masks, kernels, inverse_mass, scratch,
-                                    gram, stream);
-    case CastDtype::float64:
-      return Forward<double>::launch(shape, plan, features, masks, kernels, inverse_mass, scratch,
-                                     gram, stream);
-  }
-  return cudaErrorInvalidValue;
+  return cast_cuda::with_element_type(dtype, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return cast_cuda::Forward<T>::launch(shape, plan, features, masks, kernels, inverse_mass,
+                                         scratch, gram, stream);
+  });
 }
 
 cudaError_t cast_masked_gram_cuda_backward(CastDtype dtype, const CastGramShape& shape,
@@ -184,20 +186,9 @@ cudaError_t cast_masked_gram_cuda_backward(CastDtype dtype, const CastGramShape&
                                            const void* inverse_mass, const void* features,
                                            const void* masks, const void* kernels,
                                            void* d_features, cudaStream_t stream) {
-  using cast_cuda::Backward;
-  switch (dtype) {
-    case CastDtype::float16:
-      return Backward<__half>::launch(shape, plan, grad, inverse_mass, features, masks, kernels,
-                                      d_features, stream);
-    case CastDtype::bfloat16:
-      return Backward<__nv_bfloat16>::launch(shape, plan, grad, inverse_mass, features, masks,
-                                             kernels, d_features, stream);
-    case CastDtype::float32:
-      return Backward<float>::launch(shape, plan, grad, inverse_mass, features, masks, kernels,
-                                     d_features, stream);
-    case CastDtype::float64:
-      return Backward<double>::launch(shape, plan, grad, inverse_mass, features, masks, kernels,
-                                      d_features, stream);
-  }
-  return cudaErrorInvalidValue;
+  return cast_cuda::with_element_type(dtype, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return cast_cuda::Backward<T>::launch(shape, plan, grad, inverse_mass, features, masks,
+                                          kernels, d_features, stream);
+  });
 }

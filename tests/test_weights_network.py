@@ -133,13 +133,16 @@ def test_hed_h5_layout(tmp_path):
         assert torch.all(bias == index)
 
 
-def test_cache_is_reused_without_pip(hed, monkeypatch):
+@pytest.mark.parametrize("model", ["vgg19", "vgg16-hed"])
+def test_cache_is_reused_without_pip(model, request, monkeypatch):
+    loaded = request.getfixturevalue({"vgg19": "vgg19", "vgg16-hed": "hed"}[model])
+
     def no_pip(*args, **kwargs):
         raise AssertionError("pip must not run when the cache is valid")
 
     monkeypatch.setattr(subprocess, "run", no_pip)
-    again = load_vgg("vgg16-hed")
-    assert all(torch.equal(a, b) for a, b in zip(again.weights, hed.weights, strict=True))
+    again = load_vgg(model)
+    assert all(torch.equal(a, b) for a, b in zip(again.weights, loaded.weights, strict=True))
 
 
 def test_corrupt_cache_is_not_trusted(hed, monkeypatch, tmp_path):
@@ -239,15 +242,6 @@ def test_vgg19_dequantises_with_its_table(vgg19):
     assert indices.dtype == torch.uint8 and table.shape == (256,)
     assert torch.equal(vgg19.weights[5], table[indices.long()])  # conv3_2 is the 6th
     assert torch.equal(vgg19.biases[15], state["block5_conv4_b"])
-
-
-def test_vgg19_cache_is_reused_without_pip(vgg19, monkeypatch):
-    def no_pip(*args, **kwargs):
-        raise AssertionError("pip must not run when the cache is valid")
-
-    monkeypatch.setattr(subprocess, "run", no_pip)
-    again = load_vgg("vgg19")
-    assert all(torch.equal(a, b) for a, b in zip(again.weights, vgg19.weights, strict=True))
 
 
 def test_vgg19_by_path_and_by_environment(vgg19, monkeypatch, tmp_path):
