@@ -99,7 +99,9 @@ def inputs_outputs_bytes(layer: Layer, J: int, K: int, dtype: torch.dtype) -> in
     F, the masks, the 3 x 3 kernels and dG in, G and dF out; the Triton launchers' figure."""
     from cast.kernels import masked_gram as triton_gram
 
-    return triton_gram.inputs_outputs_bytes((1, layer.C, layer.H, layer.W), 1, dtype, J, K, 3)
+    return triton_gram.inputs_outputs_bytes(
+        triton_gram.Problem((1, layer.C, layer.H, layer.W), 1, dtype, J, K, 3)
+    )
 
 
 def triton_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, sms: int) -> int:
@@ -109,11 +111,11 @@ def triton_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, sms: in
     backward forms ``S = (dG + dG^T) / n_k`` a tile at a time, never whole)."""
     from cast.kernels import masked_gram as triton_gram
 
-    shape = (1, layer.C, layer.H, layer.W)
+    problem = triton_gram.Problem((1, layer.C, layer.H, layer.W), 1, dtype, J, K, 3)
     return max(
         mass_band_bytes(1, K, layer.H, layer.W),
-        triton_gram.forward_scratch_bytes(shape, 1, dtype, J, K, sms),
-        triton_gram.backward_scratch_bytes(shape, 1, dtype, J, K, 3, sms),
+        triton_gram.forward_scratch_bytes(problem, sms),
+        triton_gram.backward_scratch_bytes(problem, sms),
     )
 
 

@@ -13,9 +13,10 @@ image, J = K = 3, r = 3, beside ``bench/issue_model.py``'s bound for each kernel
 ``torch.compile``), the forward and the backward timed apart, CUDA events, median of 20:
 
 - (a) the backward's scratch budget: at relu4_1 and relu5_1, J = K = 1 and 3, float32 and
-  bfloat16, the first shipped backward config that fits, with the programs the budget allows
-  (``backward_programs``, as shipped) and with as many as are resident (``capped=False``), and
-  an unshipped 8 x 8 tile (``SMALL_TILE``) under the budget;
+  bfloat16, every shipped backward config that fits with the programs the budget allows
+  (``backward_programs``, as shipped; "untuned default" marks the one
+  ``CAST_TRITON_AUTOTUNE=0`` takes), the first with as many as are resident
+  (``capped=False``), and the autotuned backward (the config column names the tuner's pick);
 - (b) the float32 J = K = 1 step at relu2_1 and relu3_1 (6.1 ms at a37e7bb, 2.1 at 48ea547):
   every shipped forward and backward config forced, then the autotuned pair and the configs the
   tuner took. Hypotheses and the rows that tell them apart: bench/results/gpu-notes.md.
@@ -123,11 +124,6 @@ def cuda_main() -> None:
 BUDGET_LAYERS = (("relu4_1", 512, 128), ("relu5_1", 512, 64))
 STEP_LAYERS = (("relu2_1", 128, 512), ("relu3_1", 256, 256))
 TINY_LAYERS = (("tiny", 48, 12),)  # --tiny: every shipped config fits C = 48
-# Not shipped: a quarter of the shipped 16 x 16 x 64 tile, so the budget holds four times the
-# programs where it binds (sm_90a, Triton 3.6 and 3.9: 167-180 registers, no spills, wgmma
-# 64x64, 128-bit loads and stores), at 1.36x the halo's recomputation. Measured under the
-# budget before it is offered to the tuner (gpu-notes, "The lease of a37e7bb").
-SMALL_TILE = dict(TILE_H=8, TILE_W=8, BLOCK_C=64, BLOCK_D=16, num_warps=4, num_stages=1)
 
 
 def triton_inputs(C: int, side: int, jk: int, dtype: torch.dtype, device: str, seed: int):
@@ -155,8 +151,8 @@ def triton_row(part, layer, dtype, jk, kernel, config, programs, times) -> None:
 
 
 def probe_budget(layers, dtypes, device: str, warmup: int, repeats: int) -> None:
-    """(a) The backward alone, with the programs the scratch budget allows and uncapped, and
-    the unshipped small tile under the budget."""
+    """(a) The backward alone: each fitting shipped config with the programs the scratch budget
+    allows, the first uncapped, then autotuned (its candidates timed as the budget has them)."""
     from cast.kernels import masked_gram as triton_gram
 
     sms = triton_gram.multiprocessors(torch.device(device))
@@ -164,19 +160,24 @@ def probe_budget(layers, dtypes, device: str, warmup: int, repeats: int) -> None
         for dtype in dtypes:
             for jk in (1, 3):
                 features, masks, kernels, inv, grad = triton_inputs(C, side, jk, dtype, device, 0)
-                shipped = triton_gram.fitting_configs(True, C, R=3)[0]
-                problem = (features.shape, 1, dtype, jk, jk, 3)
-                for label, config, capped in (("budget", shipped, True),
-                                              ("uncapped", shipped, False),
-                                              ("budget, 8x8 tile", SMALL_TILE, True)):  # fmt: skip
-                    items = triton_gram.backward_programs(*problem, config, 1 << 30, capped=False)
-                    programs = triton_gram.backward_programs(*problem, config, sms, capped=capped)
-                    run = partial(triton_gram.backward, grad, features, masks, kernels, inv,
-                                  True, config=config, programs=programs)  # fmt: skip
-                    rounds = -(-items // programs)
+                backward = partial(triton_gram.backward, grad, features, masks, kernels, inv, True)
+                problem = triton_gram.Problem.of(features, masks, kernels)
+                configs = triton_gram.fitting_configs(True, C, R=3)
+                default = triton_gram.default_backward_config(problem, sms)
+                runs = [("budget", config, True) for config in configs]
+                runs.append(("uncapped", configs[0], False))
+                for label, config, capped in runs:
+                    programs = triton_gram.backward_programs(problem, config, sms, capped=capped)
+                    rounds = triton_gram.backward_rounds(problem, config, sms, capped=capped)
+                    if capped and config == default:
+                        label += ", untuned default"
                     triton_row("a", name, dtype, jk, f"backward, {label}", config_name(config),
                                f"{programs} ({rounds} rounds)",
-                               timed(run, device, warmup, repeats))  # fmt: skip
+                               timed(partial(backward, config=config, programs=programs), device,
+                                     warmup, repeats))  # fmt: skip
+                times = timed(backward, device, warmup, repeats)
+                tuned = triton_gram.tuned_configs()["backward"]
+                triton_row("a", name, dtype, jk, "backward, autotuned", tuned, "-", times)
 
 
 def probe_step(layers, device: str, warmup: int, repeats: int) -> None:
@@ -190,9 +191,8 @@ def probe_step(layers, device: str, warmup: int, repeats: int) -> None:
     fill = triton_gram.programs_to_fill(sms) if device == "cuda" else 1  # as forward() has it
     for name, C, side in layers:
         features, masks, kernels, inv, grad = triton_inputs(C, side, jk, dtype, device, 0)
-        rows = triton_gram.split_rows(features.shape, 1, dtype, jk, jk, {}, fill)
-        splits = -(-side // rows)
-        problem = (features.shape, 1, dtype, jk, jk, 3)
+        problem = triton_gram.Problem.of(features, masks, kernels)
+        splits = -(-side // triton_gram.split_rows(problem, {}, fill))
         forward = partial(triton_gram.forward, features, masks, kernels, inv, True)
         backward = partial(triton_gram.backward, grad, features, masks, kernels, inv, True)
         for config in triton_gram.fitting_configs(False, C, R=3):
@@ -203,7 +203,7 @@ def probe_step(layers, device: str, warmup: int, repeats: int) -> None:
         tuned = triton_gram.tuned_configs()["forward"]
         triton_row("b", name, dtype, jk, "forward, autotuned", tuned, "-", times)
         for config in triton_gram.fitting_configs(True, C, R=3):
-            programs = triton_gram.backward_programs(*problem, config, sms)
+            programs = triton_gram.backward_programs(problem, config, sms)
             times = timed(partial(backward, config=config), device, warmup, repeats)
             triton_row("b", name, dtype, jk, "backward", config_name(config), str(programs), times)
         times = timed(backward, device, warmup, repeats)

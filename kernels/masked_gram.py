@@ -30,19 +30,23 @@ scratch budget, a tenth of the op's inputs and outputs, has tiles for), so the s
 tile per program (``U_j``, and dF's running sum between kernels), not anything proportional
 to ``N``: at most 8.25 MiB on 132 SMs, 3.2 % of ``F`` at relu1_1 of a 1024^2 image; at a
 small layer, fewer programs (relu5_1 of a 1024^2 image: 25 for 200 items in float32 and 16 in
-bfloat16, where 100 would take them in 2 rounds: issue 9's memory target, paid in time).
+bfloat16, where 100 would take them in 2 rounds: issue 9's memory target, paid in time). An
+8 x 8 tile, a quarter of the scratch a program, buys part of that time back where the budget
+binds (relu5_1 there: 108 programs in float32, 61 in bfloat16; the tuner picks per key).
 
 Cost: matmul work ``2*J*K*N*C^2`` times the halo's overhead (the tile over its inner part,
-256 / 196 = 1.31 at 16 x 16 and r = 3); CUDA-core work ``J*r*r`` per element and block of output
-channels for ``Z_j``, ``J*K`` for the masks, ``J*r*r`` for the adjoint. The design it replaced
-applied the ``(2r-1)^2`` stencil of ``P_j^T M_k^2 P_j`` per mask and block of output channels,
-``(2r-1)^2 K`` (225 at r = K = 3) against ``r*r (1 + K) + r*r`` (45) now
-(``bench/results/gpu-notes.md`` has the model of both).
+256 / 196 = 1.31 at 16 x 16 and r = 3, 64 / 36 = 1.78 at 8 x 8); CUDA-core work ``J*r*r`` per
+element and block of output channels for ``Z_j``, ``J*K`` for the masks, ``J*r*r`` for the
+adjoint. The design it replaced applied the ``(2r-1)^2`` stencil of ``P_j^T M_k^2 P_j`` per
+mask and block of output channels, ``(2r-1)^2 K`` (225 at r = K = 3) against
+``r*r (1 + K) + r*r`` (45) now (``bench/results/gpu-notes.md`` has the model of both).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -88,7 +92,11 @@ INTERPRETER_BWD_CONFIG = dict(TILE_H=8, TILE_W=16, BLOCK_C=16, BLOCK_D=16, num_w
 # 16) takes 216-250 registers, 16 x 16 x 32 (for C <= 32) 228-243 (Triton 3.9, one scratch tile;
 # 184-235 with two, on 3.9 and 3.6); the register allocation is erratic near the limit:
 # 8 x 16 x 64 x 32 (half the tile) spilled 16-32 bytes, and so did 16 x 16 x 32 x 16 at 8 warps
-# (8 B).
+# (8 B). 8 x 8 x 64 x 16 at 4 warps (a quarter of the positions and scratch, so the budget
+# holds four times the programs; 36 of its 64 positions written at r = 3): 167-180 registers.
+# It is third, for where the scratch budget binds: the lease of 30c9271 (H200) timed it 7 %-2.1x
+# faster than 16 x 16 x 64 under the budget at relu4_1 and relu5_1 of a 1024^2 image, J = K = 1,
+# and 51 % slower at relu4_1, J = K = 3, where the budget does not bind (gpu-notes).
 FWD_CONFIGS = [
     triton.Config(
         dict(TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_C=BLOCK_C), num_warps=num_warps, num_stages=1
@@ -101,7 +109,11 @@ BWD_CONFIGS = [
         num_warps=num_warps,
         num_stages=1,
     )
-    for TILE_H, TILE_W, BLOCK_C, BLOCK_D, num_warps in [(16, 16, 64, 16, 8), (16, 16, 32, 16, 4)]
+    for TILE_H, TILE_W, BLOCK_C, BLOCK_D, num_warps in [
+        (16, 16, 64, 16, 8),
+        (16, 16, 32, 16, 4),
+        (8, 8, 64, 16, 4),
+    ]
 ]
 # Splits of the rows are whole multiples of every TILE_H, so no tile straddles two.
 SPLIT_QUANTUM = max(c.kwargs["TILE_H"] for c in FWD_CONFIGS)
@@ -521,12 +533,6 @@ def _fits(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-def backward_tiles(H: int, W: int, R: int, meta: dict) -> int:
-    """How many tiles of positions the backward writes (each tile's inner positions)."""
-    inner_h, inner_w = meta["TILE_H"] - 2 * (R // 2), meta["TILE_W"] - 2 * (R // 2)
-    return triton.cdiv(H, inner_h) * triton.cdiv(W, inner_w)
-
-
 # Tuned once per channel count, masks, kernel size, precision and size class (about a factor
 # of four in positions): not per image size, so coarse-to-fine scales and the layers of one
 # image reuse each other's choice. (The dtypes of the pointer arguments are part of every key.)
@@ -561,107 +567,93 @@ def size_class(N: int) -> int:
     return max(N, 1).bit_length() // 2
 
 
+class Problem(NamedTuple):
+    """What the launchers size programs and scratch from: the features' shape, how many mask
+    sets (1: shared by the batch), the input dtype, J kernels of R x R and K masks."""
+
+    shape: tuple[int, int, int, int]  # B, C, H, W
+    mask_batch: int
+    dtype: torch.dtype
+    J: int
+    K: int
+    R: int
+
+    @classmethod
+    def of(cls, features: Tensor, masks: Tensor, kernels: Tensor) -> Problem:
+        J, R = kernels.shape[:2]
+        return cls(tuple(features.shape), masks.shape[0], features.dtype, J, masks.shape[1], R)
+
+
 def _as_launch_config(config: triton.Config) -> dict:
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _launch_choice(tuned, raw, configs, config, interpreter_config, C, num_masks=1, R=1):
+def _launch_choice(tuned, raw, config, interpreter_config, untuned):
     """The autotuned kernel on a GPU; the raw kernel with a fixed config when one is given
     (tests of tiling variants), under the interpreter (one small config keeps tests fast), or
-    with ``CAST_TRITON_AUTOTUNE=0`` (the first config that fits: no tuning runs, one compile
-    per shape class; the GPU tests use it)."""
+    with ``CAST_TRITON_AUTOTUNE=0`` (``untuned()``'s config: no tuning runs, one compile per
+    shape class; the GPU tests use it)."""
     if config is not None:
         return raw, config
     if INTERPRETING:
         return raw, interpreter_config
     if not AUTOTUNE:
-        return raw, _as_launch_config(_fits(configs, dict(C=C), NUM_MASKS=num_masks, R=R)[0])
+        return raw, untuned()
     return tuned, {}
 
 
-def inputs_outputs_bytes(
-    shape: tuple[int, int, int, int], mask_batch: int, dtype: torch.dtype, J: int, K: int, R: int
-) -> int:
+def inputs_outputs_bytes(problem: Problem) -> int:
     """What one forward + backward reads and writes, as ``bench/bench_masked_gram.py`` counts
     it: F, the masks, the kernels and dG in, G and dF out."""
-    B, C, H, W = shape
+    (B, C, H, W), dtype, J, K, R = problem.shape, problem.dtype, problem.J, problem.K, problem.R
     gram_bytes = B * J * K * C * C * gram_dtype(dtype).itemsize
-    inputs = (2 * B * C + mask_batch * K) * H * W + J * R * R
+    inputs = (2 * B * C + problem.mask_batch * K) * H * W + J * R * R
     return inputs * dtype.itemsize + 2 * gram_bytes
 
 
-def split_rows(
-    shape: tuple[int, int, int, int],
-    mask_batch: int,
-    dtype: torch.dtype,
-    J: int,
-    K: int,
-    launch_config: dict,
-    fill: int,
-    splits: int | None = None,
-) -> int:
+def default_forward_config(C: int, num_masks: int, R: int) -> dict:
+    """The forward's config without tuning: the first that fits."""
+    return _as_launch_config(_fits(FWD_CONFIGS, dict(C=C), NUM_MASKS=num_masks, R=R)[0])
+
+
+def split_rows(problem: Problem, launch_config: dict, fill: int, splits: int | None = None) -> int:
     """The rows of each split of the forward (a multiple of the tiles' rows): as many splits
     as give ``fill`` programs, their partial Grams within the scratch budget (or ``splits``
     of them)."""
-    B, C, H, _ = shape
+    (B, C, H, _), J, K = problem.shape, problem.J, problem.K
     quantum = launch_config.get("TILE_H", SPLIT_QUANTUM)
     if splits is None:
         blocks = channel_blocks(C, launch_config.get("BLOCK_C", 64))
         programs = B * J * (K // masks_per_program(K)) * blocks * (blocks + 1) // 2
-        gram_bytes = B * J * K * C * C * gram_dtype(dtype).itemsize
+        gram_bytes = B * J * K * C * C * gram_dtype(problem.dtype).itemsize
         # R = 1: the kernels' few bytes are no reason to split differently
-        budget = SCRATCH_FRACTION * inputs_outputs_bytes(shape, mask_batch, dtype, J, K, 1)
+        budget = SCRATCH_FRACTION * inputs_outputs_bytes(problem._replace(R=1))
         wanted = triton.cdiv(fill, programs)
         splits = max(1, min(wanted, int(budget // gram_bytes), triton.cdiv(H, quantum), 65535))
     return triton.cdiv(triton.cdiv(H, splits), quantum) * quantum
 
 
-def forward_scratch_bytes(
-    shape: tuple[int, int, int, int],
-    mask_batch: int,
-    dtype: torch.dtype,
-    J: int,
-    K: int,
-    sms: int,
-) -> int:
+def forward_scratch_bytes(problem: Problem, sms: int) -> int:
     """The partial Grams the autotuned forward allocates on a GPU with ``sms`` SMs."""
-    B, C, H, _ = shape
-    rows = split_rows(shape, mask_batch, dtype, J, K, {}, programs_to_fill(sms))
-    splits = triton.cdiv(H, rows)
-    return (splits if splits > 1 else 0) * B * J * K * C * C * gram_dtype(dtype).itemsize
+    (B, C, H, _), J, K = problem.shape, problem.J, problem.K
+    splits = triton.cdiv(H, split_rows(problem, {}, programs_to_fill(sms)))
+    return (splits if splits > 1 else 0) * B * J * K * C * C * gram_dtype(problem.dtype).itemsize
 
 
 def resident_programs(config: dict, sms: int) -> int:
-    """How many backward programs run at once: one of 8 warps per SM (216-250 registers a
-    thread, so its 256 threads take the SM's 64 K registers), two of 4 warps. Persistent
+    """How many backward programs run at once: one of 8 warps per SM (216-255 registers a
+    thread, so its 256 threads take the SM's 64 K registers), two of 4 warps (167-243). Persistent
     programs beyond these would only queue, each holding its own scratch."""
     return sms * max(1, 8 // config["num_warps"])
 
 
-def backward_programs(
-    shape: tuple[int, int, int, int],
-    mask_batch: int,
-    dtype: torch.dtype,
-    J: int,
-    K: int,
-    R: int,
-    config: dict,
-    sms: int,
-    capped: bool = True,
-) -> int:
-    """The backward's persistent programs, one scratch tile each: at most as many as are
-    resident and as the scratch budget (a tenth of the op's inputs and outputs) has tiles for,
-    at least one; then as few as take the work items (batch item, tile, block of output
-    channels) in as many rounds as that many would. So the busiest program has as few items as
-    the budget allows (as with every SM's program launched wherever the budget does not bite)
-    and no tile is held by a program that would only wait. ``capped=False``: the count without
-    the budget (bench/gpu_probe.py times both)."""
-    B, C, H, W = shape
-    items = B * channel_blocks(C, config["BLOCK_C"]) * backward_tiles(H, W, R, config)
-    budget = SCRATCH_FRACTION * inputs_outputs_bytes(shape, mask_batch, dtype, J, K, R)
-    tiles = int(budget // (backward_slot(config) * gram_dtype(dtype).itemsize)) if capped else items
-    rounds = triton.cdiv(items, max(1, min(resident_programs(config, sms), tiles)))
-    return triton.cdiv(items, rounds)
+def backward_items(problem: Problem, config: dict) -> int:
+    """The backward's work items: batch item x tile of positions (each tile writes its inner
+    positions) x block of output channels."""
+    (B, C, H, W), halo = problem.shape, problem.R // 2
+    inner_h, inner_w = config["TILE_H"] - 2 * halo, config["TILE_W"] - 2 * halo
+    tiles = triton.cdiv(H, inner_h) * triton.cdiv(W, inner_w)
+    return B * tiles * channel_blocks(C, config["BLOCK_C"])
 
 
 def backward_slot(config: dict) -> int:
@@ -670,24 +662,67 @@ def backward_slot(config: dict) -> int:
     return config["TILE_H"] * config["TILE_W"] * config["BLOCK_C"]
 
 
-def backward_scratch(
-    shape: tuple[int, int, int, int],
-    mask_batch: int,
-    dtype: torch.dtype,
-    J: int,
-    K: int,
-    R: int,
-    candidates: list[dict],
-    sms: int,
-    programs: int | None = None,
-) -> int:
-    """The backward's scratch, in elements: a slot for each program of the candidate config
-    that needs the most (or for ``programs`` of them)."""
-    return max(
-        (programs or backward_programs(shape, mask_batch, dtype, J, K, R, c, sms))
-        * backward_slot(c)
+def backward_programs(problem: Problem, config: dict, sms: int, capped: bool = True) -> int:
+    """The backward's persistent programs, one scratch tile each: at most as many as are
+    resident and as the scratch budget (a tenth of the op's inputs and outputs) has tiles for,
+    at least one; then as few as take the work items in as many rounds as that many would. So
+    the busiest program has as few items as the budget allows (as with every SM's program
+    launched wherever the budget does not bite) and no tile is held by a program that would
+    only wait. ``capped=False``: the count without the budget (bench/gpu_probe.py times both)."""
+    items = backward_items(problem, config)
+    tiles = items
+    if capped:
+        tile_bytes = backward_slot(config) * gram_dtype(problem.dtype).itemsize
+        tiles = int(SCRATCH_FRACTION * inputs_outputs_bytes(problem) // tile_bytes)
+    rounds = triton.cdiv(items, max(1, min(resident_programs(config, sms), tiles)))
+    return triton.cdiv(items, rounds)
+
+
+def backward_rounds(problem: Problem, config: dict, sms: int, capped: bool = True) -> int:
+    """The busiest backward program's items: what the op's time grows with."""
+    programs = backward_programs(problem, config, sms, capped)
+    return triton.cdiv(backward_items(problem, config), programs)
+
+
+def default_backward_config(problem: Problem, sms: int) -> dict:
+    """The backward's config without tuning: the first that fits, unless the scratch budget at
+    least doubles its rounds; then the fitting config with the smallest tile, of which the budget
+    holds the most programs (8 x 8 where C > 32). Measured at 30c9271 (H200, relu4_1 and relu5_1
+    of a 1024^2 image, gpu-notes): this takes the faster of 16 x 16 x 64 and 8 x 8 in seven of
+    eight cells, 7 % off in the eighth (relu4_1 f32, J = K = 1: 8 rounds against 7)."""
+    fits = _fits(BWD_CONFIGS, dict(C=problem.shape[1]), R=problem.R)
+    fitting = [_as_launch_config(c) for c in fits]
+    first = fitting[0]
+    budget, unbound = (backward_rounds(problem, first, sms, capped) for capped in (True, False))
+    if budget < 2 * unbound:
+        return first
+    return min(fitting, key=backward_slot)
+
+
+# A backward config's constexprs: what the grid's meta names (not its warps, so no two shipped
+# configs share them).
+TILING = ("TILE_H", "TILE_W", "BLOCK_C", "BLOCK_D")
+
+
+def tiling(config: dict) -> tuple[int, ...]:
+    return tuple(config[k] for k in TILING)
+
+
+def backward_plan(
+    problem: Problem, candidates: list[dict], sms: int, programs: int | None = None
+) -> tuple[dict[tuple[int, ...], int], int]:
+    """Each candidate config's programs, by ``tiling``, and the scratch in elements that holds a
+    slot for each program of any of them. The autotuner calls the grid with the config it times
+    (``Autotuner._bench`` runs ``fn.run(*args, **meta, **config.all_kwargs())``), so it times
+    every candidate with the programs the budget gives it: the one it picks is what runs.
+    ``programs``: that many (at most one per item) instead of the budget's."""
+    planned = {
+        tiling(c): backward_programs(problem, c, sms)
+        if programs is None
+        else min(programs, backward_items(problem, c))
         for c in candidates
-    )
+    }
+    return planned, max(planned[tiling(c)] * backward_slot(c) for c in candidates)
 
 
 def fitting_configs(backward: bool, C: int, num_masks: int = 1, R: int = 1) -> list[dict]:
@@ -702,19 +737,10 @@ def backward_candidates() -> list[dict]:
     return [_as_launch_config(c) for c in BWD_CONFIGS]
 
 
-def backward_scratch_bytes(
-    shape: tuple[int, int, int, int],
-    mask_batch: int,
-    dtype: torch.dtype,
-    J: int,
-    K: int,
-    R: int,
-    sms: int,
-) -> int:
+def backward_scratch_bytes(problem: Problem, sms: int) -> int:
     """The scratch the autotuned backward allocates on a GPU with ``sms`` SMs."""
-    candidates = backward_candidates()
-    elements = backward_scratch(shape, mask_batch, dtype, J, K, R, candidates, sms)
-    return elements * gram_dtype(dtype).itemsize
+    _, elements = backward_plan(problem, backward_candidates(), sms)
+    return elements * gram_dtype(problem.dtype).itemsize
 
 
 def forward(
@@ -745,18 +771,14 @@ def forward(
     kernel, launch_config = _launch_choice(
         _fwd_kernel,
         _masked_gram_fwd_kernel,
-        FWD_CONFIGS,
         config,
         INTERPRETER_FWD_CONFIG,
-        C,
-        num_masks,
-        R,
+        functools.partial(default_forward_config, C, num_masks, R),
     )
     on_gpu = features.device.type == "cuda"
     fill = programs_to_fill(multiprocessors(features.device)) if on_gpu else 1  # interpreter: 1
-    rows_per_split = split_rows(
-        features.shape, masks.shape[0], features.dtype, J, K, launch_config, fill, splits
-    )
+    problem = Problem.of(features, masks, kernels)
+    rows_per_split = split_rows(problem, launch_config, fill, splits)
     splits = triton.cdiv(H, rows_per_split)
     out = gram[None] if splits == 1 else gram.new_empty((splits, *gram.shape))
 
@@ -813,35 +835,24 @@ def backward(
     K = masks.shape[1]
     J, R = kernels.shape[:2]
     N = H * W
+    problem = Problem.of(features, masks, kernels)
+    sms = multiprocessors(features.device)
     dfeatures = torch.empty_like(features)
     kernel, launch_config = _launch_choice(
         _bwd_kernel,
         _masked_gram_bwd_kernel,
-        BWD_CONFIGS,
         config,
         INTERPRETER_BWD_CONFIG,
-        C,
-        R=R,
+        functools.partial(default_backward_config, problem, sms),
     )
     candidates = [launch_config] if launch_config else backward_candidates()
-    sms = multiprocessors(features.device)
-    problem = (features.shape, masks.shape[0], features.dtype, J, K, R)
+    planned, scratch_elements = backward_plan(problem, candidates, sms, programs)
     scratch = torch.empty(
-        backward_scratch(*problem, candidates, sms, programs),
-        dtype=gram_dtype(features.dtype),
-        device=features.device,
+        scratch_elements, dtype=gram_dtype(features.dtype), device=features.device
     )
 
-    # by tiling: the grid's meta holds a config's constexprs but not its warps
-    tiling = ("TILE_H", "TILE_W", "BLOCK_C", "BLOCK_D")
-    planned = {tuple(c[k] for k in tiling): backward_programs(*problem, c, sms)
-               for c in candidates}  # fmt: skip
-
     def grid(meta):
-        if programs is None:
-            return (planned[tuple(meta[k] for k in tiling)],)
-        items = B * channel_blocks(C, meta["BLOCK_C"]) * backward_tiles(H, W, R, meta)
-        return (min(programs, items),)
+        return (planned[tiling(meta)],)
 
     with on_device(features):
         kernel[grid](

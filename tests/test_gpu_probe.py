@@ -23,14 +23,17 @@ def test_triton_probe_gives_every_row_on_the_interpreter():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines()]
     rows = [row for row in rows if row[0] in ("a", "b")]
-    # (b): 2 configs + autotuned, forward and backward; (a): 2 dtypes x 2 J = K x budget /
-    # uncapped / the small tile under the budget
-    assert [row[0] for row in rows] == ["b"] * 6 + ["a"] * 12, done.stdout
+    # (b): every shipped config + autotuned, forward (2) and backward (3); (a): 2 dtypes x
+    # 2 J = K x the 3 backward configs under the budget, the first uncapped, autotuned
+    assert [row[0] for row in rows] == ["b"] * 7 + ["a"] * 20, done.stdout
     assert all(float(cell) > 0 for row in rows for cell in row[-3:]), done.stdout
+    budget = [row[5] for row in rows if row[4].startswith("backward, budget")]
+    assert budget == ["16x16x64x16 w8", "16x16x32x16 w4", "8x8x64x16 w4"] * 4, done.stdout
     assert {row[4] for row in rows if row[0] == "a"} == {
         "backward, budget",
+        "backward, budget, untuned default",
         "backward, uncapped",
-        "backward, budget, 8x8 tile",
+        "backward, autotuned",
     }
 
 
@@ -39,12 +42,12 @@ def test_uncapped_programs_are_the_resident_ones():
     100 would be resident and balanced, gpu-notes), ``capped=False`` gives the count without it;
     elsewhere the two agree."""
     config = triton_gram.fitting_configs(True, 512, R=3)[0]
-    relu5_1 = ((1, 512, 64, 64), 1, torch.float32, 1, 1, 3, config, 132)
-    assert triton_gram.backward_programs(*relu5_1) == 25
-    assert triton_gram.backward_programs(*relu5_1, capped=False) == 100
-    relu2_1 = ((1, 128, 512, 512), 1, torch.float32, 1, 1, 3, config, 132)
-    assert triton_gram.backward_programs(*relu2_1, capped=False) == 131
-    assert triton_gram.backward_programs(*relu2_1) == 131
+    relu5_1 = triton_gram.Problem((1, 512, 64, 64), 1, torch.float32, 1, 1, 3)
+    assert triton_gram.backward_programs(relu5_1, config, 132) == 25
+    assert triton_gram.backward_programs(relu5_1, config, 132, capped=False) == 100
+    relu2_1 = triton_gram.Problem((1, 128, 512, 512), 1, torch.float32, 1, 1, 3)
+    assert triton_gram.backward_programs(relu2_1, config, 132, capped=False) == 131
+    assert triton_gram.backward_programs(relu2_1, config, 132) == 131
 
 
 def test_sanitizer_program_runs_every_case():

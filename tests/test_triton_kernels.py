@@ -171,6 +171,37 @@ def test_split_variants_match_within_rounding():
         assert relative_error(varied, gram) <= 1e-6
 
 
+SHIPPED = [
+    pytest.param(
+        backward,
+        triton_gram._as_launch_config(config),
+        id="x".join(map(str, config.kwargs.values())) + f" w{config.num_warps}",
+    )
+    for backward, configs in [(False, triton_gram.FWD_CONFIGS), (True, triton_gram.BWD_CONFIGS)]
+    for config in configs
+]
+
+
+@pytest.mark.parametrize("backward,config", SHIPPED)
+def test_every_shipped_config_matches_float64_reference(backward, config):
+    """The interpreter launches its own small config unless told otherwise; a GPU launches the
+    shipped ones (autotuned, or the untuned default), so each is run here too (IEEE float32).
+    C = 72: a full and a partial block of 64 channels; 13 x 14 positions: several 8 x 8 tiles,
+    the 16 x 16 one's halo past every edge."""
+    f64, m64, p64 = random_inputs(1, 72, 13, 14, 2, 3, 3, batched_masks=True, seed=12)
+    features, masks, kernels = to_test_device(torch.float32, f64, m64, p64)
+    if not backward:
+        gram = launch.forward(triton_gram.forward, features, masks, kernels, False, config=config)
+        assert relative_error(gram, masked_gram_reference(f64, m64, p64)) <= 1e-5
+        return
+    grad = torch.randn(1, 2, 3, 72, 72, generator=torch.Generator().manual_seed(13))
+    d_features = launch.backward(
+        triton_gram.backward, grad, features, masks, kernels, False, config=config, programs=3
+    )
+    expected = masked_gram_backward_reference(grad.double(), f64, m64, p64)
+    assert relative_error(d_features, expected) <= 1e-5
+
+
 class AllocationCounter(TorchDispatchMode):
     """Bytes of the tensors that torch ops create while active. Views and in-place ops
     (the interpreter's ``set_`` and ``copy_`` on its host copies) create no memory."""
@@ -234,18 +265,24 @@ H100_SMS = 132  # and H200's
 # relu<b>_1 of VGG-19 (the bench's layers): channels, and the grid as a fraction of the image
 VGG_STYLE_LAYERS = [("relu1_1", 64, 1), ("relu2_1", 128, 2), ("relu3_1", 256, 4),
                     ("relu4_1", 512, 8), ("relu5_1", 512, 16)]  # fmt: skip
-# Where that cap costs the backward rounds (its busiest program's items), at 16 x 16 x 64, and
-# how many: (image, layer, dtype, J = K): (rounds with every resident program, rounds now).
+# Where that cap costs the backward rounds (its busiest program's items), for each tile of 64
+# channels, and how many: (image, layer, dtype, J = K, tile): (rounds with every resident
+# program, rounds now). (16 x 16 x 32 takes 16 x 16 x 64's rounds everywhere: asserted.)
 SLOWED_BY_THE_BUDGET = {
-    (1024, "relu4_1", "float32", 1): (7, 8),
-    (1024, "relu5_1", "float32", 1): (2, 8),
-    (1024, "relu5_1", "float32", 3): (2, 4),
-    (1024, "relu3_1", "bfloat16", 1): (11, 15),
-    (1024, "relu3_1", "bfloat16", 3): (11, 14),
-    (1024, "relu4_1", "bfloat16", 1): (7, 15),
-    (1024, "relu4_1", "bfloat16", 3): (7, 10),
-    (1024, "relu5_1", "bfloat16", 1): (2, 13),
-    (1024, "relu5_1", "bfloat16", 3): (2, 5),
+    (1024, "relu4_1", "float32", 1, "16x16"): (7, 8),
+    (1024, "relu5_1", "float32", 1, "16x16"): (2, 8),
+    (1024, "relu5_1", "float32", 3, "16x16"): (2, 4),
+    (1024, "relu3_1", "bfloat16", 1, "16x16"): (11, 15),
+    (1024, "relu3_1", "bfloat16", 3, "16x16"): (11, 14),
+    (1024, "relu4_1", "bfloat16", 1, "16x16"): (7, 15),
+    (1024, "relu4_1", "bfloat16", 3, "16x16"): (7, 10),
+    (1024, "relu5_1", "bfloat16", 1, "16x16"): (2, 13),
+    (1024, "relu5_1", "bfloat16", 3, "16x16"): (2, 5),
+    (1024, "relu5_1", "float32", 1, "8x8"): (4, 9),
+    (1024, "relu5_1", "float32", 3, "8x8"): (4, 5),
+    (1024, "relu4_1", "bfloat16", 1, "8x8"): (15, 18),
+    (1024, "relu5_1", "bfloat16", 1, "8x8"): (4, 16),
+    (1024, "relu5_1", "bfloat16", 3, "8x8"): (4, 6),
 }
 
 
@@ -268,13 +305,10 @@ def test_scratch_within_a_tenth_of_inputs_and_outputs_at_every_vgg_layer():
                     masks = K * size * size * dtype.itemsize
                     grams = J * K * C * C * 4  # G and dG, float32
                     tenth = 0.1 * (2 * features + masks + 2 * grams)
+                    problem = triton_gram.Problem(shape, 1, dtype, J, K, 3)
                     scratch = {
-                        "forward": triton_gram.forward_scratch_bytes(
-                            shape, 1, dtype, J, K, H100_SMS
-                        ),
-                        "backward": triton_gram.backward_scratch_bytes(
-                            shape, 1, dtype, J, K, 3, H100_SMS
-                        ),
+                        "forward": triton_gram.forward_scratch_bytes(problem, H100_SMS),
+                        "backward": triton_gram.backward_scratch_bytes(problem, H100_SMS),
                     }
                     dtype_name = str(dtype).removeprefix("torch.")
                     for what, nbytes in scratch.items():
@@ -295,23 +329,108 @@ def test_backward_takes_as_few_rounds_as_the_scratch_budget_allows_at_every_vgg_
             shape = (1, C, image // fraction, image // fraction)
             for dtype in (torch.float32, torch.bfloat16):
                 for J in (1, 3):
-                    problem = (shape, 1, dtype, J, J, 3)
-                    budget = 0.1 * triton_gram.inputs_outputs_bytes(*problem)
+                    problem = triton_gram.Problem(shape, 1, dtype, J, J, 3)
+                    budget = 0.1 * triton_gram.inputs_outputs_bytes(problem)
                     tile = 4  # float32, the accumulation dtype of float32 and bf16
+                    rounds = {}
                     for config in triton_gram.backward_candidates():
-                        programs = triton_gram.backward_programs(*problem, config, H100_SMS)
+                        programs = triton_gram.backward_programs(problem, config, H100_SMS)
                         resident = triton_gram.resident_programs(config, H100_SMS)
                         tile_bytes = triton_gram.backward_slot(config) * tile
                         cap = min(resident, max(1, int(budget // tile_bytes)))
-                        items = -(-C // config["BLOCK_C"]) * triton_gram.backward_tiles(
-                            shape[2], shape[3], 3, config
-                        )
+                        items = triton_gram.backward_items(problem, config)
                         assert programs <= cap and programs * tile_bytes <= max(budget, tile_bytes)
                         assert -(-items // programs) == -(-items // cap)
                         full, now = -(-items // resident), -(-items // programs)
+                        tiles = f"{config['TILE_H']}x{config['TILE_W']}"
+                        rounds[tiles, config["BLOCK_C"]] = (full, now)
                         if now > full and config["BLOCK_C"] == 64:
-                            slowed[image, name, str(dtype).removeprefix("torch."), J] = (full, now)
+                            dtype_name = str(dtype).removeprefix("torch.")
+                            slowed[image, name, dtype_name, J, tiles] = (full, now)
+                    assert rounds["16x16", 32] == rounds["16x16", 64]
     assert slowed == SLOWED_BY_THE_BUDGET
+
+
+# The lease of 30c9271 (NVIDIA H200, bench/gpu_probe.py --triton, part (a)): the backward alone
+# at 1024^2, r = 3, ms under the scratch budget: (layer, dtype, J = K): (16 x 16 x 64, 8 x 8).
+MEASURED_UNDER_THE_BUDGET = {
+    ("relu4_1", torch.float32, 1): (1.43, 1.33),
+    ("relu4_1", torch.float32, 3): (4.47, 6.76),
+    ("relu4_1", torch.bfloat16, 1): (2.49, 1.93),
+    ("relu4_1", torch.bfloat16, 3): (6.64, 7.19),
+    ("relu5_1", torch.float32, 1): (1.18, 0.56),
+    ("relu5_1", torch.float32, 3): (2.59, 2.31),
+    ("relu5_1", torch.bfloat16, 1): (1.88, 1.32),
+    ("relu5_1", torch.bfloat16, 3): (2.95, 2.94),
+}
+
+
+def test_untuned_backward_takes_the_faster_tile_where_measured():
+    """CAST_TRITON_AUTOTUNE=0 has no timings: its rule (the small tile where the budget at
+    least doubles the first config's rounds) must come within 8 % of the faster tile at every
+    measured cell, and keep the first config wherever the budget does not bind (every layer of
+    a 4096^2 image)."""
+    layers = {name: (C, 1024 // fraction) for name, C, fraction in VGG_STYLE_LAYERS}
+    for (name, dtype, J), (big, small) in MEASURED_UNDER_THE_BUDGET.items():
+        C, side = layers[name]
+        problem = triton_gram.Problem((1, C, side, side), 1, dtype, J, J, 3)
+        config = triton_gram.default_backward_config(problem, H100_SMS)
+        taken = small if (config["TILE_H"], config["TILE_W"]) == (8, 8) else big
+        assert taken <= 1.08 * min(big, small), (name, dtype, J, config)
+    for _, C, fraction in VGG_STYLE_LAYERS:
+        for dtype in (torch.float32, torch.bfloat16):
+            for J in (1, 3):
+                shape = (1, C, 4096 // fraction, 4096 // fraction)
+                problem = triton_gram.Problem(shape, 1, dtype, J, J, 3)
+                first = triton_gram.fitting_configs(True, C, R=3)[0]
+                assert triton_gram.default_backward_config(problem, H100_SMS) == first
+
+
+class LaunchRecorder:
+    """Stands in for the backward's kernel: calls the launch's grid as Triton would, with each
+    config's constexprs (the autotuner: ``Autotuner._bench`` runs ``fn.run(*args, **meta,
+    **config.all_kwargs())``, every candidate the pruning keeps; a plain launch: its own), and
+    records the programs each config gets and the scratch they share."""
+
+    def __init__(self, candidates):
+        self.candidates, self.programs, self.scratch = candidates, {}, None
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.scratch = args[5].numel()
+            configs = [meta] if "TILE_H" in meta else [meta | c for c in self.candidates]
+            for config in configs:
+                (self.programs[triton_gram.tiling(config)],) = grid(config)
+
+        return launch
+
+
+@pytest.mark.parametrize("autotune", [True, False], ids=["autotuned", "untuned"])
+def test_every_launch_takes_the_programs_the_budget_gives_its_config(monkeypatch, autotune):
+    """The autotuner must time each candidate as it would run, with the programs the scratch
+    budget gives that config (else it picks by launches that never happen), in one scratch
+    that holds any of them; the untuned launch likewise. relu5_1 of a 1024^2 image, float32,
+    J = K = 1, on a 132-SM card: the budget binds (25 programs of 16 x 16 x 64, not 100)."""
+    fitting = triton_gram.fitting_configs(True, 512, R=3)
+    recorder = LaunchRecorder(fitting)
+    monkeypatch.setattr(triton_gram, "INTERPRETING", False)
+    monkeypatch.setattr(triton_gram, "AUTOTUNE", autotune)
+    monkeypatch.setattr(triton_gram, "multiprocessors", lambda device: H100_SMS)
+    monkeypatch.setattr(triton_gram, "_bwd_kernel", recorder)
+    monkeypatch.setattr(triton_gram, "_masked_gram_bwd_kernel", recorder)
+    features = torch.rand(1, 512, 64, 64)
+    masks, kernels = torch.rand(1, 1, 64, 64), torch.rand(1, 3, 3)
+    inv_mass = canonical_inverse_mass(features, masks, None)
+    triton_gram.backward(torch.rand(1, 1, 1, 512, 512), features, masks, kernels, inv_mass, True)
+
+    problem = triton_gram.Problem.of(features, masks, kernels)
+    launched = fitting if autotune else [triton_gram.default_backward_config(problem, H100_SMS)]
+    assert len({triton_gram.tiling(c) for c in launched}) == len(launched) == len(recorder.programs)
+    for config in launched:
+        programs = recorder.programs[triton_gram.tiling(config)]
+        assert programs == triton_gram.backward_programs(problem, config, H100_SMS)
+        assert programs < triton_gram.resident_programs(config, H100_SMS)  # the budget binds
+        assert recorder.scratch >= programs * triton_gram.backward_slot(config)
 
 
 def test_autotuning_is_keyed_on_a_size_class_not_on_the_size():
