@@ -84,7 +84,7 @@ if [ "$probe_rc" -ne 0 ] && [ "$probe_rc" -ne 124 ]; then
   echo "== the CUDA kernels failed in the probe: the benches leave them out" | tee -a "$summary"
   backends=(--backends triton,eager,compile) stylize_backend=triton
 fi
-step bench-float32 150 "$PY" bench/bench_masked_gram.py --device cuda "${images[@]}" \
+step bench-float32 170 "$PY" bench/bench_masked_gram.py --device cuda "${images[@]}" \
   --dtype float32 --compile-max-image "$compile_max" --warmup 1 --repeats 3 --fused-repeats 10 \
   "${backends[@]}"
 # No autotuning in the tests: each shape class compiles once (the bench tunes). Only what runs
@@ -97,8 +97,9 @@ step bench-bfloat16 85 "$PY" bench/bench_masked_gram.py --device cuda --image 10
   --dtype bfloat16 --compile-max-image "$compile_max" --warmup 1 --repeats 3 --fused-repeats 10 \
   "${backends[@]}"
 # The Triton probe: a process of its own, after the benches so that every shipped kernel it
-# launches is in Triton's cache (its compiles would take it 20-40 s); the unshipped 8 x 8 tile
-# compiles here, twice (float32, bf16), hence 60 s; into probe.log, after the CUDA probe.
+# launches is in Triton's cache (its compiles would take it 20-40 s); it tunes its own keys
+# (about 13 s at 30c9271, predicted about 20 s with the third backward config); into probe.log,
+# after the CUDA probe.
 step triton-probe:probe 60 "$PY" bench/gpu_probe.py --triton
 weights=gpu-weights/vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin
 [ -f "$weights" ] && export CAST_VGG19="$PWD/$weights"
