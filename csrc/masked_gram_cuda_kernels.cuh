@@ -805,8 +805,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 //      cp.async, 16 bytes a copy, all in flight at once; the next step's copies (the next
 //      item's first, after an item's last step) are issued as soon as their regions are free,
 //      dG's once this step's S is formed, F's once Z_j is, so they overlap this step's
-//      formation and MMAs (S has two buffers, F one; the mirrors take U_j's region, so a
-//      kernel's first step issues its own, after the last kernel's adjoint); then each S_jk
+//      formation and MMAs (S has two buffers, F one; the mirrors have a region of their own
+//      where shared memory allows, else take U_j's, and then a kernel's first step issues its
+//      own, after the last kernel's adjoint); then each S_jk
 //      block is formed in place, (dG + mirror) / n_k (rounded to TF32 for float32): S is
 //      never in global memory;
 //   2. Z_j on the h-halo, formed once: each thread a column of half its rows in one channel
@@ -815,19 +816,23 @@ __global__ void __launch_bounds__(kThreads, 2)
 //      consecutive channels);
 //   3. U_j^T (64 x positions) += [S_j1 | .. | S_jK] [m_1^2 Z_j; ..; m_K^2 Z_j]^T with mma.sync:
 //      one chain K * C deep whose accumulators stay in registers across the input blocks, each
-//      warp 32 channels x a quarter of the positions; m_k^2 scales the B fragments in
-//      registers (TF32 rounded to nearest after the product); S, symmetric, is read as A
-//      straight from its rows.
+//      warp all 64 channels x an eighth of the positions; m_k^2 scales the B fragments in
+//      registers (TF32 rounded to nearest after the product), each fragment by one warp; S,
+//      symmetric, is read as A straight from its rows.
 // After the last input block U_j goes to shared memory once and the adjoint convolution (p_j
 // rotated by 180 degrees) adds into dF's accumulators in registers, a column of kRows outputs
 // per thread and item. dF is written once, at the end. Nothing of size J * N * C goes to
 // global memory.
 
-inline constexpr int kOutBlock = 64;    // output channels per block: 2 warps of 32 across
+inline constexpr int kOutBlock = 64;    // output channels per block (every MMA warp takes all)
 inline constexpr int kInBlock = 32;     // input channels per step
 inline constexpr int kMmaHalo = 3;      // h <= 3 (r <= 7) on tensor cores
-// n-tiles (8 positions) per warp: the h-halo's <= 256 positions
-inline constexpr int kMaxNTiles = 8;
+// The MMA's warps: each takes all 64 output channels (kMTiles m-tiles of 16) and an eighth of
+// the positions, so that it alone scales its B fragments by m_k^2 (with 32 channels a warp, two
+// warps scaled each fragment: gpu-notes, the backward's MMA warps).
+inline constexpr int kMTiles = kOutBlock / 16;
+// n-tiles (8 positions) per warp: the h-halo's <= 256 positions over 8 warps
+inline constexpr int kMaxNTiles = 4;
 // Columns of the formation's items per row: the h-halo's widest row (22) rounded to 24, which
 // F's channel stride (24 mod 32 words) makes conflict-free.
 inline constexpr int kFormCols = 24;
@@ -853,9 +858,11 @@ struct MmaBackwardTile {
     return (kRows + 2 * h) * (kTileCols + 2 * h);
   }
   __host__ __device__ static constexpr int u_padded(int h) { return ceil_div(u_size(h), 32) * 32; }
-  // n-tiles of 8 positions per warp (4 warps share the positions); capped where fits() fails.
+  // n-tiles of 8 positions per warp (8 warps share the positions, the last ones a repeat of the
+  // last n-tile where 8 do not divide them); capped where fits() fails.
   __host__ __device__ static constexpr int n_tiles(int h) {
-    return u_padded(h) / 32 < kMaxNTiles ? u_padded(h) / 32 : kMaxNTiles;
+    return ceil_div(u_padded(h) / 8, kWarps) < kMaxNTiles ? ceil_div(u_padded(h) / 8, kWarps)
+                                                          : kMaxNTiles;
   }
   // Row strides in words: Z 8 (mod 32) and S 4 (TF32) or 8 (pairs, 64-bit reads) (mod 32), so
   // the fragment loads are conflict-free; U 16 (mod 32), for the adjoint's two channels a warp.
@@ -896,7 +903,7 @@ struct MmaBackwardTile {
   }
   // Whether the kernel takes r at all: the halo's positions within the warps' n-tiles.
   __host__ __device__ static constexpr bool fits(int r) {
-    return r / 2 <= kMmaHalo && u_padded(r / 2) <= 4 * kMaxNTiles * 8;
+    return r / 2 <= kMmaHalo && u_padded(r / 2) <= kWarps * kMaxNTiles * 8;
   }
 };
 
@@ -936,7 +943,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int per = Tile::per, vector = Tile::vector, step = Tile::step;
   constexpr int s_stride = Tile::s_stride, t_stride = Tile::t_stride;
   constexpr int kItems = kOutBlock * kTileCols / kThreads;  // adjoint columns per thread
-  static_assert(kWarps == 8 && kOutBlock == 64 && kInBlock % step == 0, "2 x 4 warps");
+  static_assert(kWarps == 8 && kOutBlock == 64 && kInBlock % step == 0, "1 x 8 warps");
   static_assert(Tile::f_cols(kMmaHalo) / vector <= kCopyChunks, "a row of F's halo: 8 copies");
 
   const int h = d.r / 2, pad = Tile::pad(h), f_cols = Tile::f_cols(h);
@@ -1090,11 +1097,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     z_tile[row * z_stride + p] = 0u;
   }
 
-  // This warp's piece of U_j^T: output channels wm .. wm + 31, positions wn .. (n_tiles of 8).
-  const int n_tiles = Tile::n_tiles(h), wm = warp % 2 * 32, wn = warp / 2 * n_tiles * 8;
-  float acc[2][kMaxNTiles][4];
+  // This warp's piece of U_j^T: all 64 output channels, positions wn .. (n_tiles of 8).
+  const int n_tiles = Tile::n_tiles(h), wn = warp * n_tiles * 8;
+  float acc[kMTiles][kMaxNTiles][4];
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+  for (int mi = 0; mi < kMTiles; ++mi)
 #pragma unroll
     for (int ni = 0; ni < kMaxNTiles; ++ni)
 #pragma unroll
@@ -1181,6 +1188,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : kInBlock;
       with_halo(h, [&](auto halo) {
         constexpr int kN = Tile::n_tiles(decltype(halo)::value);
+        if constexpr (!Tile::fits(2 * decltype(halo)::value + 1)) return;  // (never launched)
+        // n-tile ni's first position: where the 8 warps' n-tiles outnumber Z's (4-row tiles at
+        // r = 5 and 7), those past the last repeat it (wasted, not stored), rather than Z, U and
+        // m_k^2 growing by whole n-tiles of zeros (up to 12 KiB, which moved shapes off the
+        // tensor cores).
+        constexpr int kLast = Tile::u_padded(decltype(halo)::value) - 8;
+        const auto column = [&](int ni) {
+          if constexpr (kLast + 8 == kN * kWarps * 8) return wn + ni * 8;
+          else return min(wn + ni * 8, kLast);
+        };
         // An (input step c0, mask k) iteration's operands from shared memory: the S fragments
         // (A) and the mask words of the warp's n-tiles. Each iteration loads the next one's
         // before its HMMAs, so that their round trip is not on its path (there were two: the
@@ -1188,13 +1205,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         // rolled, ptxas sank the loads below the HMMAs and copied the registers at the back
         // edge; unrolled, the first of each two keeps its loads a trip ahead (gpu-notes).
         struct Fragments {
-          uint32_t a[2][4];
+          uint32_t a[kMTiles][4];
           float w[kN];
         };
         const auto load = [&](int c0, int k, Fragments& f) {
-          const float* sk = s_tile + (k * kOutBlock + wm + g) * s_stride + c0;
+          const float* sk = s_tile + (k * kOutBlock + g) * s_stride + c0;
 #pragma unroll
-          for (int mi = 0; mi < 2; ++mi) {
+          for (int mi = 0; mi < kMTiles; ++mi) {
             const float* sp = sk + mi * 16 * s_stride;
             if constexpr (per == 1) {  // S came rounded to TF32 (form_symmetric)
               f.a[mi][0] = bits_as<uint32_t>(sp[t]);
@@ -1211,7 +1228,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
 #pragma unroll
-          for (int ni = 0; ni < kN; ++ni) f.w[ni] = mask_sq[k * u_padded + wn + ni * 8 + g];
+          for (int ni = 0; ni < kN; ++ni) f.w[ni] = mask_sq[k * u_padded + column(ni) + g];
         };
         Fragments next;
         if constexpr (kDepth > 0) load(0, 0, next);
@@ -1220,7 +1237,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           uint32_t z_frag[kMaxNTiles][2];
 #pragma unroll
           for (int ni = 0; ni < kN; ++ni) {
-            const uint32_t* zp = z_tile + (c0 / per + t) * z_stride + wn + ni * 8 + g;
+            const uint32_t* zp = z_tile + (c0 / per + t) * z_stride + column(ni) + g;
             z_frag[ni][0] = zp[0];
             z_frag[ni][1] = zp[4 * z_stride];
           }
@@ -1241,8 +1258,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                 else
                   b[ni][e] = HalfOperands<T>::scaled(z_frag[ni][e], now.w[ni], now.w[ni]);
               }
-            if constexpr (per == 1) mma_grid_tf32(acc, now.a, b, 2, kN);
-            else mma_grid_16bit<T>(acc, now.a, b, 2, kN);
+            if constexpr (per == 1) mma_grid_tf32(acc, now.a, b, kMTiles, kN);
+            else mma_grid_16bit<T>(acc, now.a, b, kMTiles, kN);
           }
         }
       });
@@ -1251,13 +1268,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       // U_j complete: to shared memory (the previous kernel's adjoint readers passed a barrier
       // since), then the adjoint into dF's accumulators.
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < kMTiles; ++mi)
 #pragma unroll
         for (int ni = 0; ni < kMaxNTiles; ++ni) {
-          if (ni >= n_tiles) break;
+          if (ni >= n_tiles || wn + ni * 8 >= u_padded) break;  // (repeats of the last n-tile)
 #pragma unroll
           for (int i = 0; i < 4; i += 2) {
-            const int row = wm + mi * 16 + g + 4 * i, p = wn + ni * 8 + 2 * t;
+            const int row = mi * 16 + g + 4 * i, p = wn + ni * 8 + 2 * t;
             *reinterpret_cast<float2*>(u_tile + row * u_stride + p) =
                 make_float2(acc[mi][ni][i], acc[mi][ni][i + 1]);
             acc[mi][ni][i] = acc[mi][ni][i + 1] = 0.0f;

@@ -224,8 +224,9 @@ MMA_BACKWARD_KERNEL = re.compile(
     r"_masked_gram_bwd_mma_kernelI(f|13__nv_bfloat16|6__half)Li(\d)ELi0E"
 )
 # The tensor-core backward's n-tiles of 8 positions per warp (MmaBackwardTile::n_tiles) at
-# r = 1, 3, 5 (and 7), by tile rows: an (input step, mask) iteration is 2 x n HMMAs.
-BACKWARD_N_TILES = {8: (4, 6, 8), 4: (2, 4, 5, 7)}
+# r = 1, 3, 5 (and 7), by tile rows: an (input step, mask) iteration is 4 x n HMMAs (each warp
+# all 64 output channels, 4 m-tiles).
+BACKWARD_N_TILES = {8: (2, 3, 4), 4: (1, 2, 3, 4)}
 PROBE_KERNEL = re.compile(r"_masked_gram_(fwd|bwd_mma)_kernelI(f|13__nv_bfloat16)\w*ELi[1-4]EE")
 SIMT_BACKWARD_KERNEL = re.compile(r"_masked_gram_bwd_simt_kernelI(f|d|13__nv_bfloat16|6__half)E")
 # The tensor-core instruction each input type's kernels must use, and the only one.
@@ -280,7 +281,7 @@ def test_cuda_machine_code(build_folder):
         # Whole iterations between branches: n-tiles a compile-time count, no test of the
         # bound between the HMMAs (there were 21 an iteration, the probe of effb4cf).
         n_tiles = BACKWARD_N_TILES[int(rows)]
-        whole = {run for run in runs[name] for n in n_tiles if run % (2 * n) == 0}
+        whole = {run for run in runs[name] for n in n_tiles if run % (4 * n) == 0}
         assert whole == set(runs[name]), (name, sorted(set(runs[name])))
         # The operands (S fragments, mask words) come a (k-step, mask) iteration ahead: in
         # every trip of the MMA loop (two iterations) the first iteration's HMMAs take
@@ -306,6 +307,12 @@ def test_cuda_machine_code(build_folder):
         # indices derived anew from its number took 34-37 (gpu-notes).
         forms = [c for c in counts if c["FADD"] and c["STS"] and not c["HMMA"] and not c["FFMA"]]
         assert forms and all(c.total() <= 12 * c["FADD"] for c in forms), (name, forms)
+        # Each B fragment scaled by m_k^2 in one warp only (a warp takes all 64 output channels,
+        # 4 m-tiles): one FMUL per B register (two per 16-bit pair) for 4 HMMAs, where two warps
+        # of 32 channels each scaled the same fragments for 2 (gpu-notes, the MMA warps).
+        scale = 0.5 if dtype == "f" else 1
+        mma = [c for c in counts if c["HMMA"]]
+        assert mma and all(c["FMUL"] <= scale * c["HMMA"] for c in mma), (name, mma)
     simt = [ops for name, ops in kernels.items() if SIMT_BACKWARD_KERNEL.search(name)]
     assert len(simt) == 4 and not any(op.startswith("HMMA") for ops in simt for op in ops)
     # 4 variants x 2 dtypes x forward and backward, all spill-free (the nvcc test)
