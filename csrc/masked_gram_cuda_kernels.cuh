@@ -864,8 +864,9 @@ struct MmaBackwardTile {
     return ceil_div(u_padded(h) / 8, kWarps) < kMaxNTiles ? ceil_div(u_padded(h) / 8, kWarps)
                                                           : kMaxNTiles;
   }
-  // Row strides in words: Z 8 (mod 32) and S 4 (TF32) or 8 (pairs, 64-bit reads) (mod 32), so
-  // the fragment loads are conflict-free; U 16 (mod 32), for the adjoint's two channels a warp.
+  // Row strides in words: Z 8 (mod 32) and S 4 (TF32: ldmatrix's 8 rows of 16 bytes) or 8
+  // (pairs, 64-bit reads) (mod 32), so the fragment loads are conflict-free; U 16 (mod 32), for
+  // the adjoint's two channels a warp.
   __host__ __device__ static constexpr int z_stride(int h) { return u_padded(h) + 8; }
   static constexpr int s_stride = kInBlock + 4 * per;
   __host__ __device__ static constexpr int u_stride(int h) { return u_padded(h) + 16; }
@@ -1209,16 +1210,16 @@ __global__ void __launch_bounds__(kThreads, 1)
           float w[kN];
         };
         const auto load = [&](int c0, int k, Fragments& f) {
-          const float* sk = s_tile + (k * kOutBlock + g) * s_stride + c0;
 #pragma unroll
           for (int mi = 0; mi < kMTiles; ++mi) {
-            const float* sp = sk + mi * 16 * s_stride;
-            if constexpr (per == 1) {  // S came rounded to TF32 (form_symmetric)
-              f.a[mi][0] = bits_as<uint32_t>(sp[t]);
-              f.a[mi][1] = bits_as<uint32_t>(sp[8 * s_stride + t]);
-              f.a[mi][2] = bits_as<uint32_t>(sp[t + 4]);
-              f.a[mi][3] = bits_as<uint32_t>(sp[8 * s_stride + t + 4]);
+            if constexpr (per == 1) {
+              // S came rounded to TF32 (form_symmetric): a fragment an ldmatrix (4 scalar loads
+              // each were a quarter of an iteration's instructions); this lane's row of its
+              // 4 matrices, rows lane % 16 and words lane / 16 * 4 ..
+              const int row = k * kOutBlock + mi * 16 + lane % 16;
+              load_matrix_x4(f.a[mi], s_tile + row * s_stride + c0 + lane / 16 * 4);
             } else {
+              const float* sp = s_tile + (k * kOutBlock + g) * s_stride + c0 + mi * 16 * s_stride;
               const float2 lo = *reinterpret_cast<const float2*>(sp + 2 * t);
               const float2 lo8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t);
               const float2 hi = *reinterpret_cast<const float2*>(sp + 2 * t + 8);

@@ -1,7 +1,7 @@
 // The warp-level primitives of masked_gram_cuda.cu: TF32 rounding, the mma.sync tensor-core
-// products and cp.async copies. They are the only inline PTX of the kernels and live apart so that the kernels' CPU
-// emulation (tests/test_cuda_sources.py) can put a warp-collective copy of each in their place;
-// everything else in the .cu runs there unchanged.
+// products, ldmatrix and cp.async copies. They are the only inline PTX of the kernels and live
+// apart so that the kernels' CPU emulation (tests/test_cuda_sources.py) can put a
+// warp-collective copy of each in their place; everything else in the .cu runs there unchanged.
 //
 // Fragments as the PTX ISA lays them out for mma.sync ("Matrix Fragments for mma.m16n8k8" and
 // "...m16n8k16"), with g = lane / 4 and t = lane % 4, A row-major (M x K), B column-major
@@ -99,6 +99,22 @@ __device__ __forceinline__ void mma_grid_16bit(float (&d)[kM][kN][4], const uint
       mma_m16n8k16<T>(d[i][n], a[i], b[n]);
     }
   }
+}
+
+// An m16n8k8 TF32 A fragment from shared memory in one instruction (ldmatrix.x4, warp-
+// collective; b16 pairs are 32-bit words, so the bits are moved as they are): lane l gives the
+// 16-byte aligned address of row l % 8 of matrix l / 8, and register i gets word l % 4 of row
+// l / 4 of matrix i. Matrices 0 .. 3 = (rows 0-7, words 0-3), (rows 8-15, words 0-3), (rows
+// 0-7, words 4-7), (rows 8-15, words 4-7) give a0 .. a3 in the order mma.sync takes them.
+__device__ __forceinline__ void load_matrix_x4(uint32_t (&r)[4], const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // only the tensor-core kernels load this way
+#else
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+#endif
 }
 
 // 16 bytes from global to shared memory without holding a register (cp.async, sm_80 on): the

@@ -23,8 +23,8 @@ CUDA_EMULATION = r"""
 // The CUDA names the kernels use, on the host: blocks run one after another, each with one
 // std::thread per CUDA thread; __syncthreads is a barrier; shared memory starts as NaN, and so
 // does a guard past it, which a write makes the launch fail.
-// mma.sync is warp-collective (masked_gram_mma.cuh's emulation, below); a misaligned 128-bit
-// load makes the launch fail as it would on a GPU.
+// mma.sync and ldmatrix are warp-collective (masked_gram_mma.cuh's emulation, below); a
+// misaligned 128-bit load makes the launch fail as it would on a GPU.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -102,6 +102,7 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 struct EmulatedWarp {
   std::barrier<> barrier{32};
   float a[2][32][32], b[2][32][32];
+  const void* rows[2][32];  // ldmatrix's row addresses, by lane
 };
 inline std::vector<std::unique_ptr<EmulatedWarp>> emulated_warps;
 inline thread_local unsigned emulated_turn = 0;
@@ -239,6 +240,19 @@ void emulated_grid(float (&d)[kM][kN][4], const float* a, const float* b, int ro
         d[i][n][c] = sum;
       }
     }
+}
+// ldmatrix.x4 (b16 pairs as 32-bit words): every lane posts its row's address, the warp meets,
+// and each lane takes word l % 4 of row l / 4 of each of the four matrices. A row address
+// not 16-byte aligned makes the launch fail, as on a GPU.
+inline void load_matrix_x4(uint32_t (&r)[4], const void* row) {
+  EmulatedWarp& warp = *emulated_warps[threadIdx.x / 32];
+  const int turn = emulated_turn++ % 2, lane = threadIdx.x % 32;
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) emulated_fault = cudaErrorMisalignedAddress;
+  warp.rows[turn][lane] = row;
+  warp.barrier.arrive_and_wait();
+  for (int i = 0; i < 4; ++i)
+    std::memcpy(&r[i], static_cast<const uint32_t*>(warp.rows[turn][8 * i + lane / 4]) + lane % 4,
+                4);
 }
 // Fragments past `rows` / `cols` are not read: they may hold anything (here: NaN, which would
 // show if they were).

@@ -313,6 +313,11 @@ def test_cuda_machine_code(build_folder):
         scale = 0.5 if dtype == "f" else 1
         mma = [c for c in counts if c["HMMA"]]
         assert mma and all(c["FMUL"] <= scale * c["HMMA"] for c in mma), (name, mma)
+        # TF32: S's A fragments by ldmatrix, one a fragment, so the only scalar loads of an
+        # iteration are its mask words, one per n-tile (were 4 per fragment as well).
+        if dtype == "f":
+            lean = [c["LDSM"] and 4 * c["LDS"] <= c["HMMA"] for c in mma]
+            assert all(lean), (name, [(c["LDSM"], c["LDS"], c["HMMA"]) for c in mma])
     simt = [ops for name, ops in kernels.items() if SIMT_BACKWARD_KERNEL.search(name)]
     assert len(simt) == 4 and not any(op.startswith("HMMA") for ops in simt for op in ops)
     # 4 variants x 2 dtypes x forward and backward, all spill-free (the nvcc test)
