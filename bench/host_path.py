@@ -1,0 +1,101 @@
+"""The op's host path (issue 9): what one ``cast.masked_gram`` call costs besides its kernels.
+
+On tiny inputs (the kernels take next to nothing), per forward call with ``mass=None``: the
+ATen ops it runs before the custom op's own entry (views left out: they launch nothing), on a
+GPU the kernels the whole call launches (torch.profiler), and the microseconds a call takes,
+issued back to back (on a GPU the host issues faster than tiny kernels run only if the host
+path is short, so this is the host's time a call). The same with ``requires_grad``, and with
+``mass=1.0`` (no n_k: what the mask mass's own share is).
+
+    python bench/host_path.py [--device cuda] [--backend cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import cast
+
+
+class CountOps(TorchDispatchMode):
+    """The ATen ops run under it, by name, views excluded (the custom op counts as one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def kernels_launched(call, device: str) -> int | None:
+    if device != "cuda":
+        return None
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        call()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+
+
+def microseconds(call, device: str, calls: int = 500, repeats: int = 7) -> float:
+    """Median over ``repeats`` of the mean time of ``calls`` back-to-back calls: wall-clock
+    time on a GPU, the process's CPU time on the CPU (a shared machine's other load then
+    counts less; run with OMP_NUM_THREADS=1 so that no idle worker threads spin)."""
+    clock = time.perf_counter if device == "cuda" else time.process_time
+    for _ in range(50):
+        call()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = clock()
+        for _ in range(calls):
+            call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((clock() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default=None, help="default: the device's default")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(0)
+    to = dict(device=args.device, dtype=dtype)
+    # J = K = 3, r = 3 as the bench; 16 x 16 positions, 8 channels: the kernels are negligible
+    features = torch.randn(1, 8, 16, 16, generator=gen).to(**to)
+    masks = torch.rand(3, 16, 16, generator=gen).to(**to)
+    kernels = torch.randn(3, 3, 3, generator=gen).to(**to)
+    print(f"{args.device} {args.dtype} backend {args.backend or 'default'}, torch "
+          f"{torch.__version__}, features {tuple(features.shape)}, masks {tuple(masks.shape)}")  # fmt: skip
+    for grad, mass in ((False, None), (True, None), (False, 1.0)):
+        x = features.detach().requires_grad_(grad)
+
+        def call(x=x, mass=mass):
+            return cast.masked_gram(x, masks, kernels, mass=mass, backend=args.backend)
+
+        call()
+        with CountOps() as counted:
+            call()
+        ops = ", ".join(f"{name} {n}" for name, n in sorted(counted.ops.items()))
+        launched = kernels_launched(call, args.device)
+        print(f"requires_grad={grad}, mass={mass}: {sum(counted.ops.values())} ATen ops ({ops})"
+              + ("" if launched is None else f", {launched} kernels launched")
+              + f", {microseconds(call, args.device):.1f} us a call")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
