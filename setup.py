@@ -29,7 +29,7 @@ nvcc_flags = (
     ["-O0", "-g", "-lineinfo", "-UNDEBUG"] if debug else ["-O3", "-DNDEBUG", "--use_fast_math"]
 )
 
-sources = ["csrc/module.cpp", "csrc/masked_gram_cpu.cpp"]
+sources = ["csrc/module.cpp", "csrc/masked_gram_cpu.cpp", "csrc/mask_mass_cpu.cpp"]
 if with_cuda:
     # The glue and the kernels need different object names: ninja refuses two masked_gram_cuda.o.
     # The kernels come in parts (csrc/masked_gram_cuda_kernels.cuh), one .cu each, which ninja

@@ -44,7 +44,7 @@ from machine import device_name, git_sha, slug, versions  # noqa: E402
 import cast  # noqa: E402
 from cast import backends  # noqa: E402
 from cast.network import STYLE_LAYERS  # noqa: E402
-from cast.ops import mass_band_bytes  # noqa: E402
+from cast.ops import mass_scratch_bytes  # noqa: E402
 from cast.reference import masked_gram_reference  # noqa: E402
 from cast.weights import ARCHITECTURES  # noqa: E402
 
@@ -106,14 +106,14 @@ def inputs_outputs_bytes(layer: Layer, J: int, K: int, dtype: torch.dtype) -> in
 
 def triton_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, sms: int) -> int:
     """The Triton backend's extra bytes in one forward + backward on a card with ``sms`` SMs,
-    from the launchers' own sizing and ``cast.ops``': the largest of n_k's float64 band, the
+    from the launchers' own sizing and ``cast.ops``': the largest of n_k's scratch, the
     forward's partial Grams and the backward's scratch (the three phases do not overlap; the
     backward forms ``S = (dG + dG^T) / n_k`` a tile at a time, never whole)."""
     from cast.kernels import masked_gram as triton_gram
 
     problem = triton_gram.Problem((1, layer.C, layer.H, layer.W), 1, dtype, J, K, 3)
     return max(
-        mass_band_bytes(1, K, layer.H, layer.W),
+        mass_scratch_bytes(1, K, layer.H, layer.W, "cuda"),
         triton_gram.forward_scratch_bytes(problem, sms),
         triton_gram.backward_scratch_bytes(problem, sms),
     )
@@ -138,9 +138,10 @@ def cuda_planner():
 
 def cuda_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, card: Card) -> int | None:
     """The CUDA backend's extra bytes in one forward + backward on ``card``, from the plan of
-    ``csrc/masked_gram_cuda.cu`` itself: the larger of n_k's float64 band and the forward's
-    scratch (the plan's copies of G; G holds split 0's sums). The backward has none: it forms
-    ``S = (dG + dG^T) / n_k`` a block at a time in shared memory."""
+    ``csrc/masked_gram_cuda.cu`` itself: the forward's scratch (the plan's copies of G; G holds
+    split 0's sums). The backward has none: it forms ``S = (dG + dG^T) / n_k`` a block at a
+    time in shared memory. n_k's is left out: the extension that holds these kernels sums it in
+    one op (csrc/mask_mass_cuda.cu: 8 bytes a mask and chunk of 8192 positions)."""
     planner = cuda_planner()
     if planner is None:
         return None
@@ -151,7 +152,7 @@ def cuda_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, card: Car
         max_smem=card.max_smem,
     )  # fmt: skip
     gram = J * K * layer.C**2 * 4
-    return max(mass_band_bytes(1, K, layer.H, layer.W), plan["scratch_grams"] * gram)
+    return plan["scratch_grams"] * gram
 
 
 def model_extra(backend: str, layer: Layer, J: int, K: int, dtype, card: Card) -> int | None:

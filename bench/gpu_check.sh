@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 summary="$OUT/summary.txt"
 : >"$summary"
-rm -f "$OUT"/*.log  # the steps append (two share probe.log: at most eight files come back)
+rm -f "$OUT"/*.log  # the steps append (several share probe.log: at most eight files come back)
 
 # Every step's limit is clipped to one deadline, so the call ends inside the device tool's
 # limit whatever the build takes; a step with no time left is skipped and says so.
@@ -84,6 +84,9 @@ if [ "$probe_rc" -ne 0 ] && [ "$probe_rc" -ne 124 ]; then
   echo "== the CUDA kernels failed in the probe: the benches leave them out" | tee -a "$summary"
   backends=(--backends triton,eager,compile) stylize_backend=triton
 fi
+# The op's host path on tiny inputs (issue 9, gpu-notes "The op's host path, as built"): ATen
+# ops, kernels and µs a call with mass=None and mass=1.0; a few seconds, into probe.log.
+step host-path:probe 20 "$PY" bench/host_path.py --device cuda
 step bench-float32 170 "$PY" bench/bench_masked_gram.py --device cuda "${images[@]}" \
   --dtype float32 --compile-max-image "$compile_max" --warmup 1 --repeats 3 --fused-repeats 10 \
   "${backends[@]}"

@@ -51,7 +51,7 @@ def microseconds(call, device: str, calls: int = 500, repeats: int = 7) -> float
     time on a GPU, the process's CPU time on the CPU (a shared machine's other load then
     counts less; run with OMP_NUM_THREADS=1 so that no idle worker threads spin)."""
     clock = time.perf_counter if device == "cuda" else time.process_time
-    for _ in range(50):
+    for _ in range(min(calls, 50)):
         call()
     times = []
     for _ in range(repeats):
@@ -71,6 +71,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default=None, help="default: the device's default")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--calls", type=int, default=500, help="calls a timing (7 timings)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
@@ -80,7 +81,8 @@ def main(argv=None) -> None:
     masks = torch.rand(3, 16, 16, generator=gen).to(**to)
     kernels = torch.randn(3, 3, 3, generator=gen).to(**to)
     print(f"{args.device} {args.dtype} backend {args.backend or 'default'}, torch "
-          f"{torch.__version__}, features {tuple(features.shape)}, masks {tuple(masks.shape)}")  # fmt: skip
+          f"{torch.__version__}, features {tuple(features.shape)}, "
+          f"masks {tuple(masks.shape)}")  # fmt: skip
     for grad, mass in ((False, None), (True, None), (False, 1.0)):
         x = features.detach().requires_grad_(grad)
 
@@ -94,7 +96,7 @@ def main(argv=None) -> None:
         launched = kernels_launched(call, args.device)
         print(f"requires_grad={grad}, mass={mass}: {sum(counted.ops.values())} ATen ops ({ops})"
               + ("" if launched is None else f", {launched} kernels launched")
-              + f", {microseconds(call, args.device):.1f} us a call")  # fmt: skip
+              + f", {microseconds(call, args.device, args.calls):.1f} us a call")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -54,6 +54,26 @@ def _reference() -> Backend:
     )
 
 
+# Whether the compiled extension has a kernel for an op on a device type, asked once per pair.
+_compiled_ops: dict[tuple[str, str], bool] = {}
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the answer, not the import
+def compiled_op(op: str, device_type: str) -> bool:
+    """Whether the compiled extension is built and has a ``device_type`` kernel for
+    ``cast::op`` (a dictionary lookup a call after the first)."""
+    key = (op, device_type)
+    if key not in _compiled_ops:
+        try:
+            importlib.import_module("cast._C")
+        except ImportError:
+            _compiled_ops[key] = False
+        else:
+            has = torch._C._dispatch_has_kernel_for_dispatch_key
+            _compiled_ops[key] = has(f"cast::{op}", device_type.upper())
+    return _compiled_ops[key]
+
+
 def _compiled(name: str, device_type: str, dtypes: tuple[torch.dtype, ...]) -> Backend:
     try:
         importlib.import_module("cast._C")

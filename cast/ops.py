@@ -118,7 +118,8 @@ def _d_features(grad, inv_mass, features, masks, kernels, backend: str, allow_tf
     )
 
 
-# Mask values converted to float64 at a time when summing n_k: 8 MiB of scratch.
+# Mask values converted to float64 at a time when summing n_k without the compiled extension:
+# 8 MiB of scratch.
 MASS_BAND_VALUES = 1 << 20
 
 
@@ -126,15 +127,19 @@ def mass_band_rows(Bm: int, K: int, W: int) -> int:
     return max(1, MASS_BAND_VALUES // max(1, Bm * K * W))
 
 
-def mass_band_bytes(Bm: int, K: int, H: int, W: int) -> int:
-    """The float64 band ``mask_mass_in_bands`` holds at once: its scratch."""
+def mass_scratch_bytes(Bm: int, K: int, H: int, W: int, device_type: str) -> int:
+    """What ``inverse_mask_mass`` holds at once besides its result: the float64 band of
+    ``mask_mass_in_bands`` where the compiled op has no kernel for the device, else nothing
+    worth counting (8 bytes a mask and chunk of 8192 positions: 3 KiB at K = 3, 1024^2)."""
+    if backends.compiled_op("_inverse_mask_mass", device_type):
+        return 0
     return Bm * K * min(H, mass_band_rows(Bm, K, W)) * W * 8
 
 
 def mask_mass_in_bands(masks: Tensor) -> Tensor:
     """``n_k = sum_n m_k[n]^2`` ``(Bm, K)`` summed in float64 a band of rows at a time: all
     the masks in float64 would be 2-4x their size (24 MiB at K = 3, 1024^2, float32), more
-    than the kernels' own scratch."""
+    than the kernels' own scratch. The fallback of ``inverse_mask_mass``: five ops a band."""
     Bm, K, H, W = masks.shape
     rows = mass_band_rows(Bm, K, W)
     mass = masks.new_zeros((Bm, K), dtype=torch.float64)
@@ -144,14 +149,24 @@ def mask_mass_in_bands(masks: Tensor) -> Tensor:
     return mass
 
 
+def inverse_mask_mass(masks: Tensor) -> Tensor:
+    """``1 / n_k`` ``(Bm, K)`` of canonical masks in the accumulation dtype, ``n_k`` summed in
+    float64 and 0 where it is 0: the compiled extension's one op (one read of the masks, no
+    float64 copy, the same bits on CPU and GPU: csrc/mask_mass.h) where it has a kernel for
+    the masks' device, else float64 bands (10 ops or more, each a kernel on a GPU)."""
+    if backends.compiled_op("_inverse_mask_mass", masks.device.type):
+        return torch.ops.cast._inverse_mask_mass(masks)
+    return inverse(mask_mass_in_bands(masks)).to(gram_dtype(masks.dtype))
+
+
 def canonical_inverse_mass(features: Tensor, masks: Tensor, mass: Tensor | None) -> Tensor:
     """``1 / n_k`` ``(Bm, K)`` in the accumulation dtype, formed once here for every backend:
     from the masks (summed in float64), or from ``mass`` where given (a number for every
     mask, or a tensor)."""
     where = "cast.masked_gram"
-    accumulation = gram_dtype(features.dtype)
     if mass is None:
-        return inverse(mask_mass_in_bands(masks)).to(accumulation).contiguous()
+        return inverse_mask_mass(masks)
+    accumulation = gram_dtype(features.dtype)
     Bm, K = masks.shape[:2]
     if isinstance(mass, numbers.Real) and not isinstance(mass, bool):
         if not (math.isfinite(mass) and mass >= 0):

@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "mask_mass.h"
+#include "mask_mass_cuda.h"
 #include "masked_gram_contract.h"
 #include "masked_gram_cuda.h"
 
@@ -116,9 +118,32 @@ at::Tensor masked_gram_fused_backward_cuda(const at::Tensor& grad, const at::Ten
   return d_features;
 }
 
+// cast::_inverse_mask_mass: 1 / n_k (Bm, K) in the accumulation dtype, n_k summed in float64
+// by csrc/mask_mass_cuda.cu (two kernels, a float64 partial sum per chunk of 8192 positions).
+at::Tensor inverse_mask_mass_cuda(const at::Tensor& masks) {
+  constexpr const char* where = "cast::_inverse_mask_mass (cuda)";
+  TORCH_CHECK(masks.is_cuda() && masks.dim() == 4 && masks.size(1) > 0 &&
+                  masks.size(2) * masks.size(3) > 0 && masks.is_contiguous(),
+              where, ": masks must be non-empty contiguous (Bm, K, H, W) on a CUDA device");
+  const int64_t planes = masks.size(0) * masks.size(1);
+  const int64_t positions = masks.size(2) * masks.size(3);
+  TORCH_CHECK(planes <= 65535, where, ": at most 65535 masks (Bm * K), got ", planes);
+  const c10::cuda::CUDAGuard guard(masks.device());
+  at::Tensor partials =
+      at::empty({planes * cast_mass_chunks(positions)}, masks.options().dtype(at::kDouble));
+  at::Tensor inverse = at::empty({masks.size(0), masks.size(1)},
+                                 masks.options().dtype(accumulation_type(masks)));
+  C10_CUDA_CHECK(cast_inverse_mask_mass_cuda(
+      cast_dtype(masks), planes, positions, masks.const_data_ptr(),
+      partials.mutable_data_ptr<double>(), inverse.mutable_data_ptr(),
+      c10::cuda::getCurrentCUDAStream()));
+  return inverse;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cast, CUDA, m) {
   m.impl("_masked_gram_fused", &masked_gram_fused_cuda);
   m.impl("_masked_gram_fused_backward", &masked_gram_fused_backward_cuda);
+  m.impl("_inverse_mask_mass", &inverse_mask_mass_cuda);
 }

@@ -1,6 +1,7 @@
 // The compiled extension `cast._C`: imported only for the ops it registers.
-// Each fused op's schema is written here once; csrc/masked_gram_cpu.cpp and
-// csrc/masked_gram_cuda_ops.cpp register the CPU and CUDA implementations.
+// Each fused op's schema is written here once; csrc/masked_gram_cpu.cpp,
+// csrc/mask_mass_cpu.cpp and csrc/masked_gram_cuda_ops.cpp register the CPU and CUDA
+// implementations.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -23,4 +24,7 @@ TORCH_LIBRARY_FRAGMENT(cast, m) {
   m.def(
       "_masked_gram_fused_backward(Tensor grad, Tensor features, Tensor masks, "
       "Tensor kernels, Tensor inv_mass, bool allow_tf32) -> Tensor");
+  // 1 / n_k (Bm, K) of masks (Bm, K, H, W) in their accumulation dtype, n_k = sum m_k^2 in
+  // float64 (csrc/mask_mass.h's order): cast/ops.py's n_k where the extension is built.
+  m.def("_inverse_mask_mass(Tensor masks) -> Tensor");
 }

@@ -1,9 +1,10 @@
 """The host code of the CUDA backend (``csrc/masked_gram_cuda*.cu``, their kernels in
-``csrc/masked_gram_cuda_kernels.cuh``) built for this CPU with g++ under a small CUDA emulation
-(no GPU, no CUDA toolkit): its kernels run one block at a time, one ``std::thread`` per CUDA
-thread, ``__syncthreads`` a barrier, shared memory poisoned with NaN (tests/test_cuda_sources.py
-compares them with the reference), and its plan says how a launch on a given card cuts a shape
-and what it allocates (bench/bench_masked_gram.py's memory model).
+``csrc/masked_gram_cuda_kernels.cuh``; n_k's in ``csrc/mask_mass_cuda.cu``) built for this CPU
+with g++ under a small CUDA emulation (no GPU, no CUDA toolkit): its kernels run one block at a
+time, one ``std::thread`` per CUDA thread, ``__syncthreads`` a barrier, shared memory poisoned
+with NaN (tests/test_cuda_sources.py compares them with the reference), and its plan says how a
+launch on a given card cuts a shape and what it allocates (bench/bench_masked_gram.py's memory
+model).
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ struct alignas(8) float2 {
   float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+// A float64 product rounded on its own, never contracted (g++ at x86-64's baseline has no FMA).
+inline double __dmul_rn(double a, double b) { return a * b; }
 """
 
 MMA_EMULATION = r"""
@@ -340,6 +343,12 @@ int emulated_backward(int dtype, const int64_t* s, const int64_t* machine, const
                                         plan_of(dtype, s, machine), grad, inv, f, m, p, df,
                                         nullptr);
 }
+int emulated_inverse_mask_mass(int dtype, int64_t planes, int64_t positions, const void* m,
+                               double* partials, void* inv) {
+  return cast_inverse_mask_mass_cuda(CastDtype(dtype), planes, positions, m, partials, inv,
+                                     nullptr);
+}
+int64_t emulated_mass_chunks(int64_t positions) { return cast_mass_chunks(positions); }
 }
 """
 
@@ -349,8 +358,13 @@ PLAN_FIELDS = ("splits", "kernel_group", "mask_group", "tensor_cores", "tile_row
                "backward_smem", "backward_rows", "scratch_grams")  # fmt: skip
 
 
-def host_source(cu_text: str) -> str:
-    """The kernels' text with their launches and dynamic shared memory routed to the emulation."""
+# The kernels' launches and dynamic shared memory arrays, by file (none in the other parts).
+KERNEL_SITES = {"masked_gram_cuda_kernels.cuh": (3, 3), "mask_mass_cuda.cu": (2, 2)}
+
+
+def host_source(cu_text: str, sites: tuple[int, int]) -> str:
+    """The kernels' text with their launches and dynamic shared memory routed to the emulation;
+    ``sites``: how many of each the text must hold."""
     launch = re.compile(r"([\w<>]+)<<<(.*?)>>>\((.*?)\);", re.DOTALL)
     text, launches = launch.subn(
         lambda m: f"emulated_launch({m[2]}, [&] {{ {m[1]}({m[3]}); }});", cu_text
@@ -358,7 +372,7 @@ def host_source(cu_text: str) -> str:
     text, shared = re.subn(
         r"extern __shared__ .*? (\w+)\[\];", r"unsigned char* \1 = emulated_shared;", text
     )
-    assert launches == 3 and shared == 3, "the emulation no longer matches the kernels' source"
+    assert (launches, shared) == sites, "the emulation no longer matches the kernels' source"
     return text
 
 
@@ -377,10 +391,11 @@ def build(
     # The parts that the build compiles one by one, here one translation unit: each part's copy
     # includes the emulated kernels' header beside it.
     kernels = "masked_gram_cuda_kernels.cuh"
-    (folder / kernels).write_text(host_source((CSRC / kernels).read_text()))
+    (folder / kernels).write_text(host_source((CSRC / kernels).read_text(), KERNEL_SITES[kernels]))
     parts = sorted(CSRC.glob("*.cu"))
     for part in parts:
-        (folder / part.name).write_text(part.read_text())
+        sites = KERNEL_SITES.get(part.name, (0, 0))
+        (folder / part.name).write_text(host_source(part.read_text(), sites))
     source = folder / "masked_gram_host.cpp"
     source.write_text("".join(f'#include "{part.name}"\n' for part in parts) + C_ENTRY_POINTS)
     library = folder / "masked_gram_host.so"
@@ -391,7 +406,9 @@ def build(
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"the CUDA emulation does not build:\n{result.stderr}")
-    return ctypes.CDLL(str(library))
+    lib = ctypes.CDLL(str(library))
+    lib.emulated_mass_chunks.restype = ctypes.c_int64
+    return lib
 
 
 def plan(

@@ -31,6 +31,7 @@ import torch
 from cases import CASES, Case, relative_error
 from cuda_emulation import DTYPE_CODES, PLAN_FIELDS
 
+from cast import backends
 from cast.ops import canonical_inverse_mass
 from cast.reference import (
     gram_dtype,
@@ -322,16 +323,26 @@ def test_cuda_machine_code(build_folder):
     assert len(simt) == 4 and not any(op.startswith("HMMA") for ops in simt for op in ops)
     # 4 variants x 2 dtypes x forward and backward, all spill-free (the nvcc test)
     assert len([name for name in kernels if PROBE_KERNEL.search(name)]) == 16
+    # n_k's kernels (csrc/mask_mass_cuda.cu): no atomics (a fixed order of the sums); the
+    # chunks' squares float64 products of their own, not contracted into FMAs (the CPU's
+    # bits for float64 masks too; the other kernel's division is DFMA's Newton steps)
+    mass = {name: ops for name, ops in kernels.items() if "mask_mass" in name}
+    assert len(mass) == 6, sorted(mass)  # 4 input types' chunk sums, 2 accumulation types'
+    assert not any(op.startswith(("ATOM", "RED")) for ops in mass.values() for op in ops), mass
+    chunks = [ops for name, ops in mass.items() if "mask_mass_chunk" in name]
+    assert len(chunks) == 4 and all(ops["DMUL"] and not ops["DFMA"] for ops in chunks), chunks
 
 
 # The entry points that csrc/masked_gram_cuda_ops.cpp calls, by their header's signatures.
 ENTRY_POINTS_CALLED = r"""
+#include "mask_mass_cuda.h"
 #include "masked_gram_cuda.h"
 int main() {
   const CastGramShape shape{1, 1, 1, 1, 1, 1, 1, 1};
   const CastGramPlan plan = cast_masked_gram_cuda_plan(CastDtype::float32, shape, true, 90, 0);
   return cast_masked_gram_cuda_forward(CastDtype::float32, shape, plan, 0, 0, 0, 0, 0, 0, 0) +
-         cast_masked_gram_cuda_backward(CastDtype::float32, shape, plan, 0, 0, 0, 0, 0, 0, 0);
+         cast_masked_gram_cuda_backward(CastDtype::float32, shape, plan, 0, 0, 0, 0, 0, 0, 0) +
+         cast_inverse_mask_mass_cuda(CastDtype::float32, 1, 1, 0, 0, 0, 0);
 }
 """
 
@@ -690,6 +701,36 @@ def test_emulated_tf32_backward_rounds_to_nearest(emulated):
     assert relative_error(d_features, expected) < 5e-5
 
 
+# (Bm, K, H, W) of the masks, by why they are there: one position; more than one chunk of
+# 8192 positions, the last one part full, masks of their own per batch item
+MASS_SHAPES = {"minimal": (1, 1, 1, 1), "chunks and a part, own masks": (2, 2, 97, 101)}
+
+
+@pytest.mark.parametrize("dtype", backends.FLOAT_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", MASS_SHAPES.values(), ids=MASS_SHAPES.keys())
+def test_emulated_inverse_mask_mass_is_the_cpu_ops_bits(emulated, dtype, shape):
+    """csrc/mask_mass_cuda.cu's two kernels give the CPU op's bits (csrc/mask_mass.h's order,
+    which tests/test_masked_gram.py holds to the float64 sum), an empty mask 0; its partial
+    sums, in shared memory poisoned with NaN, are written before they are read."""
+    if not backends.compiled_op("_inverse_mask_mass", "cpu"):
+        pytest.skip("the compiled extension is not built")
+    masks = torch.rand(shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    masks[:, -1, : (shape[2] + 1) // 2] = 0  # the last mask's top half empty (all of it at H = 1)
+    masks = masks.to(dtype)
+    planes, positions = shape[0] * shape[1], shape[2] * shape[3]
+    partials = torch.full((planes * emulated.emulated_mass_chunks(ctypes.c_int64(positions)),),
+                          float("nan"), dtype=torch.float64)  # fmt: skip
+    inverse = torch.full(shape[:2], float("nan"), dtype=gram_dtype(dtype))
+    code = emulated.emulated_inverse_mask_mass(
+        DTYPE_CODES[dtype], ctypes.c_int64(planes), ctypes.c_int64(positions),
+        *(ctypes.c_void_p(t.data_ptr()) for t in (masks, partials, inverse)),
+    )  # fmt: skip
+    assert code == 0
+    assert torch.equal(inverse, torch.ops.cast._inverse_mask_mass(masks))
+    if shape[2] == 1:
+        assert (inverse == 0).all()
+
+
 # relu<b>_1 of VGG-19 (the bench's layers): channels, and the grid as a fraction of the image
 VGG_STYLE_LAYERS = [("relu1_1", 64, 1), ("relu2_1", 128, 2), ("relu3_1", 256, 4),
                     ("relu4_1", 512, 8), ("relu5_1", 512, 16)]  # fmt: skip
@@ -723,9 +764,9 @@ def test_forward_plan_for_vgg_layers(emulated, dtype):
 def test_bench_memory_model_takes_the_cuda_plan():
     """``bench/bench_masked_gram.py --memory-model`` predicts the CUDA backend's extra memory from
     the plan itself (built for this CPU): at relu4_1 of a 1024^2 image, J = K = 3, float32, the
-    forward finishes in G (no scratch) and the backward forms S a block at a time, so what is
-    left is n_k's float64 band, 0.38 MiB; at relu2_1 the forward's 43 scratch copies of G (44
-    splits), 24.19 MiB."""
+    forward finishes in G (no scratch) and the backward forms S a block at a time, so nothing
+    is left (n_k's float64 band, 0.38 MiB, went with csrc/mask_mass_cuda.cu); at relu2_1 the
+    forward's 43 scratch copies of G (44 splits), 24.19 MiB."""
     bench = CSRC.parent / "bench" / "bench_masked_gram.py"
     argv = [sys.executable, str(bench), "--memory-model", "--image", "1024", "--jk", "3x3"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
@@ -734,4 +775,4 @@ def test_bench_memory_model_takes_the_cuda_plan():
             if line.startswith("| 1024 |")}  # fmt: skip
     header = next(line for line in done.stdout.splitlines() if line.startswith("| image |"))
     cuda = [cell.strip() for cell in header.split("|")].index("cuda model extra MiB")
-    assert rows["relu4_1"][cuda].strip() == "0.38" and rows["relu2_1"][cuda].strip() == "24.19"
+    assert rows["relu4_1"][cuda].strip() == "0.00" and rows["relu2_1"][cuda].strip() == "24.19"

@@ -164,3 +164,29 @@ def test_cuda_backward_every_element(dtype, K):
     bound = 0.01 if dtype == torch.float32 else 0.08
     where = [divmod(int(i), 72 * 128) for i in worst.topk(3).indices]  # (b * C + c, y * W + x)
     assert worst.max() <= bound, (worst.max().item(), where)
+
+
+@pytest.mark.parametrize("dtype", backends.FLOAT_DTYPES, ids=lambda d: str(d)[6:])
+def test_inverse_mask_mass_on_the_card_is_the_cpu_ops_bits(dtype):
+    """csrc/mask_mass_cuda.cu on the card gives the CPU op's bits (csrc/mask_mass.h's order;
+    tests/test_masked_gram.py holds those to the float64 sum) at relu1_1's size, on odd
+    shapes and for an empty mask; and a forward with ``mass=None`` launches its two kernels
+    and the forward's, nothing else (were 10-22 kernels of float64 bands: gpu-notes)."""
+    need("cuda", dtype)
+    if not backends.compiled_op("_inverse_mask_mass", "cuda"):
+        pytest.skip("the extension has no CUDA kernel for n_k")
+    gen = torch.Generator().manual_seed(9)
+    for shape in ((1, 3, 1024, 1024), (2, 2, 97, 101), (1, 1, 1, 1)):
+        masks = torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype)
+        masks[:, -1, : (shape[2] + 1) // 2] = 0
+        found = torch.ops.cast._inverse_mask_mass(masks.cuda())
+        assert torch.equal(found.cpu(), torch.ops.cast._inverse_mask_mass(masks)), shape
+    features, masks, kernels = random_inputs(1, 8, 40, 24, 3, 3, 3, dtype)
+    cast.masked_gram(features, masks, kernels, backend="cuda")
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        cast.masked_gram(features, masks, kernels, backend="cuda")
+        torch.cuda.synchronize()
+    launched = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    assert sum("mask_mass" in name for name in launched) == 2, launched
+    assert all("mask_mass" in name or "masked_gram" in name for name in launched), launched

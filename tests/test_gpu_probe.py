@@ -1,6 +1,7 @@
 """bench/gpu_probe.py's Triton section, so that it cannot break unseen before a lease: its rows
 on tiny shapes under the Triton interpreter, and the two program counts its part (a) compares;
-and bench/gpu_sanitize.py, the sanitizer step's program, on the CPU backend."""
+and bench/gpu_sanitize.py, the sanitizer step's program, and bench/host_path.py, on the CPU
+backend."""
 
 from __future__ import annotations
 
@@ -61,3 +62,12 @@ def test_sanitizer_program_runs_every_case():
         "cpu float32 K=4",
         "cpu float32 K=5",
     ], done.stdout
+
+
+def test_host_path_gives_its_rows_on_the_cpu():
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(BENCH / "host_path.py"), "--device", "cpu", "--calls", "3"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("requires_grad=")]
+    assert len(rows) == 3 and all("us a call" in row for row in rows), done.stdout

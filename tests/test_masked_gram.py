@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import pathlib
 import subprocess
 import sys
 from functools import partial
@@ -14,6 +16,8 @@ from cases import CASES, Case, relative_error
 import cast
 from cast import backends
 from cast.reference import masked_gram_backward_reference, masked_gram_reference
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))  # host_path
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PRESENT = [
@@ -472,18 +476,20 @@ def test_a_number_as_mass_is_that_mass_for_every_mask(number):
         )
 
 
-def test_a_number_as_mass_reads_no_tensor_on_the_host(monkeypatch):
-    """What makes ``mass=1.0`` (``cast.losses.gram_sums``, every step of a stylisation) cheap
-    on a GPU: no tensor's value is read back to decide anything, so the host never waits for
-    the device. A tensor mass is read (its check), which this test would catch."""
+def test_the_masks_mass_or_a_number_reads_no_tensor_on_the_host(monkeypatch):
+    """What makes ``mass=1.0`` (``cast.losses.gram_sums``, every step of a stylisation) and
+    the default ``mass=None`` cheap on a GPU: no tensor's value is read back to decide
+    anything, so the host never waits for the device. A tensor mass is read (its check),
+    which this test would catch."""
 
     def refuse(*_):
         raise AssertionError("a tensor's value was read on the host")
 
     for name in ("__bool__", "item", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
-    cast.masked_gram(F, M, P, mass=1.0)
-    cast.ops.masked_gram_grad(F, torch.ones(2, 2, 2, 3, 3), M, P, mass=1.0)
+    for mass in (1.0, None):
+        cast.masked_gram(F, M, P, mass=mass)
+        cast.ops.masked_gram_grad(F, torch.ones(2, 2, 2, 3, 3), M, P, mass=mass)
     with pytest.raises(AssertionError, match="read on the host"):
         cast.masked_gram(F, M, P, mass=torch.ones(2))
 
@@ -497,3 +503,81 @@ def test_mask_mass_in_bands_is_the_float64_sum(monkeypatch):
         banded = cast.ops.mask_mass_in_bands(masks)
         torch.testing.assert_close(banded, exact, rtol=1e-15, atol=0)
         assert torch.equal(masks, given)
+
+
+needs_mass_op = pytest.mark.skipif(
+    not backends.compiled_op("_inverse_mask_mass", "cpu"), reason="no compiled extension"
+)
+# (Bm, K, H, W) of canonical masks, by why they are there
+MASS_SHAPES = {
+    "minimal": (1, 1, 1, 1),
+    "odd, shared by the batch": (1, 3, 37, 11),
+    "own masks per batch item": (2, 3, 5, 7),
+    "chunks of 8192 and a part": (2, 2, 97, 101),
+    "more chunks than lanes": (1, 1, 1500, 1400),  # 257 chunks: lanes take two
+}
+
+
+def float64_mass(masks):
+    """n_k ``(Bm, K)``: the squares in float64 (exact below float64), summed exactly and
+    rounded once (math.fsum)."""
+    squares = masks.double().square().flatten(2)
+    return torch.tensor([[math.fsum(row.tolist()) for row in batch] for batch in squares],
+                        dtype=torch.float64)  # fmt: skip
+
+
+@needs_mass_op
+@pytest.mark.parametrize("dtype", backends.FLOAT_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", MASS_SHAPES.values(), ids=MASS_SHAPES.keys())
+def test_inverse_mask_mass_is_the_float64_sum(monkeypatch, dtype, shape):
+    """The compiled op's 1 / n_k: n_k the float64 sum to float64 rounding, then 1 / n_k
+    rounded to the accumulation dtype, as cast.reference.inverse gives it (for 16- and 32-bit
+    masks the same bits), 0 for an empty mask; the float64 bands, the fallback without the
+    extension, agree."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    masks = torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype)
+    if shape[1] > 1:
+        masks[:, -1] = 0
+    expected = cast.reference.inverse(float64_mass(masks)).to(cast.reference.gram_dtype(dtype))
+    found = cast.ops.inverse_mask_mass(masks)
+    monkeypatch.setattr(backends, "compiled_op", lambda op, device_type: False)
+    banded = cast.ops.inverse_mask_mass(masks)
+    for inverse in (found, banded):
+        assert inverse.dtype == expected.dtype and inverse.shape == shape[:2]
+        if dtype == torch.float64:
+            torch.testing.assert_close(inverse, expected, rtol=1e-15, atol=0)
+        else:
+            assert torch.equal(inverse, expected)
+    if shape[1] > 1:
+        assert (found[:, -1] == 0).all()
+
+
+@needs_mass_op
+def test_inverse_mask_mass_refuses_what_is_not_masks():
+    for masks in (torch.rand(2, 5, 5), torch.rand(1, 0, 5, 5), torch.rand(1, 2, 0, 5),
+                  torch.ones(1, 2, 5, 5, dtype=torch.int64)):  # fmt: skip
+        with pytest.raises(RuntimeError, match="_inverse_mask_mass: masks must be"):
+            torch.ops.cast._inverse_mask_mass(masks)
+
+
+@needs_mass_op
+def test_inverse_mask_mass_is_a_constant():
+    """No gradient flows to the masks (SPEC §1): 1 / n_k never requires grad, so autograd
+    never meets the op (it would warn that it has no backward)."""
+    masks = torch.rand(1, 2, 5, 5, requires_grad=True)
+    assert not torch.ops.cast._inverse_mask_mass(masks).requires_grad
+
+
+@needs_mass_op
+@pytest.mark.parametrize("name,device", PRESENT, ids=BACKEND_IDS)
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no grad", "grad"])
+def test_one_op_for_the_masks_mass(name, device, requires_grad):
+    """Before its custom op a forward with ``mass=None`` runs one ATen op, whatever the
+    backend: the compiled 1 / n_k (were 10, 22 at relu1_1 of a 1024^2 image, each a kernel on a
+    GPU: gpu-notes, "The op's host path"). Counted as bench/host_path.py counts them."""
+    from host_path import CountOps
+
+    features = F.to(device).requires_grad_(requires_grad)
+    with CountOps() as counted:
+        call(name, features, M.to(device), P.to(device))
+    assert counted.ops == {"_inverse_mask_mass": 1, "masked_gram": 1}

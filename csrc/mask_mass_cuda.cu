@@ -1,0 +1,108 @@
+// cast::_inverse_mask_mass on the GPU (mask_mass_cuda.h): n_k = sum m_k^2 in float64 and
+// 1 / n_k, in mask_mass.h's order, in two kernels and one read of the masks: a block per
+// (chunk, mask) writes the chunk's sum, then a block per mask adds its chunks and inverts.
+// Before it, the op's entry summed n_k in float64 bands: 10 kernel launches from Python per
+// call, 22 at relu1_1 of a 1024^2 image (gpu-notes, "The op's host path").
+#include "mask_mass_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "mask_mass.h"
+
+namespace cast_mass {
+
+__device__ __forceinline__ double widened(float x) { return x; }
+__device__ __forceinline__ double widened(double x) { return x; }
+__device__ __forceinline__ double widened(__half x) { return __half2float(x); }
+__device__ __forceinline__ double widened(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Adds the block's kMassLanes values pairwise into lanes[0] (mask_mass.h's order); lane 0
+// reads it after, without a barrier: it wrote it last.
+__device__ __forceinline__ void add_lanes(double* lanes, int lane) {
+  for (int half = kMassLanes / 2; half > 0; half /= 2) {
+    __syncthreads();
+    if (lane < half) lanes[lane] += lanes[lane + half];
+  }
+}
+
+// grid (chunks, planes): partials[plane, chunk] = the chunk's sum of squares.
+template <typename T>
+__global__ void __launch_bounds__(kMassLanes)
+    _mask_mass_chunk_kernel(const T* __restrict__ masks, int64_t positions,
+                            double* __restrict__ partials) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  double* lanes = reinterpret_cast<double*>(shared_bytes);
+  const int lane = static_cast<int>(threadIdx.x);
+  const T* mask = masks + static_cast<int64_t>(blockIdx.y) * positions;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kMassChunk + lane;
+  double sum = 0;
+#pragma unroll
+  for (int i = 0; i < kMassPerLane; ++i) {
+    const int64_t n = first + int64_t{i} * kMassLanes;
+    if (n < positions) {
+      const double m = widened(mask[n]);
+      sum += __dmul_rn(m, m);  // not contracted into an FMA: the CPU's bits, also for float64
+    }
+  }
+  lanes[lane] = sum;
+  add_lanes(lanes, lane);
+  if (lane == 0) partials[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = lanes[0];
+}
+
+// grid (planes): inverse_mass[plane] = 1 / (the sum of its chunks), 0 for an empty mask.
+template <typename A>
+__global__ void __launch_bounds__(kMassLanes)
+    _inverse_mask_mass_kernel(const double* __restrict__ partials, int64_t chunks,
+                              A* __restrict__ inverse_mass) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  double* lanes = reinterpret_cast<double*>(shared_bytes);
+  const int lane = static_cast<int>(threadIdx.x);
+  const double* chunk_sums = partials + static_cast<int64_t>(blockIdx.x) * chunks;
+  double sum = 0;
+  for (int64_t c = lane; c < chunks; c += kMassLanes) sum += chunk_sums[c];
+  lanes[lane] = sum;
+  add_lanes(lanes, lane);
+  if (lane == 0) {
+    const double mass = lanes[0];
+    inverse_mass[blockIdx.x] = static_cast<A>(mass > 0 ? 1.0 / mass : 0.0);
+  }
+}
+
+template <typename T, typename A>
+cudaError_t launch(int64_t planes, int64_t positions, const void* masks, double* partials,
+                   void* inverse_mass, cudaStream_t stream) {
+  const int64_t chunks = cast_mass_chunks(positions);
+  if (planes < 1 || planes > 65535 || chunks < 1 || chunks > 0x7FFFFFFF)
+    return cudaErrorInvalidValue;
+  constexpr size_t kLaneBytes = kMassLanes * sizeof(double);
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(planes));
+  _mask_mass_chunk_kernel<T><<<grid, kMassLanes, kLaneBytes, stream>>>(
+      static_cast<const T*>(masks), positions, partials);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  _inverse_mask_mass_kernel<A><<<static_cast<unsigned>(planes), kMassLanes, kLaneBytes, stream>>>(
+      partials, chunks, static_cast<A*>(inverse_mass));
+  return cudaGetLastError();
+}
+
+}  // namespace cast_mass
+
+cudaError_t cast_inverse_mask_mass_cuda(CastDtype dtype, int64_t planes, int64_t positions,
+                                        const void* masks, double* partials,
+                                        void* inverse_mass, cudaStream_t stream) {
+  using cast_mass::launch;
+  switch (dtype) {
+    case CastDtype::float16:
+      return launch<__half, float>(planes, positions, masks, partials, inverse_mass, stream);
+    case CastDtype::bfloat16:
+      return launch<__nv_bfloat16, float>(planes, positions, masks, partials, inverse_mass,
+                                          stream);
+    case CastDtype::float32:
+      return launch<float, float>(planes, positions, masks, partials, inverse_mass, stream);
+    case CastDtype::float64:
+      return launch<double, double>(planes, positions, masks, partials, inverse_mass, stream);
+  }
+  return cudaErrorInvalidValue;
+}
