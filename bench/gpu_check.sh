@@ -86,7 +86,7 @@ if [ "$probe_rc" -ne 0 ] && [ "$probe_rc" -ne 124 ]; then
 fi
 # The op's host path on tiny inputs (issue 9, gpu-notes "The op's host path, as built"): ATen
 # ops, kernels and µs a call with mass=None and mass=1.0; a few seconds, into probe.log.
-step host-path:probe 20 "$PY" bench/host_path.py --device cuda
+step host-path:probe 30 "$PY" bench/host_path.py --device cuda
 step bench-float32 170 "$PY" bench/bench_masked_gram.py --device cuda "${images[@]}" \
   --dtype float32 --compile-max-image "$compile_max" --warmup 1 --repeats 3 --fused-repeats 10 \
   "${backends[@]}"

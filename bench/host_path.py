@@ -4,8 +4,10 @@ On tiny inputs (the kernels take next to nothing), per forward call with ``mass=
 ATen ops it runs before the custom op's own entry (views left out: they launch nothing), on a
 GPU the kernels the whole call launches (torch.profiler), and the microseconds a call takes,
 issued back to back (on a GPU the host issues faster than tiny kernels run only if the host
-path is short, so this is the host's time a call). The same with ``requires_grad``, and with
-``mass=1.0`` (no n_k: what the mask mass's own share is).
+path is short, so this is the host's time a call). The same with ``requires_grad``, with n_k
+by the float64 bands (the path before the compiled op, still the fallback without it), and
+with ``mass=1.0`` (no n_k: what the mask mass's own share is). On a GPU also relu1_1's forward
+at a 1024^2 image (J = K = 3), timed as bench/bench_masked_gram.py times it, both ways.
 
     python bench/host_path.py [--device cuda] [--backend cuda]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import statistics
 import time
 
@@ -21,6 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cast
+from cast import backends
 
 
 class CountOps(TorchDispatchMode):
@@ -34,6 +38,17 @@ class CountOps(TorchDispatchMode):
         if not func.is_view:
             self.ops[str(func.overloadpacket.__name__)] += 1
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def mass_in_bands():
+    """n_k by ``cast.ops.mask_mass_in_bands`` within, as without the compiled op."""
+    compiled_op = backends.compiled_op
+    backends.compiled_op = lambda op, device: op != "_inverse_mask_mass" and compiled_op(op, device)
+    try:
+        yield
+    finally:
+        backends.compiled_op = compiled_op
 
 
 def kernels_launched(call, device: str) -> int | None:
@@ -83,20 +98,47 @@ def main(argv=None) -> None:
     print(f"{args.device} {args.dtype} backend {args.backend or 'default'}, torch "
           f"{torch.__version__}, features {tuple(features.shape)}, "
           f"masks {tuple(masks.shape)}")  # fmt: skip
-    for grad, mass in ((False, None), (True, None), (False, 1.0)):
+    for grad, mass, bands in ((False, None, False), (True, None, False), (False, None, True),
+                              (False, 1.0, False)):  # fmt: skip
         x = features.detach().requires_grad_(grad)
 
         def call(x=x, mass=mass):
             return cast.masked_gram(x, masks, kernels, mass=mass, backend=args.backend)
 
-        call()
-        with CountOps() as counted:
+        with mass_in_bands() if bands else contextlib.nullcontext():
             call()
-        ops = ", ".join(f"{name} {n}" for name, n in sorted(counted.ops.items()))
-        launched = kernels_launched(call, args.device)
-        print(f"requires_grad={grad}, mass={mass}: {sum(counted.ops.values())} ATen ops ({ops})"
+            with CountOps() as counted:
+                call()
+            ops = ", ".join(f"{name} {n}" for name, n in sorted(counted.ops.items()))
+            launched = kernels_launched(call, args.device)
+            took = microseconds(call, args.device, args.calls)
+        print(f"requires_grad={grad}, mass={mass}{', bands' if bands else ''}: "
+              f"{sum(counted.ops.values())} ATen ops ({ops})"
               + ("" if launched is None else f", {launched} kernels launched")
-              + f", {microseconds(call, args.device, args.calls):.1f} us a call")  # fmt: skip
+              + f", {took:.1f} us a call")  # fmt: skip
+    if args.device == "cuda":
+        layer_forward(args.backend, dtype)
+
+
+def layer_forward(backend: str | None, dtype: torch.dtype) -> None:
+    """relu1_1's forward at a 1024^2 image, J = K = 3, as the bench times it (synchronised
+    before and after each call; median of 20), n_k by the op and by the bands, twice each."""
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 64, 1024, 1024, generator=gen).to("cuda", dtype)
+    masks = torch.rand(3, 1024, 1024, generator=gen).to("cuda", dtype)
+    kernels = torch.randn(3, 3, 3, generator=gen).to("cuda", dtype)
+    for bands in (False, True, False, True):
+        with mass_in_bands() if bands else contextlib.nullcontext():
+            times = []
+            for _ in range(25):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                cast.masked_gram(features, masks, kernels, backend=backend)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        ms = statistics.median(times[5:]) * 1e3
+        print(f"relu1_1 1024^2 J=K=3 forward, n_k by the {'bands' if bands else 'op'}: "
+              f"{ms:.3f} ms (median of 20)")
 
 
 if __name__ == "__main__":

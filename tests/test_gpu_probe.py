@@ -70,4 +70,4 @@ def test_host_path_gives_its_rows_on_the_cpu():
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("requires_grad=")]
-    assert len(rows) == 3 and all("us a call" in row for row in rows), done.stdout
+    assert len(rows) == 4 and all("us a call" in row for row in rows), done.stdout
