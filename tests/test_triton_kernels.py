@@ -196,7 +196,8 @@ def test_every_shipped_config_matches_float64_reference(backward, config):
         return
     grad = torch.randn(1, 2, 3, 72, 72, generator=torch.Generator().manual_seed(13))
     d_features = launch.backward(
-        triton_gram.backward, grad, features, masks, kernels, False, config=config, programs=3
+        triton_gram.backward, grad.to(features.device), features, masks, kernels, False,
+        config=config, programs=3,
     )
     expected = masked_gram_backward_reference(grad.double(), f64, m64, p64)
     assert relative_error(d_features, expected) <= 1e-5
