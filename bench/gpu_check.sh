@@ -62,6 +62,8 @@ step() {  # step NAME[:LOG] SECONDS COMMAND...: run, log to OUT/LOG.log (NAME's 
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__,
       torch.cuda.get_device_name(), 'ninja', is_ninja_available())"
   git log -1 --format='git %h %s' 2>/dev/null || true
+  # the tree can be newer than the copied .git (a lease's second call at 68ef306 read 30c9271)
+  echo "files differing from that commit: $(git status --short --untracked-files=no 2>/dev/null | wc -l)"
 } 2>&1 | tee -a "$summary"
 arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 
