@@ -5,18 +5,19 @@
 # CUDA extension for the card, run the GPU-relevant tests in parallel, benchmark the op (1024^2
 # and 4096^2, TF32 and bf16, both GPU backends, eager and torch.compile where they fit), probe
 # where the CUDA kernels' time goes and the Triton kernels' questions (bench/gpu_probe.py and
-# its --triton section), time a stylisation step (bench/bench_stylize.py), run the CUDA
-# backward under compute-sanitizer (bench/gpu_sanitize.py) and time
-# tiled steps from 1024^2 to 8192^2, one rank (bench/bench_tiled.py,
-# issue 8); both need the VGG-19 weights, which the machine cannot download: carry them in
+# its --triton section), read the CUDA kernels' hardware counters with Nsight Compute
+# (bench/gpu_ncu.py), time a stylisation step (bench/bench_stylize.py), run the CUDA backward
+# under compute-sanitizer (bench/gpu_sanitize.py) and time tiled steps from 1024^2 to 8192^2,
+# one rank (bench/bench_tiled.py, issue 8); the stylisation and the tiled steps need the
+# VGG-19 weights, which the machine cannot download: carry them in
 # gpu-weights/, see the README. Every log goes into OUT, eight files (the device tool brings
 # back at most eight); the tables are in the bench logs. Each step has its own time limit, all
 # clipped to one deadline (GPU_CHECK_SECONDS, 560 s), and a failing step does not stop the
 # next, so that one 600 s call of the device tool holds everything.
 #
 # QUICK=1: what a lease's second call can afford after the full check, about 4 minutes with
-# the build (deadline 230 s): the tests and both probes, the op at 1024^2 only without
-# torch.compile, the stylisation step; no sanitizer, no tiled rows.
+# the build (deadline 230 s): the tests, both probes and ncu's counters, the op at 1024^2 only
+# without torch.compile, the stylisation step; no sanitizer, no tiled rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
@@ -86,6 +87,28 @@ if [ "$probe_rc" -ne 0 ] && [ "$probe_rc" -ne 124 ]; then
   echo "== the CUDA kernels failed in the probe: the benches leave them out" | tee -a "$summary"
   backends=(--backends triton,eager,compile) stylize_backend=triton
 fi
+# Hardware counters for the CUDA kernels (issue 9, gpu-notes "Hardware counters for the CUDA
+# kernels"): Nsight Compute on one launch each of relu1_1's forward and backward, float32 and
+# bf16 (bench/gpu_ncu.py), into probe.log: speed of light, occupancy, the warps' stall reasons.
+# --clock-control none: never change the card's clocks (the device's METHOD.md). It fails soft:
+# on a gVisor machine ncu reads no counters ("LibraryNotLoaded"), the step says so, the run goes
+# on. Early, so that a short lease has it; estimated 25-40 s (about 40 replays of each of 4
+# kernels of 1-3 ms, and the process's start), which the last step (tiled) gives up.
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+ncu_args=(--clock-control none --profile-from-start off --launch-count 4
+  --kernel-name 'regex:_masked_gram_(fwd|bwd_mma|bwd_simt)_kernel' --print-summary none
+  --metrics 'regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$')
+for section in SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats \
+  ComputeWorkloadAnalysis MemoryWorkloadAnalysis; do
+  ncu_args+=(--section "$section")
+done
+step ncu:probe 45 bash -c 'log=$(mktemp); "$@" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+  kernels=$(grep -cE "_masked_gram_.*, Context [0-9]+, Stream" "$log")  # one header a kernel
+  rm -f "$log"
+  echo "== ncu read the counters of $kernels of 4 kernels (rc $rc)"
+  [ "$kernels" -ge 4 ] || echo "   none or some: no ncu here, or a runtime that hides them (gVisor)"
+  [ "$rc" -eq 0 ] && [ "$kernels" -ge 4 ]' ncu "${ncu:-ncu}" "${ncu_args[@]}" \
+  "$PY" bench/gpu_ncu.py
 # The op's host path on tiny inputs (issue 9, gpu-notes "The op's host path, as built"): ATen
 # ops, kernels and µs a call with mass=None and mass=1.0; a few seconds, into probe.log.
 step host-path:probe 30 "$PY" bench/host_path.py --device cuda

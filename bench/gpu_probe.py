@@ -126,7 +126,7 @@ STEP_LAYERS = (("relu2_1", 128, 512), ("relu3_1", 256, 256))
 TINY_LAYERS = (("tiny", 48, 12),)  # --tiny: every shipped config fits C = 48
 
 
-def triton_inputs(C: int, side: int, jk: int, dtype: torch.dtype, device: str, seed: int):
+def op_inputs(C: int, side: int, jk: int, dtype: torch.dtype, device: str, seed: int):
     """Features (ReLU'd), soft masks, 3 x 3 kernels, 1 / n_k and dG, as the op's backward gets
     them."""
     gen = torch.Generator().manual_seed(seed)
@@ -159,7 +159,7 @@ def probe_budget(layers, dtypes, device: str, warmup: int, repeats: int) -> None
     for name, C, side in layers:
         for dtype in dtypes:
             for jk in (1, 3):
-                features, masks, kernels, inv, grad = triton_inputs(C, side, jk, dtype, device, 0)
+                features, masks, kernels, inv, grad = op_inputs(C, side, jk, dtype, device, 0)
                 backward = partial(triton_gram.backward, grad, features, masks, kernels, inv, True)
                 problem = triton_gram.Problem.of(features, masks, kernels)
                 configs = triton_gram.fitting_configs(True, C, R=3)
@@ -190,7 +190,7 @@ def probe_step(layers, device: str, warmup: int, repeats: int) -> None:
     sms = triton_gram.multiprocessors(torch.device(device))
     fill = triton_gram.programs_to_fill(sms) if device == "cuda" else 1  # as forward() has it
     for name, C, side in layers:
-        features, masks, kernels, inv, grad = triton_inputs(C, side, jk, dtype, device, 0)
+        features, masks, kernels, inv, grad = op_inputs(C, side, jk, dtype, device, 0)
         problem = triton_gram.Problem.of(features, masks, kernels)
         splits = -(-side // triton_gram.split_rows(problem, {}, fill))
         forward = partial(triton_gram.forward, features, masks, kernels, inv, True)

@@ -1,11 +1,12 @@
 """bench/gpu_probe.py's Triton section, so that it cannot break unseen before a lease: its rows
 on tiny shapes under the Triton interpreter, and the two program counts its part (a) compares;
-and bench/gpu_sanitize.py, the sanitizer step's program, and bench/host_path.py, on the CPU
-backend."""
+bench/gpu_sanitize.py, the sanitizer step's program, bench/gpu_ncu.py, the ncu step's, and
+bench/host_path.py, on the CPU backend; and the ncu step's arguments in bench/gpu_check.sh."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,43 @@ def test_host_path_gives_its_rows_on_the_cpu():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("requires_grad=")]
     assert len(rows) == 4 and all("us a call" in row for row in rows), done.stdout
+
+
+def test_ncu_program_runs_forward_and_backward():
+    """What `make gpu-check`'s ncu step profiles: here on the CPU backend, small, each call
+    once after the warm-up and finite."""
+    argv = [sys.executable, str(BENCH / "gpu_ncu.py"), "--channels", "8", "--side", "12"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        "cpu float32 C=8 12^2 forward: launched, finite",
+        "cpu float32 C=8 12^2 backward: launched, finite",
+    ], done.stdout
+
+
+def ncu_arguments() -> list[str]:
+    """The ncu step's arguments, as bench/gpu_check.sh's bash builds them."""
+    script = (BENCH / "gpu_check.sh").read_text()
+    start = script.index("ncu_args=(")
+    end = script.index("\ndone\n", start) + len("\ndone\n")
+    shown = subprocess.run(["bash", "-c", script[start:end] + 'printf "%s\\n" "${ncu_args[@]}"'],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    return shown.stdout.splitlines()
+
+
+def test_ncu_step_leaves_the_clocks_alone_and_names_the_kernels():
+    """--clock-control none: ncu's default locks the card's clocks, which the lent machines must
+    keep (the device's METHOD.md); and the kernel filter must match the CUDA kernels' real names
+    (a renamed kernel would leave the step with nothing to read) but not the finishing one."""
+    args = ncu_arguments()
+    pairs = list(zip(args, args[1:], strict=False))
+    assert ("--clock-control", "none") in pairs, args
+    assert ("--profile-from-start", "off") in pairs, args
+    assert '"${ncu_args[@]}"' in (BENCH / "gpu_check.sh").read_text()
+    kernels = dict(pairs)["--kernel-name"].removeprefix("regex:")
+    source = (BENCH.parent / "csrc" / "masked_gram_cuda_kernels.cuh").read_text()
+    names = set(re.findall(r"__global__ void __launch_bounds__\([^)]*\)\s+(\w+)\(", source))
+    assert {"_masked_gram_fwd_kernel", "_masked_gram_bwd_mma_kernel"} <= names, names
+    assert {name for name in names if re.search(kernels, name)} == names - {
+        "_masked_gram_finish_kernel"
+    }
