@@ -76,13 +76,15 @@ def test_host_path_gives_its_rows_on_the_cpu():
 
 def test_ncu_program_runs_forward_and_backward():
     """What `make gpu-check`'s ncu step profiles: here on the CPU backend, small, each call
-    once after the warm-up and finite."""
+    once after the warm-up, whole and as the probe's "no MMA" (the CPU ignores the variant)."""
     argv = [sys.executable, str(BENCH / "gpu_ncu.py"), "--channels", "8", "--side", "12"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == [
-        "cpu float32 C=8 12^2 forward: launched, finite",
-        "cpu float32 C=8 12^2 backward: launched, finite",
+        "cpu float32 C=8 12^2 forward, whole: launched",
+        "cpu float32 C=8 12^2 backward, whole: launched",
+        "cpu float32 C=8 12^2 forward, no MMA: launched",
+        "cpu float32 C=8 12^2 backward, no MMA: launched",
     ], done.stdout
 
 
@@ -104,6 +106,7 @@ def test_ncu_step_leaves_the_clocks_alone_and_names_the_kernels():
     pairs = list(zip(args, args[1:], strict=False))
     assert ("--clock-control", "none") in pairs, args
     assert ("--profile-from-start", "off") in pairs, args
+    assert ("--launch-count", "8") in pairs, args  # bench/gpu_ncu.py's launches
     assert '"${ncu_args[@]}"' in (BENCH / "gpu_check.sh").read_text()
     kernels = dict(pairs)["--kernel-name"].removeprefix("regex:")
     source = (BENCH.parent / "csrc" / "masked_gram_cuda_kernels.cuh").read_text()
