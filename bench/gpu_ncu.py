@@ -6,8 +6,8 @@ the forward's finishing kernel and the op's fills. In the window, for each dtype
 forward (``_masked_gram_fwd_kernel``) and the backward (``_masked_gram_bwd_mma_kernel``)
 whole, then both as bench/gpu_probe.py's "no MMA" variant (template argument kProbe = 2), so
 that each stall reason's cycles, whole minus "no MMA", are the MMA phase's. Without a GPU it
-runs the same calls on the CPU backend (float32 only; the variant means nothing there), so that CI catches
-a broken script.
+runs the same calls on the CPU backend (float32 only; the variant means nothing there), so that
+CI catches a broken script.
 
     ncu --clock-control none --profile-from-start off python3 bench/gpu_ncu.py
 """
