@@ -85,11 +85,13 @@ at::Tensor inverse_mask_mass_cpu(const at::Tensor& masks_in) {
   return inverse;
 }
 
-// For torch.compile's fake tensors: the result's shape and dtype, nothing read.
+// For torch.compile's fake tensors: the result's shape and dtype, nothing read; the sizes may
+// be symbolic (a dynamic batch), so only the rank is checked here.
 at::Tensor inverse_mask_mass_meta(const at::Tensor& masks) {
-  check_masks(masks);
-  return at::empty({masks.size(0), masks.size(1)},
-                   masks.options().dtype(accumulation_type(masks)));
+  TORCH_CHECK(masks.dim() == 4, kWhere, ": masks must be (Bm, K, H, W), got ", masks.dim(),
+              " dimensions");
+  return at::empty_symint({masks.sym_size(0), masks.sym_size(1)},
+                          masks.options().dtype(accumulation_type(masks)));
 }
 
 }  // namespace

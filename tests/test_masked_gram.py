@@ -561,6 +561,16 @@ def test_inverse_mask_mass_refuses_what_is_not_masks():
 
 
 @needs_mass_op
+@pytest.mark.parametrize("device", sorted({d for _, d in PRESENT}))
+def test_inverse_mask_mass_opcheck(device):
+    """The n_k op's registration: schema, a fake kernel that takes symbolic sizes (torch.compile
+    with a dynamic batch), no autograd; its values are the test above's."""
+    for dtype in (torch.float32, torch.float64):
+        masks = torch.rand(2, 3, 5, 7, device=device, dtype=dtype)
+        torch.library.opcheck(torch.ops.cast._inverse_mask_mass.default, (masks,))
+
+
+@needs_mass_op
 def test_inverse_mask_mass_is_a_constant():
     """No gradient flows to the masks (SPEC §1): 1 / n_k never requires grad, so autograd
     never meets the op (it would warn that it has no backward)."""
