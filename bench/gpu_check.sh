@@ -91,22 +91,24 @@ fi
 # kernels"): Nsight Compute on relu1_1's forward and backward, float32 and bf16, each whole and
 # as the probe's "no MMA" (bench/gpu_ncu.py: 8 launches), into probe.log: speed of light,
 # occupancy, scheduler, each stall reason's cycles an issued instruction and the instructions
-# issued (whole minus "no MMA": the MMA phase's stalls). --clock-control none: never change the
-# card's clocks (the device's METHOD.md). It fails soft: on a gVisor machine ncu reads no
-# counters ("LibraryNotLoaded"), the step says so, the run goes on. Early, so that a short lease
-# has it: estimated 30-50 s (about 40 replays of each of 8 kernels of 0.3-3 ms, the process's
-# start under ncu), which the steps at the end give up (the full run's tiled rows, QUICK's
-# Triton probe and stylisation).
+# issued; then the MMA phase's warp-cycles by stall reason (whole minus "no MMA", its --read).
+# --clock-control none: never change the card's clocks (the device's METHOD.md). It fails soft:
+# on a gVisor machine ncu reads no counters ("LibraryNotLoaded"), the step says so, the run goes
+# on. Early, so that a short lease has it: estimated 30-50 s (about 40 replays of each of 8
+# kernels of 0.3-3 ms, the process's start under ncu), which the steps at the end give up (the
+# full run's tiled rows, QUICK's Triton probe and stylisation).
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+stalls='regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$'
 ncu_args=(--clock-control none --profile-from-start off --launch-count 8
   --kernel-name 'regex:_masked_gram_(fwd|bwd_mma|bwd_simt)_kernel' --print-summary none
-  --metrics 'regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$,smsp__inst_issued.sum')
+  --metrics "$stalls,smsp__inst_issued.sum")
 for section in SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats \
   ComputeWorkloadAnalysis MemoryWorkloadAnalysis; do
   ncu_args+=(--section "$section")
 done
-step ncu:probe 60 bash -c 'log=$(mktemp); "$@" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+step ncu:probe 60 env PY="$PY" bash -c 'log=$(mktemp); "$@" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
   kernels=$(grep -cE "_masked_gram_.*, Context [0-9]+, Stream" "$log")  # one header a kernel
+  "$PY" bench/gpu_ncu.py --read "$log"  # the MMA phase (whole - no MMA) by stall reason
   rm -f "$log"
   echo "== ncu read the counters of $kernels of 8 kernels (rc $rc)"
   [ "$kernels" -ge 8 ] || echo "   none or some: no ncu here, or a runtime that hides them (gVisor)"

@@ -91,7 +91,7 @@ def test_ncu_program_runs_forward_and_backward():
 def ncu_arguments() -> list[str]:
     """The ncu step's arguments, as bench/gpu_check.sh's bash builds them."""
     script = (BENCH / "gpu_check.sh").read_text()
-    start = script.index("ncu_args=(")
+    start = script.index("stalls=")
     end = script.index("\ndone\n", start) + len("\ndone\n")
     shown = subprocess.run(["bash", "-c", script[start:end] + 'printf "%s\\n" "${ncu_args[@]}"'],
                            capture_output=True, text=True, check=True)  # fmt: skip
@@ -107,6 +107,7 @@ def test_ncu_step_leaves_the_clocks_alone_and_names_the_kernels():
     assert ("--clock-control", "none") in pairs, args
     assert ("--profile-from-start", "off") in pairs, args
     assert ("--launch-count", "8") in pairs, args  # bench/gpu_ncu.py's launches
+    assert "smsp__inst_issued.sum" in dict(pairs)["--metrics"], args  # --read needs it
     assert '"${ncu_args[@]}"' in (BENCH / "gpu_check.sh").read_text()
     kernels = dict(pairs)["--kernel-name"].removeprefix("regex:")
     source = (BENCH.parent / "csrc" / "masked_gram_cuda_kernels.cuh").read_text()
@@ -115,3 +116,41 @@ def test_ncu_step_leaves_the_clocks_alone_and_names_the_kernels():
     assert {name for name in names if re.search(kernels, name)} == names - {
         "_masked_gram_finish_kernel"
     }
+
+
+def test_ncu_reader_gives_the_mma_phase_by_stall_reason():
+    """bench/gpu_ncu.py --read on a details page shaped like ncu's: 8 kernel headers in launch
+    order, metric lines with units (Minst scaled) and thousands' commas; the MMA phase's
+    warp-cycles of a reason are ratio x issued, whole minus "no MMA"."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_ncu
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def page(kernel, variant, scale):
+        return [
+            f"  {kernel}<float, 8, {variant}>(const float *, int) (132, 1, 1)x(256, 1, 1), "
+            "Context 1, Stream 7, Device 0, CC 9.0",
+            "    Section: Command line profiler metrics",
+            f"    smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio  inst  {scale}",
+            "    smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio  "
+            f"inst  {4 * scale}",
+            "    smsp__inst_issued.sum  Minst  1.5" if variant else
+            "    smsp__inst_issued.sum  inst  2,000,000",
+        ]  # fmt: skip
+
+    lines = ['==PROF== Profiling "_masked_gram_fwd_kernel" - 0: 0%....50%....100% - 38 passes']
+    for _ in range(2):  # float32, bfloat16
+        for variant, scale in ((0, 2.0), (2, 1.0)):
+            for kernel in ("_masked_gram_fwd_kernel", "_masked_gram_bwd_mma_kernel"):
+                lines += page(kernel, variant, scale)
+    table = gpu_ncu.mma_phase_table("\n".join(lines))
+    assert table[0].startswith("float32 forward:") and len(table) == 4 * 3, table
+    # short scoreboard: 8 x 2e6 - 4 x 1.5e6 = 10e6; barrier: 2 x 2e6 - 1.5e6 = 2.5e6
+    assert table[1].split() == ["short_scoreboard", "whole", "16.00", "no", "MMA", "6.00",
+                                "MMA", "phase", "10.00", "(80%)"], table  # fmt: skip
+    assert table[2].split()[-2:] == ["2.50", "(20%)"], table
+    assert gpu_ncu.mma_phase_table("\n".join(lines[:-5])) == [
+        "ncu pages: 7, not the 8 launches: no MMA-phase table"
+    ]
