@@ -15,9 +15,11 @@
 # clipped to one deadline (GPU_CHECK_SECONDS, 560 s), and a failing step does not stop the
 # next, so that one 600 s call of the device tool holds everything.
 #
-# QUICK=1: what a lease's second call can afford after the full check, about 4 minutes with
-# the build (deadline 230 s): the tests, both probes and ncu's counters, the op at 1024^2 only
-# without torch.compile, the stylisation step; no sanitizer, no tiled rows.
+# QUICK=1: what a lease's second call can afford after the full check (a 900 s lease less the
+# full call's 560 s and two start-ups of about 35 s), deadline 260 s with the build: the tests,
+# both probes and ncu's counters, the op at 1024^2 only without torch.compile, the
+# stylisation step (cut first where time runs out); no sanitizer, no tiled rows. At 68ef306,
+# with a 270 s deadline, it ran everything but the stylisation step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
@@ -32,7 +34,7 @@ rm -f "$OUT"/*.log  # the steps append (several share probe.log: at most eight f
 # limit whatever the build takes; a step with no time left is skipped and says so.
 quick=${QUICK:-0}
 if [ "$quick" = 1 ]; then
-  deadline=$(($(date +%s) + ${GPU_CHECK_SECONDS:-230}))
+  deadline=$(($(date +%s) + ${GPU_CHECK_SECONDS:-260}))
   images=(--image 1024) compile_max=512  # below every image: no torch.compile rows
 else
   deadline=$(($(date +%s) + ${GPU_CHECK_SECONDS:-560}))
