@@ -69,8 +69,10 @@ def compiled_op(op: str, device_type: str) -> bool:
         except ImportError:
             _compiled_ops[key] = False
         else:
+            # the dispatch keys the extension registers kernels for; any other device has none
+            dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
             has = torch._C._dispatch_has_kernel_for_dispatch_key
-            _compiled_ops[key] = has(f"cast::{op}", device_type.upper())
+            _compiled_ops[key] = dispatch_key is not None and has(f"cast::{op}", dispatch_key)
     return _compiled_ops[key]
 
 

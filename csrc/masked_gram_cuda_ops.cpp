@@ -120,11 +120,16 @@ at::Tensor masked_gram_fused_backward_cuda(const at::Tensor& grad, const at::Ten
 
 // cast::_inverse_mask_mass: 1 / n_k (Bm, K) in the accumulation dtype, n_k summed in float64
 // by csrc/mask_mass_cuda.cu (two kernels, a float64 partial sum per chunk of 8192 positions).
-at::Tensor inverse_mask_mass_cuda(const at::Tensor& masks) {
+at::Tensor inverse_mask_mass_cuda(const at::Tensor& masks_in) {
   constexpr const char* where = "cast::_inverse_mask_mass (cuda)";
-  TORCH_CHECK(masks.is_cuda() && masks.dim() == 4 && masks.size(1) > 0 &&
-                  masks.size(2) * masks.size(3) > 0 && masks.is_contiguous(),
-              where, ": masks must be non-empty contiguous (Bm, K, H, W) on a CUDA device");
+  // as the CPU op's check (mask_mass_cpu.cpp), and it takes any strides as that one does
+  TORCH_CHECK(masks_in.dim() == 4 && masks_in.size(1) > 0 &&
+                  masks_in.size(2) * masks_in.size(3) > 0 && masks_in.is_floating_point(),
+              where, ": masks must be non-empty floating-point (Bm, K, H, W), got ",
+              masks_in.sizes(), " ", masks_in.scalar_type());
+  TORCH_CHECK(masks_in.is_cuda(), where, ": masks must be on a CUDA device, got ",
+              masks_in.device());
+  const at::Tensor masks = masks_in.contiguous();
   const int64_t planes = masks.size(0) * masks.size(1);
   const int64_t positions = masks.size(2) * masks.size(3);
   TORCH_CHECK(planes <= 65535, where, ": at most 65535 masks (Bm * K), got ", planes);
