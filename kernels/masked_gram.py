@@ -686,17 +686,19 @@ def backward_rounds(problem: Problem, config: dict, sms: int, capped: bool = Tru
 
 def default_backward_config(problem: Problem, sms: int) -> dict:
     """The backward's config without tuning: the first that fits, unless the scratch budget at
-    least doubles its rounds; then the fitting config with the smallest tile, of which the budget
-    holds the most programs (8 x 8 where C > 32). Measured at 30c9271 (H200, relu4_1 and relu5_1
-    of a 1024^2 image, gpu-notes): this takes the faster of 16 x 16 x 64 and 8 x 8 in seven of
-    eight cells, 7 % off in the eighth (relu4_1 f32, J = K = 1: 8 rounds against 7)."""
+    least doubles its rounds; then the fitting config whose busiest program has the least work
+    (its rounds times its tile), as smaller tiles let the budget hold more programs but write
+    fewer inner positions each (8 x 8 writes 36 of 64 at r = 3, 4 at r = 7). Measured at 30c9271
+    (H200, relu4_1 and relu5_1 of a 1024^2 image, r = 3, gpu-notes): this takes the faster of
+    16 x 16 x 64 and 8 x 8 in seven of eight cells, 7 % off in the eighth (relu4_1 f32, J = K =
+    1: 8 rounds against 7)."""
     fits = _fits(BWD_CONFIGS, dict(C=problem.shape[1]), R=problem.R)
     fitting = [_as_launch_config(c) for c in fits]
     first = fitting[0]
     budget, unbound = (backward_rounds(problem, first, sms, capped) for capped in (True, False))
     if budget < 2 * unbound:
         return first
-    return min(fitting, key=backward_slot)
+    return min(fitting, key=lambda c: backward_rounds(problem, c, sms) * backward_slot(c))
 
 
 # A backward config's constexprs: what the grid's meta names (not its warps, so no two shipped

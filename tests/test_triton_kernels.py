@@ -369,8 +369,9 @@ MEASURED_UNDER_THE_BUDGET = {
 def test_untuned_backward_takes_the_faster_tile_where_measured():
     """CAST_TRITON_AUTOTUNE=0 has no timings: its rule (the small tile where the budget at
     least doubles the first config's rounds) must come within 8 % of the faster tile at every
-    measured cell, and keep the first config wherever the budget does not bind (every layer of
-    a 4096^2 image)."""
+    measured cell, keep the first config wherever the budget does not bind (every layer of a
+    4096^2 image), and not take the 8 x 8 tile where it writes only 2 x 2 of its positions (r =
+    7, relu5_1: 72 rounds of a quarter of the work against 14)."""
     layers = {name: (C, 1024 // fraction) for name, C, fraction in VGG_STYLE_LAYERS}
     for (name, dtype, J), (big, small) in MEASURED_UNDER_THE_BUDGET.items():
         C, side = layers[name]
@@ -385,6 +386,8 @@ def test_untuned_backward_takes_the_faster_tile_where_measured():
                 problem = triton_gram.Problem(shape, 1, dtype, J, J, 3)
                 first = triton_gram.fitting_configs(True, C, R=3)[0]
                 assert triton_gram.default_backward_config(problem, H100_SMS) == first
+    wide = triton_gram.Problem((1, 512, 64, 64), 1, torch.float32, 1, 1, 7)
+    assert triton_gram.default_backward_config(wide, H100_SMS)["TILE_H"] == 16
 
 
 class LaunchRecorder:
