@@ -16,10 +16,11 @@
 # next, so that one 600 s call of the device tool holds everything.
 #
 # QUICK=1: what a lease's second call can afford after the full check (a 900 s lease less the
-# full call's 560 s and two start-ups of about 35 s), deadline 260 s with the build: the tests,
-# both probes and ncu's counters, the op at 1024^2 only without torch.compile, the
-# stylisation step (cut first where time runs out); no sanitizer, no tiled rows. At 68ef306,
-# with a 270 s deadline, it ran everything but the stylisation step.
+# full call's 560 s and two start-ups of about 35 s), deadline 260 s with the build. The same
+# steps in the same order, the op at 1024^2 only without torch.compile, no sanitizer, no tiled
+# rows: build, CUDA probe, ncu, host path, float32 table, tests (about 240 s together: 68ef306's
+# times plus ncu's estimate), then bf16, the Triton probe and the stylisation step only as far
+# as time is left (at 68ef306, before ncu, a 270 s deadline cut the Triton probe).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
