@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 #include "mask_mass.h"
@@ -27,6 +28,17 @@ void check_masks(const at::Tensor& masks) {
               masks.sizes(), " ", masks.scalar_type());
 }
 
+// m * m rounded before it is added, as the GPU's __dmul_rn: where the target has FMAs (aarch64,
+// or -march with FMA) the build's -ffp-contract=fast would fuse `sum += m * m` into one rounding,
+// which changes float64 masks' bits (16- and 32-bit masks' squares are exact either way).
+inline double rounded_square(double m) {
+#ifdef __FP_FAST_FMA
+  return std::fma(m, m, 0.0);  // one instruction there, and never fused with the add
+#else
+  return m * m;  // no FMA instructions to fuse into (the x86-64 baseline)
+#endif
+}
+
 // The kMassLanes values of `lanes` added pairwise, mask_mass.h's order.
 double add_lanes(double* lanes) {
   for (int half = kMassLanes / 2; half > 0; half /= 2)
@@ -43,7 +55,7 @@ double chunk_sum(const T* mask, int64_t positions, int64_t chunk) {
       const int64_t n = chunk * kMassChunk + t + int64_t{i} * kMassLanes;
       if (n < positions) {
         const double m = static_cast<double>(mask[n]);
-        sum += m * m;  // exact for 16- and 32-bit masks; no FMA in the x86-64 baseline build
+        sum += rounded_square(m);
       }
     }
     lanes[t] = sum;
