@@ -84,8 +84,7 @@ def _compiled(name: str, device_type: str, dtypes: tuple[torch.dtype, ...]) -> B
             f"backend {name!r} needs CAST's compiled extension, which is not built ({err}); "
             "build it with `pip install --no-build-isolation -e .` or use backend='reference'"
         ) from None
-    op = "cast::_masked_gram_fused"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(op, device_type.upper()):
+    if not compiled_op("_masked_gram_fused", device_type):
         raise BackendUnavailable(
             f"backend {name!r}: the compiled extension was built without {device_type.upper()} "
             "kernels; rebuild it with `pip install --no-build-isolation -e .`"
