@@ -178,15 +178,20 @@ def compiled_all(arch: str, folder: str) -> dict[pathlib.Path, subprocess.Comple
     parts for that, csrc/masked_gram_cuda_kernels.cuh)."""
 
     def nvcc(source: pathlib.Path) -> subprocess.CompletedProcess:
-        command = [
-            NVCC, "-std=c++20", f"-arch={arch}", "-O3", "--use_fast_math",
-            "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra", "-Xptxas", "-v",
-            "-c", str(source), "-o", str(object_file(source, arch, folder)),
-        ]  # fmt: skip
+        command = nvcc_command(source, arch, object_file(source, arch, folder))
         return subprocess.run(command, capture_output=True, text=True)
 
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
         return dict(zip(CU_SOURCES, pool.map(nvcc, CU_SOURCES), strict=True))
+
+
+def nvcc_command(source: pathlib.Path, arch: str, output: pathlib.Path) -> list[str]:
+    """How the kernels are compiled here (bench/sass_latency.py reads the same machine code)."""
+    return [
+        NVCC, "-std=c++20", f"-arch={arch}", "-O3", "--use_fast_math",
+        "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra", "-Xptxas", "-v",
+        "-c", str(source), "-o", str(output),
+    ]  # fmt: skip
 
 
 def object_file(source: pathlib.Path, arch: str, folder: str) -> pathlib.Path:
