@@ -707,8 +707,10 @@ def test_emulated_tf32_backward_rounds_to_nearest(emulated):
 
 
 # (Bm, K, H, W) of the masks, by why they are there: one position; more than one chunk of
-# 8192 positions, the last one part full, masks of their own per batch item
-MASS_SHAPES = {"minimal": (1, 1, 1, 1), "chunks and a part, own masks": (2, 2, 97, 101)}
+# 8192 positions, the last one part full, masks of their own per batch item, and enough of
+# them that float64's bits see the order of the sums (lanes added in adjacent pairs change 8 of
+# these 32 masks' bits, none of 4)
+MASS_SHAPES = {"minimal": (1, 1, 1, 1), "chunks and a part, own masks": (2, 16, 97, 101)}
 
 
 @pytest.mark.parametrize("dtype", backends.FLOAT_DTYPES, ids=lambda d: str(d)[6:])

@@ -554,6 +554,45 @@ def test_inverse_mask_mass_is_the_float64_sum(monkeypatch, dtype, shape):
         assert (found[:, -1] == 0).all()
 
 
+def float64_mass_in_fixed_order(masks):
+    """n_k ``(Bm, K)`` summed in csrc/mask_mass.h's order: chunks of 8192 positions, in which
+    lane t of 256 adds the squares at t, t + 256, ... from 0, then the lanes pairwise (lane
+    t + h into lane t, h = 128, ..., 1); then each mask's chunk sums the same way. Zeros pad
+    the last chunk and the chunks to whole rows of lanes: +0 added to a sum changes no bit."""
+
+    def rows(values, width):  # (P, n) -> (P, n / width rounded up, width)
+        padded = torch.nn.functional.pad(values, (0, -values.shape[1] % width))
+        return padded.unflatten(1, (-1, width))
+
+    def lane_sum(values):  # (P, n) -> (P,)
+        lanes = torch.zeros(values.shape[0], 256, dtype=torch.float64)
+        for row in rows(values, 256).unbind(1):
+            lanes = lanes + row
+        while lanes.shape[1] > 1:
+            half = lanes.shape[1] // 2
+            lanes = lanes[:, :half] + lanes[:, half:]
+        return lanes[:, 0]
+
+    chunks = rows(masks.double().square().flatten(2).flatten(0, 1), 8192)
+    chunk_sums = lane_sum(chunks.flatten(0, 1)).view(chunks.shape[:2])
+    return lane_sum(chunk_sums).view(masks.shape[:2])
+
+
+@needs_mass_op
+@pytest.mark.parametrize(
+    "shape", [(2, 16, 97, 101), (1, 4, 1500, 1400)], ids=["lanes of a chunk", "lanes of chunks"]
+)
+def test_inverse_mask_mass_sums_in_one_order(shape):
+    """The compiled op's n_k is mask_mass.h's order to the last bit (the CUDA kernels are held
+    to its bits: tests/test_cuda_sources.py, tests/test_gpu.py). float64 masks, whose squares
+    round: another order changes some of these masks' bits, which the float64 sum's 1e-15
+    above lets through (lanes added in adjacent pairs, or a lane's values taken contiguously);
+    257 chunks, more than the lanes, for the chunks' order."""
+    masks = torch.rand(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    expected = cast.reference.inverse(float64_mass_in_fixed_order(masks))
+    assert torch.equal(torch.ops.cast._inverse_mask_mass(masks), expected)
+
+
 @needs_mass_op
 def test_inverse_mask_mass_refuses_what_is_not_masks():
     for masks in (torch.rand(2, 5, 5), torch.rand(1, 0, 5, 5), torch.rand(1, 2, 0, 5),
