@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_element_type.cuh"
 #include "mask_mass.h"
 
 namespace cast_mass {
@@ -70,9 +71,10 @@ __global__ void __launch_bounds__(kMassLanes)
   }
 }
 
-template <typename T, typename A>
+template <typename T>
 cudaError_t launch(int64_t planes, int64_t positions, const void* masks, double* partials,
                    void* inverse_mass, cudaStream_t stream) {
+  using A = cast_cuda::acc_t<T>;
   const int64_t chunks = cast_mass_chunks(positions);
   if (planes < 1 || planes > 65535 || chunks < 1 || chunks > 0x7FFFFFFF)
     return cudaErrorInvalidValue;
@@ -92,17 +94,8 @@ cudaError_t launch(int64_t planes, int64_t positions, const void* masks, double*
 cudaError_t cast_inverse_mask_mass_cuda(CastDtype dtype, int64_t planes, int64_t positions,
                                         const void* masks, double* partials,
                                         void* inverse_mass, cudaStream_t stream) {
-  using cast_mass::launch;
-  switch (dtype) {
-    case CastDtype::float16:
-      return launch<__half, float>(planes, positions, masks, partials, inverse_mass, stream);
-    case CastDtype::bfloat16:
-      return launch<__nv_bfloat16, float>(planes, positions, masks, partials, inverse_mass,
-                                          stream);
-    case CastDtype::float32:
-      return launch<float, float>(planes, positions, masks, partials, inverse_mass, stream);
-    case CastDtype::float64:
-      return launch<double, double>(planes, positions, masks, partials, inverse_mass, stream);
-  }
-  return cudaErrorInvalidValue;
+  return cast_cuda::with_element_type(dtype, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return cast_mass::launch<T>(planes, positions, masks, partials, inverse_mass, stream);
+  });
 }

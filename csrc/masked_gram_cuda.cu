@@ -1,7 +1,7 @@
 // The CUDA backend's plans and its entry points (masked_gram_cuda.h): which kernels and tiles a
-// shape takes on a given card, and the dispatch by input type to the launchers. The kernels are
-// in masked_gram_cuda_kernels.cuh, compiled by direction and input type in the other
-// masked_gram_cuda_*.cu files (the build runs them in parallel), none of them here.
+// shape takes on a given card, and the dispatch by input type (cuda_element_type.cuh) to the
+// launchers. The kernels are in masked_gram_cuda_kernels.cuh, compiled by direction and input
+// type in the other masked_gram_cuda_*.cu files (the build runs them in parallel), none here.
 #include "masked_gram_cuda.h"
 
 #include <algorithm>
@@ -9,6 +9,7 @@
 #include <tuple>
 #include <utility>
 
+#include "cuda_element_type.cuh"
 #include "masked_gram_cuda_kernels.cuh"
 
 namespace cast_cuda {
@@ -123,27 +124,6 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem
   }
   plan.scratch_grams = plan.splits - 1;
   return plan;
-}
-
-template <typename T>
-struct Element {
-  using type = T;
-};
-
-// Calls f(Element<T>{}) with T the input type that dtype names: the one dispatch by type.
-template <typename F>
-auto with_element_type(CastDtype dtype, F&& f) {
-  switch (dtype) {
-    case CastDtype::float16:
-      return f(Element<__half>{});
-    case CastDtype::bfloat16:
-      return f(Element<__nv_bfloat16>{});
-    case CastDtype::float32:
-      return f(Element<float>{});
-    case CastDtype::float64:
-      break;
-  }
-  return f(Element<double>{});
 }
 
 }  // namespace

@@ -49,23 +49,13 @@
 #include <tuple>
 #include <utility>
 
+#include "cuda_element_type.cuh"
 #include "masked_gram_mma.cuh"
 
 namespace cast_cuda {
 
 inline constexpr int kThreads = 256;
 inline constexpr int kWarps = kThreads / 32;
-
-template <typename T>
-struct AccumulatorOf {
-  using type = float;
-};
-template <>
-struct AccumulatorOf<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccumulatorOf<T>::type;
 
 __device__ __forceinline__ float widen(__half v) { return __half2float(v); }
 __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
