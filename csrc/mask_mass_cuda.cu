@@ -19,13 +19,19 @@ __device__ __forceinline__ double widened(double x) { return x; }
 __device__ __forceinline__ double widened(__half x) { return __half2float(x); }
 __device__ __forceinline__ double widened(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// Adds the block's kMassLanes values pairwise into lanes[0] (mask_mass.h's order); lane 0
-// reads it after, without a barrier: it wrote it last.
-__device__ __forceinline__ void add_lanes(double* lanes, int lane) {
+// The sum of the block's kMassLanes values, lane t's `sum` (t = threadIdx.x), added pairwise
+// in mask_mass.h's order in the launch's dynamic shared memory (kMassLanes doubles). Only lane
+// 0 gets it (it wrote it last, so reads it without a barrier); the other lanes get 0.
+__device__ __forceinline__ double block_sum(double sum) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  double* lanes = reinterpret_cast<double*>(shared_bytes);
+  const int lane = static_cast<int>(threadIdx.x);
+  lanes[lane] = sum;
   for (int half = kMassLanes / 2; half > 0; half /= 2) {
     __syncthreads();
     if (lane < half) lanes[lane] += lanes[lane + half];
   }
+  return lane == 0 ? lanes[0] : 0.0;
 }
 
 // grid (chunks, planes): partials[plane, chunk] = the chunk's sum of squares.
@@ -33,11 +39,8 @@ template <typename T>
 __global__ void __launch_bounds__(kMassLanes)
     _mask_mass_chunk_kernel(const T* __restrict__ masks, int64_t positions,
                             double* __restrict__ partials) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
-  double* lanes = reinterpret_cast<double*>(shared_bytes);
-  const int lane = static_cast<int>(threadIdx.x);
   const T* mask = masks + static_cast<int64_t>(blockIdx.y) * positions;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kMassChunk + lane;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kMassChunk + threadIdx.x;
   double sum = 0;
 #pragma unroll
   for (int i = 0; i < kMassPerLane; ++i) {
@@ -47,9 +50,9 @@ __global__ void __launch_bounds__(kMassLanes)
       sum += __dmul_rn(m, m);  // not contracted into an FMA: the CPU's bits, also for float64
     }
   }
-  lanes[lane] = sum;
-  add_lanes(lanes, lane);
-  if (lane == 0) partials[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = lanes[0];
+  const double chunk_sum = block_sum(sum);
+  if (threadIdx.x == 0)
+    partials[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = chunk_sum;
 }
 
 // grid (planes): inverse_mass[plane] = 1 / (the sum of its chunks), 0 for an empty mask.
@@ -57,18 +60,11 @@ template <typename A>
 __global__ void __launch_bounds__(kMassLanes)
     _inverse_mask_mass_kernel(const double* __restrict__ partials, int64_t chunks,
                               A* __restrict__ inverse_mass) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
-  double* lanes = reinterpret_cast<double*>(shared_bytes);
-  const int lane = static_cast<int>(threadIdx.x);
   const double* chunk_sums = partials + static_cast<int64_t>(blockIdx.x) * chunks;
   double sum = 0;
-  for (int64_t c = lane; c < chunks; c += kMassLanes) sum += chunk_sums[c];
-  lanes[lane] = sum;
-  add_lanes(lanes, lane);
-  if (lane == 0) {
-    const double mass = lanes[0];
-    inverse_mass[blockIdx.x] = static_cast<A>(mass > 0 ? 1.0 / mass : 0.0);
-  }
+  for (int64_t c = threadIdx.x; c < chunks; c += kMassLanes) sum += chunk_sums[c];
+  const double mass = block_sum(sum);
+  if (threadIdx.x == 0) inverse_mass[blockIdx.x] = static_cast<A>(mass > 0 ? 1.0 / mass : 0.0);
 }
 
 template <typename T>

@@ -359,7 +359,7 @@ PLAN_FIELDS = ("splits", "kernel_group", "mask_group", "tensor_cores", "tile_row
 
 
 # The kernels' launches and dynamic shared memory arrays, by file (none in the other parts).
-KERNEL_SITES = {"masked_gram_cuda_kernels.cuh": (3, 3), "mask_mass_cuda.cu": (2, 2)}
+KERNEL_SITES = {"masked_gram_cuda_kernels.cuh": (3, 3), "mask_mass_cuda.cu": (2, 1)}
 
 
 def host_source(cu_text: str, sites: tuple[int, int]) -> str:
