@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -39,8 +40,16 @@ inline double rounded_square(double m) {
 #endif
 }
 
-// The kMassLanes values of `lanes` added pairwise, mask_mass.h's order.
-double add_lanes(double* lanes) {
+// The sum of value(i) for i < count in mask_mass.h's order, as the GPU's block of kMassLanes
+// threads adds them: lane t adds values t, t + kMassLanes, ... from 0, then the lanes pairwise.
+template <typename Value>
+double lane_sum(int64_t count, Value value) {
+  double lanes[kMassLanes];
+  for (int t = 0; t < kMassLanes; ++t) {
+    double sum = 0;
+    for (int64_t i = t; i < count; i += kMassLanes) sum += value(i);
+    lanes[t] = sum;
+  }
   for (int half = kMassLanes / 2; half > 0; half /= 2)
     for (int t = 0; t < half; ++t) lanes[t] += lanes[t + half];
   return lanes[0];
@@ -48,19 +57,9 @@ double add_lanes(double* lanes) {
 
 template <typename T>
 double chunk_sum(const T* mask, int64_t positions, int64_t chunk) {
-  double lanes[kMassLanes];
-  for (int t = 0; t < kMassLanes; ++t) {
-    double sum = 0;
-    for (int i = 0; i < kMassPerLane; ++i) {
-      const int64_t n = chunk * kMassChunk + t + int64_t{i} * kMassLanes;
-      if (n < positions) {
-        const double m = static_cast<double>(mask[n]);
-        sum += rounded_square(m);
-      }
-    }
-    lanes[t] = sum;
-  }
-  return add_lanes(lanes);
+  const int64_t first = chunk * kMassChunk;
+  return lane_sum(std::min(kMassChunk, positions - first),
+                  [&](int64_t i) { return rounded_square(static_cast<double>(mask[first + i])); });
 }
 
 at::Tensor inverse_mask_mass_cpu(const at::Tensor& masks_in) {
@@ -84,13 +83,8 @@ at::Tensor inverse_mask_mass_cpu(const at::Tensor& masks_in) {
   AT_DISPATCH_FLOATING_TYPES(inverse.scalar_type(), kWhere, [&] {
     scalar_t* out = inverse.mutable_data_ptr<scalar_t>();
     for (int64_t plane = 0; plane < planes; ++plane) {
-      double lanes[kMassLanes];
-      for (int t = 0; t < kMassLanes; ++t) {
-        double sum = 0;
-        for (int64_t c = t; c < chunks; c += kMassLanes) sum += partials[plane * chunks + c];
-        lanes[t] = sum;
-      }
-      const double mass = add_lanes(lanes);
+      const double* chunk_sums = partials.data() + plane * chunks;
+      const double mass = lane_sum(chunks, [&](int64_t c) { return chunk_sums[c]; });
       out[plane] = static_cast<scalar_t>(mass > 0 ? 1.0 / mass : 0.0);
     }
   });
