@@ -132,8 +132,8 @@ enum Probe : int {
 // out[o] += sum_{dy,dx} w(dy, dx) src[(o + dy) * stride + dx], the rows read once per dx and
 // used for up to r outputs. `rows_in` (<= kOut + kR - 1) rows of src exist; w(dy, dx) is
 // taps[dy * r + dx], or taps[(r-1-dy) * r + r-1-dx] for the backward's adjoint (kRotated). r is
-// a template argument (convolve_odd or the backward's with_halo picks it): with a runtime r the
-// loops kept a branch after every tap and a shared-memory round trip per tap (the probe's
+// a template argument (convolve_odd or the backward's kernel template picks it): with a runtime
+// r the loops kept a branch after every tap and a shared-memory round trip per tap (the probe's
 // convolution stage, gpu-notes); unrolled, a column's rows and taps issue together and no row
 // past the r taps is read. With the stride a constant too, every row is an immediate offset.
 template <int kOut, int kR, bool kRotated, typename A, typename S>
@@ -898,19 +898,13 @@ struct MmaBackwardTile {
   }
 };
 
-// f(std::integral_constant<int, h>{}) for the backward's halo h <= kMmaHalo (a switch,
-// warp-uniform), so that what h decides is compile-time: the convolutions' r, row strides and
-// rows (with them runtime, a formation column was 48 instructions for its 12 FFMA: each row's
-// address formed apart and behind a guard, gpu-notes), and the MMA loops' n-tiles (with a
-// runtime bound each n-tile's HMMA sat behind a branch, 21 an iteration at effb4cf).
-template <typename F>
-__device__ __forceinline__ void with_halo(int h, F&& f) {
-  static_assert(kMmaHalo == 3, "one case per halo");
-  switch (h) {
-    case 0: return f(std::integral_constant<int, 0>{});
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    default: return f(std::integral_constant<int, 3>{});
+// f(std::integral_constant<int, i>{}) for i = 0 .. kCount - 1, in order: a loop whose index
+// the body needs at compile time (which register set, which column offset).
+template <int kCount, int kFirst = 0, typename F>
+__device__ __forceinline__ void static_for(F&& f) {
+  if constexpr (kFirst < kCount) {
+    f(std::integral_constant<int, kFirst>{});
+    static_for<kCount, kFirst + 1>(f);
   }
 }
 
@@ -922,8 +916,14 @@ __device__ __forceinline__ uint32_t pack_pair(float low, float high) {
 }
 
 // grad (B, J, K, C, C) float: dG; inverse_mass (Bm, K) float: 1 / n_k; features (B, C, H, W) T;
-// masks (Bm, K, H, W) T; kernels (J, r, r) T; d_features (B, C, H, W) T.
-template <typename T, int kRows, int kProbe = kFull>
+// masks (Bm, K, H, W) T; kernels (J, r, r) T with r = 2 kH + 1; d_features (B, C, H, W) T. The
+// halo kH is a template argument (mma_backward_kernel picks the kernel), so that what it decides
+// is compile-time: the convolutions' r, row strides and rows (with them runtime, a formation
+// column was 48 instructions for its 12 FFMA: each row's address formed apart and behind a
+// guard, gpu-notes), and the MMA loop's n-tiles and accumulators (with a runtime bound each
+// n-tile's HMMA sat behind a branch, 21 an iteration at effb4cf; and with h switched inside the
+// kernel, the accumulators of the widest halo's n-tiles held registers at every h).
+template <typename T, int kRows, int kH, int kProbe = kFull>
 __global__ void __launch_bounds__(kThreads, 1)
     _masked_gram_bwd_mma_kernel(const float* __restrict__ grad,
                                 const float* __restrict__ inverse_mass,
@@ -936,8 +936,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kItems = kOutBlock * kTileCols / kThreads;  // adjoint columns per thread
   static_assert(kWarps == 8 && kOutBlock == 64 && kInBlock % step == 0, "1 x 8 warps");
   static_assert(Tile::f_cols(kMmaHalo) / vector <= kCopyChunks, "a row of F's halo: 8 copies");
+  static_assert(Tile::fits(2 * kH + 1), "a halo the tile takes (mma_backward_kernel)");
 
-  const int h = d.r / 2, pad = Tile::pad(h), f_cols = Tile::f_cols(h);
+  constexpr int h = kH;
+  const int pad = Tile::pad(h), f_cols = Tile::f_cols(h);
   const int f_rows = kRows + 4 * h, f_stride = Tile::f_stride(h), chunks = f_cols / vector;
   const int u_rows = kRows + 2 * h, u_cols = kTileCols + 2 * h, u_size = u_rows * u_cols;
   const int u_padded = Tile::u_padded(h), z_stride = Tile::z_stride(h);
@@ -1083,18 +1085,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   issue_grad_copies(it, 0, 0);
   for (int e = tid; e < d.J * taps_per_kernel; e += kThreads) taps[e] = widen(kernels[e]);
   // Z's columns past the halo are never formed: zeros, so the MMAs there add nothing.
-  for (int e = tid; e < Tile::z_rows * (u_padded - u_size); e += kThreads) {
-    const int row = e / (u_padded - u_size), p = u_size + e % (u_padded - u_size);
-    z_tile[row * z_stride + p] = 0u;
-  }
+  constexpr int kPastHalo = Tile::u_padded(kH) - Tile::u_size(kH);
+  if constexpr (kPastHalo > 0)
+    for (int e = tid; e < Tile::z_rows * kPastHalo; e += kThreads) {
+      const int row = e / kPastHalo, p = Tile::u_size(kH) + e % kPastHalo;
+      z_tile[row * z_stride + p] = 0u;
+    }
 
-  // This warp's piece of U_j^T: all 64 output channels, positions wn .. (n_tiles of 8).
-  const int n_tiles = Tile::n_tiles(h), wn = warp * n_tiles * 8;
-  float acc[kMTiles][kMaxNTiles][4];
+  // This warp's piece of U_j^T: all 64 output channels, positions wn .. (kN n-tiles of 8).
+  constexpr int kN = Tile::n_tiles(kH);
+  const int wn = warp * kN * 8;
+  float acc[kMTiles][kN][4];
 #pragma unroll
   for (int mi = 0; mi < kMTiles; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < kMaxNTiles; ++ni)
+    for (int ni = 0; ni < kN; ++ni)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.0f;
   float d_acc[kItems][kRows];
@@ -1103,7 +1108,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int w = blockIdx.x; w < items; w += gridDim.x) {
     const int y0 = it.y0, x0 = it.x0;
     const bool last_item = w + static_cast<int>(gridDim.x) >= items;
-    const Item next = last_item ? it : item_at(w + gridDim.x);
+    // The next item (this one again after the last): found where its copies are issued and at
+    // the end, rather than held in registers through the item.
+    const auto next_item = [&] { return last_item ? it : item_at(w + gridDim.x); };
     // m_k^2 on the h-halo, 0 outside the image: U_j is zero there, the adjoint's padding. The
     // previous item's readers (its MMAs) passed its last barrier.
     const T* m_batch = masks + static_cast<int64_t>(d.Bm == 1 ? 0 : it.batch) * d.K * N;
@@ -1126,7 +1133,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // other buffer was read by the last step's MMAs, the mirrors' region by this form pass),
       // F's once Z_j is formed.
       const bool more = s + 1 < steps || !last_item;
-      const Item after = s + 1 < steps ? it : next;
+      const Item after = s + 1 < steps ? it : next_item();
       const int after_step = s + 1 < steps ? s + 1 : 0;
       constexpr int kPasses = kProbe == kNoLoad ? 0 : kProbe == kLoadTwice ? 2 : 1;
       if (in_block == 0 && !d.own_mirrors) {
@@ -1142,118 +1149,130 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // 2. Z_j on the h-halo: item (word row of Z, column, half of the rows), every loaded
       // value used for up to r of the item's rows; the halo's geometry compile-time.
-      if constexpr (kProbe != kLoadOnly)
-        with_halo(h, [&](auto halo) {
-          constexpr int kH = decltype(halo)::value, kR = 2 * kH + 1;
-          constexpr int kGroup = (kRows + 2 * kH) / 2;  // rows of Z_j an item forms
-          constexpr int kUCols = kTileCols + 2 * kH, kFCols = Tile::f_cols(kH);
-          constexpr int kFStride = Tile::f_stride(kH), kZStride = Tile::z_stride(kH);
-          for (int item = tid; item < Tile::z_rows * kFormCols * 2; item += kThreads) {
-            const int ux = item % kFormCols, row = item / kFormCols % Tile::z_rows;
-            const int uy = item / (kFormCols * Tile::z_rows) * kGroup;
-            if (ux >= kUCols) continue;
-            float z[per][kGroup];
+      if constexpr (kProbe != kLoadOnly) {
+        constexpr int kR = 2 * kH + 1;
+        constexpr int kGroup = (kRows + 2 * kH) / 2;  // rows of Z_j an item forms
+        constexpr int kUCols = kTileCols + 2 * kH, kFCols = Tile::f_cols(kH);
+        constexpr int kFStride = Tile::f_stride(kH), kZStride = Tile::z_stride(kH);
+        for (int item = tid; item < Tile::z_rows * kFormCols * 2; item += kThreads) {
+          const int ux = item % kFormCols, row = item / kFormCols % Tile::z_rows;
+          const int uy = item / (kFormCols * Tile::z_rows) * kGroup;
+          if (ux >= kUCols) continue;
+          float z[per][kGroup];
 #pragma unroll
-            for (int e = 0; e < per; ++e) {
+          for (int e = 0; e < per; ++e) {
 #pragma unroll
-              for (int o = 0; o < kGroup; ++o) z[e][o] = 0.0f;
-              const T* src = f_halo + (row * per + e) * kFStride + uy * kFCols + ux +
-                             Tile::pad(kH) - 2 * kH;
-              convolve_column<kGroup, kR, false>(z[e], src, kFCols, kGroup + 2 * kH, tap);
-            }
-#pragma unroll
-            for (int o = 0; o < kGroup; ++o) {
-              uint32_t word;
-              if constexpr (per == 1) word = bits_as<uint32_t>(z[0][o]);
-              else word = pack_pair<T>(z[0][o], z[1][o]);
-              z_tile[row * kZStride + (uy + o) * kUCols + ux] = word;
-            }
+            for (int o = 0; o < kGroup; ++o) z[e][o] = 0.0f;
+            const T* src = f_halo + (row * per + e) * kFStride + uy * kFCols + ux +
+                           Tile::pad(kH) - 2 * kH;
+            convolve_column<kGroup, kR, false>(z[e], src, kFCols, kGroup + 2 * kH, tap);
           }
-        });
+#pragma unroll
+          for (int o = 0; o < kGroup; ++o) {
+            uint32_t word;
+            if constexpr (per == 1) word = bits_as<uint32_t>(z[0][o]);
+            else word = pack_pair<T>(z[0][o], z[1][o]);
+            z_tile[row * kZStride + (uy + o) * kUCols + ux] = word;
+          }
+        }
+      }
       __syncthreads();  // Z_j formed; F's halo free
       for (int pass = 0; pass < kPasses && more; ++pass) issue_feature_copies(after, after_step);
 
       // 3. U_j^T += S_k (m_k^2 Z_j)^T for every mask, kInBlock channels deep; the warp's
-      // n-tiles a compile-time count (with_halo), so no branch sits between the HMMAs.
+      // n-tiles a compile-time count, so no branch sits between the HMMAs.
       const float* s_tile = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
       constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : kInBlock;
-      with_halo(h, [&](auto halo) {
-        constexpr int kN = Tile::n_tiles(decltype(halo)::value);
-        if constexpr (!Tile::fits(2 * decltype(halo)::value + 1)) return;  // (never launched)
+      {
         // n-tile ni's first position: where the 8 warps' n-tiles outnumber Z's (4-row tiles at
         // r = 5 and 7), those past the last repeat it (wasted, not stored), rather than Z, U and
         // m_k^2 growing by whole n-tiles of zeros (up to 12 KiB, which moved shapes off the
         // tensor cores).
-        constexpr int kLast = Tile::u_padded(decltype(halo)::value) - 8;
+        constexpr int kLast = Tile::u_padded(kH) - 8;
         const auto column = [&](int ni) {
           if constexpr (kLast + 8 == kN * kWarps * 8) return wn + ni * 8;
           else return min(wn + ni * 8, kLast);
         };
-        // An (input step c0, mask k) iteration's operands from shared memory: the S fragments
-        // (A) and the mask words of the warp's n-tiles. Each iteration loads the next one's
-        // before its HMMAs, so that their round trip is not on its path (there were two: the
-        // masks before the products, S after them). The loop runs two iterations a trip:
-        // rolled, ptxas sank the loads below the HMMAs and copied the registers at the back
-        // edge; unrolled, the first of each two keeps its loads a trip ahead (gpu-notes).
+        // A (mask k, input step c0) iteration's operands, ready for its HMMAs: the S fragments
+        // (A) and the warp's B fragments, Z_j's words already scaled by m_k^2 (and rounded to
+        // TF32). Iterations run c0 fastest, each from one of two sets of registers (c0's
+        // parity: kDepth / step is even), and each loads the set of the iteration two after it
+        // once its HMMAs are issued, so a load and its scaling have a whole iteration of HMMAs
+        // to land. With one set loaded an iteration ahead and k fastest (until 2026-11-27),
+        // ptxas issued the second iteration of each trip's loads a few instructions before the
+        // FMULs and HMMAs that waited for them (gpu-notes).
         struct Fragments {
           uint32_t a[kMTiles][4];
-          float w[kN];
+          uint32_t b[kN][2];
         };
-        const auto load = [&](int c0, int k, Fragments& f) {
+        constexpr int kZStride = Tile::z_stride(kH), kMaskStride = Tile::u_padded(kH);
+        constexpr int kSteps = kDepth / step;  // input steps of an iteration's mask
+        static_assert(kSteps % 2 == 0, "two sets of registers by the step's parity");
+        const float* s_lane = per == 1 ? s_tile + (lane % 16) * s_stride + lane / 16 * 4
+                                       : s_tile + g * s_stride + 2 * t;
+        const uint32_t* z_lane = z_tile + t * kZStride + g;
+        const float* mask_lane = mask_sq + g;
+        // Mask k's S rows and squares (offsets of s_lane, mask_lane) for input step c0.
+        const auto load = [&](int s_row, int mask_row, auto c0, Fragments& f) {
+          const float* sp = s_lane + s_row + decltype(c0)::value;
 #pragma unroll
           for (int mi = 0; mi < kMTiles; ++mi) {
             if constexpr (per == 1) {
               // S came rounded to TF32 (form_symmetric): a fragment an ldmatrix (4 scalar loads
               // each were a quarter of an iteration's instructions); this lane's row of its
               // 4 matrices, rows lane % 16 and words lane / 16 * 4 ..
-              const int row = k * kOutBlock + mi * 16 + lane % 16;
-              load_matrix_x4(f.a[mi], s_tile + row * s_stride + c0 + lane / 16 * 4);
+              load_matrix_x4(f.a[mi], sp + mi * 16 * s_stride);
             } else {
-              const float* sp = s_tile + (k * kOutBlock + g) * s_stride + c0 + mi * 16 * s_stride;
-              const float2 lo = *reinterpret_cast<const float2*>(sp + 2 * t);
-              const float2 lo8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t);
-              const float2 hi = *reinterpret_cast<const float2*>(sp + 2 * t + 8);
-              const float2 hi8 = *reinterpret_cast<const float2*>(sp + 8 * s_stride + 2 * t + 8);
+              const float* p = sp + mi * 16 * s_stride;
+              const float2 lo = *reinterpret_cast<const float2*>(p);
+              const float2 lo8 = *reinterpret_cast<const float2*>(p + 8 * s_stride);
+              const float2 hi = *reinterpret_cast<const float2*>(p + 8);
+              const float2 hi8 = *reinterpret_cast<const float2*>(p + 8 * s_stride + 8);
               f.a[mi][0] = pack_pair<T>(lo.x, lo.y), f.a[mi][1] = pack_pair<T>(lo8.x, lo8.y);
               f.a[mi][2] = pack_pair<T>(hi.x, hi.y), f.a[mi][3] = pack_pair<T>(hi8.x, hi8.y);
             }
           }
-#pragma unroll
-          for (int ni = 0; ni < kN; ++ni) f.w[ni] = mask_sq[k * u_padded + column(ni) + g];
-        };
-        Fragments next;
-        if constexpr (kDepth > 0) load(0, 0, next);
-#pragma unroll
-        for (int c0 = 0; c0 < kDepth; c0 += step) {
-          uint32_t z_frag[kMaxNTiles][2];
+          const uint32_t* zp = z_lane + decltype(c0)::value / per * kZStride;
 #pragma unroll
           for (int ni = 0; ni < kN; ++ni) {
-            const uint32_t* zp = z_tile + (c0 / per + t) * z_stride + column(ni) + g;
-            z_frag[ni][0] = zp[0];
-            z_frag[ni][1] = zp[4 * z_stride];
+            const float w = mask_lane[mask_row + column(ni)];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const uint32_t z = zp[e * 4 * kZStride + column(ni)];
+              if constexpr (per == 1) f.b[ni][e] = round_to_tf32(bits_as<float>(z) * w);
+              else f.b[ni][e] = HalfOperands<T>::scaled(z, w, w);
+            }
           }
-#pragma unroll 2
+        };
+        const auto multiply = [&](const Fragments& f) {
+          if constexpr (per == 1) mma_grid_tf32(acc, f.a, f.b, kMTiles, kN);
+          else mma_grid_16bit<T>(acc, f.a, f.b, kMTiles, kN);
+        };
+        if constexpr (kDepth > 0) {
+          Fragments sets[2];
+          load(0, 0, std::integral_constant<int, 0>{}, sets[0]);
+          load(0, 0, std::integral_constant<int, step>{}, sets[1]);
+#pragma unroll 1
           for (int k = 0; k < d.K; ++k) {
-            const Fragments now = next;
-            // The next mask's, or the next input step's first; after the last, the first
-            // again (loaded, not used: no branch).
-            const bool same_step = k + 1 < d.K;
-            load(same_step ? c0 : (c0 + step) % kInBlock, same_step ? k + 1 : 0, next);
-            uint32_t b[kMaxNTiles][2];
-#pragma unroll
-            for (int ni = 0; ni < kN; ++ni)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                if constexpr (per == 1)
-                  b[ni][e] = round_to_tf32(bits_as<float>(z_frag[ni][e]) * now.w[ni]);
-                else
-                  b[ni][e] = HalfOperands<T>::scaled(z_frag[ni][e], now.w[ni], now.w[ni]);
-              }
-            if constexpr (per == 1) mma_grid_tf32(acc, now.a, b, kMTiles, kN);
-            else mma_grid_16bit<T>(acc, now.a, b, kMTiles, kN);
+            // The iterations two ahead of this mask's last two are the next mask's first two
+            // (after the last mask, the first's again: loaded, not used, no branch).
+            const int s_row = k * kOutBlock * s_stride, mask_row = k * kMaskStride;
+            const bool more = k + 1 < d.K;
+            const int next_s_row = more ? s_row + kOutBlock * s_stride : 0;
+            const int next_mask_row = more ? mask_row + kMaskStride : 0;
+            static_for<kSteps>([&](auto i) {
+              constexpr int kAhead = decltype(i)::value + 2;
+              Fragments& set = sets[decltype(i)::value % 2];
+              multiply(set);
+              if constexpr (kAhead < kSteps)
+                load(s_row, mask_row, std::integral_constant<int, kAhead * step>{}, set);
+              else
+                load(next_s_row, next_mask_row,
+                     std::integral_constant<int, (kAhead - kSteps) * step>{}, set);
+            });
           }
         }
-      });
+      }
 
       if (in_block + 1 < in_blocks) continue;
       // U_j complete: to shared memory (the previous kernel's adjoint readers passed a barrier
@@ -1261,8 +1280,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int mi = 0; mi < kMTiles; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < kMaxNTiles; ++ni) {
-          if (ni >= n_tiles || wn + ni * 8 >= u_padded) break;  // (repeats of the last n-tile)
+        for (int ni = 0; ni < kN; ++ni) {
+          if (wn + ni * 8 >= u_padded) break;  // (repeats of the last n-tile)
 #pragma unroll
           for (int i = 0; i < 4; i += 2) {
             const int row = mi * 16 + g + 4 * i, p = wn + ni * 8 + 2 * t;
@@ -1272,16 +1291,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       __syncthreads();
-      if constexpr (kProbe != kLoadOnly)
-        with_halo(h, [&](auto halo) {
-          constexpr int kH = decltype(halo)::value, kUStride = Tile::u_stride(kH);
+      if constexpr (kProbe != kLoadOnly) {
 #pragma unroll
-          for (int i = 0; i < kItems; ++i) {
-            const int item = tid + i * kThreads, ox = item % kTileCols, c = item / kTileCols;
-            convolve_column<kRows, 2 * kH + 1, true>(d_acc[i], u_tile + c * kUStride + ox,
-                                                     kTileCols + 2 * kH, kRows + 2 * kH, tap);
-          }
-        });
+        for (int i = 0; i < kItems; ++i) {
+          const int item = tid + i * kThreads, ox = item % kTileCols, c = item / kTileCols;
+          convolve_column<kRows, 2 * kH + 1, true>(d_acc[i], u_tile + c * Tile::u_stride(kH) + ox,
+                                                   kTileCols + 2 * kH, kRows + 2 * kH, tap);
+        }
+      }
     }
 
 #pragma unroll
@@ -1296,7 +1313,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                      static_cast<int64_t>(y) * d.W + x] = narrow<T>(d_acc[i][o]);
       }
     }
-    it = next;
+    it = next_item();
   }
 }
 
@@ -1483,6 +1500,29 @@ cudaError_t launch_backward_kernel(Kernel kernel, const Dims& d, const dim3 grid
   return cudaGetLastError();
 }
 
+// The tensor-core backward kernel for the halo h = r / 2 (its template argument), or nullptr
+// where the tile does not take it (the plan picks the tiles that do).
+template <typename T, int kRows, int kProbe = kFull>
+auto mma_backward_kernel(int h) {
+  using Tile = MmaBackwardTile<T, kRows>;
+  const auto at = [](auto halo) {
+    constexpr int kH = decltype(halo)::value;
+    using Kernel = decltype(&_masked_gram_bwd_mma_kernel<T, kRows, 0, kProbe>);
+    if constexpr (Tile::fits(2 * kH + 1))
+      return Kernel{_masked_gram_bwd_mma_kernel<T, kRows, kH, kProbe>};
+    else
+      return Kernel{nullptr};
+  };
+  static_assert(kMmaHalo == 3, "one case per halo");
+  switch (h) {
+    case 0: return at(std::integral_constant<int, 0>{});
+    case 1: return at(std::integral_constant<int, 1>{});
+    case 2: return at(std::integral_constant<int, 2>{});
+    case 3: return at(std::integral_constant<int, 3>{});
+  }
+  return at(std::integral_constant<int, kMmaHalo + 1>{});
+}
+
 // The tensor-core backward (`rows` x 16 tiles, 64 output channels): one block per SM (its
 // shared memory allows no more), each walking items gridDim.x apart.
 template <typename T, typename Kernel>
@@ -1491,6 +1531,7 @@ cudaError_t launch_mma_backward(Kernel kernel, int rows, const CastGramShape& s,
                                 const void* inverse_mass, const void* features,
                                 const void* masks, const void* kernels, void* d_features,
                                 cudaStream_t stream) {
+  if (kernel == nullptr) return cudaErrorInvalidValue;
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess)
@@ -1513,19 +1554,20 @@ cudaError_t BackwardProbe<T>::launch(int probe, const CastGramShape& s, const Ca
                                      const void* features, const void* masks,
                                      const void* kernels, void* d_features,
                                      cudaStream_t stream) {
+  // Built for the probe's r = 3 alone (bench/gpu_probe.py, gpu_ncu.py).
   const auto mma = [&](auto kernel) {
-    return launch_mma_backward<T>(kernel, kWideRows, s, plan, grad, inverse_mass, features,
-                                  masks, kernels, d_features, stream);
+    return launch_mma_backward<T>(s.r == 3 ? kernel : nullptr, kWideRows, s, plan, grad,
+                                  inverse_mass, features, masks, kernels, d_features, stream);
   };
   switch (probe) {
     case kLoadOnly:
-      return mma(_masked_gram_bwd_mma_kernel<T, kWideRows, kLoadOnly>);
+      return mma(_masked_gram_bwd_mma_kernel<T, kWideRows, 1, kLoadOnly>);
     case kNoMma:
-      return mma(_masked_gram_bwd_mma_kernel<T, kWideRows, kNoMma>);
+      return mma(_masked_gram_bwd_mma_kernel<T, kWideRows, 1, kNoMma>);
     case kNoLoad:
-      return mma(_masked_gram_bwd_mma_kernel<T, kWideRows, kNoLoad>);
+      return mma(_masked_gram_bwd_mma_kernel<T, kWideRows, 1, kNoLoad>);
     case kLoadTwice:
-      return mma(_masked_gram_bwd_mma_kernel<T, kWideRows, kLoadTwice>);
+      return mma(_masked_gram_bwd_mma_kernel<T, kWideRows, 1, kLoadTwice>);
   }
   return cudaErrorInvalidValue;
 }
@@ -1544,8 +1586,9 @@ cudaError_t Backward<T>::launch(const CastGramShape& s, const CastGramPlan& plan
   if constexpr (sizeof(T) <= 4) {
     if (plan.backward_rows == kWideRows || plan.backward_rows == kNarrowRows) {
       const int rows = static_cast<int>(plan.backward_rows);
-      const auto kernel = rows == kWideRows ? _masked_gram_bwd_mma_kernel<T, kWideRows>
-                                            : _masked_gram_bwd_mma_kernel<T, kNarrowRows>;
+      const int h = static_cast<int>(s.r) / 2;
+      const auto kernel = rows == kWideRows ? mma_backward_kernel<T, kWideRows>(h)
+                                            : mma_backward_kernel<T, kNarrowRows>(h);
       return launch_mma_backward<T>(kernel, rows, s, plan, grad, inverse_mass, features, masks,
                                     kernels, d_features, stream);
     }
