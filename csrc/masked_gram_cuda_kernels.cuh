@@ -1213,6 +1213,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint32_t* z_lane = z_tile + t * kZStride + g;
         const float* mask_lane = mask_sq + g;
         // Mask k's S rows and squares (offsets of s_lane, mask_lane) for input step c0.
+        // This step's B words of Z_j (a step's input steps x n-tiles x 2) in registers where 24
+        // or fewer (float32 at r <= 3, 16-bit input), read from shared memory once rather than
+        // for every mask (at r = 5, float32, ptxas spilled them back at 255 registers).
+        constexpr bool kHeld = kSteps > 0 && kSteps * kN * 2 <= 24;
+        uint32_t z_words[kHeld ? kSteps : 1][kN][2];
+        const auto z_at = [&](int c, int ni, int e) {  // a word's offset from z_lane
+          return (c * step / per + e * 4) * kZStride + column(ni);
+        };
         const auto load = [&](int s_row, int mask_row, auto c0, Fragments& f) {
           const float* sp = s_lane + s_row + decltype(c0)::value;
 #pragma unroll
@@ -1232,13 +1240,13 @@ __global__ void __launch_bounds__(kThreads, 1)
               f.a[mi][2] = pack_pair<T>(hi.x, hi.y), f.a[mi][3] = pack_pair<T>(hi8.x, hi8.y);
             }
           }
-          const uint32_t* zp = z_lane + decltype(c0)::value / per * kZStride;
 #pragma unroll
           for (int ni = 0; ni < kN; ++ni) {
             const float w = mask_lane[mask_row + column(ni)];
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const uint32_t z = zp[e * 4 * kZStride + column(ni)];
+              const uint32_t z = kHeld ? z_words[decltype(c0)::value / step][ni][e]
+                                       : z_lane[z_at(decltype(c0)::value / step, ni, e)];
               if constexpr (per == 1) f.b[ni][e] = round_to_tf32(bits_as<float>(z) * w);
               else f.b[ni][e] = HalfOperands<T>::scaled(z, w, w);
             }
@@ -1249,6 +1257,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           else mma_grid_16bit<T>(acc, f.a, f.b, kMTiles, kN);
         };
         if constexpr (kDepth > 0) {
+#pragma unroll
+          for (int c = 0; c < kSteps; ++c)
+#pragma unroll
+            for (int ni = 0; ni < kN; ++ni)
+#pragma unroll
+              for (int e = 0; e < 2; ++e)
+                if constexpr (kHeld) z_words[c][ni][e] = z_lane[z_at(c, ni, e)];
           Fragments sets[2];
           load(0, 0, std::integral_constant<int, 0>{}, sets[0]);
           load(0, 0, std::integral_constant<int, step>{}, sets[1]);

@@ -329,10 +329,10 @@ def test_cuda_machine_code(build_folder):
         n_tiles = BACKWARD_N_TILES[int(rows)][int(halo)]
         assert all(run % (4 * n_tiles) == 0 for run in runs[name]), (name, runs[name])
         # The operands (S fragments, B scaled by m_k^2) loaded two iterations ahead: at least
-        # 16 instructions between an HMMA and the last shared-memory load it waits for (28 at
+        # 12 instructions between an HMMA and the last shared-memory load it waits for (29 at
         # r = 3 with 8-row tiles). Loaded one ahead, ptxas put the second iteration of each
-        # trip's LDSM 4-15 instructions before its HMMAs (gpu-notes).
-        assert distances[name] and min(distances[name]) >= 16, (name, distances[name])
+        # trip's LDSM 4-11 instructions before its HMMAs with 8-row tiles (gpu-notes).
+        assert distances[name] and min(distances[name]) >= 12, (name, distances[name])
         # F's and S's 16-byte copies: no scalar border path inside their loops and a few
         # instructions a copy (were 48-91 with the scalar path inside: gpu-notes).
         copies = [body for body in loops_of[name] if any(x[1].startswith("LDGSTS") for x in body)]
