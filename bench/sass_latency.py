@@ -269,9 +269,10 @@ def mma_loops(sass: str, kernel: str) -> list[list[Instruction]]:
 
 # (what, source, kernel): the kernels the op runs at r = 3 (h = 1), K = 3.
 KERNELS = [
-    ("backward f32, 8-row tiles", "masked_gram_cuda_backward.cu", r"bwd_mma_kernelIfLi8ELi0EE"),
+    ("backward f32, 8-row tiles", "masked_gram_cuda_backward.cu",
+     r"bwd_mma_kernelIfLi8ELi1ELi0EE"),
     ("backward bf16, 8-row tiles", "masked_gram_cuda_backward_bf16.cu",
-     r"bwd_mma_kernelI13__nv_bfloat16Li8ELi0EE"),
+     r"bwd_mma_kernelI13__nv_bfloat16Li8ELi1ELi0EE"),
     ("forward f32 (TF32), 8-row tiles", "masked_gram_cuda_forward.cu",
      r"fwd_kernelIfLb1ELi8ELi0EE"),
     ("forward bf16, 8-row tiles", "masked_gram_cuda_forward_16bit.cu",

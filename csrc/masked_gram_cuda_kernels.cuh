@@ -1212,7 +1212,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                                        : s_tile + g * s_stride + 2 * t;
         const uint32_t* z_lane = z_tile + t * kZStride + g;
         const float* mask_lane = mask_sq + g;
-        // Mask k's S rows and squares (offsets of s_lane, mask_lane) for input step c0.
         // This step's B words of Z_j (a step's input steps x n-tiles x 2) in registers where 24
         // or fewer (float32 at r <= 3, 16-bit input), read from shared memory once rather than
         // for every mask (at r = 5, float32, ptxas spilled them back at 255 registers).
@@ -1221,7 +1220,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         const auto z_at = [&](int c, int ni, int e) {  // a word's offset from z_lane
           return (c * step / per + e * 4) * kZStride + column(ni);
         };
-        const auto load = [&](int s_row, int mask_row, auto c0, Fragments& f) {
+        // Mask k's words of m_k^2 on the warp's n-tiles (mask_row: their offset of mask_lane).
+        struct MaskWords {
+          float w[kN];
+        };
+        const auto mask_words = [&](int mask_row) {
+          MaskWords words;
+#pragma unroll
+          for (int ni = 0; ni < kN; ++ni) words.w[ni] = mask_lane[mask_row + column(ni)];
+          return words;
+        };
+        // Mask k's fragments for input step c0: its S rows (s_row: their offset of s_lane) and
+        // Z_j's words scaled by its words w.
+        const auto load = [&](int s_row, const MaskWords& words, auto c0, Fragments& f) {
           const float* sp = s_lane + s_row + decltype(c0)::value;
 #pragma unroll
           for (int mi = 0; mi < kMTiles; ++mi) {
@@ -1241,16 +1252,15 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
 #pragma unroll
-          for (int ni = 0; ni < kN; ++ni) {
-            const float w = mask_lane[mask_row + column(ni)];
+          for (int ni = 0; ni < kN; ++ni)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const uint32_t z = kHeld ? z_words[decltype(c0)::value / step][ni][e]
                                        : z_lane[z_at(decltype(c0)::value / step, ni, e)];
+              const float w = words.w[ni];
               if constexpr (per == 1) f.b[ni][e] = round_to_tf32(bits_as<float>(z) * w);
               else f.b[ni][e] = HalfOperands<T>::scaled(z, w, w);
             }
-          }
         };
         const auto multiply = [&](const Fragments& f) {
           if constexpr (per == 1) mma_grid_tf32(acc, f.a, f.b, kMTiles, kN);
@@ -1264,27 +1274,30 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
               for (int e = 0; e < 2; ++e)
                 if constexpr (kHeld) z_words[c][ni][e] = z_lane[z_at(c, ni, e)];
+          MaskWords words = mask_words(0);
           Fragments sets[2];
-          load(0, 0, std::integral_constant<int, 0>{}, sets[0]);
-          load(0, 0, std::integral_constant<int, step>{}, sets[1]);
+          load(0, words, std::integral_constant<int, 0>{}, sets[0]);
+          load(0, words, std::integral_constant<int, step>{}, sets[1]);
 #pragma unroll 1
           for (int k = 0; k < d.K; ++k) {
             // The iterations two ahead of this mask's last two are the next mask's first two
-            // (after the last mask, the first's again: loaded, not used, no branch).
-            const int s_row = k * kOutBlock * s_stride, mask_row = k * kMaskStride;
+            // (after the last mask, the first's again: loaded, not used, no branch); its words
+            // are loaded first, a trip before they scale.
+            const int s_row = k * kOutBlock * s_stride;
             const bool more = k + 1 < d.K;
             const int next_s_row = more ? s_row + kOutBlock * s_stride : 0;
-            const int next_mask_row = more ? mask_row + kMaskStride : 0;
+            const MaskWords next_words = mask_words(more ? (k + 1) * kMaskStride : 0);
             static_for<kSteps>([&](auto i) {
               constexpr int kAhead = decltype(i)::value + 2;
               Fragments& set = sets[decltype(i)::value % 2];
               multiply(set);
               if constexpr (kAhead < kSteps)
-                load(s_row, mask_row, std::integral_constant<int, kAhead * step>{}, set);
+                load(s_row, words, std::integral_constant<int, kAhead * step>{}, set);
               else
-                load(next_s_row, next_mask_row,
+                load(next_s_row, next_words,
                      std::integral_constant<int, (kAhead - kSteps) * step>{}, set);
             });
+            words = next_words;
           }
         }
       }
