@@ -863,6 +863,10 @@ struct MmaBackwardTile {
   // The mirrors' rows: 8 / per (mod 32) words, so that forming S (lanes on 4 * per input by
   // 8 / per output channels) reads S and the mirrors without bank conflicts.
   static constexpr int t_stride = kOutBlock + 8 / per;
+  // The MMA's S for 16-bit input, in the input type (pairs of input channels a word, written
+  // when S is formed): rows of 20 words, 20 (mod 32), so that ldmatrix's 8 rows of 16 bytes and
+  // the form pass's stores fall in distinct banks. float32's S is the float buffer itself.
+  static constexpr int pairs_stride = kInBlock / 2 + 4;
 
   __host__ __device__ static constexpr int f_bytes(int h) {
     return kInBlock * f_stride(h) * static_cast<int>(sizeof(T));
@@ -878,6 +882,9 @@ struct MmaBackwardTile {
   __host__ __device__ static constexpr int mask_bytes(int h, int K) {
     return K * u_padded(h) * 4;
   }
+  __host__ __device__ static constexpr int pairs_bytes(int K) {
+    return per == 2 ? K * kOutBlock * pairs_stride * 4 : 0;
+  }
   // U_j's region and, with it, dG's mirrors': theirs after U (own_mirrors), or U's own during
   // a kernel's steps where shared memory is short (as large as U, 53 KiB at r = 3 with 8-row
   // tiles, it holds the mirrors of 5 masks in f32, 6 for 16-bit input).
@@ -885,12 +892,12 @@ struct MmaBackwardTile {
     if (own_mirrors) return u_bytes(h) + t_bytes(K);
     return u_bytes(h) > t_bytes(K) ? u_bytes(h) : t_bytes(K);
   }
-  // In the kernel's order: F, S twice, Z, U and the mirrors, m_k^2, taps (all multiples of 16
-  // bytes but taps).
+  // In the kernel's order: F, S twice, Z, U and the mirrors, m_k^2, 16-bit S, taps (all
+  // multiples of 16 bytes but taps).
   __host__ __device__ static constexpr int bytes(int r, int K, int J, bool own_mirrors) {
     const int h = r / 2;
     return f_bytes(h) + 2 * s_bytes(K) + z_bytes(h) + u_region(h, K, own_mirrors) +
-           mask_bytes(h, K) + J * r * r * 4;
+           mask_bytes(h, K) + pairs_bytes(K) + J * r * r * 4;
   }
   // Whether the kernel takes r at all: the halo's positions within the warps' n-tiles.
   __host__ __device__ static constexpr bool fits(int r) {
@@ -956,7 +963,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* mirrors = d.own_mirrors ? u_tile + Tile::u_bytes(h) / 4 : u_tile;
   float* mask_sq =
       reinterpret_cast<float*>(region += Tile::u_region(h, d.K, d.own_mirrors));  // (K, u_padded)
-  float* taps = reinterpret_cast<float*>(region += Tile::mask_bytes(h, d.K));  // (J, r, r)
+  // 16-bit input's S for the MMAs, (K, 64, pairs_stride) words of input-type pairs
+  uint32_t* s_pairs = reinterpret_cast<uint32_t*>(region += Tile::mask_bytes(h, d.K));
+  float* taps = reinterpret_cast<float*>(region += Tile::pairs_bytes(d.K));  // (J, r, r)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t N = static_cast<int64_t>(d.H) * d.W;
@@ -1050,9 +1059,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (in_block > 0 || d.own_mirrors) issue_mirrors(it, s);
   };
 
-  // S_jk = (dG_jk + dG_jk^T) / n_k on the step's blocks, in place of dG's: the same operands,
-  // added and scaled in the same order as reference.symmetric_grad, so the same bits; TF32
-  // operands rounded once, here (rounding per fragment, 4x as often, gave the same bits).
+  // S_jk = (dG_jk + dG_jk^T) / n_k on the step's blocks, in place of dG's (16-bit input: into
+  // s_pairs, in the input type): the same operands, added and scaled in the same order as
+  // reference.symmetric_grad, so the same bits; MMA operands rounded once, here (TF32 rounding
+  // per fragment, 4x as often, gave the same bits; 16-bit pairs packed from floats per fragment
+  // were 16 LDS.64 and 16 F2FP an iteration, twice f32's shared-memory wavefronts).
   // A warp's lanes take 4 * per input by 8 / per output channels (the strides make that
   // conflict-free); a thread's 8 elements of each mask share its 1 / n_k.
   auto form_symmetric = [&](int buffer, int batch) {
@@ -1068,13 +1079,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int c_out = rest / (kInBlock / kInLanes) * kOutLanes + tid / kInLanes % kOutLanes;
     float* s = s_tiles + buffer * (Tile::s_bytes(d.K) / 4) + c_out * s_stride + c_in;
     const float* t = mirrors + c_in * t_stride + c_out;
-    for (int k = 0; k < d.K; ++k, s += kOutBlock * s_stride, t += kInBlock * t_stride) {
+    T* pairs = reinterpret_cast<T*>(s_pairs) + c_out * 2 * Tile::pairs_stride + c_in;
+    for (int k = 0; k < d.K; ++k, s += kOutBlock * s_stride, t += kInBlock * t_stride,
+             pairs += kOutBlock * 2 * Tile::pairs_stride) {
       const float inverse = inverse_mass[(d.Bm == 1 ? 0 : batch) * d.K + k];
 #pragma unroll
       for (int i = 0; i < kElements; ++i) {
         const float value = (s[i * kOutStep * s_stride] + t[i * kOutStep]) * inverse;
         if constexpr (per == 1) s[i * kOutStep * s_stride] = bits_as<float>(round_to_tf32(value));
-        else s[i * kOutStep * s_stride] = value;
+        else pairs[i * kOutStep * 2 * Tile::pairs_stride] = narrow<T>(value);
       }
     }
   };
@@ -1208,8 +1221,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         constexpr int kZStride = Tile::z_stride(kH), kMaskStride = Tile::u_padded(kH);
         constexpr int kSteps = kDepth / step;  // input steps of an iteration's mask
         static_assert(kSteps % 2 == 0, "two sets of registers by the step's parity");
-        const float* s_lane = per == 1 ? s_tile + (lane % 16) * s_stride + lane / 16 * 4
-                                       : s_tile + g * s_stride + 2 * t;
+        // S's rows as ldmatrix reads them (words: TF32 values, or pairs of 16-bit ones), this
+        // lane's row lane % 16 of its 4 matrices, from word lane / 16 * 4.
+        constexpr int kSStride = per == 1 ? s_stride : Tile::pairs_stride;
+        const uint32_t* s_lane =
+            (per == 1 ? reinterpret_cast<const uint32_t*>(s_tile) : s_pairs) +
+            (lane % 16) * kSStride + lane / 16 * 4;
         const uint32_t* z_lane = z_tile + t * kZStride + g;
         const float* mask_lane = mask_sq + g;
         // This step's B words of Z_j (a step's input steps x n-tiles x 2) in registers where 24
@@ -1230,27 +1247,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int ni = 0; ni < kN; ++ni) words.w[ni] = mask_lane[mask_row + column(ni)];
           return words;
         };
-        // Mask k's fragments for input step c0: its S rows (s_row: their offset of s_lane) and
-        // Z_j's words scaled by its words w.
+        // Mask k's fragments for input step c0: its S rows (s_row: their offset of s_lane), a
+        // fragment an ldmatrix (S came as MMA operands from form_symmetric), and Z_j's words
+        // scaled by its words w.
         const auto load = [&](int s_row, const MaskWords& words, auto c0, Fragments& f) {
-          const float* sp = s_lane + s_row + decltype(c0)::value;
+          const uint32_t* sp = s_lane + s_row + decltype(c0)::value / per;
 #pragma unroll
-          for (int mi = 0; mi < kMTiles; ++mi) {
-            if constexpr (per == 1) {
-              // S came rounded to TF32 (form_symmetric): a fragment an ldmatrix (4 scalar loads
-              // each were a quarter of an iteration's instructions); this lane's row of its
-              // 4 matrices, rows lane % 16 and words lane / 16 * 4 ..
-              load_matrix_x4(f.a[mi], sp + mi * 16 * s_stride);
-            } else {
-              const float* p = sp + mi * 16 * s_stride;
-              const float2 lo = *reinterpret_cast<const float2*>(p);
-              const float2 lo8 = *reinterpret_cast<const float2*>(p + 8 * s_stride);
-              const float2 hi = *reinterpret_cast<const float2*>(p + 8);
-              const float2 hi8 = *reinterpret_cast<const float2*>(p + 8 * s_stride + 8);
-              f.a[mi][0] = pack_pair<T>(lo.x, lo.y), f.a[mi][1] = pack_pair<T>(lo8.x, lo8.y);
-              f.a[mi][2] = pack_pair<T>(hi.x, hi.y), f.a[mi][3] = pack_pair<T>(hi8.x, hi8.y);
-            }
-          }
+          for (int mi = 0; mi < kMTiles; ++mi) load_matrix_x4(f.a[mi], sp + mi * 16 * kSStride);
 #pragma unroll
           for (int ni = 0; ni < kN; ++ni)
 #pragma unroll
@@ -1283,9 +1286,9 @@ __global__ void __launch_bounds__(kThreads, 1)
             // The iterations two ahead of this mask's last two are the next mask's first two
             // (after the last mask, the first's again: loaded, not used, no branch); its words
             // are loaded first, a trip before they scale.
-            const int s_row = k * kOutBlock * s_stride;
+            const int s_row = k * kOutBlock * kSStride;
             const bool more = k + 1 < d.K;
-            const int next_s_row = more ? s_row + kOutBlock * s_stride : 0;
+            const int next_s_row = more ? s_row + kOutBlock * kSStride : 0;
             const MaskWords next_words = mask_words(more ? (k + 1) * kMaskStride : 0);
             static_for<kSteps>([&](auto i) {
               constexpr int kAhead = decltype(i)::value + 2;
