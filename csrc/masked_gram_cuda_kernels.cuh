@@ -854,19 +854,15 @@ struct MmaBackwardTile {
     return ceil_div(u_padded(h) / 8, kWarps) < kMaxNTiles ? ceil_div(u_padded(h) / 8, kWarps)
                                                           : kMaxNTiles;
   }
-  // Row strides in words: Z 8 (mod 32) and S 4 (TF32: ldmatrix's 8 rows of 16 bytes) or 8
-  // (pairs, 64-bit reads) (mod 32), so the fragment loads are conflict-free; U 16 (mod 32), for
-  // the adjoint's two channels a warp.
+  // Row strides in words: Z 8 (mod 32) and S 4 (mod 32: ldmatrix's 8 rows of 16 bytes), so the
+  // fragment loads are conflict-free; U 16 (mod 32), for the adjoint's two channels a warp.
   __host__ __device__ static constexpr int z_stride(int h) { return u_padded(h) + 8; }
-  static constexpr int s_stride = kInBlock + 4 * per;
+  static constexpr int s_stride = kInBlock + 4;
   __host__ __device__ static constexpr int u_stride(int h) { return u_padded(h) + 16; }
   // The mirrors' rows: 8 / per (mod 32) words, so that forming S (lanes on 4 * per input by
-  // 8 / per output channels) reads S and the mirrors without bank conflicts.
+  // 8 / per output channels) reads the mirrors without bank conflicts (and S's float32 rows;
+  // 16-bit input's 8 lanes of a row meet 2-way there).
   static constexpr int t_stride = kOutBlock + 8 / per;
-  // The MMA's S for 16-bit input, in the input type (pairs of input channels a word, written
-  // when S is formed): rows of 20 words, 20 (mod 32), so that ldmatrix's 8 rows of 16 bytes and
-  // the form pass's stores fall in distinct banks. float32's S is the float buffer itself.
-  static constexpr int pairs_stride = kInBlock / 2 + 4;
 
   __host__ __device__ static constexpr int f_bytes(int h) {
     return kInBlock * f_stride(h) * static_cast<int>(sizeof(T));
@@ -882,9 +878,6 @@ struct MmaBackwardTile {
   __host__ __device__ static constexpr int mask_bytes(int h, int K) {
     return K * u_padded(h) * 4;
   }
-  __host__ __device__ static constexpr int pairs_bytes(int K) {
-    return per == 2 ? K * kOutBlock * pairs_stride * 4 : 0;
-  }
   // U_j's region and, with it, dG's mirrors': theirs after U (own_mirrors), or U's own during
   // a kernel's steps where shared memory is short (as large as U, 53 KiB at r = 3 with 8-row
   // tiles, it holds the mirrors of 5 masks in f32, 6 for 16-bit input).
@@ -892,12 +885,12 @@ struct MmaBackwardTile {
     if (own_mirrors) return u_bytes(h) + t_bytes(K);
     return u_bytes(h) > t_bytes(K) ? u_bytes(h) : t_bytes(K);
   }
-  // In the kernel's order: F, S twice, Z, U and the mirrors, m_k^2, 16-bit S, taps (all
-  // multiples of 16 bytes but taps).
+  // In the kernel's order: F, S twice, Z, U and the mirrors, m_k^2, taps (all multiples of 16
+  // bytes but taps).
   __host__ __device__ static constexpr int bytes(int r, int K, int J, bool own_mirrors) {
     const int h = r / 2;
     return f_bytes(h) + 2 * s_bytes(K) + z_bytes(h) + u_region(h, K, own_mirrors) +
-           mask_bytes(h, K) + pairs_bytes(K) + J * r * r * 4;
+           mask_bytes(h, K) + J * r * r * 4;
   }
   // Whether the kernel takes r at all: the halo's positions within the warps' n-tiles.
   __host__ __device__ static constexpr bool fits(int r) {
@@ -963,9 +956,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* mirrors = d.own_mirrors ? u_tile + Tile::u_bytes(h) / 4 : u_tile;
   float* mask_sq =
       reinterpret_cast<float*>(region += Tile::u_region(h, d.K, d.own_mirrors));  // (K, u_padded)
-  // 16-bit input's S for the MMAs, (K, 64, pairs_stride) words of input-type pairs
-  uint32_t* s_pairs = reinterpret_cast<uint32_t*>(region += Tile::mask_bytes(h, d.K));
-  float* taps = reinterpret_cast<float*>(region += Tile::pairs_bytes(d.K));  // (J, r, r)
+  float* taps = reinterpret_cast<float*>(region += Tile::mask_bytes(h, d.K));  // (J, r, r)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t N = static_cast<int64_t>(d.H) * d.W;
@@ -1059,13 +1050,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (in_block > 0 || d.own_mirrors) issue_mirrors(it, s);
   };
 
-  // S_jk = (dG_jk + dG_jk^T) / n_k on the step's blocks, in place of dG's (16-bit input: into
-  // s_pairs, in the input type): the same operands, added and scaled in the same order as
-  // reference.symmetric_grad, so the same bits; MMA operands rounded once, here (TF32 rounding
-  // per fragment, 4x as often, gave the same bits; 16-bit pairs packed from floats per fragment
-  // were 16 LDS.64 and 16 F2FP an iteration, twice f32's shared-memory wavefronts).
-  // A warp's lanes take 4 * per input by 8 / per output channels (the strides make that
-  // conflict-free); a thread's 8 elements of each mask share its 1 / n_k.
+  // S_jk = (dG_jk + dG_jk^T) / n_k on the step's blocks, in place of dG's: the same operands,
+  // added and scaled in the same order as reference.symmetric_grad, so the same bits; MMA
+  // operands rounded once, here (TF32 rounding per fragment, 4x as often, gave the same bits;
+  // 16-bit input's pairs packed from floats per fragment were 16 LDS.64 and 16 F2FP an
+  // iteration, twice f32's shared-memory wavefronts). 16-bit input's S goes over dG's floats
+  // as the input type: a row's 8 channels 8m .. 8m + 7 in its bytes 32m .. 32m + 15, which the
+  // warp that forms them read (a warp takes 8 input channels of its rows), so ldmatrix reads
+  // them as it reads TF32 values (channel c0's word at c0 of the row, either way).
+  // A warp's lanes take 4 * per input by 8 / per output channels; a thread's 8 elements of each
+  // mask share its 1 / n_k.
   auto form_symmetric = [&](int buffer, int batch) {
     constexpr int kInLanes = 4 * per, kOutLanes = 8 / per;
     constexpr int kElements = kInBlock * kOutBlock / kThreads;  // a thread's, per mask
@@ -1079,15 +1073,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int c_out = rest / (kInBlock / kInLanes) * kOutLanes + tid / kInLanes % kOutLanes;
     float* s = s_tiles + buffer * (Tile::s_bytes(d.K) / 4) + c_out * s_stride + c_in;
     const float* t = mirrors + c_in * t_stride + c_out;
-    T* pairs = reinterpret_cast<T*>(s_pairs) + c_out * 2 * Tile::pairs_stride + c_in;
+    // (16-bit input) this element's place as the input type: row c_out, bytes 32m + 2 (c % 8)
+    T* pairs = reinterpret_cast<T*>(s - c_in) + c_in / 8 * 16 + c_in % 8;
     for (int k = 0; k < d.K; ++k, s += kOutBlock * s_stride, t += kInBlock * t_stride,
-             pairs += kOutBlock * 2 * Tile::pairs_stride) {
+             pairs += kOutBlock * s_stride * 2) {
       const float inverse = inverse_mass[(d.Bm == 1 ? 0 : batch) * d.K + k];
+      float values[kElements];
+#pragma unroll
+      for (int i = 0; i < kElements; ++i)
+        values[i] = (s[i * kOutStep * s_stride] + t[i * kOutStep]) * inverse;
+      if constexpr (per == 2) __syncwarp();  // the warp's floats read before its pairs land
 #pragma unroll
       for (int i = 0; i < kElements; ++i) {
-        const float value = (s[i * kOutStep * s_stride] + t[i * kOutStep]) * inverse;
-        if constexpr (per == 1) s[i * kOutStep * s_stride] = bits_as<float>(round_to_tf32(value));
-        else pairs[i * kOutStep * 2 * Tile::pairs_stride] = narrow<T>(value);
+        if constexpr (per == 1)
+          s[i * kOutStep * s_stride] = bits_as<float>(round_to_tf32(values[i]));
+        else
+          pairs[i * kOutStep * s_stride * 2] = narrow<T>(values[i]);
       }
     }
   };
@@ -1221,12 +1222,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         constexpr int kZStride = Tile::z_stride(kH), kMaskStride = Tile::u_padded(kH);
         constexpr int kSteps = kDepth / step;  // input steps of an iteration's mask
         static_assert(kSteps % 2 == 0, "two sets of registers by the step's parity");
-        // S's rows as ldmatrix reads them (words: TF32 values, or pairs of 16-bit ones), this
-        // lane's row lane % 16 of its 4 matrices, from word lane / 16 * 4.
-        constexpr int kSStride = per == 1 ? s_stride : Tile::pairs_stride;
-        const uint32_t* s_lane =
-            (per == 1 ? reinterpret_cast<const uint32_t*>(s_tile) : s_pairs) +
-            (lane % 16) * kSStride + lane / 16 * 4;
+        // S's rows as ldmatrix reads them (words: TF32 values, or pairs of 16-bit ones, input
+        // step c0's at word c0 of a row): this lane's row lane % 16 of its 4 matrices, from the
+        // input step's channel 4 * per * (lane / 16).
+        constexpr int kSStride = s_stride;
+        const uint32_t* s_lane = reinterpret_cast<const uint32_t*>(s_tile) +
+                                 (lane % 16) * kSStride + lane / 16 * 4 * per;
         const uint32_t* z_lane = z_tile + t * kZStride + g;
         const float* mask_lane = mask_sq + g;
         // This step's B words of Z_j (a step's input steps x n-tiles x 2) in registers where 24
@@ -1251,7 +1252,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // fragment an ldmatrix (S came as MMA operands from form_symmetric), and Z_j's words
         // scaled by its words w.
         const auto load = [&](int s_row, const MaskWords& words, auto c0, Fragments& f) {
-          const uint32_t* sp = s_lane + s_row + decltype(c0)::value / per;
+          const uint32_t* sp = s_lane + s_row + decltype(c0)::value;
 #pragma unroll
           for (int mi = 0; mi < kMTiles; ++mi) load_matrix_x4(f.a[mi], sp + mi * 16 * kSStride);
 #pragma unroll

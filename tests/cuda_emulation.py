@@ -107,6 +107,8 @@ struct EmulatedWarp {
 };
 inline std::vector<std::unique_ptr<EmulatedWarp>> emulated_warps;
 inline thread_local unsigned emulated_turn = 0;
+// The warp's lanes meet (and their shared-memory writes before it are seen after it).
+inline void __syncwarp() { emulated_warps[threadIdx.x / 32]->barrier.arrive_and_wait(); }
 
 // One pool of threads runs the blocks one after another; the kernels' own __syncthreads share
 // the barrier, which CUDA already requires every thread of a block to reach alike.
