@@ -1231,8 +1231,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint32_t* z_lane = z_tile + t * kZStride + g;
         const float* mask_lane = mask_sq + g;
         // This step's B words of Z_j (a step's input steps x n-tiles x 2) in registers where 24
-        // or fewer (float32 at r <= 3, 16-bit input), read from shared memory once rather than
-        // for every mask (at r = 5, float32, ptxas spilled them back at 255 registers).
+        // or fewer (float32 at r <= 3, and r = 5 on 4-row tiles; 16-bit input), read once rather
+        // than for every mask (float32 at r = 5 on 8-row tiles: ptxas spilled them at 255).
         constexpr bool kHeld = kSteps > 0 && kSteps * kN * 2 <= 24;
         uint32_t z_words[kHeld ? kSteps : 1][kN][2];
         const auto z_at = [&](int c, int ni, int e) {  // a word's offset from z_lane
