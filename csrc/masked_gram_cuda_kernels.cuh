@@ -938,12 +938,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   static_assert(Tile::f_cols(kMmaHalo) / vector <= kCopyChunks, "a row of F's halo: 8 copies");
   static_assert(Tile::fits(2 * kH + 1), "a halo the tile takes (mma_backward_kernel)");
 
+  // The halo's geometry, all compile-time.
   constexpr int h = kH;
-  const int pad = Tile::pad(h), f_cols = Tile::f_cols(h);
-  const int f_rows = kRows + 4 * h, f_stride = Tile::f_stride(h), chunks = f_cols / vector;
-  const int u_rows = kRows + 2 * h, u_cols = kTileCols + 2 * h, u_size = u_rows * u_cols;
-  const int u_padded = Tile::u_padded(h), z_stride = Tile::z_stride(h);
-  const int u_stride = Tile::u_stride(h), taps_per_kernel = d.r * d.r;
+  constexpr int pad = Tile::pad(h), f_cols = Tile::f_cols(h);
+  constexpr int f_rows = kRows + 4 * h, f_stride = Tile::f_stride(h), chunks = f_cols / vector;
+  constexpr int u_rows = kRows + 2 * h, u_cols = kTileCols + 2 * h, u_size = u_rows * u_cols;
+  constexpr int u_padded = Tile::u_padded(h), z_stride = Tile::z_stride(h);
+  constexpr int u_stride = Tile::u_stride(h);
+  const int taps_per_kernel = d.r * d.r;
   const int in_blocks = ceil_div(d.C, kInBlock), steps = d.J * in_blocks;
 
   extern __shared__ __align__(128) unsigned char shared_bytes[];
@@ -1099,10 +1101,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   issue_grad_copies(it, 0, 0);
   for (int e = tid; e < d.J * taps_per_kernel; e += kThreads) taps[e] = widen(kernels[e]);
   // Z's columns past the halo are never formed: zeros, so the MMAs there add nothing.
-  constexpr int kPastHalo = Tile::u_padded(kH) - Tile::u_size(kH);
-  if constexpr (kPastHalo > 0)
-    for (int e = tid; e < Tile::z_rows * kPastHalo; e += kThreads) {
-      const int row = e / kPastHalo, p = Tile::u_size(kH) + e % kPastHalo;
+  if constexpr (u_padded > u_size)
+    for (int e = tid; e < Tile::z_rows * (u_padded - u_size); e += kThreads) {
+      const int row = e / (u_padded - u_size), p = u_size + e % (u_padded - u_size);
       z_tile[row * z_stride + p] = 0u;
     }
 
@@ -1166,27 +1167,25 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kProbe != kLoadOnly) {
         constexpr int kR = 2 * kH + 1;
         constexpr int kGroup = (kRows + 2 * kH) / 2;  // rows of Z_j an item forms
-        constexpr int kUCols = kTileCols + 2 * kH, kFCols = Tile::f_cols(kH);
-        constexpr int kFStride = Tile::f_stride(kH), kZStride = Tile::z_stride(kH);
         for (int item = tid; item < Tile::z_rows * kFormCols * 2; item += kThreads) {
           const int ux = item % kFormCols, row = item / kFormCols % Tile::z_rows;
           const int uy = item / (kFormCols * Tile::z_rows) * kGroup;
-          if (ux >= kUCols) continue;
+          if (ux >= u_cols) continue;
           float z[per][kGroup];
 #pragma unroll
           for (int e = 0; e < per; ++e) {
 #pragma unroll
             for (int o = 0; o < kGroup; ++o) z[e][o] = 0.0f;
-            const T* src = f_halo + (row * per + e) * kFStride + uy * kFCols + ux +
-                           Tile::pad(kH) - 2 * kH;
-            convolve_column<kGroup, kR, false>(z[e], src, kFCols, kGroup + 2 * kH, tap);
+            const T* src =
+                f_halo + (row * per + e) * f_stride + uy * f_cols + ux + pad - 2 * kH;
+            convolve_column<kGroup, kR, false>(z[e], src, f_cols, kGroup + 2 * kH, tap);
           }
 #pragma unroll
           for (int o = 0; o < kGroup; ++o) {
             uint32_t word;
             if constexpr (per == 1) word = bits_as<uint32_t>(z[0][o]);
             else word = pack_pair<T>(z[0][o], z[1][o]);
-            z_tile[row * kZStride + (uy + o) * kUCols + ux] = word;
+            z_tile[row * z_stride + (uy + o) * u_cols + ux] = word;
           }
         }
       }
@@ -1202,7 +1201,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // r = 5 and 7), those past the last repeat it (wasted, not stored), rather than Z, U and
         // m_k^2 growing by whole n-tiles of zeros (up to 12 KiB, which moved shapes off the
         // tensor cores).
-        constexpr int kLast = Tile::u_padded(kH) - 8;
+        constexpr int kLast = u_padded - 8;
         const auto column = [&](int ni) {
           if constexpr (kLast + 8 == kN * kWarps * 8) return wn + ni * 8;
           else return min(wn + ni * 8, kLast);
@@ -1219,16 +1218,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           uint32_t a[kMTiles][4];
           uint32_t b[kN][2];
         };
-        constexpr int kZStride = Tile::z_stride(kH), kMaskStride = Tile::u_padded(kH);
         constexpr int kSteps = kDepth / step;  // input steps of an iteration's mask
         static_assert(kSteps % 2 == 0, "two sets of registers by the step's parity");
         // S's rows as ldmatrix reads them (words: TF32 values, or pairs of 16-bit ones, input
         // step c0's at word c0 of a row): this lane's row lane % 16 of its 4 matrices, from the
         // input step's channel 4 * per * (lane / 16).
-        constexpr int kSStride = s_stride;
         const uint32_t* s_lane = reinterpret_cast<const uint32_t*>(s_tile) +
-                                 (lane % 16) * kSStride + lane / 16 * 4 * per;
-        const uint32_t* z_lane = z_tile + t * kZStride + g;
+                                 (lane % 16) * s_stride + lane / 16 * 4 * per;
+        const uint32_t* z_lane = z_tile + t * z_stride + g;
         const float* mask_lane = mask_sq + g;
         // This step's B words of Z_j (a step's input steps x n-tiles x 2) in registers where 24
         // or fewer (float32 at r <= 3, and r = 5 on 4-row tiles; 16-bit input), read once rather
@@ -1236,7 +1233,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         constexpr bool kHeld = kSteps > 0 && kSteps * kN * 2 <= 24;
         uint32_t z_words[kHeld ? kSteps : 1][kN][2];
         const auto z_at = [&](int c, int ni, int e) {  // a word's offset from z_lane
-          return (c * step / per + e * 4) * kZStride + column(ni);
+          return (c * step / per + e * 4) * z_stride + column(ni);
         };
         // Mask k's words of m_k^2 on the warp's n-tiles (mask_row: their offset of mask_lane).
         struct MaskWords {
@@ -1254,7 +1251,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const auto load = [&](int s_row, const MaskWords& words, auto c0, Fragments& f) {
           const uint32_t* sp = s_lane + s_row + decltype(c0)::value;
 #pragma unroll
-          for (int mi = 0; mi < kMTiles; ++mi) load_matrix_x4(f.a[mi], sp + mi * 16 * kSStride);
+          for (int mi = 0; mi < kMTiles; ++mi) load_matrix_x4(f.a[mi], sp + mi * 16 * s_stride);
 #pragma unroll
           for (int ni = 0; ni < kN; ++ni)
 #pragma unroll
@@ -1287,10 +1284,10 @@ __global__ void __launch_bounds__(kThreads, 1)
             // The iterations two ahead of this mask's last two are the next mask's first two
             // (after the last mask, the first's again: loaded, not used, no branch); its words
             // are loaded first, a trip before they scale.
-            const int s_row = k * kOutBlock * kSStride;
+            const int s_row = k * kOutBlock * s_stride;
             const bool more = k + 1 < d.K;
-            const int next_s_row = more ? s_row + kOutBlock * kSStride : 0;
-            const MaskWords next_words = mask_words(more ? (k + 1) * kMaskStride : 0);
+            const int next_s_row = more ? s_row + kOutBlock * s_stride : 0;
+            const MaskWords next_words = mask_words(more ? (k + 1) * u_padded : 0);
             static_for<kSteps>([&](auto i) {
               constexpr int kAhead = decltype(i)::value + 2;
               Fragments& set = sets[decltype(i)::value % 2];
@@ -1327,8 +1324,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
           const int item = tid + i * kThreads, ox = item % kTileCols, c = item / kTileCols;
-          convolve_column<kRows, 2 * kH + 1, true>(d_acc[i], u_tile + c * Tile::u_stride(kH) + ox,
-                                                   kTileCols + 2 * kH, kRows + 2 * kH, tap);
+          convolve_column<kRows, 2 * kH + 1, true>(d_acc[i], u_tile + c * u_stride + ox, u_cols,
+                                                   u_rows, tap);
         }
       }
     }

@@ -101,8 +101,8 @@ __device__ __forceinline__ void mma_grid_16bit(float (&d)[kM][kN][4], const uint
   }
 }
 
-// An m16n8k8 TF32 A fragment from shared memory in one instruction (ldmatrix.x4, warp-
-// collective; b16 pairs are 32-bit words, so the bits are moved as they are): lane l gives the
+// An A fragment from shared memory in one instruction (ldmatrix.x4, warp-collective): m16n8k8
+// TF32, or m16n8k16 16-bit pairs (b16 pairs are 32-bit words, moved as they are): lane l gives the
 // 16-byte aligned address of row l % 8 of matrix l / 8, and register i gets word l % 4 of row
 // l / 4 of matrix i. Matrices 0 .. 3 = (rows 0-7, words 0-3), (rows 8-15, words 0-3), (rows
 // 0-7, words 4-7), (rows 8-15, words 4-7) give a0 .. a3 in the order mma.sync takes them.
