@@ -65,10 +65,10 @@ from dataclasses import dataclass, field, replace
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from test_cuda_sources import cuobjdump, innermost_loops, nvcc_command  # noqa: E402
+from sass import Instruction, innermost_loops  # noqa: E402
+from test_cuda_sources import cuobjdump, nvcc_command  # noqa: E402
 
 FIXED_LATENCY = 4
-SETP = ("ISETP", "FSETP", "DSETP", "HSETP2", "PLOP3")  # two predicate destinations
 VARIABLE = ("LDS", "LDSM", "HMMA")  # waited for by scoreboard; the rest by fixed stall counts
 
 
@@ -85,72 +85,6 @@ class Machine:
 
 
 H100 = Machine()
-
-
-@dataclass(frozen=True)
-class Instruction:
-    address: int
-    op: str
-    reads: frozenset[str]
-    writes: frozenset[str]
-
-    @property
-    def base(self) -> str:
-        return self.op.split(".")[0]
-
-    @property
-    def wavefronts(self) -> int:
-        """Shared-memory wavefronts of a load (bank-conflict free), 0 for anything else."""
-        if self.base not in ("LDS", "LDSM"):
-            return 0
-        return len(self.writes)  # a 32-bit word a lane: 128 bytes a register
-
-
-def operand_registers(operand: str, width: int = 1) -> set[str]:
-    """The registers an operand names: ``R10`` of a 4-register operand is R10 .. R13; memory
-    operands ``[R2+UR4+0x10]`` name their address registers; predicates P0 .. P6, UP0 .."""
-    names = set()
-    for prefix, number in re.findall(r"(?<![A-Z0-9])(UR|R|UP|P)(\d+)\b", operand):
-        count = width if prefix in ("R", "UR") and not names else 1
-        names |= {f"{prefix}{i}" for i in range(int(number), int(number) + count)}
-    return names
-
-
-def destination_width(op: str) -> int:
-    base, suffix = op.split(".")[0], op.split(".")[-1]
-    if base == "HMMA":
-        return 4  # the F32 accumulator fragment of m16n8k8 / m16n8k16
-    if base == "LDSM":
-        return {"4": 4, "2": 2}.get(suffix, 1)
-    if base.startswith("LD"):
-        return {"64": 2, "128": 4}.get(suffix, 1)
-    return 2 if ".WIDE" in op else 1
-
-
-def instruction(address: int, op: str, operands: list[str]) -> Instruction:
-    """One instruction of ``innermost_loops``' bodies: operands as written, the guard last."""
-    *operands, guard = operands
-    destinations = 2 if op.startswith(SETP) else 1
-    if op.split(".")[0] in ("BRA", "NOP", "BAR", "EXIT") or op.startswith("ST"):
-        destinations = 0
-    written, read = operands[:destinations], operands[destinations:]
-    if op.startswith("HMMA"):
-        widths = [4, 2, 4]  # A, B, C
-    elif ".WIDE" in op:
-        widths = [1, 1, 2]
-    else:
-        widths = [1] * len(read)
-    reads = set(operand_registers(guard))
-    for operand, width in zip(read, widths + [1] * len(read), strict=False):  # (more widths)
-        reads |= operand_registers(operand, width)
-    writes = set()
-    for operand in written:
-        writes |= operand_registers(operand, destination_width(op))
-    return Instruction(address, op, frozenset(reads), frozenset(writes))
-
-
-def parse(body) -> list[Instruction]:
-    return [instruction(*x) for x in body]
 
 
 @dataclass
@@ -262,8 +196,7 @@ def mma_loops(sass: str, kernel: str) -> list[list[Instruction]]:
     """The innermost loops holding HMMAs of the first kernel whose name matches ``kernel``."""
     for name, loops in innermost_loops(sass).items():
         if re.search(kernel, name):
-            found = [parse(body) for body in loops]
-            return [body for body in found if any(x.base == "HMMA" for x in body)]
+            return [body for body in loops if any(x.base == "HMMA" for x in body)]
     raise LookupError(f"no kernel matches {kernel}")
 
 

@@ -40,6 +40,9 @@ from cast.reference import (
     symmetric_grad,
 )
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
+from sass import Instruction, innermost_loops  # noqa: E402  (bench/sass.py)
+
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 CU_SOURCES = sorted(CSRC.glob("*.cu"))
 NVCC = shutil.which("nvcc")
@@ -102,51 +105,12 @@ def hmma_runs(sass: str) -> dict[str, list[int]]:
     return kernels
 
 
-# Address, guard predicate, opcode, operands.
-INSTRUCTION = re.compile(
-    r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?(U?P[T\d]+)\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);", re.M
-)
-
-
-def registers(operand: str, width: int) -> set[str]:
-    """The registers an operand names: ``R10`` of a 4-register operand is R10 .. R13; ``P4``."""
-    if found := re.match(r"\s*-?\|?R(\d+)", operand):
-        return {f"R{i}" for i in range(int(found[1]), int(found[1]) + width)}
-    return {f"P{p}" for p in re.findall(r"^\s*!?P(\d)\b", operand)}
-
-
-def innermost_loops(sass: str) -> dict[str, list[list[tuple[int, str, list[str]]]]]:
-    """Per kernel of a ``cuobjdump -sass`` listing, the bodies of its innermost loops (a
-    backward branch's, holding no other), each a list of (address, opcode, operands): the
-    operands as written, then the guard predicate, read like an operand."""
-    kernels = {}
-    for block in re.split(r"\n\s+Function : ", sass)[1:]:
-        code = [
-            (int(a, 16), op, [*ops.split(","), guard])
-            for a, guard, op, ops in INSTRUCTION.findall(block)
-        ]
-
-        def back_to(address, op, ops):
-            target = re.search(r"0x([0-9a-f]+)", ops[0]) if op.startswith("BRA") else None
-            return int(target[1], 16) if target and int(target[1], 16) < address else None
-
-        index = {x[0]: i for i, x in enumerate(code)}
-        loops = []
-        for end, (address, op, ops) in enumerate(code):
-            head = back_to(address, op, ops)
-            body = code[index[head] : end + 1] if head in index else []
-            if body and not any(back_to(*x) is not None for x in body[:-1]):
-                loops.append(body)
-        kernels[block.split("\n", 1)[0].strip()] = loops
-    return kernels
-
-
 def hmmas_fed_early(sass: str) -> dict[str, list[tuple[int, int]]]:
     """Per kernel, for each innermost loop holding HMMAs: its HMMAs, and how many of them take
     operands that no shared-memory load of the same trip feeds (traced through the
     instructions between, predicates included), i.e. operands loaded a trip ahead."""
     return {
-        name: [fed_early(body) for body in loops if any(op[1].startswith("HMMA") for op in body)]
+        name: [fed_early(body) for body in loops if any(x.base == "HMMA" for x in body)]
         for name, loops in innermost_loops(sass).items()
     }
 
@@ -157,50 +121,37 @@ def load_distances(sass: str) -> dict[str, list[int]]:
     the instructions between, across the loop's back edge), i.e. how long the latest load an
     HMMA waits for has to land."""
     return {
-        name: [min(fed_distances(body)) for body in loops
-               if any(op[1].startswith("HMMA") for op in body)]  # fmt: skip
+        name: [min(fed_distances(body)) for body in loops if any(x.base == "HMMA" for x in body)]
         for name, loops in innermost_loops(sass).items()
     }
 
 
-def fed_distances(body) -> list[int]:
+def fed_distances(body: list[Instruction]) -> list[int]:
     twice = body + body  # a trip, and the trip before it
     distances = []
     for end in range(len(body), len(twice)):
-        _, op, ops = twice[end]
-        if not op.startswith("HMMA"):
+        if twice[end].base != "HMMA":
             continue
-        wanted = registers(ops[1], 4) | registers(ops[2], 2)
+        wanted = twice[end].multiplicands
         for back in range(end - 1, -1, -1):
-            _, producer, operands = twice[back]
-            if producer.startswith(("HMMA", "BRA")) or "SETP" in producer:
-                continue  # no register of an operand written
-            suffix = producer.split(".")[-1]
-            width = 4 if ".M88.4" in producer else {"64": 2, "128": 4}.get(suffix, 1)
-            written = registers(operands[0], width) & wanted
-            if not written:
-                continue
-            if producer.startswith("LDS"):
-                distances.append(end - back)
-                break
-            wanted = (wanted - written) | {
-                r for o in operands[1:] for r in registers(o, 1) if r.startswith("R")
-            }
+            producer = twice[back]
+            if written := producer.writes & wanted:
+                if producer.base in ("LDS", "LDSM"):
+                    distances.append(end - back)
+                    break
+                wanted = (wanted - written) | producer.reads
     return distances
 
 
-def fed_early(body) -> tuple[int, int]:
+def fed_early(body: list[Instruction]) -> tuple[int, int]:
     fed, hmmas, early = set(), 0, 0  # fed: registers this trip's loads reach
-    for _, op, ops in body:
-        # HMMA's operands: D, A (4 registers), B (2), C (the accumulator: not an operand here).
-        read = [*ops[1:3], ops[-1]] if op.startswith("HMMA") else ops[1:]
-        widths = (4, 2, 1) if op.startswith("HMMA") else (1,) * len(read)
-        sources = set().union(set(), *map(registers, read, widths))
-        if op.startswith("HMMA"):
-            hmmas, early = hmmas + 1, early + (not sources & fed)
-            continue
-        written = registers(ops[0], {"64": 2, "128": 4}.get(op.split(".")[-1], 1))
-        fed = fed | written if op.startswith("LDS") or sources & fed else fed - written
+    for x in body:
+        if x.base == "HMMA":
+            hmmas, early = hmmas + 1, early + (not x.multiplicands & fed)
+        elif x.base in ("LDS", "LDSM") or x.reads & fed:
+            fed |= x.writes
+        else:
+            fed -= x.writes
     return hmmas, early
 
 
@@ -335,15 +286,15 @@ def test_cuda_machine_code(build_folder):
         assert distances[name] and min(distances[name]) >= 12, (name, distances[name])
         # F's and S's 16-byte copies: no scalar border path inside their loops and a few
         # instructions a copy (were 48-91 with the scalar path inside: gpu-notes).
-        copies = [body for body in loops_of[name] if any(x[1].startswith("LDGSTS") for x in body)]
-        per_copy = [len(b) / sum(x[1].startswith("LDGSTS") for x in b) for b in copies]
-        scalar = [x[1] for b in copies for x in b if x[1].startswith("LDG.")]
+        copies = [body for body in loops_of[name] if any(x.base == "LDGSTS" for x in body)]
+        per_copy = [len(b) / sum(x.base == "LDGSTS" for x in b) for b in copies]
+        scalar = [x.op for b in copies for x in b if x.op.startswith("LDG.")]
         assert copies and max(per_copy) <= 32 and not scalar, (name, per_copy, scalar)
         # The convolutions (Z_j's formation, the adjoint) with the halo's geometry compile-time
         # (the kernel's kH): a column loop (FFMAs, no HMMA, no store) reads its rows at immediate
         # offsets, none behind a guard, so at most its own loop test and 40 % FFMA or more (the
         # formation's column at r = 3 was 48 instructions for 12 FFMA, 7 ISETP: gpu-notes).
-        counts = [collections.Counter(x[1].split(".")[0] for x in body) for body in loops_of[name]]
+        counts = [collections.Counter(x.base for x in body) for body in loops_of[name]]
         columns = [c for c in counts if c["FFMA"] and not c["HMMA"] and not c["STS"]]
         lean = [c["ISETP"] <= 1 and c["FFMA"] >= 0.4 * c.total() for c in columns]
         assert columns or int(halo) <= 1, name  # (r <= 3: ptxas unrolls the columns whole)
