@@ -12,6 +12,9 @@ LINE = re.compile(
     r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?(U?P[T\d]+)\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);", re.M
 )
 SETP = ("ISETP", "FSETP", "DSETP", "HSETP2", "PLOP3")  # two predicate destinations
+CARRY = ("IADD3", "LEA")  # predicates right after the destination: carries out
+NO_DESTINATION = ("BRA", "NOP", "BAR", "EXIT")  # and stores, whose first operand is an address
+PREDICATE = re.compile(r"\s*U?P(\d+|T)\s*")
 
 
 @dataclass(frozen=True)
@@ -36,10 +39,12 @@ class Instruction:
 
 def operand_registers(operand: str, width: int = 1) -> set[str]:
     """The registers an operand names: ``R10`` of a 4-register operand is R10 .. R13; memory
-    operands ``[R2+UR4+0x10]`` name their address registers; predicates P0 .. P6, UP0 .."""
+    operands ``[R2+UR4+0x10]`` name their address registers (``[R4.64]``: R4 and R5);
+    predicates P0 .. P6, UP0 .."""
     names = set()
-    for prefix, number in re.findall(r"(?<![A-Z0-9])(UR|R|UP|P)(\d+)\b", operand):
+    for prefix, number, wide in re.findall(r"(?<![A-Z0-9])(UR|R|UP|P)(\d+)\b(\.64)?", operand):
         count = width if prefix in ("R", "UR") and not names else 1
+        count = max(count, 2 if wide else 1)
         names |= {f"{prefix}{i}" for i in range(int(number), int(number) + count)}
     return names
 
@@ -50,16 +55,23 @@ def destination_width(op: str) -> int:
         return 4  # the F32 accumulator fragment of m16n8k8 / m16n8k16
     if base == "LDSM":
         return {"4": 4, "2": 2}.get(suffix, 1)
-    if base.startswith("LD"):
+    if base.startswith(("LD", "ULD")):
         return {"64": 2, "128": 4}.get(suffix, 1)
+    if base == "CS2R":
+        return 1 if suffix == "32" else 2
     return 2 if ".WIDE" in op else 1
 
 
 def destinations(op: str, operands: list[str]) -> int:
     """How many of the leading operands ``op`` writes."""
-    if op.split(".")[0] in ("BRA", "NOP", "BAR", "EXIT") or op.startswith("ST"):
+    if op.split(".")[0] in NO_DESTINATION or not operands or "[" in operands[0]:
         return 0
-    return 2 if op.startswith(SETP) else 1
+    if op.startswith(SETP):
+        return 2
+    count = 1
+    while op.startswith(CARRY) and count < len(operands) and PREDICATE.fullmatch(operands[count]):
+        count += 1
+    return count
 
 
 def instruction(address: int, op: str, operands: list[str], guard: str = "") -> Instruction:

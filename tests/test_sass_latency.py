@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
 import sass_latency  # noqa: E402
+from sass import innermost_loops  # noqa: E402
 from sass_latency import H100, hoisted, mma_loops, simulate  # noqa: E402
 from test_cuda_sources import NVCC, cuobjdump  # noqa: E402
 
@@ -77,6 +78,27 @@ def test_operands_are_read_as_the_machine_reads_them():
     assert lds.reads == {"R62", "UR4"} and lds.writes == {"R139"} and lds.wavefronts == 1
     assert setp.writes == {"P1"} and setp.reads == {"R144"}
     assert imad.reads == {"P1", "R145", "R61"}
+
+
+def test_destinations_are_what_the_machine_writes():
+    """A store's and a cp.async's first operand is an address, read and never written (a 64-bit
+    address names two registers); the predicates right after IADD3's and LEA's destination are
+    carries out, written; CS2R writes a register pair."""
+    [[copy, store, add, lea, zero, _]] = innermost_loops(
+        loop(
+            "LDGSTS.E.BYPASS.128 [R35+0x10c00], desc[UR10][R20.64], P1",
+            "STG.E desc[UR22][R2.64], R5",
+            "IADD3 R30, P1, P4, R28, R18, R55.reuse",
+            "LEA.HI.X R5, R3, UR7, R6, 0x2, P2",
+            "CS2R R22, SRZ",
+        )
+    )["toy"]
+    assert copy.writes == store.writes == set()
+    assert copy.reads == {"R35", "UR10", "R20", "R21", "P1"}
+    assert store.reads == {"UR22", "R2", "R3", "R5"}
+    assert add.writes == {"R30", "P1", "P4"} and add.reads == {"R28", "R18", "R55"}
+    assert lea.writes == {"R5"} and lea.reads == {"R3", "UR7", "R6", "P2"}
+    assert zero.writes == {"R22", "R23"}
 
 
 @pytest.mark.skipif(NVCC is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
