@@ -70,11 +70,26 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton._
   echo "files differing from that commit: $(git status --short --untracked-files=no 2>/dev/null | wc -l)"
 } 2>&1 | tee -a "$summary"
 arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+# Hopper: sm_90a, where the CUDA forward multiplies on wgmma (CAST_WGMMA; gpu-notes "The CUDA
+# forward on wgmma"), never run on a card before this check: if the card's forward misses the
+# reference, the build is redone for plain 9.0 (mma.sync, as every earlier lease ran it) and
+# the summary says so, so that one wrong kernel does not cost the lease's tables.
+[ "$arch" = 9.0 ] && arch=9.0a
 
 # 107 s on an H100 machine at a37e7bb, when the kernels were one .cu file (nvcc on one core);
 # now in parts that ninja compiles at once (predicted 35-50 s: gpu-notes).
 step build 240 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
   "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
+if [ "$arch" = 9.0a ]; then
+  step wgmma:tests 60 env CAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -x -q --tb=short \
+    -p no:cacheprovider -k "cuda and (low_precision or large_shape or every_element)" \
+    tests/test_gpu.py
+  if [ $? -ne 0 ]; then
+    echo "== the wgmma forward failed on the card: rebuilt for 9.0 (mma.sync)" | tee -a "$summary"
+    step build-9.0:build 240 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+      "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
+  fi
+fi
 # The probe first: it runs the CUDA kernels alone, so if they crash the card (a lost CUDA
 # context ends the whole process) the benches leave the cuda backend out and keep their other
 # rows. Then the float32 table (the numbers a lease is for), the tests, bf16 at 1024^2, the

@@ -11,11 +11,14 @@
 //      16-byte vectors (4 floats, 8 halves) on each side, which costs no extra DRAM sectors;
 //   2. for each kernel j of its group forms Z_j on the tile in shared memory (each thread a
 //      column of kRows outputs, every loaded value used for up to r rows), stored as the MMA's
-//      operand: TF32 rounded to nearest for float32, the input type for 16-bit input;
+//      operand in 16-byte chunks of positions (z_offset): TF32 rounded to nearest for float32,
+//      the input type for 16-bit input;
 //   3. adds (m_k^2 Z_j,a)^T Z_j,b for each mask k of its group to accumulators in registers
-//      with mma.sync (m16n8k8 TF32, m16n8k16 bf16/f16; float accumulators): each warp owns a
-//      16 x 32 piece of all 3 x 3 (64 x 64) Grams, m_k^2 is applied to the A fragment in
-//      registers, so Z_j's fragments are read from shared memory once for all masks.
+//      with mma.sync (m16n8k8 TF32, m16n8k16 bf16/f16; float accumulators), or, built for
+//      sm_90a, with wgmma (m64n32, B from Z_j,b in shared memory through a descriptor): each
+//      warp owns a 16 x 32 piece of all 3 x 3 (64 x 64) Grams (each warpgroup 64 x 32), m_k^2
+//      is applied to the A fragment in registers, so Z_j's fragments are read from shared
+//      memory once for all masks.
 // 2 J + 1 barriers per tile. Split 0's partial Grams go to G itself, the other splits' to a
 // scratch (S - 1, B, J, K, C, C); a second kernel sums the splits in a fixed order
 // (deterministic, no atomics), scales by 1 / n_k and mirrors the upper triangle, in place.
@@ -190,18 +193,49 @@ struct Halo {
   static constexpr int pad = vector > kMaxHalo ? vector : kMaxHalo;
   static constexpr int cols = kTileCols + 2 * pad;
   static constexpr int chunks = cols / vector;
-  // Elements per channel: whole rows, padded to 16 (mod 32) 4-byte words, so that the two
-  // channels a warp's halves read during the formation sit in opposite halves of the banks.
+  // Elements per channel: whole rows, padded to 4 (mod 8) 4-byte words, an odd multiple of 4
+  // (mod 32), so that the 8 channels x 4 columns a warp reads during the formation fall into
+  // distinct banks (16-bit input: distinct words, two lanes a word).
   __host__ __device__ static constexpr int channel_stride(int rows) {
     const int words = rows * cols * static_cast<int>(sizeof(T)) / 4;
-    const int padded = words + (48 - words % 32) % 32;
+    const int padded = words + (12 - words % 8) % 8;
     return padded * 4 / static_cast<int>(sizeof(T));
   }
 };
 
+// Z_j of a forward tile in shared memory, in 16-byte chunks of 16 / sizeof(Z) consecutive
+// positions of one channel; the chunks of all kZChannels channels for the same positions lie
+// one after another: element (c, p) at z_offset<Z>(c, p). That is the layout wgmma reads through
+// a shared-memory descriptor (K-major, no swizzle: the 8 channels x 16 bytes of a core matrix
+// contiguous, the next 8 channels 128 bytes on, the next positions kZChannels * 16 bytes on),
+// and every fragment load of mma.sync reads 32 consecutive words (lanes g * 4 + t). Offsets
+// add: z_offset(c, p0) + z_offset(dc, dp) = z_offset(c + dc, p0 + dp) where the chunk divides p0.
+inline constexpr int kZChannels = 2 * kPairBlock;
+template <typename Z>
+__host__ __device__ constexpr int z_offset(int c, int p) {
+  constexpr int chunk = 16 / static_cast<int>(sizeof(Z));
+  return (p / chunk * kZChannels + c) * chunk + p % chunk;
+}
+
+// wgmma's shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format") of a K-major
+// operand without swizzle: the start address, the byte offsets between core matrices adjacent
+// in K (leading dimension) and in M or N (stride dimension), each >> 4 in 14 bits at bits 0, 16
+// and 32; base offset 0 and no swizzle (bits 49-51 and 62-63 zero). Adding bytes >> 4 to it moves
+// its start.
+__host__ __device__ constexpr uint64_t wgmma_descriptor(uint32_t address, uint32_t k_bytes,
+                                                        uint32_t mn_bytes) {
+  return (address >> 4 & 0x3FFFu) | static_cast<uint64_t>(k_bytes >> 4 & 0x3FFFu) << 16 |
+         static_cast<uint64_t>(mn_bytes >> 4 & 0x3FFFu) << 32;
+}
+// Z's B operand for a warpgroup's 32 channels from `z` on: core matrices of 8 channels 128 bytes
+// apart, and of the next positions kZChannels * 16 bytes on.
+template <typename Z>
+__device__ __forceinline__ uint64_t z_descriptor(const Z* z) {
+  return wgmma_descriptor(shared_address(z), kZChannels * 16, 8 * 16);
+}
+
 // How a forward block multiplies: Z's type in shared memory, positions per MMA step, Grams per
-// block, and the step itself. Z is stored (channels, positions + 16 bytes): a row stride of 4
-// (mod 32) words makes every fragment load below conflict-free (lanes g * stride + t).
+// block, and the step itself.
 template <typename T, bool kTensorCores>
 struct Operands;
 
@@ -212,17 +246,17 @@ struct Operands<T, false> {
   using Z = A;
   static constexpr int step = 8, max_kernels = sizeof(A) == 8 ? 1 : kMaxKernels;
   __device__ static Z operand(A v) { return v; }
-  template <int kStride, int kMaskStride>
+  template <int kMaskStride>
   __device__ static void multiply(A (&acc)[kMaxMasks][4][4], int kn, const Z* za, const Z* zb,
                                   const A* w, int lane) {
     const int g = lane / 4, t = lane % 4;
     for (int p = 0; p < step; ++p) {
-      const A a0 = za[g * kStride + p], a1 = za[(g + 8) * kStride + p];
+      const A a0 = za[z_offset<Z>(g, p)], a1 = za[z_offset<Z>(g + 8, p)];
       A b[4][2];
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) b[nt][e] = zb[(nt * 8 + 2 * t + e) * kStride + p];
+        for (int e = 0; e < 2; ++e) b[nt][e] = zb[z_offset<Z>(nt * 8 + 2 * t + e, p)];
 #pragma unroll
       for (int kl = 0; kl < kMaxMasks; ++kl) {
         if (kl >= kn) break;
@@ -252,32 +286,37 @@ struct Operands<float, true> {
     float a[4], w[kK][2];
     uint32_t b[4][2];
   };
-  template <int kStride, int kMaskStride, int kK>
+  template <int kMaskStride, int kK>
   __device__ static void load(Fragments<kK>& f, const Z* za, const Z* zb, const float* w,
                               int lane) {
     const int g = lane / 4, t = lane % 4;
-    f.a[0] = bits_as<float>(za[g * kStride + t]);
-    f.a[1] = bits_as<float>(za[(g + 8) * kStride + t]);
-    f.a[2] = bits_as<float>(za[g * kStride + t + 4]);
-    f.a[3] = bits_as<float>(za[(g + 8) * kStride + t + 4]);
+    f.a[0] = bits_as<float>(za[z_offset<Z>(g, t)]);
+    f.a[1] = bits_as<float>(za[z_offset<Z>(g + 8, t)]);
+    f.a[2] = bits_as<float>(za[z_offset<Z>(g, t + 4)]);
+    f.a[3] = bits_as<float>(za[z_offset<Z>(g + 8, t + 4)]);
+#if !defined(CAST_WGMMA)
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
-      f.b[nt][0] = zb[(nt * 8 + g) * kStride + t];
-      f.b[nt][1] = zb[(nt * 8 + g) * kStride + t + 4];
+      f.b[nt][0] = zb[z_offset<Z>(nt * 8 + g, t)];
+      f.b[nt][1] = zb[z_offset<Z>(nt * 8 + g, t + 4)];
     }
+#endif
 #pragma unroll
     for (int kl = 0; kl < kK; ++kl)
       f.w[kl][0] = w[kl * kMaskStride + t], f.w[kl][1] = w[kl * kMaskStride + t + 4];
+  }
+  // The A fragment of mask kl's product, m_k^2 Z_a.
+  template <int kK>
+  __device__ static void scale(uint32_t (&wa)[4], const Fragments<kK>& f, int kl) {
+    const float w0 = f.w[kl][0], w1 = f.w[kl][1];
+    wa[0] = round_to_tf32(f.a[0] * w0), wa[1] = round_to_tf32(f.a[1] * w0);
+    wa[2] = round_to_tf32(f.a[2] * w1), wa[3] = round_to_tf32(f.a[3] * w1);
   }
   template <int kK>
   __device__ static void multiply(float (&acc)[kMaxMasks][4][4], const Fragments<kK>& f) {
     uint32_t wa[kMaxMasks][4] = {};
 #pragma unroll
-    for (int kl = 0; kl < kK; ++kl) {
-      const float w0 = f.w[kl][0], w1 = f.w[kl][1];
-      wa[kl][0] = round_to_tf32(f.a[0] * w0), wa[kl][1] = round_to_tf32(f.a[1] * w0);
-      wa[kl][2] = round_to_tf32(f.a[2] * w1), wa[kl][3] = round_to_tf32(f.a[3] * w1);
-    }
+    for (int kl = 0; kl < kK; ++kl) scale(wa[kl], f, kl);
     mma_grid_tf32(acc, wa, f.b, kK);
   }
 };
@@ -302,18 +341,20 @@ struct HalfOperands {
     uint32_t a[4], b[4][2];
     float w[kK][4];
   };
-  template <int kStride, int kMaskStride, int kK>
+  template <int kMaskStride, int kK>
   __device__ static void load(Fragments<kK>& f, const Z* za, const Z* zb, const float* w,
                               int lane) {
     const int g = lane / 4, t = lane % 4;
-    f.a[0] = pair(za + g * kStride + 2 * t), f.a[1] = pair(za + (g + 8) * kStride + 2 * t);
-    f.a[2] = pair(za + g * kStride + 2 * t + 8);
-    f.a[3] = pair(za + (g + 8) * kStride + 2 * t + 8);
+    f.a[0] = pair(za + z_offset<Z>(g, 2 * t)), f.a[1] = pair(za + z_offset<Z>(g + 8, 2 * t));
+    f.a[2] = pair(za + z_offset<Z>(g, 2 * t + 8));
+    f.a[3] = pair(za + z_offset<Z>(g + 8, 2 * t + 8));
+#if !defined(CAST_WGMMA)
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
-      f.b[nt][0] = pair(zb + (nt * 8 + g) * kStride + 2 * t);
-      f.b[nt][1] = pair(zb + (nt * 8 + g) * kStride + 2 * t + 8);
+      f.b[nt][0] = pair(zb + z_offset<Z>(nt * 8 + g, 2 * t));
+      f.b[nt][1] = pair(zb + z_offset<Z>(nt * 8 + g, 2 * t + 8));
     }
+#endif
 #pragma unroll
     for (int kl = 0; kl < kK; ++kl) {
       const float* wk = w + kl * kMaskStride + 2 * t;
@@ -321,14 +362,16 @@ struct HalfOperands {
     }
   }
   template <int kK>
+  __device__ static void scale(uint32_t (&wa)[4], const Fragments<kK>& f, int kl) {
+    const float* wk = f.w[kl];
+    wa[0] = scaled(f.a[0], wk[0], wk[1]), wa[1] = scaled(f.a[1], wk[0], wk[1]);
+    wa[2] = scaled(f.a[2], wk[2], wk[3]), wa[3] = scaled(f.a[3], wk[2], wk[3]);
+  }
+  template <int kK>
   __device__ static void multiply(float (&acc)[kMaxMasks][4][4], const Fragments<kK>& f) {
     uint32_t wa[kMaxMasks][4] = {};
 #pragma unroll
-    for (int kl = 0; kl < kK; ++kl) {
-      const float* wk = f.w[kl];
-      wa[kl][0] = scaled(f.a[0], wk[0], wk[1]), wa[kl][1] = scaled(f.a[1], wk[0], wk[1]);
-      wa[kl][2] = scaled(f.a[2], wk[2], wk[3]), wa[kl][3] = scaled(f.a[3], wk[2], wk[3]);
-    }
+    for (int kl = 0; kl < kK; ++kl) scale(wa[kl], f, kl);
     mma_grid_16bit<T>(acc, wa, f.b, kK);
   }
 };
@@ -355,14 +398,13 @@ struct ForwardTile {
   using Ops = Operands<T, kTensorCores>;
   using A = acc_t<T>;
   static constexpr int positions = kRows * kTileCols;
-  static constexpr int z_stride = positions + 16 / static_cast<int>(sizeof(typename Ops::Z));
-  static_assert(positions % Ops::step == 0);
+  static_assert(positions % Ops::step == 0 && Ops::step % (16 / sizeof(typename Ops::Z)) == 0);
 
   // Shared memory in bytes, in the order the kernel lays it out (each region 16-byte aligned).
   __host__ __device__ static constexpr int halo_bytes(int r) {
     return 2 * kPairBlock * Halo<T>::channel_stride(kRows + 2 * (r / 2)) * sizeof(T);
   }
-  static constexpr int z_bytes = 2 * kPairBlock * z_stride * sizeof(typename Ops::Z);
+  static constexpr int z_bytes = kZChannels * positions * sizeof(typename Ops::Z);
   static constexpr int mask_bytes = kMaxMasks * positions * sizeof(A);
   // The masks as loaded, by cp.async beside F's halo (tensor cores only).
   static constexpr int raw_mask_bytes = kTensorCores ? kMaxMasks * positions * sizeof(T) : 0;
@@ -386,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   using A = acc_t<T>;
   using Z = typename Ops::Z;
   using HaloT = Halo<T>;
-  constexpr int TC = kPairBlock, P = Tile::positions, kZStride = Tile::z_stride;
+  constexpr int TC = kPairBlock, P = Tile::positions;
   constexpr int kMaxJ = Ops::max_kernels;
 
   // Which pair of channel blocks (a <= b): pairs are numbered row by row of the upper triangle.
@@ -413,7 +455,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   T* halo = reinterpret_cast<T*>(shared_bytes);  // (2 TC, channel_stride)
-  Z* z_tile = reinterpret_cast<Z*>(shared_bytes + Tile::halo_bytes(d.r));  // (2 TC, kZStride)
+  Z* z_tile = reinterpret_cast<Z*>(shared_bytes + Tile::halo_bytes(d.r));  // z_offset<Z>
   A* mask_sq = reinterpret_cast<A*>(reinterpret_cast<unsigned char*>(z_tile) + Tile::z_bytes);
   T* raw_masks = reinterpret_cast<T*>(mask_sq + kMaxMasks * P);  // (kn, P) as loaded
   A* taps = reinterpret_cast<A*>(reinterpret_cast<unsigned char*>(raw_masks) +
@@ -513,11 +555,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (jl >= jn) break;
       __syncthreads();  // halo and mask_sq loaded; the previous kernel's z_tile readers done
       // 2. Z_j on the tile: a thread forms a column of kRows outputs of one channel, reading
-      // each of its halo rows once per kernel column dx and using it for up to r outputs.
+      // each of its halo rows once per kernel column dx and using it for up to r outputs. A
+      // warp's lanes take 8 channels x 4 columns, so that both the halo's rows (channel stride
+      // 4 mod 32 words) and Z's chunks are read and written without bank conflicts.
       const A* tap = taps + jl * taps_per_kernel;
+      static_assert(kTileCols == 16 && kPairBlock % 8 == 0, "items of 8 channels x 4 columns");
       for (int item = tid; item < (kProbe == kLoadOnly ? 0 : channels * kTileCols);
            item += kThreads) {
-        const int c = item / kTileCols, x = item % kTileCols;
+        const int c = item / 128 * 8 + item / 4 % 8, x = item / 32 % 4 * 4 + item % 4;
         const T* src = halo + c * channel_stride + HaloT::pad - h + x;
         A z[kRows];
 #pragma unroll
@@ -525,14 +570,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         convolve_odd<kRows, 2 * kMaxHalo + 1, false>(d.r, z, src, HaloT::cols, halo_rows, tap);
 #pragma unroll
         for (int oy = 0; oy < kRows; ++oy)
-          z_tile[c * kZStride + oy * kTileCols + x] = Ops::operand(z[oy]);
+          z_tile[z_offset<Z>(c, oy * kTileCols + x)] = Ops::operand(z[oy]);
       }
+      fence_async_shared();  // Z's stores, before wgmma reads them (with CAST_WGMMA)
       __syncthreads();
       // The halo is free: the next tile's arrives during these MMAs.
       if (jl + 1 == jn && tile + 1 < tile_end && kProbe != kNoLoad) load_halo(tile + 1);
       // 3. The Grams of kernel j and every mask of the group, P positions deep.
-      const Z* za = z_tile + m0 * kZStride;
-      const Z* zb = z_tile + (b_offset + n0) * kZStride;
+      const Z* za = z_tile + z_offset<Z>(m0, 0);
+      const Z* zb = z_tile + z_offset<Z>(b_offset + n0, 0);
       constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : P;
       if constexpr (kTensorCores) {
         // The mask count a compile-time value, so no branch sits between a step's HMMAs; each
@@ -544,19 +590,46 @@ __global__ void __launch_bounds__(kThreads, 1)
           using Fragments = typename Ops::template Fragments<kK>;
           static_assert(kDepth % (2 * Ops::step) == 0, "whole trips of two steps");
           Fragments next;
-          if constexpr (kDepth > 0) Ops::template load<kZStride, P>(next, za, zb, mask_sq, lane);
+          if constexpr (kDepth > 0) Ops::template load<P>(next, za, zb, mask_sq, lane);
+#if defined(CAST_WGMMA)
+          // wgmma: this warpgroup's B from Z through a descriptor, a step's m64n32 products (a
+          // group, one per mask) waited for before the next step scales its A fragments into
+          // the same registers. A group reads them until it is done and ptxas does not guard
+          // them: waiting only for the step before, the sm_90a SASS rewrote them in flight.
+          // Keeping a group in flight takes more registers (a second set, or a group per mask
+          // with the wait one mask behind): every such variant spilled (gpu-notes).
+          const uint64_t b = z_descriptor(zb);
 #pragma unroll 2
           for (int p0 = 0; p0 < kDepth; p0 += Ops::step) {
             const Fragments now = next;
-            const int p1 = (p0 + Ops::step) % P;
-            Ops::template load<kZStride, P>(next, za + p1, zb + p1, mask_sq + p1, lane);
+            const int p1 = (p0 + Ops::step) % P, z1 = z_offset<Z>(0, p1);
+            Ops::template load<P>(next, za + z1, zb + z1, mask_sq + p1, lane);
+            uint32_t wa[kMaxMasks][4];
+#pragma unroll
+            for (int kl = 0; kl < kK; ++kl) Ops::scale(wa[kl], now, kl);
+            wgmma_fence();
+#pragma unroll
+            for (int kl = 0; kl < kK; ++kl)
+              wgmma_m64n32<T>(acc[jl][kl], wa[kl], b + (z_offset<Z>(0, p0) * sizeof(Z) >> 4));
+            wgmma_commit();
+            wgmma_wait<0>();
+          }
+          wgmma_settled(acc[jl]);  // the epilogue reads them, after the waits above
+#else
+#pragma unroll 2
+          for (int p0 = 0; p0 < kDepth; p0 += Ops::step) {
+            const Fragments now = next;
+            const int p1 = (p0 + Ops::step) % P, z1 = z_offset<Z>(0, p1);
+            Ops::template load<P>(next, za + z1, zb + z1, mask_sq + p1, lane);
             Ops::multiply(acc[jl], now);
           }
+#endif
         });
       } else {
 #pragma unroll 1
         for (int p0 = 0; p0 < kDepth; p0 += Ops::step)
-          Ops::template multiply<kZStride, P>(acc[jl], kn, za + p0, zb + p0, mask_sq + p0, lane);
+          Ops::template multiply<P>(acc[jl], kn, za + z_offset<Z>(0, p0), zb + z_offset<Z>(0, p0),
+                                    mask_sq + p0, lane);
       }
     }
   }

@@ -117,6 +117,104 @@ __device__ __forceinline__ void load_matrix_x4(uint32_t (&r)[4], const void* row
 #endif
 }
 
+// wgmma, Hopper's warpgroup MMA (sm_90a only: compute_90 has no wgmma, so CAST_WGMMA is set
+// where nvcc compiles for sm_90a and the kernels take mma.sync everywhere else). Four warps (a
+// warpgroup, threads 128 q ..) issue it together; it runs asynchronously, its groups committed
+// and waited for by wgmma_commit / wgmma_wait, and reads B from shared memory through a
+// descriptor (masked_gram_cuda_kernels.cuh's wgmma_descriptor), which the async proxy reads:
+// shared-memory stores must be fenced (fence_async_shared) before the barrier that publishes
+// them. Fragments (PTX ISA, "Register Fragments and Shared Memory Matrix Layouts" of wgmma),
+// m64n32k8 TF32 / m64n32k16 16-bit: warp w % 4 of the group holds rows 16 (w % 4) .. of A and
+// D in mma.sync's m16n8k8 / m16n8k16 A layout and m16n8 C layout (above), D's 32 columns as
+// four n-tiles of 8.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define CAST_WGMMA 1
+#endif
+
+// The shared-memory window address of a pointer into shared memory.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// d += a b for the warpgroup: T = float (A TF32 bit patterns, k = 8) or a 16-bit type (k = 16,
+// two k a register, the lower in the low half); b a descriptor of B (k x 32, K-major).
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n32(float (&d)[4][4], const uint32_t (&a)[4],
+                                             uint64_t b) {
+#if defined(CAST_WGMMA)
+#define CAST_WGMMA_D                                                                             \
+  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),     \
+      "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
+      "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+// scale-d is a predicate: true, so D accumulates.
+#define CAST_WGMMA_REGISTERS                                                                  \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, " \
+  "%19}, %20, accumulate"
+#define CAST_WGMMA_PREDICATE "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, %21, 0;\n"
+  if constexpr (sizeof(T) == 4) {
+    asm volatile(CAST_WGMMA_PREDICATE
+                 "wgmma.mma_async.sync.aligned.m64n32k8.f32.tf32.tf32 " CAST_WGMMA_REGISTERS
+                 ", 1, 1;\n}"
+                 : CAST_WGMMA_D
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  } else if constexpr (__is_same(T, __nv_bfloat16)) {
+    asm volatile(CAST_WGMMA_PREDICATE
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " CAST_WGMMA_REGISTERS
+                 ", 1, 1, 0;\n}"
+                 : CAST_WGMMA_D
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  } else {
+    asm volatile(CAST_WGMMA_PREDICATE
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " CAST_WGMMA_REGISTERS
+                 ", 1, 1, 0;\n}"
+                 : CAST_WGMMA_D
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  }
+#undef CAST_WGMMA_D
+#undef CAST_WGMMA_REGISTERS
+#undef CAST_WGMMA_PREDICATE
+#else
+  __trap();  // the kernels call it only where CAST_WGMMA is set
+#endif
+}
+
+// Before a wgmma whose A or accumulator registers other instructions wrote.
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(CAST_WGMMA)
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+// The wgmmas issued since the last commit become one group.
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(CAST_WGMMA)
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+#endif
+}
+// Until at most kPending of this warpgroup's committed groups are still running.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(CAST_WGMMA)
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+#endif
+}
+// Accumulators read after a wgmma_wait: the empty asm keeps the compiler from moving their
+// reads above the wait, which it does not know writes them.
+template <int kM, int kN>
+__device__ __forceinline__ void wgmma_settled(float (&d)[kM][kN][4]) {
+#pragma unroll
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int n = 0; n < kN; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][n][e])::"memory");
+}
+// This thread's shared-memory stores, ordered before the async proxy's (wgmma's) reads.
+__device__ __forceinline__ void fence_async_shared() {
+#if defined(CAST_WGMMA)
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
 // 16 bytes from global to shared memory without holding a register (cp.async, sm_80 on): the
 // first `bytes` (16 or 0) from `global`, zeros for the rest. Both addresses 16-byte aligned.
 __device__ __forceinline__ void copy_async_16(void* shared, const void* global, int bytes) {

@@ -279,6 +279,59 @@ void mma_grid_16bit(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4], const uin
     bv[i] = i / 4 < cols ? emulated_half<T>(b[i / 4][i % 4 / 2], i % 2) : NAN;
   emulated_grid<16>(d, av, bv, rows, cols);
 }
+// wgmma (built with CAST_WGMMA): each warp computes its own 16 rows of D at once, as mma.sync's
+// grids above, from its lanes' A registers and B read through the descriptor by the PTX ISA's
+// rules ("Matrix Descriptor Format"; K-major without swizzle: core matrices of 8 rows (n) x 16
+// bytes (k), the row 16 bytes apart, the next 8 n at the stride-dimension offset, the next
+// 16 bytes of k at the leading-dimension offset). A descriptor with swizzle or a base offset,
+// or a start not 16-byte aligned, makes the launch fail. Synchronous here: the fences, commits
+// and waits do nothing, so the emulation cannot show a missing wait.
+inline uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emulated_shared);
+}
+template <typename T>
+void wgmma_m64n32(float (&d)[4][4], const uint32_t (&a)[4], uint64_t b) {
+  constexpr int per = sizeof(T) == 4 ? 1 : 2, depth = 8 * per, chunk = 16 / sizeof(T);
+  auto value = [](uint32_t bits, int high) {
+    if constexpr (per == 1) return emulated_tf32(bits);
+    else return emulated_half<T>(bits, high);
+  };
+  float av[8];
+  for (int i = 0; i < 4 * per; ++i) av[i] = value(a[i / per], i % per);
+  const int turn = emulated_post(av, 4 * per, nullptr, 0);
+  if ((b >> 49 & 0x7) != 0 || (b >> 62) != 0) emulated_fault = cudaErrorInvalidValue;
+  const unsigned char* start = emulated_shared + ((b & 0x3FFF) << 4);
+  const size_t k_bytes = (b >> 16 & 0x3FFF) << 4, n_bytes = (b >> 32 & 0x3FFF) << 4;
+  auto B = [&](int k, int n) {
+    const unsigned char* at =
+        start + n / 8 * n_bytes + k / chunk * k_bytes + n % 8 * 16 + k % chunk * sizeof(T);
+    uint32_t bits = 0;
+    std::memcpy(&bits, at, sizeof(T));
+    return value(bits, 0);
+  };
+  const EmulatedWarp& warp = *emulated_warps[threadIdx.x / 32];
+  float A[16][16];
+  for (int lane = 0; lane < 32; ++lane)  // mma.sync's A layout, as emulated_grid reads it
+    for (int reg = 0; reg < 4; ++reg)
+      for (int e = 0; e < per; ++e)
+        A[lane / 4 + 8 * (reg % 2)][per * (lane % 4) + e + depth / 2 * (reg / 2)] =
+            warp.a[turn][lane][reg * per + e];
+  const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  for (int nt = 0; nt < 4; ++nt)
+    for (int c = 0; c < 4; ++c) {
+      const int row = g + 8 * (c / 2), col = nt * 8 + 2 * t + c % 2;
+      float sum = d[nt][c];
+      for (int k = 0; k < depth; ++k) sum += A[row][k] * B(k, col);
+      d[nt][c] = sum;
+    }
+}
+inline void wgmma_fence() {}
+inline void wgmma_commit() {}
+template <int kPending>
+void wgmma_wait() {}
+template <int kM, int kN>
+void wgmma_settled(float (&)[kM][kN][4]) {}
+inline void fence_async_shared() {}
 // cp.async, faulting unless 16-byte aligned: the copy at once (the wait is then a no-op), or,
 // with CAST_EMULATED_LATE_COPIES, as late as a GPU may land it: the destination is NaN from the
 // issue until the issuing thread's wait, which lands the copy (then, not before, a write by
@@ -379,11 +432,13 @@ def host_source(cu_text: str, sites: tuple[int, int]) -> str:
 
 
 def build(
-    folder: pathlib.Path, optimisation: str = "-O1", late_copies: bool = False
+    folder: pathlib.Path, optimisation: str = "-O1", late_copies: bool = False,
+    wgmma: bool = False,
 ) -> ctypes.CDLL:
     """Compiles the emulated .cu into ``folder`` and loads it (about 3 s at -O0, for the plan
     alone; the kernels run faster at -O1). ``late_copies``: cp.async copies land at their
-    thread's wait, their destinations NaN until then (else at once)."""
+    thread's wait, their destinations NaN until then (else at once). ``wgmma``: the kernels as
+    nvcc builds them for sm_90a (CAST_WGMMA), else as for every other target."""
     if GXX is None:
         raise RuntimeError("the CUDA emulation needs g++, which is not installed")
     for header in ("cuda_runtime_api.h", "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
@@ -405,6 +460,7 @@ def build(
         GXX, "-std=c++20", optimisation, "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
         f"-I{folder}", f"-I{CSRC}", str(source), "-o", str(library),
     ] + (["-DCAST_EMULATED_LATE_COPIES"] if late_copies else [])  # fmt: skip
+    command += ["-DCAST_WGMMA"] if wgmma else []
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"the CUDA emulation does not build:\n{result.stderr}")

@@ -229,6 +229,64 @@ KERNEL_MMA = {"f": "HMMA.1688.F32.TF32", "13__nv_bfloat16": "HMMA.16816.F32.BF16
                "6__half": "HMMA.16816.F32"}  # fmt: skip
 
 
+# The forward's parts, which differ where nvcc compiles for sm_90a (wgmma: CAST_WGMMA).
+WGMMA_SOURCES = [CSRC / "masked_gram_cuda_forward.cu", CSRC / "masked_gram_cuda_forward_16bit.cu"]
+# The wgmma each tensor-core forward must use, and the only tensor-core instruction there.
+KERNEL_WGMMA = {"f": "HGMMA.64x32x8.F32.TF32", "13__nv_bfloat16": "HGMMA.64x32x16.F32.BF16",
+                "6__half": "HGMMA.64x32x16.F32"}  # fmt: skip
+
+
+@pytest.mark.skipif(NVCC is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
+def test_wgmma_forward_machine_code(tmp_path):
+    """Built for sm_90a, the tensor-core forward multiplies on wgmma (HGMMA m64n32, A from
+    registers, B from Z in shared memory through a descriptor) of its input type, and nothing
+    else: no HMMA, no B fragment loaded; warning-free and spill-free as the other targets. Every
+    group is waited for in full before the next step writes its A registers (WARPGROUP.DEPBAR
+    to 0 pending): ptxas does not guard registers a wgmma in flight reads, and with one group
+    left in flight the SASS rewrote them (gpu-notes). The SIMT forward has no wgmma."""
+    def compile_and_dump(source):
+        output = tmp_path / f"{source.stem}.o"
+        result = subprocess.run(nvcc_command(source, "sm_90a", output), capture_output=True,
+                                text=True)  # fmt: skip
+        objdump = [cuobjdump(), "-sass", str(output)]
+        sass = subprocess.run(objdump, capture_output=True, text=True).stdout
+        return result, sass
+
+    with concurrent.futures.ThreadPoolExecutor(len(WGMMA_SOURCES)) as pool:
+        built = list(pool.map(compile_and_dump, WGMMA_SOURCES))
+    forward, loops_of = {}, {}
+    for result, sass in built:
+        assert result.returncode == 0, result.stderr
+        report = [line for line in result.stderr.splitlines() if line.startswith("ptxas info")]
+        warnings = [line for line in result.stderr.splitlines() if line not in report]
+        assert [line for line in warnings if "bytes stack frame" not in line] == [], result.stderr
+        for name, used in ptxas_report(result.stderr).items():
+            spilled = used["stack"] + used["spill_stores"] + used["spill_loads"]
+            assert used["registers"] <= 255 and spilled == 0, (name, used)
+        blocks = {b.split("\n", 1)[0].strip(): b for b in re.split(r"\n\s+Function : ", sass)[1:]}
+        forward |= {name: b for name, b in blocks.items() if FORWARD_KERNEL.search(name)}
+        loops_of |= innermost_loops(sass)
+    assert len(forward) == 10, sorted(forward)  # 3 MMA types x 2 tile heights, 4 SIMT
+    for name, block in forward.items():
+        dtype, tensor_cores = FORWARD_KERNEL.search(name).groups()
+        ops = collections.Counter(re.findall(OPCODE, block, re.M))
+        mma = {op for op in ops if op.startswith(("HMMA", "HGMMA"))}
+        assert mma == ({KERNEL_WGMMA[dtype]} if tensor_cores == "1" else set()), (name, mma)
+        waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", block)
+        assert (len(waits) > 0) == (tensor_cores == "1"), (name, waits)
+        assert set(waits) <= {"0x0"}, (name, waits)
+        if tensor_cores == "1":
+            # A's fragments and the mask words alone come from shared memory in the MMA loop
+            # (4 + 2 per mask words for TF32, 4 + 4 per mask for 16-bit): B's 8 words a step
+            # per mask count are no longer loaded (mma.sync's loop: 16-24 LDS a step).
+            loops = [body for body in loops_of[name] if any(x[1].startswith("HGMMA") for x in body)]
+            assert loops, name
+            for body in loops:
+                steps = sum(x[1].startswith("WARPGROUP.ARRIVE") for x in body)
+                loads = sum(x[1].split(".")[0] == "LDS" for x in body)
+                assert loads <= steps * (4 + 4 * 3), (name, steps, loads)
+
+
 @pytest.mark.skipif(NVCC is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
 def test_cuda_machine_code(build_folder):
     """What the sm_90 machine code of every kernel shows, as the design promises: tensor-core
@@ -403,6 +461,13 @@ def emulated(tmp_path_factory):
     if GXX is None:
         pytest.skip("g++ is not installed")
     return cuda_emulation.build(tmp_path_factory.mktemp("cuda_emulation"))
+
+
+@pytest.fixture(scope="module")
+def emulated_wgmma(tmp_path_factory):
+    if GXX is None:
+        pytest.skip("g++ is not installed")
+    return cuda_emulation.build(tmp_path_factory.mktemp("cuda_emulation_wgmma"), wgmma=True)
 
 
 @pytest.fixture(scope="module")
@@ -661,6 +726,31 @@ def test_emulated_groups_of_kernels_and_masks(emulated):
     alone, _, alone_cuts = run_emulated(emulated, *first, allow_tf32, H100)
     assert alone_cuts[2] == 3
     assert torch.equal(grouped[:, :3, :3], alone)
+
+
+@pytest.mark.parametrize(
+    "dtype,shape,machine",
+    [
+        (torch.float32, (1, 72, 11, 21, 2, 3, 3), H100),  # two channel blocks: a < b as well
+        (torch.bfloat16, (2, 40, 9, 17, 3, 2, 5), H100),  # odd width, masks per batch item
+        (torch.float16, (1, 130, 7, 19, 1, 1, 7), H100),  # three blocks, r = 7, one mask
+        (torch.float32, (1, 70, 13, 21, 2, 3, 3), H100 | dict(max_smem=160 * 1024)),  # 4 rows
+    ],
+    ids=["tf32", "bfloat16", "float16", "tf32-4-rows"],
+)
+def test_emulated_wgmma_forward(emulated, emulated_wgmma, dtype, shape, machine):
+    """The forward as built for sm_90a (wgmma, B through Z's descriptor) against the reference,
+    and bit for bit the Grams of mma.sync's build: both sum each Gram's positions in the same
+    order here (on a card the tensor cores may order a product's terms otherwise). The
+    emulated wgmma reads B by the descriptor's fields as PTX defines them, so a wrong layout
+    of Z, or a wrong leading or stride offset, gives wrong Grams here too."""
+    inputs = tuple(t.to(dtype) for t in random_inputs(*shape, dtype=torch.float32))
+    tol = 3e-3 if dtype == torch.float32 else 2e-2
+    gram, cuts = check_against_reference(emulated_wgmma, inputs, tol, True, machine)
+    assert cuts[3] == 1 and cuts[4] == (4 if machine is not H100 else 8)
+    grad = torch.zeros(gram.shape, dtype=torch.float64)
+    expected, *_ = run_emulated(emulated, *inputs, grad, True, machine)
+    assert torch.equal(gram, expected)
 
 
 def test_emulated_small_shared_memory_falls_back_to_simt(emulated):
