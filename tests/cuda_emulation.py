@@ -432,7 +432,9 @@ def host_source(cu_text: str, sites: tuple[int, int]) -> str:
 
 
 def build(
-    folder: pathlib.Path, optimisation: str = "-O1", late_copies: bool = False,
+    folder: pathlib.Path,
+    optimisation: str = "-O1",
+    late_copies: bool = False,
     wgmma: bool = False,
 ) -> ctypes.CDLL:
     """Compiles the emulated .cu into ``folder`` and loads it (about 3 s at -O0, for the plan

@@ -244,6 +244,7 @@ def test_wgmma_forward_machine_code(tmp_path):
     group is waited for in full before the next step writes its A registers (WARPGROUP.DEPBAR
     to 0 pending): ptxas does not guard registers a wgmma in flight reads, and with one group
     left in flight the SASS rewrote them (gpu-notes). The SIMT forward has no wgmma."""
+
     def compile_and_dump(source):
         output = tmp_path / f"{source.stem}.o"
         result = subprocess.run(nvcc_command(source, "sm_90a", output), capture_output=True,
