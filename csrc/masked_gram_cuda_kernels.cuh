@@ -294,13 +294,11 @@ struct Operands<float, true> {
     f.a[1] = bits_as<float>(za[z_offset<Z>(g + 8, t)]);
     f.a[2] = bits_as<float>(za[z_offset<Z>(g, t + 4)]);
     f.a[3] = bits_as<float>(za[z_offset<Z>(g + 8, t + 4)]);
-#if !defined(CAST_WGMMA)
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       f.b[nt][0] = zb[z_offset<Z>(nt * 8 + g, t)];
       f.b[nt][1] = zb[z_offset<Z>(nt * 8 + g, t + 4)];
     }
-#endif
 #pragma unroll
     for (int kl = 0; kl < kK; ++kl)
       f.w[kl][0] = w[kl * kMaskStride + t], f.w[kl][1] = w[kl * kMaskStride + t + 4];
@@ -348,13 +346,11 @@ struct HalfOperands {
     f.a[0] = pair(za + z_offset<Z>(g, 2 * t)), f.a[1] = pair(za + z_offset<Z>(g + 8, 2 * t));
     f.a[2] = pair(za + z_offset<Z>(g, 2 * t + 8));
     f.a[3] = pair(za + z_offset<Z>(g + 8, 2 * t + 8));
-#if !defined(CAST_WGMMA)
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       f.b[nt][0] = pair(zb + z_offset<Z>(nt * 8 + g, 2 * t));
       f.b[nt][1] = pair(zb + z_offset<Z>(nt * 8 + g, 2 * t + 8));
     }
-#endif
 #pragma unroll
     for (int kl = 0; kl < kK; ++kl) {
       const float* wk = w + kl * kMaskStride + 2 * t;
@@ -597,7 +593,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           // the same registers. A group reads them until it is done and ptxas does not guard
           // them: waiting only for the step before, the sm_90a SASS rewrote them in flight.
           // Keeping a group in flight takes more registers (a second set, or a group per mask
-          // with the wait one mask behind): every such variant spilled (gpu-notes).
+          // with the wait one mask behind): every such variant spilled (gpu-notes). The B
+          // fragments `load` reads go unused here, and the compiler drops them.
           const uint64_t b = z_descriptor(zb);
 #pragma unroll 2
           for (int p0 = 0; p0 < kDepth; p0 += Ops::step) {

@@ -240,10 +240,10 @@ KERNEL_WGMMA = {"f": "HGMMA.64x32x8.F32.TF32", "13__nv_bfloat16": "HGMMA.64x32x1
 def test_wgmma_forward_machine_code(tmp_path):
     """Built for sm_90a, the tensor-core forward multiplies on wgmma (HGMMA m64n32, A from
     registers, B from Z in shared memory through a descriptor) of its input type, and nothing
-    else: no HMMA, no B fragment loaded; warning-free and spill-free as the other targets. Every
-    group is waited for in full before the next step writes its A registers (WARPGROUP.DEPBAR
-    to 0 pending): ptxas does not guard registers a wgmma in flight reads, and with one group
-    left in flight the SASS rewrote them (gpu-notes). The SIMT forward has no wgmma."""
+    else (no HMMA); warning-free and spill-free as the other targets. Every group is waited for
+    in full before the next step writes its A registers (WARPGROUP.DEPBAR to 0 pending): ptxas
+    does not guard registers a wgmma in flight reads, and with one group left in flight the
+    SASS rewrote them (gpu-notes). The SIMT forward has no wgmma."""
 
     def compile_and_dump(source):
         output = tmp_path / f"{source.stem}.o"
@@ -255,7 +255,7 @@ def test_wgmma_forward_machine_code(tmp_path):
 
     with concurrent.futures.ThreadPoolExecutor(len(WGMMA_SOURCES)) as pool:
         built = list(pool.map(compile_and_dump, WGMMA_SOURCES))
-    forward, loops_of = {}, {}
+    forward = {}
     for result, sass in built:
         assert result.returncode == 0, result.stderr
         report = [line for line in result.stderr.splitlines() if line.startswith("ptxas info")]
@@ -266,7 +266,6 @@ def test_wgmma_forward_machine_code(tmp_path):
             assert used["registers"] <= 255 and spilled == 0, (name, used)
         blocks = {b.split("\n", 1)[0].strip(): b for b in re.split(r"\n\s+Function : ", sass)[1:]}
         forward |= {name: b for name, b in blocks.items() if FORWARD_KERNEL.search(name)}
-        loops_of |= innermost_loops(sass)
     assert len(forward) == 10, sorted(forward)  # 3 MMA types x 2 tile heights, 4 SIMT
     for name, block in forward.items():
         dtype, tensor_cores = FORWARD_KERNEL.search(name).groups()
@@ -276,16 +275,6 @@ def test_wgmma_forward_machine_code(tmp_path):
         waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", block)
         assert (len(waits) > 0) == (tensor_cores == "1"), (name, waits)
         assert set(waits) <= {"0x0"}, (name, waits)
-        if tensor_cores == "1":
-            # A's fragments and the mask words alone come from shared memory in the MMA loop
-            # (4 + 2 per mask words for TF32, 4 + 4 per mask for 16-bit): B's 8 words a step
-            # per mask count are no longer loaded (mma.sync's loop: 16-24 LDS a step).
-            loops = [body for body in loops_of[name] if any(x[1].startswith("HGMMA") for x in body)]
-            assert loops, name
-            for body in loops:
-                steps = sum(x[1].startswith("WARPGROUP.ARRIVE") for x in body)
-                loads = sum(x[1].split(".")[0] == "LDS" for x in body)
-                assert loads <= steps * (4 + 4 * 3), (name, steps, loads)
 
 
 @pytest.mark.skipif(NVCC is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
