@@ -138,10 +138,11 @@ def cuda_planner():
 
 def cuda_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, card: Card) -> int | None:
     """The CUDA backend's extra bytes in one forward + backward on ``card``, from the plan of
-    ``csrc/masked_gram_cuda.cu`` itself: the forward's scratch (the plan's copies of G; G holds
-    split 0's sums). The backward has none: it forms ``S = (dG + dG^T) / n_k`` a block at a
-    time in shared memory. n_k's is left out: the extension that holds these kernels sums it in
-    one op (csrc/mask_mass_cuda.cu: 8 bytes a mask and chunk of 8192 positions)."""
+    ``csrc/masked_gram_cuda.cu`` itself: the larger of the forward's scratch (the plan's copies
+    of G; G holds split 0's sums) and the backward's (``S = (dG + dG^T) / n_k`` whole, G's
+    size, where the plan takes it; else S is formed a block at a time in shared memory): the
+    two are never live together. n_k's is left out: the extension that holds these kernels sums
+    it in one op (csrc/mask_mass_cuda.cu: 8 bytes a mask and chunk of 8192 positions)."""
     planner = cuda_planner()
     if planner is None:
         return None
@@ -152,7 +153,7 @@ def cuda_extra_model(layer: Layer, J: int, K: int, dtype: torch.dtype, card: Car
         max_smem=card.max_smem,
     )  # fmt: skip
     gram = J * K * layer.C**2 * 4
-    return plan["scratch_grams"] * gram
+    return max(plan["scratch_grams"], plan["symmetric_scratch"]) * gram
 
 
 def model_extra(backend: str, layer: Layer, J: int, K: int, dtype, card: Card) -> int | None:

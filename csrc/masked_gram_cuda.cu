@@ -48,12 +48,14 @@ size_t mma_backward_smem(int r, int K, int J, bool own_mirrors) {
 
 // The tensor-core backward's tile rows, the widest whose shared memory fits, or 0 (the SIMT
 // backward); its shared memory beside it: with dG's mirrors in a region of their own where that
-// fits too (a kernel's first step need not wait for them), else in U_j's.
+// fits too (a kernel's first step need not wait for them), else in U_j's; none of their own
+// where S comes whole from a scratch (`mirrors` false: it reads no mirror).
 template <typename T>
-std::pair<int, size_t> backward_tiles(bool tensor_cores, int r, int K, int J, size_t max_smem) {
+std::pair<int, size_t> backward_tiles(bool tensor_cores, int r, int K, int J, size_t max_smem,
+                                      bool mirrors) {
   if constexpr (sizeof(T) <= 4) {
     for (int rows : {kWideRows, kNarrowRows})
-      for (bool own : {true, false}) {
+      for (bool own : {mirrors, false}) {
         const size_t bytes = rows == kWideRows ? mma_backward_smem<T, kWideRows>(r, K, J, own)
                                                : mma_backward_smem<T, kNarrowRows>(r, K, J, own);
         if (tensor_cores && bytes > 0 && bytes <= max_smem) return {rows, bytes};
@@ -74,17 +76,28 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem
   const int max_kernels = Operands<T, false>::max_kernels;  // the same on tensor cores
   plan.mask_group = ceil_div(K, ceil_div(K, kMaxMasks));
   plan.forward_smem = forward_smem_of<T>(tensor_cores, static_cast<int>(plan.tile_rows), r);
+  // Inputs and outputs, issue 9's measure for scratch: F, the masks, the kernels and dG in, G
+  // and dF out.
+  const int64_t gram_bytes = s.B * s.J * s.K * s.C * s.C * static_cast<int64_t>(sizeof(A));
+  const int64_t io = ((2 * s.B * s.C + s.Bm * s.K) * s.H * s.W + s.J * s.r * s.r) *
+                         static_cast<int64_t>(sizeof(T)) +
+                     2 * gram_bytes;
+  // S whole in a scratch of G's size where that is within a tenth of them (relu1_1 - relu3_1
+  // of a 1024^2 image: 0.1-2.3 MiB; not at relu4_1, 9 MiB at J = K = 3): the backward's
+  // steps then copy S's blocks alone, without dG's mirrors (a third of a step's copies at
+  // C = 64, K = 3) or the pass that forms S.
+  const bool symmetric = tensor_cores && sizeof(T) <= 4 && gram_bytes <= io / 10;
   std::tie(plan.backward_rows, plan.backward_smem) =
-      backward_tiles<T>(tensor_cores, r, K, J, max_smem);
+      backward_tiles<T>(tensor_cores, r, K, J, max_smem, !symmetric);
+  plan.symmetric_scratch = symmetric && plan.backward_rows > 0;
   if (plan.tile_rows == 0 || plan.backward_smem > max_smem)
     plan.unsupported =
         "the kernels' size r or the number of masks K is too large for the CUDA backend's "
         "shared-memory tiles; use backend='triton'";
 
   // The forward's splits of the positions and its groups of kernels. G holds split 0's sums,
-  // a scratch the other splits', within a tenth of the op's inputs and outputs (issue 9's
-  // target: F, the masks, the kernels and dG in, G and dF out; nothing else of the op's is
-  // live while the forward runs). Both are chosen for whole waves of kWave blocks, one a
+  // a scratch the other splits', within a tenth of the op's inputs and outputs (nothing else
+  // of the op's is live while the forward runs; the backward's S after it). Both are chosen for whole waves of kWave blocks, one a
   // block per SM (a forward block takes an SM's shared memory or registers: 124-188 KiB,
   // 225-242 registers a thread), minimising waves x tiles a block x (kernels a block + 1/2),
   // the half a tile's loads, which each group of kernels repeats (the probe of effb4cf at
@@ -101,10 +114,6 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem
   const int64_t tiles = div_up(s.H, rows) * div_up(s.W, kTileCols);
   const int64_t nb = div_up(s.C, kPairBlock);
   const int64_t blocks_per_split = nb * (nb + 1) / 2 * s.B * div_up(K, plan.mask_group);
-  const int64_t gram_bytes = s.B * s.J * s.K * s.C * s.C * static_cast<int64_t>(sizeof(A));
-  const int64_t io = ((2 * s.B * s.C + s.Bm * s.K) * s.H * s.W + s.J * s.r * s.r) *
-                         static_cast<int64_t>(sizeof(T)) +
-                     2 * gram_bytes;
   const int64_t most = std::clamp<int64_t>(
       std::min(div_up(2 * kWave, blocks_per_split), 1 + io / 10 / gram_bytes), 1,
       std::min(tiles, kMaxSplits));
@@ -165,10 +174,11 @@ cudaError_t cast_masked_gram_cuda_backward(CastDtype dtype, const CastGramShape&
                                            const CastGramPlan& plan, const void* grad,
                                            const void* inverse_mass, const void* features,
                                            const void* masks, const void* kernels,
-                                           void* d_features, cudaStream_t stream) {
+                                           void* symmetric, void* d_features,
+                                           cudaStream_t stream) {
   return cast_cuda::with_element_type(dtype, [&](auto element) {
     using T = typename decltype(element)::type;
     return cast_cuda::Backward<T>::launch(shape, plan, grad, inverse_mass, features, masks,
-                                          kernels, d_features, stream);
+                                          kernels, symmetric, d_features, stream);
   });
 }

@@ -26,6 +26,11 @@ struct CastGramPlan {
   int64_t mask_group;    // masks whose Grams one forward block accumulates
   int64_t tile_rows;     // the forward's tiles of positions: tile_rows x 16
   int64_t backward_rows;  // the backward's on tensor cores: backward_rows x 16; 0: on CUDA cores
+  // The tensor-core backward reads S_jk = (dG_jk + dG_jk^T) / n_k whole from a scratch formed
+  // before it, (B, J, K, C, C) A, where a tenth of the op's inputs and outputs holds it: then
+  // no block of dG is read twice (as itself and as a mirror). Else it forms S a block at a
+  // time from dG.
+  bool symmetric_scratch;
   bool tensor_cores;     // the matrix products on tensor cores
   size_t forward_smem;   // dynamic shared memory per block, bytes
   size_t backward_smem;
@@ -46,8 +51,10 @@ cudaError_t cast_masked_gram_cuda_forward(
     cudaStream_t stream);
 
 // d_features (B, C, H, W) T. grad (B, J, K, C, C) A: dG. inverse_mass (Bm, K) A: 1 / n_k, 0
-// where n_k == 0. S_jk = (dG_jk + dG_jk^T) / n_k is formed a block at a time on the GPU.
+// where n_k == 0. symmetric (B, J, K, C, C) A, uninitialised, where plan.symmetric_scratch
+// (S_jk = (dG_jk + dG_jk^T) / n_k goes there first), else unused (may be null: S is formed a
+// block at a time on the GPU).
 cudaError_t cast_masked_gram_cuda_backward(
     CastDtype dtype, const CastGramShape& shape, const CastGramPlan& plan, const void* grad,
     const void* inverse_mass, const void* features, const void* masks, const void* kernels,
-    void* d_features, cudaStream_t stream);
+    void* symmetric, void* d_features, cudaStream_t stream);

@@ -4,3 +4,4 @@
 
 template struct cast_cuda::Backward<float>;
 template struct cast_cuda::Backward<double>;
+template struct cast_cuda::SymmetricGrad<float>;

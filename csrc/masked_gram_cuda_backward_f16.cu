@@ -3,3 +3,4 @@
 #include "masked_gram_cuda_kernels.cuh"
 
 template struct cast_cuda::Backward<__half>;
+template struct cast_cuda::SymmetricGrad<__half>;

@@ -27,7 +27,8 @@
 // speed path: no benchmark runs them).
 //
 // Backward, from dG and 1 / n_k, with S_jk = (dG_jk + dG_jk^T) / n_k formed a block at a time
-// where it is used: on tensor cores, one block per SM walks items (tile of kRows x 16 outputs,
+// where it is used (or whole in a scratch first, where a tenth of the op's inputs and outputs
+// holds it: plan.symmetric_scratch): on tensor cores, one block per SM walks items (tile of kRows x 16 outputs,
 // 64 output channels, batch item) and forms, for each kernel j,
 // U_j^T = [S_j1 | ... | S_jK] [m_1^2 Z_j; ...; m_K^2 Z_j]^T as one mma.sync chain K * C deep in
 // registers (Z_j on the tile's h-halo, formed once per block of 32 input channels from F's
@@ -116,6 +117,7 @@ struct Dims {
   int kernel_group, mask_group, mask_groups;  // forward: kernels and masks per block
   bool vector_rows;  // rows of F start on 16 bytes (W a multiple of the vector, F aligned)
   bool own_mirrors;  // the tensor-core backward's dG mirrors in a region of their own
+  bool s_formed;     // the tensor-core backward's `grad` is S whole (plan.symmetric_scratch)
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -678,6 +680,29 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// grad (B, J, K, C, C) float: dG; inverse_mass (Bm, K) float: 1 / n_k. symmetric (B, J, K, C, C)
+// float: S_jk = (dG_jk + dG_jk^T) / n_k, whole, for the tensor-core backward (input type T):
+// the same operands added and scaled in the same order as its form pass (and as
+// reference.symmetric_grad), so the same bits; rounded to TF32 for float32 input, as the form
+// pass rounds it, and left in float for 16-bit input, which the backward narrows in place.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    _masked_gram_symmetric_kernel(const float* __restrict__ grad,
+                                  const float* __restrict__ inverse_mass,
+                                  float* __restrict__ symmetric, const Dims d) {
+  const int64_t C = d.C;
+  const int64_t total = static_cast<int64_t>(d.B) * d.J * d.K * C * C;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t col = e % C, row = e / C % C, slice = e / (C * C);  // slice: (batch, j, k)
+    const int k = static_cast<int>(slice % d.K);
+    const int batch = static_cast<int>(slice / (static_cast<int64_t>(d.J) * d.K));
+    const float value = (grad[e] + grad[slice * C * C + col * C + row]) *
+                        inverse_mass[(d.Bm == 1 ? 0 : batch) * d.K + k];
+    symmetric[e] = sizeof(T) == 4 ? bits_as<float>(round_to_tf32(value)) : value;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Backward on CUDA cores (float64; float32 without TF32; 16-bit below sm_80; shapes the
 // tensor-core tiles do not fit): a block per (tile of positions, 32 output channels, batch
@@ -868,8 +893,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 //      formation and MMAs (S has two buffers, F one; the mirrors have a region of their own
 //      where shared memory allows, else take U_j's, and then a kernel's first step issues its
 //      own, after the last kernel's adjoint); then each S_jk
-//      block is formed in place, (dG + mirror) / n_k (rounded to TF32 for float32): S is
-//      never in global memory;
+//      block is formed in place, (dG + mirror) / n_k (rounded to TF32 for float32). Where a
+//      tenth of the op's inputs and outputs holds S whole (plan.symmetric_scratch), a kernel
+//      before this one forms it in a scratch the size of dG, and the steps copy S's blocks
+//      alone: no mirrors, no form pass (16-bit input's S is narrowed in place still);
 //   2. Z_j on the h-halo, formed once: each thread a column of half its rows in one channel
 //      (two channels for 16-bit input), each loaded value used for up to r of them; stored
 //      channel-major as the B operand (a 32-bit word holds one TF32 value or a pair of
@@ -1119,7 +1146,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       copy_grad_rows(it, j, s_dst + row * s_stride + chunk * 4, kOutBlock * s_stride,
                      it.out_block * kOutBlock + row, in_block * kInBlock + chunk * 4);
     }
-    if (in_block > 0 || d.own_mirrors) issue_mirrors(it, s);
+    if (!d.s_formed && (in_block > 0 || d.own_mirrors)) issue_mirrors(it, s);
   };
 
   // S_jk = (dG_jk + dG_jk^T) / n_k on the step's blocks, in place of dG's: the same operands,
@@ -1133,6 +1160,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // A warp's lanes take 4 * per input by 8 / per output channels; a thread's 8 elements of each
   // mask share its 1 / n_k.
   auto form_symmetric = [&](int buffer, int batch) {
+    if (per == 1 && d.s_formed) return;  // S came formed and rounded
     constexpr int kInLanes = 4 * per, kOutLanes = 8 / per;
     constexpr int kElements = kInBlock * kOutBlock / kThreads;  // a thread's, per mask
     // Element e = i * kThreads + tid has this c_in and c_out + i * kOutStep for every i (the
@@ -1151,9 +1179,14 @@ __global__ void __launch_bounds__(kThreads, 1)
              pairs += kOutBlock * s_stride * 2) {
       const float inverse = inverse_mass[(d.Bm == 1 ? 0 : batch) * d.K + k];
       float values[kElements];
+      if (d.s_formed) {  // (16-bit input) S as it came, to be narrowed
 #pragma unroll
-      for (int i = 0; i < kElements; ++i)
-        values[i] = (s[i * kOutStep * s_stride] + t[i * kOutStep]) * inverse;
+        for (int i = 0; i < kElements; ++i) values[i] = s[i * kOutStep * s_stride];
+      } else {
+#pragma unroll
+        for (int i = 0; i < kElements; ++i)
+          values[i] = (s[i * kOutStep * s_stride] + t[i * kOutStep]) * inverse;
+      }
       if constexpr (per == 2) __syncwarp();  // the warp's floats read before its pairs land
 #pragma unroll
       for (int i = 0; i < kElements; ++i) {
@@ -1221,14 +1254,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Item after = s + 1 < steps ? it : next_item();
       const int after_step = s + 1 < steps ? s + 1 : 0;
       constexpr int kPasses = kProbe == kNoLoad ? 0 : kProbe == kLoadTwice ? 2 : 1;
-      if (in_block == 0 && !d.own_mirrors) {
+      if (in_block == 0 && !d.own_mirrors && !d.s_formed) {
         __syncthreads();  // the last kernel's adjoint has read U_j: the mirrors may land
         issue_mirrors(it, s);
       }
       copy_async_wait_all();
-      __syncthreads();  // step s's F, dG's blocks and mirrors are in
+      __syncthreads();  // step s's F, dG's blocks and mirrors are in; the last step's readers done
       form_symmetric(buffer, it.batch);
-      __syncthreads();  // S formed; the previous step's Z readers are done
+      if (per == 2 || !d.s_formed) __syncthreads();  // S formed
       for (int pass = 0; pass < kPasses && more; ++pass)
         issue_grad_copies(after, after_step, buffer ^ 1);
 
@@ -1487,19 +1520,27 @@ struct FinishForward {
                             void* gram, cudaStream_t stream);
 };
 
+// S whole into `symmetric` for the tensor-core backward of input type T.
+template <typename T>
+struct SymmetricGrad {
+  static cudaError_t launch(const Dims& d, const void* grad, const void* inverse_mass,
+                            void* symmetric, cudaStream_t stream);
+};
+
 template <typename T>
 struct Backward {
   static cudaError_t launch(const CastGramShape& s, const CastGramPlan& plan, const void* grad,
                             const void* inverse_mass, const void* features, const void* masks,
-                            const void* kernels, void* d_features, cudaStream_t stream);
+                            const void* kernels, void* symmetric, void* d_features,
+                            cudaStream_t stream);
 };
 
 template <typename T>
 struct BackwardProbe {
   static cudaError_t launch(int probe, const CastGramShape& s, const CastGramPlan& plan,
                             const void* grad, const void* inverse_mass, const void* features,
-                            const void* masks, const void* kernels, void* d_features,
-                            cudaStream_t stream);
+                            const void* masks, const void* kernels, void* symmetric,
+                            void* d_features, cudaStream_t stream);
 };
 
 template <typename T, bool kTensorCores, int kRows, int kProbe = kFull>
@@ -1583,6 +1624,17 @@ cudaError_t Forward<T>::launch(const CastGramShape& s, const CastGramPlan& plan,
   return FinishForward<acc_t<T>>::launch(d, scratch, inverse_mass, gram, stream);
 }
 
+template <typename T>
+cudaError_t SymmetricGrad<T>::launch(const Dims& d, const void* grad, const void* inverse_mass,
+                                     void* symmetric, cudaStream_t stream) {
+  const int64_t total = static_cast<int64_t>(d.B) * d.J * d.K * d.C * d.C;
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 1 << 20);
+  _masked_gram_symmetric_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      static_cast<const float*>(grad), static_cast<const float*>(inverse_mass),
+      static_cast<float*>(symmetric), d);
+  return cudaGetLastError();
+}
+
 template <typename T, typename Kernel>
 cudaError_t launch_backward_kernel(Kernel kernel, const Dims& d, const dim3 grid,
                                    const CastGramPlan& plan, const void* grad,
@@ -1628,8 +1680,8 @@ template <typename T, typename Kernel>
 cudaError_t launch_mma_backward(Kernel kernel, int rows, const CastGramShape& s,
                                 const CastGramPlan& plan, const void* grad,
                                 const void* inverse_mass, const void* features,
-                                const void* masks, const void* kernels, void* d_features,
-                                cudaStream_t stream) {
+                                const void* masks, const void* kernels, void* symmetric,
+                                void* d_features, cudaStream_t stream) {
   if (kernel == nullptr) return cudaErrorInvalidValue;
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -1642,6 +1694,12 @@ cudaError_t launch_mma_backward(Kernel kernel, int rows, const CastGramShape& s,
   };
   d.own_mirrors = rows == kWideRows ? own(MmaBackwardTile<T, kWideRows>{})
                                     : own(MmaBackwardTile<T, kNarrowRows>{});  // the plan's
+  if (plan.symmetric_scratch) {
+    err = SymmetricGrad<T>::launch(d, grad, inverse_mass, symmetric, stream);
+    if (err != cudaSuccess) return err;
+    grad = symmetric;
+    d.s_formed = true;
+  }
   const dim3 grid(std::min(d.tiles * d.channel_blocks * d.B, sms));
   return launch_backward_kernel<T>(kernel, d, grid, plan, grad, inverse_mass, features, masks,
                                    kernels, d_features, stream);
@@ -1651,12 +1709,13 @@ template <typename T>
 cudaError_t BackwardProbe<T>::launch(int probe, const CastGramShape& s, const CastGramPlan& plan,
                                      const void* grad, const void* inverse_mass,
                                      const void* features, const void* masks,
-                                     const void* kernels, void* d_features,
+                                     const void* kernels, void* symmetric, void* d_features,
                                      cudaStream_t stream) {
   // Built for the probe's r = 3 alone (bench/gpu_probe.py, gpu_ncu.py).
   const auto mma = [&](auto kernel) {
     return launch_mma_backward<T>(s.r == 3 ? kernel : nullptr, kWideRows, s, plan, grad,
-                                  inverse_mass, features, masks, kernels, d_features, stream);
+                                  inverse_mass, features, masks, kernels, symmetric, d_features,
+                                  stream);
   };
   switch (probe) {
     case kLoadOnly:
@@ -1675,12 +1734,12 @@ template <typename T>
 cudaError_t Backward<T>::launch(const CastGramShape& s, const CastGramPlan& plan,
                                 const void* grad, const void* inverse_mass,
                                 const void* features, const void* masks, const void* kernels,
-                                void* d_features, cudaStream_t stream) {
+                                void* symmetric, void* d_features, cudaStream_t stream) {
   if constexpr (kProbed<T>) {
     const int probe = plan.backward_rows == kWideRows ? probe_variant() : kFull;
     if (probe != kFull)
       return BackwardProbe<T>::launch(probe, s, plan, grad, inverse_mass, features, masks,
-                                      kernels, d_features, stream);
+                                      kernels, symmetric, d_features, stream);
   }
   if constexpr (sizeof(T) <= 4) {
     if (plan.backward_rows == kWideRows || plan.backward_rows == kNarrowRows) {
@@ -1689,7 +1748,7 @@ cudaError_t Backward<T>::launch(const CastGramShape& s, const CastGramPlan& plan
       const auto kernel = rows == kWideRows ? mma_backward_kernel<T, kWideRows>(h)
                                             : mma_backward_kernel<T, kNarrowRows>(h);
       return launch_mma_backward<T>(kernel, rows, s, plan, grad, inverse_mass, features, masks,
-                                    kernels, d_features, stream);
+                                    kernels, symmetric, d_features, stream);
     }
   }
   // The SIMT kernel: a block per (tile, 32 output channels, batch item).
@@ -1708,6 +1767,9 @@ extern template struct ForwardProbe<float>;
 extern template struct ForwardProbe<__nv_bfloat16>;
 extern template struct FinishForward<float>;
 extern template struct FinishForward<double>;
+extern template struct SymmetricGrad<float>;
+extern template struct SymmetricGrad<__nv_bfloat16>;
+extern template struct SymmetricGrad<__half>;
 extern template struct Backward<float>;
 extern template struct Backward<double>;
 extern template struct Backward<__nv_bfloat16>;

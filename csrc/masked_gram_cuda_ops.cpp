@@ -94,7 +94,8 @@ at::Tensor masked_gram_fused_cuda(const at::Tensor& features, const at::Tensor& 
   return gram;
 }
 
-// The kernels form S = (dG + dG^T) / n_k a block at a time: no G-sized temporary.
+// The kernels form S = (dG + dG^T) / n_k whole in a G-sized scratch where a tenth of inputs +
+// outputs holds it (plan.symmetric_scratch), else a block at a time.
 at::Tensor masked_gram_fused_backward_cuda(const at::Tensor& grad, const at::Tensor& features,
                                            const at::Tensor& masks, const at::Tensor& kernels,
                                            const at::Tensor& inv, bool allow_tf32) {
@@ -110,10 +111,12 @@ at::Tensor masked_gram_fused_backward_cuda(const at::Tensor& grad, const at::Ten
   const CastGramPlan plan = plan_for(dtype, shape, allow_tf32);
 
   at::Tensor d_features = at::empty_like(features);
+  at::Tensor symmetric = plan.symmetric_scratch ? at::empty_like(grad) : at::Tensor();
   C10_CUDA_CHECK(cast_masked_gram_cuda_backward(
       dtype, shape, plan, grad.const_data_ptr(), inv.const_data_ptr(), features.const_data_ptr(),
-      masks.const_data_ptr(), kernels.const_data_ptr(), d_features.mutable_data_ptr(),
-      c10::cuda::getCurrentCUDAStream()));
+      masks.const_data_ptr(), kernels.const_data_ptr(),
+      plan.symmetric_scratch ? symmetric.mutable_data_ptr() : nullptr,
+      d_features.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return d_features;
 }

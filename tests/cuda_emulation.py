@@ -381,6 +381,7 @@ int emulated_plan(int dtype, const int64_t* s, const int64_t* machine, int64_t* 
   cuts[6] = static_cast<int64_t>(plan.backward_smem);
   cuts[7] = plan.backward_rows;
   cuts[8] = plan.scratch_grams;
+  cuts[9] = plan.symmetric_scratch;
   return plan.unsupported == nullptr;
 }
 // kernel_group: the plan's own where 0, else this many kernels a block (a test's variant).
@@ -392,11 +393,15 @@ int emulated_forward(int dtype, const int64_t* s, const int64_t* machine, int64_
   return cast_masked_gram_cuda_forward(CastDtype(dtype), shape_of(s), plan, f, m, p, inv,
                                        scratch, g, nullptr);
 }
-int emulated_backward(int dtype, const int64_t* s, const int64_t* machine, const void* grad,
-                      const void* inv, const void* f, const void* m, const void* p, void* df) {
-  return cast_masked_gram_cuda_backward(CastDtype(dtype), shape_of(s),
-                                        plan_of(dtype, s, machine), grad, inv, f, m, p, df,
-                                        nullptr);
+// symmetric: S's scratch (B, J, K, C, C) A where the plan takes one, or `scratch` >= 0 says.
+// scratch: the plan's choice where -1, else whether S goes whole into `symmetric` (a test's).
+int emulated_backward(int dtype, const int64_t* s, const int64_t* machine, int64_t scratch,
+                      const void* grad, const void* inv, const void* f, const void* m,
+                      const void* p, void* symmetric, void* df) {
+  CastGramPlan plan = plan_of(dtype, s, machine);
+  if (scratch >= 0) plan.symmetric_scratch = scratch > 0 && plan.backward_rows > 0;
+  return cast_masked_gram_cuda_backward(CastDtype(dtype), shape_of(s), plan, grad, inv, f, m, p,
+                                        symmetric, df, nullptr);
 }
 int emulated_inverse_mask_mass(int dtype, int64_t planes, int64_t positions, const void* m,
                                double* partials, void* inv) {
@@ -410,11 +415,11 @@ int64_t emulated_mass_chunks(int64_t positions) { return cast_mass_chunks(positi
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 # The plan's fields, in the order emulated_plan writes them.
 PLAN_FIELDS = ("splits", "kernel_group", "mask_group", "tensor_cores", "tile_rows", "forward_smem",
-               "backward_smem", "backward_rows", "scratch_grams")  # fmt: skip
+               "backward_smem", "backward_rows", "scratch_grams", "symmetric_scratch")  # fmt: skip
 
 
 # The kernels' launches and dynamic shared memory arrays, by file (none in the other parts).
-KERNEL_SITES = {"masked_gram_cuda_kernels.cuh": (3, 3), "mask_mass_cuda.cu": (2, 1)}
+KERNEL_SITES = {"masked_gram_cuda_kernels.cuh": (4, 3), "mask_mass_cuda.cu": (2, 1)}
 
 
 def host_source(cu_text: str, sites: tuple[int, int]) -> str:

@@ -388,7 +388,7 @@ int main() {
   const CastGramShape shape{1, 1, 1, 1, 1, 1, 1, 1};
   const CastGramPlan plan = cast_masked_gram_cuda_plan(CastDtype::float32, shape, true, 90, 0);
   return cast_masked_gram_cuda_forward(CastDtype::float32, shape, plan, 0, 0, 0, 0, 0, 0, 0) +
-         cast_masked_gram_cuda_backward(CastDtype::float32, shape, plan, 0, 0, 0, 0, 0, 0, 0) +
+         cast_masked_gram_cuda_backward(CastDtype::float32, shape, plan, 0, 0, 0, 0, 0, 0, 0, 0) +
          cast_inverse_mask_mass_cuda(CastDtype::float32, 1, 1, 0, 0, 0, 0);
 }
 """
@@ -469,11 +469,14 @@ def emulated_late(tmp_path_factory):
 
 
 def run_emulated(
-    lib, features, masks, kernels, grad, allow_tf32, machine, kernel_group=0, inv_mass=None
+    lib, features, masks, kernels, grad, allow_tf32, machine, kernel_group=0, inv_mass=None,
+    symmetric_scratch=-1,
 ):
     """What cast/ops.py and csrc/masked_gram_cuda_ops.cpp do around the launchers, on host
     tensors: ``1 / n_k`` as the op's entry forms it (or ``inv_mass``), dG in the accumulation
-    dtype; the forward in the plan's groups of kernels, or in groups of ``kernel_group``."""
+    dtype; the forward in the plan's groups of kernels, or in groups of ``kernel_group``; the
+    backward with S whole in a scratch where the plan says (``symmetric_scratch`` -1), or
+    where ``symmetric_scratch`` is 1 (0: formed a block at a time)."""
     B, C, H, W = features.shape
     (J, r, _), (Bm, K) = kernels.shape, masks.shape[:2]
     shape = (ctypes.c_int64 * 8)(B, C, H, W, Bm, K, J, r)
@@ -490,8 +493,10 @@ def run_emulated(
 
     grad = grad.to(acc).contiguous()
     d_features = torch.full_like(features, float("nan"))
-    ptr = [t.data_ptr() for t in (grad, inv, features, masks, kernels, d_features)]
-    assert lib.emulated_backward(code, shape, machine, *map(ctypes.c_void_p, ptr)) == 0
+    symmetric = torch.full_like(grad, float("nan"))
+    ptr = [t.data_ptr() for t in (grad, inv, features, masks, kernels, symmetric, d_features)]
+    which = ctypes.c_int64(symmetric_scratch)
+    assert lib.emulated_backward(code, shape, machine, which, *map(ctypes.c_void_p, ptr)) == 0
     return gram, d_features, tuple(cuts)
 
 
@@ -632,6 +637,12 @@ def test_emulated_backward_forms_s_from_dg(emulated, dtype, C, allow_tf32):
     _, from_whole, _ = run_emulated(emulated, features, masks, kernels, whole, allow_tf32, H100,
                                     inv_mass=torch.ones_like(inv))  # fmt: skip
     assert torch.equal(d_features, from_whole)
+    assert cuts[9] == 0  # these inputs are too small for S's scratch: a tenth of them is less
+    # S whole in a scratch first (plan.symmetric_scratch; the SIMT backward has none): the
+    # same bits, with no mirror copied and (float32) no form pass.
+    _, from_scratch, _ = run_emulated(emulated, features, masks, kernels, grad, allow_tf32, H100,
+                                      symmetric_scratch=1)  # fmt: skip
+    assert torch.equal(from_scratch, from_whole)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tf32", "bfloat16"])
@@ -683,6 +694,11 @@ def test_emulated_copies_landing_late(emulated, emulated_late, dtype, shape, mac
         emulated_late, features, masks, kernels, grad, True, machine
     )
     assert torch.equal(late_gram, gram) and torch.equal(late_d_features, d_features)
+    # With S whole from a scratch: only S's blocks copied, one barrier fewer a step (float32).
+    _, late_from_scratch, _ = run_emulated(
+        emulated_late, features, masks, kernels, grad, True, machine, symmetric_scratch=1
+    )
+    assert torch.equal(late_from_scratch, d_features)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tf32", "bfloat16"])
@@ -834,7 +850,10 @@ def test_forward_plan_for_vgg_layers(emulated, dtype):
     (the partial Grams of splits 1, 2, ..., G holding split 0's) is within a tenth of the op's
     inputs + outputs as the bench counts them (issue 9's target: F, the masks, the kernels and
     dG in, G and dF out); at C = 512 of a 1024^2 image at J = K = 3 that is no scratch at all
-    (one split, the blocks from the kernels in groups of one)."""
+    (one split, the blocks from the kernels in groups of one). The backward's S goes whole into
+    a scratch of G's size exactly where that is within the same tenth: at J = K = 3 relu1_1 -
+    relu3_1 of a 1024^2 image and every layer of a 4096^2 one, not relu4_1 and relu5_1 of a
+    1024^2 image."""
     for image in (1024, 4096):
         for name, C, fraction in VGG_STYLE_LAYERS:
             size = image // fraction
@@ -848,6 +867,9 @@ def test_forward_plan_for_vgg_layers(emulated, dtype):
                 gram = J * J * C * C * 4  # G and dG, float32
                 inputs_outputs = (2 * C + J) * size * size * dtype.itemsize + 2 * gram
                 assert plan["scratch_grams"] * gram <= 0.1 * inputs_outputs, where
+                assert plan["symmetric_scratch"] == (gram <= 0.1 * inputs_outputs), where
+                if J == 3:
+                    assert plan["symmetric_scratch"] == (image == 4096 or C <= 256), where
                 if (image, C, J) == (1024, 512, 3):
                     assert plan["splits"] == 1 and plan["kernel_group"] == 1, where
 
