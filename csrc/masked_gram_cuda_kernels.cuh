@@ -317,7 +317,7 @@ struct Operands<float, true> {
     uint32_t wa[kMaxMasks][4] = {};
 #pragma unroll
     for (int kl = 0; kl < kK; ++kl) scale(wa[kl], f, kl);
-    mma_grid_tf32(acc, wa, f.b, kK);
+    mma_grid<float>(acc, wa, f.b, kK);
   }
 };
 
@@ -370,7 +370,7 @@ struct HalfOperands {
     uint32_t wa[kMaxMasks][4] = {};
 #pragma unroll
     for (int kl = 0; kl < kK; ++kl) scale(wa[kl], f, kl);
-    mma_grid_16bit<T>(acc, wa, f.b, kK);
+    mma_grid<T>(acc, wa, f.b, kK);
   }
 };
 template <>
@@ -1366,10 +1366,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               else f.b[ni][e] = HalfOperands<T>::scaled(z, w, w);
             }
         };
-        const auto multiply = [&](const Fragments& f) {
-          if constexpr (per == 1) mma_grid_tf32(acc, f.a, f.b, kMTiles, kN);
-          else mma_grid_16bit<T>(acc, f.a, f.b, kMTiles, kN);
-        };
+        const auto multiply = [&](const Fragments& f) { mma_grid<T>(acc, f.a, f.b, kMTiles, kN); };
         if constexpr (kDepth > 0) {
 #pragma unroll
           for (int c = 0; c < kSteps; ++c)

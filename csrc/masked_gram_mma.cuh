@@ -69,34 +69,20 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 
 // A warp's grid of products: d[i][n] += a[i] b[n] for the first `rows` A fragments and the
 // first `cols` B fragments (both warp-uniform), i.e. a column of A fragments (masks, rows of
-// tiles) against a row of B fragments. One call per step keeps the emulation's warp-wide
+// tiles) against a row of B fragments, on the MMA of the input type T: m16n8k8 TF32 for float,
+// m16n8k16 for __nv_bfloat16 and __half. One call per step keeps the emulation's warp-wide
 // meetings few.
-template <int kM, int kN>
-__device__ __forceinline__ void mma_grid_tf32(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4],
-                                              const uint32_t (&b)[kN][2], int rows,
-                                              int cols = kN) {
-#pragma unroll
-  for (int i = 0; i < kM; ++i) {
-    if (i >= rows) break;
-#pragma unroll
-    for (int n = 0; n < kN; ++n) {
-      if (n >= cols) break;
-      mma_m16n8k8_tf32(d[i][n], a[i], b[n]);
-    }
-  }
-}
-
 template <typename T, int kM, int kN>
-__device__ __forceinline__ void mma_grid_16bit(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4],
-                                               const uint32_t (&b)[kN][2], int rows,
-                                               int cols = kN) {
+__device__ __forceinline__ void mma_grid(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4],
+                                         const uint32_t (&b)[kN][2], int rows, int cols = kN) {
 #pragma unroll
   for (int i = 0; i < kM; ++i) {
     if (i >= rows) break;
 #pragma unroll
     for (int n = 0; n < kN; ++n) {
       if (n >= cols) break;
-      mma_m16n8k16<T>(d[i][n], a[i], b[n]);
+      if constexpr (__is_same(T, float)) mma_m16n8k8_tf32(d[i][n], a[i], b[n]);
+      else mma_m16n8k16<T>(d[i][n], a[i], b[n]);
     }
   }
 }

@@ -207,13 +207,19 @@ inline int emulated_post(const float* a, int na, const float* b, int nb) {
 }
 // The tensor cores read 19 bits of a TF32 operand: the low 13 are ignored.
 inline float emulated_tf32(uint32_t bits) { return emulated_bits_float(bits & ~0x1FFFu); }
+// An operand register's value `high` as the tensor cores read it: the register as TF32 for
+// T = float, else its low (0) or high (1) 16-bit half.
 template <typename T>
-float emulated_half(uint32_t two, int high) {
-  const uint16_t bits = static_cast<uint16_t>(high ? two >> 16 : two & 0xFFFFu);
-  T v;
-  std::memcpy(&v, &bits, 2);
-  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
-  else return __bfloat162float(v);
+float emulated_operand(uint32_t reg, int high) {
+  if constexpr (std::is_same_v<T, float>) {
+    return emulated_tf32(reg);
+  } else {
+    const uint16_t bits = static_cast<uint16_t>(high ? reg >> 16 : reg & 0xFFFFu);
+    T v;
+    std::memcpy(&v, &bits, 2);
+    if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+    else return __bfloat162float(v);
+  }
 }
 // `a`: per lane 4 registers per A fragment, `b` 2 per B fragment, as floats, `per` values per
 // register (1 for TF32 at depth 8, 2 for 16-bit at depth 16).
@@ -261,23 +267,16 @@ inline void load_matrix_x4(uint32_t (&r)[4], const void* row) {
 }
 // Fragments past `rows` / `cols` are not read: they may hold anything (here: NaN, which would
 // show if they were).
-template <int kM, int kN>
-void mma_grid_tf32(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4], const uint32_t (&b)[kN][2],
-                   int rows, int cols = kN) {
-  float av[kM * 4], bv[kN * 2];
-  for (int i = 0; i < kM * 4; ++i) av[i] = i / 4 < rows ? emulated_tf32(a[i / 4][i % 4]) : NAN;
-  for (int i = 0; i < kN * 2; ++i) bv[i] = i / 2 < cols ? emulated_tf32(b[i / 2][i % 2]) : NAN;
-  emulated_grid<8>(d, av, bv, rows, cols);
-}
 template <typename T, int kM, int kN>
-void mma_grid_16bit(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4], const uint32_t (&b)[kN][2],
-                    int rows, int cols = kN) {
-  float av[kM * 8], bv[kN * 4];
-  for (int i = 0; i < kM * 8; ++i)
-    av[i] = i / 8 < rows ? emulated_half<T>(a[i / 8][i % 8 / 2], i % 2) : NAN;
-  for (int i = 0; i < kN * 4; ++i)
-    bv[i] = i / 4 < cols ? emulated_half<T>(b[i / 4][i % 4 / 2], i % 2) : NAN;
-  emulated_grid<16>(d, av, bv, rows, cols);
+void mma_grid(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4], const uint32_t (&b)[kN][2],
+              int rows, int cols = kN) {
+  constexpr int per = sizeof(T) == 4 ? 1 : 2, na = 4 * per, nb = 2 * per;  // values a fragment
+  float av[kM * na], bv[kN * nb];
+  for (int i = 0; i < kM * na; ++i)
+    av[i] = i / na < rows ? emulated_operand<T>(a[i / na][i % na / per], i % per) : NAN;
+  for (int i = 0; i < kN * nb; ++i)
+    bv[i] = i / nb < cols ? emulated_operand<T>(b[i / nb][i % nb / per], i % per) : NAN;
+  emulated_grid<8 * per>(d, av, bv, rows, cols);
 }
 // wgmma (built with CAST_WGMMA): each warp computes its own 16 rows of D at once, as mma.sync's
 // grids above, from its lanes' A registers and B read through the descriptor by the PTX ISA's
@@ -292,12 +291,8 @@ inline uint32_t shared_address(const void* p) {
 template <typename T>
 void wgmma_m64n32(float (&d)[4][4], const uint32_t (&a)[4], uint64_t b) {
   constexpr int per = sizeof(T) == 4 ? 1 : 2, depth = 8 * per, chunk = 16 / sizeof(T);
-  auto value = [](uint32_t bits, int high) {
-    if constexpr (per == 1) return emulated_tf32(bits);
-    else return emulated_half<T>(bits, high);
-  };
   float av[8];
-  for (int i = 0; i < 4 * per; ++i) av[i] = value(a[i / per], i % per);
+  for (int i = 0; i < 4 * per; ++i) av[i] = emulated_operand<T>(a[i / per], i % per);
   const int turn = emulated_post(av, 4 * per, nullptr, 0);
   if ((b >> 49 & 0x7) != 0 || (b >> 62) != 0) emulated_fault = cudaErrorInvalidValue;
   const unsigned char* start = emulated_shared + ((b & 0x3FFF) << 4);
@@ -307,7 +302,7 @@ void wgmma_m64n32(float (&d)[4][4], const uint32_t (&a)[4], uint64_t b) {
         start + n / 8 * n_bytes + k / chunk * k_bytes + n % 8 * 16 + k % chunk * sizeof(T);
     uint32_t bits = 0;
     std::memcpy(&bits, at, sizeof(T));
-    return value(bits, 0);
+    return emulated_operand<T>(bits, 0);
   };
   const EmulatedWarp& warp = *emulated_warps[threadIdx.x / 32];
   float A[16][16];
