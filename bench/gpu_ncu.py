@@ -2,7 +2,8 @@
 (C = 64, 1024 x 1024), J = K = 3, r = 3, soft masks, float32 then bfloat16. Each call is made
 once for a warm-up, then once inside a profiler window (cudaProfilerStart / Stop), so that
 ``ncu --profile-from-start off`` sees exactly those launches; its ``--kernel-name`` leaves out
-the forward's finishing kernel and the op's fills. In the window, for each dtype in turn: the
+the forward's finishing kernel, the backward's kernel that forms S whole first (relu1_1 takes
+plan.symmetric_scratch) and the op's fills. In the window, for each dtype in turn: the
 forward (``_masked_gram_fwd_kernel``) and the backward (``_masked_gram_bwd_mma_kernel``)
 whole, then both as bench/gpu_probe.py's "no MMA" variant (template argument kProbe = 2), so
 that each stall reason's cycles, whole minus "no MMA", are the MMA phase's. Without a GPU it
