@@ -874,6 +874,31 @@ def test_forward_plan_for_vgg_layers(emulated, dtype):
                     assert plan["splits"] == 1 and plan["kernel_group"] == 1, where
 
 
+def test_gpu_checks_take_the_backward_ways_they_name(emulated):
+    """The card's checks of the tensor-core backward's copies, tests/test_gpu.py's
+    every-element cases and bench/gpu_sanitize.py's (under compute-sanitizer), take the ways
+    they are named for on an H100's plan: S formed a block at a time with dG's mirrors in a
+    region of their own (shared memory beyond the same kernel's without one, as with S from a
+    scratch) or in U_j's, or S whole from a scratch. When the plan took the scratch for shapes
+    of the size a tenth of whose inputs + outputs holds S, all of them went that way, and no
+    mirror was copied on the card any more."""
+    import gpu_sanitize  # bench/
+    import test_gpu
+
+    def way(dtype, K, B, H, Bm):
+        plan = cuda_emulation.plan(emulated, dtype, (B, 72, H, 128, Bm, K, 3, 3), True, **H100)
+        whole = cuda_emulation.plan(emulated, dtype, (1, 72, 1024, 1024, 1, K, 3, 3), True, **H100)
+        assert plan["backward_rows"] == whole["backward_rows"] == 8 and whole["symmetric_scratch"]
+        if plan["symmetric_scratch"]:
+            return "S from a scratch"
+        return "own mirrors" if plan["backward_smem"] > whole["backward_smem"] else "mirrors in U"
+
+    for name, (dtype, K, B, H) in test_gpu.EVERY_ELEMENT_CASES.items():
+        assert name.endswith(way(dtype, K, B, H, B)), name
+    sanitized = [way(dtype, K, B, H, 1) for dtype, K, B, H in gpu_sanitize.CASES]
+    assert sanitized == ["own mirrors", "mirrors in U", "mirrors in U", "S from a scratch"]
+
+
 def test_bench_memory_model_takes_the_cuda_plan():
     """``bench/bench_masked_gram.py --memory-model`` predicts the CUDA backend's extra memory from
     the plan itself (built for this CPU): at relu4_1 of a 1024^2 image, J = K = 3, float32, the

@@ -133,25 +133,38 @@ def test_every_shipped_triton_config(K):
         assert relative_error(d_features, expected_grad) <= 3e-3, config
 
 
-# On a 227 KiB card (H100, H200) the tensor-core backward gives dG's mirrors a region of their
-# own at K = 3 and lends them U_j's at K = 4 (float32) or 5 (bfloat16): plan 204140 / 195692 B
-# and 183660 / 200044 B at C = 72, r = 3 (the CUDA emulation's).
+# The CUDA backward's three ways with dG's mirrors on a 227 KiB card (H100, H200) at C = 72,
+# J = 3, r = 3. Where S whole is more than a tenth of the op's inputs + outputs (16 rows of 128
+# at B = 9) S is formed a block at a time, the mirrors in a region of their own at K = 3 and in
+# U_j's at K = 4 (float32) or 5 (bfloat16): plan 204140 / 195692 B and 177516 / 189804 B; on 72
+# rows at B = 2 S comes whole from a scratch (plan.symmetric_scratch), no mirrors. 288 items
+# either way (2 x 8 or 9 x 8 tiles, 2 output blocks, 9 or 2 batch items). tests/
+# test_cuda_sources.py checks that the plan takes each case's way.
+EVERY_ELEMENT_CASES = {  # id: (dtype, K, B, H)
+    "tf32 own mirrors": (torch.float32, 3, 9, 16),
+    "tf32 mirrors in U": (torch.float32, 4, 9, 16),
+    "bfloat16 own mirrors": (torch.bfloat16, 3, 9, 16),
+    "bfloat16 mirrors in U": (torch.bfloat16, 5, 9, 16),
+    "tf32 S from a scratch": (torch.float32, 3, 2, 72),
+    "bfloat16 S from a scratch": (torch.bfloat16, 5, 2, 72),
+}
+
+
 @pytest.mark.parametrize(
-    "dtype,K",
-    [(torch.float32, 3), (torch.float32, 4), (torch.bfloat16, 3), (torch.bfloat16, 5)],
-    ids=["tf32 own mirrors", "tf32 mirrors in U", "bfloat16 own mirrors", "bfloat16 mirrors in U"],
+    "dtype,K,B,H", EVERY_ELEMENT_CASES.values(), ids=EVERY_ELEMENT_CASES.keys()
 )
-def test_cuda_backward_every_element(dtype, K):
+def test_cuda_backward_every_element(dtype, K, B, H):
     """The CUDA backward's copies (issued a step ahead, landing whenever the card lands them)
     against the reference element by element, and the same bits twice. C = 72: three input
-    blocks a kernel, so the mirrors also come during a kernel's steps; J = 3; 288 items (9 x 8
-    tiles, 2 output blocks, 2 batch items), so every block of an H100 or H200 walks two or
-    three. A copy read before it lands, or issued into shared memory still read, gives wrong
-    dF at scattered positions, which the norm's tolerance may not see and which change from run
-    to run. The bound: 5x the emulation's worst element (0.0020 float32, 0.015 bfloat16)."""
+    blocks a kernel, so the mirrors also come during a kernel's steps; J = 3; 288 items, so
+    every block of an H100 or H200 walks two or three. A copy read before it lands, or issued
+    into shared memory still read, gives wrong dF at scattered positions, which the norm's
+    tolerance may not see and which change from run to run. The bound: 5x the emulation's
+    worst element (0.0020 float32, 0.015 bfloat16)."""
     need("cuda", dtype)
-    features, masks, kernels = random_inputs(2, 72, 72, 128, 3, K, 3, dtype, 6, True)
-    grad = torch.randn(2, 3, K, 72, 72, generator=torch.Generator().manual_seed(7))
+    W = 128
+    features, masks, kernels = random_inputs(B, 72, H, W, 3, K, 3, dtype, 6, True)
+    grad = torch.randn(B, 3, K, 72, 72, generator=torch.Generator().manual_seed(7))
     f64, m64, p64 = (t.double().cpu() for t in (features, masks, kernels))
     expected = masked_gram_backward_reference(grad.double(), f64, m64, p64)
     grad = grad.cuda()
@@ -162,7 +175,7 @@ def test_cuda_backward_every_element(dtype, K):
     scale = expected.square().mean().sqrt() + expected.abs()
     worst = ((first.double().cpu() - expected).abs() / scale).flatten()
     bound = 0.01 if dtype == torch.float32 else 0.08
-    where = [divmod(int(i), 72 * 128) for i in worst.topk(3).indices]  # (b * C + c, y * W + x)
+    where = [divmod(int(i), H * W) for i in worst.topk(3).indices]  # (b * C + c, y * W + x)
     assert worst.max() <= bound, (worst.max().item(), where)
 
 

@@ -53,15 +53,16 @@ def test_uncapped_programs_are_the_resident_ones():
 
 
 def test_sanitizer_program_runs_every_case():
-    """What `make gpu-check` runs under compute-sanitizer: here on the CPU backend, its three
-    cases (the mirrors' two places, bf16) each finishing with a finite dF."""
+    """What `make gpu-check` runs under compute-sanitizer: here on the CPU backend, its four
+    cases (the mirrors' two places, bf16, S from a scratch) each finishing with a finite dF."""
     argv = [sys.executable, str(BENCH / "gpu_sanitize.py")]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [line.split(":")[0] for line in done.stdout.splitlines()] == [
-        "cpu float32 K=3",
-        "cpu float32 K=4",
-        "cpu float32 K=5",
+        "cpu float32 K=3 B=5",
+        "cpu float32 K=4 B=5",
+        "cpu float32 K=5 B=5",
+        "cpu float32 K=3 B=1",
     ], done.stdout
 
 
