@@ -73,7 +73,9 @@ arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(
 # Hopper: sm_90a, where the CUDA forward multiplies on wgmma (CAST_WGMMA; gpu-notes "The CUDA
 # forward on wgmma"), never run on a card before this check: if the card's forward misses the
 # reference, the build is redone for plain 9.0 (mma.sync, as every earlier lease ran it) and
-# the summary says so, so that one wrong kernel does not cost the lease's tables.
+# the summary says so, so that one wrong kernel does not cost the lease's tables. Only tests of
+# the CUDA forward decide it (float32 on 4 channel blocks, both 16-bit types): the backward has
+# no wgmma, and its failure here would cost a rebuild that cannot mend it.
 [ "$arch" = 9.0 ] && arch=9.0a
 
 # 107 s on an H100 machine at a37e7bb, when the kernels were one .cu file (nvcc on one core);
@@ -82,7 +84,7 @@ step build 240 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
   "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
 if [ "$arch" = 9.0a ]; then
   step wgmma:tests 60 env CAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -x -q --tb=short \
-    -p no:cacheprovider -k "cuda and (low_precision or large_shape or every_element)" \
+    -p no:cacheprovider -k "cuda and (low_precision or large_shape)" \
     tests/test_gpu.py
   if [ $? -ne 0 ]; then
     echo "== the wgmma forward failed on the card: rebuilt for 9.0 (mma.sync)" | tee -a "$summary"
