@@ -41,7 +41,7 @@ from cast.reference import (
 )
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
-from sass import Instruction, innermost_loops  # noqa: E402  (bench/sass.py)
+from sass import LINE, Instruction, innermost_loops, instruction  # noqa: E402  (bench/sass.py)
 
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 CU_SOURCES = sorted(CSRC.glob("*.cu"))
@@ -236,6 +236,50 @@ KERNEL_WGMMA = {"f": "HGMMA.64x32x8.F32.TF32", "13__nv_bfloat16": "HGMMA.64x32x1
                 "6__half": "HGMMA.64x32x16.F32"}  # fmt: skip
 
 
+def wgmma_hazards(sass: str) -> list[str]:
+    """The instructions of a kernel's SASS, in address order, that touch a register an HGMMA
+    still has in flight (its A fragment, 4 registers, and its 16 accumulators: ptxas does not
+    guard them) or branch or wait at a barrier with one in flight: an HGMMA's group (closed by
+    gsb0) is in flight until a WARPGROUP.DEPBAR leaves fewer groups pending. With no branch
+    between an HGMMA and its wait, every path from one to the other is the one in address
+    order, so the scan sees them all (the forward's wait at 1 pending: a group across each
+    loop's back edge, found here)."""
+    groups, hazards = [set()], []  # the committed groups in flight, the open one last
+    for address, guard, op, operands in LINE.findall(sass):
+        ops = operands.split(",")
+        if op.startswith("HGMMA"):
+            d, a = (int(o.strip().removeprefix("R")) for o in ops[:2])  # D, A in registers
+            groups[-1] |= {f"R{i}" for i in [*range(d, d + 16), *range(a, a + 4)]}
+            groups += [set()] if "gsb0" in operands else []
+        elif op.startswith("WARPGROUP.DEPBAR"):
+            pending = int(ops[-1], 16)
+            groups = groups[: -1][len(groups) - 1 - pending :] + [groups[-1]]
+        elif in_flight := set().union(*groups):
+            x = instruction(int(address, 16), op, ops, guard or "")
+            if (x.reads | x.writes) & in_flight or x.base in ("BRA", "BAR", "EXIT"):
+                hazards.append(f"{address} {op} {operands}")
+    return hazards
+
+
+def test_wgmma_hazards_on_written_sass():
+    """The hazard finder on hand-written SASS: a write of an A register before the wait is one,
+    after it none, and so is a read of an accumulator or a branch before it; a wait that leaves
+    a group pending leaves its registers in flight."""
+    listing = """
+        /*0010*/                   WARPGROUP.ARRIVE ;
+        /*0020*/                   HGMMA.64x32x8.F32.TF32 R24, R168, gdesc[UR8], R24, gsb0 ;
+        /*0030*/                   LOP3.LUT R169, R207, 0xffffe000, RZ, 0xc0, !PT ;
+        /*0040*/                   FADD R9, R39, R2 ;
+        /*0050*/                   FMUL.FTZ R207, R198, R203 ;
+        /*0060*/              @!P0 BRA 0x10 ;
+        /*0070*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0080*/                   LOP3.LUT R170, R207, 0xffffe000, RZ, 0xc0, !PT ;
+"""
+    assert [h.split()[0] for h in wgmma_hazards(listing)] == ["0030", "0040", "0060"]
+    one_left = listing.replace("gsb0, 0x0", "gsb0, 0x1")
+    assert [h.split()[0] for h in wgmma_hazards(one_left)] == ["0030", "0040", "0060", "0080"]
+
+
 @pytest.mark.skipif(NVCC is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
 def test_wgmma_forward_machine_code(tmp_path):
     """Built for sm_90a, the tensor-core forward multiplies on wgmma (HGMMA m64n32, A from
@@ -243,7 +287,8 @@ def test_wgmma_forward_machine_code(tmp_path):
     else (no HMMA); warning-free and spill-free as the other targets. Every group is waited for
     in full before the next step writes its A registers (WARPGROUP.DEPBAR to 0 pending): ptxas
     does not guard registers a wgmma in flight reads, and with one group left in flight the
-    SASS rewrote them (gpu-notes). The SIMT forward has no wgmma."""
+    SASS rewrote them (gpu-notes); and nothing between an HGMMA and its wait touches its A or
+    accumulator registers or leaves. The SIMT forward has no wgmma."""
 
     def compile_and_dump(source):
         output = tmp_path / f"{source.stem}.o"
@@ -275,6 +320,7 @@ def test_wgmma_forward_machine_code(tmp_path):
         waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", block)
         assert (len(waits) > 0) == (tensor_cores == "1"), (name, waits)
         assert set(waits) <= {"0x0"}, (name, waits)
+        assert wgmma_hazards(block) == [], name
 
 
 @pytest.mark.skipif(NVCC is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
