@@ -70,12 +70,13 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton._
   echo "files differing from that commit: $(git status --short --untracked-files=no 2>/dev/null | wc -l)"
 } 2>&1 | tee -a "$summary"
 arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-# Hopper: sm_90a, where the CUDA forward multiplies on wgmma (CAST_WGMMA; gpu-notes "The CUDA
-# forward on wgmma"), never run on a card before this check: if the card's forward misses the
-# reference, the build is redone for plain 9.0 (mma.sync, as every earlier lease ran it) and
-# the summary says so, so that one wrong kernel does not cost the lease's tables. Only tests of
-# the CUDA forward decide it (float32 on 4 channel blocks, both 16-bit types): the backward has
-# no wgmma, and its failure here would cost a rebuild that cannot mend it.
+# Hopper: sm_90a, where the CUDA forward and float32 backward multiply on wgmma (CAST_WGMMA;
+# gpu-notes "The CUDA forward on wgmma", "The float32 CUDA backward on wgmma"), never run on a
+# card before this check: if they miss the reference on the card, the build is redone for
+# plain 9.0 (mma.sync, as every earlier lease ran it) and the summary says so, so that one wrong
+# kernel does not cost the lease's tables. The tests that decide it run the forward of every
+# dtype and the float32 backward on its wgmma tiles (test_large_shape: 8-row tiles, r = 3), not
+# the every-element cases (their CPU float64 references do not fit the 60 s).
 [ "$arch" = 9.0 ] && arch=9.0a
 
 # 107 s on an H100 machine at a37e7bb, when the kernels were one .cu file (nvcc on one core);
@@ -87,7 +88,7 @@ if [ "$arch" = 9.0a ]; then
     -p no:cacheprovider -k "cuda and (low_precision or large_shape)" \
     tests/test_gpu.py
   if [ $? -ne 0 ]; then
-    echo "== the wgmma forward failed on the card: rebuilt for 9.0 (mma.sync)" | tee -a "$summary"
+    echo "== the wgmma kernels failed on the card: rebuilt for 9.0 (mma.sync)" | tee -a "$summary"
     step build-9.0:build 240 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
       "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
   fi

@@ -901,7 +901,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 //      (two channels for 16-bit input), each loaded value used for up to r of them; stored
 //      channel-major as the B operand (a 32-bit word holds one TF32 value or a pair of
 //      consecutive channels);
-//   3. U_j^T (64 x positions) += [S_j1 | .. | S_jK] [m_1^2 Z_j; ..; m_K^2 Z_j]^T with mma.sync:
+//   3. U_j^T (64 x positions) += [S_j1 | .. | S_jK] [m_1^2 Z_j; ..; m_K^2 Z_j]^T with mma.sync
+//      (built for sm_90a, float32 with whole m-tiles of 64 positions: U_j += sum_k diag(m_k^2)
+//      Z_j^T S_k on wgmma, the warpgroups taking 32 output channels each):
 //      one chain K * C deep whose accumulators stay in registers across the input blocks, each
 //      warp all 64 channels x an eighth of the positions; m_k^2 scales the B fragments in
 //      registers (TF32 rounded to nearest after the product), each fragment by one warp; S,
@@ -1042,6 +1044,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int u_rows = kRows + 2 * h, u_cols = kTileCols + 2 * h, u_size = u_rows * u_cols;
   constexpr int u_padded = Tile::u_padded(h), z_stride = Tile::z_stride(h);
   constexpr int u_stride = Tile::u_stride(h);
+  // Built for sm_90a (CAST_WGMMA), float32 whose halo fills whole m-tiles of 64 positions
+  // multiplies on wgmma: U_j (positions x 64 out) = sum_k diag(m_k^2) Z_j^T S_k, A = Z_j^T
+  // scaled by m_k^2 in registers, B = S_k from shared memory through a descriptor, S held in
+  // 16-byte core matrices, (c_out, c_in) at ((c_in / 4) 64 + c_out) 4 + c_in % 4 words (the
+  // same bytes as its rows of s_stride; a 16-byte copy of 4 c_in is one core-matrix row).
+#if defined(CAST_WGMMA)
+  constexpr bool kWgmma = per == 1 && u_padded % 64 == 0;
+#else
+  constexpr bool kWgmma = false;
+#endif
+  constexpr int kSRow = kWgmma ? 4 : s_stride;  // words from S's c_out to c_out + 1
+  constexpr auto s_column = [](int c_in) {     // words from S's c_in 0 to c_in (a multiple of 4,
+    return kWgmma ? c_in / 4 * kOutBlock * 4 + c_in % 4 : c_in;  // or any where rows are rows)
+  };
   const int taps_per_kernel = d.r * d.r;
   const int in_blocks = ceil_div(d.C, kInBlock), steps = d.J * in_blocks;
 
@@ -1143,7 +1159,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float* s_dst = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
     for (int half = 0; half < 2; ++half) {
       const int row = half * 32 + tid / kCopyChunks;  // dG's rows c_out, columns c_in
-      copy_grad_rows(it, j, s_dst + row * s_stride + chunk * 4, kOutBlock * s_stride,
+      copy_grad_rows(it, j, s_dst + row * kSRow + s_column(chunk * 4), kOutBlock * s_stride,
                      it.out_block * kOutBlock + row, in_block * kInBlock + chunk * 4);
     }
     if (!d.s_formed && (in_block > 0 || d.own_mirrors)) issue_mirrors(it, s);
@@ -1171,7 +1187,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int rest = tid / 32;
     const int c_in = rest % (kInBlock / kInLanes) * kInLanes + tid % kInLanes;
     const int c_out = rest / (kInBlock / kInLanes) * kOutLanes + tid / kInLanes % kOutLanes;
-    float* s = s_tiles + buffer * (Tile::s_bytes(d.K) / 4) + c_out * s_stride + c_in;
+    float* s = s_tiles + buffer * (Tile::s_bytes(d.K) / 4) + c_out * kSRow + s_column(c_in);
     const float* t = mirrors + c_in * t_stride + c_out;
     // (16-bit input) this element's place as the input type: row c_out, bytes 32m + 2 (c % 8)
     T* pairs = reinterpret_cast<T*>(s - c_in) + c_in / 8 * 16 + c_in % 8;
@@ -1181,17 +1197,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       float values[kElements];
       if (d.s_formed) {  // (16-bit input) S as it came, to be narrowed
 #pragma unroll
-        for (int i = 0; i < kElements; ++i) values[i] = s[i * kOutStep * s_stride];
+        for (int i = 0; i < kElements; ++i) values[i] = s[i * kOutStep * kSRow];
       } else {
 #pragma unroll
         for (int i = 0; i < kElements; ++i)
-          values[i] = (s[i * kOutStep * s_stride] + t[i * kOutStep]) * inverse;
+          values[i] = (s[i * kOutStep * kSRow] + t[i * kOutStep]) * inverse;
       }
       if constexpr (per == 2) __syncwarp();  // the warp's floats read before its pairs land
 #pragma unroll
       for (int i = 0; i < kElements; ++i) {
         if constexpr (per == 1)
-          s[i * kOutStep * s_stride] = bits_as<float>(round_to_tf32(values[i]));
+          s[i * kOutStep * kSRow] = bits_as<float>(round_to_tf32(values[i]));
         else
           pairs[i * kOutStep * s_stride * 2] = narrow<T>(values[i]);
       }
@@ -1210,14 +1226,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       z_tile[row * z_stride + p] = 0u;
     }
 
-  // This warp's piece of U_j^T: all 64 output channels, positions wn .. (kN n-tiles of 8).
+  // This warp's piece of U_j^T: all 64 output channels, positions wn .. (kN n-tiles of 8);
+  // on wgmma, of U_j: the warpgroup's 32 output channels (4 n-tiles) from wo, rows wp .. of
+  // every m-tile of 64 positions.
   constexpr int kN = Tile::n_tiles(kH);
-  const int wn = warp * kN * 8;
-  float acc[kMTiles][kN][4];
+  const int wn = warp * kN * 8, wo = warp / 4 * 32, wp = warp % 4 * 16;
+  constexpr int kAccM = kWgmma ? u_padded / 64 : kMTiles, kAccN = kWgmma ? 4 : kN;
+  float acc[kAccM][kAccN][4];
 #pragma unroll
-  for (int mi = 0; mi < kMTiles; ++mi)
+  for (int mi = 0; mi < kAccM; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < kN; ++ni)
+    for (int ni = 0; ni < kAccN; ++ni)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.0f;
   float d_acc[kItems][kRows];
@@ -1292,6 +1311,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
+      // S's copies and form pass, before wgmma's async proxy reads S (with CAST_WGMMA)
+      if constexpr (kWgmma) fence_async_shared();
       __syncthreads();  // Z_j formed; F's halo free
       for (int pass = 0; pass < kPasses && more; ++pass) issue_feature_copies(after, after_step);
 
@@ -1299,7 +1320,42 @@ __global__ void __launch_bounds__(kThreads, 1)
       // n-tiles a compile-time count, so no branch sits between the HMMAs.
       const float* s_tile = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
       constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : kInBlock;
-      {
+      if constexpr (kWgmma) {
+        // Per mask and 8 input channels one m64n32k8 a m-tile, one group, waited for before
+        // the next scaling writes the same A registers (as the forward's). A's fragment of
+        // m-tile mt: rows (positions) p = mt 64 + wp + g (+ 8), columns (input channels) t (+ 4)
+        // of Z_j^T, i.e. Z_j's words t z_stride + p: banks 8 t + g, conflict-free.
+        const uint64_t b = wgmma_descriptor(shared_address(s_tile + wo * kSRow),
+                                            kOutBlock * 16, 8 * 16);
+#pragma unroll 1
+        for (int k = 0; k < (kDepth > 0 ? d.K : 0); ++k) {
+          float w[kAccM][2];
+#pragma unroll
+          for (int mt = 0; mt < kAccM; ++mt)
+            w[mt][0] = mask_sq[k * u_padded + mt * 64 + wp + g],
+            w[mt][1] = mask_sq[k * u_padded + mt * 64 + wp + g + 8];
+          const uint64_t b_k = b + (k * kOutBlock * s_stride * 4 >> 4);
+#pragma unroll
+          for (int c0 = 0; c0 < kDepth; c0 += step) {
+            uint32_t a[kAccM][4];
+#pragma unroll
+            for (int mt = 0; mt < kAccM; ++mt) {
+              const uint32_t* z = z_tile + (c0 + t) * z_stride + mt * 64 + wp + g;
+              a[mt][0] = round_to_tf32(bits_as<float>(z[0]) * w[mt][0]);
+              a[mt][1] = round_to_tf32(bits_as<float>(z[8]) * w[mt][1]);
+              a[mt][2] = round_to_tf32(bits_as<float>(z[4 * z_stride]) * w[mt][0]);
+              a[mt][3] = round_to_tf32(bits_as<float>(z[4 * z_stride + 8]) * w[mt][1]);
+            }
+            wgmma_fence();
+#pragma unroll
+            for (int mt = 0; mt < kAccM; ++mt)
+              wgmma_m64n32<float>(acc[mt], a[mt], b_k + (s_column(c0) * 4 >> 4));
+            wgmma_commit();
+            wgmma_wait<0>();
+          }
+        }
+        wgmma_settled(acc);
+      } else {
         // n-tile ni's first position: where the 8 warps' n-tiles outnumber Z's (4-row tiles at
         // r = 5 and 7), those past the last repeat it (wasted, not stored), rather than Z, U and
         // m_k^2 growing by whole n-tiles of zeros (up to 12 KiB, which moved shapes off the
@@ -1406,19 +1462,32 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (in_block + 1 < in_blocks) continue;
       // U_j complete: to shared memory (the previous kernel's adjoint readers passed a barrier
       // since), then the adjoint into dF's accumulators.
+      if constexpr (kWgmma) {
 #pragma unroll
-      for (int mi = 0; mi < kMTiles; ++mi)
+        for (int mt = 0; mt < kAccM; ++mt)
 #pragma unroll
-        for (int ni = 0; ni < kN; ++ni) {
-          if (wn + ni * 8 >= u_padded) break;  // (repeats of the last n-tile)
+          for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-          for (int i = 0; i < 4; i += 2) {
-            const int row = mi * 16 + g + 4 * i, p = wn + ni * 8 + 2 * t;
-            *reinterpret_cast<float2*>(u_tile + row * u_stride + p) =
-                make_float2(acc[mi][ni][i], acc[mi][ni][i + 1]);
-            acc[mi][ni][i] = acc[mi][ni][i + 1] = 0.0f;
+            for (int i = 0; i < 4; ++i) {
+              const int row = wo + nt * 8 + 2 * t + i % 2, p = mt * 64 + wp + g + 8 * (i / 2);
+              u_tile[row * u_stride + p] = acc[mt][nt][i];
+              acc[mt][nt][i] = 0.0f;
+            }
+      } else {
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < kN; ++ni) {
+            if (wn + ni * 8 >= u_padded) break;  // (repeats of the last n-tile)
+#pragma unroll
+            for (int i = 0; i < 4; i += 2) {
+              const int row = mi * 16 + g + 4 * i, p = wn + ni * 8 + 2 * t;
+              *reinterpret_cast<float2*>(u_tile + row * u_stride + p) =
+                  make_float2(acc[mi][ni][i], acc[mi][ni][i + 1]);
+              acc[mi][ni][i] = acc[mi][ni][i + 1] = 0.0f;
+            }
           }
-        }
+      }
       __syncthreads();
       if constexpr (kProbe != kLoadOnly) {
 #pragma unroll

@@ -229,8 +229,13 @@ KERNEL_MMA = {"f": "HMMA.1688.F32.TF32", "13__nv_bfloat16": "HMMA.16816.F32.BF16
                "6__half": "HMMA.16816.F32"}  # fmt: skip
 
 
-# The forward's parts, which differ where nvcc compiles for sm_90a (wgmma: CAST_WGMMA).
-WGMMA_SOURCES = [CSRC / "masked_gram_cuda_forward.cu", CSRC / "masked_gram_cuda_forward_16bit.cu"]
+# The parts that differ where nvcc compiles for sm_90a (wgmma: CAST_WGMMA): the forward's, and
+# the float32 backward's.
+WGMMA_SOURCES = [CSRC / "masked_gram_cuda_forward.cu", CSRC / "masked_gram_cuda_forward_16bit.cu",
+                 CSRC / "masked_gram_cuda_backward.cu"]  # fmt: skip
+# The float32 tensor-core backward's kernels on wgmma, by (tile rows, halo h): those whose
+# halo fills whole m-tiles of 64 positions (u_padded: 128, 192, 256; 64, 128), the rest mma.sync.
+WGMMA_BACKWARD = {(8, 0), (8, 1), (8, 2), (4, 0), (4, 1)}
 # The wgmma each tensor-core forward must use, and the only tensor-core instruction there.
 KERNEL_WGMMA = {"f": "HGMMA.64x32x8.F32.TF32", "13__nv_bfloat16": "HGMMA.64x32x16.F32.BF16",
                 "6__half": "HGMMA.64x32x16.F32"}  # fmt: skip
@@ -281,14 +286,16 @@ def test_wgmma_hazards_on_written_sass():
 
 
 @pytest.mark.skipif(NVCC is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
-def test_wgmma_forward_machine_code(tmp_path):
+def test_wgmma_machine_code(tmp_path):
     """Built for sm_90a, the tensor-core forward multiplies on wgmma (HGMMA m64n32, A from
     registers, B from Z in shared memory through a descriptor) of its input type, and nothing
-    else (no HMMA); warning-free and spill-free as the other targets. Every group is waited for
-    in full before the next step writes its A registers (WARPGROUP.DEPBAR to 0 pending): ptxas
-    does not guard registers a wgmma in flight reads, and with one group left in flight the
-    SASS rewrote them (gpu-notes); and nothing between an HGMMA and its wait touches its A or
-    accumulator registers or leaves. The SIMT forward has no wgmma."""
+    else (no HMMA); so does the float32 tensor-core backward wherever its halo fills whole
+    m-tiles (B = S through a descriptor), the rest on mma.sync; warning-free and spill-free as
+    the other targets. Every group is waited for in full before the next step writes its A
+    registers (WARPGROUP.DEPBAR to 0 pending): ptxas does not guard registers a wgmma in flight
+    reads, and with one group left in flight the SASS rewrote them (gpu-notes); and nothing
+    between an HGMMA and its wait touches its A or accumulator registers or leaves. The SIMT
+    kernels have no wgmma."""
 
     def compile_and_dump(source):
         output = tmp_path / f"{source.stem}.o"
@@ -300,18 +307,33 @@ def test_wgmma_forward_machine_code(tmp_path):
 
     with concurrent.futures.ThreadPoolExecutor(len(WGMMA_SOURCES)) as pool:
         built = list(pool.map(compile_and_dump, WGMMA_SOURCES))
-    forward = {}
+    forward, backward = {}, {}
     for result, sass in built:
         assert result.returncode == 0, result.stderr
         report = [line for line in result.stderr.splitlines() if line.startswith("ptxas info")]
         warnings = [line for line in result.stderr.splitlines() if line not in report]
         assert [line for line in warnings if "bytes stack frame" not in line] == [], result.stderr
+        # ptxas' "Potential Performance Loss: wgmma.mma_async instructions are serialized"
+        # (C7518, an info line): its own waits where the code leaves a hazard (the backward's
+        # accumulators read after a wait for all but one group did that).
+        assert "wgmma.mma_async instructions are serialized" not in result.stderr, result.stderr
         for name, used in ptxas_report(result.stderr).items():
             spilled = used["stack"] + used["spill_stores"] + used["spill_loads"]
             assert used["registers"] <= 255 and spilled == 0, (name, used)
         blocks = {b.split("\n", 1)[0].strip(): b for b in re.split(r"\n\s+Function : ", sass)[1:]}
         forward |= {name: b for name, b in blocks.items() if FORWARD_KERNEL.search(name)}
+        backward |= {name: b for name, b in blocks.items() if MMA_BACKWARD_KERNEL.search(name)}
     assert len(forward) == 10, sorted(forward)  # 3 MMA types x 2 tile heights, 4 SIMT
+    assert len(backward) == 7, sorted(backward)  # float32's: 8 rows r <= 5, 4 rows r <= 7
+    for name, block in backward.items():
+        _, rows, halo = MMA_BACKWARD_KERNEL.search(name).groups()
+        ops = collections.Counter(re.findall(OPCODE, block, re.M))
+        mma = {op for op in ops if op.startswith(("HMMA", "HGMMA"))}
+        wgmma = (int(rows), int(halo)) in WGMMA_BACKWARD
+        assert mma == {KERNEL_WGMMA["f"] if wgmma else KERNEL_MMA["f"]}, (name, mma)
+        waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", block)
+        assert (len(waits) > 0) == wgmma and set(waits) <= {"0x0"}, (name, waits)
+        assert wgmma_hazards(block) == [], name
     for name, block in forward.items():
         dtype, tensor_cores = FORWARD_KERNEL.search(name).groups()
         ops = collections.Counter(re.findall(OPCODE, block, re.M))
@@ -784,25 +806,32 @@ def test_emulated_groups_of_kernels_and_masks(emulated):
     "dtype,shape,machine",
     [
         (torch.float32, (1, 72, 11, 21, 2, 3, 3), H100),  # two channel blocks: a < b as well
+        (torch.float32, (2, 40, 9, 17, 2, 2, 1), H100),  # r = 1, masks per batch item
+        (torch.float32, (1, 70, 12, 19, 2, 2, 5), H100),  # r = 5: 4 m-tiles in the backward
+        (torch.float32, (1, 70, 13, 21, 2, 3, 3), H100 | dict(max_smem=160 * 1024)),  # 4 rows
         (torch.bfloat16, (2, 40, 9, 17, 3, 2, 5), H100),  # odd width, masks per batch item
         (torch.float16, (1, 130, 7, 19, 1, 1, 7), H100),  # three blocks, r = 7, one mask
-        (torch.float32, (1, 70, 13, 21, 2, 3, 3), H100 | dict(max_smem=160 * 1024)),  # 4 rows
     ],
-    ids=["tf32", "bfloat16", "float16", "tf32-4-rows"],
+    ids=["tf32", "tf32-r1", "tf32-r5", "tf32-4-rows", "bfloat16", "float16"],
 )
-def test_emulated_wgmma_forward(emulated, emulated_wgmma, dtype, shape, machine):
-    """The forward as built for sm_90a (wgmma, B through Z's descriptor) against the reference,
-    and bit for bit the Grams of mma.sync's build: both sum each Gram's positions in the same
-    order here (on a card the tensor cores may order a product's terms otherwise). The
-    emulated wgmma reads B by the descriptor's fields as PTX defines them, so a wrong layout
-    of Z, or a wrong leading or stride offset, gives wrong Grams here too."""
+def test_emulated_wgmma(emulated, emulated_wgmma, dtype, shape, machine):
+    """The kernels as built for sm_90a (the forward on wgmma, B through Z's descriptor; the
+    float32 backward on wgmma where its halo fills whole m-tiles, B = S through a descriptor)
+    against the reference, and bit for bit the Grams and dF of mma.sync's build, with S formed
+    on load or whole in a scratch: both sum in the same order here (on a card the tensor cores
+    may order a product's terms otherwise). The emulated wgmma reads B by the descriptor's
+    fields as PTX defines them, so a wrong layout of Z or S, or a wrong leading or stride
+    offset, gives wrong results here too."""
     inputs = tuple(t.to(dtype) for t in random_inputs(*shape, dtype=torch.float32))
     tol = 3e-3 if dtype == torch.float32 else 2e-2
     gram, cuts = check_against_reference(emulated_wgmma, inputs, tol, True, machine)
     assert cuts[3] == 1 and cuts[4] == (4 if machine is not H100 else 8)
-    grad = torch.zeros(gram.shape, dtype=torch.float64)
-    expected, *_ = run_emulated(emulated, *inputs, grad, True, machine)
-    assert torch.equal(gram, expected)
+    grad = torch.randn(gram.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for scratch in (0, 1):
+        on_wgmma = run_emulated(emulated_wgmma, *inputs, grad, True, machine,
+                                symmetric_scratch=scratch)  # fmt: skip
+        on_mma = run_emulated(emulated, *inputs, grad, True, machine, symmetric_scratch=scratch)
+        assert torch.equal(on_wgmma[0], on_mma[0]) and torch.equal(on_wgmma[1], on_mma[1])
 
 
 def test_emulated_small_shared_memory_falls_back_to_simt(emulated):
