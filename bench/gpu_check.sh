@@ -89,6 +89,7 @@ if [ "$arch" = 9.0a ]; then
     tests/test_gpu.py
   if [ $? -ne 0 ]; then
     echo "== the wgmma kernels failed on the card: rebuilt for 9.0 (mma.sync)" | tee -a "$summary"
+    rm -rf build cast/_C*.so  # an older setuptools' develop build could keep the 9.0a objects
     step build-9.0:build 240 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
       "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
   fi
