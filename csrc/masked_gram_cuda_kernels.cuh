@@ -1321,12 +1321,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float* s_tile = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
       constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : kInBlock;
       if constexpr (kWgmma) {
-        // Per mask and 8 input channels one m64n32k8 a m-tile, one group, waited for before
-        // the next scaling writes the same A registers (as the forward's). A's fragment of
-        // m-tile mt: rows (positions) p = mt 64 + wp + g (+ 8), columns (input channels) t (+ 4)
-        // of Z_j^T, i.e. Z_j's words t z_stride + p: banks 8 t + g, conflict-free.
+        // Per mask and 8 input channels one m64n32k8 a m-tile, one group, its A in one of two
+        // register sets by the step's parity: a group stays in flight while the next step
+        // loads and scales, and the wait for it comes before its set is written again (two
+        // steps on; the hold keeps the compiler from putting anything else there sooner:
+        // ptxas does not guard registers a wgmma in flight reads). A's fragment of m-tile mt:
+        // rows (positions) p = mt 64 + wp + g (+ 8), columns (input channels) t (+ 4) of
+        // Z_j^T, i.e. Z_j's words t z_stride + p: banks 8 t + g, conflict-free.
         const uint64_t b = wgmma_descriptor(shared_address(s_tile + wo * kSRow),
                                             kOutBlock * 16, 8 * 16);
+        static_assert(kDepth % (2 * step) == 0, "two register sets by the step's parity");
+        uint32_t sets[2][kAccM][4] = {};
 #pragma unroll 1
         for (int k = 0; k < (kDepth > 0 ? d.K : 0); ++k) {
           float w[kAccM][2];
@@ -1337,7 +1342,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint64_t b_k = b + (k * kOutBlock * s_stride * 4 >> 4);
 #pragma unroll
           for (int c0 = 0; c0 < kDepth; c0 += step) {
-            uint32_t a[kAccM][4];
+            uint32_t (&a)[kAccM][4] = sets[c0 / step % 2];
 #pragma unroll
             for (int mt = 0; mt < kAccM; ++mt) {
               const uint32_t* z = z_tile + (c0 + t) * z_stride + mt * 64 + wp + g;
@@ -1351,10 +1356,16 @@ __global__ void __launch_bounds__(kThreads, 1)
             for (int mt = 0; mt < kAccM; ++mt)
               wgmma_m64n32<float>(acc[mt], a[mt], b_k + (s_column(c0) * 4 >> 4));
             wgmma_commit();
-            wgmma_wait<0>();
+            // The step before's group is done (and, at a mask's last step, this one's: no group
+            // crosses the masks' loop, whose count is not compile-time) ...
+            if (c0 + step < kDepth) wgmma_wait<1>();
+            else wgmma_wait<0>();
+#pragma unroll
+            for (int mt = 0; mt < kAccM; ++mt)
+              wgmma_hold(sets[c0 / step % 2 ^ 1][mt]);  // ... and only now its set is free
           }
         }
-        wgmma_settled(acc);
+        wgmma_settled(acc);  // every group done: S's buffer is rewritten next, U read
       } else {
         // n-tile ni's first position: where the 8 warps' n-tiles outnumber Z's (4-row tiles at
         // r = 5 and 7), those past the last repeat it (wasted, not stored), rather than Z, U and

@@ -194,6 +194,10 @@ __device__ __forceinline__ void wgmma_settled(float (&d)[kM][kN][4]) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][n][e])::"memory");
 }
+// A registers that a wgmma read, kept unchanged up to here (after the wait for its group).
+__device__ __forceinline__ void wgmma_hold(const uint32_t (&a)[4]) {
+  asm volatile("" ::"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]) : "memory");
+}
 // This thread's shared-memory stores, ordered before the async proxy's (wgmma's) reads.
 __device__ __forceinline__ void fence_async_shared() {
 #if defined(CAST_WGMMA)

@@ -326,6 +326,7 @@ template <int kPending>
 void wgmma_wait() {}
 template <int kM, int kN>
 void wgmma_settled(float (&)[kM][kN][4]) {}
+inline void wgmma_hold(const uint32_t (&)[4]) {}
 inline void fence_async_shared() {}
 // cp.async, faulting unless 16-byte aligned: the copy at once (the wait is then a no-op), or,
 // with CAST_EMULATED_LATE_COPIES, as late as a GPU may land it: the destination is NaN from the
