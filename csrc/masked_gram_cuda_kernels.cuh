@@ -589,20 +589,23 @@ __global__ void __launch_bounds__(kThreads, 1)
           static_assert(kDepth % (2 * Ops::step) == 0, "whole trips of two steps");
           Fragments next;
           if constexpr (kDepth > 0) Ops::template load<P>(next, za, zb, mask_sq, lane);
+          // With CAST_WGMMA the step's products are wgmma m64n32s: this warpgroup's B from Z
+          // through a descriptor, a group (one per mask) waited for before the next step
+          // scales its A fragments into the same registers. A group reads them until it is done
+          // and ptxas does not guard them: waiting only for the step before, the sm_90a SASS
+          // rewrote them in flight. Keeping a group in flight takes more registers (a second
+          // set, or a group per mask with the wait one mask behind): every such variant spilled
+          // (gpu-notes). The B fragments `load` reads go unused there, and the compiler drops
+          // them.
 #if defined(CAST_WGMMA)
-          // wgmma: this warpgroup's B from Z through a descriptor, a step's m64n32 products (a
-          // group, one per mask) waited for before the next step scales its A fragments into
-          // the same registers. A group reads them until it is done and ptxas does not guard
-          // them: waiting only for the step before, the sm_90a SASS rewrote them in flight.
-          // Keeping a group in flight takes more registers (a second set, or a group per mask
-          // with the wait one mask behind): every such variant spilled (gpu-notes). The B
-          // fragments `load` reads go unused here, and the compiler drops them.
           const uint64_t b = z_descriptor(zb);
+#endif
 #pragma unroll 2
           for (int p0 = 0; p0 < kDepth; p0 += Ops::step) {
             const Fragments now = next;
             const int p1 = (p0 + Ops::step) % P, z1 = z_offset<Z>(0, p1);
             Ops::template load<P>(next, za + z1, zb + z1, mask_sq + p1, lane);
+#if defined(CAST_WGMMA)
             uint32_t wa[kMaxMasks][4];
 #pragma unroll
             for (int kl = 0; kl < kK; ++kl) Ops::scale(wa[kl], now, kl);
@@ -612,16 +615,12 @@ __global__ void __launch_bounds__(kThreads, 1)
               wgmma_m64n32<T>(acc[jl][kl], wa[kl], b + (z_offset<Z>(0, p0) * sizeof(Z) >> 4));
             wgmma_commit();
             wgmma_wait<0>();
-          }
-          wgmma_settled(acc[jl]);  // the epilogue reads them, after the waits above
 #else
-#pragma unroll 2
-          for (int p0 = 0; p0 < kDepth; p0 += Ops::step) {
-            const Fragments now = next;
-            const int p1 = (p0 + Ops::step) % P, z1 = z_offset<Z>(0, p1);
-            Ops::template load<P>(next, za + z1, zb + z1, mask_sq + p1, lane);
             Ops::multiply(acc[jl], now);
+#endif
           }
+#if defined(CAST_WGMMA)
+          wgmma_settled(acc[jl]);  // the epilogue reads them, after the waits above
 #endif
         });
       } else {
@@ -655,6 +654,39 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// Elements of a (B, J, K, C, C) tensor (G, dG, S), and blocks of kThreads to walk them.
+__host__ __device__ inline int64_t gram_elements(const Dims& d) {
+  return static_cast<int64_t>(d.B) * d.J * d.K * d.C * d.C;
+}
+inline unsigned gram_blocks(const Dims& d) {
+  return static_cast<unsigned>(std::min<int64_t>((gram_elements(d) + kThreads - 1) / kThreads,
+                                                 1 << 20));
+}
+
+// An element e of a (B, J, K, C, C) tensor: its row and column in its C x C slice (batch, j,
+// k), the offset of its mirror (col, row), and where its slice's 1 / n_k is in inverse_mass
+// (Bm, K).
+struct GramElement {
+  int64_t e, row, col, slice;
+  __device__ int64_t mirror(const Dims& d) const {
+    return (slice * d.C + col) * d.C + row;
+  }
+  __device__ int mass(const Dims& d) const {
+    const int k = static_cast<int>(slice % d.K);
+    const int batch = static_cast<int>(slice / (static_cast<int64_t>(d.J) * d.K));
+    return (d.Bm == 1 ? 0 : batch) * d.K + k;
+  }
+};
+// f(element) for every element of a (B, J, K, C, C) tensor, the launch's threads
+// gridDim.x * blockDim.x apart.
+template <typename F>
+__device__ __forceinline__ void for_each_gram_element(const Dims& d, F&& f) {
+  const int64_t C = d.C, total = gram_elements(d);
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    f(GramElement{e, e / C % C, e % C, e / (C * C)});
+}
+
 // gram (B, J, K, C, C) A and scratch (S - 1, B, J, K, C, C) A as written above; inverse_mass
 // (Bm, K) A. In place: the thread of an upper-triangle element (row <= col) adds its splits in
 // order (G's, then the scratch's), scales, and writes it and its mirror, so each element of G
@@ -664,20 +696,15 @@ template <typename A>
 __global__ void __launch_bounds__(kThreads)
     _masked_gram_finish_kernel(const A* __restrict__ scratch, const A* __restrict__ inverse_mass,
                                A* __restrict__ gram, const Dims d) {
-  const int64_t C = d.C;
-  const int64_t total = static_cast<int64_t>(d.B) * d.J * d.K * C * C;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t col = e % C, row = e / C % C, slice = e / (C * C);  // slice: (batch, j, k)
-    if (row > col) continue;  // the mirror of (col, row): that thread writes it
-    const int k = static_cast<int>(slice % d.K);
-    const int batch = static_cast<int>(slice / (static_cast<int64_t>(d.J) * d.K));
-    A sum = gram[e];
-    for (int s = 1; s < d.splits; ++s) sum += scratch[(s - 1) * total + e];
-    const A value = sum * inverse_mass[(d.Bm == 1 ? 0 : batch) * d.K + k];
-    gram[e] = value;
-    gram[slice * C * C + col * C + row] = value;
-  }
+  const int64_t total = gram_elements(d);
+  for_each_gram_element(d, [=](const GramElement& x) {
+    if (x.row > x.col) return;  // the mirror of (col, row): that thread writes it
+    A sum = gram[x.e];
+    for (int s = 1; s < d.splits; ++s) sum += scratch[(s - 1) * total + x.e];
+    const A value = sum * inverse_mass[x.mass(d)];
+    gram[x.e] = value;
+    gram[x.mirror(d)] = value;
+  });
 }
 
 // grad (B, J, K, C, C) float: dG; inverse_mass (Bm, K) float: 1 / n_k. symmetric (B, J, K, C, C)
@@ -690,17 +717,10 @@ __global__ void __launch_bounds__(kThreads)
     _masked_gram_symmetric_kernel(const float* __restrict__ grad,
                                   const float* __restrict__ inverse_mass,
                                   float* __restrict__ symmetric, const Dims d) {
-  const int64_t C = d.C;
-  const int64_t total = static_cast<int64_t>(d.B) * d.J * d.K * C * C;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t col = e % C, row = e / C % C, slice = e / (C * C);  // slice: (batch, j, k)
-    const int k = static_cast<int>(slice % d.K);
-    const int batch = static_cast<int>(slice / (static_cast<int64_t>(d.J) * d.K));
-    const float value = (grad[e] + grad[slice * C * C + col * C + row]) *
-                        inverse_mass[(d.Bm == 1 ? 0 : batch) * d.K + k];
-    symmetric[e] = sizeof(T) == 4 ? bits_as<float>(round_to_tf32(value)) : value;
-  }
+  for_each_gram_element(d, [=](const GramElement& x) {
+    const float value = (grad[x.e] + grad[x.mirror(d)]) * inverse_mass[x.mass(d)];
+    symmetric[x.e] = sizeof(T) == 4 ? bits_as<float>(round_to_tf32(value)) : value;
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1662,9 +1682,7 @@ cudaError_t ForwardProbe<T>::launch(int probe, const Dims& d, const CastGramPlan
 template <typename A>
 cudaError_t FinishForward<A>::launch(const Dims& d, const void* scratch, const void* inverse_mass,
                                      void* gram, cudaStream_t stream) {
-  const int64_t total = static_cast<int64_t>(d.B) * d.J * d.K * d.C * d.C;
-  const int64_t finish_blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 1 << 20);
-  _masked_gram_finish_kernel<A><<<static_cast<unsigned>(finish_blocks), kThreads, 0, stream>>>(
+  _masked_gram_finish_kernel<A><<<gram_blocks(d), kThreads, 0, stream>>>(
       static_cast<const A*>(scratch), static_cast<const A*>(inverse_mass), static_cast<A*>(gram),
       d);
   return cudaGetLastError();
@@ -1704,9 +1722,7 @@ cudaError_t Forward<T>::launch(const CastGramShape& s, const CastGramPlan& plan,
 template <typename T>
 cudaError_t SymmetricGrad<T>::launch(const Dims& d, const void* grad, const void* inverse_mass,
                                      void* symmetric, cudaStream_t stream) {
-  const int64_t total = static_cast<int64_t>(d.B) * d.J * d.K * d.C * d.C;
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 1 << 20);
-  _masked_gram_symmetric_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+  _masked_gram_symmetric_kernel<T><<<gram_blocks(d), kThreads, 0, stream>>>(
       static_cast<const float*>(grad), static_cast<const float*>(inverse_mass),
       static_cast<float*>(symmetric), d);
   return cudaGetLastError();
