@@ -158,21 +158,25 @@ def _activation_bytes_per_pixel(network, layers, device: torch.device) -> float:
     """Bytes autograd saves per input pixel for one forward pass, measured on a probe image;
     twice that covers the transient activations of the backward pass."""
     probe = 64
-    saved: dict[int, int] = {}
+    saved: dict[int, torch.UntypedStorage] = {}  # held here, so no address is reused meanwhile
     weights = {p.untyped_storage().data_ptr() for p in network.parameters()}
 
     def pack(t: Tensor):
         storage = t.untyped_storage()
         if storage.data_ptr() not in weights:  # convolutions save their weights too: not per pixel
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
+            saved[storage.data_ptr()] = storage
+        # the graph keeps nothing: a saved output packed as itself closes a cycle through
+        # autograd's C++ graph that Python's collector cannot see (it leaked the network per call)
+
+    def unpack(_):
+        raise RuntimeError("the probe's graph is never differentiated")
 
     dtype = next(network.parameters()).dtype
     x = torch.rand(1, 3, probe, probe, device=device, dtype=dtype, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         features = network(x, layers)
     del features, x
-    return 2 * sum(saved.values()) / probe**2
+    return 2 * sum(s.nbytes() for s in saved.values()) / probe**2
 
 
 def _free_bytes(device: torch.device) -> float | None:
