@@ -70,13 +70,14 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton._
   echo "files differing from that commit: $(git status --short --untracked-files=no 2>/dev/null | wc -l)"
 } 2>&1 | tee -a "$summary"
 arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-# Hopper: sm_90a, where the CUDA forward and float32 backward multiply on wgmma (CAST_WGMMA;
-# gpu-notes "The CUDA forward on wgmma", "The float32 CUDA backward on wgmma"), never run on a
+# Hopper: sm_90a, where the CUDA forward and backward multiply on wgmma (CAST_WGMMA; gpu-notes
+# "The CUDA forward on wgmma", "The float32 / 16-bit CUDA backward on wgmma"), never run on a
 # card before this check: if they miss the reference on the card, the build is redone for
 # plain 9.0 (mma.sync, as every earlier lease ran it) and the summary says so, so that one wrong
 # kernel does not cost the lease's tables. The tests that decide it run the forward of every
-# dtype and the float32 backward on its wgmma tiles (test_large_shape: 8-row tiles, r = 3), not
-# the every-element cases (their CPU float64 references do not fit the 60 s).
+# dtype and the backward on its wgmma tiles (8-row tiles, r = 3: test_low_precision's bf16 and
+# f16, test_large_shape's float32), not the every-element cases (their CPU float64 references
+# do not fit the 60 s).
 [ "$arch" = 9.0 ] && arch=9.0a
 
 # 107 s on an H100 machine at a37e7bb, when the kernels were one .cu file (nvcc on one core);

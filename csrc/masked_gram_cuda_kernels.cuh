@@ -922,8 +922,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 //      channel-major as the B operand (a 32-bit word holds one TF32 value or a pair of
 //      consecutive channels);
 //   3. U_j^T (64 x positions) += [S_j1 | .. | S_jK] [m_1^2 Z_j; ..; m_K^2 Z_j]^T with mma.sync
-//      (built for sm_90a, float32 with whole m-tiles of 64 positions: U_j += sum_k diag(m_k^2)
-//      Z_j^T S_k on wgmma, the warpgroups taking 32 output channels each):
+//      (built for sm_90a, where the halo fills whole m-tiles of 64 positions: U_j += sum_k
+//      diag(m_k^2) Z_j^T S_k on wgmma, the warpgroups taking 32 output channels each):
 //      one chain K * C deep whose accumulators stay in registers across the input blocks, each
 //      warp all 64 channels x an eighth of the positions; m_k^2 scales the B fragments in
 //      registers (TF32 rounded to nearest after the product), each fragment by one warp; S,
@@ -1064,13 +1064,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int u_rows = kRows + 2 * h, u_cols = kTileCols + 2 * h, u_size = u_rows * u_cols;
   constexpr int u_padded = Tile::u_padded(h), z_stride = Tile::z_stride(h);
   constexpr int u_stride = Tile::u_stride(h);
-  // Built for sm_90a (CAST_WGMMA), float32 whose halo fills whole m-tiles of 64 positions
-  // multiplies on wgmma: U_j (positions x 64 out) = sum_k diag(m_k^2) Z_j^T S_k, A = Z_j^T
-  // scaled by m_k^2 in registers, B = S_k from shared memory through a descriptor, S held in
-  // 16-byte core matrices, (c_out, c_in) at ((c_in / 4) 64 + c_out) 4 + c_in % 4 words (the
-  // same bytes as its rows of s_stride; a 16-byte copy of 4 c_in is one core-matrix row).
+  // Built for sm_90a (CAST_WGMMA), a halo that fills whole m-tiles of 64 positions multiplies
+  // on wgmma: U_j (positions x 64 out) = sum_k diag(m_k^2) Z_j^T S_k, A = Z_j^T scaled by m_k^2
+  // in registers, B = S_k from shared memory through a descriptor, S held in 16-byte core
+  // matrices, (c_out, c_in) at ((c_in / 4) 64 + c_out) 4 + c_in % 4 words (the same bytes as
+  // its rows of s_stride; a 16-byte copy of 4 c_in is one core-matrix row). 16-bit input's S,
+  // narrowed, puts channels 8m .. 8m + 7 of row c_out where float32 had 8m .. 8m + 3: its core
+  // matrices of 8 channels twice as far apart.
 #if defined(CAST_WGMMA)
-  constexpr bool kWgmma = per == 1 && u_padded % 64 == 0;
+  constexpr bool kWgmma = u_padded % 64 == 0;
 #else
   constexpr bool kWgmma = false;
 #endif
@@ -1209,8 +1211,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int c_out = rest / (kInBlock / kInLanes) * kOutLanes + tid / kInLanes % kOutLanes;
     float* s = s_tiles + buffer * (Tile::s_bytes(d.K) / 4) + c_out * kSRow + s_column(c_in);
     const float* t = mirrors + c_in * t_stride + c_out;
-    // (16-bit input) this element's place as the input type: row c_out, bytes 32m + 2 (c % 8)
-    T* pairs = reinterpret_cast<T*>(s - c_in) + c_in / 8 * 16 + c_in % 8;
+    // (16-bit input) this element's place as the input type: where row c_out has channel 8m's
+    // float (m = c / 8), plus 2 (c % 8) bytes
+    T* pairs = reinterpret_cast<T*>(s - s_column(c_in) + s_column(c_in / 8 * 8)) + c_in % 8;
     for (int k = 0; k < d.K; ++k, s += kOutBlock * s_stride, t += kInBlock * t_stride,
              pairs += kOutBlock * s_stride * 2) {
       const float inverse = inverse_mass[(d.Bm == 1 ? 0 : batch) * d.K + k];
@@ -1229,7 +1232,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (per == 1)
           s[i * kOutStep * kSRow] = bits_as<float>(round_to_tf32(values[i]));
         else
-          pairs[i * kOutStep * s_stride * 2] = narrow<T>(values[i]);
+          pairs[i * kOutStep * kSRow * 2] = narrow<T>(values[i]);
       }
     }
   };
@@ -1341,15 +1344,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float* s_tile = s_tiles + buffer * (Tile::s_bytes(d.K) / 4);
       constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : kInBlock;
       if constexpr (kWgmma) {
-        // Per mask and 8 input channels one m64n32k8 a m-tile, one group, its A in one of two
-        // register sets by the step's parity: a group stays in flight while the next step
+        // Per mask and 8 input channels (16 for 16-bit input) one m64n32k8 (k16) a m-tile, one
+        // group, its A in one of two register sets by the step's parity: a group stays in flight while the next step
         // loads and scales, and the wait for it comes before its set is written again (two
         // steps on; the hold keeps the compiler from putting anything else there sooner:
         // ptxas does not guard registers a wgmma in flight reads). A's fragment of m-tile mt:
         // rows (positions) p = mt 64 + wp + g (+ 8), columns (input channels) t (+ 4) of
-        // Z_j^T, i.e. Z_j's words t z_stride + p: banks 8 t + g, conflict-free.
+        // Z_j^T (16-bit: channel pairs 2t, 2t + 8), i.e. Z_j's words t z_stride + p: banks
+        // 8 t + g, conflict-free.
         const uint64_t b = wgmma_descriptor(shared_address(s_tile + wo * kSRow),
-                                            kOutBlock * 16, 8 * 16);
+                                            per * kOutBlock * 16, 8 * 16);
         static_assert(kDepth % (2 * step) == 0, "two register sets by the step's parity");
         uint32_t sets[2][kAccM][4] = {};
 #pragma unroll 1
@@ -1365,16 +1369,19 @@ __global__ void __launch_bounds__(kThreads, 1)
             uint32_t (&a)[kAccM][4] = sets[c0 / step % 2];
 #pragma unroll
             for (int mt = 0; mt < kAccM; ++mt) {
-              const uint32_t* z = z_tile + (c0 + t) * z_stride + mt * 64 + wp + g;
-              a[mt][0] = round_to_tf32(bits_as<float>(z[0]) * w[mt][0]);
-              a[mt][1] = round_to_tf32(bits_as<float>(z[8]) * w[mt][1]);
-              a[mt][2] = round_to_tf32(bits_as<float>(z[4 * z_stride]) * w[mt][0]);
-              a[mt][3] = round_to_tf32(bits_as<float>(z[4 * z_stride + 8]) * w[mt][1]);
+              const uint32_t* z = z_tile + (c0 / per + t) * z_stride + mt * 64 + wp + g;
+              const auto scaled = [](uint32_t word, float w) {
+                if constexpr (per == 1) return round_to_tf32(bits_as<float>(word) * w);
+                else return HalfOperands<T>::scaled(word, w, w);  // both: one position
+              };
+              a[mt][0] = scaled(z[0], w[mt][0]), a[mt][1] = scaled(z[8], w[mt][1]);
+              a[mt][2] = scaled(z[4 * z_stride], w[mt][0]);
+              a[mt][3] = scaled(z[4 * z_stride + 8], w[mt][1]);
             }
             wgmma_fence();
 #pragma unroll
             for (int mt = 0; mt < kAccM; ++mt)
-              wgmma_m64n32<float>(acc[mt], a[mt], b_k + (s_column(c0) * 4 >> 4));
+              wgmma_m64n32<T>(acc[mt], a[mt], b_k + (s_column(c0) * 4 >> 4));
             wgmma_commit();
             // The step before's group is done (and, at a mask's last step, this one's: no group
             // crosses the masks' loop, whose count is not compile-time) ...

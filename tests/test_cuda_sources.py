@@ -229,12 +229,13 @@ KERNEL_MMA = {"f": "HMMA.1688.F32.TF32", "13__nv_bfloat16": "HMMA.16816.F32.BF16
                "6__half": "HMMA.16816.F32"}  # fmt: skip
 
 
-# The parts that differ where nvcc compiles for sm_90a (wgmma: CAST_WGMMA): the forward's, and
-# the float32 backward's.
-WGMMA_SOURCES = [CSRC / "masked_gram_cuda_forward.cu", CSRC / "masked_gram_cuda_forward_16bit.cu",
-                 CSRC / "masked_gram_cuda_backward.cu"]  # fmt: skip
-# The float32 tensor-core backward's kernels on wgmma, by (tile rows, halo h): those whose
-# halo fills whole m-tiles of 64 positions (u_padded: 128, 192, 256; 64, 128), the rest mma.sync.
+# The parts that differ where nvcc compiles for sm_90a (wgmma: CAST_WGMMA): the forward's and
+# the backward's, every input type's.
+WGMMA_SOURCES = [CSRC / f"masked_gram_cuda_{part}.cu"
+                 for part in ("forward", "forward_16bit", "backward", "backward_bf16",
+                              "backward_f16")]  # fmt: skip
+# The tensor-core backward's kernels on wgmma, by (tile rows, halo h): those whose halo fills
+# whole m-tiles of 64 positions (u_padded: 128, 192, 256; 64, 128), the rest mma.sync.
 WGMMA_BACKWARD = {(8, 0), (8, 1), (8, 2), (4, 0), (4, 1)}
 # The wgmma each tensor-core forward must use, and the only tensor-core instruction there.
 KERNEL_WGMMA = {"f": "HGMMA.64x32x8.F32.TF32", "13__nv_bfloat16": "HGMMA.64x32x16.F32.BF16",
@@ -289,9 +290,9 @@ def test_wgmma_hazards_on_written_sass():
 def test_wgmma_machine_code(tmp_path):
     """Built for sm_90a, the tensor-core forward multiplies on wgmma (HGMMA m64n32, A from
     registers, B from Z in shared memory through a descriptor) of its input type, and nothing
-    else (no HMMA); so does the float32 tensor-core backward wherever its halo fills whole
-    m-tiles (B = S through a descriptor), the rest on mma.sync; warning-free and spill-free as
-    the other targets. Nothing between an HGMMA and its wait touches its A or accumulator
+    else (no HMMA); so does the tensor-core backward of every input type wherever its halo
+    fills whole m-tiles (B = S through a descriptor), the rest on mma.sync; warning-free and
+    spill-free as the other targets. Nothing between an HGMMA and its wait touches its A or accumulator
     registers or leaves (ptxas does not guard registers a wgmma in flight reads): the forward
     waits for every group before the next step writes its A registers (WARPGROUP.DEPBAR to 0
     pending; with one group left in flight its SASS rewrote them, gpu-notes), the backward
@@ -325,13 +326,13 @@ def test_wgmma_machine_code(tmp_path):
         forward |= {name: b for name, b in blocks.items() if FORWARD_KERNEL.search(name)}
         backward |= {name: b for name, b in blocks.items() if MMA_BACKWARD_KERNEL.search(name)}
     assert len(forward) == 10, sorted(forward)  # 3 MMA types x 2 tile heights, 4 SIMT
-    assert len(backward) == 7, sorted(backward)  # float32's: 8 rows r <= 5, 4 rows r <= 7
+    assert len(backward) == 21, sorted(backward)  # 3 types x (8 rows r <= 5, 4 rows r <= 7)
     for name, block in backward.items():
-        _, rows, halo = MMA_BACKWARD_KERNEL.search(name).groups()
+        dtype, rows, halo = MMA_BACKWARD_KERNEL.search(name).groups()
         ops = collections.Counter(re.findall(OPCODE, block, re.M))
         mma = {op for op in ops if op.startswith(("HMMA", "HGMMA"))}
         wgmma = (int(rows), int(halo)) in WGMMA_BACKWARD
-        assert mma == {KERNEL_WGMMA["f"] if wgmma else KERNEL_MMA["f"]}, (name, mma)
+        assert mma == {KERNEL_WGMMA[dtype] if wgmma else KERNEL_MMA[dtype]}, (name, mma)
         waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", block)
         # a group in flight while the next step scales into the other register set; none
         # across the masks' loop
@@ -814,12 +815,13 @@ def test_emulated_groups_of_kernels_and_masks(emulated):
         (torch.float32, (1, 70, 13, 21, 2, 3, 3), H100 | dict(max_smem=160 * 1024)),  # 4 rows
         (torch.bfloat16, (2, 40, 9, 17, 3, 2, 5), H100),  # odd width, masks per batch item
         (torch.float16, (1, 130, 7, 19, 1, 1, 7), H100),  # three blocks, r = 7, one mask
+        (torch.float16, (1, 70, 13, 21, 2, 3, 3), H100),  # the backward's 8-row r = 3 on wgmma
     ],
-    ids=["tf32", "tf32-r1", "tf32-r5", "tf32-4-rows", "bfloat16", "float16"],
+    ids=["tf32", "tf32-r1", "tf32-r5", "tf32-4-rows", "bfloat16", "float16", "float16-r3"],
 )
 def test_emulated_wgmma(emulated, emulated_wgmma, dtype, shape, machine):
     """The kernels as built for sm_90a (the forward on wgmma, B through Z's descriptor; the
-    float32 backward on wgmma where its halo fills whole m-tiles, B = S through a descriptor)
+    backward on wgmma where its halo fills whole m-tiles, B = S through a descriptor)
     against the reference, and bit for bit the Grams and dF of mma.sync's build, with S formed
     on load or whole in a scratch: both sum in the same order here (on a card the tensor cores
     may order a product's terms otherwise). The emulated wgmma reads B by the descriptor's
