@@ -292,12 +292,12 @@ def test_wgmma_machine_code(tmp_path):
     registers, B from Z in shared memory through a descriptor) of its input type, and nothing
     else (no HMMA); so does the tensor-core backward of every input type wherever its halo
     fills whole m-tiles (B = S through a descriptor), the rest on mma.sync; warning-free and
-    spill-free as the other targets. Nothing between an HGMMA and its wait touches its A or accumulator
-    registers or leaves (ptxas does not guard registers a wgmma in flight reads): the forward
-    waits for every group before the next step writes its A registers (WARPGROUP.DEPBAR to 0
-    pending; with one group left in flight its SASS rewrote them, gpu-notes), the backward
-    keeps one in flight and scales into a second set of registers. The SIMT kernels have no
-    wgmma."""
+    spill-free as the other targets. Nothing between an HGMMA and its wait touches its A or
+    accumulator registers or leaves (ptxas does not guard registers a wgmma in flight reads):
+    the forward waits for every group before the next step writes its A registers
+    (WARPGROUP.DEPBAR to 0 pending; with one group left in flight its SASS rewrote them,
+    gpu-notes), the backward keeps one in flight and scales into a second set of registers.
+    The SIMT kernels have no wgmma."""
 
     def compile_and_dump(source):
         output = tmp_path / f"{source.stem}.o"
