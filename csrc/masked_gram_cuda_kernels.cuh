@@ -378,6 +378,16 @@ struct Operands<__nv_bfloat16, true> : HalfOperands<__nv_bfloat16> {};
 template <>
 struct Operands<__half, true> : HalfOperands<__half> {};
 
+// f(std::integral_constant<int, i>{}) for i = 0 .. kCount - 1, in order: a loop whose index
+// the body needs at compile time (which register set, which column offset).
+template <int kCount, int kFirst = 0, typename F>
+__device__ __forceinline__ void static_for(F&& f) {
+  if constexpr (kFirst < kCount) {
+    f(std::integral_constant<int, kFirst>{});
+    static_for<kCount, kFirst + 1>(f);
+  }
+}
+
 // f(integral_constant<int, n>) for the forward's mask count n = 1 .. kMaxMasks (warp-uniform):
 // with a runtime count, tests of it sat between a step's HMMAs (gpu-notes: the forward's MMA
 // iteration).
@@ -579,48 +589,55 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Z* zb = z_tile + z_offset<Z>(b_offset + n0, 0);
       constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : P;
       if constexpr (kTensorCores) {
-        // The mask count a compile-time value, so no branch sits between a step's HMMAs; each
-        // step loads the next one's operands before its HMMAs (after the last, the first again:
-        // loaded, not used), so that their round trip is not on its path. Two steps a trip:
-        // rolled, ptxas sinks such loads below the HMMAs (the backward's lesson, gpu-notes).
+        // The mask count a compile-time value, so no branch sits between a step's HMMAs.
         with_mask_count(kn, [&](auto mask_count) {
           constexpr int kK = decltype(mask_count)::value;
           using Fragments = typename Ops::template Fragments<kK>;
           static_assert(kDepth % (2 * Ops::step) == 0, "whole trips of two steps");
+#if defined(CAST_WGMMA)
+          // The step's products are wgmma m64n32s, one a mask, this warpgroup's B from Z
+          // through a descriptor, A scaled into one of two register sets by the step's parity:
+          // a step's group stays in flight while the next loads and scales, and the wait for it
+          // comes before its set is written again (the hold keeps the compiler from putting
+          // anything else there sooner: ptxas does not guard registers a wgmma in flight reads).
+          // The steps unrolled, so that no group crosses a branch; the last waits for all, as Z
+          // is rewritten next. No operands loaded a step ahead: their registers are the second
+          // set's (with both, every variant spilled, gpu-notes), and the group in flight hides
+          // the loads. The B fragments `load` reads go unused, and the compiler drops them.
+          const uint64_t b = z_descriptor(zb);
+          uint32_t sets[2][kMaxMasks][4] = {};
+          static_for<kDepth / Ops::step>([&](auto i) {
+            constexpr int p0 = decltype(i)::value * Ops::step, set = decltype(i)::value % 2;
+            Fragments f;
+            const int z0 = z_offset<Z>(0, p0);
+            Ops::template load<P>(f, za + z0, zb + z0, mask_sq + p0, lane);
+#pragma unroll
+            for (int kl = 0; kl < kK; ++kl) Ops::scale(sets[set][kl], f, kl);
+            wgmma_fence();
+#pragma unroll
+            for (int kl = 0; kl < kK; ++kl)
+              wgmma_m64n32<T>(acc[jl][kl], sets[set][kl], b + (z0 * sizeof(Z) >> 4));
+            wgmma_commit();
+            if constexpr (p0 + Ops::step < kDepth) wgmma_wait<1>();
+            else wgmma_wait<0>();
+#pragma unroll
+            for (int kl = 0; kl < kK; ++kl) wgmma_hold(sets[set ^ 1][kl]);
+          });
+          wgmma_settled(acc[jl]);  // the epilogue reads them, after the waits above
+#else
+          // Each step loads the next one's operands before its HMMAs (after the last, the first
+          // again: loaded, not used), so that their round trip is not on its path. Two steps a
+          // trip: rolled, ptxas sinks such loads below the HMMAs (the backward's lesson,
+          // gpu-notes).
           Fragments next;
           if constexpr (kDepth > 0) Ops::template load<P>(next, za, zb, mask_sq, lane);
-          // With CAST_WGMMA the step's products are wgmma m64n32s: this warpgroup's B from Z
-          // through a descriptor, a group (one per mask) waited for before the next step
-          // scales its A fragments into the same registers. A group reads them until it is done
-          // and ptxas does not guard them: waiting only for the step before, the sm_90a SASS
-          // rewrote them in flight. Keeping a group in flight takes more registers (a second
-          // set, or a group per mask with the wait one mask behind): every such variant spilled
-          // (gpu-notes). The B fragments `load` reads go unused there, and the compiler drops
-          // them.
-#if defined(CAST_WGMMA)
-          const uint64_t b = z_descriptor(zb);
-#endif
 #pragma unroll 2
           for (int p0 = 0; p0 < kDepth; p0 += Ops::step) {
             const Fragments now = next;
             const int p1 = (p0 + Ops::step) % P, z1 = z_offset<Z>(0, p1);
             Ops::template load<P>(next, za + z1, zb + z1, mask_sq + p1, lane);
-#if defined(CAST_WGMMA)
-            uint32_t wa[kMaxMasks][4];
-#pragma unroll
-            for (int kl = 0; kl < kK; ++kl) Ops::scale(wa[kl], now, kl);
-            wgmma_fence();
-#pragma unroll
-            for (int kl = 0; kl < kK; ++kl)
-              wgmma_m64n32<T>(acc[jl][kl], wa[kl], b + (z_offset<Z>(0, p0) * sizeof(Z) >> 4));
-            wgmma_commit();
-            wgmma_wait<0>();
-#else
             Ops::multiply(acc[jl], now);
-#endif
           }
-#if defined(CAST_WGMMA)
-          wgmma_settled(acc[jl]);  // the epilogue reads them, after the waits above
 #endif
         });
       } else {
@@ -1016,16 +1033,6 @@ struct MmaBackwardTile {
     return r / 2 <= kMmaHalo && u_padded(r / 2) <= kWarps * kMaxNTiles * 8;
   }
 };
-
-// f(std::integral_constant<int, i>{}) for i = 0 .. kCount - 1, in order: a loop whose index
-// the body needs at compile time (which register set, which column offset).
-template <int kCount, int kFirst = 0, typename F>
-__device__ __forceinline__ void static_for(F&& f) {
-  if constexpr (kFirst < kCount) {
-    f(std::integral_constant<int, kFirst>{});
-    static_for<kCount, kFirst + 1>(f);
-  }
-}
 
 // Two floats as one 32-bit register of the 16-bit MMA operands, the first in the low half.
 template <typename T>
