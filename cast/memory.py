@@ -172,7 +172,9 @@ def _activation_bytes_per_pixel(network, layers, device: torch.device) -> float:
         raise RuntimeError("the probe's graph is never differentiated")
 
     dtype = next(network.parameters()).dtype
-    x = torch.rand(1, 3, probe, probe, device=device, dtype=dtype, requires_grad=True)
+    # grey, not random: what autograd saves depends on the shapes alone, and torch.rand would
+    # advance the caller's global generator (stylize's seed= promises its own)
+    x = torch.full((1, 3, probe, probe), 0.5, device=device, dtype=dtype, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         features = network(x, layers)
     del features, x

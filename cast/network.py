@@ -49,7 +49,9 @@ class VGGFeatures(nn.Module):
         for name in self.layer_names:
             if name.startswith("conv"):
                 weight, bias = next(convs)
-                conv = nn.Conv2d(weight.shape[1], weight.shape[0], 3, padding=1)
+                # uninitialised: a default init would draw from the caller's global generator
+                conv = nn.utils.skip_init(nn.Conv2d, weight.shape[1], weight.shape[0], 3,
+                                          padding=1)  # fmt: skip
                 conv.weight.data.copy_(weight)
                 conv.bias.data.copy_(bias)
                 layers[name] = conv
