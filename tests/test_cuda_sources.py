@@ -815,8 +815,10 @@ def test_emulated_groups_of_kernels_and_masks(emulated):
         (torch.bfloat16, (2, 40, 9, 17, 3, 2, 5), H100),  # odd width, masks per batch item
         (torch.float16, (1, 130, 7, 19, 1, 1, 7), H100),  # three blocks, r = 7, one mask
         (torch.float16, (1, 70, 13, 21, 2, 3, 3), H100),  # the backward's 8-row r = 3 on wgmma
+        (torch.bfloat16, (1, 70, 13, 21, 2, 1, 3), H100 | dict(max_smem=110 * 1024)),  # 4 rows
     ],
-    ids=["tf32", "tf32-r1", "tf32-r5", "tf32-4-rows", "bfloat16", "float16", "float16-r3"],
+    ids=["tf32", "tf32-r1", "tf32-r5", "tf32-4-rows", "bfloat16", "float16", "float16-r3",
+         "bfloat16-4-rows"],  # fmt: skip
 )
 def test_emulated_wgmma(emulated, emulated_wgmma, dtype, shape, machine):
     """The kernels as built for sm_90a (the forward on wgmma, B through Z's descriptor; the
@@ -830,6 +832,7 @@ def test_emulated_wgmma(emulated, emulated_wgmma, dtype, shape, machine):
     tol = 3e-3 if dtype == torch.float32 else 2e-2
     gram, cuts = check_against_reference(emulated_wgmma, inputs, tol, True, machine)
     assert cuts[3] == 1 and cuts[4] == (4 if machine is not H100 else 8)
+    assert machine is H100 or cuts[7] == 4  # the backward's 4-row tiles (r = 3: on wgmma)
     grad = torch.randn(gram.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     for scratch in (0, 1):
         on_wgmma = run_emulated(emulated_wgmma, *inputs, grad, True, machine,
