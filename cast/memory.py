@@ -172,11 +172,14 @@ def _activation_bytes_per_pixel(network, layers, device: torch.device) -> float:
         raise RuntimeError("the probe's graph is never differentiated")
 
     dtype = next(network.parameters()).dtype
-    # grey, not random: what autograd saves depends on the shapes alone, and torch.rand would
-    # advance the caller's global generator (stylize's seed= promises its own)
-    x = torch.full((1, 3, probe, probe), 0.5, device=device, dtype=dtype, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        features = network(x, layers)
+    # a step records its graph whatever the caller's mode: under their no_grad or
+    # inference_mode the probe saved nothing, and the plan counted no activations
+    with torch.inference_mode(False), torch.enable_grad():
+        # grey, not random: what autograd saves depends on the shapes alone, and torch.rand
+        # would advance the caller's global generator (stylize's seed= promises its own)
+        x = torch.full((1, 3, probe, probe), 0.5, device=device, dtype=dtype, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            features = network(x, layers)
     del features, x
     return 2 * sum(s.nbytes() for s in saved.values()) / probe**2
 

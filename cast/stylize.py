@@ -155,12 +155,15 @@ def stylize(
     style_masks = None if style_masks is None else list(style_masks)
     soft_masks = None if soft_masks is None else list(soft_masks)
     device = _check_arguments(**locals())  # every argument, before any work
-    kernels = high_order_kernels(high_order)
-    shard, device = distributed.join(device)  # one process per device under torchrun
-    try:
-        return _run(**locals())
-    finally:
-        shard.close()
+    # the steps need autograd: under a caller's torch.inference_mode() the kernels, the network
+    # and the image would be inference tensors, which autograd refuses to save
+    with torch.inference_mode(False):
+        kernels = high_order_kernels(high_order)
+        shard, device = distributed.join(device)  # one process per device under torchrun
+        try:
+            return _run(**locals())
+        finally:
+            shard.close()
 
 
 def _run(

@@ -65,3 +65,13 @@ def test_planning_keeps_no_part_of_the_network_alive(ample):
     del network
     gc.collect()
     assert weight() is None
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_the_plan_counts_the_activations_under_the_callers_grad_mode(mode):
+    """The probe records a graph as a step will: under a caller's no_grad it saved nothing, and
+    the plan counted no activations (a 64 px run: 4.3 MB planned, 13.7 with them)."""
+    network = VGGFeatures("vgg19", "max")
+    measured = _activation_bytes_per_pixel(network, STYLE_LAYERS, torch.device("cpu"))
+    with mode():
+        assert _activation_bytes_per_pixel(network, STYLE_LAYERS, torch.device("cpu")) == measured

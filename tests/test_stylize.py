@@ -70,6 +70,16 @@ def test_a_run_leaves_the_callers_random_numbers_alone():
     assert torch.equal(torch.rand(4), expected)
 
 
+def test_a_run_inside_the_callers_inference_mode_is_the_same_run():
+    """A pipeline's ``torch.inference_mode()`` made the kernels, the network and the image
+    inference tensors, which autograd refused at the first step."""
+    run = dict(size=48, iters=1, **FAST)
+    expected = stylize(CONTENT, STYLE, **run)
+    with torch.inference_mode():
+        content = images.load_image(CONTENT, long_side=48)  # an inference tensor
+        assert torch.equal(stylize(content, STYLE, **run), expected)
+
+
 def test_ctrl_c_writes_the_latest_image(tmp_path):
     output = tmp_path / "out.png"
     seen = []
