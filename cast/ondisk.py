@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,9 @@ class OnDisk:
         self._numpy = torch.empty((), dtype=dtype).numpy().dtype
         self._cell = math.prod(self.shape[:-2]) * self._numpy.itemsize  # bytes per (y, x)
         self._file = tempfile.TemporaryFile(dir=directory)
+        # closed when the store goes: a file left for the collector to close warns (a
+        # ResourceWarning each, an error in a caller's test suite under filterwarnings=error)
+        weakref.finalize(self, self._file.close)
         self._file.truncate(self._cell * self.shape[-2] * self.shape[-1])  # zeros, sparse
 
     def _rows(self, rect: Rect):

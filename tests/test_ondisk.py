@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 
 import pytest
 import torch
@@ -39,9 +40,12 @@ def test_on_disk_reads_writes_and_adds_like_a_tensor(tmp_path, shape, monkeypatc
 
 
 def test_a_store_leaves_no_file_behind(tmp_path):
+    """Nor a file for the collector to close: that warns, once per store of a spilled run."""
     store = ondisk.zeros((3, 8, 8), torch.float32, "cpu", tmp_path)
     store.write((0, 8, 0, 8), torch.ones(3, 8, 8))
     assert os.listdir(tmp_path) == [] and len(open_files(tmp_path)) == 1  # unnamed from birth
-    del store
-    gc.collect()
-    assert open_files(tmp_path) == []
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always", ResourceWarning)
+        del store
+        gc.collect()
+    assert open_files(tmp_path) == [] and [str(w.message) for w in warned] == []
