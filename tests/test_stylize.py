@@ -70,13 +70,21 @@ def test_a_run_leaves_the_callers_random_numbers_alone():
     assert torch.equal(torch.rand(4), expected)
 
 
-def test_a_run_inside_the_callers_inference_mode_is_the_same_run():
-    """A pipeline's ``torch.inference_mode()`` made the kernels, the network and the image
-    inference tensors, which autograd refused at the first step."""
-    run = dict(size=48, iters=1, **FAST)
+CALLERS_MODES = {
+    # made the kernels, the network and the image inference tensors, which autograd refused at
+    # the first step
+    "inference_mode": torch.inference_mode,
+    # ran the network in bfloat16
+    "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("mode", CALLERS_MODES.values(), ids=list(CALLERS_MODES))
+def test_a_run_inside_a_mode_of_the_callers_is_the_same_run(mode):
+    run = dict(size=48, iters=2, **FAST)
     expected = stylize(CONTENT, STYLE, **run)
-    with torch.inference_mode():
-        content = images.load_image(CONTENT, long_side=48)  # an inference tensor
+    with mode():
+        content = images.load_image(CONTENT, long_side=48)  # an inference tensor, say
         assert torch.equal(stylize(content, STYLE, **run), expected)
 
 
