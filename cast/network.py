@@ -16,6 +16,11 @@ STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 
 POOLINGS = ("avg", "max")
 
+# The network's parameters and constants, whatever the caller's default dtype: the weights are
+# float32 (cast.weights), and a float64 network beside float32 images and stores fails where
+# they meet (a tiled step) and changes the numbers everywhere else.
+DTYPE = torch.float32
+
 
 def layer_names(architecture: str) -> tuple[str, ...]:
     """``conv1_1, relu1_1, conv1_2, ..., pool1, conv2_1, ...`` for ``architecture``."""
@@ -51,7 +56,7 @@ class VGGFeatures(nn.Module):
                 weight, bias = next(convs)
                 # uninitialised: a default init would draw from the caller's global generator
                 conv = nn.utils.skip_init(nn.Conv2d, weight.shape[1], weight.shape[0], 3,
-                                          padding=1)  # fmt: skip
+                                          padding=1, dtype=DTYPE)  # fmt: skip
                 conv.weight.data.copy_(weight)
                 conv.bias.data.copy_(bias)
                 layers[name] = conv
@@ -64,9 +69,10 @@ class VGGFeatures(nn.Module):
 
         prep = weights.preprocessing
         self.bgr = prep.bgr
-        self.register_buffer("scale", torch.tensor(prep.scale), persistent=False)
-        self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1), persistent=False)
+        constant = lambda values: torch.tensor(values, dtype=DTYPE)  # noqa: E731
+        self.register_buffer("scale", constant(prep.scale), persistent=False)
+        self.register_buffer("mean", constant(prep.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", constant(prep.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
 

@@ -455,7 +455,7 @@ def _regions(
 
 def _initial(init, content: Tensor, styles: list[Tensor], generator) -> Tensor:
     if init == "noise":
-        return torch.rand(content.shape, generator=generator)
+        return torch.rand(content.shape, generator=generator, dtype=content.dtype)
     if init == "style":
         return images.resize(styles[0], tuple(content.shape[-2:]))
     if init == "content":
@@ -559,7 +559,8 @@ def _finish(image: Tensor | ondisk.Store, content: Tensor, preserve_color: bool)
 
 
 # RGB -> YIQ (NTSC): Y is luminance, I and Q carry the colour.
-_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                    dtype=torch.float32)  # fmt: skip
 
 
 def transfer_luminance(stylised: Tensor, content: Tensor) -> Tensor:

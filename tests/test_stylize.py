@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -86,6 +87,27 @@ def test_a_run_inside_a_mode_of_the_callers_is_the_same_run(mode):
     with mode():
         content = images.load_image(CONTENT, long_side=48)  # an inference tensor, say
         assert torch.equal(stylize(content, STYLE, **run), expected)
+
+
+def test_a_float64_default_dtype_changes_nothing():
+    """A caller's float64 default made the network float64: a tiled run failed where its
+    float32 image met it, and the noise and every untiled step came out otherwise."""
+    run = dict(size=64, iters=1, tile=32, init="noise", **FAST)
+    expected = stylize(CONTENT, STYLE, **run)
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert torch.equal(stylize(CONTENT, STYLE, **run), expected)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_the_constants_are_float32_under_a_float64_default_at_import():
+    check = ("import torch; torch.set_default_dtype(torch.float64); "
+             "from cast.losses import high_order_kernels; "
+             "from cast.stylize import transfer_luminance; x = torch.rand(3, 2, 2).float(); "
+             "assert high_order_kernels('neighbours').dtype == torch.float32; "
+             "assert transfer_luminance(x, x).dtype == torch.float32")  # fmt: skip
+    subprocess.run([sys.executable, "-c", check], check=True)
 
 
 def test_ctrl_c_writes_the_latest_image(tmp_path):
