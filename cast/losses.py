@@ -35,14 +35,15 @@ from .reference import inverse, mask_mass
 
 def _difference(dy: int, dx: int) -> Tensor:
     """3x3 kernel ``(x[n] - x[n + (dy, dx)]) / sqrt(2)``: unit gain on uncorrelated input."""
-    kernel = torch.zeros(3, 3, dtype=torch.float32)  # whatever the caller's default dtype
+    # whatever the caller's default dtype and device
+    kernel = torch.zeros(3, 3, dtype=torch.float32, device="cpu")
     kernel[1, 1] = 1.0
     kernel[1 + dy, 1 + dx] = -1.0
     return kernel / math.sqrt(2.0)
 
 
 def _identity(r: int) -> Tensor:
-    kernel = torch.zeros(r, r, dtype=torch.float32)
+    kernel = torch.zeros(r, r, dtype=torch.float32, device="cpu")
     kernel[r // 2, r // 2] = 1.0
     return kernel
 

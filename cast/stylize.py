@@ -156,9 +156,12 @@ def stylize(
     soft_masks = None if soft_masks is None else list(soft_masks)
     device = _check_arguments(**locals())  # every argument, before any work
     # the caller's modes are not the run's: under their torch.inference_mode() the kernels, the
-    # network and the image would be inference tensors, which autograd refuses to save, and
-    # under their autocast the network would run in 16 bits (64 px, 2 steps: pixels 0.04 off)
-    with torch.inference_mode(False), torch.autocast(device.type, enabled=False):
+    # network and the image would be inference tensors, which autograd refuses to save; under
+    # their autocast the network would run in 16 bits (64 px, 2 steps: pixels 0.04 off); under
+    # their torch.set_default_device() what is made on the CPU (images, masks, the network's
+    # constants) and moved to the device where needed would be made elsewhere
+    with (torch.inference_mode(False), torch.autocast(device.type, enabled=False),
+          torch.device("cpu")):  # fmt: skip
         kernels = high_order_kernels(high_order)
         shard, device = distributed.join(device)  # one process per device under torchrun
         try:
@@ -560,7 +563,7 @@ def _finish(image: Tensor | ondisk.Store, content: Tensor, preserve_color: bool)
 
 # RGB -> YIQ (NTSC): Y is luminance, I and Q carry the colour.
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                    dtype=torch.float32)  # fmt: skip
+                    dtype=torch.float32, device="cpu")  # fmt: skip
 
 
 def transfer_luminance(stylised: Tensor, content: Tensor) -> Tensor:

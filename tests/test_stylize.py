@@ -77,6 +77,9 @@ CALLERS_MODES = {
     "inference_mode": torch.inference_mode,
     # ran the network in bfloat16
     "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    # (torch.set_default_device's) made the images, masks and the network's constants there;
+    # on "meta", standing for a GPU, nothing runs
+    "default_device": lambda: torch.device("meta"),
 }
 
 
@@ -101,12 +104,20 @@ def test_a_float64_default_dtype_changes_nothing():
         torch.set_default_dtype(torch.float32)
 
 
-def test_the_constants_are_float32_under_a_float64_default_at_import():
-    check = ("import torch; torch.set_default_dtype(torch.float64); "
-             "from cast.losses import high_order_kernels; "
-             "from cast.stylize import transfer_luminance; x = torch.rand(3, 2, 2).float(); "
-             "assert high_order_kernels('neighbours').dtype == torch.float32; "
-             "assert transfer_luminance(x, x).dtype == torch.float32")  # fmt: skip
+def test_the_constants_are_float32_on_the_cpu_under_a_callers_defaults_at_import():
+    """The kernel presets and the YIQ matrix, made at import, were made in the caller's default
+    dtype and on their default device (meta here, standing for a GPU)."""
+    check = (
+        "import torch; torch.set_default_dtype(torch.float64); "
+        "torch.set_default_device('meta'); "
+        "from cast.losses import high_order_kernels; "
+        "from cast.stylize import transfer_luminance; "
+        "x = torch.rand(3, 2, 2, device='cpu'); "
+        "kernels = high_order_kernels('neighbours'); "
+        "assert kernels.dtype == torch.float32 and kernels.device.type == 'cpu'; "
+        "y = transfer_luminance(x.float(), x.float()); "  # x itself: its own colours
+        "assert y.dtype == torch.float32 and torch.allclose(y, x.float(), atol=1e-5)"
+    )
     subprocess.run([sys.executable, "-c", check], check=True)
 
 
