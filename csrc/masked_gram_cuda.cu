@@ -6,8 +6,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <tuple>
-#include <utility>
 
 #include "cuda_element_type.cuh"
 #include "masked_gram_cuda_kernels.cuh"
@@ -41,27 +39,39 @@ int forward_rows(bool tensor_cores, int r, size_t max_smem) {
 }
 
 template <typename T, int kRows>
-size_t mma_backward_smem(int r, int K, int J, bool own_mirrors) {
+size_t mma_backward_smem(int r, int K, int J, bool own_mirrors, int f_blocks) {
   using Tile = MmaBackwardTile<T, kRows>;
-  return Tile::fits(r) ? static_cast<size_t>(Tile::bytes(r, K, J, own_mirrors)) : 0;
+  return Tile::fits(r) ? static_cast<size_t>(Tile::bytes(r, K, J, own_mirrors, f_blocks)) : 0;
 }
 
-// The tensor-core backward's tile rows, the widest whose shared memory fits, or 0 (the SIMT
-// backward); its shared memory beside it: with dG's mirrors in a region of their own where that
-// fits too (a kernel's first step need not wait for them), else in U_j's; none of their own
-// where S comes whole from a scratch (`mirrors` false: it reads no mirror).
+// The tensor-core backward's way through shared memory: its tile rows, 0 for the SIMT backward.
+struct BackwardTiles {
+  int rows;
+  size_t smem;
+  bool f_resident;
+};
+
+// The widest tile rows whose shared memory fits; at those, F's halos kept for the item where
+// that fits too (with more than one kernel j to share them), and dG's mirrors in a region of
+// their own where that fits as well (a kernel's first step need not wait for them), else in
+// U_j's; none of their own where S comes whole from a scratch (`mirrors` false: no mirror
+// is read).
 template <typename T>
-std::pair<int, size_t> backward_tiles(bool tensor_cores, int r, int K, int J, size_t max_smem,
-                                      bool mirrors) {
+BackwardTiles backward_tiles(bool tensor_cores, int r, int K, int J, int C, size_t max_smem,
+                             bool mirrors) {
   if constexpr (sizeof(T) <= 4) {
+    const int in_blocks = ceil_div(C, kInBlock);
     for (int rows : {kWideRows, kNarrowRows})
-      for (bool own : {mirrors, false}) {
-        const size_t bytes = rows == kWideRows ? mma_backward_smem<T, kWideRows>(r, K, J, own)
-                                               : mma_backward_smem<T, kNarrowRows>(r, K, J, own);
-        if (tensor_cores && bytes > 0 && bytes <= max_smem) return {rows, bytes};
-      }
+      for (bool resident : {J > 1, false})
+        for (bool own : {mirrors, false}) {
+          const int f_blocks = resident ? in_blocks : 1;
+          const size_t bytes = rows == kWideRows
+                                   ? mma_backward_smem<T, kWideRows>(r, K, J, own, f_blocks)
+                                   : mma_backward_smem<T, kNarrowRows>(r, K, J, own, f_blocks);
+          if (tensor_cores && bytes > 0 && bytes <= max_smem) return {rows, bytes, resident};
+        }
   }
-  return {0, static_cast<size_t>(SimtBackwardLayout<T>::bytes(r, K, J))};
+  return {0, static_cast<size_t>(SimtBackwardLayout<T>::bytes(r, K, J)), false};
 }
 
 constexpr int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -87,8 +97,11 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem
   // steps then copy S's blocks alone, without dG's mirrors (a third of a step's copies at
   // C = 64, K = 3) or the pass that forms S.
   const bool symmetric = tensor_cores && sizeof(T) <= 4 && gram_bytes <= io / 10;
-  std::tie(plan.backward_rows, plan.backward_smem) =
-      backward_tiles<T>(tensor_cores, r, K, J, max_smem, !symmetric);
+  const BackwardTiles backward =
+      backward_tiles<T>(tensor_cores, r, K, J, static_cast<int>(s.C), max_smem, !symmetric);
+  plan.backward_rows = backward.rows;
+  plan.backward_smem = backward.smem;
+  plan.backward_f_resident = backward.f_resident;
   plan.symmetric_scratch = symmetric && plan.backward_rows > 0;
   if (plan.tile_rows == 0 || plan.backward_smem > max_smem)
     plan.unsupported =

@@ -31,6 +31,9 @@ struct CastGramPlan {
   // no block of dG is read twice (as itself and as a mirror). Else it forms S a block at a
   // time from dG.
   bool symmetric_scratch;
+  // The tensor-core backward keeps F's halo of every input block in shared memory for the
+  // whole item, so that each arrives once, not once for each kernel j; where J > 1 and it fits.
+  bool backward_f_resident;
   bool tensor_cores;     // the matrix products on tensor cores
   size_t forward_smem;   // dynamic shared memory per block, bytes
   size_t backward_smem;

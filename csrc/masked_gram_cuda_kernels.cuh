@@ -118,6 +118,8 @@ struct Dims {
   bool vector_rows;  // rows of F start on 16 bytes (W a multiple of the vector, F aligned)
   bool own_mirrors;  // the tensor-core backward's dG mirrors in a region of their own
   bool s_formed;     // the tensor-core backward's `grad` is S whole (plan.symmetric_scratch)
+  int f_blocks;      // the tensor-core backward's F halos in shared memory: 1, or every input
+                     // block's, kept across the kernels j (plan.backward_f_resident)
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -933,7 +935,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 //      block is formed in place, (dG + mirror) / n_k (rounded to TF32 for float32). Where a
 //      tenth of the op's inputs and outputs holds S whole (plan.symmetric_scratch), a kernel
 //      before this one forms it in a scratch the size of dG, and the steps copy S's blocks
-//      alone: no mirrors, no form pass (16-bit input's S is narrowed in place still);
+//      alone: no mirrors, no form pass (16-bit input's S is narrowed in place still). Where
+//      J > 1 and shared memory holds F's halo of every input block (plan.backward_f_resident:
+//      C <= 64 at r = 3), each block's halo has a region of its own for the whole item and
+//      arrives once, for the first kernel's steps, rather than once a kernel (the copies
+//      issued a step ahead as before);
 //   2. Z_j on the h-halo, formed once: each thread a column of half its rows in one channel
 //      (two channels for 16-bit input), each loaded value used for up to r of them; stored
 //      channel-major as the B operand (a 32-bit word holds one TF32 value or a pair of
@@ -1021,11 +1027,12 @@ struct MmaBackwardTile {
     if (own_mirrors) return u_bytes(h) + t_bytes(K);
     return u_bytes(h) > t_bytes(K) ? u_bytes(h) : t_bytes(K);
   }
-  // In the kernel's order: F, S twice, Z, U and the mirrors, m_k^2, taps (all multiples of 16
-  // bytes but taps).
-  __host__ __device__ static constexpr int bytes(int r, int K, int J, bool own_mirrors) {
+  // In the kernel's order: F (f_blocks halos), S twice, Z, U and the mirrors, m_k^2, taps (all
+  // multiples of 16 bytes but taps).
+  __host__ __device__ static constexpr int bytes(int r, int K, int J, bool own_mirrors,
+                                                 int f_blocks) {
     const int h = r / 2;
-    return f_bytes(h) + 2 * s_bytes(K) + z_bytes(h) + u_region(h, K, own_mirrors) +
+    return f_blocks * f_bytes(h) + 2 * s_bytes(K) + z_bytes(h) + u_region(h, K, own_mirrors) +
            mask_bytes(h, K) + J * r * r * 4;
   }
   // Whether the kernel takes r at all: the halo's positions within the warps' n-tiles.
@@ -1092,8 +1099,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   unsigned char* region = shared_bytes;
-  T* f_halo = reinterpret_cast<T*>(region);  // (kInBlock, f_stride): rows of f_cols
-  float* s_tiles = reinterpret_cast<float*>(region += Tile::f_bytes(h));  // 2 x (K, 64, s_stride)
+  // F's halo of an input block, (kInBlock, f_stride): rows of f_cols; with f_blocks > 1 each
+  // block's in a region of its own for the whole item, copied once rather than once a kernel.
+  T* f_halos = reinterpret_cast<T*>(region);
+  const auto f_halo = [&](int in_block) {
+    return f_halos + (d.f_blocks > 1 ? in_block : 0) * (Tile::f_bytes(h) / sizeof(T));
+  };
+  float* s_tiles =
+      reinterpret_cast<float*>(region += d.f_blocks * Tile::f_bytes(h));  // 2 x (K, 64, s_stride)
   uint32_t* z_tile = reinterpret_cast<uint32_t*>(region += 2 * Tile::s_bytes(d.K));
   float* u_tile = reinterpret_cast<float*>(region += Tile::z_bytes(h));  // (64, u_stride)
   // dG's mirrors, (K, 32, t_stride): after U_j, or in U_j's region during a kernel's steps.
@@ -1157,7 +1170,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int channel = in_block * kInBlock + tid / kCopyChunks, chunk = tid % kCopyChunks;
     if (chunk < chunks) {
       const int x = it.x0 - pad + chunk * vector, y_top = it.y0 - 2 * h;
-      T* dst = f_halo + (tid / kCopyChunks) * f_stride + chunk * vector;
+      T* dst = f_halo(in_block) + (tid / kCopyChunks) * f_stride + chunk * vector;
       // The halo's rows in the image: [first, last), none past the last channel.
       const int first = max(0, -y_top), last = channel < d.C ? min(f_rows, d.H - y_top) : 0;
       int64_t row = (static_cast<int64_t>(it.batch) * d.C + channel) * N +
@@ -1302,6 +1315,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool more = s + 1 < steps || !last_item;
       const Item after = s + 1 < steps ? it : next_item();
       const int after_step = s + 1 < steps ? s + 1 : 0;
+      // F's halos kept for the item (f_blocks > 1): copied for the first kernel's steps alone
+      // (the next item's first after the last step: its region the last kernel has left). A
+      // form issuing each of the next item's blocks as soon as the last kernel had left its
+      // region made ptxas feed some of the MMA loop's HMMAs 8-12 instructions after their
+      // loads (16 or more as built: test_cuda_machine_code).
+      const bool copy_f = more && (d.f_blocks == 1 || after_step < in_blocks);
       constexpr int kPasses = kProbe == kNoLoad ? 0 : kProbe == kLoadTwice ? 2 : 1;
       if (in_block == 0 && !d.own_mirrors && !d.s_formed) {
         __syncthreads();  // the last kernel's adjoint has read U_j: the mirrors may land
@@ -1329,7 +1348,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
             for (int o = 0; o < kGroup; ++o) z[e][o] = 0.0f;
             const T* src =
-                f_halo + (row * per + e) * f_stride + uy * f_cols + ux + pad - 2 * kH;
+                f_halo(in_block) + (row * per + e) * f_stride + uy * f_cols + ux + pad - 2 * kH;
             convolve_column<kGroup, kR, false>(z[e], src, f_cols, kGroup + 2 * kH, tap);
           }
 #pragma unroll
@@ -1343,8 +1362,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       // S's copies and form pass, before wgmma's async proxy reads S (with CAST_WGMMA)
       if constexpr (kWgmma) fence_async_shared();
-      __syncthreads();  // Z_j formed; F's halo free
-      for (int pass = 0; pass < kPasses && more; ++pass) issue_feature_copies(after, after_step);
+      __syncthreads();  // Z_j formed; F's halo free (kept for the next kernels where resident)
+      for (int pass = 0; pass < kPasses && copy_f; ++pass) issue_feature_copies(after, after_step);
 
       // 3. U_j^T += S_k (m_k^2 Z_j)^T for every mask, kInBlock channels deep; the warp's
       // n-tiles a compile-time count, so no branch sits between the HMMAs.
@@ -1796,8 +1815,10 @@ cudaError_t launch_mma_backward(Kernel kernel, int rows, const CastGramShape& s,
     err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   Dims d = tiled_dims<T>(s, features, rows, kTileCols, kOutBlock);
+  d.f_blocks = plan.backward_f_resident ? ceil_div(d.C, kInBlock) : 1;
   const auto own = [&](auto tile) {
-    return plan.backward_smem == static_cast<size_t>(decltype(tile)::bytes(d.r, d.K, d.J, true));
+    return plan.backward_smem ==
+           static_cast<size_t>(decltype(tile)::bytes(d.r, d.K, d.J, true, d.f_blocks));
   };
   d.own_mirrors = rows == kWideRows ? own(MmaBackwardTile<T, kWideRows>{})
                                     : own(MmaBackwardTile<T, kNarrowRows>{});  // the plan's

@@ -773,6 +773,33 @@ def test_emulated_copies_landing_late(emulated, emulated_late, dtype, shape, mac
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tf32", "bfloat16"])
+def test_emulated_f_halos_kept_across_kernels(emulated, emulated_late, dtype):
+    """Where J > 1 and shared memory holds F's halo of every input block, the tensor-core
+    backward copies each once an item and keeps it for every kernel j (plan.backward_f_resident),
+    the next item's halo of a block issued once the last kernel has formed from it: the very bits
+    of the halo copied once a kernel (on a card with a little less shared memory), with copies
+    landing as late as a GPU may too. C = 40: two input blocks; 6 items on 3 blocks, so each
+    block walks two and the next item's halos land during the last kernel's steps."""
+    features, masks, kernels = (t.to(dtype) for t in random_inputs(1, 40, 9, 40, 3, 2, 3))
+    tol = 3e-3 if dtype == torch.float32 else 2e-2
+    _, cuts = check_against_reference(emulated, (features, masks, kernels), tol, True)
+    plan = dict(zip(PLAN_FIELDS, cuts, strict=True))
+    assert plan["backward_f_resident"] and plan["backward_rows"] == 8
+    short = H100
+    while plan["backward_f_resident"]:  # (with dG's mirrors in a region of their own, then not)
+        short = dict(compute_capability=90, max_smem=plan["backward_smem"] - 1)
+        plan = cuda_emulation.plan(emulated, dtype, (1, 40, 9, 40, 1, 2, 3, 3), True, **short)
+    assert plan["backward_rows"] == 8
+    grad = torch.randn(1, 3, 2, 40, 40, generator=torch.Generator().manual_seed(7))
+    _, once_a_kernel, _ = run_emulated(emulated, features, masks, kernels, grad, True, short)
+    for lib in (emulated, emulated_late):
+        for scratch in (0, 1):
+            _, kept, _ = run_emulated(lib, features, masks, kernels, grad, True, H100,
+                                      symmetric_scratch=scratch)  # fmt: skip
+            assert torch.equal(kept, once_a_kernel), (lib, scratch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tf32", "bfloat16"])
 def test_emulated_forward_tiles_per_split(emulated, dtype):
     """136 tiles of 8 x 16 positions in 46 splits: a forward block walks three tiles, each
     next tile's halo arriving while the last one's last MMAs run."""
@@ -935,7 +962,8 @@ def test_forward_plan_for_vgg_layers(emulated, dtype):
     (one split, the blocks from the kernels in groups of one). The backward's S goes whole into
     a scratch of G's size exactly where that is within the same tenth: at J = K = 3 relu1_1 -
     relu3_1 of a 1024^2 image and every layer of a 4096^2 one, not relu4_1 and relu5_1 of a
-    1024^2 image."""
+    1024^2 image; it keeps F's halo of every input block across the kernels at relu1_1 (J = 3),
+    the only layer where they fit."""
     for image in (1024, 4096):
         for name, C, fraction in VGG_STYLE_LAYERS:
             size = image // fraction
@@ -952,6 +980,8 @@ def test_forward_plan_for_vgg_layers(emulated, dtype):
                 assert plan["symmetric_scratch"] == (gram <= 0.1 * inputs_outputs), where
                 if J == 3:
                     assert plan["symmetric_scratch"] == (image == 4096 or C <= 256), where
+                # F's halos kept across the kernels where they fit: two input blocks at C = 64
+                assert plan["backward_f_resident"] == (J > 1 and C == 64), where
                 if (image, C, J) == (1024, 512, 3):
                     assert plan["splits"] == 1 and plan["kernel_group"] == 1, where
 
@@ -961,7 +991,8 @@ def test_gpu_checks_take_the_backward_ways_they_name(emulated):
     every-element cases and bench/gpu_sanitize.py's (under compute-sanitizer), take the ways
     they are named for on an H100's plan: S formed a block at a time with dG's mirrors in a
     region of their own (shared memory beyond the same kernel's without one, as with S from a
-    scratch) or in U_j's, or S whole from a scratch. When the plan took the scratch for shapes
+    scratch) or in U_j's, or S whole from a scratch; and F's halos kept across the kernels
+    (bfloat16 at K = 3, one card case). When the plan took the scratch for shapes
     of the size a tenth of whose inputs + outputs holds S, all of them went that way, and no
     mirror was copied on the card any more."""
     import gpu_sanitize  # bench/
@@ -971,9 +1002,12 @@ def test_gpu_checks_take_the_backward_ways_they_name(emulated):
         plan = cuda_emulation.plan(emulated, dtype, (B, 72, H, 128, Bm, K, 3, 3), True, **H100)
         whole = cuda_emulation.plan(emulated, dtype, (1, 72, 1024, 1024, 1, K, 3, 3), True, **H100)
         assert plan["backward_rows"] == whole["backward_rows"] == 8 and whole["symmetric_scratch"]
+        kept = plan["backward_f_resident"]
+        assert kept == whole["backward_f_resident"]  # so that their shared memory compares
         if plan["symmetric_scratch"]:
-            return "S from a scratch"
-        return "own mirrors" if plan["backward_smem"] > whole["backward_smem"] else "mirrors in U"
+            return "F kept, " * kept + "S from a scratch"
+        own = plan["backward_smem"] > whole["backward_smem"]
+        return "F kept, " * kept + ("own mirrors" if own else "mirrors in U")
 
     for name, (dtype, K, B, H) in test_gpu.EVERY_ELEMENT_CASES.items():
         assert name.endswith(way(dtype, K, B, H, B)), name
