@@ -110,9 +110,10 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem
 
   // The forward's splits of the positions and its groups of kernels. G holds split 0's sums,
   // a scratch the other splits', within a tenth of the op's inputs and outputs (nothing else
-  // of the op's is live while the forward runs; the backward's S after it). Both are chosen for whole waves of kWave blocks, one a
-  // block per SM (a forward block takes an SM's shared memory or registers: 124-188 KiB,
-  // 225-242 registers a thread), minimising waves x tiles a block x (kernels a block + 1/2),
+  // of the op's is live while the forward runs; the backward's S after it). Both are chosen
+  // for whole waves of kWave blocks, one a block per SM (a forward block takes an SM's shared
+  // memory or registers: 124-188 KiB, 225-242 registers a thread), minimising waves x tiles a
+  // block x (kernels a block + 1/2),
   // the half a tile's loads, which each group of kernels repeats (the probe of effb4cf at
   // relu1_1: F's loads alone 0.3 ms of the forward's 1.34, partly hidden by cp.async); ties
   // to fewer blocks. kWave is an H100's and H200's SM count, a constant, not the device's:

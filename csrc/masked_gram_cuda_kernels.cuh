@@ -28,8 +28,8 @@
 //
 // Backward, from dG and 1 / n_k, with S_jk = (dG_jk + dG_jk^T) / n_k formed a block at a time
 // where it is used (or whole in a scratch first, where a tenth of the op's inputs and outputs
-// holds it: plan.symmetric_scratch): on tensor cores, one block per SM walks items (tile of kRows x 16 outputs,
-// 64 output channels, batch item) and forms, for each kernel j,
+// holds it: plan.symmetric_scratch): on tensor cores, one block per SM walks items (tile of
+// kRows x 16 outputs, 64 output channels, batch item) and forms, for each kernel j,
 // U_j^T = [S_j1 | ... | S_jK] [m_1^2 Z_j; ...; m_K^2 Z_j]^T as one mma.sync chain K * C deep in
 // registers (Z_j on the tile's h-halo, formed once per block of 32 input channels from F's
 // 2h-halo, which arrives with S's blocks by cp.async, overlapping the previous MMAs), then
@@ -1371,10 +1371,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       constexpr int kDepth = kProbe == kLoadOnly || kProbe == kNoMma ? 0 : kInBlock;
       if constexpr (kWgmma) {
         // Per mask and 8 input channels (16 for 16-bit input) one m64n32k8 (k16) a m-tile, one
-        // group, its A in one of two register sets by the step's parity: a group stays in flight while the next step
-        // loads and scales, and the wait for it comes before its set is written again (two
-        // steps on; the hold keeps the compiler from putting anything else there sooner:
-        // ptxas does not guard registers a wgmma in flight reads). A's fragment of m-tile mt:
+        // group, its A in one of two register sets by the step's parity: a group stays in
+        // flight while the next step loads and scales, and the wait for it comes before its set
+        // is written again (two steps on; the hold keeps the compiler from putting anything
+        // else there sooner: ptxas does not guard registers a wgmma in flight reads). A's
+        // fragment of m-tile mt:
         // rows (positions) p = mt 64 + wp + g (+ 8), columns (input channels) t (+ 4) of
         // Z_j^T (16-bit: channel pairs 2t, 2t + 8), i.e. Z_j's words t z_stride + p: banks
         // 8 t + g, conflict-free.
