@@ -84,7 +84,11 @@ def one_row(size: int, tile: int, steps: int, device: str, spill: bool = False) 
     """Build the objective at ``size``^2 and time ``steps`` steps (after one warm-up step when
     ``steps > 1``); in this process, joining a torchrun group when there is one. ``spill``: the
     state on disk, the image a store, the images and masks dropped once the targets are built."""
-    shard, on = join(torch.device(device))
+    with join(torch.device(device)) as (shard, on):
+        return _timed_steps(size, tile, steps, shard, on, spill)
+
+
+def _timed_steps(size: int, tile: int, steps: int, shard, on: torch.device, spill: bool) -> dict:
     network = VGGFeatures().to(on)
     content = images.resize(images.load_image(CONTENT), (size, size)).to(on)
     style = images.resize(images.load_image(STYLE), (size, size)).to(on)
@@ -110,7 +114,6 @@ def one_row(size: int, tile: int, steps: int, device: str, spill: bool = False) 
     seconds = (time.perf_counter() - start) / steps
     cpu = (time.process_time() - cpu) / steps
     steps_peak = _peak(on)
-    shard.close()
     return {"seconds": seconds, "cpu": cpu, "targets": targets,
             "peak": max(targets_peak, steps_peak), "steps_peak": steps_peak,
             "threads": torch.get_num_threads()}  # fmt: skip

@@ -8,8 +8,10 @@ all-reduce per pass, so every rank steps its optimiser identically.
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,9 @@ ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Seconds a collective (or joining the group) may wait for the other ranks before this one stops.
 TIMEOUT_VARIABLE = "CAST_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 300
+BLOCKING_WAIT = "TORCH_NCCL_BLOCKING_WAIT"
+# How many groups this process has made, the same count on every rank: their keys' prefix.
+_GROUPS_MADE = itertools.count()
 
 
 class LostContact(CastError):
@@ -67,20 +72,37 @@ class Shard:
                 store.write(rows, self.all_reduce(store.read(rows).contiguous()))
         return store
 
-    def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
 
 ALONE = Shard()
 
 
-def join(device: torch.device) -> tuple[Shard, torch.device]:
-    """This process's shard, and its device (``cuda:LOCAL_RANK`` for CUDA), joining the process
-    group when torchrun started it: NCCL on GPUs, gloo on CPUs."""
+@contextmanager
+def join(device: torch.device) -> Iterator[tuple[Shard, torch.device]]:
+    """This process's shard and its device (``cuda:LOCAL_RANK`` for CUDA) for the length of a
+    run. Inside a process group the caller initialised, the run uses it (every rank must call
+    ``stylize`` with the same arguments: its all-reduces take their turn among the caller's)
+    and leaves it as it was; when torchrun started the process without one, the run makes its
+    own, NCCL on GPUs and gloo on CPUs, and destroys it at the end."""
+    callers = dist.is_available() and dist.is_initialized()
+    rank, world, local = _callers_group(device) if callers else _torchrun()
+    if world == 1:
+        yield ALONE, device
+        return
+    with _local_gpu(device, local) as device:
+        if not callers:
+            _make_group(device, rank, world)
+        try:
+            yield Shard(rank, world), device
+        finally:
+            if not callers:
+                dist.destroy_process_group()
+
+
+def _torchrun() -> tuple[int, int, int]:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them; one process without them."""
     present = [name for name in ENVIRONMENT if name in os.environ]
     if not present:
-        return ALONE, device
+        return 0, 1, 0
     if len(present) < len(ENVIRONMENT):
         missing = [name for name in ENVIRONMENT if name not in os.environ]
         raise CastError(
@@ -89,24 +111,79 @@ def join(device: torch.device) -> tuple[Shard, torch.device]:
         )
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError:
-        raise CastError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers") from None
-    if world == 1:
-        return ALONE, device
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")  # so timeouts raise, not hang
+        raise CastError("RANK and WORLD_SIZE must be whole numbers") from None
+    return rank, world, _local_rank() or 0
+
+
+def _callers_group(device: torch.device) -> tuple[int, int, int | None]:
+    """Rank and world of the process group the caller initialised, which must agree with
+    torchrun's RANK and WORLD_SIZE where they are set and carry ``device``'s tensors; and
+    LOCAL_RANK, where set."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world)):
+        if os.environ.get(name, str(value)) != str(value):
+            raise CastError(
+                f"the process group has {name.lower().replace('_', ' ')} {value} but "
+                f"{name}={os.environ[name]}: initialise it from torchrun's environment"
+            )
+    config = dist.get_backend_config()  # "cpu:gloo,cuda:gloo", "cuda:nccl", ...
+    devices = [pair.split(":")[0] for pair in config.split(",")]
+    if world > 1 and device.type not in devices:
+        raise CastError(
+            f"the process group's backend ({config}) cannot all-reduce {device.type} tensors: "
+            "initialise it with init_process_group('cpu:gloo,cuda:nccl'), which carries both, "
+            f"or run stylize on {' or '.join(devices)}"
+        )
+    return rank, world, _local_rank()
+
+
+def _local_rank() -> int | None:
+    """torchrun's LOCAL_RANK, where set: which of the machine's GPUs is this process's."""
     try:
+        return int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
+    except ValueError:
+        raise CastError("LOCAL_RANK must be a whole number") from None
+
+
+@contextmanager
+def _local_gpu(device: torch.device, local: int | None) -> Iterator[torch.device]:
+    """``cuda:LOCAL_RANK`` as the current device during the run, as a torchrun process wants
+    it; the caller's current device back after."""
+    if device.type != "cuda" or local is None:
+        yield device
+        return
+    before = torch.cuda.current_device()
+    device = torch.device("cuda", local)
+    torch.cuda.set_device(device)
+    try:
+        yield device
+    finally:
+        torch.cuda.set_device(before)
+
+
+def _make_group(device: torch.device, rank: int, world: int) -> None:
+    """The default process group, NCCL for a GPU and gloo for the CPU."""
+    # NCCL reads it when the group is made (ProcessGroupNCCL's constructor), so that timeouts
+    # raise, not hang; the caller's environment is theirs again after
+    blocking = device.type == "cuda" and BLOCKING_WAIT not in os.environ
+    if blocking:
+        os.environ[BLOCKING_WAIT] = "1"
+    timeout = datetime.timedelta(seconds=_timeout())
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        # each group its own keys: torchrun's store outlives a group, and a default group made
+        # again finds the last one's addresses under the same keys (the ranks hang or fail)
+        store = dist.PrefixStore(f"cast/{next(_GROUPS_MADE)}/", store)
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
-            rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=_timeout()),
+            store=store, rank=rank, world_size=world, timeout=timeout,
         )  # fmt: skip
     except (RuntimeError, ValueError) as err:
         raise LostContact(f"rank {rank} could not join the other {world - 1}: {err}") from None
-    return Shard(rank, world), device
+    finally:
+        if blocking:
+            del os.environ[BLOCKING_WAIT]
 
 
 def _timeout() -> float:

@@ -165,11 +165,9 @@ def stylize(
     on_cpu = torch.device("cpu") if torch.get_default_device().type != "cpu" else nullcontext()
     with torch.inference_mode(False), torch.autocast(device.type, enabled=False), on_cpu:
         kernels = high_order_kernels(high_order)
-        shard, device = distributed.join(device)  # one process per device under torchrun
-        try:
+        # one process per device under torchrun, in the caller's process group if they made one
+        with distributed.join(device) as (shard, device):
             return _run(**locals())
-        finally:
-            shard.close()
 
 
 def _run(

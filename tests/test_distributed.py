@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from cast.distributed import BLOCKING_WAIT, Shard, join
 from cast.errors import CastError
 from cast.memory import plan_memory
 from cast.network import CONTENT_LAYERS, STYLE_LAYERS, VGGFeatures
@@ -37,6 +39,15 @@ torch.save((image, held), sys.argv[1] + "." + os.environ["RANK"])
 """
 
 
+def _torchrun(script: Path, *args) -> None:
+    """``script *args`` on two ranks under torchrun; every rank must exit 0."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+              "--nproc-per-node", "2", str(script), *map(str, args)]  # fmt: skip
+    env = os.environ | {"CAST_DIST_TIMEOUT": "60"}  # a rank that hangs fails the test sooner
+    done = subprocess.run(launch, timeout=300, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def _two_ranks(tmp_path, run: dict) -> tuple:
     """``stylize(iters=3, **run)`` on two gloo ranks under torchrun: their image and, per rank,
     how many files it held open in ``tmp_path / "spill"`` after each step (spilled state)."""
@@ -44,11 +55,7 @@ def _two_ranks(tmp_path, run: dict) -> tuple:
     script = tmp_path / "rank.py"
     tests = str(Path(__file__).resolve().parent)
     script.write_text(RANK_SCRIPT.format(content=CONTENT, style=STYLE, run=run, tests=tests))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-              "--nproc-per-node", "2", str(script), str(tmp_path / "image"),
-              str(tmp_path / "spill")]  # fmt: skip
-    done = subprocess.run(launch, timeout=300, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _torchrun(script, tmp_path / "image", tmp_path / "spill")
     (rank0, held0), (rank1, held1) = (torch.load(tmp_path / f"image.{rank}") for rank in (0, 1))
     assert torch.equal(rank0, rank1)  # every rank stepped identically
     return rank0, (held0, held1)
@@ -74,6 +81,114 @@ def test_two_gloo_processes_with_the_state_on_disk_give_their_image_in_memory(tm
     # (one process gives another image by more than rounding here: Adam's first steps move
     # each pixel by about lr * sign(gradient), and the ranks' sums round differently)
     assert torch.equal(image, in_memory)
+
+
+CALLERS_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from cast.stylize import stylize
+dist.init_process_group("gloo")  # the caller's pipeline
+first, second = (stylize({content!r}, {style!r}, iters=3, **{run!r}) for _ in range(2))
+assert dist.is_initialized()
+total = torch.ones(1)
+dist.all_reduce(total)  # the caller's group still carries their collectives
+torch.save((first, second, total.item()), sys.argv[1] + "." + str(dist.get_rank()))
+"""
+
+
+def test_a_callers_process_group_is_used_and_left_as_it_was(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(CALLERS_SCRIPT.format(content=CONTENT, style=STYLE, run=RUN))
+    _torchrun(script, tmp_path / "images")
+    ranks = [torch.load(tmp_path / f"images.{rank}") for rank in (0, 1)]
+    assert [total for *_, total in ranks] == [2, 2]
+    ours, _ = _two_ranks(tmp_path / "ours", RUN)
+    # the same tiles and sums in the caller's group as in CAST's, call after call, rank by rank
+    assert all(torch.equal(image, ours) for *images, _ in ranks for image in images)
+
+
+CALLS_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from cast.stylize import stylize
+images = []
+for _ in range(3):
+    images.append(stylize({content!r}, {style!r}, iters=1, **{run!r}))
+    assert not dist.is_initialized()  # each call's group is its own, gone at its end
+torch.save(images, sys.argv[1] + "." + os.environ["RANK"])
+"""
+
+
+def test_consecutive_calls_under_torchrun_each_make_a_group_of_their_own(tmp_path):
+    """torchrun's store outlives the groups: the second failed (keys of the first group)."""
+    script = tmp_path / "rank.py"
+    script.write_text(CALLS_SCRIPT.format(content=CONTENT, style=STYLE, run=RUN))
+    _torchrun(script, tmp_path / "images")
+    images = [image for rank in (0, 1) for image in torch.load(tmp_path / f"images.{rank}")]
+    assert all(torch.equal(image, images[0]) for image in images)
+
+
+@pytest.fixture
+def callers_group(tmp_path):
+    """A process group of one gloo rank that the caller initialised; a factory of it."""
+
+    def initialise(backend="gloo"):
+        dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0,
+                                world_size=1)  # fmt: skip
+
+    yield initialise
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_callers_group_that_torchrun_disagrees_with_is_one_line(callers_group, monkeypatch):
+    callers_group()
+    for name, value in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="1").items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    with pytest.raises(CastError, match="^the process group has world size 1 but WORLD_SIZE=2: "):
+        stylize(CONTENT, STYLE, iters=0, **RUN)
+    assert dist.is_initialized()
+
+
+def test_a_callers_group_that_cannot_carry_the_devices_tensors_is_one_line(
+    callers_group, monkeypatch
+):
+    callers_group("cuda:gloo")  # no backend for CPU tensors, as NCCL's
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)  # as if a second rank had joined
+    refusal = (r"^the process group's backend \(cuda:gloo\) cannot all-reduce cpu tensors: "
+               r"initialise it with init_process_group\('cpu:gloo,cuda:nccl'\), which carries "
+               r"both, or run stylize on cuda$")  # fmt: skip
+    with pytest.raises(CastError, match=refusal):
+        stylize(CONTENT, STYLE, iters=0, **RUN)
+    assert dist.is_initialized()
+
+
+@pytest.mark.parametrize("callers", [None, "0"])
+def test_a_group_cast_makes_on_a_gpu_leaves_the_environment_and_current_device(
+    callers, monkeypatch
+):
+    """No GPU here: torch's CUDA and group calls stand in, recording what join asks of them."""
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="1").items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(BLOCKING_WAIT, raising=False)
+    if callers is not None:
+        monkeypatch.setenv(BLOCKING_WAIT, callers)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # the caller's
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(device))
+
+    def make_group(backend, **_):  # and the variable as NCCL's constructor would read it
+        calls.append((backend, os.environ.get(BLOCKING_WAIT)))
+
+    monkeypatch.setattr(dist, "init_process_group", make_group)
+    monkeypatch.setattr(dist, "rendezvous", lambda *_, **__: iter([(dist.HashStore(), 1, 2)]))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroyed"))
+    with join(torch.device("cuda")) as (shard, device):
+        assert (shard, device) == (Shard(1, 2), torch.device("cuda", 1))
+        # blocking waits while the group is made (so that timeouts raise), unless the caller chose
+        assert calls == [torch.device("cuda", 1), ("nccl", callers or "1")]
+    assert calls[2:] == ["destroyed", 3]
+    assert os.environ.get(BLOCKING_WAIT) == callers
 
 
 def _free_port() -> int:
