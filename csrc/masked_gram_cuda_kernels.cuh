@@ -10,9 +10,9 @@
 //      shared memory ONCE, in 16-byte global loads: the halo's columns are padded to whole
 //      16-byte vectors (4 floats, 8 halves) on each side, which costs no extra DRAM sectors;
 //   2. for each kernel j of its group forms Z_j on the tile in shared memory (each thread a
-//      column of kRows outputs, every loaded value used for up to r rows), stored as the MMA's
-//      operand in 16-byte chunks of positions (z_offset): TF32 rounded to nearest for float32,
-//      the input type for 16-bit input;
+//      column of kRows outputs, two from 32-bit words for 16-bit input, every loaded value used
+//      for up to r rows), stored as the MMA's operand in 16-byte chunks of positions
+//      (z_offset): TF32 rounded to nearest for float32, the input type for 16-bit input;
 //   3. adds (m_k^2 Z_j,a)^T Z_j,b for each mask k of its group to accumulators in registers
 //      with mma.sync (m16n8k8 TF32, m16n8k16 bf16/f16; float accumulators), or, built for
 //      sm_90a, with wgmma (m64n32, B from Z_j,b in shared memory through a descriptor): each
@@ -174,6 +174,86 @@ __device__ __forceinline__ void convolve_odd(int r, A (&out)[kOut], const S* src
     case 5: return convolve_column<kOut, 5, kRotated>(out, src, stride, rows_in, taps);
     case 7: return convolve_column<kOut, 7, kRotated>(out, src, stride, rows_in, taps);
     default: return convolve_column<kOut, kMaxR, kRotated>(out, src, stride, rows_in, taps);
+  }
+}
+
+// Two floats as one 32-bit register of the 16-bit MMA operands, the first in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
+  return static_cast<uint32_t>(bits_as<uint16_t>(narrow<T>(low))) |
+         static_cast<uint32_t>(bits_as<uint16_t>(narrow<T>(high))) << 16;
+}
+
+// Half `half` (0 the low, 1 the high) of a word of two 16-bit values, widened. A bfloat16 is a
+// float's high 16 bits: the high half is the word masked, one instruction (shifted down to a
+// bfloat16 and widened, it took two), the low half the word shifted up.
+template <typename S>
+__device__ __forceinline__ float widen_half(uint32_t word, int half) {
+  if constexpr (std::is_same_v<S, __nv_bfloat16>)
+    return bits_as<float>(half ? word & 0xFFFF0000u : word << 16);
+  else
+    return widen(bits_as<S>(static_cast<uint16_t>(word >> 16 * half)));
+}
+
+// convolve_column for 16-bit input and two adjacent output columns x, x + 1: `src` is column
+// x - kLead of the first row (kLead >= kH: at or before x - kH, the first column read), 4-byte
+// aligned, and each 32-bit word from there to column x + 1 + kH (two columns) is read
+// once, where two convolve_column calls would read each column with a 16-bit load of its own:
+// a 16-bit load fills half a shared-memory wavefront, a word a whole one. Each output adds its
+// taps in convolve_column's order (dx, then dy), so the sums are the same bits. The forward's
+// x is even (kLead: kH rounded up to even), the backward's x - kH is (kLead = kH).
+template <int kOut, int kR, int kLead = (kR / 2 + 1) / 2 * 2, typename A, typename S>
+__device__ __forceinline__ void convolve_pair(A (&out)[2][kOut], const S* src, int stride,
+                                              int rows_in, const A* taps) {
+  static_assert(sizeof(S) == 2, "two 16-bit columns a word");
+  constexpr int kH = kR / 2, kWords = (kLead + kH + 1) / 2 + 1;
+  static_assert(kLead == kH || kLead == kH + 1, "src at x - kH or one column before");
+  // One word's taps. Only the first and last words hold a column one of the pair does not
+  // read (`edge`: its test folds, the word a constant); the loop between has no test.
+  const auto add_word = [&](int word, bool edge) {
+    uint32_t packed[kOut + kR - 1];
+#pragma unroll
+    for (int hy = 0; hy < kOut + kR - 1; ++hy)
+      packed[hy] = hy < rows_in ? *reinterpret_cast<const uint32_t*>(src + hy * stride + 2 * word)
+                                : 0u;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      A column[kOut + kR - 1];
+#pragma unroll
+      for (int hy = 0; hy < kOut + kR - 1; ++hy)
+        column[hy] = widen_half<S>(packed[hy], half);
+#pragma unroll
+      for (int side = 0; side < 2; ++side) {
+        // Output x + side's tap dx reads column x + side - kH + dx: this one is x - kLead + i.
+        const int dx = 2 * word + half - (kLead - kH) - side;
+        if (edge && (dx < 0 || dx >= kR)) continue;
+#pragma unroll
+        for (int dy = 0; dy < kR; ++dy) {
+          const A w = taps[dy * kR + dx];
+#pragma unroll
+          for (int o = 0; o < kOut; ++o) out[side][o] += w * column[o + dy];
+        }
+      }
+    }
+  };
+  add_word(0, true);
+  // Up to r = 3 every word at once (one round trip), else one word at a time (as convolve_column).
+#pragma unroll(kR <= 3 ? kWords : 1)
+  for (int word = 1; word < kWords - 1; ++word) add_word(word, false);
+  if constexpr (kWords > 1) add_word(kWords - 1, true);
+}
+
+// convolve_pair for the kernel's odd r <= 9, chosen at run time (warp-uniform); `src` is column
+// x - kLead(r) of the first row: x - 4 for r = 5 .. 9, x - 2 for r = 3, x for r = 1.
+template <int kOut, typename A, typename S>
+__device__ __forceinline__ void convolve_odd_pair(int r, A (&out)[2][kOut], const S* src,
+                                                  int stride, int rows_in, const A* taps) {
+  switch (r) {
+    case 1: return convolve_pair<kOut, 1>(out, src + 4, stride, rows_in, taps);
+    case 3: return convolve_pair<kOut, 3>(out, src + 2, stride, rows_in, taps);
+    case 5: return convolve_pair<kOut, 5>(out, src + 2, stride, rows_in, taps);
+    case 7: return convolve_pair<kOut, 7>(out, src, stride, rows_in, taps);
+    default: return convolve_pair<kOut, 9>(out, src, stride, rows_in, taps);
   }
 }
 
@@ -570,17 +650,35 @@ __global__ void __launch_bounds__(kThreads, 1)
       // 4 mod 32 words) and Z's chunks are read and written without bank conflicts.
       const A* tap = taps + jl * taps_per_kernel;
       static_assert(kTileCols == 16 && kPairBlock % 8 == 0, "items of 8 channels x 4 columns");
-      for (int item = tid; item < (kProbe == kLoadOnly ? 0 : channels * kTileCols);
-           item += kThreads) {
-        const int c = item / 128 * 8 + item / 4 % 8, x = item / 32 % 4 * 4 + item % 4;
-        const T* src = halo + c * channel_stride + HaloT::pad - h + x;
-        A z[kRows];
+      if constexpr (sizeof(Z) == 2) {
+        // 16-bit Z: an item forms columns x, x + 1 (convolve_pair), its words 8 channels x 4
+        // column pairs a warp, again in distinct banks, and stores each row's two as one word.
+        for (int item = tid; item < (kProbe == kLoadOnly ? 0 : channels * kTileCols / 2);
+             item += kThreads) {
+          const int c = item / 64 * 8 + item / 4 % 8, x = (item / 32 % 2 * 4 + item % 4) * 2;
+          const T* src = halo + c * channel_stride + HaloT::pad - kMaxHalo + x;
+          A z[2][kRows];
 #pragma unroll
-        for (int oy = 0; oy < kRows; ++oy) z[oy] = A(0);
-        convolve_odd<kRows, 2 * kMaxHalo + 1, false>(d.r, z, src, HaloT::cols, halo_rows, tap);
+          for (int oy = 0; oy < kRows; ++oy) z[0][oy] = z[1][oy] = A(0);
+          convolve_odd_pair<kRows>(d.r, z, src, HaloT::cols, halo_rows, tap);
 #pragma unroll
-        for (int oy = 0; oy < kRows; ++oy)
-          z_tile[z_offset<Z>(c, oy * kTileCols + x)] = Ops::operand(z[oy]);
+          for (int oy = 0; oy < kRows; ++oy)
+            *reinterpret_cast<uint32_t*>(z_tile + z_offset<Z>(c, oy * kTileCols + x)) =
+                pack_pair<T>(z[0][oy], z[1][oy]);
+        }
+      } else {
+        for (int item = tid; item < (kProbe == kLoadOnly ? 0 : channels * kTileCols);
+             item += kThreads) {
+          const int c = item / 128 * 8 + item / 4 % 8, x = item / 32 % 4 * 4 + item % 4;
+          const T* src = halo + c * channel_stride + HaloT::pad - h + x;
+          A z[kRows];
+#pragma unroll
+          for (int oy = 0; oy < kRows; ++oy) z[oy] = A(0);
+          convolve_odd<kRows, 2 * kMaxHalo + 1, false>(d.r, z, src, HaloT::cols, halo_rows, tap);
+#pragma unroll
+          for (int oy = 0; oy < kRows; ++oy)
+            z_tile[z_offset<Z>(c, oy * kTileCols + x)] = Ops::operand(z[oy]);
+        }
       }
       fence_async_shared();  // Z's stores, before wgmma reads them (with CAST_WGMMA)
       __syncthreads();
@@ -941,7 +1039,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 //      arrives once, for the first kernel's steps, rather than once a kernel (the copies
 //      issued a step ahead as before);
 //   2. Z_j on the h-halo, formed once: each thread a column of half its rows in one channel
-//      (two channels for 16-bit input), each loaded value used for up to r of them; stored
+//      (for 16-bit input two adjacent columns of two channels, from the halo's 32-bit words),
+//      each loaded value used for up to r of them; stored
 //      channel-major as the B operand (a 32-bit word holds one TF32 value or a pair of
 //      consecutive channels);
 //   3. U_j^T (64 x positions) += [S_j1 | .. | S_jK] [m_1^2 Z_j; ..; m_K^2 Z_j]^T with mma.sync
@@ -966,7 +1065,7 @@ inline constexpr int kMTiles = kOutBlock / 16;
 // n-tiles (8 positions) per warp: the h-halo's <= 256 positions over 8 warps
 inline constexpr int kMaxNTiles = 4;
 // Columns of the formation's items per row: the h-halo's widest row (22) rounded to 24, which
-// F's channel stride (24 mod 32 words) makes conflict-free.
+// F's channel stride (24 mod 32 words) makes conflict-free (16-bit input: 12 column pairs).
 inline constexpr int kFormCols = 24;
 inline constexpr int kCopyChunks = 8;   // 16-byte chunks of a row of F's halo, at most
 
@@ -979,12 +1078,14 @@ struct MmaBackwardTile {
   // F's halo rows are padded by whole vectors, at least 2h columns each side.
   __host__ __device__ static constexpr int pad(int h) { return ceil_div(2 * h, vector) * vector; }
   __host__ __device__ static constexpr int f_cols(int h) { return kTileCols + 2 * pad(h); }
-  // Elements per channel of F's halo: a multiple of 16 bytes that is 24 (mod 32) words, so a
-  // warp's formation loads (lanes on consecutive (channel, column) items, 24 columns per
-  // channel) fall into 32 distinct banks.
+  // Elements per channel of F's halo, a multiple of 16 bytes, so that a warp's formation loads
+  // fall into 32 distinct banks: float32 24 (mod 32) words (lanes on consecutive (channel,
+  // column) items, 24 columns per channel); 16-bit 28, an odd multiple of 4 words (the lanes
+  // of the formation's word pairs, in the kernel), and not 4: about the old size, so that no
+  // plan's choice moves (with 4, relu2_1's 16-bit halos stayed across the kernels: gpu-notes).
   __host__ __device__ static constexpr int f_stride(int h) {
     const int words = (kRows + 4 * h) * f_cols(h) * static_cast<int>(sizeof(T)) / 4;
-    return (words + (56 - words % 32) % 32) * 4 / static_cast<int>(sizeof(T));
+    return (words + ((per == 1 ? 56 : 60) - words % 32) % 32) * 4 / static_cast<int>(sizeof(T));
   }
   __host__ __device__ static constexpr int u_size(int h) {
     return (kRows + 2 * h) * (kTileCols + 2 * h);
@@ -1040,13 +1141,6 @@ struct MmaBackwardTile {
     return r / 2 <= kMmaHalo && u_padded(r / 2) <= kWarps * kMaxNTiles * 8;
   }
 };
-
-// Two floats as one 32-bit register of the 16-bit MMA operands, the first in the low half.
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
-  return static_cast<uint32_t>(bits_as<uint16_t>(narrow<T>(low))) |
-         static_cast<uint32_t>(bits_as<uint16_t>(narrow<T>(high))) << 16;
-}
 
 // grad (B, J, K, C, C) float: dG; inverse_mass (Bm, K) float: 1 / n_k; features (B, C, H, W) T;
 // masks (Bm, K, H, W) T; kernels (J, r, r) T with r = 2 kH + 1; d_features (B, C, H, W) T. The
@@ -1338,25 +1432,56 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kProbe != kLoadOnly) {
         constexpr int kR = 2 * kH + 1;
         constexpr int kGroup = (kRows + 2 * kH) / 2;  // rows of Z_j an item forms
-        for (int item = tid; item < Tile::z_rows * kFormCols * 2; item += kThreads) {
-          const int ux = item % kFormCols, row = item / kFormCols % Tile::z_rows;
-          const int uy = item / (kFormCols * Tile::z_rows) * kGroup;
-          if (ux >= u_cols) continue;
-          float z[per][kGroup];
+        if constexpr (per == 2) {
+          // 16-bit: an item forms columns ux, ux + 1 (ux even) of both channels of a word row
+          // from the halo's 32-bit words (convolve_pair: the first column read, ux - 2h, is
+          // even) and stores each row's two words as one. A warp-item: 4 word rows x 2 halves x
+          // 4 column pairs: pairs 0-3 on warps 0-3, 4-7 on warps 4-7, 8-11 (h of them) on
+          // warps 0-3 again, so that each SM sub-partition (warps w, w + 4) runs 3 items.
+          // With rows of 16 words (h > 0) lane `item % 4`'s word falls in bank pair % 4 + 4 k,
+          // k = s (2 row + e) + 4 half kGroup + pair / 4 (mod 8), s = f_stride / 4 odd: the 8
+          // lanes of each pair % 4 take 8 distinct k for both channels e, a lane taking channel
+          // 2 row + half first. 12 warp-items are the fewest free of conflicts (pairs 0, 4, 8
+          // share pair % 4: 96 items, 8 a warp-item; gpu-notes); each 64-bit store takes 2
+          // wavefronts, the least.
+          static_assert(Tile::z_rows == 16 && kFormCols == 24 && u_cols <= kFormCols);
+          for (int item = tid; item < Tile::z_rows * kFormCols; item += kThreads) {
+            const int pair = item / 128 * 4 + item % 4, half = item / 16 % 2;
+            const int row = item / 32 % 4 * 4 + item / 4 % 4, ux = 2 * pair, uy = half * kGroup;
+            if (ux >= u_cols) continue;
+            const T* src = f_halo(in_block) + (2 * row + half) * f_stride + uy * f_cols + ux +
+                           pad - 2 * kH;
+            float z[2][2][kGroup] = {};  // the lane's first channel, the other; column; row
+            convolve_pair<kGroup, kR, kH>(z[0], src, f_cols, kGroup + 2 * kH, tap);
+            convolve_pair<kGroup, kR, kH>(z[1], src + (1 - 2 * half) * f_stride, f_cols,
+                                          kGroup + 2 * kH, tap);
+            struct alignas(8) Words {
+              uint32_t column[2];
+            };
 #pragma unroll
-          for (int e = 0; e < per; ++e) {
+            for (int o = 0; o < kGroup; ++o) {
+              Words words;
 #pragma unroll
-            for (int o = 0; o < kGroup; ++o) z[e][o] = 0.0f;
-            const T* src =
-                f_halo(in_block) + (row * per + e) * f_stride + uy * f_cols + ux + pad - 2 * kH;
-            convolve_column<kGroup, kR, false>(z[e], src, f_cols, kGroup + 2 * kH, tap);
+              for (int column = 0; column < 2; ++column) {  // channel 2 row in the low half
+                const uint32_t formed = pack_pair<T>(z[0][column][o], z[1][column][o]);
+                words.column[column] = half ? formed >> 16 | formed << 16 : formed;
+              }
+              *reinterpret_cast<Words*>(z_tile + row * z_stride + (uy + o) * u_cols + ux) = words;
+            }
           }
+        } else {
+          for (int item = tid; item < Tile::z_rows * kFormCols * 2; item += kThreads) {
+            const int ux = item % kFormCols, row = item / kFormCols % Tile::z_rows;
+            const int uy = item / (kFormCols * Tile::z_rows) * kGroup;
+            if (ux >= u_cols) continue;
+            float z[kGroup];
 #pragma unroll
-          for (int o = 0; o < kGroup; ++o) {
-            uint32_t word;
-            if constexpr (per == 1) word = bits_as<uint32_t>(z[0][o]);
-            else word = pack_pair<T>(z[0][o], z[1][o]);
-            z_tile[row * z_stride + (uy + o) * u_cols + ux] = word;
+            for (int o = 0; o < kGroup; ++o) z[o] = 0.0f;
+            const T* src = f_halo(in_block) + row * f_stride + uy * f_cols + ux + pad - 2 * kH;
+            convolve_column<kGroup, kR, false>(z, src, f_cols, kGroup + 2 * kH, tap);
+#pragma unroll
+            for (int o = 0; o < kGroup; ++o)
+              z_tile[row * z_stride + (uy + o) * u_cols + ux] = bits_as<uint32_t>(z[o]);
           }
         }
       }

@@ -4,7 +4,10 @@ with g++ under a small CUDA emulation (no GPU, no CUDA toolkit): its kernels run
 time, one ``std::thread`` per CUDA thread, ``__syncthreads`` a barrier, shared memory poisoned
 with NaN (tests/test_cuda_sources.py compares them with the reference), and its plan says how a
 launch on a given card cuts a shape and what it allocates (bench/bench_masked_gram.py's memory
-model).
+model). Asynchronous work happens as late as a GPU may do it: a wgmma at the wait for its group
+(reading its A registers, B in shared memory and its accumulators then), a cp.async copy at its
+thread's wait (with ``late_copies``), so a missing or early wait gives wrong results, and work
+still in flight when a block ends makes the launch fail.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ CUDA_EMULATION = r"""
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <thread>
 #include <type_traits>
@@ -79,6 +83,17 @@ struct EmulatedCopy {
   int bytes;
 };
 inline thread_local std::vector<EmulatedCopy> emulated_copies;
+// A thread's wgmmas not yet performed: its accumulators, its A registers (where they are, read
+// when it is performed) and B's descriptor; those issued since the last commit, and the
+// committed groups, oldest first.
+struct EmulatedWgmma {
+  void (*perform)(float (&)[4][4], const uint32_t (&)[4], uint64_t);
+  float (*d)[4][4];
+  const uint32_t (*a)[4];
+  uint64_t b;
+};
+inline thread_local std::vector<EmulatedWgmma> emulated_wgmma_open;
+inline thread_local std::deque<std::vector<EmulatedWgmma>> emulated_wgmma_groups;
 
 
 struct __half { _Float16 v; };
@@ -140,9 +155,13 @@ void emulated_launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, B
             barrier.arrive_and_wait();
             blockIdx = dim3(bx, by, bz);
             body();
-            // a copy still in flight when its block ends lands nowhere the kernel reads
-            if (!emulated_copies.empty()) emulated_fault = cudaErrorInvalidValue;
+            // a copy or wgmma still in flight when its block ends lands nowhere the kernel reads
+            if (!emulated_copies.empty() || !emulated_wgmma_open.empty() ||
+                !emulated_wgmma_groups.empty())
+              emulated_fault = cudaErrorInvalidValue;
             emulated_copies.clear();
+            emulated_wgmma_open.clear();
+            emulated_wgmma_groups.clear();
             barrier.arrive_and_wait();  // the block is done before the next one's NaN
             if (t == 0 && std::any_of(guard, guard + kGuard, [](unsigned char b) {
                   return b != 0xFF;
@@ -283,13 +302,20 @@ void mma_grid(float (&d)[kM][kN][4], const uint32_t (&a)[kM][4], const uint32_t 
 // rules ("Matrix Descriptor Format"; K-major without swizzle: core matrices of 8 rows (n) x 16
 // bytes (k), the row 16 bytes apart, the next 8 n at the stride-dimension offset, the next
 // 16 bytes of k at the leading-dimension offset). A descriptor with swizzle or a base offset,
-// or a start not 16-byte aligned, makes the launch fail. Synchronous here: the fences, commits
-// and waits do nothing, so the emulation cannot show a missing wait.
+// or a start not 16-byte aligned, makes the launch fail. Asynchronous, as late as PTX allows:
+// a wgmma only records where its operands are; the wait that its group's completion is
+// guaranteed by performs it, reading its A registers, B in shared memory and its accumulators
+// then. Every lane of a warp reaches the same waits, so the products stay warp-collective. A
+// register set or shared memory rewritten, or accumulators read, before the wait shows as
+// wrong results; a wait with wgmmas not committed, a block ending with any not waited for, or
+// accumulators settled or an A register set held (below) while a wgmma that accesses them is
+// not yet performed, makes the launch fail. The fences do nothing (the emulation has one
+// proxy, and no compiler that moves register accesses).
 inline uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emulated_shared);
 }
 template <typename T>
-void wgmma_m64n32(float (&d)[4][4], const uint32_t (&a)[4], uint64_t b) {
+void emulated_wgmma_product(float (&d)[4][4], const uint32_t (&a)[4], uint64_t b) {
   constexpr int per = sizeof(T) == 4 ? 1 : 2, depth = 8 * per, chunk = 16 / sizeof(T);
   float av[8];
   for (int i = 0; i < 4 * per; ++i) av[i] = emulated_operand<T>(a[i / per], i % per);
@@ -320,13 +346,35 @@ void wgmma_m64n32(float (&d)[4][4], const uint32_t (&a)[4], uint64_t b) {
       d[nt][c] = sum;
     }
 }
+template <typename T>
+void wgmma_m64n32(float (&d)[4][4], const uint32_t (&a)[4], uint64_t b) {
+  emulated_wgmma_open.push_back({emulated_wgmma_product<T>, &d, &a, b});
+}
 inline void wgmma_fence() {}
-inline void wgmma_commit() {}
+inline void wgmma_commit() {
+  emulated_wgmma_groups.push_back(std::move(emulated_wgmma_open));
+  emulated_wgmma_open.clear();
+}
 template <int kPending>
-void wgmma_wait() {}
+void wgmma_wait() {
+  if (!emulated_wgmma_open.empty()) emulated_fault = cudaErrorInvalidValue;  // never waited for
+  for (; emulated_wgmma_groups.size() > size_t{kPending}; emulated_wgmma_groups.pop_front())
+    for (const EmulatedWgmma& w : emulated_wgmma_groups.front()) w.perform(*w.d, *w.a, w.b);
+}
+// Registers the kernel reads or rewrites from here on: a wgmma not yet performed that reads
+// or writes them makes the launch fail (its wait should have come before).
+inline void emulated_settled(const void* registers, size_t bytes) {
+  const auto at = reinterpret_cast<uintptr_t>(registers);
+  const auto in = [&](const void* p) { return reinterpret_cast<uintptr_t>(p) - at < bytes; };
+  const auto pending = [&](const EmulatedWgmma& w) { return in(w.d) || in(w.a); };
+  bool any = std::any_of(emulated_wgmma_open.begin(), emulated_wgmma_open.end(), pending);
+  for (const auto& group : emulated_wgmma_groups)
+    any = any || std::any_of(group.begin(), group.end(), pending);
+  if (any) emulated_fault = cudaErrorInvalidValue;
+}
 template <int kM, int kN>
-void wgmma_settled(float (&)[kM][kN][4]) {}
-inline void wgmma_hold(const uint32_t (&)[4]) {}
+void wgmma_settled(float (&d)[kM][kN][4]) { emulated_settled(d, sizeof d); }
+inline void wgmma_hold(const uint32_t (&a)[4]) { emulated_settled(a, sizeof a); }
 inline void fence_async_shared() {}
 // cp.async, faulting unless 16-byte aligned: the copy at once (the wait is then a no-op), or,
 // with CAST_EMULATED_LATE_COPIES, as late as a GPU may land it: the destination is NaN from the
@@ -434,6 +482,15 @@ def host_source(cu_text: str, sites: tuple[int, int]) -> str:
     return text
 
 
+def write_headers(folder: pathlib.Path) -> None:
+    """The emulation's headers, in ``folder``: CUDA's runtime and types, and
+    ``masked_gram_mma.cuh``'s primitives."""
+    for header in ("cuda_runtime_api.h", "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
+        (folder / header).write_text('#include "cuda_emulation.h"\n')
+    (folder / "cuda_emulation.h").write_text(CUDA_EMULATION)
+    (folder / "masked_gram_mma.cuh").write_text(MMA_EMULATION)
+
+
 def build(
     folder: pathlib.Path,
     optimisation: str = "-O1",
@@ -446,10 +503,7 @@ def build(
     nvcc builds them for sm_90a (CAST_WGMMA), else as for every other target."""
     if GXX is None:
         raise RuntimeError("the CUDA emulation needs g++, which is not installed")
-    for header in ("cuda_runtime_api.h", "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
-        (folder / header).write_text('#include "cuda_emulation.h"\n')
-    (folder / "cuda_emulation.h").write_text(CUDA_EMULATION)
-    (folder / "masked_gram_mma.cuh").write_text(MMA_EMULATION)
+    write_headers(folder)
     # The parts that the build compiles one by one, here one translation unit: each part's copy
     # includes the emulated kernels' header beside it.
     kernels = "masked_gram_cuda_kernels.cuh"

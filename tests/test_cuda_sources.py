@@ -7,8 +7,10 @@
    CUDA emulation (``tests/cuda_emulation.py``): one block at a time, one ``std::thread`` per
    CUDA thread, ``__syncthreads`` a barrier, shared memory poisoned with NaN; their forward and
    backward are compared with the float64 reference on the op tests' labelled shapes. This
-   checks the index arithmetic, halos, tiling, splits and barriers' placement; it cannot check
-   timing, warp-level behaviour or the ATen glue at run time (tests/test_gpu.py does, on a GPU).
+   checks the index arithmetic, halos, tiling, splits, and the placement of barriers and of the
+   waits for cp.async copies and wgmmas (both done as late as a GPU may); it cannot check
+   timing, warp-level behaviour, the proxy fences or the ATen glue at run time
+   (tests/test_gpu.py does, on a GPU).
 """
 
 from __future__ import annotations
@@ -386,6 +388,12 @@ def test_cuda_machine_code(build_folder):
             assert sorted(set(runs[name])) == [8, 16, 24], (name, runs[name])
             loops = fed[name]
             assert loops and all(2 * early >= hmmas for hmmas, early in loops), (name, loops)
+        if tensor_cores == "1" and dtype != "f":
+            # A 16-bit Z formed two columns a lane from the halo's 32-bit words: 16-bit loads
+            # only where an edge word's other half is unused (20 for 144 FFMA at r = 3), where
+            # a lane a column took 30 for 72 (a third of the FFMAs over the kernel; gpu-notes).
+            ffma = sum(count for op, count in ops.items() if op.startswith("FFMA"))
+            assert 10 * ops["LDS.U16"] <= ffma, (name, ops["LDS.U16"], ffma)
     backward = {name: ops for name, ops in kernels.items() if MMA_BACKWARD_KERNEL.search(name)}
     # 3 MMA types x the halos each tile height takes (8 rows: r <= 5, 4 rows: r <= 7)
     assert len(backward) == 3 * 7, sorted(kernels)
@@ -394,6 +402,10 @@ def test_cuda_machine_code(build_folder):
         mma = {op for op in ops if op.startswith("HMMA")}
         assert mma == {KERNEL_MMA[dtype]}, (name, mma)
         assert ops["LDGSTS.E.BYPASS.128"] > 0, name
+        # A 16-bit Z formed two columns a lane from the halo's 32-bit words, both halves of
+        # each used (the pair's first column ux - 2h is even): no 16-bit loads, where a lane a
+        # column took 2 r (kGroup + 2h) for 2 kGroup outputs (42 for 10 at r = 3; gpu-notes).
+        assert dtype == "f" or ops["LDS.U16"] == 0, (name, ops["LDS.U16"])
         # Whole iterations between branches: n-tiles a compile-time count, no test of the
         # bound between the HMMAs (there were 21 an iteration, the probe of effb4cf).
         n_tiles = BACKWARD_N_TILES[int(rows)][int(halo)]
@@ -537,6 +549,14 @@ def emulated_late(tmp_path_factory):
         pytest.skip("g++ is not installed")
     folder = tmp_path_factory.mktemp("cuda_emulation_late")
     return cuda_emulation.build(folder, late_copies=True)
+
+
+@pytest.fixture(scope="module")
+def emulated_wgmma_late(tmp_path_factory):
+    if GXX is None:
+        pytest.skip("g++ is not installed")
+    folder = tmp_path_factory.mktemp("cuda_emulation_wgmma_late")
+    return cuda_emulation.build(folder, late_copies=True, wgmma=True)
 
 
 def run_emulated(
@@ -744,7 +764,9 @@ SHORT_SMEM = dict(compute_capability=90, max_smem=170 * 1024)
     ],
     ids=["tf32 C=72", "tf32 C=72 mirrors in U", "bfloat16 C=72", "bfloat16 C=70", "tf32 C=24 r=5"],
 )
-def test_emulated_copies_landing_late(emulated, emulated_late, dtype, shape, machine):
+def test_emulated_copies_landing_late(
+    emulated, emulated_late, emulated_wgmma_late, dtype, shape, machine
+):
     """The cp.async copies landing as late as a GPU may (at their thread's wait, NaN in their
     destination from the issue): the very bits of copies landing at once, so no copy is read
     before its wait and a barrier, none issued into shared memory still being read (dG's
@@ -755,21 +777,23 @@ def test_emulated_copies_landing_late(emulated, emulated_late, dtype, shape, mac
     backward (12 items on 3 blocks, 2 kernels); C = 72: 3 input blocks and 2 output blocks,
     16-byte copies of F, the masks and dG, the mirrors in both places; C = 70, W = 21:
     element-wise copies of all three beside 16-byte zero fills; C = 24: one input block, every
-    step a kernel's first."""
+    step a kernel's first. As built for sm_90a too, the wgmmas as late as the copies (read at
+    their waits: Z, S's buffers and A sets not rewritten, nor copies landing there, before)."""
     features, masks, kernels = (t.to(dtype) for t in random_inputs(*shape))
     B, C, J, K = shape[0], shape[1], shape[4], shape[5]
     grad = torch.randn(B, J, K, C, C, generator=torch.Generator().manual_seed(3))
     gram, d_features, cuts = run_emulated(emulated, features, masks, kernels, grad, True, machine)
     assert cuts[3] == 1 and cuts[7] > 0  # tensor cores both ways: the kernels that copy so
-    late_gram, late_d_features, _ = run_emulated(
-        emulated_late, features, masks, kernels, grad, True, machine
-    )
-    assert torch.equal(late_gram, gram) and torch.equal(late_d_features, d_features)
-    # With S whole from a scratch: only S's blocks copied, one barrier fewer a step (float32).
-    _, late_from_scratch, _ = run_emulated(
-        emulated_late, features, masks, kernels, grad, True, machine, symmetric_scratch=1
-    )
-    assert torch.equal(late_from_scratch, d_features)
+    for lib in (emulated_late, emulated_wgmma_late):
+        late_gram, late_d_features, _ = run_emulated(
+            lib, features, masks, kernels, grad, True, machine
+        )
+        assert torch.equal(late_gram, gram) and torch.equal(late_d_features, d_features), lib
+        # With S whole from a scratch: only S's blocks copied, one barrier fewer a step (f32).
+        _, late_from_scratch, _ = run_emulated(
+            lib, features, masks, kernels, grad, True, machine, symmetric_scratch=1
+        )
+        assert torch.equal(late_from_scratch, d_features), lib
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tf32", "bfloat16"])
@@ -866,6 +890,108 @@ def test_emulated_wgmma(emulated, emulated_wgmma, dtype, shape, machine):
                                 symmetric_scratch=scratch)  # fmt: skip
         on_mma = run_emulated(emulated, *inputs, grad, True, machine, symmetric_scratch=scratch)
         assert torch.equal(on_wgmma[0], on_mma[0]) and torch.equal(on_wgmma[1], on_mma[1])
+
+
+# One warpgroup's wgmmas (TF32) under the emulation, their operands rewritten between the issue
+# and the wait; then the misuses that make a launch fail. Prints what thread 0 saw.
+WGMMA_TIMING = r"""
+#include <cstdio>
+#include "masked_gram_mma.cuh"
+
+// B (8 x 32, K-major, no swizzle): a core row 16 bytes of k, the next 4 k 128 bytes on, the
+// next 8 n 256 bytes on: the first KiB of shared memory.
+constexpr uint64_t kB = uint64_t{128 >> 4} << 16 | uint64_t{256 >> 4} << 32;
+void operands(uint32_t (&a)[4], float a_value, float b_value) {
+  __syncthreads();  // every wgmma before issued
+  for (uint32_t& r : a) r = round_to_tf32(a_value);
+  for (int i = threadIdx.x; i < 256; i += blockDim.x)
+    reinterpret_cast<float*>(emulated_shared)[i] = b_value;
+  __syncthreads();
+}
+template <class Body>
+void launch(const char* name, Body body) {
+  emulated_launch(dim3(1), dim3(128), 1024, nullptr, body);
+  std::printf("%s_fault %d\n", name, cudaGetLastError());
+}
+
+int main() {
+  launch("late", [] {  // each product 8 (k) terms: 8 A B
+    float d[1][4][4] = {};
+    uint32_t a[4];
+    operands(a, 1.0f, 1.0f);
+    wgmma_fence();
+    wgmma_m64n32<float>(d[0], a, kB);
+    wgmma_commit();
+    const float issued = d[0][0][0];
+    operands(a, 3.0f, 2.0f);  // both rewritten with the group in flight: it reads these
+    wgmma_m64n32<float>(d[0], a, kB);
+    wgmma_commit();
+    wgmma_wait<1>();
+    const float first = d[0][0][0];
+    wgmma_wait<0>();
+    wgmma_settled(d);
+    if (threadIdx.x == 0)
+      std::printf("issued %g\nfirst %g\nboth %g\n", issued, first, d[0][0][0]);
+  });
+  launch("unwaited", [] {
+    float d[1][4][4] = {};
+    uint32_t a[4];
+    operands(a, 1.0f, 1.0f);
+    wgmma_m64n32<float>(d[0], a, kB);
+    wgmma_commit();
+  });
+  launch("uncommitted", [] {
+    float d[1][4][4] = {};
+    uint32_t a[4];
+    operands(a, 1.0f, 1.0f);
+    wgmma_m64n32<float>(d[0], a, kB);
+    wgmma_wait<0>();
+    wgmma_commit();
+    wgmma_wait<0>();
+  });
+  launch("settled_early", [] {
+    float d[1][4][4] = {};
+    uint32_t a[4];
+    operands(a, 1.0f, 1.0f);
+    wgmma_m64n32<float>(d[0], a, kB);
+    wgmma_commit();
+    wgmma_settled(d);
+    wgmma_wait<0>();
+  });
+  launch("held_early", [] {
+    float d[1][4][4] = {};
+    uint32_t a[4];
+    operands(a, 1.0f, 1.0f);
+    wgmma_m64n32<float>(d[0], a, kB);
+    wgmma_commit();
+    wgmma_hold(a);
+    wgmma_wait<0>();
+  });
+}
+"""
+
+
+def test_emulated_wgmma_is_asynchronous(tmp_path):
+    """The emulated wgmma happens as late as a GPU may do it, at the wait that its group's
+    completion is guaranteed by: its accumulators unchanged until then, its A registers and B
+    in shared memory read then (rewritten with the group in flight, the product is of the new
+    values; a synchronous emulation gave 8, 56, 56), groups performed oldest first, all but
+    wait_group's count. A block ending with a wgmma not waited for, a wait with one not
+    committed, and accumulators settled or A held before their wgmma's wait make the launch
+    fail, and nothing else does."""
+    if GXX is None:
+        pytest.skip("g++ is not installed")
+    cuda_emulation.write_headers(tmp_path)
+    (tmp_path / "timing.cpp").write_text(WGMMA_TIMING)
+    command = [GXX, "-std=c++20", "-pthread", f"-I{tmp_path}", str(tmp_path / "timing.cpp"),
+               "-o", str(tmp_path / "timing")]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True)
+    output = subprocess.run([tmp_path / "timing"], check=True, capture_output=True, text=True)
+    seen = {name: float(value) for name, value in map(str.split, output.stdout.splitlines())}
+    assert seen == dict(
+        issued=0, first=48, both=96, late_fault=0, unwaited_fault=1, uncommitted_fault=1,
+        settled_early_fault=1, held_early_fault=1,
+    )  # fmt: skip
 
 
 def test_emulated_small_shared_memory_falls_back_to_simt(emulated):
