@@ -40,6 +40,7 @@ class Shard:
 
     rank: int = 0
     world: int = 1
+    callers_group: bool = False  # the caller's process group: its timeout is theirs, not ours
 
     @property
     def main(self) -> bool:
@@ -57,10 +58,14 @@ class Shard:
                 dist.all_reduce(tensor)
             except RuntimeError as err:  # gloo and NCCL errors, timeouts included
                 reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else "no reason"
+                waited = (
+                    "your process group's timeout (init_process_group's timeout=)"
+                    if self.callers_group
+                    else f"{_timeout()} s (${TIMEOUT_VARIABLE})"
+                )
                 raise LostContact(
                     f"rank {self.rank} of {self.world} lost contact with the other processes "
-                    f"({reason}); a rank died or hung longer than {_timeout()} s "
-                    f"(${TIMEOUT_VARIABLE}); rerun"
+                    f"({reason}); a rank died or hung longer than {waited}; rerun"
                 ) from None
         return tensor
 
@@ -92,7 +97,7 @@ def join(device: torch.device) -> Iterator[tuple[Shard, torch.device]]:
         if not callers:
             _make_group(device, rank, world)
         try:
-            yield Shard(rank, world), device
+            yield Shard(rank, world, callers_group=callers), device
         finally:
             if not callers:
                 dist.destroy_process_group()

@@ -162,6 +162,14 @@ def test_a_callers_group_that_cannot_carry_the_devices_tensors_is_one_line(
     assert dist.is_initialized()
 
 
+def test_a_shard_in_a_callers_group_knows_it(callers_group, monkeypatch):
+    callers_group()
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)  # as if a second rank had joined
+    with join(torch.device("cpu")) as (shard, _):
+        assert shard == Shard(0, 2, callers_group=True)
+    assert dist.is_initialized()
+
+
 @pytest.mark.parametrize("callers", [None, "0"])
 def test_a_group_cast_makes_on_a_gpu_leaves_the_environment_and_current_device(
     callers, monkeypatch
@@ -223,6 +231,25 @@ def test_a_killed_rank_makes_the_other_stop_with_one_line(tmp_path):
     assert ranks[0].returncode == 2
     assert err.startswith("cast: error: rank 0 of 2 lost contact") and err.count("\n") == 1, err
     assert out.exists()  # the last image survives
+
+
+@pytest.mark.parametrize("callers_group", [False, True])
+def test_lost_contact_names_the_timeout_that_ran_out(callers_group, monkeypatch):
+    """In the caller's group the caller's timeout ran out, not $CAST_DIST_TIMEOUT."""
+
+    def failed(_):
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(dist, "all_reduce", failed)
+    monkeypatch.setenv("CAST_DIST_TIMEOUT", "45")
+    waited = ("your process group's timeout (init_process_group's timeout=)" if callers_group
+              else "45.0 s ($CAST_DIST_TIMEOUT)")  # fmt: skip
+    with pytest.raises(CastError) as lost:
+        Shard(1, 2, callers_group=callers_group).all_reduce(torch.ones(3))
+    assert str(lost.value) == (
+        "rank 1 of 2 lost contact with the other processes (Connection closed by peer); "
+        f"a rank died or hung longer than {waited}; rerun"
+    )
 
 
 def test_a_half_set_torchrun_environment_is_one_line(monkeypatch):
