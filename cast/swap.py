@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import checks, images, masks
 from .errors import CastError, MaskError
-from .stylize import ImageLike, stylize
+from .stylize import INITS, ImageLike, stylize
 
 # A mask whose R, G and B differ by at most this much (0-255, JPEG noise) everywhere is grey.
 GREY_TOLERANCE = 8
@@ -38,6 +38,14 @@ def swap(
     when given; ``options`` are ``stylize``'s.
     """
     inputs = [("photo A", a), ("photo B", b), ("mask of A", mask_a), ("mask of B", mask_b)]
+    # the files both runs read too: the second run would find its output among them only
+    # after the first had written its own
+    init = options.get("init")
+    inputs += [
+        ("init image", None if isinstance(init, str) and init in INITS else init),
+        ("kernel file", options.get("high_order")),
+        ("weights file", options.get("model")),
+    ]
     for output in outputs:  # both, before the first (long) run
         if output is not None:
             checks.output(output, inputs)

@@ -74,3 +74,19 @@ def test_masks_of_two_kinds_are_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("cast: error: give both swap masks as") and err.count("\n") == 1
     assert not any(o.exists() for o in out)
+
+
+def test_an_output_naming_the_init_image_is_refused_before_either_run(tmp_path, capsys):
+    # OUT_B checked only by the second run: A's result was written, then the command failed
+    mask_a = _top_band(tmp_path / "a.png", A, [(255, 255, 255), (0, 0, 0)])
+    mask_b = _top_band(tmp_path / "b.png", B, [(255, 255, 255), (0, 0, 0)])
+    init = tmp_path / "init.png"
+    init.write_bytes(A.read_bytes())
+    out_a = tmp_path / "a_out.png"
+    argv = ["swap", str(A), str(B), "--mask-a", mask_a, "--mask-b", mask_b,
+            "-o", str(out_a), str(init), "--init", str(init)]  # fmt: skip
+    assert main([*argv, "--size", "40", "--scales", "1", "--iters", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cast: error: the output ") and err.count("\n") == 1, err
+    assert "is the init image" in err
+    assert not out_a.exists() and init.read_bytes() == A.read_bytes()
