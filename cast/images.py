@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import CastError, ImageError
 
@@ -46,9 +46,19 @@ def open_image(
 def image_size(
     path: str | os.PathLike, what: str = "image", error: type[CastError] = ImageError
 ) -> tuple[int, int]:
-    """``(H, W)`` as stored, from the header only (cheap); fails as ``open_image`` does."""
+    """``(H, W)`` upright, as ``open_image`` gives it, from the header only (cheap); fails as
+    ``open_image`` does."""
     with _reading(path, what, error), Image.open(path) as opened:
+        # the base class's getexif reads the header's EXIF only (PNG's own decodes the image)
+        orientation = Image.Image.getexif(opened).get(ExifTags.Base.Orientation)
+        # PIL's TIFF reader turns its size itself (and its pixels as they load)
+        if orientation in _QUARTER_TURNS and opened.format != "TIFF":
+            return opened.width, opened.height
         return opened.height, opened.width
+
+
+# EXIF orientations that show the picture turned by a quarter: its sides swap once upright.
+_QUARTER_TURNS = (5, 6, 7, 8)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from cast.errors import CastError, ImageError, MaskError
-from cast.images import load_image, open_image, resize, save_image
+from cast.images import image_size, load_image, open_image, resize, save_image
 from cast.masks import inner, inner_bands, label_masks, matte, read_trimap, resample, soft_masks
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -123,6 +123,16 @@ def test_unreadable_images(tmp_path):
         with pytest.raises(ImageError) as error:
             load_image(tmp_path / path)
         assert str(tmp_path / path) in one_line(error)
+
+
+def test_image_size_is_the_upright_size_load_image_gives(tmp_path):
+    # a phone photo stored landscape with EXIF "turn a quarter": shown, loaded and masked upright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to show
+    for suffix in (".jpg", ".png", ".webp", ".tif"):  # PIL's TIFF reader turns its own size
+        turned = tmp_path / f"turned{suffix}"
+        Image.new("RGB", (64, 48), RED).save(turned, exif=exif.tobytes())
+        assert image_size(turned) == tuple(load_image(turned).shape[1:]) == (64, 48), suffix
 
 
 # Label masks

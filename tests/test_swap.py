@@ -90,3 +90,22 @@ def test_an_output_naming_the_init_image_is_refused_before_either_run(tmp_path, 
     assert err.startswith("cast: error: the output ") and err.count("\n") == 1, err
     assert "is the init image" in err
     assert not out_a.exists() and init.read_bytes() == A.read_bytes()
+
+
+def test_a_photo_turned_by_exif_takes_a_soft_mask_drawn_over_it_as_shown(tmp_path):
+    # its mask was refused against the stored (landscape) size, whichever way it was drawn
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to show
+    turned = tmp_path / "turned.jpg"
+    Image.open(B).save(turned, exif=exif.tobytes())
+    mask_a = _top_band(tmp_path / "a.png", A, [(255, 255, 255), (0, 0, 0)])
+    w, h = Image.open(B).size
+    shown = np.zeros((w, h), np.uint8)  # over the photo as shown: h wide, w tall
+    shown[: w // 3] = 255
+    mask_b = tmp_path / "b.png"
+    Image.fromarray(shown).save(mask_b)
+    out = [tmp_path / "a_out.png", tmp_path / "b_out.png"]
+    argv = ["swap", str(A), str(turned), "--mask-a", mask_a, "--mask-b", str(mask_b),
+            "-o", *map(str, out)]  # fmt: skip
+    assert main([*argv, "--size", "40", "--scales", "1", "--iters", "1", "--quiet"]) == 0
+    assert images.load_image(out[1]).shape == (3, 40, round(40 * h / w))
