@@ -20,6 +20,7 @@ it happens:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,10 @@ def high_order_kernels(spec: str | Path) -> Tensor:
         elif path.suffix == ".pt":
             kernels = torch.load(path, map_location="cpu", weights_only=True)
         elif path.suffix == ".txt":
-            rows = np.loadtxt(path, ndmin=2)
+            with warnings.catch_warnings():
+                # a file without numbers is refused below by its shape, in one line
+                warnings.simplefilter("ignore", UserWarning)
+                rows = np.loadtxt(path, ndmin=2)
             r = rows.shape[1]
             if rows.shape[0] % r:
                 raise ValueError(f"{rows.shape[0]} rows are not whole {r}x{r} kernels")

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,18 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, capsys, monk
     assert err.startswith("cast: error: ") and err.count("\n") == 1, err
     assert message in err
     assert not out.exists()
+
+
+def test_a_kernel_text_file_without_numbers_is_one_line_and_no_warning(tmp_path, capsys):
+    # numpy's warning about the empty file printed two lines of its own before the error
+    (tmp_path / "kernels.txt").write_text("# J blocks of r rows, to be filled in\n")
+    argv = ["stylize", CONTENT, STYLE, "--high-order", str(tmp_path / "kernels.txt")]
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert main([*argv, "-o", str(tmp_path / "out.png"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cast: error: ") and err.count("\n") == 1, err
+    assert "kernels.txt" in err and [str(w.message) for w in shown] == []
 
 
 @pytest.mark.slow
