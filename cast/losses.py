@@ -87,12 +87,13 @@ def high_order_kernels(spec: str | Path) -> Tensor:
             f"unknown high-order preset {str(spec)!r}; choose {', '.join(HIGH_ORDER_PRESETS)} "
             "or give a kernel file (.npy, .pt or .txt holding (J, r, r))"
         )
+    suffix = path.suffix.lower()  # KERNELS.TXT as well, as image files of any case
     try:
-        if path.suffix == ".npy":
+        if suffix == ".npy":
             kernels = torch.from_numpy(np.load(path, allow_pickle=False))
-        elif path.suffix == ".pt":
+        elif suffix == ".pt":
             kernels = torch.load(path, map_location="cpu", weights_only=True)
-        elif path.suffix == ".txt":
+        elif suffix == ".txt":
             with warnings.catch_warnings():
                 # a file without numbers is refused below by its shape, in one line
                 warnings.simplefilter("ignore", UserWarning)

@@ -138,13 +138,15 @@ def test_presets_are_valid_kernels(name):
     assert kernels[0, r // 2, r // 2] == 1  # the first kernel is always the identity
 
 
-@pytest.mark.parametrize("suffix", [".npy", ".pt", ".txt"])
+# any case, as image files' suffixes: KERNELS.TXT was "not .npy, .pt or .txt"
+@pytest.mark.parametrize("suffix", [".npy", ".pt", ".txt", ".NPY", ".Pt", ".TXT"])
 def test_kernel_files_round_trip(tmp_path, suffix):
     kernels = _random(2, 3, 3, dtype=torch.float32)
     path = tmp_path / f"k{suffix}"
-    if suffix == ".npy":
-        np.save(path, kernels.numpy())
-    elif suffix == ".pt":
+    if suffix.lower() == ".npy":
+        with open(path, "wb") as file:  # np.save would add ".npy" to another case
+            np.save(file, kernels.numpy())
+    elif suffix.lower() == ".pt":
         torch.save(kernels, path)
     else:
         np.savetxt(path, kernels.reshape(-1, 3).numpy())
