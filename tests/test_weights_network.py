@@ -249,6 +249,9 @@ def test_vgg19_by_path_and_by_environment(vgg19, monkeypatch, tmp_path):
     shutil.copy(cache_dir() / Path(VGG19_FILE).name, copied)
     offline_pip(monkeypatch, tmp_path)  # an empty cache and no registry: the offline machine
     assert torch.equal(load_vgg(copied).weights[0], vgg19.weights[0])
+    shouted = tmp_path / "WEIGHTS.BIN"  # was read as a torchvision file: "0 convolutions"
+    shutil.copy(copied, shouted)
+    assert torch.equal(load_vgg(shouted).weights[0], vgg19.weights[0])
     monkeypatch.setenv(VGG19_ENV, str(copied))
     assert str(copied) in load_vgg("vgg19").source
     monkeypatch.setenv(VGG19_ENV, str(tmp_path / "elsewhere.bin"))
