@@ -232,7 +232,12 @@ def _stylize(args: argparse.Namespace) -> None:
         **_rendering(args),
     )
     if args.dry_run:
-        print(done)
+        try:
+            print(done, flush=True)
+        except OSError as e:  # stdout a full disk or a closed pipe
+            # the line left in stdout's buffer would fail again, as a traceback, at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise CastError(f"cannot print the plan: {e.strerror or e}") from None
 
 
 def _swap(args: argparse.Namespace) -> None:

@@ -390,6 +390,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_plan_that_cannot_be_printed_is_one_line_exit_2(tmp_path):
+    # stdout a full disk (or a pipe its reader closed): print's traceback
+    argv = ["stylize", CONTENT, STYLE, "-o", str(tmp_path / "out.png"), "--size", "64", "--dry-run"]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "cast", *argv], stdout=full, stderr=subprocess.PIPE, text=True
+        )
+    assert done.returncode == 2 and done.stderr.startswith("cast: error: "), done.stderr[-500:]
+    assert done.stderr.count("\n") == 1 and "No space left on device" in done.stderr
+
+
 def test_ctrl_c_while_starting_is_one_line_exit_130(tmp_path):
     """A Ctrl-C while the command still imports torch (about a second) ends it with one line,
     not an import traceback. Several delays, so one of them lands inside the imports."""
