@@ -50,7 +50,13 @@ def swap(
         if output is not None:
             checks.output(output, inputs)
     if None not in outputs and _same_path(*outputs):
-        raise CastError(f"both swap outputs are '{outputs[0]}'; give two different paths")
+        first, second = map(os.fspath, outputs)
+        if first == second:
+            raise CastError(f"both swap outputs are '{first}'; give two different paths")
+        # two names (a link, ./x/../) of one file: naming only the first would puzzle
+        raise CastError(
+            f"the swap outputs '{first}' and '{second}' are one file; give two different files"
+        )
     grey = [_is_grey(mask_a), _is_grey(mask_b)]
     if grey[0] != grey[1]:
         raise CastError(

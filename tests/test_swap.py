@@ -109,3 +109,21 @@ def test_a_photo_turned_by_exif_takes_a_soft_mask_drawn_over_it_as_shown(tmp_pat
             "-o", *map(str, out)]  # fmt: skip
     assert main([*argv, "--size", "40", "--scales", "1", "--iters", "1", "--quiet"]) == 0
     assert images.load_image(out[1]).shape == (3, 40, round(40 * h / w))
+
+
+def test_two_names_of_one_output_file_are_both_named(tmp_path, capsys):
+    # a hard link was reported as "both swap outputs are 'a_out.png'": the user gave two names
+    mask_a = _top_band(tmp_path / "a.png", A, [(255, 255, 255), (0, 0, 0)])
+    mask_b = _top_band(tmp_path / "b.png", B, [(255, 255, 255), (0, 0, 0)])
+    out_a, out_b = tmp_path / "a_out.png", tmp_path / "b_out.png"
+    out_a.write_bytes(b"an earlier result")
+    out_b.hardlink_to(out_a)
+    argv = ["swap", str(A), str(B), "--mask-a", mask_a, "--mask-b", mask_b,
+            "-o", str(out_a), str(out_b)]  # fmt: skip
+    assert main([*argv, *RUN]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"cast: error: the swap outputs '{out_a}' and '{out_b}' are one file; give two "
+        "different files\n"
+    )
+    assert out_a.read_bytes() == b"an earlier result"
