@@ -229,6 +229,19 @@ def test_label_aspect_mismatch(tmp_path):
     assert "80x60" in one_line(error) and "80x80" in str(error.value)
 
 
+def test_a_mask_over_its_image_fits_the_image_at_a_small_size(tmp_path):
+    # a 640x205 panorama at --size 64 is 64x20 (20.5 rounded), 2.5 % off in aspect: its own
+    # trimap and masks were refused with "draw the mask over the image itself"
+    Image.fromarray(draw_labels(205, 640)).save(tmp_path / "labels.png")
+    Image.fromarray(np.full((205, 640), 255, np.uint8)).save(tmp_path / "grey.png")
+    label_masks(tmp_path / "labels.png", [], (20, 64), [])
+    soft_masks([tmp_path / "grey.png"], (20, 64))
+    read_trimap(tmp_path / "grey.png", (20, 64))
+    Image.fromarray(np.full((480, 640), 255, np.uint8)).save(tmp_path / "other.png")
+    with pytest.raises(MaskError, match="aspect ratios differ"):  # a 4:3 mask still is not
+        soft_masks([tmp_path / "other.png"], (20, 64))
+
+
 def test_photo_is_not_a_label_image(tmp_path):
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "noise.png")
