@@ -200,7 +200,7 @@ def check_aspect(name: str, mask_wh: tuple[int, int], size_hw: tuple[int, int]) 
     if abs((width / height) / (image_w / image_h) - 1) > ASPECT_TOLERANCE + rounding:
         raise MaskError(
             f"{name} is {width}x{height} but its image is {image_w}x{image_h} (as used); "
-            "aspect ratios differ: draw the mask over the image itself"
+            "aspect ratios differ: draw it over the image itself"
         )
 
 
@@ -298,7 +298,7 @@ def read_trimap(path: PathArg, size: tuple[int, int]) -> torch.Tensor:
     white 1 = foreground, anything in between 0.5 = unknown (snapped, so JPEG noise is harmless).
     """
     picture = open_image(path, "trimap", MaskError)
-    check_aspect(f"mask '{path}'", picture.size, size)
+    check_aspect(f"trimap '{path}'", picture.size, size)
     grey = pixels(picture, grey=True)
     snapped = np.where(grey <= 0.1, 0.0, np.where(grey >= 0.9, 1.0, 0.5)).astype(np.float32)
     resized = F.interpolate(

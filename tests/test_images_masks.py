@@ -231,7 +231,7 @@ def test_label_aspect_mismatch(tmp_path):
 
 def test_a_mask_over_its_image_fits_the_image_at_a_small_size(tmp_path):
     # a 640x205 panorama at --size 64 is 64x20 (20.5 rounded), 2.5 % off in aspect: its own
-    # trimap and masks were refused with "draw the mask over the image itself"
+    # trimap and masks were refused with "aspect ratios differ: draw it over the image itself"
     Image.fromarray(draw_labels(205, 640)).save(tmp_path / "labels.png")
     Image.fromarray(np.full((205, 640), 255, np.uint8)).save(tmp_path / "grey.png")
     label_masks(tmp_path / "labels.png", [], (20, 64), [])
@@ -240,6 +240,9 @@ def test_a_mask_over_its_image_fits_the_image_at_a_small_size(tmp_path):
     Image.fromarray(np.full((480, 640), 255, np.uint8)).save(tmp_path / "other.png")
     with pytest.raises(MaskError, match="aspect ratios differ"):  # a 4:3 mask still is not
         soft_masks([tmp_path / "other.png"], (20, 64))
+    # named as what it is: it was "mask '...other.png'"
+    with pytest.raises(MaskError, match=f"^trimap '{tmp_path / 'other.png'}' is 640x480 but"):
+        read_trimap(tmp_path / "other.png", (20, 64))
 
 
 def test_photo_is_not_a_label_image(tmp_path):
