@@ -231,7 +231,7 @@ def test_label_aspect_mismatch(tmp_path):
 
 def test_a_mask_over_its_image_fits_the_image_at_a_small_size(tmp_path):
     # a 640x205 panorama at --size 64 is 64x20 (20.5 rounded), 2.5 % off in aspect: its own
-    # trimap and masks were refused with "aspect ratios differ: draw it over the image itself"
+    # trimap and masks were refused as drawn over another image ("aspect ratios differ")
     Image.fromarray(draw_labels(205, 640)).save(tmp_path / "labels.png")
     Image.fromarray(np.full((205, 640), 255, np.uint8)).save(tmp_path / "grey.png")
     label_masks(tmp_path / "labels.png", [], (20, 64), [])
