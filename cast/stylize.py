@@ -276,7 +276,7 @@ def _check_arguments(
     for name, value, allowed in (("optimizer", optimizer, OPTIMIZERS),
                                  ("pooling", pooling, POOLINGS)):  # fmt: skip
         checks.choice(name, value, allowed)
-    init_file = None if isinstance(init, str) and init in INITS else init
+    init_file = initial_file(init)
     if init_file is not None and not (
         isinstance(init_file, (str, os.PathLike)) and Path(init_file).is_file()
     ):
@@ -320,6 +320,12 @@ def _check_arguments(
     checks.readable([(what, given, MaskError if "mask" in what else ImageError)
                      for _, what, given in inputs])  # fmt: skip
     return on
+
+
+def initial_file(init: ImageLike | str | None) -> ImageLike | None:
+    """The image a run starts from when ``init`` names one (a path or a tensor); ``None`` for
+    the named starts (``INITS``)."""
+    return None if isinstance(init, str) and init in INITS else init
 
 
 def _check_blend(blend: Sequence[float] | None, styles: int) -> None:

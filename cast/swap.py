@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import checks, images, masks
 from .errors import CastError, MaskError
-from .stylize import INITS, ImageLike, stylize
+from .stylize import ImageLike, initial_file, stylize
 
 # A mask whose R, G and B differ by at most this much (0-255, JPEG noise) everywhere is grey.
 GREY_TOLERANCE = 8
@@ -40,9 +40,8 @@ def swap(
     inputs = [("photo A", a), ("photo B", b), ("mask of A", mask_a), ("mask of B", mask_b)]
     # the files both runs read too: the second run would find its output among them only
     # after the first had written its own
-    init = options.get("init")
     inputs += [
-        ("init image", None if isinstance(init, str) and init in INITS else init),
+        ("init image", initial_file(options.get("init"))),
         ("kernel file", options.get("high_order")),
         ("weights file", options.get("model")),
     ]
