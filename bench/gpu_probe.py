@@ -19,7 +19,9 @@ image, J = K = 3, r = 3, beside ``bench/issue_model.py``'s bound for each kernel
   (``capped=False``), and the autotuned backward (the config column names the tuner's pick);
 - (b) the float32 J = K = 1 step at relu2_1 and relu3_1 (6.1 ms at a37e7bb, 2.1 at 48ea547):
   every shipped forward and backward config forced, then the autotuned pair and the configs the
-  tuner took. Hypotheses and the rows that tell them apart: bench/results/gpu-notes.md.
+  tuner took. Hypotheses and the rows that tell them apart: bench/results/gpu-notes.md;
+- (c) the backward at relu4_1 and relu5_1 with Gatys' 1 x 1 kernels, J = K = 1, float32 and
+  bfloat16, autotuned: no scratch, so no budget (beside (a)'s r = 3 rows).
 
 Each row also gives the host's time to issue the call (the op is launch-bound where it is near
 the GPU time). ``--tiny``: the same rows on tiny shapes, on the CPU under the Triton
@@ -126,13 +128,13 @@ STEP_LAYERS = (("relu2_1", 128, 512), ("relu3_1", 256, 256))
 TINY_LAYERS = (("tiny", 48, 12),)  # --tiny: every shipped config fits C = 48
 
 
-def op_inputs(C: int, side: int, jk: int, dtype: torch.dtype, device: str, seed: int):
-    """Features (ReLU'd), soft masks, 3 x 3 kernels, 1 / n_k and dG, as the op's backward gets
+def op_inputs(C: int, side: int, jk: int, dtype: torch.dtype, device: str, seed: int, r: int = 3):
+    """Features (ReLU'd), soft masks, r x r kernels, 1 / n_k and dG, as the op's backward gets
     them."""
     gen = torch.Generator().manual_seed(seed)
     features = torch.randn((1, C, side, side), generator=gen).relu()
     masks = torch.rand((1, jk, side, side), generator=gen)
-    kernels = torch.randn((jk, 3, 3), generator=gen)
+    kernels = torch.randn((jk, r, r), generator=gen)
     grad = torch.randn((1, jk, jk, C, C), generator=gen)  # float32: the Grams' dtype
     to = dict(device=device, dtype=dtype)
     features, masks, kernels = features.to(**to), masks.to(**to), kernels.to(**to)
@@ -211,6 +213,25 @@ def probe_step(layers, device: str, warmup: int, repeats: int) -> None:
         triton_row("b", name, dtype, jk, "backward, autotuned", tuned, "-", times)
 
 
+def probe_gatys(layers, dtypes, device: str, warmup: int, repeats: int) -> None:
+    """(c) The backward alone with Gatys' 1 x 1 kernels, J = K = 1, autotuned: no scratch and
+    every resident program (its own branch of the kernel), beside (a)'s r = 3 rows."""
+    from cast.kernels import masked_gram as triton_gram
+
+    sms = triton_gram.multiprocessors(torch.device(device))
+    for name, C, side in layers:
+        for dtype in dtypes:
+            features, masks, kernels, inv, grad = op_inputs(C, side, 1, dtype, device, 0, r=1)
+            backward = partial(triton_gram.backward, grad, features, masks, kernels, inv, True)
+            problem = triton_gram.Problem.of(features, masks, kernels)
+            config = triton_gram.default_backward_config(problem, sms)
+            programs = triton_gram.backward_programs(problem, config, sms)
+            times = timed(backward, device, warmup, repeats)
+            tuned = triton_gram.tuned_configs()["backward"]
+            triton_row("c", name, dtype, 1, "backward, r = 1, autotuned", tuned,
+                       f"{programs} (untuned)", times)  # fmt: skip
+
+
 def triton_main(tiny: bool) -> None:
     device = "cpu" if tiny else "cuda"
     warmup, repeats = (0, 1) if tiny else (3, 20)
@@ -224,6 +245,7 @@ def triton_main(tiny: bool) -> None:
     probe_step(TINY_LAYERS if tiny else STEP_LAYERS, device, warmup, repeats)
     dtypes = (torch.float32, torch.bfloat16)
     probe_budget(TINY_LAYERS if tiny else BUDGET_LAYERS, dtypes, device, warmup, repeats)
+    probe_gatys(TINY_LAYERS if tiny else BUDGET_LAYERS, dtypes, device, warmup, repeats)
 
 
 def main(argv=None) -> None:

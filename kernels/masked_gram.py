@@ -25,6 +25,8 @@ every mask to one accumulator: ``[m_1^2 Z_j | ... | m_K^2 Z_j] [S_j1; ...; S_jK]
 with a ``K*C``-long reduction on the tensor cores (bf16/fp16 operands for 16-bit input). Then
 ``U_j`` goes through a per-program scratch tile (a tile cannot be shifted in registers) and the
 adjoint convolution adds ``p_j[t] U_j[n - t]``, ``r*r`` multiply-adds per output element.
+With ``1 x 1`` kernels (Gatys' Gram, the op's default) nothing is shifted: ``p_j`` is folded
+into ``S_jk``, dF's sum stays in registers, and the backward takes no scratch at all.
 Programs are persistent (as many as are resident at once, one per SM at 8 warps, and as the
 scratch budget, a tenth of the op's inputs and outputs, has tiles for), so the scratch is one
 tile per program (``U_j``, and dF's running sum between kernels), not anything proportional
@@ -432,13 +434,20 @@ def _masked_gram_bwd_kernel(
         # One tile per program holds U_j while it is shifted and, between kernels, dF's running
         # sum while U_j is formed: in registers beside U_j, Z_j and the MMA operands the sum
         # spilled (sm_90a, Triton 3.9, 16 x 16 x 64, 8 warps), and a second tile for it doubled
-        # the scratch. Four barriers a kernel order the tile's uses (below).
+        # the scratch. Four barriers a kernel order the tile's uses (below). At R = 1 (Gatys'
+        # kernels, p_j times the identity) nothing is shifted: dF = sum_j p_j U_j is one
+        # accumulator over every j and k, p_j folded into S_jk, and the scratch is not used.
+        u = tl.zeros((BLOCK_M, BLOCK_C), ACC_DTYPE)
         for j in range(J):
             kernel_ptr = kernels_ptr + j * R * R
             grad_j = grad_ptr + (b * J + j).to(tl.int64) * K * C * C
+            if R == 1:
+                adjoint = tl.load(kernel_ptr).to(ACC_DTYPE)
+            else:
+                adjoint = 1.0
+                u = tl.zeros((BLOCK_M, BLOCK_C), ACC_DTYPE)
             # U_j = [m_1^2 Z_j | ... | m_K^2 Z_j] [S_j1; ...; S_jK] on the whole tile, halo
             # included; zero outside the image (the masks are), which is P_j^T's zero padding.
-            u = tl.zeros((BLOCK_M, BLOCK_C), ACC_DTYPE)
             for d0 in range(0, C, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 d_ok = offs_d < C
@@ -472,34 +481,38 @@ def _masked_gram_bwd_kernel(
                     # S_jk[d, c] = (dG[d, c] + dG[c, d]) / n_k, as reference.symmetric_grad
                     grad_k = grad_j + k * C * C
                     sym = tl.load(grad_k + grad_offsets) + tl.load(grad_k + mirrored_offsets)
-                    sym = sym * tl.load(batch_inv_mass + k)
+                    sym = sym * (tl.load(batch_inv_mass + k) * adjoint)
                     sym = _dot_operand(sym, DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
                     m = tl.load(batch_masks + k * N + offs_n, mask=in_image, other=0.0)
                     m = m.to(ACC_DTYPE)
                     left = _dot_operand(z * (m * m)[:, None], DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
                     u = tl.dot(left, sym, u, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            # P_j^T on the inner positions, dF[n] += sum_t p_j[t] U_j[n - t]: through the
-            # scratch, the only way to shift a tile in Triton. The barriers order: the last
-            # kernel's sum, stored, before it is read back; every read of it before U_j takes
-            # the tile; U_j whole before its shifted reads; these before the sum takes the tile.
-            started = tl.full((BLOCK_M, BLOCK_C), j, tl.int32) > 0  # zero before kernel 0
+            if R > 1:
+                # P_j^T on the inner positions, dF[n] += sum_t p_j[t] U_j[n - t]: through the
+                # scratch, the only way to shift a tile in Triton. The barriers order: the last
+                # kernel's sum, stored, before it is read back; every read of it before U_j takes
+                # the tile; U_j whole before its shifted reads; these before the sum takes the tile.
+                started = tl.full((BLOCK_M, BLOCK_C), j, tl.int32) > 0  # zero before kernel 0
+                tl.debug_barrier()
+                acc = tl.load(rows[:, None] + cols[None, :], mask=started, other=0.0)
+                tl.debug_barrier()
+                tl.store(rows[:, None] + cols[None, :], u)
+                tl.debug_barrier()
+                for t in range(R * R):
+                    shift = (t // R - HALO) * TILE_W + (t % R - HALO)
+                    shifted = tl.load(
+                        (rows - shift * BLOCK_C)[:, None] + cols[None, :],
+                        mask=inner[:, None],
+                        other=0.0,
+                    )
+                    acc += tl.load(kernel_ptr + t).to(ACC_DTYPE) * shifted
+                tl.debug_barrier()
+                tl.store(rows[:, None] + cols[None, :], acc)
+        if R == 1:
+            acc = u
+        else:
             tl.debug_barrier()
-            acc = tl.load(rows[:, None] + cols[None, :], mask=started, other=0.0)
-            tl.debug_barrier()
-            tl.store(rows[:, None] + cols[None, :], u)
-            tl.debug_barrier()
-            for t in range(R * R):
-                shift = (t // R - HALO) * TILE_W + (t % R - HALO)
-                shifted = tl.load(
-                    (rows - shift * BLOCK_C)[:, None] + cols[None, :],
-                    mask=inner[:, None],
-                    other=0.0,
-                )
-                acc += tl.load(kernel_ptr + t).to(ACC_DTYPE) * shifted
-            tl.debug_barrier()
-            tl.store(rows[:, None] + cols[None, :], acc)
-        tl.debug_barrier()
-        acc = tl.load(rows[:, None] + cols[None, :])
+            acc = tl.load(rows[:, None] + cols[None, :])
 
         if WIDE_OFFSETS:
             out_offsets = offs_c.to(tl.int64)[None, :] * N + offs_n[:, None]
@@ -656,9 +669,11 @@ def backward_items(problem: Problem, config: dict) -> int:
     return B * tiles * channel_blocks(C, config["BLOCK_C"])
 
 
-def backward_slot(config: dict) -> int:
+def backward_slot(problem: Problem, config: dict) -> int:
     """One backward program's scratch, in elements of the accumulation dtype: one tile, for
-    U_j and, between kernels, dF's running sum."""
+    U_j and, between kernels, dF's running sum; none for 1 x 1 kernels, which shift nothing."""
+    if problem.R == 1:
+        return 0
     return config["TILE_H"] * config["TILE_W"] * config["BLOCK_C"]
 
 
@@ -671,8 +686,8 @@ def backward_programs(problem: Problem, config: dict, sms: int, capped: bool = T
     only wait. ``capped=False``: the count without the budget (bench/gpu_probe.py times both)."""
     items = backward_items(problem, config)
     tiles = items
-    if capped:
-        tile_bytes = backward_slot(config) * gram_dtype(problem.dtype).itemsize
+    tile_bytes = backward_slot(problem, config) * gram_dtype(problem.dtype).itemsize
+    if capped and tile_bytes:
         tiles = int(SCRATCH_FRACTION * inputs_outputs_bytes(problem) // tile_bytes)
     rounds = triton.cdiv(items, max(1, min(resident_programs(config, sms), tiles)))
     return triton.cdiv(items, rounds)
@@ -698,7 +713,7 @@ def default_backward_config(problem: Problem, sms: int) -> dict:
     budget, unbound = (backward_rounds(problem, first, sms, capped) for capped in (True, False))
     if budget < 2 * unbound:
         return first
-    return min(fitting, key=lambda c: backward_rounds(problem, c, sms) * backward_slot(c))
+    return min(fitting, key=lambda c: backward_rounds(problem, c, sms) * backward_slot(problem, c))
 
 
 # A backward config's constexprs: what the grid's meta names (not its warps, so no two shipped
@@ -724,7 +739,7 @@ def backward_plan(
         else min(programs, backward_items(problem, c))
         for c in candidates
     }
-    return planned, max(planned[tiling(c)] * backward_slot(c) for c in candidates)
+    return planned, max(planned[tiling(c)] * backward_slot(problem, c) for c in candidates)
 
 
 def fitting_configs(backward: bool, C: int, num_masks: int = 1, R: int = 1) -> list[dict]:

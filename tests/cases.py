@@ -60,6 +60,7 @@ CASES = [
     Case("J=K=4", 2, 8, 5, 9, 4, 4, 3, "soft", True),
     Case("C=20 one channel tile", 1, 20, 9, 10, 2, 2, 3),
     Case("C=40 several channel tiles", 1, 40, 6, 7, 1, 2, 3, "binary"),
+    Case("1x1 kernels J=K=3", 2, 20, 7, 9, 3, 3, 1, "soft", True),
 ]
 
 

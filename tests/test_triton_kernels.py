@@ -318,6 +318,26 @@ def test_scratch_within_a_tenth_of_inputs_and_outputs_at_every_vgg_layer():
     assert over == {}, over  # (image, layer, dtype, J = K, launcher): scratch in % of the bytes
 
 
+def test_gatys_backward_takes_no_scratch_and_every_resident_program():
+    """With 1 x 1 kernels the backward shifts nothing, so it keeps dF's sum in registers: no
+    scratch at any layer, and the budget never takes programs away (as it does at r = 3)."""
+    for name, C, fraction in VGG_STYLE_LAYERS:
+        shape = (1, C, 1024 // fraction, 1024 // fraction)
+        for dtype in (torch.float32, torch.bfloat16):
+            for J in (1, 3):
+                problem = triton_gram.Problem(shape, 1, dtype, J, J, 1)
+                assert triton_gram.backward_scratch_bytes(problem, H100_SMS) == 0, name
+                for config in triton_gram.backward_candidates():
+                    budget, unbound = (
+                        triton_gram.backward_programs(problem, config, H100_SMS, capped)
+                        for capped in (True, False)
+                    )
+                    assert budget == unbound, (name, config)
+    relu5_1 = triton_gram.Problem((1, 512, 64, 64), 1, torch.float32, 1, 1, 3)
+    config = triton_gram.backward_candidates()[0]
+    assert triton_gram.backward_programs(relu5_1, config, H100_SMS) == 25  # r = 3: it binds
+
+
 def test_backward_takes_as_few_rounds_as_the_scratch_budget_allows_at_every_vgg_layer():
     """Sizing the scratch to the budget must cost no more time than it has to: the busiest
     program takes as few work items as the budget's tiles allow (as with every resident program
@@ -337,7 +357,7 @@ def test_backward_takes_as_few_rounds_as_the_scratch_budget_allows_at_every_vgg_
                     for config in triton_gram.backward_candidates():
                         programs = triton_gram.backward_programs(problem, config, H100_SMS)
                         resident = triton_gram.resident_programs(config, H100_SMS)
-                        tile_bytes = triton_gram.backward_slot(config) * tile
+                        tile_bytes = triton_gram.backward_slot(problem, config) * tile
                         cap = min(resident, max(1, int(budget // tile_bytes)))
                         items = triton_gram.backward_items(problem, config)
                         assert programs <= cap and programs * tile_bytes <= max(budget, tile_bytes)
@@ -434,7 +454,7 @@ def test_every_launch_takes_the_programs_the_budget_gives_its_config(monkeypatch
         programs = recorder.programs[triton_gram.tiling(config)]
         assert programs == triton_gram.backward_programs(problem, config, H100_SMS)
         assert programs < triton_gram.resident_programs(config, H100_SMS)  # the budget binds
-        assert recorder.scratch >= programs * triton_gram.backward_slot(config)
+        assert recorder.scratch >= programs * triton_gram.backward_slot(problem, config)
 
 
 def test_autotuning_is_keyed_on_a_size_class_not_on_the_size():
@@ -541,20 +561,22 @@ SM90_RESOURCES = textwrap.dedent(
     def compile_named(name, *args):
         return sm90.compile_for_sm90(getattr(mg, name), *args)
 
+    # The backward also at R = 1 (Gatys' kernels), its own branch: no shift, no scratch.
     jobs = [
-        (kernel.__name__, dtype, True, config, 3, num_masks, aligned)
+        (kernel.__name__, dtype, True, config, R, num_masks, aligned)
         for kernel, config in sm90.shipped()
         for num_masks in ((1,) if "BLOCK_D" in config.kwargs else (1, 2, 3, 4))
         if mg.config_fits(config, 512, num_masks)
+        for R in ((3, 1) if "BLOCK_D" in config.kwargs else (3,))
         for aligned in (True, False)
         for dtype in (torch.float32, torch.bfloat16)
     ]
     with ProcessPoolExecutor(2) as pool:
         reports = pool.map(compile_named, *zip(*jobs))
-        for (*_, num_masks, aligned), r in zip(jobs, reports):
+        for (*_, R, num_masks, aligned), r in zip(jobs, reports):
             mma = sorted(op for op in r.instructions if "MMA" in op)
             wide = sorted(op for op in r.instructions if op.endswith((".64", ".128")))
-            print(r.kernel, num_masks, r.dtype, aligned, r.config, r.registers,
+            print(r.kernel, num_masks, r.dtype, aligned, r.config + f" R={R}", r.registers,
                   r.spilled_bytes, r.shared_bytes, mma, wide, sep="|")
     """
 )
@@ -578,13 +600,15 @@ def test_shipped_configs_compile_for_sm90_without_spills():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 9]
     assert len(rows) >= 16, done.stdout
+    assert any(row[4].endswith("R=1") for row in rows), done.stdout
     for kernel, num_masks, dtype, aligned, config, registers, spilled, shared, mma, wide in rows:
         where = f"{kernel} {config} masks={num_masks} {dtype} aligned sizes: {aligned}"
         assert int(spilled) == 0, f"{where}: {spilled} bytes spilled ({registers} registers)"
         assert int(shared) <= 227 * 1024, where
         assert "HGMMA" in mma, f"{where}: no wgmma: {mma}"
         assert ("BF16" in mma) == (dtype == "bf16"), f"{where}: {mma}"
-        if kernel == "_masked_gram_bwd_kernel":
+        if kernel == "_masked_gram_bwd_kernel" and (aligned == "True" or "R=3" in config):
+            # dF's store, or at r = 3 the scratch tile's moves (aligned at any size)
             assert "LDG.E.128" in wide and "STG.E.128" in wide, f"{where}: {wide}"
         elif aligned == "True":
             assert "LDG.E.128" in wide, f"{where}: {wide}"
