@@ -87,14 +87,17 @@ def load_image(path: str | os.PathLike, long_side: int | None = None) -> torch.T
     """Read an image as a ``(3, H, W)`` float32 RGB tensor in [0, 1].
 
     With ``long_side``, the image is resized (antialiased) so that ``max(H, W) == long_side``,
-    keeping its aspect ratio. Grey-scale (8 or 16 bit), palette and RGBA files become RGB.
+    keeping its aspect ratio: ``fit(image_size(path), long_side)``, so a run knows the size
+    from the header. Grey-scale (8 or 16 bit), palette and RGBA files become RGB.
     """
     if long_side is not None and long_side < 1:
         raise ImageError(f"image size must be a positive number of pixels, got {long_side}")
     picture = open_image(path, long_side=long_side)
     image = torch.from_numpy(pixels(picture, grey=False)).permute(2, 0, 1).contiguous()
     if long_side is not None:
-        image = resize(image, fit(image.shape[-2:], long_side))
+        # fitted from the file's size, not the shrunk copy's: rounding twice put a side a pixel
+        # off the size the header gives (hoovertowernight at 20 px came out 20x10, not 20x11)
+        image = resize(image, fit(image_size(path), long_side))
     return image
 
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from cast.errors import CastError, ImageError, MaskError
-from cast.images import image_size, load_image, open_image, resize, save_image
+from cast.images import fit, image_size, load_image, open_image, resize, save_image
 from cast.masks import inner, inner_bands, label_masks, matte, read_trimap, resample, soft_masks
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -47,6 +47,14 @@ def test_load_resizes_to_long_side():
     image = load_image(TUBINGEN, long_side=256)
     assert image.shape == (3, 192, 256)
     assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.1
+
+
+def test_loaded_size_is_the_headers_fitted_once():
+    # shrunk to 4x first, then fitted: 202x384 at 20 px came out 10x20, where every check made
+    # from the header (a thin image's short side, the memory plan) counted 11x20
+    path = EXAMPLES / "hoovertowernight.jpg"
+    for long_side in (18, 20, 24):
+        assert load_image(path, long_side).shape[1:] == fit(image_size(path), long_side)
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
