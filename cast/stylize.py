@@ -185,10 +185,10 @@ def _run(
     _check_layers(network, content_layers=content_layers, style_layers=style_layers)
     # before loading: a huge size would already exhaust memory when the image is resized
     halo, stride = tile_geometry(network, kernels, content_layers, style_layers)
-    style_hws = [images.fit(_image_hw(style), round(size * style_scale)) for style in styles]
-    plan = plan_memory(network, content_layers, style_layers,
-                       images.fit(_image_hw(content), size), style_hws, device, optimizer,
-                       lbfgs_history, tile, halo, stride, shard.world, spill)  # fmt: skip
+    content_hw, style_hws = _loaded_sizes(content, styles, size, style_scale)
+    plan = plan_memory(network, content_layers, style_layers, content_hw, style_hws, device,
+                       optimizer, lbfgs_history, tile, halo, stride, shard.world,
+                       spill)  # fmt: skip
     if dry_run:
         return plan
     if plan.spill and optimizer != "adam":  # L-BFGS's history is image copies in memory
@@ -199,7 +199,6 @@ def _run(
     content_image = _load(content, size)
     style_long_side = round(size * style_scale)
     style_images = [_load(style, style_long_side) for style in styles]
-    _check_short_sides(content_image, style_images, size, scales, style_scale)
     content_masks, style_region_masks = _regions(
         content_image, style_images, content_mask, style_masks, soft_masks, strict
     )
@@ -319,6 +318,10 @@ def _check_arguments(
     # every input file opens (headers only), so a bad path is reported before any download
     checks.readable([(what, given, MaskError if "mask" in what else ImageError)
                      for _, what, given in inputs])  # fmt: skip
+    # from the headers: a thin image is refused before the network loads (and before the first
+    # of ``swap``'s two runs writes its result)
+    _check_short_sides(*_loaded_sizes(content, styles, size, style_scale), size, scales,
+                       style_scale)  # fmt: skip
     return on
 
 
@@ -354,13 +357,19 @@ def _check_layers(network: VGGFeatures, **layers: tuple[str, ...]) -> None:
 
 
 def _check_short_sides(
-    content: Tensor, styles: list[Tensor], size: int, scales: int, style_scale: float
+    content_hw: tuple[int, int],
+    style_hws: list[tuple[int, int]],
+    size: int,
+    scales: int,
+    style_scale: float,
 ) -> None:
+    """Every image, at its size as loaded (``_loaded_sizes``), keeps a short side of
+    ``checks.MIN_SHORT_SIDE`` at the coarsest scale."""
     coarsest = round(size / 2 ** (scales - 1))
-    named = [("content", content, 1.0)]
-    named += [(f"style {i + 1}", s, style_scale) for i, s in enumerate(styles)]
-    for name, image, scale in named:
-        h, w = images.fit(image.shape[-2:], round(coarsest * scale))
+    named = [("content", content_hw, 1.0)]
+    named += [(f"style {i + 1}", hw, style_scale) for i, hw in enumerate(style_hws)]
+    for name, hw, scale in named:
+        h, w = images.fit(hw, round(coarsest * scale))
         if min(h, w) < checks.MIN_SHORT_SIDE:
             raise CastError(
                 f"the {name} image is {w}x{h} px at the coarsest scale; the network needs a short "
@@ -374,6 +383,16 @@ def _load(image: ImageLike, long_side: int) -> Tensor:
         return images.load_image(image, long_side=long_side)
     image = image.detach().float().cpu().clamp(0, 1)  # checked by _check_arguments
     return images.resize(image, images.fit(image.shape[-2:], long_side))
+
+
+def _loaded_sizes(
+    content: ImageLike, styles: Sequence[ImageLike], size: int, style_scale: float
+) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """``(H, W)`` of the content and of each style image as ``_load`` gives them (the finest
+    scale), from the files' headers."""
+    style_long_side = round(size * style_scale)
+    style_hws = [images.fit(_image_hw(style), style_long_side) for style in styles]
+    return images.fit(_image_hw(content), size), style_hws
 
 
 def _image_hw(image: ImageLike) -> tuple[int, int]:

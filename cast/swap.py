@@ -62,10 +62,8 @@ def swap(
             "give both swap masks as colour label images or both as grey-scale soft masks; "
             f"'{mask_a if grey[0] else mask_b}' is grey, the other is not"
         )
-    results = []
-    for (content, content_mask), (style, style_mask), output in zip(
-        [(a, mask_a), (b, mask_b)], [(b, mask_b), (a, mask_a)], outputs, strict=True
-    ):
+
+    def run(content, content_mask, style, style_mask, output, **more):
         if grey[0]:
             regions = dict(
                 content_mask=_exchanged_and_rest(content_mask, content),
@@ -73,8 +71,13 @@ def swap(
             )
         else:
             regions = dict(content_mask=content_mask, style_masks=[style_mask])
-        results.append(stylize(content, style, output=output, **regions, **options))
-    return results[0], results[1]
+        return stylize(content, style, output=output, **regions, **options | more)
+
+    first, second = (a, mask_a, b, mask_b, outputs[0]), (b, mask_b, a, mask_a, outputs[1])
+    # the second run's refusals (B too thin as content but not as a style, too large for the
+    # memory) before the first writes its result: its dry run checks what it would check
+    run(*second, dry_run=True)
+    return run(*first), run(*second)
 
 
 def _is_grey(path: str | os.PathLike) -> bool:

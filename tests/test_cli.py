@@ -107,7 +107,11 @@ BAD = {
         "soft masks cannot pair with style masks",
     ),
     "unknown device": (["stylize", CONTENT, STYLE, "--device", "gpu"], "unknown device 'gpu'"),
-    "too thin an image": (["stylize", "{thin}", STYLE], "raise --size or lower --scales"),
+    # from the header, before the weights load (these are missing)
+    "too thin an image": (
+        ["stylize", "{thin}", STYLE, "--model", "{tmp}/missing.pth"],
+        "raise --size or lower --scales",
+    ),
     "tile off the stride": (
         ["stylize", CONTENT, STYLE, "--tile", "40"],
         "multiple of the network's",

@@ -62,7 +62,9 @@ def test_soft_masks_exchange_the_white_part_only(tmp_path, monkeypatch):
         # A: white exchanged, the rest kept; B lends its white part only
         assert torch.equal(regions[0], white) and torch.equal(regions[1], 1 - white)
         assert torch.equal(style_regions[0], lender) and style_regions[1].max() == 0
-    assert [call[0] for call in calls] == [(A, B), (B, A)]
+    # the second run's dry run (its refusals), then the two runs
+    assert [call[0] for call in calls] == [(B, A), (A, B), (B, A)]
+    assert [call[1].get("dry_run", False) for call in calls] == [True, False, False]
 
 
 def test_masks_of_two_kinds_are_one_line_exit_2(tmp_path, capsys):
@@ -127,3 +129,19 @@ def test_two_names_of_one_output_file_are_both_named(tmp_path, capsys):
         "different files\n"
     )
     assert out_a.read_bytes() == b"an earlier result"
+
+
+def test_photo_b_too_thin_as_content_is_refused_before_either_run(tmp_path, capsys):
+    # fine as a style at --style-scale 4, too thin as content: A's result was written, then the
+    # second run refused
+    thin = tmp_path / "thin.png"
+    Image.open(B).convert("RGB").resize((400, 40)).save(thin)
+    mask_a = _top_band(tmp_path / "a.png", A, [(255, 255, 255), (0, 0, 0)])
+    mask_b = _top_band(tmp_path / "b.png", thin, [(255, 255, 255), (0, 0, 0)])
+    out = [tmp_path / "a_out.png", tmp_path / "b_out.png"]
+    argv = ["swap", str(A), str(thin), "--mask-a", mask_a, "--mask-b", mask_b,
+            "-o", *map(str, out), "--style-scale", "4"]  # fmt: skip
+    assert main([*argv, "--size", "40", "--scales", "1", "--iters", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cast: error: the content image is 40x4 px") and err.count("\n") == 1
+    assert not any(o.exists() for o in out)
