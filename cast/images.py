@@ -180,8 +180,8 @@ def _umask() -> int:
 
 def check_writable(path: str | os.PathLike) -> str:
     """PIL's format name for ``path``'s suffix; ``CastError`` when PIL cannot write that format
-    as RGB, ``path`` is a directory, or the file cannot be made there. Cheap, so callers check
-    before a long run."""
+    as RGB, ``path`` is a directory, or the file cannot be made there (through a symbolic link:
+    at its target). Cheap, so callers check before a long run."""
     path = Path(path)
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format not in Image.SAVE:
@@ -191,10 +191,11 @@ def check_writable(path: str | os.PathLike) -> str:
         Image.new("RGB", (1, 1)).save(io.BytesIO(), format=image_format)
     except (OSError, ValueError, KeyError) as e:
         raise CastError(f"cannot write '{path}' as {image_format}: {e}; end it in .png") from None
-    folder = path.parent
+    target = _written(path)
+    folder = target.parent
     if not folder.is_dir():
         raise CastError(f"cannot write '{path}': no directory '{folder}'")
-    if path.is_dir():
+    if target.is_dir():
         raise CastError(f"cannot write '{path}': it is a directory; name a file in it")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CastError(f"cannot write '{path}': the directory '{folder}' is not writable")
@@ -202,13 +203,26 @@ def check_writable(path: str | os.PathLike) -> str:
     # that is too long or a folder that refuses files (/proc) even to root.
     with _uninterrupted():
         try:
-            handle, temporary = _temporary(path)
+            handle, temporary = _temporary(target)
         except OSError as e:
             why = e.strerror or e
             raise CastError(f"cannot write '{path}': {why}; choose another path") from None
         os.close(handle)
         os.remove(temporary)
     return image_format
+
+
+def _written(path: Path) -> Path:
+    """The file a save to ``path`` replaces: through a symbolic link (a dangling one too), its
+    target, as ``cp`` and shell redirection write; the link stays."""
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():  # where realpath stopped: the links lead back to themselves
+        raise CastError(
+            f"cannot write '{path}': its symbolic links go round in a loop; name another path"
+        )
+    return target
 
 
 def _temporary(path: Path) -> tuple[int, str]:
@@ -250,7 +264,8 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
     """Write a ``(3, H, W)`` or ``(1, 3, H, W)`` image in [0, 1] (clamped) to ``path``.
 
     The format follows the suffix. The file appears complete or not at all: it is written to a
-    temporary file beside ``path`` and renamed over it.
+    temporary file beside ``path`` and renamed over it (a symbolic link stays: its target is
+    written).
     """
     path = Path(path)
     if image.dim() == 4 and image.shape[0] == 1:
@@ -258,18 +273,19 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"save_image expects a (3, H, W) image, got shape {tuple(image.shape)}")
     image_format = check_writable(path)
+    target = _written(path)
     pixels = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
     picture = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
     options = {"quality": JPEG_QUALITY} if image_format == "JPEG" else {}
     with _uninterrupted():
         temporary = None
         try:
-            handle, temporary = _temporary(path)
+            handle, temporary = _temporary(target)
             with os.fdopen(handle, "wb") as file:
                 picture.save(file, format=image_format, **options)
             # mkstemp makes the file private (0600); give it the permissions open() would.
             os.chmod(temporary, 0o666 & ~_umask())
-            os.replace(temporary, path)
+            os.replace(temporary, target)
             temporary = None
         except OSError as e:
             raise CastError(

@@ -115,6 +115,26 @@ def test_save_errors(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_save_writes_through_a_symbolic_link(tmp_path):
+    # the link was replaced by a file; as cp and shell redirection do, its target is written
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "out.png").write_bytes(b"an earlier result")
+    links = {"out.png": folder / "out.png", "new.png": "results/new.png"}  # the second dangles
+    for name, target in links.items():
+        (tmp_path / name).symlink_to(target)
+        save_image(torch.zeros(3, 8, 8), tmp_path / name)
+        assert os.readlink(tmp_path / name) == str(target)
+        assert load_image(tmp_path / name).shape == (3, 8, 8)
+    assert sorted(os.listdir(folder)) == ["new.png", "out.png"]  # no temporary file left
+    (tmp_path / "lost.png").symlink_to("missing/lost.png")
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    for name, message in [("lost.png", "no directory"), ("loop.png", "loop")]:
+        with pytest.raises(CastError, match=message):
+            save_image(torch.zeros(3, 8, 8), tmp_path / name)
+        assert (tmp_path / name).is_symlink()
+
+
 def test_saved_file_permissions(tmp_path):
     save_image(torch.zeros(3, 4, 4), tmp_path / "out.png")
     umask = os.umask(0)
