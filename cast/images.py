@@ -178,6 +178,11 @@ def _umask() -> int:
     return current
 
 
+# Formats PIL writes only at icon sizes, which would not be the result: ICO holds at most
+# 256x256 px (a 300x200 result came out 128x85), ICNS fixed squares (it came out 1024x1024).
+_ICONS = {"ICO": "at most 256x256 px", "ICNS": "fixed square sizes"}
+
+
 def check_writable(path: str | os.PathLike) -> str:
     """PIL's format name for ``path``'s suffix; ``CastError`` when PIL cannot write that format
     as RGB, ``path`` is a directory, or the file cannot be made there (through a symbolic link:
@@ -186,6 +191,11 @@ def check_writable(path: str | os.PathLike) -> str:
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format not in Image.SAVE:
         raise CastError(f"cannot write '{path}': not an image format PIL writes; end it in .png")
+    if image_format in _ICONS:
+        raise CastError(
+            f"cannot write '{path}': {image_format} holds icons of {_ICONS[image_format]}, not "
+            "the whole image; end it in .png, .jpg, .tif or .webp (and make an icon of that)"
+        )
     try:
         # some formats PIL writes take no RGB (.blp, .xbm): try one pixel
         Image.new("RGB", (1, 1)).save(io.BytesIO(), format=image_format)

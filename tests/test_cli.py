@@ -98,6 +98,9 @@ BAD = {
         "not an image format PIL writes",
     ),
     "output format without RGB": (["stylize", CONTENT, STYLE, "-o", "{tmp}/out.blp"], "as BLP"),
+    # PIL wrote them, the result shrunk to an icon (ICO: 256 px at most) or squashed (ICNS)
+    "icon output": (["stylize", CONTENT, STYLE, "-o", "{tmp}/out.ico"], "ICO holds icons of"),
+    "mask to an icon": (["mask", CONTENT, "{square}", "-o", "{tmp}/out.icns"], "ICNS holds"),
     "read-only output folder": (
         ["stylize", CONTENT, STYLE, "-o", "{read_only}/out.png"],
         "is not writable",

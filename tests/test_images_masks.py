@@ -109,7 +109,8 @@ def test_save_errors(tmp_path):
     assert "missing-dir" in one_line(error)
     for name, message in [("out.xyz", "not an image format PIL writes"),
                           ("out.psd", "not an image format PIL writes"),
-                          ("out.blp", "as BLP: ")]:  # fmt: skip
+                          ("out.blp", "as BLP: "), ("out.ico", "ICO holds icons of at most"),
+                          ("out.icns", "ICNS holds icons")]:  # fmt: skip
         with pytest.raises(CastError, match=message):
             save_image(torch.zeros(3, 8, 8), tmp_path / name)
     assert os.listdir(tmp_path) == []
