@@ -83,8 +83,11 @@ def _reading(path: str | os.PathLike, what: str, error: type[CastError]):
         raise error(f"cannot read {what} '{path}': {e}; is the file complete?") from None
 
 
-def load_image(path: str | os.PathLike, long_side: int | None = None) -> torch.Tensor:
-    """Read an image as a ``(3, H, W)`` float32 RGB tensor in [0, 1].
+def load_image(
+    path: str | os.PathLike, long_side: int | None = None, what: str = "image"
+) -> torch.Tensor:
+    """Read an image as a ``(3, H, W)`` float32 RGB tensor in [0, 1]; an error names it
+    ``what`` (as ``open_image``).
 
     With ``long_side``, the image is resized (antialiased) so that ``max(H, W) == long_side``,
     keeping its aspect ratio: ``fit(image_size(path), long_side)``, so a run knows the size
@@ -92,12 +95,12 @@ def load_image(path: str | os.PathLike, long_side: int | None = None) -> torch.T
     """
     if long_side is not None and long_side < 1:
         raise ImageError(f"image size must be a positive number of pixels, got {long_side}")
-    picture = open_image(path, long_side=long_side)
+    picture = open_image(path, what, long_side=long_side)
     image = torch.from_numpy(pixels(picture, grey=False)).permute(2, 0, 1).contiguous()
     if long_side is not None:
         # fitted from the file's size, not the shrunk copy's: rounding twice put a side a pixel
         # off the size the header gives (hoovertowernight at 20 px came out 20x10, not 20x11)
-        image = resize(image, fit(image_size(path), long_side))
+        image = resize(image, fit(image_size(path, what), long_side))
     return image
 
 

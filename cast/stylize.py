@@ -488,7 +488,7 @@ def _initial(init, content: Tensor, styles: list[Tensor], generator) -> Tensor:
         return images.resize(styles[0], tuple(content.shape[-2:]))
     if init == "content":
         return content.clone()
-    return images.resize(images.load_image(init), tuple(content.shape[-2:]))
+    return images.resize(images.load_image(init, what="init image"), tuple(content.shape[-2:]))
 
 
 class _Diverged(Exception):

@@ -229,6 +229,17 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, capsys, monk
     assert not out.exists()
 
 
+def test_a_truncated_init_image_is_named_the_init_image(tmp_path, capsys):
+    # its header reads, its pixels do not: the error called it "image '...'"
+    cut = tmp_path / "start.jpg"
+    cut.write_bytes(Path(CONTENT).read_bytes()[:2000])
+    out = tmp_path / "out.png"
+    assert main(["stylize", CONTENT, STYLE, "--init", str(cut), "-o", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cast: error: cannot read init image '{cut}': ") and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_a_kernel_text_file_without_numbers_is_one_line_and_no_warning(tmp_path, capsys):
     # numpy's warning about the empty file printed two lines of its own before the error
     (tmp_path / "kernels.txt").write_text("# J blocks of r rows, to be filled in\n")
