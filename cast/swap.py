@@ -102,7 +102,10 @@ def _exchanged_only(path, image) -> Tensor:
 
 
 def _same_path(first, second) -> bool:
-    """Whether two output paths name one file, also through a link."""
+    """Whether two output paths name one file, also through a link. Before they exist, names
+    are compared as the system compares them: ``normcase`` folds case on Windows (``x.png`` and
+    ``x.PNG``), and changes nothing on POSIX, where a case-blind folder (macOS's default) is
+    told only by ``samefile`` once a file is there."""
     if os.path.exists(first) and os.path.exists(second):
         return os.path.samefile(first, second)
-    return os.path.realpath(first) == os.path.realpath(second)
+    return os.path.normcase(os.path.realpath(first)) == os.path.normcase(os.path.realpath(second))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PIL import Image
 
 from cast import images
 from cast.cli import main
+from cast.errors import CastError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 A, B = EXAMPLES / "tubingen.jpg", EXAMPLES / "hoovertowernight.jpg"
@@ -145,3 +147,16 @@ def test_photo_b_too_thin_as_content_is_refused_before_either_run(tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("cast: error: the content image is 40x4 px") and err.count("\n") == 1
     assert not any(o.exists() for o in out)
+
+
+def test_two_spellings_of_one_output_on_a_case_blind_system_are_refused(tmp_path, monkeypatch):
+    # Windows' rule (os.path.normcase there folds case): 'x.png' and 'x.PNG' name one file, and
+    # B's result would replace A's
+    module = sys.modules["cast.swap"]
+    monkeypatch.setattr(module, "stylize", lambda *args, **kwargs: None)
+    monkeypatch.setattr(os.path, "normcase", str.lower)
+    mask_a = _top_band(tmp_path / "a.png", A, [(255, 255, 255), (0, 0, 0)])
+    mask_b = _top_band(tmp_path / "b.png", B, [(255, 255, 255), (0, 0, 0)])
+    outputs = (tmp_path / "x.png", tmp_path / "x.PNG")
+    with pytest.raises(CastError, match="are one file; give two different files"):
+        module.swap(A, B, mask_a, mask_b, outputs)
