@@ -108,7 +108,10 @@ def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[s
                  and count(s) >= processes]  # fmt: skip
         efficient = [s for s in sizes if s == 0 or s >= 256]
         candidates = [(s, h) for h in histories for s in efficient]
-        candidates += [(s, histories[-1]) for s in sizes if s not in efficient]
+        # small tiles after every efficient one failed: memory is short, the history too; where
+        # there is none (a small image shared by processes), they are not for memory
+        small = [s for s in sizes if s not in efficient]
+        candidates += [(s, h) for h in (histories[-1:] if efficient else histories) for s in small]
     else:
         candidates = [(tile, h) for h in histories]
     if not candidates:

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from cast import images
-from cast.memory import REGIONS, _activation_bytes_per_pixel
-from cast.network import VGGFeatures
+from cast.losses import high_order_kernels
+from cast.memory import HISTORIES, REGIONS, _activation_bytes_per_pixel, plan_memory
+from cast.network import CONTENT_LAYERS, VGGFeatures
+from cast.objective import geometry as tile_geometry
 from cast.stylize import STYLE_LAYERS, stylize
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -75,3 +77,18 @@ def test_the_plan_counts_the_activations_under_the_callers_grad_mode(mode):
     measured = _activation_bytes_per_pixel(network, STYLE_LAYERS, torch.device("cpu"))
     with mode():
         assert _activation_bytes_per_pixel(network, STYLE_LAYERS, torch.device("cpu")) == measured
+
+
+def test_tiles_made_small_by_the_processes_keep_the_lbfgs_history(ample):
+    """A small image shared by two processes runs in tiles below 256 px because it must, not
+    for memory: its history stays 50, as one process's (it was cut to 5, so the two runs
+    differed)."""
+    network = VGGFeatures("vgg19", "max")
+    kernels = high_order_kernels("neighbours")
+    halo, stride = tile_geometry(network, kernels, CONTENT_LAYERS, STYLE_LAYERS)
+    plan = dict(content_layers=CONTENT_LAYERS, style_layers=STYLE_LAYERS, hw=(96, 128),
+                style_hws=[(80, 128)], device=torch.device("cpu"), optimizer="lbfgs",
+                history=None, tile=None, halo=halo, stride=stride)  # fmt: skip
+    alone, shared = (plan_memory(network, processes=n, **plan) for n in (1, 2))
+    assert alone.tiles == 1 and shared.tiles >= 2
+    assert shared.history == alone.history == HISTORIES[0]
