@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         "swap",
         help="exchange the look of paired regions between two photos",
         description=SWAP_HELP,
+        epilog=HIGH_ORDER_PRESETS_DOC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     w.add_argument("a", metavar="A", help="the first photo")
@@ -112,11 +113,14 @@ def _parser() -> argparse.ArgumentParser:
         "outside, grey = unknown; or scribbles on grey) by closed-form alpha matting, and "
         "write it as a grey-scale image for `cast stylize --soft-mask`.",
     )
-    m.add_argument("image", metavar="IMAGE")
-    m.add_argument("trimap", metavar="TRIMAP")
-    m.add_argument("-o", "--output", required=True, metavar="OUT.png")
+    m.add_argument("image", metavar="IMAGE", help="the photo")
+    m.add_argument("trimap", metavar="TRIMAP", help="trimap or scribbles: IMAGE's aspect, any size")
+    m.add_argument("-o", "--output", required=True, metavar="OUT.png",
+                   help="the soft mask, white = inside")  # fmt: skip
     m.add_argument("--size", type=int, default=None, metavar="PX",
-                   help="long side to matte at, up to the image's own (the default)")  # fmt: skip
+                   help="long side of the mask, at most the image's own (default: the image's "
+                   f"own); larger than {masks.MATTING_PIXELS / 1e6:.1f} megapixels, the matting "
+                   "runs at that size and its alpha is upsampled")  # fmt: skip
     return parser
 
 
@@ -150,7 +154,8 @@ def _add_render_options(parser: argparse.ArgumentParser) -> None:
     option("--optimizer", "optimizer", str, "optimiser", choices=OPTIMIZERS)
     lr_defaults = ", ".join(f"{rate:g} for {name}" for name, rate in DEFAULT_LR.items())
     option("--lr", "lr", float, f"step size (default {lr_defaults})")
-    option("--init", "init", str, f"starting image: {', '.join(INITS)} or an image file",
+    option("--init", "init", str, f"starting image: {', '.join(INITS)} (the first style "
+           "image) or an image file",
            metavar="INIT|PATH")  # fmt: skip
     option(
         "--lbfgs-history",
@@ -179,18 +184,20 @@ def _add_render_options(parser: argparse.ArgumentParser) -> None:
         "(default: only then; --no-spill: never)",
     )
     option("--style-scale", "style_scale", float,
-           "style images at this times the result's size", metavar="X")  # fmt: skip
+           "style images at X times the result's size", metavar="X")  # fmt: skip
     option("--content-layers", "content_layers", _names, "content layers, by name",
            metavar="L,L")  # fmt: skip
     option("--style-layers", "style_layers", _names, "style layers, by name", metavar="L,L")
-    option("--seed", "seed", int, "random seed", metavar="N")
-    option("--save-every", "save_every", int, "write the image to OUT every N steps", metavar="N")
+    option("--seed", "seed", int, "seed of the noise start (init noise)", metavar="N")
+    option("--save-every", "save_every", int, "write the image so far to the output every N "
+           "steps", metavar="N")  # fmt: skip
     option("--device", "device", str, "cpu, cuda, cuda:1, ... (default: cuda when present)")
-    option("--backend", "backend", str, "masked Gram backend (default: fastest present)",
-           choices=BACKENDS)  # fmt: skip
+    option("--backend", "backend", str, "masked Gram backend (default: $CAST_BACKEND, else "
+           "the fastest present)", choices=BACKENDS)  # fmt: skip
     parser.add_argument("--preserve-color", action="store_true",
                         help="keep the content's colours")  # fmt: skip
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no plan line, no progress bar")  # fmt: skip
 
 
 def _names(text: str) -> tuple[str, ...]:

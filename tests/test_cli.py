@@ -75,6 +75,15 @@ def test_help_shows_the_defaults_of_the_api(capsys):
         assert re.search(pattern, shown), f"{flag}: default {default} not shown"
 
 
+@pytest.mark.parametrize("command", ["stylize", "swap"])
+def test_help_explains_the_kernel_presets_it_points_to(command, capsys):
+    """--high-order says "(see below)": below, every command lists the presets."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    shown = capsys.readouterr().out
+    assert "(see below)" in shown and "neighbours8 J=5" in shown
+
+
 BAD = {
     "missing image": (["stylize", "nowhere.jpg", STYLE], "cannot read image 'nowhere.jpg'"),
     "unreadable image": (["stylize", "{text}", STYLE], "not an image format"),
