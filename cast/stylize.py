@@ -300,6 +300,7 @@ def _check_arguments(
             f"got {len(style_masks)} style masks for {len(styles)} style images; give one per "
             "style image"
         )
+    _check_mask_options(content_mask, style_masks, soft_masks)
     on = checks.device(device)
     checks.backend(backend, on)
     # (role, what a read error calls it, path or tensor or None)
@@ -340,6 +341,28 @@ def _check_blend(blend: Sequence[float] | None, styles: int) -> None:
         )
     if not all(0 <= weight < math.inf for weight in blend) or not sum(blend) > 0:
         raise CastError(f"blend weights must be finite, 0 or more, not all 0; got {list(blend)}")
+
+
+def _check_mask_options(
+    content_mask: ImageLike | None,
+    style_masks: Sequence[ImageLike | None] | None,
+    soft_masks: Sequence[str | os.PathLike] | None,
+) -> None:
+    """Which kinds of masks go together, from the arguments alone (before any file is read)."""
+    labelled = style_masks is not None and any(m is not None for m in style_masks)
+    if content_mask is not None and soft_masks:
+        raise CastError("give either a content label image or soft masks, not both")
+    if content_mask is None and not soft_masks and labelled:
+        raise CastError(
+            "style masks need a content mask whose regions they pair with; give the content's "
+            "label image too (--content-mask), in the same colours"
+        )
+    if soft_masks and labelled:
+        # soft masks carry no colours to pair style regions with
+        raise CastError(
+            "soft masks cannot pair with style masks; use label images for both, or one "
+            "unlabelled style image per region"
+        )
 
 
 def _check_layers(network: VGGFeatures, **layers: tuple[str, ...]) -> None:
@@ -421,16 +444,7 @@ def _regions(
     style_masks = list(style_masks) if style_masks is not None else [None] * len(styles)
     if len(style_masks) != len(styles):
         raise CastError(f"got {len(style_masks)} style masks for {len(styles)} style images")
-    if content_mask is not None and soft_masks:
-        raise CastError("give either a content label image or soft masks, not both")
-    if content_mask is None and not soft_masks and any(m is not None for m in style_masks):
-        raise CastError("style masks need a content mask whose regions they pair with")
-    if soft_masks and any(m is not None for m in style_masks):
-        # soft masks carry no colours to pair style regions with
-        raise CastError(
-            "soft masks cannot pair with style masks; use label images for both, or one "
-            "unlabelled style image per region"
-        )
+    _check_mask_options(content_mask, style_masks, soft_masks)
 
     names = None  # how an error names region k
     if isinstance(content_mask, Tensor):
@@ -463,7 +477,8 @@ def _regions(
     if K > 1 and len(unmasked) > K:
         raise CastError(
             f"{len(unmasked)} style images without masks but only {K} content regions; each "
-            "unmasked style image styles the content region of its position among them"
+            "unmasked style image styles the content region of its position among them: give "
+            f"at most {K} of them, or more content regions"
         )
     for position, i in enumerate(unmasked):
         whole = torch.zeros(K, *style_hws[i])

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cast.errors import CastError, WeightsUnavailable
 from cast.ops import masked_gram
@@ -113,3 +115,17 @@ def test_masked_gram_is_differentiable_once_as_the_readme_says():
     (grad,) = torch.autograd.grad(gram.square().sum(), features, create_graph=True)
     with pytest.raises(RuntimeError, match="masked_gram_backward.* no autograd formula"):
         grad.sum().backward()
+
+
+def test_masks_that_do_not_go_together_are_refused_before_the_network(tmp_path):
+    """From the arguments alone, before the weights load (NO_NETWORK's would fail otherwise),
+    with what to do instead."""
+    grey, labels = tmp_path / "sky.png", tmp_path / "labels.png"
+    Image.fromarray(np.full((30, 40), 255, np.uint8)).save(grey)
+    Image.fromarray(np.full((30, 40, 3), (255, 0, 0), np.uint8)).save(labels)
+    with pytest.raises(CastError, match=r"need a content mask .* too \(--content-mask\)"):
+        stylize(CONTENT, STYLE, style_masks=[labels], **NO_NETWORK)
+    with pytest.raises(CastError, match="either a content label image or soft masks"):
+        stylize(CONTENT, STYLE, content_mask=labels, soft_masks=[grey], **NO_NETWORK)
+    with pytest.raises(CastError, match="soft masks cannot pair with style masks"):
+        stylize(CONTENT, STYLE, style_masks=[labels], soft_masks=[grey], **NO_NETWORK)
