@@ -61,7 +61,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cast", description="Content-aware neural style transfer (CAST).")
+    parser = _Parser(
+        prog="cast",
+        description="Content-aware neural style transfer (CAST).",
+        epilog="Each command's options: cast COMMAND --help.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     s = commands.add_parser(
