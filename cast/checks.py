@@ -77,7 +77,7 @@ def sizes(size, iters, scales, save_every, output) -> None:
     if scales > most:
         raise CastError(
             f"{scales} scales at size {size} make the coarsest long side smaller than "
-            f"{MIN_SIZE} px; use at most {most} scales"
+            f"{MIN_SIZE} px; lower --scales to {most} or raise --size"
         )
     if save_every is not None:
         whole("--save-every", save_every, 1)
