@@ -279,7 +279,10 @@ def _check_arguments(
     if init_file is not None and not (
         isinstance(init_file, (str, os.PathLike)) and Path(init_file).is_file()
     ):
-        raise CastError(f"init {str(init)!r} is neither {', '.join(INITS)} nor an image file")
+        raise CastError(
+            f"init {str(init)!r} is neither {', '.join(INITS)} nor an image file; check the "
+            "spelling or the path"
+        )
     checks.sizes(size, iters, scales, save_every, output)
     for flag, weight in (("--content-weight", content_weight), ("--style-weight", style_weight),
                          ("--tv-weight", tv_weight)):  # fmt: skip
