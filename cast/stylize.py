@@ -255,9 +255,10 @@ def _run(
         where = f"; the last good image is in '{output}'" if kept else ""
         if output is not None and not kept:
             where = f"; no step gave an image, '{output}' is left as it was"
+        instead = ", or use --optimizer adam" if optimizer != "adam" else ""
         raise CastError(
             f"the loss became {diverged.loss} at step {diverged.step}; lower the learning rate "
-            f"(--lr) or the weights, or use --optimizer adam{where}"
+            f"(--lr) or the weights{instead}{where}"
         ) from None
 
     result = _finish(image, content_image, preserve_color)

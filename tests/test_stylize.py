@@ -158,6 +158,12 @@ def test_a_divergence_before_any_good_step_leaves_the_output_as_it_was(tmp_path)
     assert output.read_bytes() == b"an earlier result"
 
 
+def test_a_divergence_under_adam_does_not_advise_adam():
+    with pytest.raises(CastError, match="at step 1; lower the learning rate") as caught:
+        stylize(CONTENT, STYLE, size=48, iters=2, style_weight=3e38, optimizer="adam", **FAST)
+    assert "--optimizer adam" not in str(caught.value)
+
+
 def test_bad_input_files_are_reported_before_the_weights_load(tmp_path):
     nowhere = tmp_path / "missing-weights.pt"  # loading these would fail
     cases = [
