@@ -143,10 +143,11 @@ def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[s
         fits = int(max(hw) * math.sqrt(free / least)) // stride * stride
         tiled = "" if tile == 0 else f" in tiles of {size} px"
         advice = {0: "allow tiling (drop --tile 0), ", None: ""}.get(tile, "lower --tile, ")
+        adam = "--optimizer adam or " if optimizer != "adam" else ""
         raise CastError(
             f"a {width}x{height} image needs about {least / GiB:.1f} GiB on {device}{tiled} "
             f"but {free / GiB:.1f} GiB is free; {advice}lower --size (about {fits} fits), "
-            "use --optimizer adam or a larger device"
+            f"use {adam}a larger device"
         )
     size, history, *on_disk = chosen
     on_disk = bool(on_disk and on_disk[0])

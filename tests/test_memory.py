@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cast import images
+from cast.errors import CastError
 from cast.losses import high_order_kernels
 from cast.memory import HISTORIES, REGIONS, _activation_bytes_per_pixel, plan_memory
 from cast.network import CONTENT_LAYERS, VGGFeatures
@@ -92,3 +93,10 @@ def test_tiles_made_small_by_the_processes_keep_the_lbfgs_history(ample):
     alone, shared = (plan_memory(network, processes=n, **plan) for n in (1, 2))
     assert alone.tiles == 1 and shared.tiles >= 2
     assert shared.history == alone.history == HISTORIES[0]
+
+
+def test_a_refusal_under_adam_does_not_advise_adam(monkeypatch):
+    monkeypatch.setenv("CAST_MEMORY_GIB", "0.001")
+    with pytest.raises(CastError, match=r"lower --size .*, use a larger device$") as caught:
+        stylize(CONTENT, STYLE, optimizer="adam", **RUN)
+    assert "--optimizer adam" not in str(caught.value)
