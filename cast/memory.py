@@ -40,6 +40,13 @@ LIMIT_VARIABLE = "CAST_MEMORY_GIB"
 GiB = 2**30
 
 
+def amount(nbytes: float) -> str:
+    """Bytes as a person reads them: GiB with one decimal, MiB below a tenth of a GiB."""
+    if nbytes < 0.1 * GiB:
+        return f"{nbytes / 2**20:.0f} MiB"
+    return f"{nbytes / GiB:.1f} GiB"
+
+
 @dataclass(frozen=True)
 class Plan:
     height: int
@@ -57,10 +64,10 @@ class Plan:
         how = "whole" if self.tile == 0 else (
             f"in {self.tiles} tiles of {self.tile} px (+{self.halo} px halo)")  # fmt: skip
         history = "" if self.history is None else f", L-BFGS history {self.history}"
-        free = "" if self.free is None else f" of {self.free / GiB:.1f} GiB free"
+        free = "" if self.free is None else f" of {amount(self.free)} free"
         spill = ", state on disk (Adam in chunks of rows)" if self.spill else ""
         return (f"plan: {self.width}x{self.height} on {self.device} {how}{history}{spill}, "
-                f"about {self.need / GiB:.1f} GiB{free}")  # fmt: skip
+                f"about {amount(self.need)}{free}")  # fmt: skip
 
 
 def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[str],
@@ -145,8 +152,8 @@ def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[s
         advice = {0: "allow tiling (drop --tile 0), ", None: ""}.get(tile, "lower --tile, ")
         adam = "--optimizer adam or " if optimizer != "adam" else ""
         raise CastError(
-            f"a {width}x{height} image needs about {least / GiB:.1f} GiB on {device}{tiled} "
-            f"but {free / GiB:.1f} GiB is free; {advice}lower --size (about {fits} fits), "
+            f"a {width}x{height} image needs about {amount(least)} on {device}{tiled} "
+            f"but {amount(free)} is free; {advice}lower --size (about {fits} fits), "
             f"use {adam}a larger device"
         )
     size, history, *on_disk = chosen

@@ -411,7 +411,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     shown = capsys.readouterr().out
     assert re.fullmatch(
         r"plan: 4096x\d+ on \S+ in \d+ tiles of 512 px \(\+24 px halo\), "
-        r"L-BFGS history \d+, about [\d.]+ GiB( of [\d.]+ GiB free)?\n",
+        r"L-BFGS history \d+, about [\d.]+ [GM]iB( of [\d.]+ [GM]iB free)?\n",
         shown,
     )
     assert not out.exists()

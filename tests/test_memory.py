@@ -4,6 +4,7 @@ and tiles on the grid of the deepest layer's stride."""
 from __future__ import annotations
 
 import gc
+import re
 import weakref
 from pathlib import Path
 
@@ -100,3 +101,14 @@ def test_a_refusal_under_adam_does_not_advise_adam(monkeypatch):
     with pytest.raises(CastError, match=r"lower --size .*, use a larger device$") as caught:
         stylize(CONTENT, STYLE, optimizer="adam", **RUN)
     assert "--optimizer adam" not in str(caught.value)
+
+
+def test_small_amounts_are_given_in_mib(monkeypatch):
+    """A refusal on a small device (or under a small $CAST_MEMORY_GIB) names the bytes: it
+    read "needs about 0.0 GiB ... but 0.0 GiB is free"."""
+    monkeypatch.setenv("CAST_MEMORY_GIB", "0.001")
+    with pytest.raises(CastError, match=r"needs about [\d.]+ [GM]iB on cpu but 1 MiB is free"):
+        stylize(CONTENT, STYLE, tile=0, **RUN)
+    monkeypatch.setenv("CAST_MEMORY_GIB", "1000")
+    plan = str(stylize(CONTENT, STYLE, **RUN | dict(size=64)))
+    assert re.search(r"about [1-9]\d* MiB of 1000.0 GiB free$", plan), plan
