@@ -9,6 +9,7 @@ unpaired-region fallback of ``stylize`` (its target is its own statistics).
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
@@ -64,6 +65,9 @@ def swap(
         )
 
     def run(content, content_mask, style, style_mask, output, **more):
+        if options.get("progress", True) and not more.get("dry_run"):  # whose plan and bars
+            print(f"swap: '{os.fspath(content)}' in the look of '{os.fspath(style)}'",
+                  file=sys.stderr, flush=True)  # fmt: skip
         if grey[0]:
             regions = dict(
                 content_mask=_exchanged_and_rest(content_mask, content),

@@ -160,3 +160,19 @@ def test_two_spellings_of_one_output_on_a_case_blind_system_are_refused(tmp_path
     outputs = (tmp_path / "x.png", tmp_path / "x.PNG")
     with pytest.raises(CastError, match="are one file; give two different files"):
         module.swap(A, B, mask_a, mask_b, outputs)
+
+
+def test_each_run_says_whose_plan_and_progress_follow(tmp_path, monkeypatch, capsys):
+    """Two plan lines and two sets of progress bars: a line before each names the photo being
+    styled and the one lending its look (none before the dry run, none with --quiet)."""
+    module = sys.modules["cast.swap"]
+    monkeypatch.setattr(module, "stylize", lambda *args, **kwargs: None)
+    mask_a = _top_band(tmp_path / "a.png", A, [(255, 255, 255), (0, 0, 0)])
+    mask_b = _top_band(tmp_path / "b.png", B, [(255, 255, 255), (0, 0, 0)])
+    module.swap(A, B, mask_a, mask_b)
+    assert capsys.readouterr().err.splitlines() == [
+        f"swap: '{A}' in the look of '{B}'",
+        f"swap: '{B}' in the look of '{A}'",
+    ]
+    module.swap(A, B, mask_a, mask_b, progress=False)
+    assert capsys.readouterr().err == ""
