@@ -127,6 +127,8 @@ _BOX_MODES = ("L", "LA", "RGB", "RGBA", "I", "F", "I;16")
 
 
 # PIL modes with more than 8 bits per pixel, and the value that stands for white in each.
+# A picture whose R, G and B differ by at most this much (0-255) everywhere is grey.
+GREY_TOLERANCE = 8
 _WIDE_MODES = {"I": 65535.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "F": 1.0}
 
 
@@ -140,6 +142,12 @@ def pixels(picture: Image.Image, grey: bool) -> np.ndarray:
         values = np.clip(values, 0, 1)
         return values if grey else np.repeat(values[..., None], 3, axis=-1)
     return np.asarray(picture.convert("L" if grey else "RGB"), dtype=np.float32) / 255
+
+
+def is_grey(picture: Image.Image) -> bool:
+    """Whether R, G and B differ by at most ``GREY_TOLERANCE`` everywhere (JPEG's noise)."""
+    rgb = np.asarray(picture.convert("RGB"), dtype=np.int16)
+    return int(np.ptp(rgb, axis=-1).max()) <= GREY_TOLERANCE
 
 
 def _check_values(picture: Image.Image, name: str, error: type[CastError]) -> None:

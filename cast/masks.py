@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MaskError
-from .images import open_image, pixels
+from .images import is_grey, open_image, pixels
 
 PathArg = str | os.PathLike
 Colour = tuple[int, int, int]
@@ -298,6 +298,11 @@ def read_trimap(path: PathArg, size: tuple[int, int]) -> torch.Tensor:
     white 1 = foreground, anything in between 0.5 = unknown (snapped, so JPEG noise is harmless).
     """
     picture = open_image(path, "trimap", MaskError)
+    if not is_grey(picture):  # a photo given for its trimap: the matte would be noise
+        raise MaskError(
+            f"trimap '{path}' is in colour; a trimap is grey-scale, drawn over the image: "
+            "white inside, black outside, grey where unsure"
+        )
     check_aspect(f"trimap '{path}'", picture.size, size)
     grey = pixels(picture, grey=True)
     snapped = np.where(grey <= 0.1, 0.0, np.where(grey >= 0.9, 1.0, 0.5)).astype(np.float32)

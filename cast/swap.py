@@ -11,16 +11,12 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from . import checks, images, masks
 from .errors import CastError, MaskError
 from .stylize import ImageLike, initial_file, stylize
-
-# A mask whose R, G and B differ by at most this much (0-255, JPEG noise) everywhere is grey.
-GREY_TOLERANCE = 8
 
 
 def swap(
@@ -85,8 +81,7 @@ def swap(
 
 
 def _is_grey(path: str | os.PathLike) -> bool:
-    rgb = np.asarray(images.open_image(path, "mask", MaskError).convert("RGB"), dtype=np.int16)
-    return int(np.ptp(rgb, axis=-1).max()) <= GREY_TOLERANCE
+    return images.is_grey(images.open_image(path, "mask", MaskError))
 
 
 def _soft(path: str | os.PathLike, image: ImageLike) -> Tensor:

@@ -421,3 +421,13 @@ def test_bad_trimaps(small_tubingen, tmp_path):
     assert torch.equal(matte(image, known), known)
     with pytest.raises(MaskError, match="aspect"):
         read_trimap(TRIMAP, (256, 256))
+
+
+def test_a_colour_picture_is_refused_as_a_trimap(tmp_path):
+    """The photo given for its trimap (both are files named on one command line) gave a noise
+    matte and pymatting's solver hints; a grey trimap saved as JPEG still reads."""
+    with pytest.raises(MaskError, match=r"^trimap '.*tubingen.jpg' is in colour; .* grey where"):
+        read_trimap(TUBINGEN, (288, 384))
+    as_jpeg = tmp_path / "trimap.jpg"
+    Image.open(TRIMAP).convert("RGB").save(as_jpeg, quality=75)
+    assert read_trimap(as_jpeg, (288, 384)).shape == (288, 384)
