@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("content", metavar="CONTENT", help="the photo")
     s.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
     s.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="result: .png, .jpg, .tif or .webp")  # fmt: skip
+                   help=f"result: {images.OUTPUT_FORMATS}")  # fmt: skip
 
     _add_render_options(s)
     s.add_argument("--content-mask", metavar="LABELS", help="colour-coded regions of CONTENT")

@@ -19,8 +19,12 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import CastError, ImageError
 
-# Quality for JPEG outputs: high enough that the stylised texture survives compression.
-JPEG_QUALITY = 95
+# Quality for lossy outputs (PIL's defaults: JPEG 75, WebP 80, AVIF 75): high enough that the
+# stylised texture survives compression.
+LOSSY_QUALITY = 95
+LOSSY_FORMATS = ("JPEG", "WEBP", "AVIF")
+# What to name in advice on an output's format.
+OUTPUT_FORMATS = ".png, .jpg, .tif or .webp"
 
 
 def open_image(
@@ -126,9 +130,9 @@ def _reduce(picture: Image.Image, long_side: int) -> Image.Image:
 _BOX_MODES = ("L", "LA", "RGB", "RGBA", "I", "F", "I;16")
 
 
-# PIL modes with more than 8 bits per pixel, and the value that stands for white in each.
 # A picture whose R, G and B differ by at most this much (0-255) everywhere is grey.
 GREY_TOLERANCE = 8
+# PIL modes with more than 8 bits per pixel, and the value that stands for white in each.
 _WIDE_MODES = {"I": 65535.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "F": 1.0}
 
 
@@ -189,9 +193,13 @@ def _umask() -> int:
     return current
 
 
-# Formats PIL writes only at icon sizes, which would not be the result: ICO holds at most
-# 256x256 px (a 300x200 result came out 128x85), ICNS fixed squares (it came out 1024x1024).
-_ICONS = {"ICO": "at most 256x256 px", "ICNS": "fixed square sizes"}
+# Formats that would not hold the result as it is: ICO holds at most 256x256 px (a 300x200
+# result came out 128x85), ICNS fixed squares (it came out 1024x1024), GIF a palette.
+_NOT_WHOLE = {
+    "ICO": "icons of at most 256x256 px",
+    "ICNS": "icons of fixed square sizes",
+    "GIF": "at most 256 colours",
+}
 
 
 def check_writable(path: str | os.PathLike) -> str:
@@ -202,10 +210,10 @@ def check_writable(path: str | os.PathLike) -> str:
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format not in Image.SAVE:
         raise CastError(f"cannot write '{path}': not an image format PIL writes; end it in .png")
-    if image_format in _ICONS:
+    if image_format in _NOT_WHOLE:
         raise CastError(
-            f"cannot write '{path}': {image_format} holds icons of {_ICONS[image_format]}, not "
-            "the whole image; end it in .png, .jpg, .tif or .webp (and make an icon of that)"
+            f"cannot write '{path}': {image_format} holds {_NOT_WHOLE[image_format]}, not the "
+            f"whole result; end it in {OUTPUT_FORMATS} (and convert that)"
         )
     try:
         # some formats PIL writes take no RGB (.blp, .xbm): try one pixel
@@ -297,7 +305,7 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
     target = _written(path)
     pixels = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
     picture = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
-    options = {"quality": JPEG_QUALITY} if image_format == "JPEG" else {}
+    options = {"quality": LOSSY_QUALITY} if image_format in LOSSY_FORMATS else {}
     with _uninterrupted():
         temporary = None
         try:

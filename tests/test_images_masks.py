@@ -103,6 +103,21 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["out.png"]  # no temporary file left behind
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".webp"])
+def test_lossy_outputs_keep_the_texture(tmp_path, suffix):
+    """WebP was written at PIL's default quality (80), JPEG's texture-keeping 95 only for .jpg."""
+    # a grey texture: colour would measure the formats' chroma subsampling, not their quality
+    coarse = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    grey = torch.nn.functional.interpolate(coarse, size=(64, 64), mode="bicubic")[0].clamp(0, 1)
+    image = grey.expand(3, -1, -1)
+    save_image(image, tmp_path / f"ours{suffix}")
+    ours = (load_image(tmp_path / f"ours{suffix}") - image).abs().mean()
+    as_bytes = image.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(as_bytes).save(tmp_path / f"default{suffix}")  # PIL's default quality
+    default = (load_image(tmp_path / f"default{suffix}") - image).abs().mean()
+    assert ours < 0.8 * default, (ours, default)
+
+
 def test_save_errors(tmp_path):
     with pytest.raises(CastError) as error:
         save_image(torch.zeros(3, 8, 8), tmp_path / "missing-dir" / "out.png")
@@ -110,7 +125,8 @@ def test_save_errors(tmp_path):
     for name, message in [("out.xyz", "not an image format PIL writes"),
                           ("out.psd", "not an image format PIL writes"),
                           ("out.blp", "as BLP: "), ("out.ico", "ICO holds icons of at most"),
-                          ("out.icns", "ICNS holds icons")]:  # fmt: skip
+                          ("out.icns", "ICNS holds icons"),
+                          ("out.gif", "GIF holds at most 256 colours")]:  # fmt: skip
         with pytest.raises(CastError, match=message):
             save_image(torch.zeros(3, 8, 8), tmp_path / name)
     assert os.listdir(tmp_path) == []
