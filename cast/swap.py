@@ -20,8 +20,8 @@ from .stylize import ImageLike, initial_file, stylize
 
 
 def swap(
-    a: str | os.PathLike,
-    b: str | os.PathLike,
+    a: ImageLike,
+    b: ImageLike,
     mask_a: str | os.PathLike,
     mask_b: str | os.PathLike,
     outputs: tuple[str | os.PathLike | None, str | os.PathLike | None] = (None, None),
@@ -29,6 +29,7 @@ def swap(
 ) -> tuple[Tensor, Tensor]:
     """A with the look of B's paired regions, and B with the look of A's: ``(3, H, W)`` each.
 
+    ``a`` and ``b`` are paths or ``(3, H, W)`` tensors in [0, 1], as ``stylize`` takes them;
     ``mask_a`` and ``mask_b`` are both colour-coded label images (the same colours pair
     regions; a colour only one photo has keeps its look) or both grey-scale soft masks (white
     is the region exchanged, the rest of each photo keeps its look). ``outputs`` are written
@@ -60,9 +61,14 @@ def swap(
             f"'{mask_a if grey[0] else mask_b}' is grey, the other is not"
         )
 
+    if options.get("strict"):
+        raise CastError("swap keeps the look of a region that pairs with nothing: drop strict")
+    # whose plan line and progress bars follow; on rank 0 only under torchrun, as stylize's
+    announce = options.get("progress", True) and os.environ.get("RANK", "0") == "0"
+
     def run(content, content_mask, style, style_mask, output, **more):
-        if options.get("progress", True) and not more.get("dry_run"):  # whose plan and bars
-            print(f"swap: '{os.fspath(content)}' in the look of '{os.fspath(style)}'",
+        if announce and not more.get("dry_run"):
+            print(f"swap: {_name(content, a)} in the look of {_name(style, a)}",
                   file=sys.stderr, flush=True)  # fmt: skip
         if grey[0]:
             regions = dict(
@@ -77,7 +83,20 @@ def swap(
     # the second run's refusals (B too thin as content but not as a style, too large for the
     # memory) before the first writes its result: its dry run checks what it would check
     run(*second, dry_run=True)
-    return run(*first), run(*second)
+    a_styled = run(*first)
+    if None not in outputs and _same_path(*outputs):  # a case-blind folder (macOS): now told
+        raise CastError(
+            f"the swap outputs '{outputs[0]}' and '{outputs[1]}' are one file on this system; "
+            f"A's result is in it, give B's another name"
+        )
+    return a_styled, run(*second)
+
+
+def _name(photo, a) -> str:
+    """A photo's path, quoted, for the lines a swap prints; photo A or B for a tensor."""
+    if isinstance(photo, (str, os.PathLike)):
+        return f"'{os.fspath(photo)}'"
+    return "photo A" if photo is a else "photo B"
 
 
 def _is_grey(path: str | os.PathLike) -> bool:
@@ -85,7 +104,8 @@ def _is_grey(path: str | os.PathLike) -> bool:
 
 
 def _soft(path: str | os.PathLike, image: ImageLike) -> Tensor:
-    return masks.soft_masks([path], images.image_size(image))[0]
+    size = tuple(image.shape[-2:]) if isinstance(image, Tensor) else images.image_size(image)
+    return masks.soft_masks([path], size)[0]
 
 
 def _exchanged_and_rest(path, image) -> Tensor:

@@ -176,3 +176,43 @@ def test_each_run_says_whose_plan_and_progress_follow(tmp_path, monkeypatch, cap
     ]
     module.swap(A, B, mask_a, mask_b, progress=False)
     assert capsys.readouterr().err == ""
+    # photos given as tensors (the Python API) are named by their places
+    photos = [images.load_image(path) for path in (A, B)]
+    module.swap(*photos, mask_a, mask_b)
+    assert capsys.readouterr().err.splitlines() == [
+        "swap: photo A in the look of photo B",
+        "swap: photo B in the look of photo A",
+    ]
+
+
+def test_strict_is_refused_as_swap_keeps_unpaired_regions(tmp_path):
+    # strict=True (Python API only) passed the dry run and refused after A's result was written
+    mask_a = _top_band(tmp_path / "a.png", A, [(255, 0, 0), (0, 0, 255)])
+    mask_b = _top_band(tmp_path / "b.png", B, [(255, 0, 0), (0, 255, 0)])
+    out = (tmp_path / "a_out.png", tmp_path / "b_out.png")
+    with pytest.raises(CastError, match="drop strict"):
+        sys.modules["cast.swap"].swap(A, B, mask_a, mask_b, out, strict=True, size=40)
+    assert not any(o.exists() for o in out)
+
+
+def test_outputs_found_one_file_after_the_first_run_keep_its_result(tmp_path, monkeypatch):
+    """On a case-blind folder (macOS's default) x.png and X.PNG are one file, which POSIX's
+    normcase cannot tell before it exists: swap asks again once A's result is written, and B's
+    would have replaced it."""
+    module = sys.modules["cast.swap"]
+    written = []
+
+    def stylize(content, style, output=None, dry_run=False, **options):
+        if not dry_run:
+            Path(output).write_bytes(b"A's result")
+            written.append(output)
+
+    monkeypatch.setattr(module, "stylize", stylize)
+    # one file as soon as either exists, as samefile finds on such a folder
+    monkeypatch.setattr(module, "_same_path", lambda first, second: os.path.exists(first))
+    mask_a = _top_band(tmp_path / "a.png", A, [(255, 255, 255), (0, 0, 0)])
+    mask_b = _top_band(tmp_path / "b.png", B, [(255, 255, 255), (0, 0, 0)])
+    out = (tmp_path / "x.png", tmp_path / "X.PNG")
+    with pytest.raises(CastError, match="one file on this system; A's result is in it"):
+        module.swap(A, B, mask_a, mask_b, out, progress=False)
+    assert written == [out[0]] and out[0].read_bytes() == b"A's result"
