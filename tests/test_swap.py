@@ -191,7 +191,8 @@ def test_strict_is_refused_as_swap_keeps_unpaired_regions(tmp_path):
     mask_b = _top_band(tmp_path / "b.png", B, [(255, 0, 0), (0, 255, 0)])
     out = (tmp_path / "a_out.png", tmp_path / "b_out.png")
     with pytest.raises(CastError, match="drop strict"):
-        sys.modules["cast.swap"].swap(A, B, mask_a, mask_b, out, strict=True, size=40)
+        sys.modules["cast.swap"].swap(A, B, mask_a, mask_b, out, strict=True, size=40, scales=1,
+                                      iters=1, progress=False)
     assert not any(o.exists() for o in out)
 
 
