@@ -186,8 +186,9 @@ def test_each_run_says_whose_plan_and_progress_follow(tmp_path, monkeypatch, cap
 
 
 def test_strict_is_refused_as_swap_keeps_unpaired_regions(tmp_path):
-    # strict=True (Python API only) passed the dry run and refused after A's result was written
-    mask_a = _top_band(tmp_path / "a.png", A, [(255, 0, 0), (0, 0, 255)])
+    # strict=True (Python API only) passed the dry run and refused after A's result was
+    # written: every colour of A pairs, B's green does not
+    mask_a = _top_band(tmp_path / "a.png", A, [(255, 0, 0), (255, 0, 0)])
     mask_b = _top_band(tmp_path / "b.png", B, [(255, 0, 0), (0, 255, 0)])
     out = (tmp_path / "a_out.png", tmp_path / "b_out.png")
     with pytest.raises(CastError, match="drop strict"):
