@@ -370,7 +370,7 @@ def _masked_gram_bwd_kernel(
     kernels_ptr,  # (J, R, R)
     grad_ptr,  # (B, J, K, C, C): dG
     inv_mass_ptr,  # (Bm, K): 1 / n_k, 0 for an empty mask
-    scratch_ptr,  # (programs, TILE_H * TILE_W * BLOCK_C) at least: U_j's tile, or dF's sum
+    scratch_ptr,  # (programs, TILE_H * TILE_W * BLOCK_C): U_j's tile, or dF's sum; R = 1: none
     dfeatures_ptr,  # (B, C, H, W)
     B,
     C,
@@ -678,12 +678,13 @@ def backward_slot(problem: Problem, config: dict) -> int:
 
 
 def backward_programs(problem: Problem, config: dict, sms: int, capped: bool = True) -> int:
-    """The backward's persistent programs, one scratch tile each: at most as many as are
-    resident and as the scratch budget (a tenth of the op's inputs and outputs) has tiles for,
-    at least one; then as few as take the work items in as many rounds as that many would. So
-    the busiest program has as few items as the budget allows (as with every SM's program
-    launched wherever the budget does not bite) and no tile is held by a program that would
-    only wait. ``capped=False``: the count without the budget (bench/gpu_probe.py times both)."""
+    """The backward's persistent programs, one scratch tile each (none at R = 1): at most as
+    many as are resident and as the scratch budget (a tenth of the op's inputs and outputs) has
+    tiles for, at least one; then as few as take the work items in as many rounds as that many
+    would. So the busiest program has as few items as the budget allows (as with every SM's
+    program launched wherever the budget does not bite) and no tile is held by a program that
+    would only wait. ``capped=False``: the count without the budget (bench/gpu_probe.py times
+    both)."""
     items = backward_items(problem, config)
     tiles = items
     tile_bytes = backward_slot(problem, config) * gram_dtype(problem.dtype).itemsize

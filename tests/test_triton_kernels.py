@@ -110,13 +110,13 @@ def test_tf32_rounds_to_nearest_without_bias():
     assert relative.mean().abs() <= 1e-4, f"biased TF32 rounding: mean {relative.mean():.2e}"
 
 
-def exact_inputs(dtype):
+def exact_inputs(dtype, r=3):
     """Inputs whose every sum is exact in float32: small integers, masks in {0, 1/2, 1}, and
     mask weights n_k that are powers of two (so 1/n_k is exact too)."""
     gen = torch.Generator().manual_seed(5)
     B, C, H, W = 2, 20, 8, 8
     features = torch.randint(-3, 4, (B, C, H, W), generator=gen).to(dtype)
-    kernels = torch.randint(-2, 3, (2, 3, 3), generator=gen).to(dtype)
+    kernels = torch.randint(-2, 3, (2, r, r), generator=gen).to(dtype)
     masks = torch.zeros(1, 3, H, W, dtype=dtype)
     masks[0, 0] = 1  # n = 64
     masks[0, 1, :4] = 1  # n = 32
@@ -137,12 +137,13 @@ BWD_VARIANTS = [
 ]
 
 
-def test_tiling_and_split_variants_match_default_bit_for_bit():
+@pytest.mark.parametrize("r", [3, 1])  # r = 1: the backward's own branch
+def test_tiling_and_split_variants_match_default_bit_for_bit(r):
     """Changing tiles or splitting the positions reorders sums only: with exact arithmetic the
     results must be identical, bit for bit."""
-    features, masks, kernels = exact_inputs(torch.float32)
+    features, masks, kernels = exact_inputs(torch.float32, r)
     gram = launch.forward(triton_gram.forward, features, masks, kernels, False)
-    expected = masked_gram_reference(*exact_inputs(torch.float64)).float()
+    expected = masked_gram_reference(*exact_inputs(torch.float64, r)).float()
     assert torch.equal(gram.cpu(), expected.cpu())
     for variant in FWD_VARIANTS:
         assert torch.equal(
@@ -151,10 +152,8 @@ def test_tiling_and_split_variants_match_default_bit_for_bit():
 
     grad = torch.randint(-3, 4, gram.shape, generator=torch.Generator().manual_seed(6)).to(gram)
     d_features = launch.backward(triton_gram.backward, grad, features, masks, kernels, False)
-    assert torch.equal(
-        d_features.cpu(),
-        masked_gram_backward_reference(grad.double(), *exact_inputs(torch.float64)).float().cpu(),
-    )
+    expected = masked_gram_backward_reference(grad.double(), *exact_inputs(torch.float64, r))
+    assert torch.equal(d_features.cpu(), expected.float().cpu())
     for variant in BWD_VARIANTS:
         assert torch.equal(
             launch.backward(triton_gram.backward, grad, features, masks, kernels, False, **variant),
@@ -175,20 +174,22 @@ SHIPPED = [
     pytest.param(
         backward,
         triton_gram._as_launch_config(config),
-        id="x".join(map(str, config.kwargs.values())) + f" w{config.num_warps}",
+        r,
+        id="x".join(map(str, config.kwargs.values())) + f" w{config.num_warps} r{r}",
     )
     for backward, configs in [(False, triton_gram.FWD_CONFIGS), (True, triton_gram.BWD_CONFIGS)]
     for config in configs
+    for r in ((3, 1) if backward else (3,))  # the backward's own branch at r = 1
 ]
 
 
-@pytest.mark.parametrize("backward,config", SHIPPED)
-def test_every_shipped_config_matches_float64_reference(backward, config):
+@pytest.mark.parametrize("backward,config,r", SHIPPED)
+def test_every_shipped_config_matches_float64_reference(backward, config, r):
     """The interpreter launches its own small config unless told otherwise; a GPU launches the
     shipped ones (autotuned, or the untuned default), so each is run here too (IEEE float32).
     C = 72: a full and a partial block of 64 channels; 13 x 14 positions: several 8 x 8 tiles,
     the 16 x 16 one's halo past every edge."""
-    f64, m64, p64 = random_inputs(1, 72, 13, 14, 2, 3, 3, batched_masks=True, seed=12)
+    f64, m64, p64 = random_inputs(1, 72, 13, 14, 2, 3, r, batched_masks=True, seed=12)
     features, masks, kernels = to_test_device(torch.float32, f64, m64, p64)
     if not backward:
         gram = launch.forward(triton_gram.forward, features, masks, kernels, False, config=config)
