@@ -124,8 +124,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the soft mask, white = inside")  # fmt: skip
     m.add_argument("--size", type=int, default=None, metavar="PX",
                    help="long side of the mask, at most the image's own (default: the image's "
-                   f"own); larger than {masks.MATTING_PIXELS / 1e6:.1f} megapixels, the matting "
-                   "runs at that size and its alpha is upsampled")  # fmt: skip
+                   f"own); above {masks.MATTING_PIXELS / 1e6:.1f} megapixels the matting runs at "
+                   f"about {masks.MATTING_PIXELS / 1e6:.1f} megapixels and its alpha is "
+                   "upsampled")  # fmt: skip
     return parser
 
 

@@ -300,8 +300,8 @@ def read_trimap(path: PathArg, size: tuple[int, int]) -> torch.Tensor:
     picture = open_image(path, "trimap", MaskError)
     if not is_grey(picture):  # a photo given for its trimap: the matte would be noise
         raise MaskError(
-            f"trimap '{path}' is in colour; a trimap is grey-scale, drawn over the image: "
-            "white inside, black outside, grey where unsure"
+            f"trimap '{path}' is in colour; a trimap is a grey-scale picture of the image's "
+            "shape: white inside, black outside, grey where unsure"
         )
     check_aspect(f"trimap '{path}'", picture.size, size)
     grey = pixels(picture, grey=True)

@@ -325,8 +325,7 @@ def _check_arguments(
                      for _, what, given in inputs])  # fmt: skip
     # from the headers: a thin image is refused before the network loads (and before the first
     # of ``swap``'s two runs writes its result)
-    _check_short_sides(*_loaded_sizes(content, styles, size, style_scale), size, scales,
-                       style_scale)  # fmt: skip
+    _check_short_sides(content, styles, size, scales, style_scale)
     return on
 
 
@@ -384,23 +383,24 @@ def _check_layers(network: VGGFeatures, **layers: tuple[str, ...]) -> None:
 
 
 def _check_short_sides(
-    content_hw: tuple[int, int],
-    style_hws: list[tuple[int, int]],
-    size: int,
-    scales: int,
-    style_scale: float,
+    content: ImageLike, styles: Sequence[ImageLike], size: int, scales: int, style_scale: float
 ) -> None:
     """Every image, at its size as loaded (``_loaded_sizes``), keeps a short side of
     ``checks.MIN_SHORT_SIDE`` at the coarsest scale."""
+    content_hw, style_hws = _loaded_sizes(content, styles, size, style_scale)
     coarsest = round(size / 2 ** (scales - 1))
-    named = [("content", content_hw, 1.0)]
-    named += [(f"style {i + 1}", hw, style_scale) for i, hw in enumerate(style_hws)]
-    for name, hw, scale in named:
+    named = [("content image", content, content_hw, 1.0)]
+    named += [(f"style image {i + 1}", style, hw, style_scale)
+              for i, (style, hw) in enumerate(zip(styles, style_hws, strict=True))]  # fmt: skip
+    for role, image, hw, scale in named:
         h, w = images.fit(hw, round(coarsest * scale))
         if min(h, w) < checks.MIN_SHORT_SIDE:
+            # named by its file: under ``cast swap`` photo B is the second run's content
+            which = role if isinstance(image, Tensor) else f"{role} '{os.fspath(image)}'"
+            advice = "raise --size or lower --scales" if scales > 1 else "raise --size"
             raise CastError(
-                f"the {name} image is {w}x{h} px at the coarsest scale; the network needs a short "
-                f"side of at least {checks.MIN_SHORT_SIDE} px: raise --size or lower --scales"
+                f"the {which} is {w}x{h} px at the coarsest scale; the network needs a short "
+                f"side of at least {checks.MIN_SHORT_SIDE} px: {advice}"
             )
 
 

@@ -122,7 +122,7 @@ BAD = {
     # from the header, before the weights load (these are missing)
     "too thin an image": (
         ["stylize", "{thin}", STYLE, "--model", "{tmp}/missing.pth"],
-        "raise --size or lower --scales",
+        "thin.png' is 40x2 px at the coarsest scale",
     ),
     "tile off the stride": (
         ["stylize", CONTENT, STYLE, "--tile", "40"],

@@ -145,7 +145,9 @@ def test_photo_b_too_thin_as_content_is_refused_before_either_run(tmp_path, caps
             "-o", *map(str, out), "--style-scale", "4"]  # fmt: skip
     assert main([*argv, "--size", "40", "--scales", "1", "--iters", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("cast: error: the content image is 40x4 px") and err.count("\n") == 1
+    # named by its file (the user named no content image) and, at one scale, no --scales advice
+    assert err.startswith(f"cast: error: the content image '{thin}' is 40x4 px"), err
+    assert err.endswith(": raise --size\n") and err.count("\n") == 1
     assert not any(o.exists() for o in out)
 
 
