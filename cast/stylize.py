@@ -445,10 +445,8 @@ def _regions(
     order (all zeros for a region the style image does not have)."""
     content_hw = tuple(content.shape[-2:])
     style_hws = [tuple(s.shape[-2:]) for s in styles]
+    # their count and kinds are _check_arguments' (before any work)
     style_masks = list(style_masks) if style_masks is not None else [None] * len(styles)
-    if len(style_masks) != len(styles):
-        raise CastError(f"got {len(style_masks)} style masks for {len(styles)} style images")
-    _check_mask_options(content_mask, style_masks, soft_masks)
 
     names = None  # how an error names region k
     if isinstance(content_mask, Tensor):

@@ -234,7 +234,8 @@ def test_soft_masks_with_style_masks_are_refused(tmp_path):
     images.save_image(torch.ones(3, 8, 10), grey)
     content, style = torch.rand(3, 8, 10), torch.rand(3, 6, 6)
     with pytest.raises(CastError, match="soft masks cannot pair with style masks"):
-        _regions(content, [style], None, [torch.ones(2, 6, 6)], [grey], strict=False)
+        stylize(content, style, style_masks=[torch.ones(2, 6, 6)], soft_masks=[grey],
+                dry_run=True)  # fmt: skip
 
 
 def test_layer_masks_cover_the_pixels_the_features_see():
