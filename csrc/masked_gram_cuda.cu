@@ -49,6 +49,7 @@ struct BackwardTiles {
   int rows;
   size_t smem;
   bool f_resident;
+  bool own_mirrors;
 };
 
 // The widest tile rows whose shared memory fits; at those, F's halos kept for the item where
@@ -68,10 +69,10 @@ BackwardTiles backward_tiles(bool tensor_cores, int r, int K, int J, int C, size
           const size_t bytes = rows == kWideRows
                                    ? mma_backward_smem<T, kWideRows>(r, K, J, own, f_blocks)
                                    : mma_backward_smem<T, kNarrowRows>(r, K, J, own, f_blocks);
-          if (tensor_cores && bytes > 0 && bytes <= max_smem) return {rows, bytes, resident};
+          if (tensor_cores && bytes > 0 && bytes <= max_smem) return {rows, bytes, resident, own};
         }
   }
-  return {0, static_cast<size_t>(SimtBackwardLayout<T>::bytes(r, K, J)), false};
+  return {0, static_cast<size_t>(SimtBackwardLayout<T>::bytes(r, K, J)), false, false};
 }
 
 constexpr int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -102,6 +103,7 @@ CastGramPlan plan_for(const CastGramShape& s, bool tensor_cores, size_t max_smem
   plan.backward_rows = backward.rows;
   plan.backward_smem = backward.smem;
   plan.backward_f_resident = backward.f_resident;
+  plan.backward_own_mirrors = backward.own_mirrors;
   plan.symmetric_scratch = symmetric && plan.backward_rows > 0;
   if (plan.tile_rows == 0 || plan.backward_smem > max_smem)
     plan.unsupported =

@@ -34,6 +34,10 @@ struct CastGramPlan {
   // The tensor-core backward keeps F's halo of every input block in shared memory for the
   // whole item, so that each arrives once, not once for each kernel j; where J > 1 and it fits.
   bool backward_f_resident;
+  // The tensor-core backward's copies of dG's mirrored blocks have a shared-memory region of
+  // their own (a kernel's first step need not wait for U_j's readers), where it fits and S is
+  // not whole in a scratch (then nothing is mirrored); else they borrow U_j's.
+  bool backward_own_mirrors;
   bool tensor_cores;     // the matrix products on tensor cores
   size_t forward_smem;   // dynamic shared memory per block, bytes
   size_t backward_smem;

@@ -1942,12 +1942,7 @@ cudaError_t launch_mma_backward(Kernel kernel, int rows, const CastGramShape& s,
   if (err != cudaSuccess) return err;
   Dims d = tiled_dims<T>(s, features, rows, kTileCols, kOutBlock);
   d.f_blocks = plan.backward_f_resident ? ceil_div(d.C, kInBlock) : 1;
-  const auto own = [&](auto tile) {
-    return plan.backward_smem ==
-           static_cast<size_t>(decltype(tile)::bytes(d.r, d.K, d.J, true, d.f_blocks));
-  };
-  d.own_mirrors = rows == kWideRows ? own(MmaBackwardTile<T, kWideRows>{})
-                                    : own(MmaBackwardTile<T, kNarrowRows>{});  // the plan's
+  d.own_mirrors = plan.backward_own_mirrors;
   if (plan.symmetric_scratch) {
     err = SymmetricGrad<T>::launch(d, grad, inverse_mass, symmetric, stream);
     if (err != cudaSuccess) return err;

@@ -427,6 +427,7 @@ int emulated_plan(int dtype, const int64_t* s, const int64_t* machine, int64_t* 
   cuts[8] = plan.scratch_grams;
   cuts[9] = plan.symmetric_scratch;
   cuts[10] = plan.backward_f_resident;
+  cuts[11] = plan.backward_own_mirrors;
   return plan.unsupported == nullptr;
 }
 // kernel_group: the plan's own where 0, else this many kernels a block (a test's variant).
@@ -461,7 +462,7 @@ DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.floa
 # The plan's fields, in the order emulated_plan writes them.
 PLAN_FIELDS = ("splits", "kernel_group", "mask_group", "tensor_cores", "tile_rows", "forward_smem",
                "backward_smem", "backward_rows", "scratch_grams", "symmetric_scratch",
-               "backward_f_resident")  # fmt: skip
+               "backward_f_resident", "backward_own_mirrors")  # fmt: skip
 
 
 # The kernels' launches and dynamic shared memory arrays, by file (none in the other parts).

@@ -1130,9 +1130,11 @@ def test_gpu_checks_take_the_backward_ways_they_name(emulated):
         assert plan["backward_rows"] == whole["backward_rows"] == 8 and whole["symmetric_scratch"]
         kept = plan["backward_f_resident"]
         assert kept == whole["backward_f_resident"]  # so that their shared memory compares
+        own = plan["backward_own_mirrors"]
         if plan["symmetric_scratch"]:
+            assert not own  # nothing is mirrored
             return "F kept, " * kept + "S from a scratch"
-        own = plan["backward_smem"] > whole["backward_smem"]
+        assert own == (plan["backward_smem"] > whole["backward_smem"])  # the region's bytes
         return "F kept, " * kept + ("own mirrors" if own else "mirrors in U")
 
     for name, (dtype, K, B, H) in test_gpu.EVERY_ELEMENT_CASES.items():
