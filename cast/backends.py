@@ -130,19 +130,26 @@ NAMES = tuple(_LOADERS)
 _loaded: dict[str, Backend | BackendUnavailable] = {}
 
 
-def load(name: str) -> Backend:
-    """The backend called ``name``; ``BackendUnavailable`` says why it cannot be had."""
-    if name not in _LOADERS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+@torch.compiler.assume_constant_result  # a first call inside torch.compile: imports untraced
+def _load_failure(name: str) -> str:
+    """Look for backend ``name`` once: ``""`` where it loaded, else why it cannot be had."""
     if name not in _loaded:
         try:
             _loaded[name] = _LOADERS[name]()
         except BackendUnavailable as err:
             _loaded[name] = err
     found = _loaded[name]
-    if isinstance(found, BackendUnavailable):
-        raise BackendUnavailable(str(found))
-    return found
+    return str(found) if isinstance(found, BackendUnavailable) else ""
+
+
+def load(name: str) -> Backend:
+    """The backend called ``name``; ``BackendUnavailable`` says why it cannot be had."""
+    if name not in _LOADERS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    failure = _load_failure(name)
+    if failure:
+        raise BackendUnavailable(failure)
+    return _loaded[name]
 
 
 def available(name: str) -> bool:

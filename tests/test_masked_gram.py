@@ -178,6 +178,25 @@ def test_style_loss_under_torch_compile(name, device):
     assert relative_error(x_comp.grad, x_eager.grad) <= tol
 
 
+def test_a_first_call_inside_torch_compile_loads_its_backend(monkeypatch):
+    """A program whose first call of the op is compiled: the backend is looked for (imports
+    and all) outside the trace, so fullgraph=True holds and every size after the second
+    shares one graph."""
+    monkeypatch.setattr(backends, "_loaded", {})  # as in a fresh process
+    torch._dynamo.utils.counters.clear()
+    torch._dynamo.reset()
+    kernels = cast.high_order_kernels("neighbours")
+    compiled = torch.compile(
+        lambda f, m: cast.masked_gram(f, m, kernels).square().sum(), fullgraph=True
+    )
+    for size in (6, 8, 10):
+        features, masks = torch.rand(1, 2, size, size + 1), torch.rand(2, size, size + 1)
+        value = compiled(features, masks)  # before any eager call
+        expected = cast.masked_gram(features, masks, kernels).square().sum()
+        assert relative_error(value, expected) <= 1e-5
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
 def test_reference_backward_is_autograd_of_reference():
     """The closed-form gradient of SPEC §1 equals autograd of the forward definition."""
     features, masks, kernels = Case("formula", 2, 3, 6, 5, 3, 3, 5, "empty", True).inputs(
