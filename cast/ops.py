@@ -58,6 +58,7 @@ def masked_gram(
         ``kernels`` are constants and get no gradient.
     """
     features, masks, kernels = canonical_inputs(features, masks, kernels)
+    _refuse_transforms(features)
     inv_mass = canonical_inverse_mass(features, masks, mass)
     chosen = _choose(backend, features, "cast.masked_gram")
     return torch.ops.cast.masked_gram(features, masks, kernels, inv_mass, chosen, allow_tf32)
@@ -99,6 +100,31 @@ def masked_gram_grad(
         )
     chosen = _choose(backend, features, "cast.masked_gram_grad")
     return _d_features(grad.detach(), inv_mass, features, masks, kernels, chosen, allow_tf32)
+
+
+def _refuse_transforms(features: Tensor) -> None:
+    """Forward-mode AD and torch.func's differentiating transforms refused in one line: the
+    op has a backward only, and without this ``jvp``/``jacfwd`` silently gave zero (``vmap``
+    works, a loop over the op)."""
+    if torch.compiler.is_compiling():
+        return  # torch.compile's own rules apply there
+    functorch = torch._C._functorch
+    level = features  # and each level of torch.func wrapping below it
+    while True:
+        if not functorch.is_batchedtensor(level):  # vmap's: no tangent of its own to ask for
+            differentiated = functorch.is_gradtrackingtensor(level) and level.requires_grad
+            if differentiated or torch.autograd.forward_ad.unpack_dual(level).tangent is not None:
+                raise NotImplementedError(_NO_TRANSFORMS)
+        if not functorch.is_functorch_wrapped_tensor(level):
+            return
+        level = functorch.get_unwrapped(level)
+
+
+_NO_TRANSFORMS = (
+    "cast.masked_gram has a backward (loss.backward(), torch.autograd.grad) but no forward-mode "
+    "AD and no torch.func transform other than vmap (grad, jacrev, jvp, jacfwd, hessian); "
+    "use cast.reference.masked_gram_reference for those"
+)
 
 
 def _choose(backend: str | None, features: Tensor, where: str) -> str:

@@ -117,6 +117,41 @@ def test_masked_gram_is_differentiable_once_as_the_readme_says():
         grad.sum().backward()
 
 
+def _dual_tangent(f, x):
+    with torch.autograd.forward_ad.dual_level():
+        out = f(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
+        return torch.autograd.forward_ad.unpack_dual(out).tangent
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda f, x: torch.func.jvp(f, (x,), (torch.ones_like(x),)),  # was silently zero
+        lambda f, x: torch.func.jacfwd(f)(x),  # was silently zero
+        _dual_tangent,  # was silently None
+        lambda f, x: torch.func.grad(lambda x: f(x).sum())(x),
+        lambda f, x: torch.func.vmap(torch.func.jacrev(lambda x: f(x[None])))(x),
+        lambda f, x: torch.func.hessian(lambda x: f(x).sum())(x),
+    ],
+    ids=["jvp", "jacfwd", "forward_ad", "grad", "vmap-jacrev", "hessian"],
+)
+def test_torch_func_transforms_other_than_vmap_are_refused(transform):
+    features, masks = torch.rand(2, 2, 4, 4, dtype=torch.float64), torch.rand(3, 4, 4).double()
+    with pytest.raises(NotImplementedError, match="no forward-mode AD and no torch.func"):
+        transform(lambda f: masked_gram(f, masks), features)
+
+
+def test_vmap_and_transforms_of_other_inputs_work():
+    features, masks = torch.rand(2, 2, 4, 4, dtype=torch.float64), torch.rand(3, 4, 4).double()
+    gram = masked_gram(features, masks)
+    assert torch.allclose(torch.func.vmap(lambda f: masked_gram(f[None], masks)[0])(features), gram)
+    # the features are constants of this transform: d/dt of (G * t).sum() is G.sum()
+    d_t = torch.func.grad(lambda t: (masked_gram(features * 1, masks) * t).sum())(
+        torch.ones((), dtype=torch.float64)
+    )
+    assert torch.allclose(d_t, gram.sum())
+
+
 def test_masks_that_do_not_go_together_are_refused_before_the_network(tmp_path):
     """From the arguments alone, before the weights load (NO_NETWORK's would fail otherwise),
     with what to do instead."""
