@@ -262,6 +262,11 @@ def canonical_inputs(
                 f"{where}: {name} are {str(t.dtype).removeprefix('torch.')} but features "
                 f"{str(features.dtype).removeprefix('torch.')}; convert with .to(features.dtype)"
             )
+        if t.requires_grad:  # else its .grad would stay None, silently
+            raise ValueError(
+                f"{where}: {name} are constants of the problem and get no gradient; "
+                f"pass {name}.detach()"
+            )
 
     if masks.dim() == 3:
         masks = masks[None]

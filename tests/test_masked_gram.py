@@ -272,6 +272,8 @@ BAD_INPUTS = [
     ("kernels 2-D", dict(kernels=torch.randn(3, 3)), ValueError, r"kernels must be \(J, r, r\)"),
     ("kernels float16", dict(kernels=P.half()), ValueError, "kernels are float16"),
     ("masks on meta", dict(masks=M.to("meta")), ValueError, "move them with"),
+    ("masks need grad", dict(masks=M.clone().requires_grad_()), ValueError, "pass masks.detach"),
+    ("kernels need grad", dict(kernels=P.clone().requires_grad_()), ValueError, "no gradient"),
     ("all on meta", dict(features=F.to("meta"), masks=M.to("meta"), kernels=P.to("meta")),
      RuntimeError, "tensors, got meta"),  # fmt: skip
     ("unknown backend", dict(backend="gpu"), ValueError, "unknown backend 'gpu'"),
