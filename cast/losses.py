@@ -168,9 +168,11 @@ class GramStats:
     def of(
         cls, features: Tensor, masks: Tensor, kernels: Tensor, *, backend: str | None = None
     ) -> GramStats:
-        """Statistics of ``features (B, C, H, W)`` under ``masks (K, H, W)`` and ``kernels``."""
+        """Statistics of ``features (B, C, H, W)`` under ``masks`` ``(K, H, W)``, or
+        ``(B, K, H, W)`` one set per item, and ``kernels``, pooled over the batch."""
         sums = gram_sums(features, masks, kernels, backend=backend)
-        return cls(sums.sum(0), mask_mass(masks).to(sums.dtype) * features.shape[0])
+        mass = mask_mass(masks).to(sums.dtype).reshape(-1, sums.shape[2])  # (1 or B, K)
+        return cls(sums.sum(0), mass.sum(0) * (features.shape[0] // mass.shape[0]))
 
     def __add__(self, other: GramStats) -> GramStats:
         return GramStats(self.sums + other.sums, self.mass + other.mass)
@@ -227,13 +229,20 @@ class StyleLoss(nn.Module):
     ):
         super().__init__()
         J, K = target.shape[:2]
-        if (masks is not None and masks.shape[0] != K) or kernels.shape[0] != J:
+        if (
+            target.dim() != 4
+            or (masks is not None and (masks.dim() != 3 or masks.shape[0] != K))
+            or kernels.shape[0] != J
+        ):
             raise ValueError(
-                f"StyleLoss: target {tuple(target.shape)} needs {K} masks and {J} kernels, "
-                f"got masks {None if masks is None else tuple(masks.shape)} and kernels "
+                f"StyleLoss: target (J, K, C, C) {tuple(target.shape)} needs (K, H, W) masks "
+                f"shared by the batch and (J, r, r) kernels, got masks "
+                f"{None if masks is None else tuple(masks.shape)} and kernels "
                 f"{tuple(kernels.shape)}"
             )
         if region_weights is None:
+            if masks is None:
+                raise ValueError("StyleLoss: without masks, give region_weights (K,)")
             region_weights = self.region_weights(mask_mass(masks))
         # Relative error instead of Gatys' 1 / (4 C^2): the same weight means the same for every
         # layer, kernel and network. A target of norm 0 (nothing to match) drops out.
@@ -248,6 +257,8 @@ class StyleLoss(nn.Module):
         self.backend = backend
 
     def forward(self, features: Tensor) -> Tensor:
+        if self.masks is None:
+            raise ValueError("StyleLoss without masks takes Grams already formed: use of_gram")
         gram = masked_gram(
             features,
             self.masks.to(features.dtype),
@@ -263,6 +274,11 @@ class StyleLoss(nn.Module):
 
     def of_gram(self, gram: Tensor) -> Tensor:
         """The loss of Gram matrices ``(B, J, K, C, C)`` already taken (by tiles, say)."""
+        if gram.shape[1:] != self.target.shape:  # else a broadcasting error, or a wrong loss
+            raise ValueError(
+                f"StyleLoss: Grams {tuple(gram.shape)} do not match the target "
+                f"{tuple(self.target.shape)} (J, K, C, C): features of another layer?"
+            )
         error = (gram - self.target).square().sum((-1, -2))  # (B, J, K)
         return (error * self.scale).sum((1, 2)).mean()
 

@@ -101,6 +101,29 @@ def test_stats_of_a_batch_are_the_stats_of_its_images_pooled():
     torch.testing.assert_close(both.mean(), (first + second).mean())
 
 
+def test_stats_of_a_batch_with_masks_per_item_are_its_items_pooled():
+    features, masks = _random(2, 3, 6, 6), _random(2, 2, 6, 6, seed=1)
+    kernels = HIGH_ORDER_PRESETS["neighbours"].double()
+    both = GramStats.of(features, masks, kernels)
+    first, second = (GramStats.of(features[i : i + 1], masks[i], kernels) for i in range(2))
+    torch.testing.assert_close(both.mass, first.mass + second.mass)
+    torch.testing.assert_close(both.mean(), (first + second).mean())
+
+
+def test_style_loss_refuses_what_it_cannot_take_in_one_line():
+    """Not an AttributeError or a broadcasting error from inside the loss."""
+    masks, kernels = _random(2, 6, 6), HIGH_ORDER_PRESETS["neighbours"].double()
+    target = GramStats.of(_random(1, 3, 6, 6), masks, kernels).mean()
+    with pytest.raises(ValueError, match=r"without masks, give region_weights"):
+        StyleLoss(target, None, kernels)
+    with pytest.raises(ValueError, match=r"without masks takes Grams already formed"):
+        StyleLoss(target, None, kernels, region_weights=torch.ones(2))(_random(1, 3, 6, 6))
+    with pytest.raises(ValueError, match=r"needs \(K, H, W\) masks shared by the batch"):
+        StyleLoss(target, masks[None].expand(2, -1, -1, -1), kernels)  # per item, B = K
+    with pytest.raises(ValueError, match=r"Grams \(1, 3, 2, 4, 4\) do not match the target"):
+        StyleLoss(target, masks, kernels)(_random(1, 4, 6, 6))
+
+
 def test_a_region_without_mass_takes_the_fallback_not_nan():
     features = _random(1, 3, 6, 6)
     masks = torch.stack([torch.ones(6, 6), torch.zeros(6, 6)]).double()
