@@ -418,11 +418,11 @@ def _loaded_sizes(
     """``(H, W)`` of the content and of each style image as ``_load`` gives them (the finest
     scale), from the files' headers."""
     style_long_side = round(size * style_scale)
-    style_hws = [images.fit(_image_hw(style), style_long_side) for style in styles]
-    return images.fit(_image_hw(content), size), style_hws
+    style_hws = [images.fit(image_hw(style), style_long_side) for style in styles]
+    return images.fit(image_hw(content), size), style_hws
 
 
-def _image_hw(image: ImageLike) -> tuple[int, int]:
+def image_hw(image: ImageLike) -> tuple[int, int]:
     """``(H, W)`` of an image tensor or file, reading only the file's header."""
     if isinstance(image, Tensor):
         return tuple(image.shape[-2:]) if image.dim() == 3 else (1, 1)

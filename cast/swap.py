@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import checks, images, masks
 from .errors import CastError, MaskError
-from .stylize import ImageLike, initial_file, stylize
+from .stylize import ImageLike, image_hw, initial_file, stylize
 
 
 def swap(
@@ -104,8 +104,7 @@ def _is_grey(path: str | os.PathLike) -> bool:
 
 
 def _soft(path: str | os.PathLike, image: ImageLike) -> Tensor:
-    size = tuple(image.shape[-2:]) if isinstance(image, Tensor) else images.image_size(image)
-    return masks.soft_masks([path], size)[0]
+    return masks.soft_masks([path], image_hw(image))[0]
 
 
 def _exchanged_and_rest(path, image) -> Tensor:
