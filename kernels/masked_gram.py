@@ -9,9 +9,10 @@ vectors where ``W`` is a multiple of 16) and adds
 ``(m_k^2 Z_a)^T Z_c`` to one accumulator per mask, so ``P_j F`` and ``M_k P_j F`` never reach
 memory. Masks come in chunks of ``NUM_MASKS`` (a constexpr, unrolled: the largest divisor of
 ``K`` up to four) rather than all ``K`` at once, which bounds the registers a program needs;
-``K = 3`` is one chunk, and ``F`` is read once for all three. Each split of the rows writes
-its own partial Gram and the splits are summed afterwards: deterministic, no atomics,
-and the scratch, ``S * B*J*K*C^2``, is kept within a tenth of the inputs and outputs.
+``K = 3`` is one chunk, and ``F`` is read once for all three. Split 0 of the rows writes
+``G``, each other split its own partial Gram, which a small kernel then adds into ``G`` in
+split order: deterministic, no atomics, and the scratch, ``(S - 1) * B*J*K*C^2``, is kept
+within a tenth of the inputs and outputs.
 
 Backward. ``dF = sum_j P_j^T U_j`` with ``U_j = sum_k M_k^2 Z_j S_jk`` and
 ``S_jk = (dG_jk + dG_jk^T) / n_k``, a tile of it formed as it is loaded (a tile of dG, the
@@ -99,11 +100,15 @@ INTERPRETER_BWD_CONFIG = dict(TILE_H=8, TILE_W=16, BLOCK_C=16, BLOCK_D=16, num_w
 # It is third, for where the scratch budget binds: the lease of 30c9271 (H200) timed it 7 %-2.1x
 # faster than 16 x 16 x 64 under the budget at relu4_1 and relu5_1 of a 1024^2 image, J = K = 1,
 # and 51 % slower at relu4_1, J = K = 3, where the budget does not bind (gpu-notes).
+# The third forward config, 32-channel blocks at 4 warps, is for where 64-channel blocks give
+# the card too few programs (_forward_prune): sm_90a, Triton 3.9, float32 and bf16, 1 and 3
+# masks, sizes multiples of 16 or not: 96-249 registers, so two to four programs an SM, no
+# spill (4 x 32 x 32 took 255, 8 x 32 x 32 spilled 8-1248 B).
 FWD_CONFIGS = [
     triton.Config(
         dict(TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_C=BLOCK_C), num_warps=num_warps, num_stages=1
     )
-    for TILE_H, TILE_W, BLOCK_C, num_warps in [(2, 32, 64, 8), (4, 32, 64, 8)]
+    for TILE_H, TILE_W, BLOCK_C, num_warps in [(2, 32, 64, 8), (4, 32, 64, 8), (2, 32, 32, 4)]
 ]
 BWD_CONFIGS = [
     triton.Config(
@@ -231,7 +236,8 @@ def _masked_gram_fwd_kernel(
     masks_ptr,  # (Bm, K, H, W)
     kernels_ptr,  # (J, R, R)
     inv_mass_ptr,  # (Bm, K): 1 / n_k, 0 for an empty mask
-    out_ptr,  # (S, B, J, K, C, C): the Grams of each split of the rows, 1/n_k applied
+    gram_out_ptr,  # (B, J, K, C, C): G, split 0's Gram, 1/n_k applied
+    partial_ptr,  # (S - 1, B, J, K, C, C): the other splits' Grams (G itself at one split)
     B,
     C,
     H,
@@ -357,10 +363,33 @@ def _masked_gram_fwd_kernel(
             updated = updated + (gram,)
         grams = updated
 
-    gram_ptr = out_ptr + (((split * B + b) * J + j) * K + k0).to(tl.int64) * C * C
+    if split == 0:
+        out_ptr = gram_out_ptr
+    else:
+        out_ptr = partial_ptr + (split - 1).to(tl.int64) * B * J * K * C * C
+    gram_ptr = out_ptr + ((b * J + j) * K + k0).to(tl.int64) * C * C
     inv_ptr = inv_mass_ptr + b * inv_mass_batch_stride + k0
     for i in tl.static_range(NUM_MASKS):
         _store_gram(gram_ptr + i * C * C, grams[i], inv_ptr + i, offs_a, offs_c, C)
+
+
+@triton.jit
+def _add_partials_kernel(
+    gram_ptr,  # (numel,): G, holding split 0's Gram
+    partial_ptr,  # (partials, numel): the other splits' Grams
+    numel,
+    partials,
+    BLOCK: tl.constexpr,
+):
+    """G += the other splits' Grams in split order: deterministic, in place, no temporary."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    total = tl.load(gram_ptr + offs, mask=inside)
+    rows = partial_ptr + offs
+    for _ in range(partials):
+        total += tl.load(rows, mask=inside)
+        rows += numel
+    tl.store(gram_ptr + offs, total, mask=inside)
 
 
 @triton.jit
@@ -546,6 +575,19 @@ def _fits(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+def _forward_prune(configs, named_args, **kwargs):
+    """``_fits``, and 32-channel blocks only where 64-channel blocks leave SMs idle
+    (relu5_1 of a 1024^2 image at J = K = 1: 72 programs for 132 SMs, 272 with 32-channel
+    blocks): elsewhere they would read F twice as often, and each is one more compile."""
+    kept = _fits(configs, named_args, **kwargs)
+    wide = [c for c in kept if c.kwargs["BLOCK_C"] >= 64]
+    features, H, rows_per_split = (named_args[k] for k in ("features_ptr", "H", "rows_per_split"))
+    J, K = named_args["J"], named_args["K"]
+    problem = Problem(tuple(features.shape), 1, features.dtype, J, K, kwargs["R"])
+    programs = forward_programs(problem, 64, triton.cdiv(H, rows_per_split))
+    return wide if wide and programs >= multiprocessors(features.device) else kept
+
+
 # Tuned once per channel count, masks, kernel size, precision and size class (about a factor
 # of four in positions): not per image size, so coarse-to-fine scales and the layers of one
 # image reuse each other's choice. (The dtypes of the pointer arguments are part of every key.)
@@ -554,13 +596,12 @@ FWD_TUNING_KEY = [*TUNING_KEY, "NUM_MASKS"]
 if INTERPRETING:
     _fwd_kernel, _bwd_kernel = _masked_gram_fwd_kernel, _masked_gram_bwd_kernel
 else:
-    prune = dict(early_config_prune=_fits)
-    _fwd_kernel = triton.autotune(FWD_CONFIGS, key=FWD_TUNING_KEY, prune_configs_by=prune)(
-        _masked_gram_fwd_kernel
-    )
-    _bwd_kernel = triton.autotune(BWD_CONFIGS, key=TUNING_KEY, prune_configs_by=prune)(
-        _masked_gram_bwd_kernel
-    )
+    _fwd_kernel = triton.autotune(
+        FWD_CONFIGS, key=FWD_TUNING_KEY, prune_configs_by=dict(early_config_prune=_forward_prune)
+    )(_masked_gram_fwd_kernel)
+    _bwd_kernel = triton.autotune(
+        BWD_CONFIGS, key=TUNING_KEY, prune_configs_by=dict(early_config_prune=_fits)
+    )(_masked_gram_bwd_kernel)
 
 
 def tuned_configs() -> dict[str, str]:
@@ -629,6 +670,14 @@ def default_forward_config(C: int, num_masks: int, R: int) -> dict:
     return _as_launch_config(_fits(FWD_CONFIGS, dict(C=C), NUM_MASKS=num_masks, R=R)[0])
 
 
+def forward_programs(problem: Problem, block_c: int, splits: int = 1) -> int:
+    """The forward's programs: batch item x kernel x chunk of masks x upper-triangle pair of
+    channel blocks x split of the rows."""
+    (B, C, _, _), J, K = problem.shape, problem.J, problem.K
+    blocks = channel_blocks(C, block_c)
+    return B * J * (K // masks_per_program(K)) * blocks * (blocks + 1) // 2 * splits
+
+
 def split_rows(problem: Problem, launch_config: dict, fill: int, splits: int | None = None) -> int:
     """The rows of each split of the forward (a multiple of the tiles' rows): as many splits
     as give ``fill`` programs, their partial Grams within the scratch budget (or ``splits``
@@ -636,13 +685,13 @@ def split_rows(problem: Problem, launch_config: dict, fill: int, splits: int | N
     (B, C, H, _), J, K = problem.shape, problem.J, problem.K
     quantum = launch_config.get("TILE_H", SPLIT_QUANTUM)
     if splits is None:
-        blocks = channel_blocks(C, launch_config.get("BLOCK_C", 64))
-        programs = B * J * (K // masks_per_program(K)) * blocks * (blocks + 1) // 2
+        programs = forward_programs(problem, launch_config.get("BLOCK_C", 64))
         gram_bytes = B * J * K * C * C * gram_dtype(problem.dtype).itemsize
         # R = 1: the kernels' few bytes are no reason to split differently
         budget = SCRATCH_FRACTION * inputs_outputs_bytes(problem._replace(R=1))
         wanted = triton.cdiv(fill, programs)
-        splits = max(1, min(wanted, int(budget // gram_bytes), triton.cdiv(H, quantum), 65535))
+        # G holds split 0's Gram, so the budget holds the other splits'
+        splits = min(wanted, 1 + int(budget // gram_bytes), triton.cdiv(H, quantum), 65535)
     return triton.cdiv(triton.cdiv(H, splits), quantum) * quantum
 
 
@@ -650,7 +699,7 @@ def forward_scratch_bytes(problem: Problem, sms: int) -> int:
     """The partial Grams the autotuned forward allocates on a GPU with ``sms`` SMs."""
     (B, C, H, _), J, K = problem.shape, problem.J, problem.K
     splits = triton.cdiv(H, split_rows(problem, {}, programs_to_fill(sms)))
-    return (splits if splits > 1 else 0) * B * J * K * C * C * gram_dtype(problem.dtype).itemsize
+    return (splits - 1) * B * J * K * C * C * gram_dtype(problem.dtype).itemsize
 
 
 def resident_programs(config: dict, sms: int) -> int:
@@ -782,7 +831,6 @@ def forward(
     N = H * W
     acc_dtype = gram_dtype(features.dtype)
     num_masks = masks_per_program(K)
-    chunks = K // num_masks
     shared_masks = masks.shape[0] == 1
 
     gram = torch.empty((B, J, K, C, C), dtype=acc_dtype, device=features.device)
@@ -798,11 +846,10 @@ def forward(
     problem = Problem.of(features, masks, kernels)
     rows_per_split = split_rows(problem, launch_config, fill, splits)
     splits = triton.cdiv(H, rows_per_split)
-    out = gram[None] if splits == 1 else gram.new_empty((splits, *gram.shape))
+    partials = gram.new_empty((splits - 1, *gram.shape)) if splits > 1 else gram
 
     def grid(meta):
-        blocks = channel_blocks(C, meta["BLOCK_C"])
-        return (B * J * chunks * blocks * (blocks + 1) // 2, splits)
+        return (forward_programs(problem, meta["BLOCK_C"]), splits)
 
     with on_device(features):
         kernel[grid](
@@ -810,7 +857,8 @@ def forward(
             masks,
             kernels,
             inv_mass,
-            out,
+            gram,
+            partials,
             B,
             C,
             H,
@@ -828,7 +876,12 @@ def forward(
             **dot_constexprs(features.dtype, allow_tf32),
             **launch_config,
         )
-    return gram if splits == 1 else torch.sum(out, dim=0, out=gram)
+        if splits > 1:
+            block = 1024
+            _add_partials_kernel[(triton.cdiv(gram.numel(), block),)](
+                gram, partials, gram.numel(), splits - 1, BLOCK=block, num_warps=4
+            )
+    return gram
 
 
 def backward(

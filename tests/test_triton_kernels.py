@@ -7,6 +7,7 @@ shapes are small.
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -224,7 +225,7 @@ class AllocationCounter(TorchDispatchMode):
 @pytest.mark.parametrize("splits", [1, 3])
 def test_launchers_allocate_nothing_proportional_to_JNC(splits):
     """SPEC §2: beyond inputs and outputs, O(B*J*K*C^2) scratch, never J*N*C or J*K*N*C."""
-    B, C, H, W, J, K = 1, 16, 16, 16, 2, 2
+    B, C, H, W, J, K = 1, 16, 12, 16, 2, 2  # 12 rows: three splits of the interpreter's 4
     f64, m64, p64 = random_inputs(B, C, H, W, J, K, 3, seed=8)
     features, masks, kernels = to_test_device(torch.float32, f64, m64, p64)
     gram_bytes = B * J * K * C * C * 4
@@ -233,8 +234,9 @@ def test_launchers_allocate_nothing_proportional_to_JNC(splits):
     inv_mass = canonical_inverse_mass(features, masks, None)
     with AllocationCounter() as forward_count:
         gram = triton_gram.forward(features, masks, kernels, inv_mass, True, splits=splits)
-    # the output and the partial Grams of the splits (1/n_k comes formed from cast.ops)
-    forward_budget = (1 + (splits if splits > 1 else 0)) * gram_bytes + 1024
+    # the output, which holds split 0's Gram, and the other splits' (1/n_k comes formed from
+    # cast.ops)
+    forward_budget = splits * gram_bytes + 1024
     assert forward_count.bytes <= forward_budget < smallest_forbidden
 
     grad = torch.randn(gram.shape, generator=torch.Generator().manual_seed(9)).to(gram)
@@ -317,6 +319,42 @@ def test_scratch_within_a_tenth_of_inputs_and_outputs_at_every_vgg_layer():
                         if nbytes > tenth:
                             over[image, name, dtype_name, J, what] = nbytes / tenth * 10
     assert over == {}, over  # (image, layer, dtype, J = K, launcher): scratch in % of the bytes
+
+
+# Where 64-channel blocks leave SMs of a 132-SM card idle, at a 1024^2 image's VGG layers (3 x 3
+# kernels), so the forward's autotuner also times 32-channel blocks: (layer, dtype, J = K): the
+# programs of 64-channel blocks. relu5_1 at J = K = 1 takes two splits, since G holds split 0's
+# Gram and the budget (1.8 MiB in float32) the other's (1 MiB).
+NARROW_FORWARD_CELLS = {
+    ("relu3_1", "bfloat16", 3): 120,
+    ("relu4_1", "float32", 3): 108,
+    ("relu4_1", "bfloat16", 3): 108,
+    ("relu5_1", "float32", 1): 72,
+    ("relu5_1", "bfloat16", 1): 72,
+    ("relu5_1", "float32", 3): 108,
+    ("relu5_1", "bfloat16", 3): 108,
+}
+
+
+def test_forward_tunes_32_channel_blocks_only_where_64_leave_sms_idle(monkeypatch):
+    monkeypatch.setattr(triton_gram, "multiprocessors", lambda device: H100_SMS)
+    narrow = {}
+    for name, C, fraction in VGG_STYLE_LAYERS:
+        size = 1024 // fraction
+        for dtype in (torch.float32, torch.bfloat16):
+            for J in (1, 3):
+                problem = triton_gram.Problem((1, C, size, size), 1, dtype, J, J, 3)
+                rows = triton_gram.split_rows(problem, {}, utils.programs_to_fill(H100_SMS))
+                features = torch.empty(problem.shape, dtype=dtype, device="meta")
+                named_args = dict(features_ptr=features, C=C, H=size, J=J, K=J, rows_per_split=rows)
+                kept = triton_gram._forward_prune(
+                    triton_gram.FWD_CONFIGS, named_args, R=3, NUM_MASKS=J
+                )
+                if any(config.kwargs["BLOCK_C"] == 32 for config in kept):
+                    splits = -(-size // rows)
+                    dtype_name = str(dtype).removeprefix("torch.")
+                    narrow[name, dtype_name, J] = triton_gram.forward_programs(problem, 64, splits)
+    assert narrow == NARROW_FORWARD_CELLS
 
 
 def test_gatys_backward_takes_no_scratch_and_every_resident_program():
@@ -588,7 +626,8 @@ def test_shipped_configs_compile_for_sm90_without_spills():
     no spilled registers in any shipped config, Hopper's warpgroup MMA (wgmma) for every dot,
     bf16 operands for bf16 input (not TF32), shared memory within the card's limit, the
     backward's tiles of U_j and dF moved in 128-bit loads and stores where sizes allow, and the
-    forward's centre-column loads of F in 128-bit loads where sizes are multiples of 16."""
+    forward's centre-column loads of F in 128-bit loads where sizes are multiples of 16. (The
+    forward's 32-channel blocks take mma.sync: wgmma needs 64 rows.)"""
     pytest.importorskip("triton.backends.nvidia")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -606,7 +645,9 @@ def test_shipped_configs_compile_for_sm90_without_spills():
         where = f"{kernel} {config} masks={num_masks} {dtype} aligned sizes: {aligned}"
         assert int(spilled) == 0, f"{where}: {spilled} bytes spilled ({registers} registers)"
         assert int(shared) <= 227 * 1024, where
-        assert "HGMMA" in mma, f"{where}: no wgmma: {mma}"
+        # 32-channel blocks (for where 64 leave SMs idle) are 32-row operands, below wgmma's 64
+        expected = "HMMA" if "'BLOCK_C': 32}" in config else "HGMMA"
+        assert {op.split(".")[0] for op in ast.literal_eval(mma)} == {expected}, f"{where}: {mma}"
         assert ("BF16" in mma) == (dtype == "bf16"), f"{where}: {mma}"
         if kernel == "_masked_gram_bwd_kernel" and (aligned == "True" or "R=3" in config):
             # dF's store, or at r = 3 the scratch tile's moves (aligned at any size)
