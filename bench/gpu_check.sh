@@ -5,8 +5,8 @@
 # CUDA extension for the card, run the GPU-relevant tests in parallel, benchmark the op (1024^2
 # and 4096^2, TF32 and bf16, both GPU backends, eager and torch.compile where they fit), probe
 # where the CUDA kernels' time goes and the Triton kernels' questions (bench/gpu_probe.py and
-# its --triton section), read the CUDA kernels' hardware counters with Nsight Compute
-# (bench/gpu_ncu.py), time a stylisation step (bench/bench_stylize.py), run the CUDA backward
+# its --triton section), read the CUDA kernels' hardware counters with Nsight Compute, and
+# later the Triton forward's (bench/gpu_ncu.py), time a stylisation step (bench/bench_stylize.py), run the CUDA backward
 # under compute-sanitizer (bench/gpu_sanitize.py) and time tiled steps from 1024^2 to 8192^2,
 # one rank (bench/bench_tiled.py, issue 8); the stylisation and the tiled steps need the
 # VGG-19 weights, which the machine cannot download: carry them in
@@ -122,7 +122,7 @@ fi
 # full run's tiled rows, QUICK's Triton probe and stylisation).
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
 stalls='regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$'
-ncu_args=(--clock-control none --profile-from-start off --launch-count 8
+ncu_args=(--clock-control none --profile-from-start off
   --kernel-name 'regex:_masked_gram_(fwd|bwd_mma|bwd_simt)_kernel' --print-summary none
   --metrics "$stalls,smsp__inst_issued.sum")
 for section in SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats \
@@ -135,7 +135,7 @@ step ncu:probe 60 env PY="$PY" bash -c 'log=$(mktemp); "$@" 2>&1 | tee "$log"; r
   rm -f "$log"
   echo "== ncu read the counters of $kernels of 8 kernels (rc $rc)"
   [ "$kernels" -ge 8 ] || echo "   none or some: no ncu here, or a runtime that hides them (gVisor)"
-  [ "$rc" -eq 0 ] && [ "$kernels" -ge 8 ]' ncu "${ncu:-ncu}" "${ncu_args[@]}" \
+  [ "$rc" -eq 0 ] && [ "$kernels" -ge 8 ]' ncu "${ncu:-ncu}" --launch-count 8 "${ncu_args[@]}" \
   "$PY" bench/gpu_ncu.py
 # The op's host path on tiny inputs (issue 9, gpu-notes "The op's host path, as built"): ATen
 # ops, kernels and µs a call with mass=None and mass=1.0; a few seconds, into probe.log.
@@ -157,6 +157,17 @@ step bench-bfloat16 85 "$PY" bench/bench_masked_gram.py --device cuda --image 10
 # (about 13 s at 30c9271, predicted about 20 s with the third backward config); into probe.log,
 # after the CUDA probe.
 step triton-probe:probe 60 "$PY" bench/gpu_probe.py --triton
+# The Triton forward's counters (bench/gpu_ncu.py --triton: 4 launches, relu1_1 J = K = 3 f32
+# and bf16, relu5_1 J = K = 1 with 64- and 32-channel blocks; gpu-notes "Triton forward: G holds
+# split 0"): whether its tiles wait on L1 misses, on sectors a request or on latency. After the
+# probe, whose runs have compiled its configs; about 20-30 s.
+step ncu-triton:probe 45 env PY="$PY" bash -c 'log=$(mktemp); "$@" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+  kernels=$(grep -cE "_masked_gram_.*, Context [0-9]+, Stream" "$log")
+  "$PY" bench/gpu_ncu.py --triton --read "$log"  # each kernel by stall reason
+  rm -f "$log"
+  echo "== ncu read the counters of $kernels of 4 Triton kernels (rc $rc)"
+  [ "$rc" -eq 0 ] && [ "$kernels" -ge 4 ]' ncu "${ncu:-ncu}" --launch-count 4 "${ncu_args[@]}" \
+  "$PY" bench/gpu_ncu.py --triton
 weights=gpu-weights/vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin
 [ -f "$weights" ] && export CAST_VGG19="$PWD/$weights"
 step stylize 30 "$PY" bench/bench_stylize.py --device cuda --backend "$stylize_backend" --size 512 \

@@ -10,7 +10,13 @@ that each stall reason's cycles, whole minus "no MMA", are the MMA phase's. With
 runs the same calls on the CPU backend (float32 only; the variant means nothing there), so that
 CI catches a broken script.
 
-    ncu --clock-control none --profile-from-start off python3 bench/gpu_ncu.py
+With ``--triton`` it launches the Triton forward instead (its own ncu step, later in the run):
+relu1_1's call above, float32 and bf16, and relu5_1 of a 1024^2 image at J = K = 1 (C = 512,
+64 x 64) with 64- and with 32-channel blocks, each in the shipped config named, not tuned. Its
+counters say what binds the forward's tiles (gpu-notes, "Triton forward: G holds split 0"):
+L1 hits and sectors a request of the shifted loads, and the stall reasons.
+
+    ncu --clock-control none --profile-from-start off python3 bench/gpu_ncu.py [--triton]
 """
 
 from __future__ import annotations
@@ -51,6 +57,62 @@ def calls(channels: int, side: int, device: str) -> list[tuple[str, int, object]
         label = f"{device} {str(dtype).removeprefix('torch.')} C={channels} {side}^2"
         made.append((f"{label} {kernel}, {variant}", VARIANTS[variant], ops[dtype][kernel]))
     return made
+
+
+# The Triton forward's launches: (label, C, side, J = K, dtype, config). relu5_1 takes two
+# splits (72 programs of 64-channel blocks, 272 of 32): the second kernel a call launches, which
+# adds the splits, is not the forward's name and ncu leaves it out.
+TRITON_CONFIG = dict(TILE_H=2, TILE_W=32, BLOCK_C=64, num_warps=8, num_stages=1)
+NARROW_CONFIG = TRITON_CONFIG | dict(BLOCK_C=32, num_warps=4)
+
+
+def triton_launches(channels: int, side: int) -> list[tuple]:
+    deep_channels, deep_side = 8 * channels, side // 16  # relu5_1 beside relu1_1
+    return [
+        ("relu1_1 J=K=3", channels, side, J, torch.float32, TRITON_CONFIG),
+        ("relu1_1 J=K=3", channels, side, J, torch.bfloat16, TRITON_CONFIG),
+        ("relu5_1 J=K=1", deep_channels, deep_side, 1, torch.float32, TRITON_CONFIG),
+        ("relu5_1 J=K=1", deep_channels, deep_side, 1, torch.float32, NARROW_CONFIG),
+    ]
+
+
+def triton_label(layer: str, C: int, size: int, jk: int, dtype: torch.dtype, config: dict) -> str:
+    tiling = f"{config['TILE_H']}x{config['TILE_W']}x{config['BLOCK_C']} w{config['num_warps']}"
+    return f"triton {str(dtype).removeprefix('torch.')} {layer} C={C} {size}^2 {tiling} forward"
+
+
+def triton_calls(channels: int, side: int, device: str) -> list[tuple[str, int, object]]:
+    """(label, probe variant, call) of the Triton forward, in launch order."""
+    from cast.kernels import masked_gram as triton_gram
+
+    made = []
+    for launch in triton_launches(channels, side):
+        _, C, size, jk, dtype, config = launch
+        features, masks, kernels, inv, _ = op_inputs(C, size, jk, dtype, device, 0)
+        call = partial(triton_gram.forward, features, masks, kernels, inv, True, config=config)
+        made.append((f"{triton_label(*launch)}, whole", VARIANTS["whole"], call))
+    return made
+
+
+def stall_table(text: str, labels: list[str], top: int = 6) -> list[str]:
+    """Each profiled kernel's warp-cycles (millions) by stall reason, its largest first."""
+    pages = read_counters(text)
+    if len(pages) != len(labels):
+        return [f"ncu pages: {len(pages)}, not the {len(labels)} launches: no stall table"]
+    lines = []
+    for label, page in zip(labels, pages, strict=True):
+        cycles = {
+            name.removeprefix(STALL).removesuffix("_per_issue_active.ratio"): value
+            * page.get(ISSUED, 0.0)
+            for name, value in page.items()
+            if name.startswith(STALL)
+        }
+        total = sum(cycles.values()) or 1.0
+        lines.append(f"{label}: warp-cycles (millions) by stall reason")
+        for reason in sorted(cycles, key=cycles.get, reverse=True)[:top]:
+            share = cycles[reason] / total
+            lines.append(f"  {reason:24} {cycles[reason] / 1e6:9.2f} ({share:.0%})")
+    return lines
 
 
 def read_counters(text: str) -> list[dict[str, float]]:
@@ -122,15 +184,23 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--channels", type=int, default=64, help="C (relu1_1: 64)")
     parser.add_argument("--side", type=int, default=1024, help="H = W (relu1_1: 1024)")
+    parser.add_argument("--triton", action="store_true",
+                        help="the Triton forward's launches instead of the CUDA kernels'")
     parser.add_argument("--read", metavar="LOG",
-                        help="launch nothing: the MMA-phase table of ncu's output")  # fmt: skip
+                        help="launch nothing: the MMA-phase table of ncu's output (with "
+                        "--triton: each kernel's stall reasons)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.read:
         with open(args.read, encoding="utf-8", errors="replace") as log:
-            print("\n".join(mma_phase_table(log.read())))
+            text = log.read()
+        if args.triton:
+            labels = [triton_label(*launch) for launch in triton_launches(args.channels, args.side)]
+            print("\n".join(stall_table(text, labels)))
+        else:
+            print("\n".join(mma_phase_table(text)))
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    made = calls(args.channels, args.side, device)
+    made = (triton_calls if args.triton else calls)(args.channels, args.side, device)
     for _, variant, call in made:  # warm-up: the extension's first launches, the allocator's
         launch(variant, call)
     if device == "cuda":

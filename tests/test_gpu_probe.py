@@ -25,10 +25,10 @@ def test_triton_probe_gives_every_row_on_the_interpreter():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines()]
     rows = [row for row in rows if row[0] in ("a", "b", "c")]
-    # (b): every shipped config + autotuned, forward (2) and backward (3); (a): 2 dtypes x
+    # (b): every shipped config + autotuned, forward (3) and backward (3); (a): 2 dtypes x
     # 2 J = K x the 3 backward configs under the budget, the first uncapped, autotuned;
     # (c): 2 dtypes, r = 1
-    assert [row[0] for row in rows] == ["b"] * 7 + ["a"] * 20 + ["c"] * 2, done.stdout
+    assert [row[0] for row in rows] == ["b"] * 8 + ["a"] * 20 + ["c"] * 2, done.stdout
     assert all(float(cell) > 0 for row in rows for cell in row[-3:]), done.stdout
     budget = [row[5] for row in rows if row[4].startswith("backward, budget")]
     assert budget == ["16x16x64x16 w8", "16x16x32x16 w4", "8x8x64x16 w4"] * 4, done.stdout
@@ -90,6 +90,21 @@ def test_ncu_program_runs_forward_and_backward():
     ], done.stdout
 
 
+def test_ncu_program_runs_the_triton_forward():
+    """What `make gpu-check`'s ncu-triton step profiles: here under the interpreter, small."""
+    env = os.environ | {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(BENCH / "gpu_ncu.py"), "--triton", "--channels", "8"]
+    argv += ["--side", "32"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        "triton float32 relu1_1 J=K=3 C=8 32^2 2x32x64 w8 forward, whole: launched",
+        "triton bfloat16 relu1_1 J=K=3 C=8 32^2 2x32x64 w8 forward, whole: launched",
+        "triton float32 relu5_1 J=K=1 C=64 2^2 2x32x64 w8 forward, whole: launched",
+        "triton float32 relu5_1 J=K=1 C=64 2^2 2x32x32 w4 forward, whole: launched",
+    ], done.stdout
+
+
 def ncu_arguments() -> list[str]:
     """The ncu step's arguments, as bench/gpu_check.sh's bash builds them."""
     script = (BENCH / "gpu_check.sh").read_text()
@@ -110,7 +125,19 @@ def test_ncu_step_leaves_the_clocks_alone_and_names_the_kernels():
     pairs = list(zip(args, args[1:], strict=False))
     assert ("--clock-control", "none") in pairs, args
     assert ("--profile-from-start", "off") in pairs, args
-    assert ("--launch-count", "8") in pairs, args  # bench/gpu_ncu.py's launches
+    script = (BENCH / "gpu_check.sh").read_text()
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_ncu
+    finally:
+        sys.path.remove(str(BENCH))
+    # each step profiles as many launches as bench/gpu_ncu.py makes in its window
+    cuda_launches = len(gpu_ncu.launch_order((torch.float32, torch.bfloat16)))
+    triton_launches = len(gpu_ncu.triton_launches(64, 1024))
+    assert (cuda_launches, triton_launches) == (8, 4)
+    assert f'--launch-count {cuda_launches} "${{ncu_args[@]}}"' in script
+    assert f'--launch-count {triton_launches} "${{ncu_args[@]}}"' in script
+    assert "--launch-count" not in args, args
     assert "smsp__inst_issued.sum" in dict(pairs)["--metrics"], args  # --read needs it
     assert '"${ncu_args[@]}"' in (BENCH / "gpu_check.sh").read_text()
     kernels = dict(pairs)["--kernel-name"].removeprefix("regex:")
@@ -121,6 +148,9 @@ def test_ncu_step_leaves_the_clocks_alone_and_names_the_kernels():
         "_masked_gram_finish_kernel",
         "_masked_gram_symmetric_kernel",
     }
+    # Triton names a kernel after its function: the forward, but not the splits' addition
+    assert re.search(kernels, triton_gram._masked_gram_fwd_kernel.__name__)
+    assert not re.search(kernels, triton_gram._add_partials_kernel.__name__)
 
 
 def test_ncu_reader_gives_the_mma_phase_by_stall_reason():
@@ -158,4 +188,16 @@ def test_ncu_reader_gives_the_mma_phase_by_stall_reason():
     assert table[2].split()[-2:] == ["2.50", "(20%)"], table
     assert gpu_ncu.mma_phase_table("\n".join(lines[:-5])) == [
         "ncu pages: 7, not the 8 launches: no MMA-phase table"
+    ]
+
+    # --triton --read: each of the Triton forward's pages by stall reason, in launch order
+    labels = [gpu_ncu.triton_label(*launch) for launch in gpu_ncu.triton_launches(64, 1024)]
+    pages = [line for _ in labels for line in page("_masked_gram_fwd_kernel", 0, 2.0)]
+    stalls = gpu_ncu.stall_table("\n".join(pages), labels)
+    assert len(stalls) == 4 * 3, stalls
+    assert stalls[0] == f"{labels[0]}: warp-cycles (millions) by stall reason"
+    assert stalls[1].split() == ["short_scoreboard", "16.00", "(80%)"], stalls  # 8 x 2e6
+    assert stalls[2].split() == ["barrier", "4.00", "(20%)"], stalls
+    assert gpu_ncu.stall_table("\n".join(pages[:-5]), labels) == [
+        "ncu pages: 3, not the 4 launches: no stall table"
     ]
