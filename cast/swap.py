@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import torch
 from torch import Tensor
@@ -83,13 +84,7 @@ def swap(
     # the second run's refusals (B too thin as content but not as a style, too large for the
     # memory) before the first writes its result: its dry run checks what it would check
     run(*second, dry_run=True)
-    a_styled = run(*first)
-    if None not in outputs and _same_path(*outputs):  # a case-blind folder (macOS): now told
-        raise CastError(
-            f"the swap outputs '{outputs[0]}' and '{outputs[1]}' are one file on this system; "
-            f"A's result is in it, give B's another name"
-        )
-    return a_styled, run(*second)
+    return run(*first), run(*second)
 
 
 def _name(photo, a) -> str:
@@ -122,8 +117,24 @@ def _exchanged_only(path, image) -> Tensor:
 def _same_path(first, second) -> bool:
     """Whether two output paths name one file, also through a link. Before they exist, names
     are compared as the system compares them: ``normcase`` folds case on Windows (``x.png`` and
-    ``x.PNG``), and changes nothing on POSIX, where a case-blind folder (macOS's default) is
-    told only by ``samefile`` once a file is there."""
+    ``x.PNG``); on POSIX it folds nothing, so names that differ only in case in one folder ask
+    the folder itself (macOS's default is case-blind)."""
     if os.path.exists(first) and os.path.exists(second):
         return os.path.samefile(first, second)
-    return os.path.normcase(os.path.realpath(first)) == os.path.normcase(os.path.realpath(second))
+    first, second = os.path.realpath(first), os.path.realpath(second)
+    if os.path.normcase(first) == os.path.normcase(second):
+        return True
+    folder = os.path.dirname(first)
+    return first.lower() == second.lower() and folder == os.path.dirname(second) and (
+        _case_blind(folder)
+    )
+
+
+def _case_blind(folder: str) -> bool:
+    """Whether ``folder``'s file names ignore case: a probe file there, asked for by its name
+    in upper case."""
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".cast-case-", dir=folder) as probe:
+            return os.path.exists(os.path.join(folder, os.path.basename(probe.name).upper()))
+    except OSError:  # an unwritable or missing folder: the output's own check tells
+        return False

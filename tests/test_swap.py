@@ -199,24 +199,20 @@ def test_strict_is_refused_as_swap_keeps_unpaired_regions(tmp_path):
     assert not any(o.exists() for o in out)
 
 
-def test_outputs_found_one_file_after_the_first_run_keep_its_result(tmp_path, monkeypatch):
+def test_two_spellings_of_one_output_in_a_case_blind_folder_are_refused(tmp_path, monkeypatch):
     """On a case-blind folder (macOS's default) x.png and X.PNG are one file, which POSIX's
-    normcase cannot tell before it exists: swap asks again once A's result is written, and B's
-    would have replaced it."""
+    normcase cannot tell: swap asks the folder before either run (it used to find out only
+    once A's result was written)."""
     module = sys.modules["cast.swap"]
-    written = []
-
-    def stylize(content, style, output=None, dry_run=False, **options):
-        if not dry_run:
-            Path(output).write_bytes(b"A's result")
-            written.append(output)
-
-    monkeypatch.setattr(module, "stylize", stylize)
-    # one file as soon as either exists, as samefile finds on such a folder
-    monkeypatch.setattr(module, "_same_path", lambda first, second: os.path.exists(first))
+    monkeypatch.setattr(module, "stylize", lambda *args, **kwargs: None)
     mask_a = _top_band(tmp_path / "a.png", A, [(255, 255, 255), (0, 0, 0)])
     mask_b = _top_band(tmp_path / "b.png", B, [(255, 255, 255), (0, 0, 0)])
     out = (tmp_path / "x.png", tmp_path / "X.PNG")
-    with pytest.raises(CastError, match="one file on this system; A's result is in it"):
+    assert not module._case_blind(str(tmp_path))  # this machine's folders tell case apart
+    module.swap(A, B, mask_a, mask_b, out, progress=False)
+    monkeypatch.setattr(module, "_case_blind", lambda folder: folder == str(tmp_path))
+    with pytest.raises(CastError, match="are one file; give two different files"):
         module.swap(A, B, mask_a, mask_b, out, progress=False)
-    assert written == [out[0]] and out[0].read_bytes() == b"A's result"
+    # other folders, or names that differ by more than case, are asked nothing
+    module.swap(A, B, mask_a, mask_b, (tmp_path / "x.png", tmp_path / "y.PNG"), progress=False)
+    assert not any(tmp_path.glob(".cast-case-*"))  # the probe leaves nothing behind
