@@ -123,7 +123,7 @@ fi
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
 stalls='regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$'
 ncu_args=(--clock-control none --profile-from-start off
-  --kernel-name 'regex:_masked_gram_(fwd|bwd_mma|bwd_simt)_kernel' --print-summary none
+  --kernel-name 'regex:_masked_gram_(fwd|bwd|bwd_mma|bwd_simt)_kernel' --print-summary none
   --metrics "$stalls,smsp__inst_issued.sum")
 for section in SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats \
   ComputeWorkloadAnalysis MemoryWorkloadAnalysis; do
@@ -157,16 +157,17 @@ step bench-bfloat16 85 "$PY" bench/bench_masked_gram.py --device cuda --image 10
 # (about 13 s at 30c9271, predicted about 20 s with the third backward config); into probe.log,
 # after the CUDA probe.
 step triton-probe:probe 60 "$PY" bench/gpu_probe.py --triton
-# The Triton forward's counters (bench/gpu_ncu.py --triton: 4 launches, relu1_1 J = K = 3 f32
-# and bf16, relu5_1 J = K = 1 with 64- and 32-channel blocks; gpu-notes "Triton forward: G holds
-# split 0"): whether its tiles wait on L1 misses, on sectors a request or on latency. After the
-# probe, whose runs have compiled its configs; about 20-30 s.
-step ncu-triton:probe 45 env PY="$PY" bash -c 'log=$(mktemp); "$@" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+# The Triton kernels' counters (bench/gpu_ncu.py --triton: 5 launches, the forward at relu1_1
+# J = K = 3 f32 and bf16 and at relu5_1 J = K = 1 with 64- and 32-channel blocks, the backward
+# at relu4_1 J = K = 3 f32; gpu-notes "Triton forward: G holds split 0"): whether their tiles
+# wait on L1 misses, on sectors a request or on latency. After the Triton probe, whose runs have
+# compiled most of their configs; about 20-40 s.
+step ncu-triton:probe 50 env PY="$PY" bash -c 'log=$(mktemp); "$@" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
   kernels=$(grep -cE "_masked_gram_.*, Context [0-9]+, Stream" "$log")
   "$PY" bench/gpu_ncu.py --triton --read "$log"  # each kernel by stall reason
   rm -f "$log"
-  echo "== ncu read the counters of $kernels of 4 Triton kernels (rc $rc)"
-  [ "$rc" -eq 0 ] && [ "$kernels" -ge 4 ]' ncu "${ncu:-ncu}" --launch-count 4 "${ncu_args[@]}" \
+  echo "== ncu read the counters of $kernels of 5 Triton kernels (rc $rc)"
+  [ "$rc" -eq 0 ] && [ "$kernels" -ge 5 ]' ncu "${ncu:-ncu}" --launch-count 5 "${ncu_args[@]}" \
   "$PY" bench/gpu_ncu.py --triton
 weights=gpu-weights/vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin
 [ -f "$weights" ] && export CAST_VGG19="$PWD/$weights"

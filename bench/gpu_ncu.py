@@ -10,11 +10,13 @@ that each stall reason's cycles, whole minus "no MMA", are the MMA phase's. With
 runs the same calls on the CPU backend (float32 only; the variant means nothing there), so that
 CI catches a broken script.
 
-With ``--triton`` it launches the Triton forward instead (its own ncu step, later in the run):
-relu1_1's call above, float32 and bf16, and relu5_1 of a 1024^2 image at J = K = 1 (C = 512,
-64 x 64) with 64- and with 32-channel blocks, each in the shipped config named, not tuned. Its
-counters say what binds the forward's tiles (gpu-notes, "Triton forward: G holds split 0"):
-L1 hits and sectors a request of the shifted loads, and the stall reasons.
+With ``--triton`` it launches the Triton kernels instead (their own ncu step, later in the
+run): the forward at relu1_1's call above, float32 and bf16, and at relu5_1 of a 1024^2 image,
+J = K = 1 (C = 512, 64 x 64), with 64- and with 32-channel blocks; the backward at relu4_1,
+J = K = 3, float32 (the slowest Triton cell of the bench, 4.5 ms at 68ef306); each in the
+shipped config named, not tuned. Their counters say what binds the tiles (gpu-notes, "Triton
+forward: G holds split 0"): L1 hits and sectors a request of the shifted loads, and the stall
+reasons.
 
     ncu --clock-control none --profile-from-start off python3 bench/gpu_ncu.py [--triton]
 """
@@ -27,7 +29,7 @@ import re
 from functools import partial
 
 import torch
-from gpu_probe import VARIANTS, J, op_inputs
+from gpu_probe import VARIANTS, J, config_name, op_inputs
 
 from cast import backends
 
@@ -59,37 +61,43 @@ def calls(channels: int, side: int, device: str) -> list[tuple[str, int, object]
     return made
 
 
-# The Triton forward's launches: (label, C, side, J = K, dtype, config). relu5_1 takes two
-# splits (72 programs of 64-channel blocks, 272 of 32): the second kernel a call launches, which
-# adds the splits, is not the forward's name and ncu leaves it out.
-TRITON_CONFIG = dict(TILE_H=2, TILE_W=32, BLOCK_C=64, num_warps=8, num_stages=1)
-NARROW_CONFIG = TRITON_CONFIG | dict(BLOCK_C=32, num_warps=4)
+# The Triton kernels' launches: (kernel, label, C, side, J = K, dtype, config). relu5_1 takes
+# two splits (72 programs of 64-channel blocks, 272 of 32): the second kernel a forward call
+# launches, which adds the splits, is not one of the ncu step's names.
+FORWARD_CONFIG = dict(TILE_H=2, TILE_W=32, BLOCK_C=64, num_warps=8, num_stages=1)
+NARROW_CONFIG = FORWARD_CONFIG | dict(BLOCK_C=32, num_warps=4)
+BACKWARD_CONFIG = dict(TILE_H=16, TILE_W=16, BLOCK_C=64, BLOCK_D=16, num_warps=8, num_stages=1)
 
 
 def triton_launches(channels: int, side: int) -> list[tuple]:
-    deep_channels, deep_side = 8 * channels, side // 16  # relu5_1 beside relu1_1
+    deep_channels = 8 * channels  # relu4_1 and relu5_1 beside relu1_1
     return [
-        ("relu1_1 J=K=3", channels, side, J, torch.float32, TRITON_CONFIG),
-        ("relu1_1 J=K=3", channels, side, J, torch.bfloat16, TRITON_CONFIG),
-        ("relu5_1 J=K=1", deep_channels, deep_side, 1, torch.float32, TRITON_CONFIG),
-        ("relu5_1 J=K=1", deep_channels, deep_side, 1, torch.float32, NARROW_CONFIG),
+        ("forward", "relu1_1 J=K=3", channels, side, J, torch.float32, FORWARD_CONFIG),
+        ("forward", "relu1_1 J=K=3", channels, side, J, torch.bfloat16, FORWARD_CONFIG),
+        ("forward", "relu5_1 J=K=1", deep_channels, side // 16, 1, torch.float32, FORWARD_CONFIG),
+        ("forward", "relu5_1 J=K=1", deep_channels, side // 16, 1, torch.float32, NARROW_CONFIG),
+        ("backward", "relu4_1 J=K=3", deep_channels, side // 8, J, torch.float32, BACKWARD_CONFIG),
     ]
 
 
-def triton_label(layer: str, C: int, size: int, jk: int, dtype: torch.dtype, config: dict) -> str:
-    tiling = f"{config['TILE_H']}x{config['TILE_W']}x{config['BLOCK_C']} w{config['num_warps']}"
-    return f"triton {str(dtype).removeprefix('torch.')} {layer} C={C} {size}^2 {tiling} forward"
+def triton_label(kernel, layer, C, size, jk, dtype, config) -> str:
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"triton {dtype_name} {layer} C={C} {size}^2 {config_name(config)} {kernel}"
 
 
 def triton_calls(channels: int, side: int, device: str) -> list[tuple[str, int, object]]:
-    """(label, probe variant, call) of the Triton forward, in launch order."""
+    """(label, probe variant, call) of the Triton kernels, in launch order."""
     from cast.kernels import masked_gram as triton_gram
 
     made = []
     for launch in triton_launches(channels, side):
-        _, C, size, jk, dtype, config = launch
-        features, masks, kernels, inv, _ = op_inputs(C, size, jk, dtype, device, 0)
-        call = partial(triton_gram.forward, features, masks, kernels, inv, True, config=config)
+        kernel, _, C, size, jk, dtype, config = launch
+        features, masks, kernels, inv, grad = op_inputs(C, size, jk, dtype, device, 0)
+        if kernel == "forward":
+            call = partial(triton_gram.forward, features, masks, kernels, inv, True, config=config)
+        else:
+            call = partial(triton_gram.backward, grad, features, masks, kernels, inv, True,
+                           config=config)  # fmt: skip
         made.append((f"{triton_label(*launch)}, whole", VARIANTS["whole"], call))
     return made
 
@@ -185,7 +193,7 @@ def main(argv=None) -> None:
     parser.add_argument("--channels", type=int, default=64, help="C (relu1_1: 64)")
     parser.add_argument("--side", type=int, default=1024, help="H = W (relu1_1: 1024)")
     parser.add_argument("--triton", action="store_true",
-                        help="the Triton forward's launches instead of the CUDA kernels'")
+                        help="the Triton kernels' launches instead of the CUDA kernels'")
     parser.add_argument("--read", metavar="LOG",
                         help="launch nothing: the MMA-phase table of ncu's output (with "
                         "--triton: each kernel's stall reasons)")  # fmt: skip

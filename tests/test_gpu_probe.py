@@ -102,6 +102,7 @@ def test_ncu_program_runs_the_triton_forward():
         "triton bfloat16 relu1_1 J=K=3 C=8 32^2 2x32x64 w8 forward, whole: launched",
         "triton float32 relu5_1 J=K=1 C=64 2^2 2x32x64 w8 forward, whole: launched",
         "triton float32 relu5_1 J=K=1 C=64 2^2 2x32x32 w4 forward, whole: launched",
+        "triton float32 relu4_1 J=K=3 C=64 4^2 16x16x64x16 w8 backward, whole: launched",
     ], done.stdout
 
 
@@ -134,7 +135,7 @@ def test_ncu_step_leaves_the_clocks_alone_and_names_the_kernels():
     # each step profiles as many launches as bench/gpu_ncu.py makes in its window
     cuda_launches = len(gpu_ncu.launch_order((torch.float32, torch.bfloat16)))
     triton_launches = len(gpu_ncu.triton_launches(64, 1024))
-    assert (cuda_launches, triton_launches) == (8, 4)
+    assert (cuda_launches, triton_launches) == (8, 5)
     assert f'--launch-count {cuda_launches} "${{ncu_args[@]}}"' in script
     assert f'--launch-count {triton_launches} "${{ncu_args[@]}}"' in script
     assert "--launch-count" not in args, args
@@ -148,8 +149,10 @@ def test_ncu_step_leaves_the_clocks_alone_and_names_the_kernels():
         "_masked_gram_finish_kernel",
         "_masked_gram_symmetric_kernel",
     }
-    # Triton names a kernel after its function: the forward, but not the splits' addition
+    # Triton names a kernel after its function: the forward and the backward, but not the
+    # forward's addition of its splits
     assert re.search(kernels, triton_gram._masked_gram_fwd_kernel.__name__)
+    assert re.search(kernels, triton_gram._masked_gram_bwd_kernel.__name__)
     assert not re.search(kernels, triton_gram._add_partials_kernel.__name__)
 
 
@@ -194,10 +197,10 @@ def test_ncu_reader_gives_the_mma_phase_by_stall_reason():
     labels = [gpu_ncu.triton_label(*launch) for launch in gpu_ncu.triton_launches(64, 1024)]
     pages = [line for _ in labels for line in page("_masked_gram_fwd_kernel", 0, 2.0)]
     stalls = gpu_ncu.stall_table("\n".join(pages), labels)
-    assert len(stalls) == 4 * 3, stalls
+    assert len(stalls) == 5 * 3, stalls
     assert stalls[0] == f"{labels[0]}: warp-cycles (millions) by stall reason"
     assert stalls[1].split() == ["short_scoreboard", "16.00", "(80%)"], stalls  # 8 x 2e6
     assert stalls[2].split() == ["barrier", "4.00", "(20%)"], stalls
     assert gpu_ncu.stall_table("\n".join(pages[:-5]), labels) == [
-        "ncu pages: 3, not the 4 launches: no stall table"
+        "ncu pages: 4, not the 5 launches: no stall table"
     ]
