@@ -10,10 +10,11 @@
 # (bench/bench_stylize.py), run the CUDA backward under compute-sanitizer
 # (bench/gpu_sanitize.py) and time tiled steps from 1024^2 to 8192^2, one rank
 # (bench/bench_tiled.py, issue 8); the stylisation and the tiled steps need the VGG-19
-# weights, which the machine cannot download: carry them in gpu-weights/, see the README. Every log goes into OUT, eight files (the device tool brings
-# back at most eight); the tables are in the bench logs. Each step has its own time limit, all
-# clipped to one deadline (GPU_CHECK_SECONDS, 560 s), and a failing step does not stop the
-# next, so that one 600 s call of the device tool holds everything.
+# weights, which the machine cannot download: carry them in gpu-weights/, see the README.
+# Every log goes into OUT, eight files (the device tool brings back at most eight); the tables
+# are in the bench logs. Each step has its own time limit, all clipped to one deadline
+# (GPU_CHECK_SECONDS, 560 s), and a failing step does not stop the next, so that one 600 s call
+# of the device tool holds everything.
 #
 # QUICK=1: what a lease's second call can afford after the full check (a 900 s lease less the
 # full call's 560 s and two start-ups of about 35 s), deadline 260 s with the build. The same
