@@ -85,16 +85,9 @@ def masked_gram_backward_reference(
 ) -> Tensor:
     """``dF_b = sum_jk P_j^T (M_k^2 (P_j F_b) (dG_bjk + dG_bjk^T)) / n_k``: ``(B, C, H, W)``."""
     acc = gram_dtype(features.dtype)
-    inv_mass = inverse_mass(masks.to(acc)) if inv_mass is None else inv_mass.to(acc)
-    return backward_from_symmetric(symmetric_grad(grad.to(acc), inv_mass), features, masks, kernels)
-
-
-def backward_from_symmetric(
-    sym_grad: Tensor, features: Tensor, masks: Tensor, kernels: Tensor
-) -> Tensor:
-    """``dF_b = sum_jk P_j^T (M_k^2 (P_j F_b) S_bjk)`` for ``S = symmetric_grad(dG, 1 / n)``."""
-    acc = gram_dtype(features.dtype)
-    s, f, m, p = sym_grad.to(acc), features.to(acc), masks.to(acc), kernels.to(acc)
+    f, m, p = features.to(acc), masks.to(acc), kernels.to(acc)
+    inv_mass = inverse_mass(m) if inv_mass is None else inv_mass.to(acc)
+    s = symmetric_grad(grad.to(acc), inv_mass)  # (B, J, K, C, C)
     B, C, H, W = f.shape
     z = convolve(f, p).flatten(3)  # (B, J, C, N)
     weighted = z[:, :, None] * m.flatten(2).square()[:, None, :, None, :]  # (B, J, K, C, N)
