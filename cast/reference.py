@@ -58,7 +58,8 @@ def inverse(mass: Tensor) -> Tensor:
 def symmetric_grad(grad: Tensor, inv_mass: Tensor) -> Tensor:
     """``S_jk = (dG_jk + dG_jk^T) / n_k``: ``(B, J, K, C, C)`` from ``dG`` and ``1 / n_k``
     ``(Bm, K)``. What every backward multiplies ``M_k^2 P_j F`` by; formed whole here and, the
-    same way, in the CPU backend's glue (the GPU kernels form it a tile or a block at a time).
+    same way, in the CPU backend's glue (Triton a tile at a time; CUDA whole in a scratch where
+    a tenth of inputs + outputs holds it, else a block at a time).
     Scaled in place: the sum is a new tensor, and a second one of dG's size would double the
     backward's largest scratch at deep layers (9 MiB at relu5_1, J = K = 3)."""
     return (grad + grad.transpose(-1, -2)).mul_(inv_mass[:, None, :, None, None])
