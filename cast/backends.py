@@ -164,7 +164,7 @@ def default_for(device: torch.device, dtype: torch.dtype) -> str:
     """The fastest backend present for this device and dtype."""
     # CUDA before Triton: faster summed over the five VGG layers at 1024^2 in every dtype and
     # J = K measured (H100, a37e7bb: 27.1 against 35.4 ms float32 J = K = 3, 10.1 against 20.8
-    # at J = K = 1, 26.9 against 36.8 bf16), and with no scratch beyond inputs and outputs
+    # at J = K = 1, 26.9 against 36.8 bf16)
     order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
     for name in order:
         if available(name) and dtype in load(name).dtypes:
