@@ -87,18 +87,20 @@ def masked_gram_grad(
         ``dF`` of ``features``' shape and dtype (SPEC §1's backward); not differentiable.
     """
     # constants here, all three: nothing differentiates through dF
-    features, masks, kernels = (t.detach() for t in canonical_inputs(features, masks, kernels))
-    inv_mass = canonical_inverse_mass(features, masks, mass)
+    where = "cast.masked_gram_grad"
+    inputs = canonical_inputs(features, masks, kernels, where)
+    features, masks, kernels = (t.detach() for t in inputs)
+    inv_mass = canonical_inverse_mass(features, masks, mass, where)
     B, C = features.shape[:2]
     expected = (B, kernels.shape[0], masks.shape[1], C, C)
     if not isinstance(grad, Tensor) or not grad.is_floating_point():
-        raise TypeError("cast.masked_gram_grad: grad must be a floating-point tensor")
+        raise TypeError(f"{where}: grad must be a floating-point tensor")
     if grad.shape != expected or grad.device != features.device:
         raise ValueError(
-            f"cast.masked_gram_grad: grad must be {expected} (B, J, K, C, C) on "
+            f"{where}: grad must be {expected} (B, J, K, C, C) on "
             f"{features.device}, got {_describe(grad)}"
         )
-    chosen = _choose(backend, features, "cast.masked_gram_grad")
+    chosen = _choose(backend, features, where)
     return _d_features(grad.detach(), inv_mass, features, masks, kernels, chosen, allow_tf32)
 
 
@@ -185,11 +187,12 @@ def inverse_mask_mass(masks: Tensor) -> Tensor:
     return inverse(mask_mass_in_bands(masks)).to(gram_dtype(masks.dtype))
 
 
-def canonical_inverse_mass(features: Tensor, masks: Tensor, mass: Tensor | None) -> Tensor:
+def canonical_inverse_mass(
+    features: Tensor, masks: Tensor, mass: Tensor | float | None, where: str = "cast.masked_gram"
+) -> Tensor:
     """``1 / n_k`` ``(Bm, K)`` in the accumulation dtype, formed once here for every backend:
     from the masks (summed in float64), or from ``mass`` where given (a number for every
-    mask, or a tensor)."""
-    where = "cast.masked_gram"
+    mask, or a tensor). Errors name the entry ``where``."""
     if mass is None:
         return inverse_mask_mass(masks)
     accumulation = gram_dtype(features.dtype)
@@ -222,14 +225,13 @@ def _describe(t: Tensor) -> str:
 
 
 def canonical_inputs(
-    features: Tensor, masks: Tensor | None, kernels: Tensor | None
+    features: Tensor, masks: Tensor | None, kernels: Tensor | None, where: str = "cast.masked_gram"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Check the op's inputs and return them contiguous, masks as ``(Bm, K, H, W)``.
 
     Raises ``TypeError`` for non-tensors and non-floating dtypes, ``ValueError`` for shapes,
-    devices and dtype mismatches; each message names what was expected.
+    devices and dtype mismatches; each message names the entry ``where`` and what was expected.
     """
-    where = "cast.masked_gram"
     if not isinstance(features, Tensor):
         raise TypeError(f"{where}: features must be a tensor, got {type(features).__name__}")
     if features.dtype not in backends.FLOAT_DTYPES:

@@ -468,6 +468,13 @@ def test_bad_grad_is_refused(grad, message):
         cast.ops.masked_gram_grad(F, grad, M, P)
 
 
+def test_masked_gram_grad_names_itself_in_the_op_checks_it_shares():
+    with pytest.raises(ValueError, match="^cast.masked_gram_grad: masks have batch 3"):
+        cast.ops.masked_gram_grad(F, torch.ones(G_SHAPE), M.expand(3, 2, 6, 5), P)
+    with pytest.raises(ValueError, match="^cast.masked_gram_grad: mass must be finite"):
+        cast.ops.masked_gram_grad(F, torch.ones(G_SHAPE), M, P, mass=-1.0)
+
+
 def test_mass_divides_instead_of_the_masks_own():
     """``mass=`` replaces ``n_k``: unit mass gives the sums, and the sums over the two halves of
     an image, each divided by the whole image's mass, add up to the whole image's Gram."""
