@@ -96,9 +96,11 @@ def device(value) -> torch.device:
     if found.type == "cuda":
         if not torch.cuda.is_available():
             raise CastError(f"device {found} asked for but this torch sees no CUDA GPU; use cpu")
-        if found.index is not None and found.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        if found.index is not None and found.index >= count:
             raise CastError(
-                f"device {found} asked for but there are {torch.cuda.device_count()} CUDA GPUs"
+                f"device {found} asked for but there are {count} CUDA GPUs; "
+                f"use an index below {count}"
             )
     return found
 

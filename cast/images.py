@@ -223,11 +223,13 @@ def check_writable(path: str | os.PathLike) -> str:
     target = _written(path)
     folder = target.parent
     if not folder.is_dir():
-        raise CastError(f"cannot write '{path}': no directory '{folder}'")
+        raise CastError(f"cannot write '{path}': no directory '{folder}'; create it first")
     if target.is_dir():
         raise CastError(f"cannot write '{path}': it is a directory; name a file in it")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise CastError(f"cannot write '{path}': the directory '{folder}' is not writable")
+        raise CastError(
+            f"cannot write '{path}': the directory '{folder}' is not writable; choose another path"
+        )
     # Make (and remove) the temporary file the save will make: the only sure test of a name
     # that is too long or a folder that refuses files (/proc) even to root.
     with _uninterrupted():
