@@ -73,7 +73,8 @@ def sizes(size, iters, scales, save_every, output) -> None:
     whole("--size", size, MIN_SIZE, MAX_SIZE)
     whole("--iters", iters, 0)
     whole("--scales", scales, 1)
-    most = (size // MIN_SIZE).bit_length()  # the coarsest long side, size / 2**(scales - 1)
+    # the most scales whose coarsest long side, size / 2**(scales - 1), is MIN_SIZE or more
+    most = (size // MIN_SIZE).bit_length()
     if scales > most:
         raise CastError(
             f"{scales} scales at size {size} make the coarsest long side smaller than "
