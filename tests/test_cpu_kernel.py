@@ -12,6 +12,7 @@ from pathlib import Path
 import launch
 import pytest
 import torch
+from cases import relative_error
 
 import cast
 from cast import backends
@@ -26,10 +27,6 @@ SHAPES = [
     ("rows narrower than a vector", 9, 600, 5, 1, 2, 3, False),
     ("r=7, one tile row per band", 20, 9, 1100, 1, 1, 7, False),
 ]
-
-
-def relative_error(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def inputs(C, H, W, J, K, r, batched, B=2, seed=0):
