@@ -41,8 +41,9 @@ def convolve_adjoint(grad: Tensor, kernels: Tensor) -> Tensor:
 
 
 def mask_mass(masks: Tensor) -> Tensor:
-    """``n_k = sum_n m_k[n]^2`` of masks ``(..., K, H, W)``: ``(..., K)``."""
-    return masks.flatten(-2).square().sum(-1)
+    """``n_k = sum_n m_k[n]^2`` of masks ``(..., K, H, W)``: ``(..., K)``, in the accumulation
+    dtype (a float16 sum is inf from 65504 on: a 256 x 256 region)."""
+    return masks.to(gram_dtype(masks.dtype)).flatten(-2).square().sum(-1)
 
 
 def inverse_mass(masks: Tensor) -> Tensor:

@@ -202,3 +202,15 @@ def test_unreadable_kernel_files_and_unknown_presets(tmp_path):
     (tmp_path / "k.csv").write_text("1\n")
     with pytest.raises(CastError, match="not .npy, .pt or .txt"):
         high_order_kernels(tmp_path / "k.csv")
+
+
+def test_half_precision_masks_have_their_mass_summed_in_float32():
+    """float16 sums overflow at 65504: a 256 x 256 region's mass was inf, its Gram zero and the
+    style loss NaN."""
+    features, masks = _random(1, 2, 256, 256, dtype=torch.float32), torch.ones(1, 256, 256)
+    kernels = HIGH_ORDER_PRESETS["none"]
+    expected = GramStats.of(features, masks, kernels).mean()
+    half = GramStats.of(features.half(), masks.half(), kernels.half())
+    assert half.mass.tolist() == [256 * 256]
+    torch.testing.assert_close(half.mean(), expected, rtol=2e-2, atol=0)
+    assert torch.isfinite(StyleLoss(expected, masks.half(), kernels)(features.half()))
