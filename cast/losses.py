@@ -316,4 +316,6 @@ class TVLoss(nn.Module):
         ``dy``: from all of them, the loss; from a tile's own, its share (the shares add up)."""
         *batch, H, W = shape
         n = math.prod(batch)
-        return dx.square().sum() / (n * H * (W - 1)) + dy.square().sum() / (n * (H - 1) * W)
+        # one row or column has no neighbours that way: a term of 0, not 0 / 0
+        pairs_x, pairs_y = max(1, n * H * (W - 1)), max(1, n * (H - 1) * W)
+        return dx.square().sum() / pairs_x + dy.square().sum() / pairs_y

@@ -151,6 +151,9 @@ def test_content_and_tv_losses():
     assert ContentLoss(target)(2 * target).item() == pytest.approx(1.0)
     ramp = torch.arange(4.0).expand(1, 3, 4, 4)  # steps of 1 along x, none along y
     assert TVLoss()(ramp).item() == pytest.approx(1.0)
+    # one row or one column: no neighbours that way, a term of 0 (it was 0 / 0, NaN)
+    assert TVLoss()(ramp[..., :1, :]).item() == pytest.approx(1.0)
+    assert TVLoss()(ramp[..., :1, :].transpose(-1, -2)).item() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("name", list(HIGH_ORDER_PRESETS))
