@@ -228,11 +228,10 @@ class StyleLoss(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        J, K = target.shape[:2]
         if (
             target.dim() != 4
-            or (masks is not None and (masks.dim() != 3 or masks.shape[0] != K))
-            or kernels.shape[0] != J
+            or (masks is not None and (masks.dim() != 3 or masks.shape[0] != target.shape[1]))
+            or kernels.shape[0] != target.shape[0]
         ):
             raise ValueError(
                 f"StyleLoss: target (J, K, C, C) {tuple(target.shape)} needs (K, H, W) masks "
@@ -253,7 +252,7 @@ class StyleLoss(nn.Module):
         self.register_buffer("target", target)
         self.register_buffer("masks", None if masks is None else masks.to(target.dtype))
         self.register_buffer("kernels", kernels.to(target.dtype))
-        self.register_buffer("scale", scale / J)
+        self.register_buffer("scale", scale / len(kernels))
         self.backend = backend
 
     def forward(self, features: Tensor) -> Tensor:

@@ -120,6 +120,8 @@ def test_style_loss_refuses_what_it_cannot_take_in_one_line():
         StyleLoss(target, None, kernels, region_weights=torch.ones(2))(_random(1, 3, 6, 6))
     with pytest.raises(ValueError, match=r"needs \(K, H, W\) masks shared by the batch"):
         StyleLoss(target, masks[None].expand(2, -1, -1, -1), kernels)  # per item, B = K
+    with pytest.raises(ValueError, match=r"StyleLoss: target \(J, K, C, C\) \(3,\)"):
+        StyleLoss(target[0, 0, 0], masks, kernels)  # was "not enough values to unpack"
     with pytest.raises(ValueError, match=r"Grams \(1, 3, 2, 4, 4\) do not match the target"):
         StyleLoss(target, masks, kernels)(_random(1, 4, 6, 6))
 
