@@ -1,7 +1,8 @@
 """``stylize``'s arguments checked before any work: numbers, device, backend, tensors and paths.
 
-Every refusal is a ``CastError``, one line saying what is wrong and how to fix it, raised before
-the network loads and before anything is written.
+Every refusal is a ``CastError`` (a backend that is absent or does not take the input: the op's
+``BackendUnavailable``), one line saying what is wrong and how to fix it, raised before the
+network loads and before anything is written.
 """
 
 from __future__ import annotations
