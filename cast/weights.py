@@ -131,7 +131,8 @@ def conv_shapes(architecture: str) -> list[tuple[int, int, int, int]]:
 
 
 def cache_dir() -> Path:
-    """Where weights are cached: ``$CAST_HOME``, else the user's cache dir (``~/.cache/cast``)."""
+    """Where weights are cached: ``$CAST_HOME``, else ``$XDG_CACHE_HOME/cast``, else
+    ``~/.cache/cast``."""
     if os.environ.get("CAST_HOME"):
         path = Path(os.environ["CAST_HOME"]).expanduser()
     else:
