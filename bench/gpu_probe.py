@@ -143,7 +143,9 @@ def op_inputs(C: int, side: int, jk: int, dtype: torch.dtype, device: str, seed:
 
 def config_name(config: dict) -> str:
     sizes = [config[k] for k in ("TILE_H", "TILE_W", "BLOCK_C", "BLOCK_D") if k in config]
-    return "x".join(map(str, sizes)) + f" w{config['num_warps']}"
+    stages = config.get("num_stages", 1)  # shown where the config is pipelined
+    name = "x".join(map(str, sizes)) + f" w{config['num_warps']}"
+    return name + (f" s{stages}" if stages > 1 else "")
 
 
 def triton_row(part, layer, dtype, jk, kernel, config, programs, times) -> None:

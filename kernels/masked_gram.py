@@ -103,12 +103,25 @@ INTERPRETER_BWD_CONFIG = dict(TILE_H=8, TILE_W=16, BLOCK_C=16, BLOCK_D=16, num_w
 # The third forward config, 32-channel blocks at 4 warps, is for where 64-channel blocks give
 # the card too few programs (_forward_prune): sm_90a, Triton 3.9, float32 and bf16, 1 and 3
 # masks, sizes multiples of 16 or not: 96-249 registers, so two to four programs an SM, no
-# spill (4 x 32 x 32 took 255, 8 x 32 x 32 spilled 8-1248 B).
+# spill (4 x 32 x 32 took 255, 8 x 32 x 32 spilled 8-1248 B). The fourth is pipelined: every tap
+# unrolled and 3 stages, so the next tiles' loads of F are asynchronous copies (cp.async) in
+# flight while a tile is formed; its stages hold a copy of every tap's tile (2 x 9 x 4 KiB at
+# r = 3, float32), so its tile is small: 1 x 32 x 32, 128-255 registers, 1-4 masks, no spill,
+# 78-83 KiB of shared memory (sm_90a, Triton 3.9; 2 x 32 x 64 with 2 stages spilled 24-120 B at
+# 3-4 masks, 2 x 32 x 32 112-176 B). float32 only: bf16's 2-byte loads are below cp.async's 4,
+# so its stages stayed empty.
 FWD_CONFIGS = [
     triton.Config(
-        dict(TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_C=BLOCK_C), num_warps=num_warps, num_stages=1
+        dict(TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_C=BLOCK_C, UNROLL_ROWS=stages > 1),
+        num_warps=num_warps,
+        num_stages=stages,
     )
-    for TILE_H, TILE_W, BLOCK_C, num_warps in [(2, 32, 64, 8), (4, 32, 64, 8), (2, 32, 32, 4)]
+    for TILE_H, TILE_W, BLOCK_C, num_warps, stages in [
+        (2, 32, 64, 8, 1),
+        (4, 32, 64, 8, 1),
+        (2, 32, 32, 4, 1),
+        (1, 32, 32, 4, 3),
+    ]
 ]
 BWD_CONFIGS = [
     triton.Config(
@@ -124,6 +137,10 @@ BWD_CONFIGS = [
 ]
 # Splits of the rows are whole multiples of every TILE_H, so no tile straddles two.
 SPLIT_QUANTUM = max(c.kwargs["TILE_H"] for c in FWD_CONFIGS)
+# At most this many bytes of a pipelined forward config's stages, each a copy of every tap's
+# tile (float32): under half an H100's 227 KiB, so that two programs share an SM (r = 3: 72 KiB,
+# 78-83 KiB with the tile's other buffers; r = 5 would take 200 KiB).
+MAX_STAGED_BYTES = 100 * 1024
 # At most this many accumulator values per thread. sm_90, Triton 3.6: the forward at 64 x 64,
 # 8 warps, takes 161-255 registers with one to four masks (16 to 64 accumulator values);
 # 128 x 128 spilled 448 B even with one mask (64 values), so no config reaches it.
@@ -143,6 +160,20 @@ def _tap(tile, base_ptr, offsets, row_ok, col, W, channel_ok, weight_ptr, dy, dx
 
 
 @triton.jit
+def _row_of_taps(tile, base_ptr, offsets, position_ok, row, col, H, W, channel_ok, kernel_ptr, ky,
+                 R: tl.constexpr):  # fmt: skip
+    """The taps of the kernel's row ``ky``, its columns unrolled: the centre column's offset
+    is a constant, so its loads are as aligned as the tile."""
+    dy = ky - R // 2
+    row_ok = position_ok & (row + dy >= 0) & (row + dy < H)
+    for kx in tl.static_range(R):
+        dx = kx - R // 2
+        tile = _tap(tile, base_ptr, offsets, row_ok, col, W, channel_ok, kernel_ptr + ky * R + kx,
+                    dy, dx)  # fmt: skip
+    return tile
+
+
+@triton.jit
 def _convolved_tile(
     base_ptr,  # scalar: position 0 of channel 0 of one batch item
     channel_offsets,  # (BLOCK_C,) c * N, int32 (int64 where C * N >= 2^31: WIDE_OFFSETS)
@@ -159,6 +190,7 @@ def _convolved_tile(
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     UNROLL_COLUMNS: tl.constexpr,
+    UNROLL_ROWS: tl.constexpr,
 ):
     """``(P_j F)[n, c]`` on a tile: cross-correlation with zero padding, ``R*R`` shifted loads.
 
@@ -169,17 +201,22 @@ def _convolved_tile(
     tile's columns start at multiples of 4 and ``W`` is a multiple of 16); the backward's
     tiles start a halo left of alignment and its 4-warp config spilled unrolled (248-360 B).
     One offset tile and a scalar base rather than a tile of 64-bit pointers, for the same
-    reason."""
+    reason. With ``UNROLL_ROWS`` as well every tap is unrolled, and the loop over tiles around
+    this is the innermost: Triton's pipeliner (``num_stages > 1``) then issues the next tiles'
+    loads as asynchronous copies into shared memory while this tile is formed (float32; a
+    small tile, as the stages hold every tap's copy)."""
     tile = tl.zeros((BLOCK_N, BLOCK_C), ACC_DTYPE)
     offsets = channel_offsets[None, :] + offs_n[:, None]
-    if UNROLL_COLUMNS:
+    if UNROLL_ROWS:
+        for ky in tl.static_range(R):
+            tile = _row_of_taps(
+                tile, base_ptr, offsets, position_ok, row, col, H, W, channel_ok, kernel_ptr, ky, R
+            )
+    elif UNROLL_COLUMNS:
         for ky in range(R):
-            dy = ky - R // 2
-            row_ok = position_ok & (row + dy >= 0) & (row + dy < H)
-            for kx in tl.static_range(R):
-                dx = kx - R // 2  # a constant: the centre column keeps the tile's alignment
-                weight_ptr = kernel_ptr + ky * R + kx
-                tile = _tap(tile, base_ptr, offsets, row_ok, col, W, channel_ok, weight_ptr, dy, dx)
+            tile = _row_of_taps(
+                tile, base_ptr, offsets, position_ok, row, col, H, W, channel_ok, kernel_ptr, ky, R
+            )
     else:
         for t in range(R * R):
             dy = t // R - R // 2
@@ -260,6 +297,7 @@ def _masked_gram_fwd_kernel(
     TILE_H: tl.constexpr,
     TILE_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    UNROLL_ROWS: tl.constexpr = False,  # every tap unrolled, for the pipelined config
 ):
     # axis 0: (b, j, mask chunk, channel block pair); axis 1: split of the rows
     BLOCK_N: tl.constexpr = TILE_H * TILE_W
@@ -329,6 +367,7 @@ def _masked_gram_fwd_kernel(
             BLOCK_C,
             ACC_DTYPE,
             True,
+            UNROLL_ROWS,
         )
         if block_a == block_c:
             z_c = z_a
@@ -349,6 +388,7 @@ def _masked_gram_fwd_kernel(
                 BLOCK_C,
                 ACC_DTYPE,
                 True,
+                UNROLL_ROWS,
             )
         z_c = _dot_operand(z_c, DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
         updated = ()
@@ -500,6 +540,7 @@ def _masked_gram_bwd_kernel(
                     BLOCK_D,
                     ACC_DTYPE,
                     False,
+                    False,
                 )
                 # no masks: past C, rows of S meet zero columns of Z_j and columns of S give
                 # columns of U_j that are never stored, so they read row or column C - 1
@@ -563,9 +604,15 @@ def config_fits(config: triton.Config, C: int, num_masks: int = 1, R: int = 1) -
         return (
             fits_channels(block_c, C) and fits_channels(config.kwargs["BLOCK_D"], C) and inner > 0
         )
-    # forward: NUM_MASKS (BLOCK_C, BLOCK_C) accumulators
+    # forward: NUM_MASKS (BLOCK_C, BLOCK_C) accumulators; a pipelined config's stages
     registers = num_masks * block_c * block_c / (32 * warps)
-    return fits_channels(block_c, C) and registers <= MAX_ACCUMULATOR_REGISTERS
+    positions = config.kwargs["TILE_H"] * config.kwargs["TILE_W"]
+    staged = (config.num_stages - 1) * R * R * positions * block_c * 4
+    return (
+        fits_channels(block_c, C)
+        and registers <= MAX_ACCUMULATOR_REGISTERS
+        and staged <= MAX_STAGED_BYTES
+    )
 
 
 def _fits(configs, named_args, **kwargs):
@@ -576,16 +623,23 @@ def _fits(configs, named_args, **kwargs):
 
 
 def _forward_prune(configs, named_args, **kwargs):
-    """``_fits``, and 32-channel blocks only where 64-channel blocks leave SMs idle
+    """``_fits``; then the pipelined config for float32 only (16-bit loads are too narrow for
+    its copies), and the other 32-channel one only where 64-channel blocks leave SMs idle
     (relu5_1 of a 1024^2 image at J = K = 1: 72 programs for 132 SMs, 272 with 32-channel
-    blocks): elsewhere they would read F twice as often, and each is one more compile."""
+    blocks): elsewhere it would read F twice as often, and each config is one more compile."""
     kept = _fits(configs, named_args, **kwargs)
-    wide = [c for c in kept if c.kwargs["BLOCK_C"] >= 64]
     features, H, rows_per_split = (named_args[k] for k in ("features_ptr", "H", "rows_per_split"))
     J, K = named_args["J"], named_args["K"]
     problem = Problem(tuple(features.shape), 1, features.dtype, J, K, kwargs["R"])
     programs = forward_programs(problem, 64, triton.cdiv(H, rows_per_split))
-    return wide if wide and programs >= multiprocessors(features.device) else kept
+    idle = programs < multiprocessors(features.device)
+
+    def wanted(config: triton.Config) -> bool:
+        if config.num_stages > 1:
+            return features.dtype == torch.float32
+        return config.kwargs["BLOCK_C"] >= 64 or idle
+
+    return [c for c in kept if wanted(c)] or kept
 
 
 # Tuned once per channel count, masks, kernel size, precision and size class (about a factor

@@ -25,10 +25,10 @@ def test_triton_probe_gives_every_row_on_the_interpreter():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines()]
     rows = [row for row in rows if row[0] in ("a", "b", "c")]
-    # (b): every shipped config + autotuned, forward (3) and backward (3); (a): 2 dtypes x
+    # (b): every shipped config + autotuned, forward (4) and backward (3); (a): 2 dtypes x
     # 2 J = K x the 3 backward configs under the budget, the first uncapped, autotuned;
     # (c): 2 dtypes, r = 1
-    assert [row[0] for row in rows] == ["b"] * 8 + ["a"] * 20 + ["c"] * 2, done.stdout
+    assert [row[0] for row in rows] == ["b"] * 9 + ["a"] * 20 + ["c"] * 2, done.stdout
     assert all(float(cell) > 0 for row in rows for cell in row[-3:]), done.stdout
     budget = [row[5] for row in rows if row[4].startswith("backward, budget")]
     assert budget == ["16x16x64x16 w8", "16x16x32x16 w4", "8x8x64x16 w4"] * 4, done.stdout

@@ -337,6 +337,8 @@ NARROW_FORWARD_CELLS = {
 
 
 def test_forward_tunes_32_channel_blocks_only_where_64_leave_sms_idle(monkeypatch):
+    """... and the pipelined config (32-channel blocks too) for float32 wherever its stages
+    fit, at r = 3 everywhere."""
     monkeypatch.setattr(triton_gram, "multiprocessors", lambda device: H100_SMS)
     narrow = {}
     for name, C, fraction in VGG_STYLE_LAYERS:
@@ -350,11 +352,21 @@ def test_forward_tunes_32_channel_blocks_only_where_64_leave_sms_idle(monkeypatc
                 kept = triton_gram._forward_prune(
                     triton_gram.FWD_CONFIGS, named_args, R=3, NUM_MASKS=J
                 )
-                if any(config.kwargs["BLOCK_C"] == 32 for config in kept):
+                pipelined = [config for config in kept if config.num_stages > 1]
+                assert len(pipelined) == (dtype == torch.float32), (name, dtype, J)
+                if any(c.kwargs["BLOCK_C"] == 32 and c.num_stages == 1 for c in kept):
                     splits = -(-size // rows)
                     dtype_name = str(dtype).removeprefix("torch.")
                     narrow[name, dtype_name, J] = triton_gram.forward_programs(problem, 64, splits)
     assert narrow == NARROW_FORWARD_CELLS
+    # the pipelined config's stages hold a copy of every tap's tile: r = 5 would take 200 KiB
+    pipelined = next(config for config in triton_gram.FWD_CONFIGS if config.num_stages > 1)
+    assert [triton_gram.config_fits(pipelined, 512, 1, r) for r in (1, 3, 5, 7)] == [
+        True,
+        True,
+        False,
+        False,
+    ]
 
 
 def test_gatys_backward_takes_no_scratch_and_every_resident_program():
@@ -614,7 +626,8 @@ SM90_RESOURCES = textwrap.dedent(
         reports = pool.map(compile_named, *zip(*jobs))
         for (*_, R, num_masks, aligned), r in zip(jobs, reports):
             mma = sorted(op for op in r.instructions if "MMA" in op)
-            wide = sorted(op for op in r.instructions if op.endswith((".64", ".128")))
+            wide = sorted(op for op in r.instructions
+                          if op.endswith((".64", ".128")) or op.startswith("LDGSTS"))
             print(r.kernel, num_masks, r.dtype, aligned, r.config + f" R={R}", r.registers,
                   r.spilled_bytes, r.shared_bytes, mma, wide, sep="|")
     """
@@ -626,8 +639,9 @@ def test_shipped_configs_compile_for_sm90_without_spills():
     no spilled registers in any shipped config, Hopper's warpgroup MMA (wgmma) for every dot,
     bf16 operands for bf16 input (not TF32), shared memory within the card's limit, the
     backward's tiles of U_j and dF moved in 128-bit loads and stores where sizes allow, and the
-    forward's centre-column loads of F in 128-bit loads where sizes are multiples of 16. (The
-    forward's 32-channel blocks take mma.sync: wgmma needs 64 rows.)"""
+    forward's centre-column loads of F in 128-bit loads where sizes are multiples of 16, and
+    the pipelined forward's loads as asynchronous copies. (The forward's 32-channel blocks take
+    mma.sync: wgmma needs 64 rows.)"""
     pytest.importorskip("triton.backends.nvidia")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -645,9 +659,13 @@ def test_shipped_configs_compile_for_sm90_without_spills():
         where = f"{kernel} {config} masks={num_masks} {dtype} aligned sizes: {aligned}"
         assert int(spilled) == 0, f"{where}: {spilled} bytes spilled ({registers} registers)"
         assert int(shared) <= 227 * 1024, where
-        # 32-channel blocks (for where 64 leave SMs idle) are 32-row operands, below wgmma's 64
-        expected = "HMMA" if "'BLOCK_C': 32}" in config else "HGMMA"
+        # 32-channel blocks (the idle SMs' and the pipelined config) are 32-row operands, below
+        # wgmma's 64
+        narrow = kernel == "_masked_gram_fwd_kernel" and "'BLOCK_C': 32," in config
+        expected = "HMMA" if narrow else "HGMMA"
         assert {op.split(".")[0] for op in ast.literal_eval(mma)} == {expected}, f"{where}: {mma}"
+        if "stages=3" in config and dtype == "fp32":  # the next tiles' loads as cp.async copies
+            assert any(op.startswith("LDGSTS") for op in ast.literal_eval(wide)), f"{where}: {wide}"
         assert ("BF16" in mma) == (dtype == "bf16"), f"{where}: {mma}"
         if kernel == "_masked_gram_bwd_kernel" and (aligned == "True" or "R=3" in config):
             # dF's store, or at r = 3 the scratch tile's moves (aligned at any size)
