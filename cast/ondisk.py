@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import CastError
+
 Rect = tuple[int, int, int, int]  # (top, bottom, left, right), ends exclusive
 CHUNK_BYTES = 32 * 2**20  # what ``chunks`` hands out at a time from disk
 
@@ -73,11 +75,14 @@ class OnDisk:
         self.directory = directory
         self._numpy = torch.empty((), dtype=dtype).numpy().dtype
         self._cell = math.prod(self.shape[:-2]) * self._numpy.itemsize  # bytes per (y, x)
-        self._file = tempfile.TemporaryFile(dir=directory)
-        # closed when the store goes: a file left for the collector to close warns (a
-        # ResourceWarning each, an error in a caller's test suite under filterwarnings=error)
-        weakref.finalize(self, self._file.close)
-        self._file.truncate(self._cell * self.shape[-2] * self.shape[-1])  # zeros, sparse
+        try:
+            self._file = tempfile.TemporaryFile(dir=directory)
+            # closed when the store goes: a file left for the collector to close warns (a
+            # ResourceWarning each, an error in a caller's test suite under filterwarnings=error)
+            weakref.finalize(self, self._file.close)
+            self._file.truncate(self._cell * self.shape[-2] * self.shape[-1])  # zeros, sparse
+        except OSError as err:
+            raise SpillFailed(err, directory) from None
 
     def _rows(self, rect: Rect):
         """``(file offset, bytes)`` of each row of ``rect``."""
@@ -106,9 +111,12 @@ class OnDisk:
                                                              right - left)  # fmt: skip
         data = memoryview(rows.permute(1, 2, 0).contiguous().numpy().reshape(-1).view(np.uint8))
         done = 0
-        for offset, size in self._rows(rect):
-            _pwrite_exact(self._file.fileno(), data[done : done + size], offset)
-            done += size
+        try:
+            for offset, size in self._rows(rect):
+                _pwrite_exact(self._file.fileno(), data[done : done + size], offset)
+                done += size
+        except OSError as err:  # a full disk: the sparse file gets its blocks only now
+            raise SpillFailed(err, self.directory) from None
 
     def add(self, rect: Rect, values: Tensor) -> None:
         self.write(rect, self.read(rect) + values.to(self.device, self.dtype))
@@ -121,6 +129,17 @@ class OnDisk:
 
 
 Store = InRam | OnDisk
+
+
+class SpillFailed(CastError):
+    """A spill file could not be written: its disk is full, or refuses the file."""
+
+    def __init__(self, err: OSError, directory: str | Path | None):
+        where = directory or tempfile.gettempdir()
+        super().__init__(
+            f"cannot write the image-sized state to '{where}' ({err.strerror or err}); free "
+            "space there or set TMPDIR to a folder on a larger disk (or run with --no-spill)"
+        )
 
 
 def keep(tensor: Tensor, spill: bool | str | Path = False) -> Store:

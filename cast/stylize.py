@@ -242,10 +242,12 @@ def _run(
                         images.save_image(_finish(image, content_image, preserve_color), output)
                     if callback is not None:
                         callback(Step(scale, scales, step, iters, loss, _whole(image).clone()))
-    except (KeyboardInterrupt, distributed.LostContact):
+    except (KeyboardInterrupt, distributed.LostContact, ondisk.SpillFailed) as stopped:
         # a non-finite image is caught by the next step's loss; the interrupt came first
         if output is not None and stepped and torch.isfinite(_whole(image)).all():
             images.save_image(_finish(image, content_image, preserve_color), output)
+            if isinstance(stopped, ondisk.SpillFailed):  # say where the steps made so far are
+                raise CastError(f"{stopped}; the latest image is in '{output}'") from None
         raise
     except _Diverged as diverged:
         # at the first scale, an image before any good step is the start, not a result

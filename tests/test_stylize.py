@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import gc
+import os
 import subprocess
 import sys
 import tempfile
@@ -457,3 +459,28 @@ def test_the_plan_spills_only_what_does_not_fit(monkeypatch):
     assert stylize(CONTENT, STYLE, **run | dict(size=256, spill=True)).spill
     with pytest.raises(CastError, match="needs about"):
         stylize(CONTENT, STYLE, **run | dict(spill=False))
+
+
+def test_a_full_spill_folder_is_one_line_and_keeps_the_latest_image(tmp_path, monkeypatch):
+    """$TMPDIR filling up mid-run (ENOSPC from a spill file) was an OSError traceback from
+    deep inside cast.ondisk, and the steps made so far were lost."""
+    output, seen, full = tmp_path / "out.png", [], []
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    pwrite = os.pwrite
+
+    def filling(fd, data, offset):
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return pwrite(fd, data, offset)
+
+    def fill_after_two(step):
+        seen.append(step.image)
+        if step.step == 2:
+            full.append(True)
+
+    monkeypatch.setattr(os, "pwrite", filling)
+    with pytest.raises(CastError, match=r"No space left on device.*larger disk.*latest image"):
+        stylize(CONTENT, STYLE, size=48, iters=5, spill=True, output=output,
+                callback=fill_after_two, **FAST)  # fmt: skip
+    assert len(seen) == 2
+    assert (images.load_image(output) - seen[-1].clamp(0, 1)).abs().max() <= 1 / 255 + 1e-6
