@@ -118,6 +118,11 @@ def _torchrun() -> tuple[int, int, int]:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     except ValueError:
         raise CastError("RANK and WORLD_SIZE must be whole numbers") from None
+    if not 0 <= rank < world:  # else the rendezvous waits for ranks that never come
+        raise CastError(
+            f"RANK={rank} with WORLD_SIZE={world}: a rank runs from 0 to WORLD_SIZE - 1; launch "
+            "with torchrun (it sets them all) or unset them to run one process"
+        )
     return rank, world, _local_rank() or 0
 
 

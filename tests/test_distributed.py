@@ -259,6 +259,19 @@ def test_a_half_set_torchrun_environment_is_one_line(monkeypatch):
         stylize(CONTENT, STYLE, iters=0, **RUN)
 
 
+@pytest.mark.parametrize("rank, world", [("2", "2"), ("-1", "2"), ("0", "0")])
+def test_a_rank_outside_the_world_is_one_line(rank, world, monkeypatch):
+    """RANK=2 of WORLD_SIZE=2 waited for a rendezvous that could never happen, then said
+    "rank 2 could not join the other 1" after pages of C++ socket errors; WORLD_SIZE=0 said
+    "rank 0 could not join the other -1"."""
+    for name, value in dict(RANK=rank, WORLD_SIZE=world, MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(_free_port()),
+                            CAST_DIST_TIMEOUT="5").items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    with pytest.raises(CastError, match=f"RANK={rank} with WORLD_SIZE={world}: .*torchrun"):
+        stylize(CONTENT, STYLE, iters=0, **RUN)
+
+
 def test_more_processes_than_tiles_is_refused():
     network, cpu = VGGFeatures(), torch.device("cpu")
     plan = dict(content_layers=CONTENT_LAYERS, style_layers=STYLE_LAYERS, style_hws=[(72, 96)],
