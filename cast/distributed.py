@@ -8,6 +8,7 @@ all-reduce per pass, so every rank steps its optimiser identically.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import itertools
 import os
 from collections.abc import Iterator, Sequence
@@ -69,6 +70,28 @@ class Shard:
                 ) from None
         return tensor
 
+    def gather(self, values: Tensor) -> Tensor:
+        """Every rank's ``values`` (on the run's device), stacked in rank order."""
+        every = values.new_zeros(self.world, *values.shape)
+        every[self.rank] = values
+        return self.all_reduce(every)
+
+    def check_same(self, device: torch.device, given: dict[str, object]) -> None:
+        """Every rank was given the same of each of ``given`` (named as the error says it,
+        "another content image"): the ranks add up their sums, so a rank with another photo
+        would mix two problems into one image, and one with another size or step count would
+        send collectives the others do not expect."""
+        mine = [fingerprint(value) for value in given.values()]
+        every = self.gather(torch.tensor(mine, dtype=torch.int64, device=device)).tolist()
+        for rank in range(1, self.world):
+            differ = [name for name, a, b in zip(given, every[0], every[rank], strict=True)
+                      if a != b]  # fmt: skip
+            if differ:
+                raise CastError(
+                    f"rank {rank} was given {' and '.join(differ)} than rank 0; every rank must "
+                    "run the same command on the same files"
+                )
+
     def all_reduce_store(self, store):
         """A store (``cast.ondisk``) summed over all ranks, a chunk of rows at a time, so a
         store on disk stays there; each rank wrote or added its own tiles' part."""
@@ -79,6 +102,28 @@ class Shard:
 
 
 ALONE = Shard()
+
+
+def fingerprint(value) -> int:
+    """A 63-bit hash of ``value``: tensors by their dtype, shape and bytes, lists and tuples
+    item by item, anything else by its ``repr``."""
+    digest = hashlib.blake2b(digest_size=8)
+
+    def add(item) -> None:
+        if isinstance(item, Tensor):
+            item = item.detach().cpu().contiguous()
+            digest.update(repr((item.dtype, tuple(item.shape))).encode())
+            digest.update(item.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(item, (list, tuple)):
+            digest.update(b"(")
+            for part in item:
+                add(part)
+            digest.update(b")")
+        else:
+            digest.update(repr(item).encode() + b"\0")
+
+    add(value)
+    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 @contextmanager

@@ -202,6 +202,21 @@ def _run(
     content_masks, style_region_masks = _regions(
         content_image, style_images, content_mask, style_masks, soft_masks, strict
     )
+    # under torchrun every rank must have been given the same problem: they add up their sums
+    if shard.world > 1:
+        init_file = initial_file(init)
+        shard.check_same(device, {
+            "other settings": (size, iters, scales, pooling, content_weight, style_weight,
+                               tv_weight, optimizer, lr, lbfgs_history, style_scale, style_blend,
+                               content_layers, style_layers, preserve_color, seed, strict, kernels,
+                               plan.tile, plan.history, plan.spill),
+            "another content image": content_image,
+            "other style images": style_images,
+            "other masks": (content_masks, style_region_masks),
+            "another init image": init if init_file is None or isinstance(init_file, Tensor)
+                                  else Path(init_file).read_bytes(),
+            "other network weights": list(network.state_dict().values()),
+        })  # fmt: skip
 
     generator = torch.Generator().manual_seed(seed)
     image = None

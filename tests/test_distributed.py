@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from cast import images
 from cast.distributed import BLOCKING_WAIT, Shard, join
 from cast.errors import CastError
 from cast.memory import plan_memory
@@ -297,4 +298,36 @@ def test_more_processes_than_tiles_is_one_line_exit_2_on_every_rank(tmp_path):
         err = rank.communicate(timeout=120)[1]
         assert rank.returncode == 2 and err.count("\n") == 1, err
         assert err.startswith("cast: error: 2 processes but no tiling makes 1 tile(s)"), err
+    assert not out.exists()
+
+
+def _two_commands(tmp_path, *args: list[str], env: dict | None = None) -> list[str]:
+    """``cast stylize`` with ``args[r]`` on rank r of two (same environment otherwise); each
+    rank's stderr, once every rank has exited 2."""
+    env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "CAST_DIST_TIMEOUT": "60",
+                        "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"} | (env or {})
+    argv = [sys.executable, "-m", "cast", "stylize", "--size", "64", "--scales", "1", "--tile",
+            "32", "--device", "cpu", "-q"]  # fmt: skip
+    ranks = [subprocess.Popen(argv + rank_args, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+                              stderr=subprocess.PIPE, text=True)
+             for r, rank_args in enumerate(args)]  # fmt: skip
+    errors = [rank.communicate(timeout=240)[1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [2, 2], errors
+    assert all(err.count("\n") == 1 for err in errors), errors
+    return errors
+
+
+def test_ranks_given_other_files_or_arguments_stop_with_one_line(tmp_path):
+    """A rank whose photo differed (the same path on another machine) went on silently and
+    mixed both problems' sums into one image; one with another --iters or --size made gloo
+    abort the other rank (exit 134) or lose contact."""
+    flipped = tmp_path / "flipped.jpg"
+    images.save_image(images.load_image(CONTENT).flip(-1), flipped)
+    out = tmp_path / "out.png"
+    errors = _two_commands(tmp_path, [CONTENT, STYLE, "-o", str(out), "--iters", "3"],
+                           [str(flipped), STYLE, "-o", str(out), "--iters", "3"])  # fmt: skip
+    assert all("rank 1 was given another content image than rank 0" in e for e in errors), errors
+    errors = _two_commands(tmp_path, [CONTENT, STYLE, "-o", str(out), "--iters", "3"],
+                           [CONTENT, STYLE, "-o", str(out), "--iters", "4"])  # fmt: skip
+    assert all("rank 1 was given other settings than rank 0" in e for e in errors), errors
     assert not out.exists()
