@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import itertools
+import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -75,6 +76,13 @@ class Shard:
         every = values.new_zeros(self.world, *values.shape)
         every[self.rank] = values
         return self.all_reduce(every)
+
+    def least(self, device: torch.device, value: float | None) -> float | None:
+        """The smallest of every rank's ``value`` (``None``: unknown, no bound)."""
+        mine = torch.tensor(math.inf if value is None else value, dtype=torch.float64,
+                            device=device)  # fmt: skip
+        least = float(self.gather(mine).min())
+        return None if least == math.inf else least
 
     def check_same(self, device: torch.device, given: dict[str, object]) -> None:
         """Every rank was given the same of each of ``given`` (named as the error says it,

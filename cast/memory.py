@@ -73,14 +73,15 @@ class Plan:
 def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[str],
                 hw: tuple[int, int], style_hws: Sequence[tuple[int, int]], device: torch.device,
                 optimizer: str, history: int | None, tile: int | None, halo: int, stride: int,
-                processes: int = 1, spill: bool | None = False) -> Plan:  # fmt: skip
+                processes: int = 1, spill: bool | None = False,
+                free: float | None = None) -> Plan:  # fmt: skip
     """The plan for an image of ``hw`` (its finest scale) styled by images of ``style_hws`` (at
     the same scale: ``--style-scale`` applied), with the layers that will run. ``tile``: ``None``
     chooses (whole if it fits), ``0`` forbids tiling, else that size (a multiple of ``stride``).
     ``history``: ``None`` chooses (50 if it fits). Every one of ``processes`` gets a tile at
     least. ``spill``: ``None`` puts the image-sized state on disk (and steps Adam in chunks)
-    only when nothing fits in memory, ``True`` always, ``False`` never. Raises ``CastError``
-    when nothing fits."""
+    only when nothing fits in memory, ``True`` always, ``False`` never. ``free``: the bytes
+    this process may use, default ``free_bytes``. Raises ``CastError`` when nothing fits."""
     height, width = hw
     count = lambda size: count_tiles(height, width, size, stride)  # noqa: E731
     if tile is not None and count(tile) < processes:  # also refuses a tile off the stride
@@ -126,7 +127,8 @@ def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[s
             f"{processes} processes but a {width}x{height} image makes at most "
             f"{count(stride)} tiles; use fewer processes"
         )
-    free = _free_bytes(device)
+    if free is None:
+        free = free_bytes(device, processes)
 
     def crop(size: int, h: int, w: int) -> int:
         return h * w if size == 0 else min(size + 2 * halo, h) * min(size + 2 * halo, w)
@@ -195,16 +197,27 @@ def _activation_bytes_per_pixel(network, layers, device: torch.device) -> float:
     return 2 * sum(s.nbytes() for s in saved.values()) / probe**2
 
 
-def _free_bytes(device: torch.device) -> float | None:
+def free_bytes(device: torch.device, processes: int = 1) -> float | None:
+    """Bytes free for one of a run's ``processes`` on ``device`` (``None``: unknown). On the
+    CPU the machine's memory is shared by the run's processes on it (torchrun's
+    ``LOCAL_WORLD_SIZE``, else all of them), each of which holds the image and its state."""
     limit = os.environ.get(LIMIT_VARIABLE)
     if limit:
         try:
-            return float(limit) * GiB
+            free = float(limit) * GiB
         except ValueError:
             raise CastError(f"{LIMIT_VARIABLE} must be a number of GiB, got {limit!r}") from None
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return _available_ram()
+    elif device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]  # one GPU per process
+    else:
+        free = _available_ram()
+    if device.type != "cpu" or processes == 1 or free is None:
+        return free
+    try:
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+    except ValueError:
+        raise CastError("LOCAL_WORLD_SIZE must be a whole number") from None
+    return free / max(1, sharing)
 
 
 def _available_ram() -> int | None:

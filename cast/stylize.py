@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import checks, distributed, images, masks, ondisk
 from .errors import CastError, ImageError, MaskError
 from .losses import high_order_kernels
-from .memory import Plan, plan_memory
+from .memory import Plan, free_bytes, plan_memory
 from .network import CONTENT_LAYERS, POOLINGS, STYLE_LAYERS, VGGFeatures
 from .objective import build as build_objective
 from .objective import geometry as tile_geometry
@@ -186,9 +186,11 @@ def _run(
     # before loading: a huge size would already exhaust memory when the image is resized
     halo, stride = tile_geometry(network, kernels, content_layers, style_layers)
     content_hw, style_hws = _loaded_sizes(content, styles, size, style_scale)
+    # every rank plans with the least memory any has: their plans, so their tiles, must agree
+    free = shard.least(device, free_bytes(device, shard.world))
     plan = plan_memory(network, content_layers, style_layers, content_hw, style_hws, device,
                        optimizer, lbfgs_history, tile, halo, stride, shard.world,
-                       spill)  # fmt: skip
+                       spill, free)  # fmt: skip
     if dry_run:
         return plan
     if plan.spill and optimizer != "adam":  # L-BFGS's history is image copies in memory

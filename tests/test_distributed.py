@@ -331,3 +331,21 @@ def test_ranks_given_other_files_or_arguments_stop_with_one_line(tmp_path):
                            [CONTENT, STYLE, "-o", str(out), "--iters", "4"])  # fmt: skip
     assert all("rank 1 was given other settings than rank 0" in e for e in errors), errors
     assert not out.exists()
+
+
+def test_ranks_plan_alike_with_the_least_memory_each_share_of_one_machines(tmp_path):
+    """Each rank planned with its own free memory: ranks with less of it (another GPU, a busy
+    machine) chose other tiles and their collectives did not match (gloo aborted a rank); and
+    CPU ranks on one machine each counted all of its RAM, though every rank holds the image and
+    its state: two of them planned for twice what there is."""
+    env = os.environ | {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    argv = [sys.executable, "-m", "cast", "stylize", CONTENT, STYLE, "-o", str(tmp_path / "o.png"),
+            "--size", "256", "--scales", "1", "--device", "cpu", "--dry-run"]  # fmt: skip
+    ranks = [subprocess.Popen(argv, env=env | {"RANK": str(r), "LOCAL_RANK": str(r),
+                                               "CAST_MEMORY_GIB": gib},
+                              stdout=subprocess.PIPE, text=True)
+             for r, gib in enumerate(["2", "0.6"])]  # fmt: skip
+    plans = [rank.communicate(timeout=120)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0]
+    assert plans[0] == plans[1] and plans[0].endswith(" of 0.3 GiB free\n"), plans
