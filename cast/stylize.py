@@ -289,7 +289,8 @@ def _run(
 def _check_arguments(
     content, styles, content_mask, style_masks, soft_masks, size, iters, scales, high_order,
     model, pooling, content_weight, style_weight, tv_weight, optimizer, lr, init, lbfgs_history,
-    style_scale, style_blend, seed, save_every, output, device, backend, tile, **_,
+    style_scale, style_blend, seed, save_every, output, device, backend, tile, spill, dry_run,
+    **_,
 ) -> torch.device:  # fmt: skip
     """Every argument, before any work; the device to run on."""
     for name, value, allowed in (("optimizer", optimizer, OPTIMIZERS),
@@ -315,6 +316,11 @@ def _check_arguments(
     checks.whole("--seed", seed, 0, checks.MAX_SEED)
     if tile is not None:
         checks.whole("--tile", tile, 0, checks.MAX_SIZE)
+    # a string ("no") or number would be taken for true
+    if not (spill is None or isinstance(spill, bool)):
+        raise CastError(f"spill must be True, False or None, got {spill!r}")
+    if not isinstance(dry_run, bool):
+        raise CastError(f"dry_run must be True or False, got {dry_run!r}")
     if not styles:
         raise CastError("give at least one style image")
     _check_blend(style_blend, len(styles))

@@ -91,9 +91,14 @@ def test_options_given_as_generators_work():
         (dict(device="mps"), "device mps is not supported"),
         (dict(backend="fastest"), "unknown backend 'fastest'"),
         (dict(save_every=0, output="out.png"), "--save-every must be positive"),
+        # were taken for true: spill="no" spilled, dry_run="no" only planned
+        (dict(spill="no"), "spill must be True, False or None, got 'no'"),
+        (dict(spill=1), "spill must be True, False or None, got 1"),
+        (dict(dry_run="no"), "dry_run must be True or False, got 'no'"),
     ],
     ids=["fractional size", "bool size", "negative iters", "too many scales", "huge size",
-         "zero lr", "string weight", "huge seed", "mps", "unknown backend", "save every 0"],
+         "zero lr", "string weight", "huge seed", "mps", "unknown backend", "save every 0",
+         "string spill", "number spill", "string dry run"],
 )  # fmt: skip
 def test_bad_numbers_and_names_are_refused_before_any_work(given, message):
     with pytest.raises(CastError, match=message):
