@@ -206,7 +206,9 @@ def free_bytes(device: torch.device, processes: int = 1) -> float | None:
         try:
             free = float(limit) * GiB
         except ValueError:
-            raise CastError(f"{LIMIT_VARIABLE} must be a number of GiB, got {limit!r}") from None
+            free = math.nan
+        if not 0 < free < math.inf:
+            raise CastError(f"{LIMIT_VARIABLE} must be a positive number of GiB, got {limit!r}")
     elif device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]  # one GPU per process
     else:

@@ -112,3 +112,13 @@ def test_small_amounts_are_given_in_mib(monkeypatch):
     monkeypatch.setenv("CAST_MEMORY_GIB", "1000")
     plan = str(stylize(CONTENT, STYLE, **RUN | dict(size=64)))
     assert re.search(r"about [1-9]\d* MiB of 1000.0 GiB free$", plan), plan
+
+
+@pytest.mark.parametrize("gib", ["0", "-1", "nan", "inf"])
+def test_a_memory_limit_that_is_not_a_positive_number_is_one_line(gib, monkeypatch):
+    """-1 and nan were a ValueError traceback from the plan's arithmetic, 0 advised "about 0
+    fits", inf planned with "inf GiB free"."""
+    monkeypatch.setenv("CAST_MEMORY_GIB", gib)
+    refusal = f"CAST_MEMORY_GIB must be a positive number of GiB, got '{gib}'"
+    with pytest.raises(CastError, match=refusal):
+        stylize(CONTENT, STYLE, **RUN)
