@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .checks import MIN_SIZE
 from .errors import CastError
 from .tiling import count_tiles, cut_layer
 
@@ -90,23 +91,13 @@ def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[s
             f"makes {count(tile)} tile(s) of this {width}x{height} image; use a smaller --tile "
             "or fewer processes"
         )
-    pixels = height * width
-    style_pixels = [h * w for h, w in style_hws]
     activations = _activation_bytes_per_pixel(network, (*content_layers, *style_layers), device)
     content_features = sum(network.channels(layer) / network.stride(layer) ** 2
                            for layer in content_layers)  # fmt: skip
     grids = sum(1 / network.stride(layer) ** 2 for layer in style_layers)
-    # a tiled step's cut between its segments (cast.tiling), and its gradient
+    # a tiled step's cut between its segments (cast.tiling), and its gradient: bytes a pixel
     cut = cut_layer(network, content_layers, style_layers)
-    cut_bytes = 0 if cut is None else 8 * pixels * network.channels(cut) / network.stride(cut) ** 2
-    # image, gradient, content at two sizes; content-layer features; region masks on the image
-    # and on every style layer's grid; every style image with its masks
-    resident = 4 * (pixels * (3 * 4 + content_features + REGIONS * (1 + grids))
-                    + sum(style_pixels) * (3 + REGIONS))  # fmt: skip
-    # on disk: the image, its gradient, the content features, the masks on the grids and the
-    # optimiser's state; in RAM stay the content image and its masks, the style images (and
-    # the image while the scales change)
-    spilled = 4 * (pixels * (3 * 2 + REGIONS) + sum(style_pixels) * (3 + REGIONS))
+    cut_bytes = 0 if cut is None else 8 * network.channels(cut) / network.stride(cut) ** 2
     if optimizer == "lbfgs":
         histories = HISTORIES if history is None else (history,)
     else:
@@ -133,12 +124,26 @@ def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[s
     def crop(size: int, h: int, w: int) -> int:
         return h * w if size == 0 else min(size + 2 * halo, h) * min(size + 2 * halo, w)
 
-    def need(size: int, history: int | None, on_disk: bool = False) -> float:
+    def need(size: int, history: int | None, on_disk: bool = False, scale: float = 1) -> float:
+        """Bytes the plan ``(size, history, on_disk)`` needs, for images ``scale`` times as
+        large as these (a refusal's advice)."""
+        sized = [(int(h * scale), int(w * scale)) for h, w in [hw, *style_hws]]
+        pixels, style_pixels = sized[0][0] * sized[0][1], sum(h * w for h, w in sized[1:])
         copies = 0 if on_disk else 2 * history + 4 if history is not None else 6
         # the targets' pass runs the network on the style images' crops too, on the same
         # segments but without autograd: a differentiated crop bounds it
-        largest = max(crop(size, h, w) for h, w in [hw, *style_hws])
-        state = spilled if on_disk else resident + (cut_bytes if size else 0)
+        largest = max(crop(size, h, w) for h, w in sized)
+        if on_disk:
+            # on disk: the image, its gradient, the content features, the masks on the grids
+            # and the optimiser's state; in RAM stay the content image and its masks, the
+            # style images (and the image while the scales change)
+            state = 4 * (pixels * (3 * 2 + REGIONS) + style_pixels * (3 + REGIONS))
+        else:
+            # image, gradient, content at two sizes; content-layer features; region masks on
+            # the image and on every style layer's grid; every style image with its masks
+            state = 4 * (pixels * (3 * 4 + content_features + REGIONS * (1 + grids))
+                         + style_pixels * (3 + REGIONS))  # fmt: skip
+            state += cut_bytes * pixels if size else 0
         return activations * largest + state + copies * 12 * pixels
 
     if spill is not False:  # on disk: tiles as before, no history (Adam)
@@ -149,14 +154,19 @@ def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[s
     if chosen is None:
         least = need(*candidates[-1])
         size = candidates[-1][0]
-        fits = int(max(hw) * math.sqrt(free / least)) // stride * stride
+        # the largest size at which the plan that needs least fits (not a ratio of the need:
+        # a crop's activations do not shrink with the image)
+        sides = range(max(hw) // stride * stride, MIN_SIZE - 1, -stride)
+        least_at = lambda side: need(*candidates[-1], scale=side / max(hw))  # noqa: E731
+        fits = next((side for side in sides if least_at(side) <= HEADROOM * free), None)
         tiled = "" if tile == 0 else f" in tiles of {size} px"
         advice = {0: "allow tiling (drop --tile 0), ", None: ""}.get(tile, "lower --tile, ")
-        adam = "--optimizer adam or " if optimizer != "adam" else ""
+        advice += f"lower --size (about {fits} fits), " if fits else ""
+        # a plan on disk steps Adam already
+        adam = "--optimizer adam or " if optimizer != "adam" and spill is False else ""
         raise CastError(
             f"a {width}x{height} image needs about {amount(least)} on {device}{tiled} "
-            f"but {amount(free)} is free; {advice}lower --size (about {fits} fits), "
-            f"use {adam}a larger device"
+            f"but {amount(free)} is free; {advice}use {adam}a larger device"
         )
     size, history, *on_disk = chosen
     on_disk = bool(on_disk and on_disk[0])

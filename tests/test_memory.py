@@ -97,7 +97,7 @@ def test_tiles_made_small_by_the_processes_keep_the_lbfgs_history(ample):
 
 
 def test_a_refusal_under_adam_does_not_advise_adam(monkeypatch):
-    monkeypatch.setenv("CAST_MEMORY_GIB", "0.001")
+    monkeypatch.setenv("CAST_MEMORY_GIB", "0.01")  # at 1 MiB no size fits: no --size advice
     with pytest.raises(CastError, match=r"lower --size .*, use a larger device$") as caught:
         stylize(CONTENT, STYLE, optimizer="adam", **RUN)
     assert "--optimizer adam" not in str(caught.value)
@@ -112,6 +112,19 @@ def test_small_amounts_are_given_in_mib(monkeypatch):
     monkeypatch.setenv("CAST_MEMORY_GIB", "1000")
     plan = str(stylize(CONTENT, STYLE, **RUN | dict(size=64)))
     assert re.search(r"about [1-9]\d* MiB of 1000.0 GiB free$", plan), plan
+
+
+@pytest.mark.parametrize("options", [dict(tile=0), dict(spill=False), dict(tile=256)],
+                         ids=["untiled", "in memory", "tiles of 256 px"])  # fmt: skip
+def test_the_size_a_refusal_says_fits_fits(options, monkeypatch):
+    """"lower --size (about 464 fits)" and then, at 464: "needs about 0.5 GiB ... but 0.5 GiB
+    is free": the estimate left out the plan's headroom, so no suggested size ever fitted."""
+    monkeypatch.setenv("CAST_MEMORY_GIB", "0.5")
+    run = RUN | options | dict(size=4096)
+    with pytest.raises(CastError, match=r"about \d+ fits") as refused:
+        stylize(CONTENT, STYLE, **run)
+    fits = int(re.search(r"about (\d+) fits", str(refused.value)).group(1))
+    assert stylize(CONTENT, STYLE, **run | dict(size=fits)).height > 0
 
 
 @pytest.mark.parametrize("gib", ["0", "-1", "nan", "inf"])
