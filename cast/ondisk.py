@@ -75,6 +75,8 @@ class OnDisk:
         self.directory = directory
         self._numpy = torch.empty((), dtype=dtype).numpy().dtype
         self._cell = math.prod(self.shape[:-2]) * self._numpy.itemsize  # bytes per (y, x)
+        if directory is None:
+            _check_tmpdir()
         try:
             self._file = tempfile.TemporaryFile(dir=directory)
             # closed when the store goes: a file left for the collector to close warns (a
@@ -168,6 +170,20 @@ def chunk_rows(shape, itemsize: int) -> int:
 def _chunks(shape, itemsize: int) -> list[Rect]:
     height, width, rows = *shape[-2:], chunk_rows(shape, itemsize)
     return [(top, min(top + rows, height), 0, width) for top in range(0, height, rows)]
+
+
+def _check_tmpdir() -> None:
+    """$TMPDIR, where set, is where the state goes: tempfile would quietly fall back to /tmp
+    (often RAM) or the current folder when it is missing or takes no file."""
+    wanted = os.environ.get("TMPDIR")
+    if not wanted or os.path.realpath(tempfile.gettempdir()) == os.path.realpath(wanted):
+        return
+    if not (os.path.isdir(wanted) and os.access(wanted, os.W_OK | os.X_OK)):
+        raise CastError(
+            f"TMPDIR '{wanted}' is missing or takes no file, so the state on disk would go to "
+            f"'{tempfile.gettempdir()}' instead; create it or set TMPDIR to a folder on a "
+            "local disk"
+        )
 
 
 def _pread_exact(fd: int, into: memoryview, offset: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import tempfile
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from open_files import open_files
 
 from cast import ondisk
+from cast.errors import CastError
 
 
 @pytest.mark.parametrize("shape", [(3, 17, 23), (1, 2, 3, 5, 1), (4, 1, 9)])
@@ -49,3 +51,14 @@ def test_a_store_leaves_no_file_behind(tmp_path):
         del store
         gc.collect()
     assert open_files(tmp_path) == [] and [str(w.message) for w in warned] == []
+
+
+@pytest.mark.parametrize("folder", ["missing", "a file"])
+def test_a_tmpdir_that_cannot_take_the_state_is_one_line(folder, tmp_path, monkeypatch):
+    """tempfile falls back to /tmp (often RAM) or the current folder when $TMPDIR is missing or
+    takes no file: the state went there silently, not to the disk that was set for it."""
+    (tmp_path / "a file").touch()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / folder))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # found afresh from $TMPDIR
+    with pytest.raises(CastError, match=f"TMPDIR '{tmp_path / folder}' .* create it or"):
+        ondisk.zeros((3, 8, 8), torch.float32, "cpu", True)
