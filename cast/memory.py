@@ -12,6 +12,7 @@ L-BFGS history when the other two do not fit.
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from collections.abc import Sequence
@@ -156,9 +157,10 @@ def plan_memory(network, content_layers: Sequence[str], style_layers: Sequence[s
         size = candidates[-1][0]
         # the largest size at which the plan that needs least fits (not a ratio of the need:
         # a crop's activations do not shrink with the image)
-        sides = range(max(hw) // stride * stride, MIN_SIZE - 1, -stride)
+        sides = range(-(-MIN_SIZE // stride) * stride, max(hw) + 1, stride)
         least_at = lambda side: need(*candidates[-1], scale=side / max(hw))  # noqa: E731
-        fits = next((side for side in sides if least_at(side) <= HEADROOM * free), None)
+        below = bisect.bisect_right(sides, HEADROOM * free, key=least_at)  # it grows with side
+        fits = sides[below - 1] if below else None
         tiled = "" if tile == 0 else f" in tiles of {size} px"
         advice = {0: "allow tiling (drop --tile 0), ", None: ""}.get(tile, "lower --tile, ")
         advice += f"lower --size (about {fits} fits), " if fits else ""
