@@ -447,3 +447,22 @@ def test_a_colour_picture_is_refused_as_a_trimap(tmp_path):
     as_jpeg = tmp_path / "trimap.jpg"
     Image.open(TRIMAP).convert("RGB").save(as_jpeg, quality=75)
     assert read_trimap(as_jpeg, (288, 384)).shape == (288, 384)
+
+
+def test_a_grey_picture_that_is_no_trimap_is_refused(tmp_path):
+    """A grey-scale photo given for its trimap (or the grey photo named twice) gave a matte that
+    was the photo itself: a trimap is black, white and one grey, up to JPEG noise and edges."""
+    photo = tmp_path / "grey_photo.png"
+    Image.open(TUBINGEN).convert("L").save(photo)
+    with pytest.raises(MaskError) as error:
+        read_trimap(photo, (288, 384))
+    assert one_line(error).startswith(f"trimap '{photo}' is not a trimap: only ")
+    # what a trimap may be: lossy, resampled with soft edges, drawn small, or scribbles
+    trimap = Image.open(TRIMAP)
+    trimap.convert("RGB").save(tmp_path / "trimap.jpg", quality=10)
+    trimap.resize((64, 48), Image.BILINEAR).save(tmp_path / "small.png")
+    scribbles = np.full((48, 64), 128, np.uint8)
+    scribbles[5, 10:50], scribbles[40, 5:60] = 255, 0
+    Image.fromarray(scribbles).save(tmp_path / "scribbles.png")
+    for name in ("trimap.jpg", "small.png", "scribbles.png"):
+        assert read_trimap(tmp_path / name, (288, 384)).shape == (288, 384)
