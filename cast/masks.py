@@ -315,8 +315,15 @@ def read_trimap(path: PathArg, size: tuple[int, int]) -> torch.Tensor:
     snapped = np.where(grey <= 0.1, 0.0, np.where(grey >= 0.9, 1.0, 0.5)).astype(np.float32)
     resized = F.interpolate(
         torch.from_numpy(snapped)[None, None], size=tuple(size), mode="nearest-exact"
-    )
-    return resized[0, 0]
+    )[0, 0]
+    # nearest neighbour picks one pixel in each cell: strokes thinner than a cell can vanish
+    for value, colour in ((1.0, "white"), (0.0, "black")):
+        if (snapped == value).any() and not (resized == value).any():
+            raise MaskError(
+                f"trimap '{path}': its {colour} strokes vanish at the mask's {size[1]}x{size[0]}; "
+                "draw them thicker or make the mask larger"
+            )
+    return resized
 
 
 def _check_three_levels(grey: np.ndarray, path: PathArg) -> None:

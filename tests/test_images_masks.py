@@ -466,3 +466,17 @@ def test_a_grey_picture_that_is_no_trimap_is_refused(tmp_path):
     Image.fromarray(scribbles).save(tmp_path / "scribbles.png")
     for name in ("trimap.jpg", "small.png", "scribbles.png"):
         assert read_trimap(tmp_path / name, (288, 384)).shape == (288, 384)
+
+
+def test_strokes_lost_in_resizing_say_so(tmp_path):
+    """Thin scribbles on a trimap shrunk to the mask's size fell between the pixels that
+    nearest-neighbour resizing picks: "trimap has no foreground (white) pixels", which the user
+    had drawn."""
+    scribbles = np.full((288, 384), 128, np.uint8)
+    scribbles[41, 20:360], scribbles[250:252, 10:370] = 255, 0
+    Image.fromarray(scribbles).save(tmp_path / "scribbles.png")
+    assert read_trimap(tmp_path / "scribbles.png", (288, 384)).eq(1).any()
+    with pytest.raises(MaskError) as error:
+        read_trimap(tmp_path / "scribbles.png", (36, 48))
+    assert one_line(error).startswith(f"trimap '{tmp_path / 'scribbles.png'}': its white ")
+    assert "48x36" in str(error.value) and "thicker" in str(error.value)
