@@ -491,9 +491,11 @@ def _regions(
         names = [f"colour {colour}" for colour in regions.colours]
     elif soft_masks:
         region_masks = masks.soft_masks(list(soft_masks), content_hw)
+        names = [f"region of soft mask '{path}'" for path in soft_masks]
         if len(region_masks) == 1:
             # one grey image: the white part and the rest are the two regions
             region_masks = torch.cat([region_masks, 1 - region_masks])
+            names.append(f"region outside soft mask '{soft_masks[0]}'")
         paired = [None] * len(styles)
     else:
         region_masks = torch.ones(1, *content_hw)
@@ -511,6 +513,7 @@ def _regions(
         whole = torch.zeros(K, *style_hws[i])
         whole[0 if K == 1 else position] = 1
         paired[i] = whole
+    _check_every_style_styles_something(region_masks, paired, names, style_masks)
     if strict:
         covered = torch.stack([m.flatten(1).amax(1) > 0 for m in paired]).any(0)
         if not covered.all():
@@ -521,6 +524,35 @@ def _regions(
                 "style label image, add a style image for it, or drop --strict"
             )
     return region_masks.float(), [m.float() for m in paired]
+
+
+def _check_every_style_styles_something(
+    region_masks: Tensor,
+    paired: list[Tensor],
+    names: list[str] | None,
+    style_masks: list[ImageLike | None],
+) -> None:
+    """A style image whose regions are all empty in the content (an all-black soft mask, a
+    label image without the content's colours) would be loaded and matched for nothing."""
+    content_has = region_masks.flatten(1).amax(1) > 0
+    for i, mask in enumerate(paired):
+        lends = mask.flatten(1).amax(1) > 0
+        if (lends & content_has).any():
+            continue
+        if not lends.any():  # its own mask has none of the content's regions
+            own = style_masks[i]
+            own = "mask tensor is empty" if isinstance(own, Tensor) else (
+                f"label image '{own}' has none of the content's colours")  # fmt: skip
+            raise CastError(
+                f"style image {i + 1} would style nothing: its {own}; paint its regions in "
+                "the colours of the content regions they style"
+            )
+        regions = [names[k] if names else f"region {k}" for k in torch.nonzero(lends).flatten()]
+        raise CastError(
+            f"style image {i + 1} would style nothing: the content {', '.join(regions)} it "
+            f"styles {'is' if len(regions) == 1 else 'are'} empty; draw some of it, or give "
+            "fewer style images"
+        )
 
 
 def _initial(init, content: Tensor, styles: list[Tensor], generator) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -484,3 +485,37 @@ def test_a_full_spill_folder_is_one_line_and_keeps_the_latest_image(tmp_path, mo
                 callback=fill_after_two, **FAST)  # fmt: skip
     assert len(seen) == 2
     assert (images.load_image(output) - seen[-1].clamp(0, 1)).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_a_style_image_that_would_style_nothing_is_refused(tmp_path):
+    """An all-black soft mask, the empty rest of an all-white one, or a style label image with
+    none of the content's colours: the run went through and that style image styled nothing."""
+    content, styles = torch.rand(3, 8, 10), [torch.rand(3, 6, 6), torch.rand(3, 4, 8)]
+
+    def refused(message, *regions):
+        with pytest.raises(CastError, match="^style image " + re.escape(message)):
+            _regions(content, *regions, strict=False)
+
+    black, white = tmp_path / "black.png", tmp_path / "white.png"
+    images.save_image(torch.zeros(3, 8, 10), black)
+    images.save_image(torch.ones(3, 8, 10), white)
+    refused(f"1 would style nothing: the content region of soft mask '{black}' it styles is "
+            "empty", styles, None, None, [black])  # fmt: skip
+    refused(f"2 would style nothing: the content region outside soft mask '{white}'", styles,
+            None, None, [white])  # fmt: skip
+    _regions(content, styles[:1], None, None, [white], strict=False)  # the empty rest: no style
+    left_red = torch.zeros(3, 80, 100)
+    left_red[0, :, :50], left_red[2, :, 50:] = 1, 1
+    green = torch.zeros(3, 60, 60)
+    green[1] = 1
+    labels = tmp_path / "content.png", tmp_path / "style.png"
+    images.save_image(left_red, labels[0])
+    images.save_image(green, labels[1])
+    refused(f"1 would style nothing: its label image '{labels[1]}' has none of the content's "
+            "colours", styles[:1], labels[0], [labels[1]], None)  # fmt: skip
+    right_empty = _halves(8, 10)
+    right_empty[1] = 0
+    refused("2 would style nothing: the content region 1 it styles is empty", styles,
+            right_empty, None, None)  # fmt: skip
+    refused("1 would style nothing: its mask tensor is empty", styles[:1], _halves(8, 10),
+            [torch.zeros(2, 6, 6)], None)  # fmt: skip
