@@ -102,7 +102,8 @@ def _read_labels(path: PathArg, size: tuple[int, int]) -> tuple[list[Colour], to
     """(palette, index map ``(H, W)`` int64 at ``size``) for one label image."""
     picture = open_image(path, "label image", MaskError)
     check_aspect(f"mask '{path}'", picture.size, size)
-    rgb = np.asarray(picture.convert("RGB"), dtype=np.int16)
+    # pixels(), not convert("RGB"), which clips 16-bit greys at 255 and merges their regions
+    rgb = np.rint(pixels(picture, grey=False) * 255).astype(np.int16)
     palette = _palette(rgb, path)
     # Snap, then resize with nearest neighbour (any other resampling would mix regions). Snapping
     # is per pixel, so snapping only the pixels nearest-neighbour picks gives the same map, and

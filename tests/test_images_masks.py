@@ -480,3 +480,14 @@ def test_strokes_lost_in_resizing_say_so(tmp_path):
         read_trimap(tmp_path / "scribbles.png", (36, 48))
     assert one_line(error).startswith(f"trimap '{tmp_path / 'scribbles.png'}': its white ")
     assert "48x36" in str(error.value) and "thicker" in str(error.value)
+
+
+def test_sixteen_bit_label_image_keeps_its_grey_regions(tmp_path):
+    """PIL's RGB conversion clips 16-bit values at 255: a mid-grey region (32768) was merged
+    into the white one (65535), two regions where three were drawn."""
+    levels = np.zeros((48, 64), np.uint16)
+    levels[:, 20:40], levels[:, 40:] = 32768, 65535
+    Image.fromarray(levels).save(tmp_path / "labels16.png")
+    regions = label_masks(tmp_path / "labels16.png", [], (48, 64), [])
+    assert sorted(regions.colours) == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+    assert sorted(regions.content.sum((1, 2)).tolist()) == [960, 960, 1152]
