@@ -216,6 +216,11 @@ def soft_masks(paths: Sequence[PathArg], size: tuple[int, int]) -> torch.Tensor:
     masks = []
     for path in paths:
         picture = open_image(path, "soft mask", MaskError, long_side=max(size))
+        if not is_grey(picture):  # its brightness would make regions nobody drew
+            raise MaskError(
+                f"soft mask '{path}' is in colour; a soft mask is grey-scale (white = inside); "
+                "give a colour label image with --content-mask"
+            )
         check_aspect(f"mask '{path}'", picture.size, size)
         masks.append(_resize_grey(torch.from_numpy(pixels(picture, grey=True)), size))
     if not masks:

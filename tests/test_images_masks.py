@@ -491,3 +491,13 @@ def test_sixteen_bit_label_image_keeps_its_grey_regions(tmp_path):
     regions = label_masks(tmp_path / "labels16.png", [], (48, 64), [])
     assert sorted(regions.colours) == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
     assert sorted(regions.content.sum((1, 2)).tolist()) == [960, 960, 1152]
+
+
+def test_a_colour_picture_is_refused_as_a_soft_mask(tmp_path):
+    """A colour label image given to --soft-mask instead of --content-mask (or the photo itself)
+    became a mask of its brightness, regions nobody drew."""
+    Image.fromarray(draw_labels(60, 80)).save(tmp_path / "labels.png")
+    with pytest.raises(MaskError) as error:
+        soft_masks([tmp_path / "labels.png"], (30, 40))
+    assert one_line(error).startswith(f"soft mask '{tmp_path / 'labels.png'}' is in colour; ")
+    assert "--content-mask" in str(error.value)
