@@ -176,7 +176,9 @@ SHIPPED = [
         backward,
         triton_gram._as_launch_config(config),
         r,
-        id="x".join(map(str, config.kwargs.values())) + f" w{config.num_warps} r{r}",
+        id="x".join(str(config.kwargs[k]) for k in ("TILE_H", "TILE_W", "BLOCK_C", "BLOCK_D")
+                    if k in config.kwargs)
+        + f" w{config.num_warps} s{config.num_stages} r{r}",
     )
     for backward, configs in [(False, triton_gram.FWD_CONFIGS), (True, triton_gram.BWD_CONFIGS)]
     for config in configs
