@@ -323,8 +323,10 @@ def read_trimap(path: PathArg, size: tuple[int, int]) -> torch.Tensor:
         torch.from_numpy(snapped)[None, None], size=tuple(size), mode="nearest-exact"
     )[0, 0]
     # nearest neighbour picks one pixel in each cell: strokes thinner than a cell can vanish
-    for value, colour in ((1.0, "white"), (0.0, "black")):
-        if (snapped == value).any() and not (resized == value).any():
+    for value, colour, where in ((1.0, "white", "foreground"), (0.0, "black", "background")):
+        if not (snapped == value).any():  # matte() says so too, but cannot name the file
+            raise MaskError(f"trimap '{path}' has no {where} ({colour}) pixels; mark some of each")
+        if not (resized == value).any():
             raise MaskError(
                 f"trimap '{path}': its {colour} strokes vanish at the mask's {size[1]}x{size[0]}; "
                 "draw them thicker or make the mask larger"

@@ -278,7 +278,9 @@ def test_a_mask_over_its_image_fits_the_image_at_a_small_size(tmp_path):
     # a 640x205 panorama at --size 64 is 64x20 (20.5 rounded), 2.5 % off in aspect: its own
     # trimap and masks were refused as drawn over another image ("aspect ratios differ")
     Image.fromarray(draw_labels(205, 640)).save(tmp_path / "labels.png")
-    Image.fromarray(np.full((205, 640), 255, np.uint8)).save(tmp_path / "grey.png")
+    grey = np.full((205, 640), 255, np.uint8)
+    grey[:, :320] = 0  # a background too: a trimap needs both
+    Image.fromarray(grey).save(tmp_path / "grey.png")
     label_masks(tmp_path / "labels.png", [], (20, 64), [])
     soft_masks([tmp_path / "grey.png"], (20, 64))
     read_trimap(tmp_path / "grey.png", (20, 64))
@@ -480,6 +482,20 @@ def test_strokes_lost_in_resizing_say_so(tmp_path):
         read_trimap(tmp_path / "scribbles.png", (36, 48))
     assert one_line(error).startswith(f"trimap '{tmp_path / 'scribbles.png'}': its white ")
     assert "48x36" in str(error.value) and "thicker" in str(error.value)
+
+
+def test_a_trimap_without_foreground_or_background_names_its_file(tmp_path):
+    # the refusal came from matte(), which takes a tensor: "trimap has no foreground (white)
+    # pixels", whichever of the command's files that was
+    for colour, where in ((0, "foreground (white)"), (255, "background (black)")):
+        trimap = np.full((36, 48), 128, np.uint8)
+        trimap[:, :10] = colour
+        Image.fromarray(trimap).save(tmp_path / "trimap.png")
+        with pytest.raises(MaskError) as error:
+            read_trimap(tmp_path / "trimap.png", (36, 48))
+        assert one_line(error) == (
+            f"trimap '{tmp_path / 'trimap.png'}' has no {where} pixels; mark some of each"
+        )
 
 
 def test_sixteen_bit_label_image_keeps_its_grey_regions(tmp_path):
