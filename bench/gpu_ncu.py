@@ -109,18 +109,24 @@ def stall_table(text: str, labels: list[str], top: int = 6) -> list[str]:
         return [f"ncu pages: {len(pages)}, not the {len(labels)} launches: no stall table"]
     lines = []
     for label, page in zip(labels, pages, strict=True):
-        cycles = {
-            name.removeprefix(STALL).removesuffix("_per_issue_active.ratio"): value
-            * page.get(ISSUED, 0.0)
-            for name, value in page.items()
-            if name.startswith(STALL)
-        }
+        cycles = warp_cycles(page)
         total = sum(cycles.values()) or 1.0
         lines.append(f"{label}: warp-cycles (millions) by stall reason")
         for reason in sorted(cycles, key=cycles.get, reverse=True)[:top]:
             share = cycles[reason] / total
             lines.append(f"  {reason:24} {cycles[reason] / 1e6:9.2f} ({share:.0%})")
     return lines
+
+
+def warp_cycles(page: dict[str, float]) -> dict[str, float]:
+    """A kernel's warp-cycles by stall reason: each reason's stalls an issued instruction times
+    the instructions issued."""
+    issued = page.get(ISSUED, 0.0)
+    return {
+        name.removeprefix(STALL).removesuffix("_per_issue_active.ratio"): value * issued
+        for name, value in page.items()
+        if name.startswith(STALL)
+    }
 
 
 def read_counters(text: str) -> list[dict[str, float]]:
@@ -157,15 +163,9 @@ def mma_phase_table(text: str, top: int = 6) -> list[str]:
     lines = []
     for dtype in (torch.float32, torch.bfloat16):
         for kernel in ("forward", "backward"):
-            whole, bare = runs[dtype, kernel, "whole"], runs[dtype, kernel, "no MMA"]
-            cycles = {
-                name.removeprefix(STALL).removesuffix("_per_issue_active.ratio"): (
-                    whole[name] * whole.get(ISSUED, 0.0),
-                    bare.get(name, 0.0) * bare.get(ISSUED, 0.0),
-                )
-                for name in whole
-                if name.startswith(STALL)
-            }
+            whole = warp_cycles(runs[dtype, kernel, "whole"])
+            bare = warp_cycles(runs[dtype, kernel, "no MMA"])
+            cycles = {reason: (w, bare.get(reason, 0.0)) for reason, w in whole.items()}
             phase = {reason: w - b for reason, (w, b) in cycles.items()}
             total = sum(max(c, 0.0) for c in phase.values()) or 1.0
             name = f"{str(dtype).removeprefix('torch.')} {kernel}"

@@ -90,7 +90,7 @@ def test_ncu_program_runs_forward_and_backward():
     ], done.stdout
 
 
-def test_ncu_program_runs_the_triton_forward():
+def test_ncu_program_runs_the_triton_kernels():
     """What `make gpu-check`'s ncu-triton step profiles: here under the interpreter, small."""
     env = os.environ | {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, str(BENCH / "gpu_ncu.py"), "--triton", "--channels", "8"]
@@ -104,6 +104,16 @@ def test_ncu_program_runs_the_triton_forward():
         "triton float32 relu5_1 J=K=1 C=64 2^2 2x32x32 w4 forward, whole: launched",
         "triton float32 relu4_1 J=K=3 C=64 4^2 16x16x64x16 w8 backward, whole: launched",
     ], done.stdout
+
+
+def import_gpu_ncu():
+    """bench/gpu_ncu.py as a module (it imports its sibling gpu_probe)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_ncu
+    finally:
+        sys.path.remove(str(BENCH))
+    return gpu_ncu
 
 
 def ncu_arguments() -> list[str]:
@@ -127,11 +137,7 @@ def test_ncu_step_leaves_the_clocks_alone_and_names_the_kernels():
     assert ("--clock-control", "none") in pairs, args
     assert ("--profile-from-start", "off") in pairs, args
     script = (BENCH / "gpu_check.sh").read_text()
-    sys.path.insert(0, str(BENCH))
-    try:
-        import gpu_ncu
-    finally:
-        sys.path.remove(str(BENCH))
+    gpu_ncu = import_gpu_ncu()
     # each step profiles as many launches as bench/gpu_ncu.py makes in its window
     cuda_launches = len(gpu_ncu.launch_order((torch.float32, torch.bfloat16)))
     triton_launches = len(gpu_ncu.triton_launches(64, 1024))
@@ -140,7 +146,7 @@ def test_ncu_step_leaves_the_clocks_alone_and_names_the_kernels():
     assert f'--launch-count {triton_launches} "${{ncu_args[@]}}"' in script
     assert "--launch-count" not in args, args
     assert "smsp__inst_issued.sum" in dict(pairs)["--metrics"], args  # --read needs it
-    assert '"${ncu_args[@]}"' in (BENCH / "gpu_check.sh").read_text()
+    assert '"${ncu_args[@]}"' in script
     kernels = dict(pairs)["--kernel-name"].removeprefix("regex:")
     source = (BENCH.parent / "csrc" / "masked_gram_cuda_kernels.cuh").read_text()
     names = set(re.findall(r"__global__ void __launch_bounds__\([^)]*\)\s+(\w+)\(", source))
@@ -160,11 +166,7 @@ def test_ncu_reader_gives_the_mma_phase_by_stall_reason():
     """bench/gpu_ncu.py --read on a details page shaped like ncu's: 8 kernel headers in launch
     order, metric lines with units (Minst scaled) and thousands' commas; the MMA phase's
     warp-cycles of a reason are ratio x issued, whole minus "no MMA"."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import gpu_ncu
-    finally:
-        sys.path.remove(str(BENCH))
+    gpu_ncu = import_gpu_ncu()
 
     def page(kernel, variant, scale):
         return [
