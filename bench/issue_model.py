@@ -60,8 +60,9 @@ class Work:
 
 def forward(N: int, C: int, J: int, K: int, r: int) -> Work:
     """A program per (kernel, channel-block pair a <= c, band of rows): Z_a and Z_c formed per
-    pair (once when a == c), all K masks (K <= 4) from that one formation. The 128-bit loads of
-    the centre column (2-D tiles) save issue slots, not wavefronts: the counts are the same."""
+    pair (once when a == c), all K masks (K <= 4) from that one formation. F's loads are
+    coalesced (a warp's load of a tap takes 32 consecutive positions of one channel), so each is
+    one wavefront; a shifted tap straddling two lines takes two, which this does not count."""
     blocks = max(1, C // BLOCK_C)
     pairs = blocks * (blocks + 1) // 2
     formed = J * N * BLOCK_C * blocks * blocks  # nb diagonal pairs once, the others twice

@@ -3,9 +3,9 @@
 Forward. A program owns one batch item ``b``, one kernel ``p_j``, a chunk of up to four masks,
 one upper-triangle pair of channel blocks ``(a, c)``, ``a <= c``, and one split of the image
 into bands of rows. Per ``TILE_H x TILE_W`` tile of positions it forms ``Z_j = P_j F`` for both
-channel blocks on chip (``r*r`` shifted masked loads of ``F``, which hit L1/L2; the tile's
-columns start at a multiple of ``TILE_W``, so the kernel's centre column is loaded in 128-bit
-vectors where ``W`` is a multiple of 16) and adds
+channel blocks on chip (``r*r`` shifted masked loads of ``F``, which hit L1/L2, coalesced: a
+warp's load takes 32 consecutive positions of one channel; at ``r = 1``, 128-bit vectors where
+``W`` is a multiple of 16) and adds
 ``(m_k^2 Z_a)^T Z_c`` to one accumulator per mask, so ``P_j F`` and ``M_k P_j F`` never reach
 memory. Masks come in chunks of ``NUM_MASKS`` (a constexpr, unrolled: the largest divisor of
 ``K`` up to four) rather than all ``K`` at once, which bounds the registers a program needs;
@@ -89,8 +89,9 @@ INTERPRETER_BWD_CONFIG = dict(TILE_H=8, TILE_W=16, BLOCK_C=16, BLOCK_D=16, num_w
 # Every config compiles for sm_90 without spilling at the mask counts _fits lets it take
 # (tests/sm90.py reads the machine code; tests/test_triton_kernels.py asserts it). Forward,
 # sm_90a, float32 and bf16, 1-4 masks, sizes multiples of 16 or not, Triton 3.9 and 3.6: 2 x 32
-# positions x 64 channels takes 126-255 registers, 4 x 32 x 64 195-255; 4 warps (m64n64 MMAs
-# instead of m64n32) spilled 8-272 B at 3-4 masks. Backward,
+# positions x 64 channels takes 174-255 registers, 4 x 32 x 64 184-255 (126-255 and 195-255 with
+# the centre tap's 128-bit loads setting the layout, which made the shifted taps uncoalesced:
+# _row_of_taps); 4 warps (m64n64 MMAs instead of m64n32) spilled 8-272 B at 3-4 masks. Backward,
 # sm_90a, float32 and bf16, sizes multiples of 16 or not: 16 x 16 x 64 (reduction blocks of
 # 16) takes 216-250 registers, 16 x 16 x 32 (for C <= 32) 228-243 (Triton 3.9, one scratch tile;
 # 184-235 with two, on 3.9 and 3.6); the register allocation is erratic near the limit:
@@ -102,11 +103,11 @@ INTERPRETER_BWD_CONFIG = dict(TILE_H=8, TILE_W=16, BLOCK_C=16, BLOCK_D=16, num_w
 # and 51 % slower at relu4_1, J = K = 3, where the budget does not bind (gpu-notes).
 # The third forward config, 32-channel blocks at 4 warps, is for where 64-channel blocks give
 # the card too few programs (_forward_prune): sm_90a, Triton 3.9, float32 and bf16, 1 and 3
-# masks, sizes multiples of 16 or not: 96-249 registers, so two to four programs an SM, no
+# masks, sizes multiples of 16 or not: 126-255 registers, so one to three programs an SM, no
 # spill (4 x 32 x 32 took 255, 8 x 32 x 32 spilled 8-1248 B). The fourth is pipelined: every tap
 # unrolled and 3 stages, so the next tiles' loads of F are asynchronous copies (cp.async) in
 # flight while a tile is formed; its stages hold a copy of every tap's tile (2 x 9 x 4 KiB at
-# r = 3, float32), so its tile is small: 1 x 32 x 32, 128-255 registers, 1-4 masks, no spill,
+# r = 3, float32), so its tile is small: 1 x 32 x 32, 128-244 registers, 1-3 masks, no spill,
 # 78-83 KiB of shared memory (sm_90a, Triton 3.9; 2 x 32 x 64 with 2 stages spilled 24-120 B at
 # 3-4 masks, 2 x 32 x 32 112-176 B). float32 only: bf16's 2-byte loads are below cp.async's 4,
 # so its stages stayed empty.
@@ -148,28 +149,36 @@ MAX_ACCUMULATOR_REGISTERS = 64
 
 
 @triton.jit
-def _tap(tile, base_ptr, offsets, row_ok, col, W, channel_ok, weight_ptr, dy, dx):
-    """``tile += p_j[dy, dx] * F[n + dy * W + dx]``, zero outside the image."""
-    inside = row_ok & (col + dx >= 0) & (col + dx < W)
+def _tap(tile, base_ptr, tap_offsets, inside, channel_ok, weight_ptr):
+    """``tile += p_j[t] * F[n + t]``, the tap's offsets given, zero where not ``inside``."""
     if channel_ok is None:
         mask = inside[:, None]
     else:
         mask = inside[:, None] & channel_ok[None, :]
-    x = tl.load(base_ptr + (offsets + dy * W + dx), mask=mask, other=0.0)
+    x = tl.load(base_ptr + tap_offsets, mask=mask, other=0.0)
     return tile + tl.load(weight_ptr).to(tile.dtype) * x.to(tile.dtype)
 
 
 @triton.jit
 def _row_of_taps(tile, base_ptr, offsets, position_ok, row, col, H, W, channel_ok, kernel_ptr, ky,
                  R: tl.constexpr):  # fmt: skip
-    """The taps of the kernel's row ``ky``, its columns unrolled: the centre column's offset
-    is a constant, so its loads are as aligned as the tile."""
+    """The taps of the kernel's row ``ky``, its columns unrolled.
+
+    The row's offsets start at its leftmost tap, ``R // 2`` columns left of the centre, and
+    the columns add constants to them. So at ``R > 1`` the compiler knows no alignment of any
+    tap, and lays the tile out for coalescing: a warp's load takes 32 consecutive positions of
+    one channel (one or two 128-byte lines). Were the centre tap known aligned, its 128-bit
+    loads would set the layout of every tap (the coalescing pass gives all loads that feed
+    one value the widest vector among them): 4 consecutive positions a thread (8 in bf16), so
+    that a warp's load of a shifted tap spans 4-6 lines for 128 useful bytes. At ``R = 1``
+    the one tap is the centre, aligned where ``W`` is a multiple of 16: 128-bit loads."""
     dy = ky - R // 2
     row_ok = position_ok & (row + dy >= 0) & (row + dy < H)
+    row_offsets = offsets + (dy * W - R // 2)  # one scalar: its sum hides the centre's alignment
     for kx in tl.static_range(R):
         dx = kx - R // 2
-        tile = _tap(tile, base_ptr, offsets, row_ok, col, W, channel_ok, kernel_ptr + ky * R + kx,
-                    dy, dx)  # fmt: skip
+        inside = row_ok & (col + dx >= 0) & (col + dx < W)
+        tile = _tap(tile, base_ptr, row_offsets + kx, inside, channel_ok, kernel_ptr + ky * R + kx)
     return tile
 
 
@@ -196,10 +205,9 @@ def _convolved_tile(
 
     Rolled loops: unrolled whole, the compiler issued all ``R*R`` loads of a 64 x 64 tile at
     once and spilled (255 registers, 1.2 KB spilled at 4 warps; sm_90, Triton 3.6). With
-    ``UNROLL_COLUMNS`` the kernel's rows are a loop and its columns unrolled, so the centre
-    column's offset is a constant and its loads as aligned as the tile (128-bit where the
-    tile's columns start at multiples of 4 and ``W`` is a multiple of 16); the backward's
-    tiles start a halo left of alignment and its 4-warp config spilled unrolled (248-360 B).
+    ``UNROLL_COLUMNS`` the kernel's rows are a loop and its columns unrolled
+    (``_row_of_taps``: a row's loads issue together, coalesced, 128-bit at ``R = 1``); the
+    backward's 4-warp config spilled unrolled (248-360 B), so it keeps the rolled loop.
     One offset tile and a scalar base rather than a tile of 64-bit pointers, for the same
     reason. With ``UNROLL_ROWS`` as well every tap is unrolled, and the loop over tiles around
     this is the innermost: Triton's pipeliner (``num_stages > 1``) then issues the next tiles'
@@ -222,7 +230,8 @@ def _convolved_tile(
             dy = t // R - R // 2
             dx = t % R - R // 2
             row_ok = position_ok & (row + dy >= 0) & (row + dy < H)
-            tile = _tap(tile, base_ptr, offsets, row_ok, col, W, channel_ok, kernel_ptr + t, dy, dx)
+            inside = row_ok & (col + dx >= 0) & (col + dx < W)
+            tile = _tap(tile, base_ptr, offsets + dy * W + dx, inside, channel_ok, kernel_ptr + t)
     return tile
 
 
@@ -256,15 +265,29 @@ def _store_gram(
     offs_a,  # (BLOCK_C,)
     offs_c,  # (BLOCK_C,)
     C,
+    MIRROR_TRANSPOSED: tl.constexpr,
 ):
     """The upper triangle where it is, mirrored below: G is exactly symmetric and no element
-    is written twice, also in a diagonal block (a == c)."""
+    is written twice, also in a diagonal block (a == c).
+
+    ``MIRROR_TRANSPOSED`` stores the mirror as the transposed tile, so that its addresses run
+    along the tile's last axis like the first store's. Where the accumulator has the shape of
+    the tiles of F, a store contiguous along its first axis makes Triton's coalescing pass lay
+    out F's loads like it: 4 positions a thread, from the 128-bit vectors the store allows.
+    Elsewhere the plain mirror takes fewer registers (4 x 32 x 64 at 4 masks spilled 16 B with
+    the transposed one)."""
     gram = acc * tl.load(inv_mass_ptr)
     inside = (offs_a < C)[:, None] & (offs_c < C)[None, :]
     upper = offs_a[:, None] <= offs_c[None, :]
-    strictly_upper = offs_a[:, None] < offs_c[None, :]
     tl.store(gram_ptr + offs_a[:, None] * C + offs_c[None, :], gram, mask=inside & upper)
-    tl.store(gram_ptr + offs_c[None, :] * C + offs_a[:, None], gram, mask=inside & strictly_upper)
+    if MIRROR_TRANSPOSED:
+        strictly_lower = offs_c[:, None] > offs_a[None, :]  # G[c, a] with a < c
+        tl.store(gram_ptr + offs_c[:, None] * C + offs_a[None, :], tl.trans(gram),
+                 mask=tl.trans(inside) & strictly_lower)  # fmt: skip
+    else:
+        strictly_upper = offs_a[:, None] < offs_c[None, :]
+        tl.store(gram_ptr + offs_c[None, :] * C + offs_a[:, None], gram,
+                 mask=inside & strictly_upper)  # fmt: skip
 
 
 @triton.jit
@@ -410,7 +433,8 @@ def _masked_gram_fwd_kernel(
     gram_ptr = out_ptr + ((b * J + j) * K + k0).to(tl.int64) * C * C
     inv_ptr = inv_mass_ptr + b * inv_mass_batch_stride + k0
     for i in tl.static_range(NUM_MASKS):
-        _store_gram(gram_ptr + i * C * C, grams[i], inv_ptr + i, offs_a, offs_c, C)
+        _store_gram(gram_ptr + i * C * C, grams[i], inv_ptr + i, offs_a, offs_c, C,
+                    BLOCK_N == BLOCK_C)  # fmt: skip
 
 
 @triton.jit
@@ -612,6 +636,8 @@ def config_fits(config: triton.Config, C: int, num_masks: int = 1, R: int = 1) -
         fits_channels(block_c, C)
         and registers <= MAX_ACCUMULATOR_REGISTERS
         and staged <= MAX_STAGED_BYTES
+        # the pipelined config spilled 8 B at 4 masks where sizes are not multiples of 16
+        and (config.num_stages == 1 or num_masks <= 3)
     )
 
 

@@ -53,6 +53,9 @@ class Report:
     spilled_bytes: int  # local memory per thread: stack frame and spills
     shared_bytes: int
     instructions: collections.Counter
+    # (sizePerThread, threadsPerWarp) of each 2-D global load's layout in the TTGIR: which
+    # elements a thread holds and how a warp's lanes spread over the tile
+    load_layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
 
     def count(self, pattern: str) -> int:
         """How many SASS instructions match ``pattern`` (a regex on the opcode)."""
@@ -129,7 +132,23 @@ def compile_for_sm90(
         spilled_bytes=int(resources["STACK"]) + int(resources["LOCAL"]),
         shared_bytes=compiled.metadata.shared,
         instructions=collections.Counter(opcodes),
+        load_layouts=_load_layouts(compiled.asm["ttgir"]),
     )
+
+
+def _load_layouts(ttgir: str) -> tuple:
+    """The blocked layouts of the 2-D tensors of pointers that loads and asynchronous copies
+    read."""
+    layouts = {
+        name: tuple(tuple(int(n) for n in re.search(rf"{key} = \[([\d, ]+)\]", body)[1].split(","))
+                    for key in ("sizePerThread", "threadsPerWarp"))
+        for name, body in re.findall(r"^#(\w+) = #ttg\.blocked<\{([^}]*)\}>", ttgir, re.M)
+    }  # fmt: skip
+    loads = (
+        r"(?:tt\.load|ttg\.async_copy_global_to_local) [^\n]*"
+        r": tensor<\d+x\d+x!tt\.ptr<\w+>, #(\w+)>"
+    )
+    return tuple(layouts[name] for name in re.findall(loads, ttgir))
 
 
 def shipped():

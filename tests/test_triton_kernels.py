@@ -614,14 +614,17 @@ SM90_RESOURCES = textwrap.dedent(
     def compile_named(name, *args):
         return sm90.compile_for_sm90(getattr(mg, name), *args)
 
-    # The backward also at R = 1 (Gatys' kernels), its own branch: no shift, no scratch.
+    # Also at R = 1 (Gatys' kernels): the backward's own branch (no shift, no scratch), and
+    # the forward's unshifted loads at sizes multiples of 16 (one mask, for the compile time).
+    backward = lambda config: "BLOCK_D" in config.kwargs
     jobs = [
         (kernel.__name__, dtype, True, config, R, num_masks, aligned)
         for kernel, config in sm90.shipped()
-        for num_masks in ((1,) if "BLOCK_D" in config.kwargs else (1, 2, 3, 4))
+        for num_masks in ((1,) if backward(config) else (1, 2, 3, 4))
         if mg.config_fits(config, 512, num_masks)
-        for R in ((3, 1) if "BLOCK_D" in config.kwargs else (3,))
+        for R in (3, 1)
         for aligned in (True, False)
+        if R == 3 or backward(config) or (aligned and num_masks == 1)
         for dtype in (torch.float32, torch.bfloat16)
     ]
     with ProcessPoolExecutor(2) as pool:
@@ -631,7 +634,7 @@ SM90_RESOURCES = textwrap.dedent(
             wide = sorted(op for op in r.instructions
                           if op.endswith((".64", ".128")) or op.startswith("LDGSTS"))
             print(r.kernel, num_masks, r.dtype, aligned, r.config + f" R={R}", r.registers,
-                  r.spilled_bytes, r.shared_bytes, mma, wide, sep="|")
+                  r.spilled_bytes, r.shared_bytes, mma, wide, r.load_layouts, sep="|")
     """
 )
 
@@ -640,10 +643,11 @@ def test_shipped_configs_compile_for_sm90_without_spills():
     """What the kernels promise an H100, read off their sm_90a machine code (no GPU needed):
     no spilled registers in any shipped config, Hopper's warpgroup MMA (wgmma) for every dot,
     bf16 operands for bf16 input (not TF32), shared memory within the card's limit, the
-    backward's tiles of U_j and dF moved in 128-bit loads and stores where sizes allow, and the
-    forward's centre-column loads of F in 128-bit loads where sizes are multiples of 16, and
-    the pipelined forward's loads as asynchronous copies. (The forward's 32-channel blocks take
-    mma.sync: wgmma needs 64 rows.)"""
+    backward's tiles of U_j and dF moved in 128-bit loads and stores where sizes allow, the
+    forward's loads of F coalesced at r = 3 (one position a thread, 32 consecutive positions a
+    warp) and 128-bit at r = 1 where sizes are multiples of 16, and the pipelined forward's
+    loads as asynchronous copies. (The forward's 32-channel blocks take mma.sync: wgmma needs
+    64 rows.)"""
     pytest.importorskip("triton.backends.nvidia")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -654,10 +658,11 @@ def test_shipped_configs_compile_for_sm90_without_spills():
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 9]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 10]
     assert len(rows) >= 16, done.stdout
     assert any(row[4].endswith("R=1") for row in rows), done.stdout
-    for kernel, num_masks, dtype, aligned, config, registers, spilled, shared, mma, wide in rows:
+    for (kernel, num_masks, dtype, aligned, config, registers, spilled, shared, mma, wide,
+         loads) in rows:  # fmt: skip
         where = f"{kernel} {config} masks={num_masks} {dtype} aligned sizes: {aligned}"
         assert int(spilled) == 0, f"{where}: {spilled} bytes spilled ({registers} registers)"
         assert int(shared) <= 227 * 1024, where
@@ -672,5 +677,10 @@ def test_shipped_configs_compile_for_sm90_without_spills():
         if kernel == "_masked_gram_bwd_kernel" and (aligned == "True" or "R=3" in config):
             # dF's store, or at r = 3 the scratch tile's moves (aligned at any size)
             assert "LDG.E.128" in wide and "STG.E.128" in wide, f"{where}: {wide}"
+        elif kernel == "_masked_gram_fwd_kernel" and "R=3" in config:
+            # the shifted taps coalesced: a warp's load takes 32 consecutive positions of one
+            # channel, one position a thread (not 4 or 8 from the centre tap's vectors)
+            layouts = ast.literal_eval(loads)
+            assert layouts and set(layouts) == {((1, 1), (32, 1))}, f"{where}: {layouts}"
         elif aligned == "True":
             assert "LDG.E.128" in wide, f"{where}: {wide}"
