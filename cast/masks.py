@@ -43,6 +43,9 @@ MATTING_PIXELS = 512 * 384
 # (JPEG quality 10, bilinear resizing to 64 px).
 MIN_TRIMAP_SHARE = 0.85
 TRIMAP_TOLERANCE = 12
+# A trimap is read this many pixels at a time (a band of whole rows), so that its float copies
+# are a band's: a 27 MP trimap read whole took 600 MB beyond its 8-bit decoding.
+TRIMAP_BAND_PIXELS = 1 << 20
 
 
 @dataclass
@@ -121,8 +124,13 @@ def _read_labels(path: PathArg, size: tuple[int, int]) -> tuple[list[Colour], to
 
 
 def _nearest_exact(n_in: int, n_out: int) -> np.ndarray:
-    """Source index of each output index for nearest-neighbour resizing (pixel centres)."""
-    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
+    """Source index of each output index for nearest-neighbour resizing (pixel centres), as
+    ``F.interpolate(mode="nearest-exact")`` picks them for float32 (a trimap was resized by it
+    whole): its float32 scale moves a few sizes' picks a pixel from exact arithmetic's, and
+    float64's scale from float32's. Sides are far below 2**24, so float32 holds every index."""
+    index = torch.arange(n_in, dtype=torch.float32)[None, None, :, None]
+    picked = F.interpolate(index, size=(n_out, 1), mode="nearest-exact")
+    return picked.flatten().numpy().astype(np.int64)
 
 
 def _palette(pixels: np.ndarray, path: PathArg) -> list[Colour]:
@@ -308,42 +316,56 @@ def _eroded(mask: torch.Tensor, r: int, top: int, bottom: int) -> torch.Tensor:
 def read_trimap(path: PathArg, size: tuple[int, int]) -> torch.Tensor:
     """An ``(H, W)`` trimap at ``size`` from a grey-scale image: black 0 = background,
     white 1 = foreground, anything in between 0.5 = unknown (snapped, so JPEG noise is harmless).
+
+    Nearest-neighbour resizing (any other resampling would blur strokes into unknown), read a
+    band of rows at a time: only the file's 8-bit decoding is ever whole.
     """
     picture = open_image(path, "trimap", MaskError)
-    if not is_grey(picture):  # a photo given for its trimap: the matte would be noise
-        raise MaskError(
-            f"trimap '{path}' is in colour; a trimap is a grey-scale picture of the image's "
-            "shape: white inside, black outside, grey where unsure"
-        )
+    width, height = picture.size
+    rows, cols = _nearest_exact(height, size[0]), _nearest_exact(width, size[1])
+    histogram = np.zeros(256, dtype=np.int64)  # of the whole trimap, 0-255
+    drawn = {}  # how many pixels of each known level the trimap has
+    picked = []  # the rows nearest-neighbour picks, as levels: 0 black, 1 grey, 2 white
+    band = max(1, TRIMAP_BAND_PIXELS // width)
+    for top in range(0, height, band):
+        bottom = min(height, top + band)
+        strip = picture.crop((0, top, width, bottom))
+        if not is_grey(strip):  # a photo given for its trimap: the matte would be noise
+            raise MaskError(
+                f"trimap '{path}' is in colour; a trimap is a grey-scale picture of the image's "
+                "shape: white inside, black outside, grey where unsure"
+            )
+        grey = pixels(strip, grey=True)
+        histogram += np.bincount(np.rint(grey * 255).astype(np.uint8).ravel(), minlength=256)
+        # pymatting's thresholds: <= 0.1 and >= 0.9 are known
+        levels = (grey > 0.1).astype(np.uint8) + (grey >= 0.9)
+        for level in (0, 2):
+            drawn[level] = drawn.get(level, 0) + int((levels == level).sum())
+        picked.append(levels[rows[(rows >= top) & (rows < bottom)] - top][:, cols])
     check_aspect(f"trimap '{path}'", picture.size, size)
-    grey = pixels(picture, grey=True)
-    _check_three_levels(grey, path)
-    snapped = np.where(grey <= 0.1, 0.0, np.where(grey >= 0.9, 1.0, 0.5)).astype(np.float32)
-    resized = F.interpolate(
-        torch.from_numpy(snapped)[None, None], size=tuple(size), mode="nearest-exact"
-    )[0, 0]
+    _check_three_levels(histogram, path)
+    levels = np.concatenate(picked)
     # nearest neighbour picks one pixel in each cell: strokes thinner than a cell can vanish
-    for value, colour, where in ((1.0, "white", "foreground"), (0.0, "black", "background")):
-        if not (snapped == value).any():  # matte() says so too, but cannot name the file
+    for level, colour, where in ((2, "white", "foreground"), (0, "black", "background")):
+        if not drawn[level]:  # matte() says so too, but cannot name the file
             raise MaskError(f"trimap '{path}' has no {where} ({colour}) pixels; mark some of each")
-        if not (resized == value).any():
+        if not (levels == level).any():
             raise MaskError(
                 f"trimap '{path}': its {colour} strokes vanish at the mask's {size[1]}x{size[0]}; "
                 "draw them thicker or make the mask larger"
             )
-    return resized
+    return torch.from_numpy(levels.astype(np.float32) / 2)
 
 
-def _check_three_levels(grey: np.ndarray, path: PathArg) -> None:
-    """A grey-scale photo is no trimap: its matte would be the photo itself."""
-    # a histogram, not per-pixel arrays: a trimap can be as large as a camera's photo
-    counts = np.bincount(np.rint(grey * 255).astype(np.uint8).ravel(), minlength=256)
+def _check_three_levels(histogram: np.ndarray, path: PathArg) -> None:
+    """A grey-scale photo is no trimap: its matte would be the photo itself. ``histogram``:
+    the trimap's pixel counts at 0-255."""
     tolerance = TRIMAP_TOLERANCE
-    black, white = counts[: tolerance + 1], counts[255 - tolerance :]
-    between = counts[tolerance + 1 : 255 - tolerance]  # levels tolerance + 1 ... 254 - tolerance
+    black, white = histogram[: tolerance + 1], histogram[255 - tolerance :]
+    between = histogram[tolerance + 1 : 255 - tolerance]  # levels tolerance + 1 ... 254 - tolerance
     unknown = int(between.argmax())
     near_grey = between[max(0, unknown - tolerance) : unknown + tolerance + 1]
-    share = float((black.sum() + white.sum() + near_grey.sum()) / grey.size)
+    share = float((black.sum() + white.sum() + near_grey.sum()) / histogram.sum())
     if share < MIN_TRIMAP_SHARE:
         raise MaskError(
             f"trimap '{path}' is not a trimap: only {share:.0%} of its pixels are black, white "

@@ -1,6 +1,7 @@
 """Images in and out, region masks from labels, soft masks and matting."""
 
 import os
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,16 @@ from PIL import Image
 
 from cast.errors import CastError, ImageError, MaskError
 from cast.images import fit, image_size, load_image, open_image, resize, save_image
-from cast.masks import inner, inner_bands, label_masks, matte, read_trimap, resample, soft_masks
+from cast.masks import (
+    TRIMAP_BAND_PIXELS,
+    inner,
+    inner_bands,
+    label_masks,
+    matte,
+    read_trimap,
+    resample,
+    soft_masks,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TUBINGEN, TRIMAP = EXAMPLES / "tubingen.jpg", EXAMPLES / "tubingen_trimap.png"
@@ -482,6 +492,26 @@ def test_strokes_lost_in_resizing_say_so(tmp_path):
         read_trimap(tmp_path / "scribbles.png", (36, 48))
     assert one_line(error).startswith(f"trimap '{tmp_path / 'scribbles.png'}': its white ")
     assert "48x36" in str(error.value) and "thicker" in str(error.value)
+
+
+def test_a_large_trimap_is_read_a_band_at_a_time(tmp_path):
+    """A camera-sized trimap was made float whole (and snapped, histogrammed, checked for colour
+    as whole arrays) even for a small mask: 240 MiB of arrays at 12 MP, 600 MB at 27 MP. Read a
+    band of rows at a time, its arrays are a band's, and the trimap is the same."""
+    big = Image.open(TRIMAP).resize((4000, 3000), Image.Resampling.NEAREST)
+    big.save(tmp_path / "big.png")
+    tracemalloc.start()  # numpy's arrays are traced (PIL's decoding is not: 12 MB here)
+    try:
+        trimap = read_trimap(tmp_path / "big.png", (288, 384))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * TRIMAP_BAND_PIXELS < 4000 * 3000 * 4  # measured: 17 MiB; whole: 240 MiB
+    # as the whole trimap snapped and resized (as it was read before)
+    whole = torch.from_numpy(np.asarray(big) / 255)
+    snapped = torch.where(whole <= 0.1, 0.0, torch.where(whole >= 0.9, 1.0, 0.5)).float()
+    nearest = torch.nn.functional.interpolate(snapped[None, None], (288, 384), mode="nearest-exact")
+    assert torch.equal(trimap, nearest[0, 0])
 
 
 def test_a_trimap_without_foreground_or_background_names_its_file(tmp_path):
