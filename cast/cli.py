@@ -14,11 +14,12 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 from . import checks, images, masks
 from .backends import NAMES as BACKENDS
 from .backends import BackendUnavailable
-from .errors import CastError
+from .errors import CastError, MaskWarning
 from .losses import HIGH_ORDER_PRESETS_DOC
 from .memory import HISTORIES
 from .network import POOLINGS
@@ -263,9 +264,17 @@ def _mask(args: argparse.Namespace) -> None:
     if args.size is not None:  # larger than the image adds nothing: masks are resampled anyway
         checks.whole("--size", args.size, 1, max(images.image_size(args.image)))
     image = images.load_image(args.image, long_side=args.size)
-    trimap = masks.read_trimap(args.trimap, tuple(image.shape[-2:]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", MaskWarning)
+        warnings.showwarning = _warn_in_one_line
+        trimap = masks.read_trimap(args.trimap, tuple(image.shape[-2:]))
     alpha = masks.matte(image, trimap)
     images.save_image(alpha.expand(3, -1, -1), args.output)
+
+
+def _warn_in_one_line(message, category, filename, lineno, file=None, line=None):
+    """A warning as ``cast: warning: ...``, not Python's two lines naming our source."""
+    print(f"cast: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _file_version(path: str) -> tuple[int, int] | None:

@@ -22,3 +22,7 @@ class MaskError(CastError):
 
 class WeightsUnavailable(CastError):
     """Network weights that cannot be fetched, read or verified."""
+
+
+class MaskWarning(UserWarning):
+    """A mask that can be used but is likely not what was drawn (the CLI prints it in one line)."""

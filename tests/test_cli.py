@@ -61,6 +61,22 @@ def test_mask_then_stylize_with_the_soft_mask(tmp_path):
     assert main(args) == 0 and out.is_file()
 
 
+def test_mask_warns_in_one_line_of_strokes_lost_in_resizing(tmp_path, capsys):
+    """Thin scribbles shrunk to the mask's size lost most of their pixels without a word."""
+    scribbles = np.full((288, 384), 128, np.uint8)
+    scribbles[20:40, 20:360], scribbles[250:262, 100:200] = 255, 0
+    scribbles[150, 10:370] = scribbles[200, 10:370] = 0  # 1 px: between the rows kept
+    Image.fromarray(scribbles).save(tmp_path / "scribbles.png")
+    argv = ["mask", CONTENT, str(tmp_path / "scribbles.png"), "-o", str(tmp_path / "m.png")]
+    assert main([*argv, "--size", "48"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == [
+        f"cast: warning: trimap '{tmp_path / 'scribbles.png'}': 38% of the black strokes' pixels "
+        "vanish at the mask's 48x36 (strokes thinner than 8 px fall between the pixels kept); "
+        "draw them thicker or make the mask larger"
+    ]
+
+
 def test_help_shows_the_defaults_of_the_api(capsys):
     with pytest.raises(SystemExit):
         main(["stylize", "--help"])

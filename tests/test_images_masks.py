@@ -2,6 +2,7 @@
 
 import os
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cast.errors import CastError, ImageError, MaskError
+from cast.errors import CastError, ImageError, MaskError, MaskWarning
 from cast.images import fit, image_size, load_image, open_image, resize, save_image
 from cast.masks import (
     TRIMAP_BAND_PIXELS,
@@ -512,6 +513,28 @@ def test_a_large_trimap_is_read_a_band_at_a_time(tmp_path):
     snapped = torch.where(whole <= 0.1, 0.0, torch.where(whole >= 0.9, 1.0, 0.5)).float()
     nearest = torch.nn.functional.interpolate(snapped[None, None], (288, 384), mode="nearest-exact")
     assert torch.equal(trimap, nearest[0, 0])
+
+
+def test_strokes_partly_lost_in_resizing_warn(tmp_path):
+    """Two of three black strokes fell between the pixels a shrunk trimap keeps and the matte
+    lost what they marked, without a word (only strokes lost entirely were refused)."""
+    scribbles = np.full((288, 384), 128, np.uint8)
+    scribbles[20:40, 20:360] = 255
+    scribbles[250:262, 100:200] = 0  # thick: kept at 8x smaller, one cell thinner
+    scribbles[150, 10:370] = scribbles[200, 10:370] = 0  # 1 px: between the rows kept
+    path = tmp_path / "scribbles.png"
+    Image.fromarray(scribbles).save(path)
+    with pytest.warns(MaskWarning) as warned:
+        read_trimap(path, (36, 48))
+    assert [str(w.message) for w in warned] == [
+        f"trimap '{path}': 38% of the black strokes' pixels vanish at the mask's 48x36 (strokes "
+        "thinner than 8 px fall between the pixels kept); draw them thicker or make the mask "
+        "larger"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MaskWarning)
+        read_trimap(path, (288, 384))
+        read_trimap(TRIMAP, (48, 64))  # a trimap's wide regions lose only their edges
 
 
 def test_a_trimap_without_foreground_or_background_names_its_file(tmp_path):
