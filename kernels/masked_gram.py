@@ -486,6 +486,7 @@ def _masked_gram_bwd_kernel(
     TILE_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    CHANNELS_ALIGNED: tl.constexpr,  # C a multiple of 16: dG's tiles in 128-bit loads
 ):
     # Persistent: program p takes work items p, p + programs, ... (item: batch item, tile of
     # positions, block of output channels), so the scratch is one tile per program, not per tile.
@@ -519,7 +520,6 @@ def _masked_gram_bwd_kernel(
         offs_n = row * W + col
         offs_c = block * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
-        loaded_c = tl.minimum(offs_c, C - 1)
         batch_features = features_ptr + b.to(tl.int64) * C * N
         batch_masks = masks_ptr + b.to(tl.int64) * mask_batch_stride
         batch_inv_mass = inv_mass_ptr + b * inv_mass_batch_stride
@@ -566,16 +566,34 @@ def _masked_gram_bwd_kernel(
                     False,
                     False,
                 )
-                # no masks: past C, rows of S meet zero columns of Z_j and columns of S give
-                # columns of U_j that are never stored, so they read row or column C - 1
-                loaded_d = tl.minimum(offs_d, C - 1)
-                grad_offsets = loaded_d[:, None] * C + loaded_c[None, :]
-                mirrored_offsets = loaded_c[None, :] * C + loaded_d[:, None]
+                # S_jk[d, c] = (dG[d, c] + dG[c, d]) / n_k, as reference.symmetric_grad, a tile
+                # formed as loaded. Past C the tiles' rows read row C - 1 (rows of S meet zero
+                # columns of Z_j, columns of S give columns of U_j that are never stored).
+                if CHANNELS_ALIGNED:
+                    # dG[d, c] along c, and the mirror as its own (c, d) tile along d, moved
+                    # into place through shared memory: both loads coalesced, 128-bit. The
+                    # columns are masked, not clamped: a clamp hides the offsets' contiguity,
+                    # and Triton then gave both tiles one layout, a warp's lanes strided by C
+                    # on one of them (the mirror on Triton 3.9, dG on 3.6).
+                    grad_offsets = tl.minimum(offs_d, C - 1)[:, None] * C + offs_c[None, :]
+                    mirrored_offsets = tl.minimum(offs_c, C - 1)[:, None] * C + offs_d[None, :]
+                else:
+                    # C not a multiple of 16 (no VGG layer): scalar loads either way, and the
+                    # masked ones spilled (8-32 B); both tiles clamped
+                    loaded_c = tl.minimum(offs_c, C - 1)
+                    loaded_d = tl.minimum(offs_d, C - 1)
+                    grad_offsets = loaded_d[:, None] * C + loaded_c[None, :]
+                    mirrored_offsets = loaded_c[None, :] * C + loaded_d[:, None]
                 for k in range(K):
-                    # S_jk[d, c] = (dG[d, c] + dG[c, d]) / n_k, as reference.symmetric_grad
                     grad_k = grad_j + k * C * C
-                    sym = tl.load(grad_k + grad_offsets) + tl.load(grad_k + mirrored_offsets)
-                    sym = sym * (tl.load(batch_inv_mass + k) * adjoint)
+                    if CHANNELS_ALIGNED:
+                        grad = tl.load(grad_k + grad_offsets, mask=c_ok[None, :], other=0.0)
+                        mirrored = tl.load(grad_k + mirrored_offsets, mask=d_ok[None, :], other=0.0)
+                        mirrored = tl.trans(mirrored)
+                    else:
+                        grad = tl.load(grad_k + grad_offsets)
+                        mirrored = tl.load(grad_k + mirrored_offsets)
+                    sym = (grad + mirrored) * (tl.load(batch_inv_mass + k) * adjoint)
                     sym = _dot_operand(sym, DOT_DTYPE, UPCAST_DOT, ROUND_TF32)
                     m = tl.load(batch_masks + k * N + offs_n, mask=in_image, other=0.0)
                     m = m.to(ACC_DTYPE)
@@ -1026,6 +1044,7 @@ def backward(
             size_class(N),
             R=R,
             WIDE_OFFSETS=wide_offsets(C, N),
+            CHANNELS_ALIGNED=C % 16 == 0,
             **dot_constexprs(features.dtype, allow_tf32),
             **launch_config,
         )

@@ -53,9 +53,9 @@ class Report:
     spilled_bytes: int  # local memory per thread: stack frame and spills
     shared_bytes: int
     instructions: collections.Counter
-    # (sizePerThread, threadsPerWarp) of each 2-D global load's layout in the TTGIR: which
+    # (shape, sizePerThread, threadsPerWarp) of each 2-D global load in the TTGIR: which
     # elements a thread holds and how a warp's lanes spread over the tile
-    load_layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
+    load_layouts: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
     def count(self, pattern: str) -> int:
         """How many SASS instructions match ``pattern`` (a regex on the opcode)."""
@@ -92,6 +92,8 @@ def compile_for_sm90(
     constexprs = dict(config.kwargs, R=R, WIDE_OFFSETS=False, **dot_constexprs(dtype, allow_tf32))
     if "NUM_MASKS" in kernel.arg_names:
         constexprs["NUM_MASKS"] = num_masks
+    if "CHANNELS_ALIGNED" in kernel.arg_names:  # as the launcher sets it from C
+        constexprs["CHANNELS_ALIGNED"] = aligned_sizes
     precision = constexprs["INPUT_PRECISION"]
     dtype = TRITON_DTYPES[dtype]
     signature = _signature(kernel, dtype, constexprs)
@@ -146,9 +148,11 @@ def _load_layouts(ttgir: str) -> tuple:
     }  # fmt: skip
     loads = (
         r"(?:tt\.load|ttg\.async_copy_global_to_local) [^\n]*"
-        r": tensor<\d+x\d+x!tt\.ptr<\w+>, #(\w+)>"
+        r": tensor<(\d+)x(\d+)x!tt\.ptr<\w+>, #(\w+)>"
     )
-    return tuple(layouts[name] for name in re.findall(loads, ttgir))
+    return tuple(
+        ((int(rows), int(cols)), *layouts[name]) for rows, cols, name in re.findall(loads, ttgir)
+    )
 
 
 def shipped():

@@ -111,11 +111,11 @@ def test_tf32_rounds_to_nearest_without_bias():
     assert relative.mean().abs() <= 1e-4, f"biased TF32 rounding: mean {relative.mean():.2e}"
 
 
-def exact_inputs(dtype, r=3):
+def exact_inputs(dtype, r=3, C=20):
     """Inputs whose every sum is exact in float32: small integers, masks in {0, 1/2, 1}, and
     mask weights n_k that are powers of two (so 1/n_k is exact too)."""
     gen = torch.Generator().manual_seed(5)
-    B, C, H, W = 2, 20, 8, 8
+    B, H, W = 2, 8, 8
     features = torch.randint(-3, 4, (B, C, H, W), generator=gen).to(dtype)
     kernels = torch.randint(-2, 3, (2, r, r), generator=gen).to(dtype)
     masks = torch.zeros(1, 3, H, W, dtype=dtype)
@@ -138,13 +138,14 @@ BWD_VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("r", [3, 1])  # r = 1: the backward's own branch
-def test_tiling_and_split_variants_match_default_bit_for_bit(r):
+# r = 1: the backward's own branch; C = 32: its loads of dG where C is a multiple of 16
+@pytest.mark.parametrize("r,C", [(3, 20), (1, 20), (3, 32), (1, 32)])
+def test_tiling_and_split_variants_match_default_bit_for_bit(r, C):
     """Changing tiles or splitting the positions reorders sums only: with exact arithmetic the
     results must be identical, bit for bit."""
-    features, masks, kernels = exact_inputs(torch.float32, r)
+    features, masks, kernels = exact_inputs(torch.float32, r, C)
     gram = launch.forward(triton_gram.forward, features, masks, kernels, False)
-    expected = masked_gram_reference(*exact_inputs(torch.float64, r)).float()
+    expected = masked_gram_reference(*exact_inputs(torch.float64, r, C)).float()
     assert torch.equal(gram.cpu(), expected.cpu())
     for variant in FWD_VARIANTS:
         assert torch.equal(
@@ -153,7 +154,7 @@ def test_tiling_and_split_variants_match_default_bit_for_bit(r):
 
     grad = torch.randint(-3, 4, gram.shape, generator=torch.Generator().manual_seed(6)).to(gram)
     d_features = launch.backward(triton_gram.backward, grad, features, masks, kernels, False)
-    expected = masked_gram_backward_reference(grad.double(), *exact_inputs(torch.float64, r))
+    expected = masked_gram_backward_reference(grad.double(), *exact_inputs(torch.float64, r, C))
     assert torch.equal(d_features.cpu(), expected.float().cpu())
     for variant in BWD_VARIANTS:
         assert torch.equal(
@@ -176,29 +177,32 @@ SHIPPED = [
         backward,
         triton_gram._as_launch_config(config),
         r,
+        C,
         id="x".join(str(config.kwargs[k]) for k in ("TILE_H", "TILE_W", "BLOCK_C", "BLOCK_D")
                     if k in config.kwargs)
-        + f" w{config.num_warps} s{config.num_stages} r{r}",
+        + f" w{config.num_warps} s{config.num_stages} r{r} C{C}",
     )
     for backward, configs in [(False, triton_gram.FWD_CONFIGS), (True, triton_gram.BWD_CONFIGS)]
     for config in configs
     for r in ((3, 1) if backward else (3,))  # the backward's own branch at r = 1
+    # the backward's two ways to load dG: C not a multiple of 16, and C a multiple (r = 3)
+    for C in ((72, 80) if backward and r == 3 else (72,))
 ]
 
 
-@pytest.mark.parametrize("backward,config,r", SHIPPED)
-def test_every_shipped_config_matches_float64_reference(backward, config, r):
+@pytest.mark.parametrize("backward,config,r,C", SHIPPED)
+def test_every_shipped_config_matches_float64_reference(backward, config, r, C):
     """The interpreter launches its own small config unless told otherwise; a GPU launches the
     shipped ones (autotuned, or the untuned default), so each is run here too (IEEE float32).
-    C = 72: a full and a partial block of 64 channels; 13 x 14 positions: several 8 x 8 tiles,
-    the 16 x 16 one's halo past every edge."""
-    f64, m64, p64 = random_inputs(1, 72, 13, 14, 2, 3, r, batched_masks=True, seed=12)
+    C = 72 and 80: a full and a partial block of 64 channels; 13 x 14 positions: several 8 x 8
+    tiles, the 16 x 16 one's halo past every edge."""
+    f64, m64, p64 = random_inputs(1, C, 13, 14, 2, 3, r, batched_masks=True, seed=12)
     features, masks, kernels = to_test_device(torch.float32, f64, m64, p64)
     if not backward:
         gram = launch.forward(triton_gram.forward, features, masks, kernels, False, config=config)
         assert relative_error(gram, masked_gram_reference(f64, m64, p64)) <= 1e-5
         return
-    grad = torch.randn(1, 2, 3, 72, 72, generator=torch.Generator().manual_seed(13))
+    grad = torch.randn(1, 2, 3, C, C, generator=torch.Generator().manual_seed(13))
     d_features = launch.backward(
         triton_gram.backward, grad.to(features.device), features, masks, kernels, False,
         config=config, programs=3,
@@ -574,7 +578,7 @@ SM90_FRONTEND = textwrap.dedent(
         forward = ttir(mg._masked_gram_fwd_kernel, dtype, dict(
             common, NUM_MASKS=3, TILE_H=2, TILE_W=32, BLOCK_C=64))
         backward = ttir(mg._masked_gram_bwd_kernel, dtype, dict(
-            common, TILE_H=8, TILE_W=16, BLOCK_C=64, BLOCK_D=32))
+            common, TILE_H=8, TILE_W=16, BLOCK_C=64, BLOCK_D=32, CHANNELS_ALIGNED=True))
         for text in (forward, backward):
             dots = re.findall(r"tt\.dot .*", text)
             assert dots, "no tt.dot"
@@ -674,13 +678,22 @@ def test_shipped_configs_compile_for_sm90_without_spills():
         if "stages=3" in config and dtype == "fp32":  # the next tiles' loads as cp.async copies
             assert any(op.startswith("LDGSTS") for op in ast.literal_eval(wide)), f"{where}: {wide}"
         assert ("BF16" in mma) == (dtype == "bf16"), f"{where}: {mma}"
+        layouts = ast.literal_eval(loads)
         if kernel == "_masked_gram_bwd_kernel" and (aligned == "True" or "R=3" in config):
             # dF's store, or at r = 3 the scratch tile's moves (aligned at any size)
             assert "LDG.E.128" in wide and "STG.E.128" in wide, f"{where}: {wide}"
         elif kernel == "_masked_gram_fwd_kernel" and "R=3" in config:
             # the shifted taps coalesced: a warp's load takes 32 consecutive positions of one
             # channel, one position a thread (not 4 or 8 from the centre tap's vectors)
-            layouts = ast.literal_eval(loads)
-            assert layouts and set(layouts) == {((1, 1), (32, 1))}, f"{where}: {layouts}"
+            spread = {(per_thread, lanes) for _, per_thread, lanes in layouts}
+            assert spread == {((1, 1), (32, 1))}, f"{where}: {layouts}"
         elif aligned == "True":
             assert "LDG.E.128" in wide, f"{where}: {wide}"
+        if kernel == "_masked_gram_bwd_kernel" and aligned == "True" and "R=3" in config:
+            # dG's tiles, (BLOCK_D, BLOCK_C) and its mirror (BLOCK_C, BLOCK_D): 128-bit loads
+            # along their rows, not lanes strided by C
+            tiles = ast.literal_eval(config.split(" warps")[0])
+            block_c, block_d = tiles["BLOCK_C"], tiles["BLOCK_D"]
+            for shape in ((block_d, block_c), (block_c, block_d)):
+                per_thread = {per_thread for tile, per_thread, _ in layouts if tile == shape}
+                assert (1, 4) in per_thread, f"{where}: {shape} {layouts}"
