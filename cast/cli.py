@@ -128,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
                    f"own); above {masks.MATTING_PIXELS / 1e6:.1f} megapixels the matting runs at "
                    f"about {masks.MATTING_PIXELS / 1e6:.1f} megapixels and its alpha is "
                    "upsampled")  # fmt: skip
+    m.add_argument("-q", "--quiet", action="store_true",
+                   help="do not say what is matted (warnings are still shown)")  # fmt: skip
     return parser
 
 
@@ -268,7 +270,7 @@ def _mask(args: argparse.Namespace) -> None:
         warnings.simplefilter("always", MaskWarning)
         warnings.showwarning = _warn_in_one_line
         trimap = masks.read_trimap(args.trimap, tuple(image.shape[-2:]))
-    alpha = masks.matte(image, trimap)
+    alpha = masks.matte(image, trimap, progress=not args.quiet)
     images.save_image(alpha.expand(3, -1, -1), args.output)
 
 

@@ -61,6 +61,21 @@ def test_mask_then_stylize_with_the_soft_mask(tmp_path):
     assert main(args) == 0 and out.is_file()
 
 
+def test_mask_says_what_it_mattes_before_it_starts(tmp_path, capsys):
+    """Scribbles on a 1024x768 photo matted 17 s without a word: every pixel but the strokes is
+    unknown. Now one line says how many and about how long; -q drops it."""
+    scribbles = np.full((36, 48), 128, np.uint8)
+    scribbles[3:6, 5:40], scribbles[30:33, 5:45] = 255, 0
+    Image.fromarray(scribbles).save(tmp_path / "scribbles.png")
+    argv = ["mask", CONTENT, str(tmp_path / "scribbles.png"), "-o", str(tmp_path / "m.png")]
+    assert main([*argv, "--size", "48"]) == 0
+    unknown = 36 * 48 - 35 * 3 - 40 * 3
+    said = capsys.readouterr().err
+    assert said == f"matting {unknown:,} unknown pixels at 48x36: up to about 1 s\n"
+    assert main([*argv, "--size", "48", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_mask_warns_in_one_line_of_strokes_lost_in_resizing(tmp_path, capsys):
     """Thin scribbles shrunk to the mask's size lost most of their pixels without a word."""
     scribbles = np.full((288, 384), 128, np.uint8)
