@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the memory plan (size, tiles, L-BFGS history, memory) and stop",
+        help="print the memory plan (size, tiles, L-BFGS history, memory) and stop, having "
+        "checked the masks as the run would",
     )
 
     w = commands.add_parser(

@@ -141,7 +141,8 @@ def stylize(
             directory (``$TMPDIR``) and step Adam a chunk of rows at a time (L-BFGS needs its
             history in memory); ``None``: only when it would not fit in memory otherwise.
         dry_run: only work out the memory plan (size, tiles, L-BFGS history, memory) and
-            return it, without loading the images.
+            return it, without loading the images; the masks are read and checked as the run
+            would, so that what the run would refuse of them is refused here.
 
     Returns:
         The stylised image, ``(3, H, W)`` float32 RGB in [0, 1] on the CPU; with ``dry_run``
@@ -191,7 +192,8 @@ def _run(
     plan = plan_memory(network, content_layers, style_layers, content_hw, style_hws, device,
                        optimizer, lbfgs_history, tile, halo, stride, shard.world,
                        spill, free)  # fmt: skip
-    if dry_run:
+    if dry_run:  # refuses the masks the run would refuse: only the images are not read
+        _regions(content_hw, style_hws, content_mask, style_masks, soft_masks, strict)
         return plan
     if plan.spill and optimizer != "adam":  # L-BFGS's history is image copies in memory
         optimizer, lr = "adam", None
@@ -202,7 +204,7 @@ def _run(
     style_long_side = round(size * style_scale)
     style_images = [_load(style, style_long_side) for style in styles]
     content_masks, style_region_masks = _regions(
-        content_image, style_images, content_mask, style_masks, soft_masks, strict
+        content_hw, style_hws, content_mask, style_masks, soft_masks, strict
     )
     # under torchrun every rank must have been given the same problem: they add up their sums
     if shard.world > 1:
@@ -459,19 +461,18 @@ def _scale_sizes(hw: Sequence[int], size: int, scales: int) -> list[tuple[int, i
 
 
 def _regions(
-    content: Tensor,
-    styles: list[Tensor],
+    content_hw: tuple[int, int],
+    style_hws: list[tuple[int, int]],
     content_mask: ImageLike | None,
     style_masks: Sequence[ImageLike | None] | None,
     soft_masks: Sequence[str | os.PathLike] | None,
     strict: bool,
 ) -> tuple[Tensor, list[Tensor]]:
     """Content masks ``(K, H, W)`` and, per style image, ``(K, Hs, Ws)`` in the same region
-    order (all zeros for a region the style image does not have)."""
-    content_hw = tuple(content.shape[-2:])
-    style_hws = [tuple(s.shape[-2:]) for s in styles]
+    order (all zeros for a region the style image does not have), for the content image at
+    ``content_hw`` and the style images at ``style_hws`` (as ``_load`` gives them)."""
     # their count and kinds are _check_arguments' (before any work)
-    style_masks = list(style_masks) if style_masks is not None else [None] * len(styles)
+    style_masks = list(style_masks) if style_masks is not None else [None] * len(style_hws)
 
     names = None  # how an error names region k
     if isinstance(content_mask, Tensor):
@@ -496,10 +497,10 @@ def _regions(
             # one grey image: the white part and the rest are the two regions
             region_masks = torch.cat([region_masks, 1 - region_masks])
             names.append(f"region outside soft mask '{soft_masks[0]}'")
-        paired = [None] * len(styles)
+        paired = [None] * len(style_hws)
     else:
         region_masks = torch.ones(1, *content_hw)
-        paired = [None] * len(styles)
+        paired = [None] * len(style_hws)
 
     K = len(region_masks)
     unmasked = [i for i, m in enumerate(paired) if m is None]

@@ -53,17 +53,15 @@ def test_a_bad_style_tensor_is_named_by_its_position():
     ids=["no regions", "another aspect", "NaN", "0-255"],
 )
 def test_bad_content_mask_tensors(mask, message):
-    content, style = torch.rand(3, 48, 64), torch.rand(3, 32, 32)
     with pytest.raises(CastError, match=message):
-        _regions(content, [style], mask, None, None, strict=False)
+        _regions((48, 64), [(32, 32)], mask, None, None, strict=False)
 
 
 def test_a_nan_style_mask_tensor_is_an_error_not_an_absent_region():
-    content, style = torch.rand(3, 48, 64), torch.rand(3, 32, 32)
     style_mask = torch.ones(2, 32, 32)
     style_mask[1, 0, 0] = float("nan")
     with pytest.raises(CastError, match="style mask tensor holds NaN"):
-        _regions(content, [style], torch.ones(2, 48, 64) / 2, [style_mask], None, strict=False)
+        _regions((48, 64), [(32, 32)], torch.ones(2, 48, 64) / 2, [style_mask], None, strict=False)
 
 
 def test_options_given_as_generators_work():

@@ -448,6 +448,25 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("masks", ["colour soft mask", "other aspect", "empty region"])
+def test_dry_run_refuses_the_masks_the_run_refuses(masks, tmp_path, capsys):
+    """The dry run read no masks: it printed the plan for masks the run then refused."""
+    black = np.zeros((30, 40), np.uint8)
+    Image.fromarray(black).save(tmp_path / "black.png")  # its white region is empty
+    options = {
+        "colour soft mask": ["--soft-mask", CONTENT],
+        "other aspect": ["--content-mask", str(EXAMPLES / "hoovertowernight_trimap.png")],
+        "empty region": ["--soft-mask", str(tmp_path / "black.png")],
+    }[masks]
+    out = tmp_path / "out.png"
+    argv = ["stylize", CONTENT, STYLE, STYLE, *options, "-o", str(out), *TINY]
+    assert main(argv) == 2
+    refused = capsys.readouterr()
+    assert refused.err.startswith("cast: error: ") and refused.err.count("\n") == 1
+    assert main([*argv, "--dry-run"]) == 2
+    assert capsys.readouterr() == ("", refused.err) and not out.exists()
+
+
 def test_a_plan_that_cannot_be_printed_is_one_line_exit_2(tmp_path):
     # stdout a full disk (or a pipe its reader closed): print's traceback
     argv = ["stylize", CONTENT, STYLE, "-o", str(tmp_path / "out.png"), "--size", "64", "--dry-run"]

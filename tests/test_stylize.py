@@ -200,8 +200,7 @@ def test_save_every_writes_the_image_as_it_goes(tmp_path):
 
 
 def test_unmasked_style_images_pair_with_regions_by_position():
-    content = torch.rand(3, 8, 10)
-    styles = [torch.rand(3, 6, 6), torch.rand(3, 4, 8)]
+    content, styles = (8, 10), [(6, 6), (4, 8)]  # the images' sizes
     region_masks, paired = _regions(content, styles, _halves(8, 10), None, None, strict=True)
     assert region_masks.shape == (2, 8, 10)
     assert [m.flatten(1).amax(1).tolist() for m in paired] == [[1, 0], [0, 1]]
@@ -216,7 +215,7 @@ def test_unmasked_style_images_pair_with_regions_by_position():
 
 
 def test_a_tensor_content_mask_needs_tensor_style_masks():
-    content, style = torch.rand(3, 8, 10), torch.rand(3, 6, 6)
+    content, style = (8, 10), (6, 6)  # the images' sizes
     with pytest.raises(CastError, match="style masks must be tensors when the content mask is"):
         _regions(content, [style], _halves(8, 10), [STYLE], None, strict=False)
 
@@ -490,7 +489,7 @@ def test_a_full_spill_folder_is_one_line_and_keeps_the_latest_image(tmp_path, mo
 def test_a_style_image_that_would_style_nothing_is_refused(tmp_path):
     """An all-black soft mask, the empty rest of an all-white one, or a style label image with
     none of the content's colours: the run went through and that style image styled nothing."""
-    content, styles = torch.rand(3, 8, 10), [torch.rand(3, 6, 6), torch.rand(3, 4, 8)]
+    content, styles = (8, 10), [(6, 6), (4, 8)]  # the images' sizes
 
     def refused(message, *regions):
         with pytest.raises(CastError, match="^style image " + re.escape(message)):
