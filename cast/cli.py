@@ -271,7 +271,7 @@ def _mask(args: argparse.Namespace) -> None:
         warnings.simplefilter("always", MaskWarning)
         warnings.showwarning = _warn_in_one_line
         trimap = masks.read_trimap(args.trimap, tuple(image.shape[-2:]))
-    alpha = masks.matte(image, trimap, progress=not args.quiet)
+        alpha = masks.matte(image, trimap, progress=not args.quiet)
     images.save_image(alpha.expand(3, -1, -1), args.output)
 
 

@@ -363,7 +363,6 @@ def read_trimap(path: PathArg, size: tuple[int, int]) -> torch.Tensor:
     _check_three_levels(histogram, path)
     levels = np.concatenate(picked)
     # nearest neighbour picks one pixel in each cell: strokes thinner than a cell can vanish
-    vanished = []  # "N% of the white", where above MAX_VANISHED_SHARE
     for level, colour, where in ((2, "white", "foreground"), (0, "black", "background")):
         if not drawn[level].any():  # matte() says so too, but cannot name the file
             raise MaskError(f"trimap '{path}' has no {where} ({colour}) pixels; mark some of each")
@@ -372,18 +371,26 @@ def read_trimap(path: PathArg, size: tuple[int, int]) -> torch.Tensor:
                 f"trimap '{path}': its {colour} strokes vanish at the mask's {size[1]}x{size[0]}; "
                 "draw them thicker or make the mask larger"
             )
-        lost = _vanished_share(drawn[level].reshape(size), levels == level)
-        if lost > MAX_VANISHED_SHARE:
-            vanished.append(f"{lost:.0%} of the {colour}")
+    vanished = _vanished({level: drawn[level].reshape(size) for level in drawn}, levels)
     if vanished:
         warnings.warn(
-            f"trimap '{path}': {' and '.join(vanished)} strokes' pixels vanish at the mask's "
+            f"trimap '{path}': {vanished} strokes' pixels vanish at the mask's "
             f"{size[1]}x{size[0]} (strokes thinner than {height / size[0]:.3g} px fall between "
             "the pixels kept); draw them thicker or make the mask larger",
             MaskWarning,
             stacklevel=2,
         )
     return torch.from_numpy(levels.astype(np.float32) / 2)
+
+
+def _vanished(drawn: dict[int, np.ndarray], levels: np.ndarray) -> str:
+    """"N% of the white and M% of the black" strokes' pixels lost when a trimap is shrunk to
+    ``levels`` (0 black, 1 grey, 2 white in each cell), each where above MAX_VANISHED_SHARE;
+    ``drawn[level]``: how many pixels of that level each cell held before (or what share)."""
+    shares = {"white": _vanished_share(drawn[2], levels == 2),
+              "black": _vanished_share(drawn[0], levels == 0)}  # fmt: skip
+    return " and ".join(f"{share:.0%} of the {colour}" for colour, share in shares.items()
+                        if share > MAX_VANISHED_SHARE)  # fmt: skip
 
 
 def _vanished_share(drawn: np.ndarray, kept: np.ndarray) -> float:
@@ -464,6 +471,23 @@ def matte(
         small_trimap = torch.where(fully_known, small_trimap, torch.full_like(small_trimap, 0.5))
         if not (small_trimap >= 0.9).any() or not (small_trimap <= 0.1).any():
             raise MaskError("trimap's strokes vanish at matting resolution; draw thicker strokes")
+        drawn = {
+            level: F.adaptive_avg_pool2d((trimap == level / 2)[None, None].float(), small)[0, 0]
+            for level in (0, 2)
+        }  # each cell's share of the level, which counts its pixels (cells are alike)
+        vanished = _vanished(
+            {level: share.numpy() for level, share in drawn.items()},
+            (small_trimap * 2).round().to(torch.uint8).numpy(),
+        )
+        if vanished:
+            warnings.warn(
+                f"trimap: {vanished} strokes' pixels vanish when matting at {small[1]}x{small[0]} "
+                f"(a pixel there is known only where all {height / small[0]:.3g}x"
+                f"{width / small[1]:.3g} of the mask's are: thinner strokes can fall between); "
+                f"draw them thicker or make the mask at most {small[1]}x{small[0]}",
+                MaskWarning,
+                stacklevel=2,
+            )
 
     if progress:
         unknowns = int(((small_trimap > 0.1) & (small_trimap < 0.9)).sum())
