@@ -6,6 +6,8 @@ A set of region masks is a float32 tensor ``(K, H, W)`` in [0, 1] at image resol
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import sys
@@ -498,9 +500,12 @@ def matte(
             file=sys.stderr,
             flush=True,
         )
-    alpha = estimate_alpha_cf(
-        small_image.permute(1, 2, 0).double().numpy(), small_trimap.double().numpy()
-    )
+    # pymatting prints five lines to stdout when its preconditioner needs a second try (scribbles
+    # on the 384x288 tubingen): nothing a user can act on, in the way of a pipe
+    with contextlib.redirect_stdout(io.StringIO()):
+        alpha = estimate_alpha_cf(
+            small_image.permute(1, 2, 0).double().numpy(), small_trimap.double().numpy()
+        )
     alpha = torch.from_numpy(alpha).float()
     if small != (height, width):
         alpha = F.interpolate(alpha[None, None], size=(height, width), mode="bilinear")[0, 0]

@@ -76,6 +76,18 @@ def test_mask_says_what_it_mattes_before_it_starts(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
+def test_mask_prints_nothing_on_stdout(tmp_path, capsys):
+    """pymatting printed a five-line PERFORMANCE WARNING on stdout, in the way of a pipe, when
+    its preconditioner took a second try (5 s: these scribbles on the 384x288 tubingen)."""
+    scribbles = np.full((288, 384), 128, np.uint8)
+    scribbles[30:34, 50:340], scribbles[225:229, 13:375], scribbles[150:154, 225:375] = 255, 0, 0
+    Image.fromarray(scribbles).save(tmp_path / "scribbles.png")
+    argv = ["mask", CONTENT, str(tmp_path / "scribbles.png"), "-o", str(tmp_path / "m.png"), "-q"]
+    assert main(argv) == 0
+    assert capsys.readouterr() == ("", "")
+
+
 def test_mask_warns_in_one_line_of_strokes_lost_in_resizing(tmp_path, capsys):
     """Thin scribbles shrunk to the mask's size lost most of their pixels without a word."""
     scribbles = np.full((288, 384), 128, np.uint8)
