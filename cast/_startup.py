@@ -1,4 +1,5 @@
-"""Start-up of the ``cast`` command: a Ctrl-C while the package (and torch) loads."""
+"""Start-up of the ``cast`` command: Ctrl-C or SIGTERM while the package (and torch) loads; and
+which of torchrun's processes speaks for the run."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import contextlib
 import os
 import signal
 import sys
+
+# What each signal's handler is until someone changes it: the command leaves a changed one be.
+_UNCHANGED = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
 def _is_the_command() -> bool:
@@ -15,19 +19,33 @@ def _is_the_command() -> bool:
     return as_module or os.path.basename(sys.argv[0]) == "cast"
 
 
-def _interrupted(signum, frame) -> None:
-    print("cast: interrupted while starting", file=sys.stderr)
-    os._exit(130)  # nothing was written yet; no atexit handler has anything to do
+def is_rank_zero() -> bool:
+    """Whether this process reports for the run: it runs alone or as torchrun's rank 0, which
+    writes the files. torchrun hands Ctrl-C and SIGTERM to every rank, and every rank plans
+    alike: one line says it for all (a RANK that is no number is cast.distributed's error)."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
+def _stopped(signum, frame) -> None:
+    if is_rank_zero():
+        stopped = "interrupted" if signum == signal.SIGINT else "terminated"
+        print(f"cast: {stopped} while starting", file=sys.stderr)
+    os._exit(128 + signum)  # nothing was written yet; no atexit handler has anything to do
 
 
 @contextlib.contextmanager
-def quiet_interrupts_while_starting():
-    """For the command only: SIGINT exits 130 with one line until the block ends."""
-    if not _is_the_command() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    signal.signal(signal.SIGINT, _interrupted)
+def quiet_signals_while_starting():
+    """For the command only: SIGINT and SIGTERM exit 130 and 143 with one line until the block
+    ends (SIGTERM would end it silently, as if it had crashed)."""
+    ours = [signum for signum, handler in _UNCHANGED.items()
+            if _is_the_command() and signal.getsignal(signum) is handler]  # fmt: skip
+    for signum in ours:
+        signal.signal(signum, _stopped)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in ours:
+            signal.signal(signum, _UNCHANGED[signum])

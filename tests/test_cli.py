@@ -490,6 +490,34 @@ def test_a_plan_that_cannot_be_printed_is_one_line_exit_2(tmp_path):
     assert done.stderr.count("\n") == 1 and "No space left on device" in done.stderr
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler of ``signum`` installed now."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    return bool(caught >> (signum - 1) & 1)
+
+
+@pytest.mark.parametrize("rank", [None, "0", "1"], ids=["alone", "rank 0", "rank 1"])
+def test_sigterm_while_starting_is_one_line_exit_143(rank, tmp_path):
+    """SIGTERM while the command still imports torch ended it silently, as if it had crashed
+    (-15); torchrun's other ranks stay quiet (torchrun signals every rank)."""
+    env = os.environ | {"PYTHONPATH": str(EXAMPLES.parent)}  # this cast, not one installed
+    if rank is not None:
+        env["RANK"] = rank
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cast", "stylize", "a.jpg", "b.jpg", "-o", "out.png"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not _catches(process.pid, signal.SIGTERM):  # the start-up's handler, first
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.001)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 143
+    assert stderr == ("" if rank == "1" else "cast: terminated while starting\n")
+
+
 def test_ctrl_c_while_starting_is_one_line_exit_130(tmp_path):
     """A Ctrl-C while the command still imports torch (about a second) ends it with one line,
     not an import traceback. Several delays, so one of them lands inside the imports."""
@@ -499,6 +527,7 @@ def test_ctrl_c_while_starting_is_one_line_exit_130(tmp_path):
             cwd=tmp_path,
             stderr=subprocess.PIPE,
             text=True,
+            env=os.environ | {"PYTHONPATH": str(EXAMPLES.parent)},  # this cast, not one installed
         )
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
