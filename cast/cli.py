@@ -2,7 +2,8 @@
 
 Defaults come from ``cast.stylize``'s signature, so they are defined in one place. Every
 ``CastError`` is printed as one line, ``cast: error: ...``, with exit status 2; Ctrl-C (SIGINT)
-and SIGTERM write the latest image (when a step made one) and exit with 130 and 143.
+and SIGTERM write the latest image (when a step made one) and exit with 130 and 143. Under
+torchrun, rank 0 alone prints the plan and says where the image is.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 import warnings
 
 from . import checks, images, masks
+from ._startup import is_rank_zero
 from .backends import NAMES as BACKENDS
 from .backends import BackendUnavailable
 from .errors import CastError, MaskWarning
@@ -248,7 +250,7 @@ def _stylize(args: argparse.Namespace) -> None:
         dry_run=args.dry_run,
         **_rendering(args),
     )
-    if args.dry_run:
+    if args.dry_run and is_rank_zero():  # the ranks' plans are one (stylize checks)
         try:
             print(done, flush=True)
         except OSError as e:  # stdout a full disk or a closed pipe
@@ -320,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cast: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
+        code = 128 + (signal.SIGTERM if isinstance(interrupt, _Terminated) else signal.SIGINT)
+        if not is_rank_zero():  # torchrun signals every rank; rank 0 wrote the image, it says
+            return code
         wrote = [o for o, b in zip(outputs, before, strict=True)
                  if args.command != "mask" and _file_version(o) not in (None, b)]  # fmt: skip
         print(
@@ -327,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             + (f"; the latest image is in '{wrote[-1]}'" if wrote else ""),
             file=sys.stderr,
         )
-        return 128 + (signal.SIGTERM if isinstance(interrupt, _Terminated) else signal.SIGINT)
+        return code
     return 0
 
 

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -194,6 +194,8 @@ def _run(
                        spill, free)  # fmt: skip
     if dry_run:  # refuses the masks the run would refuse: only the images are not read
         _regions(content_hw, style_hws, content_mask, style_masks, soft_masks, strict)
+        # rank 0 shows the plan for all: it must be every rank's (on its own device)
+        shard.check_same(device, {"other settings or image sizes": replace(plan, device=None)})
         return plan
     if plan.spill and optimizer != "adam":  # L-BFGS's history is image copies in memory
         optimizer, lr = "adam", None

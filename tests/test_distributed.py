@@ -4,10 +4,13 @@ process's image, and a rank that dies makes the other stop with one line."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -206,8 +209,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_killed_rank_makes_the_other_stop_with_one_line(tmp_path):
-    out = tmp_path / "out.png"
+@contextmanager
+def _two_stepping_ranks(out: Path) -> Iterator[list[subprocess.Popen]]:
+    """Two ranks of a long ``cast stylize`` run (their stderr piped), once rank 0 has written
+    its first image to ``out``; both killed at the end."""
     env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": str(_free_port()), "CAST_DIST_TIMEOUT": "30",
                         "OMP_NUM_THREADS": "1"}  # fmt: skip
@@ -221,17 +226,38 @@ def test_a_killed_rank_makes_the_other_stop_with_one_line(tmp_path):
         while not out.exists():  # rank 0 writes after every step
             assert time.monotonic() < deadline and ranks[0].poll() is None, "no step was made"
             time.sleep(0.2)
-        ranks[1].kill()
-        killed = time.monotonic()
-        err = ranks[0].communicate(timeout=90)[1]
-        assert time.monotonic() - killed < 60
+        yield ranks
     finally:
         for rank in ranks:
             rank.kill()
             rank.wait()
+
+
+def test_a_killed_rank_makes_the_other_stop_with_one_line(tmp_path):
+    out = tmp_path / "out.png"
+    with _two_stepping_ranks(out) as ranks:
+        ranks[1].kill()
+        killed = time.monotonic()
+        err = ranks[0].communicate(timeout=90)[1]
+        assert time.monotonic() - killed < 60
     assert ranks[0].returncode == 2
     assert err.startswith("cast: error: rank 0 of 2 lost contact") and err.count("\n") == 1, err
     assert out.exists()  # the last image survives
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_every_rank_has_rank_0_alone_say_where_the_image_is(signum, tmp_path):
+    """torchrun hands Ctrl-C and SIGTERM to every rank: rank 1 said "the latest image is in
+    OUT" too, of the file rank 0 wrote."""
+    out = tmp_path / "out.png"
+    with _two_stepping_ranks(out) as ranks:
+        for rank in ranks:
+            rank.send_signal(signum)
+        errors = [rank.communicate(timeout=90)[1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [128 + signum] * 2, errors
+    stopped = "interrupted" if signum == signal.SIGINT else "terminated"
+    assert errors == [f"cast: {stopped}; the latest image is in '{out}'\n", ""]
+    assert images.load_image(out).shape == (3, 72, 96)
 
 
 @pytest.mark.parametrize("callers_group", [False, True])
@@ -348,4 +374,14 @@ def test_ranks_plan_alike_with_the_least_memory_each_share_of_one_machines(tmp_p
              for r, gib in enumerate(["2", "0.6"])]  # fmt: skip
     plans = [rank.communicate(timeout=120)[0] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0]
-    assert plans[0] == plans[1] and plans[0].endswith(" of 0.3 GiB free\n"), plans
+    # rank 0's plan is rank 1's too (stylize checks): printed once, not once a rank
+    assert plans[0].endswith(" of 0.3 GiB free\n") and plans[1] == "", plans
+
+
+def test_ranks_whose_plans_differ_stop_a_dry_run_with_one_line(tmp_path):
+    """Only rank 0 prints the plan: another rank's would have been hidden."""
+    out = str(tmp_path / "out.png")
+    errors = _two_commands(tmp_path, [CONTENT, STYLE, "-o", out, "--dry-run"],
+                           [CONTENT, STYLE, "-o", out, "--dry-run", "--size", "96"])  # fmt: skip
+    assert all("rank 1 was given other settings or image sizes than rank 0" in e
+               for e in errors), errors  # fmt: skip
