@@ -113,8 +113,8 @@ ALONE = Shard()
 
 
 def fingerprint(value) -> int:
-    """A 63-bit hash of ``value``: tensors by their dtype, shape and bytes, lists and tuples
-    item by item, anything else by its ``repr``."""
+    """A 63-bit hash of ``value``: tensors by their dtype, shape and bytes, ``bytes`` as they
+    are, lists and tuples item by item, anything else by its ``repr``."""
     digest = hashlib.blake2b(digest_size=8)
 
     def add(item) -> None:
@@ -122,6 +122,8 @@ def fingerprint(value) -> int:
             item = item.detach().cpu().contiguous()
             digest.update(repr((item.dtype, tuple(item.shape))).encode())
             digest.update(item.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(item, bytes):  # a file's: its repr would be four times its size
+            digest.update(b"bytes %d\0" % len(item) + item)
         elif isinstance(item, (list, tuple)):
             digest.update(b"(")
             for part in item:

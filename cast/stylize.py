@@ -210,17 +210,16 @@ def _run(
     )
     # under torchrun every rank must have been given the same problem: they add up their sums
     if shard.world > 1:
-        init_file = initial_file(init)
         shard.check_same(device, {
             "other settings": (size, iters, scales, pooling, content_weight, style_weight,
                                tv_weight, optimizer, lr, lbfgs_history, style_scale, style_blend,
                                content_layers, style_layers, preserve_color, seed, strict, kernels,
                                plan.tile, plan.history, plan.spill),
-            "another content image": content_image,
-            "other style images": style_images,
-            "other masks": (content_masks, style_region_masks),
-            "another init image": init if init_file is None or isinstance(init_file, Tensor)
-                                  else Path(init_file).read_bytes(),
+            "another content image": _as_given(content),
+            "other style images": [_as_given(style) for style in styles],
+            "other masks": (_as_given(content_mask), [_as_given(m) for m in style_masks or []],
+                            [_as_given(m) for m in soft_masks or []]),
+            "another init image": init if initial_file(init) is None else _as_given(init),
             "other network weights": list(network.state_dict().values()),
         })  # fmt: skip
 
@@ -288,6 +287,13 @@ def _run(
     if output is not None:
         images.save_image(result, output)
     return result
+
+
+def _as_given(image: ImageLike | None) -> bytes | Tensor | None:
+    """An image as the caller gave it, for the ranks to compare: a file's bytes, which decide its
+    pixels, the settings given (a 16384x12288 photo is tens of MB as a JPEG but 2.4 GiB of
+    float32 pixels, 2.5 s to hash); a tensor as it is."""
+    return Path(image).read_bytes() if isinstance(image, (str, os.PathLike)) else image
 
 
 def _check_arguments(
