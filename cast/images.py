@@ -8,7 +8,6 @@ import os
 import signal
 import tempfile
 import threading
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def open_image(
     Every way of failing raises ``error``, one line naming ``what`` and the path, never a PIL
     traceback; 16-bit and float files with NaN, inf or out-of-range pixels fail too.
     """
-    with _reading(path, what, error), Image.open(path) as opened:
+    with _opened(path, what, error) as opened:
         opened.load()
         _check_values(opened, f"{what} '{path}'", error)
         if long_side is not None:
@@ -52,7 +51,7 @@ def image_size(
 ) -> tuple[int, int]:
     """``(H, W)`` upright, as ``open_image`` gives it, from the header only (cheap); fails as
     ``open_image`` does."""
-    with _reading(path, what, error), Image.open(path) as opened:
+    with _opened(path, what, error) as opened:
         # the base class's getexif reads the header's EXIF only (PNG's own decodes the image)
         orientation = Image.Image.getexif(opened).get(ExifTags.Base.Orientation)
         # PIL's TIFF reader turns its size itself (and its pixels as they load)
@@ -66,25 +65,61 @@ _QUARTER_TURNS = (5, 6, 7, 8)
 
 
 @contextlib.contextmanager
-def _reading(path: str | os.PathLike, what: str, error: type[CastError]):
+def _opened(path: str | os.PathLike, what: str, error: type[CastError]):
+    """``Image.open(path)`` (the header; pixels on ``load``), every failure one line."""
     path = Path(path)
     if not path.is_file():
         problem = "it is a directory" if path.is_dir() else "no such file"
         raise error(f"cannot read {what} '{path}': {problem}; check the path")
     try:
-        with warnings.catch_warnings():
-            # up to PIL's limit (then DecompressionBombError) images are decoded, shrunk while
-            # decoding: its warning would only be a second, multi-line message
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
+        with _without_pil_size_limit():
+            opened = Image.open(path)
+        with opened:
+            _check_fits_in_memory(opened, f"{what} '{path}'", error)
+            yield opened
     except UnidentifiedImageError:
         raise error(
             f"cannot read {what} '{path}': not an image format PIL knows; use PNG or JPEG"
         ) from None
-    except Image.DecompressionBombError as e:
-        raise error(f"cannot read {what} '{path}': too large ({e})") from None
     except OSError as e:
         raise error(f"cannot read {what} '{path}': {e}; is the file complete?") from None
+
+
+# PIL refuses images over 179 MP (Image.MAX_IMAGE_PIXELS twice), a guard for servers against
+# files that decode to more memory than they are worth. A file given to cast is its user's own
+# picture, and high resolution is what cast is for, so the bound is the memory that decoding
+# takes instead (_check_fits_in_memory). PIL's bound is a module global, put back after each
+# open (under a lock, for threads that open images at the same time).
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_pil_size_limit():
+    with _PIL_LIMIT_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def _check_fits_in_memory(opened: Image.Image, named: str, error: type[CastError]) -> None:
+    """Refuse, before decoding, an image whose pixels would not fit in free memory."""
+    # not at the top: cast.memory imports cast.checks, which imports this module
+    from .memory import amount, free_bytes
+
+    width, height = opened.size
+    needed = width * height * len(opened.getbands()) * _BYTES_PER_BAND.get(opened.mode, 1)
+    free = free_bytes(torch.device("cpu"))
+    if free is not None and needed > free:
+        raise error(
+            f"cannot read {named}: its {width}x{height} pixels take {amount(needed)} to decode "
+            f"and {amount(free)} is free; make a smaller copy of it, or free memory"
+        )
+
+
+# Bytes a pixel takes per band once decoded, by PIL mode (1 where not listed).
+_BYTES_PER_BAND = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}
 
 
 def load_image(

@@ -88,6 +88,22 @@ def test_large_images_are_shrunk_before_they_become_floats(tmp_path):
         assert (load_image(tmp_path / name, long_side=64) - exact).abs().mean() < 1 / 255
 
 
+def test_images_past_pils_size_limit_are_read_where_they_fit_in_memory(tmp_path, monkeypatch):
+    # 13500 x 13500 = 182 MP, past the 179 MP that PIL refuses as a possible decompression bomb;
+    # one grey level, so the file is small and decodes fast
+    path = tmp_path / "huge.png"
+    Image.new("L", (13500, 13500), 90).save(path)
+    assert image_size(path) == (13500, 13500)
+    image = load_image(path, long_side=32)
+    assert image.shape == (3, 32, 32) and torch.allclose(image, torch.tensor(90 / 255))
+    # where decoding would not fit, one line before any pixel is decoded
+    monkeypatch.setenv("CAST_MEMORY_GIB", "0.1")
+    refusal = r"'.*huge.png': its 13500x13500 pixels take 0.2 GiB to decode and 0.1 GiB is free"
+    for read in (image_size, lambda path: load_image(path, long_side=32)):
+        with pytest.raises(ImageError, match=refusal + "; make a smaller copy of it, or free"):
+            read(path)
+
+
 def test_resize():
     images = torch.rand(2, 3, 40, 60)
     out = resize(images, (20, 30))
