@@ -102,8 +102,8 @@ INTERPRETER_BWD_CONFIG = dict(TILE_H=8, TILE_W=16, BLOCK_C=16, BLOCK_D=16, num_w
 # faster than 16 x 16 x 64 under the budget at relu4_1 and relu5_1 of a 1024^2 image, J = K = 1,
 # and 51 % slower at relu4_1, J = K = 3, where the budget does not bind (gpu-notes).
 # The third forward config, 32-channel blocks at 4 warps, is for where 64-channel blocks give
-# the card too few programs (_forward_prune): sm_90a, Triton 3.9, float32 and bf16, 1 and 3
-# masks, sizes multiples of 16 or not: 126-255 registers, so one to three programs an SM, no
+# the card too few programs (_forward_prune): sm_90a, Triton 3.9 and 3.6, float32 and bf16, 1-4
+# masks, sizes multiples of 16 or not: 126-255 registers, so two to four programs an SM, no
 # spill (4 x 32 x 32 took 255, 8 x 32 x 32 spilled 8-1248 B). The fourth is pipelined: every tap
 # unrolled and 3 stages, so the next tiles' loads of F are asynchronous copies (cp.async) in
 # flight while a tile is formed; its stages hold a copy of every tap's tile (2 x 9 x 4 KiB at
