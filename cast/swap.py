@@ -81,8 +81,9 @@ def swap(
         return stylize(content, style, output=output, **regions, **options | more)
 
     first, second = (a, mask_a, b, mask_b, outputs[0]), (b, mask_b, a, mask_a, outputs[1])
-    # the second run's refusals (B too thin as content but not as a style, too large for the
-    # memory) before the first writes its result: its dry run checks what it would check
+    # the second run's refusals before the first writes its result (B too thin as content but
+    # not as a style, a mask that fits its photo at one size but not at the other, too large
+    # for the memory): its dry run checks what the run would, masks included
     run(*second, dry_run=True)
     return run(*first), run(*second)
 

@@ -151,6 +151,29 @@ def test_photo_b_too_thin_as_content_is_refused_before_either_run(tmp_path, caps
     assert not any(o.exists() for o in out)
 
 
+def test_a_label_image_fitting_a_as_content_but_not_as_a_style_is_refused_before_either_run(
+    tmp_path, capsys
+):
+    # 3.5 % too wide: within the aspect check's rounding slack at A's 40x30 as content, beyond
+    # it at A's 160x120 as a style (--style-scale 4); the second run's dry run read no masks,
+    # so A's result was written and then the second run refused
+    h, w = images.image_size(A)
+    mask_a = tmp_path / "a.png"
+    labels = np.zeros((round(h / 1.035), w, 3), np.uint8)
+    labels[: h // 3], labels[h // 3 :] = (255, 0, 0), (0, 0, 255)
+    Image.fromarray(labels).save(mask_a)
+    mask_b = _top_band(tmp_path / "b.png", B, [(255, 0, 0), (0, 255, 0)])
+    out = [tmp_path / "a_out.png", tmp_path / "b_out.png"]
+    argv = ["swap", str(A), str(B), "--mask-a", str(mask_a), "--mask-b", mask_b,
+            "-o", *map(str, out), "--style-scale", "4"]  # fmt: skip
+    assert main([*argv, "--size", "40", "--scales", "1", "--iters", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cast: error: mask '{mask_a}' is {w}x{round(h / 1.035)} but its "
+                          "image is 160x120 (as used)"), err  # fmt: skip
+    assert err.count("\n") == 1
+    assert not any(o.exists() for o in out)
+
+
 def test_two_spellings_of_one_output_on_a_case_blind_system_are_refused(tmp_path, monkeypatch):
     # Windows' rule (os.path.normcase there folds case): 'x.png' and 'x.PNG' name one file, and
     # B's result would replace A's
