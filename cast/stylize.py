@@ -141,8 +141,9 @@ def stylize(
             directory (``$TMPDIR``) and step Adam a chunk of rows at a time (L-BFGS needs its
             history in memory); ``None``: only when it would not fit in memory otherwise.
         dry_run: only work out the memory plan (size, tiles, L-BFGS history, memory) and
-            return it, without loading the images; the masks are read and checked as the run
-            would, so that what the run would refuse of them is refused here.
+            return it, without a step; the image files are decoded (not made float) and the
+            masks read and checked as the run would, so that what the run would refuse of the
+            files (a truncated photo, a mask of another aspect) is refused here.
 
     Returns:
         The stylised image, ``(3, H, W)`` float32 RGB in [0, 1] on the CPU; with ``dry_run``
@@ -192,7 +193,13 @@ def _run(
     plan = plan_memory(network, content_layers, style_layers, content_hw, style_hws, device,
                        optimizer, lbfgs_history, tile, halo, stride, shard.world,
                        spill, free)  # fmt: skip
-    if dry_run:  # refuses the masks the run would refuse: only the images are not read
+    if dry_run:  # refuses the files the run would refuse: decoded, not made float
+        for image, long_side in [(content, size), *((style, round(size * style_scale))
+                                                    for style in styles)]:  # fmt: skip
+            if not isinstance(image, Tensor):
+                images.open_image(image, long_side=long_side)
+        if isinstance(initial_file(init), (str, os.PathLike)):
+            images.open_image(init, "init image", long_side=size)
         _regions(content_hw, style_hws, content_mask, style_masks, soft_masks, strict)
         # rank 0 shows the plan for all: it must be every rank's (on its own device)
         shard.check_same(device, {"other settings or image sizes": replace(plan, device=None)})

@@ -479,6 +479,23 @@ def test_dry_run_refuses_the_masks_the_run_refuses(masks, tmp_path, capsys):
     assert capsys.readouterr() == ("", refused.err) and not out.exists()
 
 
+@pytest.mark.parametrize("which", ["content", "style", "init"])
+def test_dry_run_refuses_a_truncated_image_as_the_run_does(which, tmp_path, capsys):
+    """The dry run read only the images' headers: a truncated photo got a plan and exit 0."""
+    whole = Path(CONTENT if which == "content" else STYLE).read_bytes()
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    files = {"content": [str(truncated), STYLE], "style": [CONTENT, str(truncated)],
+             "init": [CONTENT, STYLE, "--init", str(truncated)]}[which]  # fmt: skip
+    out = tmp_path / "out.png"
+    argv = ["stylize", *files, "-o", str(out), *TINY]
+    assert main(argv) == 2
+    refused = capsys.readouterr()
+    assert "truncated" in refused.err and refused.err.count("\n") == 1, refused.err
+    assert main([*argv, "--dry-run"]) == 2
+    assert capsys.readouterr() == ("", refused.err) and not out.exists()
+
+
 def test_a_plan_that_cannot_be_printed_is_one_line_exit_2(tmp_path):
     # stdout a full disk (or a pipe its reader closed): print's traceback
     argv = ["stylize", CONTENT, STYLE, "-o", str(tmp_path / "out.png"), "--size", "64", "--dry-run"]
