@@ -8,6 +8,7 @@ unpaired-region fallback of ``stylize`` (its target is its own statistics).
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import tempfile
@@ -72,9 +73,10 @@ def swap(
             print(f"swap: {_name(content, a)} in the look of {_name(style, a)}",
                   file=sys.stderr, flush=True)  # fmt: skip
         if grey[0]:
+            content_side, style_side = _long_sides(options)
             regions = dict(
-                content_mask=_exchanged_and_rest(content_mask, content),
-                style_masks=[_exchanged_only(style_mask, style)],
+                content_mask=_exchanged_and_rest(content_mask, content, content_side),
+                style_masks=[_exchanged_only(style_mask, style, style_side)],
             )
         else:
             regions = dict(content_mask=content_mask, style_masks=[style_mask])
@@ -99,19 +101,38 @@ def _is_grey(path: str | os.PathLike) -> bool:
     return images.is_grey(images.open_image(path, "mask", MaskError))
 
 
-def _soft(path: str | os.PathLike, image: ImageLike) -> Tensor:
-    return masks.soft_masks([path], image_hw(image))[0]
+# stylize's defaults, for the sizes its runs give the photos
+_DEFAULTS = {name: p.default for name, p in inspect.signature(stylize).parameters.items()}
 
 
-def _exchanged_and_rest(path, image) -> Tensor:
+def _long_sides(options: dict) -> tuple[int | None, int | None]:
+    """The long sides a run gives its content and its style photo (``size``, and ``size`` times
+    ``style_scale``); ``None`` where an option is no valid number (stylize says which)."""
+    size, scale = (options.get(name, _DEFAULTS[name]) for name in ("size", "style_scale"))
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        return None, None
+    if not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        return size, None
+    return size, max(1, round(size * scale))
+
+
+def _soft(path: str | os.PathLike, image: ImageLike, long_side: int | None) -> Tensor:
+    """The grey mask at the size the run gives ``image`` (its full size without one): read
+    and checked there, as stylize reads its soft masks, not at the photo's full size (where
+    a mask a few pixels off in aspect, fine at the run's size, was refused)."""
+    hw = image_hw(image)
+    return masks.soft_masks([path], hw if long_side is None else images.fit(hw, long_side))[0]
+
+
+def _exchanged_and_rest(path, image, long_side) -> Tensor:
     """Two regions of ``image``: the mask's white part (exchanged) and the rest (kept)."""
-    mask = _soft(path, image)
+    mask = _soft(path, image, long_side)
     return torch.stack([mask, 1 - mask])
 
 
-def _exchanged_only(path, image) -> Tensor:
+def _exchanged_only(path, image, long_side) -> Tensor:
     """The same two regions for the image lending its look: only the white part lends it."""
-    mask = _soft(path, image)
+    mask = _soft(path, image, long_side)
     return torch.stack([mask, torch.zeros_like(mask)])
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from cast import images
 from cast.cli import main
 from cast.errors import CastError
+from cast.masks import soft_masks
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 A, B = EXAMPLES / "tubingen.jpg", EXAMPLES / "hoovertowernight.jpg"
@@ -57,9 +58,14 @@ def test_soft_masks_exchange_the_white_part_only(tmp_path, monkeypatch):
     mask_a = _top_band(tmp_path / "a.png", A, [(255, 255, 255), (0, 0, 0)])
     mask_b = _top_band(tmp_path / "b.png", B, [(255, 255, 255), (0, 0, 0)])
     module.swap(A, B, mask_a, mask_b)
+
+    def grey(mask, photo):  # at the size the run gives the photo: stylize's default, 512 px
+        return soft_masks([mask], images.fit(images.image_size(photo), 512))[0]
+
     for (content, _), options in calls:
-        white = images.load_image(mask_a if content == A else mask_b)[0]
-        lender = images.load_image(mask_b if content == A else mask_a)[0]
+        other = B if content == A else A
+        white = grey(mask_a if content == A else mask_b, content)
+        lender = grey(mask_b if content == A else mask_a, other)
         regions, (style_regions,) = options["content_mask"], options["style_masks"]
         # A: white exchanged, the rest kept; B lends its white part only
         assert torch.equal(regions[0], white) and torch.equal(regions[1], 1 - white)
@@ -113,6 +119,29 @@ def test_a_photo_turned_by_exif_takes_a_soft_mask_drawn_over_it_as_shown(tmp_pat
             "-o", *map(str, out)]  # fmt: skip
     assert main([*argv, "--size", "40", "--scales", "1", "--iters", "1", "--quiet"]) == 0
     assert images.load_image(out[1]).shape == (3, 40, round(40 * h / w))
+
+
+def test_grey_masks_are_checked_at_the_size_the_runs_use(tmp_path, capsys):
+    """swap read grey masks at the photos' full size: one 3.5 % off in aspect, which stylize
+    takes at --size 40, was refused there, naming the full size as the size used."""
+    h, w = images.image_size(A)  # 288 x 384
+    grey = np.zeros((h - 10, w), np.uint8)
+    grey[: h // 3] = 255
+    Image.fromarray(grey).save(tmp_path / "a.png")
+    grey = np.zeros(images.image_size(B), np.uint8)
+    grey[: grey.shape[0] // 3] = 255
+    Image.fromarray(grey).save(tmp_path / "b.png")
+    tiny = ["--size", "40", "--scales", "1", "--iters", "1", "--quiet"]
+    out = [tmp_path / "a_out.png", tmp_path / "b_out.png"]
+    argv = ["swap", str(A), str(B), "--mask-a", str(tmp_path / "a.png"),
+            "--mask-b", str(tmp_path / "b.png"), "-o", *map(str, out)]  # fmt: skip
+    stylized = ["stylize", str(A), str(B), "--soft-mask", str(tmp_path / "a.png"),
+                "-o", str(tmp_path / "s.png"), *tiny]  # fmt: skip
+    assert main(stylized) == 0 and main([*argv, *tiny]) == 0
+    assert all(path.exists() for path in out)
+    # refused where it is off at the size used, naming that size
+    assert main([*argv, "--size", "400", "--scales", "1", "--quiet"]) == 2
+    assert "its image is 400x300 (as used)" in capsys.readouterr().err
 
 
 def test_two_names_of_one_output_file_are_both_named(tmp_path, capsys):
