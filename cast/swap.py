@@ -69,7 +69,7 @@ def swap(
     announce = options.get("progress", True) and os.environ.get("RANK", "0") == "0"
 
     def run(content, content_mask, style, style_mask, output, **more):
-        if announce and not more.get("dry_run"):
+        if announce and not (options | more).get("dry_run"):
             print(f"swap: {_name(content, a)} in the look of {_name(style, a)}",
                   file=sys.stderr, flush=True)  # fmt: skip
         if grey[0]:

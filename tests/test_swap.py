@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+import cast
 from cast import images
 from cast.cli import main
 from cast.errors import CastError
 from cast.masks import soft_masks
+from cast.memory import Plan
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 A, B = EXAMPLES / "tubingen.jpg", EXAMPLES / "hoovertowernight.jpg"
@@ -73,6 +75,15 @@ def test_soft_masks_exchange_the_white_part_only(tmp_path, monkeypatch):
     # the second run's dry run (its refusals), then the two runs
     assert [call[0] for call in calls] == [(B, A), (A, B), (B, A)]
     assert [call[1].get("dry_run", False) for call in calls] == [True, False, False]
+
+
+def test_a_dry_run_swap_prints_nothing(tmp_path, capsys):
+    # swap(..., dry_run=True) announced the two runs it did not make
+    mask_a = _top_band(tmp_path / "a.png", A, [(255, 255, 255), (0, 0, 0)])
+    mask_b = _top_band(tmp_path / "b.png", B, [(255, 255, 255), (0, 0, 0)])
+    plans = cast.swap(A, B, mask_a, mask_b, size=40, scales=1, dry_run=True)
+    assert all(isinstance(plan, Plan) for plan in plans)
+    assert capsys.readouterr() == ("", "")
 
 
 def test_masks_of_two_kinds_are_one_line_exit_2(tmp_path, capsys):
