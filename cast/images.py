@@ -109,7 +109,7 @@ def _check_fits_in_memory(opened: Image.Image, named: str, error: type[CastError
     from .memory import amount, free_bytes
 
     width, height = opened.size
-    needed = width * height * len(opened.getbands()) * _BYTES_PER_BAND.get(opened.mode, 1)
+    needed = width * height * _BYTES_PER_PIXEL.get(opened.mode, 4)
     free = free_bytes(torch.device("cpu"))
     if free is not None and needed > free:
         raise error(
@@ -118,8 +118,9 @@ def _check_fits_in_memory(opened: Image.Image, named: str, error: type[CastError
         )
 
 
-# Bytes a pixel takes per band once decoded, by PIL mode (1 where not listed).
-_BYTES_PER_BAND = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}
+# Bytes a pixel takes once PIL has decoded it, by mode: 4 where not listed (RGB, RGBA, LA, I
+# and F are stored in 4 bytes a pixel).
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}
 
 
 def load_image(

@@ -406,7 +406,8 @@ def _vanished_share(drawn: np.ndarray, kept: np.ndarray) -> float:
     around = near.copy()
     around[:, 1:] |= near[:, :-1]
     around[:, :-1] |= near[:, 1:]
-    return float(drawn[~around].sum() / drawn.sum())
+    total = drawn.sum()  # none where a trimap tensor's known pixels are not exactly 0 and 1
+    return float(drawn[~around].sum() / total) if total else 0.0
 
 
 def _check_three_levels(histogram: np.ndarray, path: PathArg) -> None:

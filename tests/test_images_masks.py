@@ -104,6 +104,13 @@ def test_images_past_pils_size_limit_are_read_where_they_fit_in_memory(tmp_path,
             read(path)
 
 
+def test_rgb_files_count_the_4_bytes_a_pixel_pil_decodes_them_to(tmp_path, monkeypatch):
+    Image.new("RGB", (1024, 1024), (10, 20, 30)).save(tmp_path / "rgb.png")
+    monkeypatch.setenv("CAST_MEMORY_GIB", str(3.5 / 1024))  # 3.5 MiB: 3 bytes a pixel fit
+    with pytest.raises(ImageError, match="its 1024x1024 pixels take 4 MiB to decode"):
+        image_size(tmp_path / "rgb.png")
+
+
 def test_resize():
     images = torch.rand(2, 3, 40, 60)
     out = resize(images, (20, 30))
