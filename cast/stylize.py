@@ -193,9 +193,9 @@ def _run(
     plan = plan_memory(network, content_layers, style_layers, content_hw, style_hws, device,
                        optimizer, lbfgs_history, tile, halo, stride, shard.world,
                        spill, free)  # fmt: skip
+    style_long_side = round(size * style_scale)
     if dry_run:  # refuses the files the run would refuse: decoded, not made float
-        for image, long_side in [(content, size), *((style, round(size * style_scale))
-                                                    for style in styles)]:  # fmt: skip
+        for image, long_side in [(content, size), *((style, style_long_side) for style in styles)]:
             if not isinstance(image, Tensor):
                 images.open_image(image, long_side=long_side)
         if isinstance(initial_file(init), (str, os.PathLike)):
@@ -210,7 +210,6 @@ def _run(
         tqdm.write(str(plan), file=sys.stderr)
 
     content_image = _load(content, size)
-    style_long_side = round(size * style_scale)
     style_images = [_load(style, style_long_side) for style in styles]
     content_masks, style_region_masks = _regions(
         content_hw, style_hws, content_mask, style_masks, soft_masks, strict

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import checks, images, masks
+from ._startup import is_rank_zero
 from .errors import CastError, MaskError
 from .stylize import ImageLike, image_hw, initial_file, stylize
 
@@ -66,7 +67,7 @@ def swap(
     if options.get("strict"):
         raise CastError("swap keeps the look of a region that pairs with nothing: drop strict")
     # whose plan line and progress bars follow; on rank 0 only under torchrun, as stylize's
-    announce = options.get("progress", True) and os.environ.get("RANK", "0") == "0"
+    announce = options.get("progress", True) and is_rank_zero()
 
     def run(content, content_mask, style, style_mask, output, **more):
         if announce and not (options | more).get("dry_run"):
