@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="print the memory plan (size, tiles, L-BFGS history, memory) and stop, having "
-        "checked the masks as the run would",
+        "decoded the images and checked the masks as the run would",
     )
 
     w = commands.add_parser(
