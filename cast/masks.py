@@ -11,6 +11,7 @@ import io
 import math
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +47,10 @@ MATTING_PIXELS = 512 * 384
 # (every pixel but the strokes unknown) took 39-48 us a pixel at 256-512 px wide (9.2 s at
 # 512x384), a trimap's band 12-22 us. Said before matting starts, which may take a while.
 MATTING_SECONDS_PER_UNKNOWN = 50e-6
+# pymatting compiles its numba kernels when it is first imported after installing: 33 s on
+# 2 CPU cores, silent, once (numba caches them beside pymatting). Imports slower than this get
+# a line saying why the wait.
+MATTING_IMPORT_NOTICE_SECONDS = 2.0
 # A trimap is black, white and one grey (its unknown band or the scribbles' ground): at least
 # this share of its pixels lie within TRIMAP_TOLERANCE (0-255) of one of the three. Measured:
 # grey-scale photos 0.14-0.65 (six of shared/images, full size and at 64 px), trimaps 0.91-1.0
@@ -427,6 +432,26 @@ def _check_three_levels(histogram: np.ndarray, path: PathArg) -> None:
         )
 
 
+def _import_matting(progress: bool):
+    """pymatting's solver, imported; with ``progress``, a slow import (its first after
+    installing, which compiles it) says so on stderr once it has taken a while."""
+    if not progress or "pymatting" in sys.modules:
+        from pymatting import estimate_alpha_cf
+
+        return estimate_alpha_cf
+    line = "loading pymatting: its first use after installing compiles it (about 30 s, once)"
+    notice = threading.Timer(
+        MATTING_IMPORT_NOTICE_SECONDS, print, (line,), {"file": sys.stderr, "flush": True}
+    )
+    notice.daemon = True
+    notice.start()
+    try:
+        from pymatting import estimate_alpha_cf
+    finally:
+        notice.cancel()
+    return estimate_alpha_cf
+
+
 def matte(
     image: torch.Tensor,
     trimap: torch.Tensor,
@@ -442,8 +467,6 @@ def matte(
     resolution and alpha is upsampled, then the known pixels are restored exactly. With
     ``progress``, says on stderr how many pixels are matted and about how long it may take.
     """
-    from pymatting import estimate_alpha_cf
-
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"matte expects a (3, H, W) image, got shape {tuple(image.shape)}")
     if tuple(trimap.shape) != tuple(image.shape[1:]):
@@ -492,6 +515,7 @@ def matte(
                 stacklevel=2,
             )
 
+    estimate_alpha_cf = _import_matting(progress)
     if progress:
         unknowns = int(((small_trimap > 0.1) & (small_trimap < 0.9)).sum())
         seconds = math.ceil(unknowns * MATTING_SECONDS_PER_UNKNOWN)

@@ -1,6 +1,8 @@
 """Images in and out, region masks from labels, soft masks and matting."""
 
 import os
+import subprocess
+import sys
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -614,3 +616,29 @@ def test_a_colour_picture_is_refused_as_a_soft_mask(tmp_path):
         soft_masks([tmp_path / "labels.png"], (30, 40))
     assert one_line(error).startswith(f"soft mask '{tmp_path / 'labels.png'}' is in colour; ")
     assert "--content-mask" in str(error.value)
+
+
+def test_a_slow_pymatting_import_is_announced():
+    """pymatting compiles its kernels on its first import after installing: `cast mask` waited
+    33 s in silence, then said its matting would take 'up to about 1 s'. A slow import now says
+    why first (here any import is slow: the notice's delay is 0)."""
+    script = """
+import sys, torch, cast.masks as masks
+masks.MATTING_IMPORT_NOTICE_SECONDS = 0.0
+image = torch.rand(3, 24, 32)
+trimap = torch.full((24, 32), 0.5)
+trimap[:6], trimap[-6:] = 1.0, 0.0
+quiet = sys.argv[1] == "quiet"
+masks.matte(image, trimap, progress=not quiet)
+masks.matte(image, trimap, progress=not quiet)  # imported: nothing more to say
+"""
+    def stderr_lines(mode):
+        run = subprocess.run(
+            [sys.executable, "-c", script, mode], capture_output=True, text=True, check=True
+        )
+        return run.stderr.splitlines()
+
+    loud = stderr_lines("loud")
+    assert loud[0].startswith("loading pymatting: its first use after installing compiles it")
+    assert [line.startswith("matting ") for line in loud[1:]] == [True, True]
+    assert stderr_lines("quiet") == []
