@@ -114,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("-o", "--output", required=True, nargs=2, metavar=("OUT_A", "OUT_B"),
                    help="A with B's look, B with A's look")  # fmt: skip
     _add_render_options(w)
+    w.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print both runs' memory plans (size, tiles, L-BFGS history, memory) and stop, "
+        "having decoded the images and checked the masks as the runs would; writes nothing",
+    )
 
     m = commands.add_parser(
         "mask",
@@ -250,17 +256,29 @@ def _stylize(args: argparse.Namespace) -> None:
         dry_run=args.dry_run,
         **_rendering(args),
     )
-    if args.dry_run and is_rank_zero():  # the ranks' plans are one (stylize checks)
-        try:
-            print(done, flush=True)
-        except OSError as e:  # stdout a full disk or a closed pipe
-            # the line left in stdout's buffer would fail again, as a traceback, at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise CastError(f"cannot print the plan: {e.strerror or e}") from None
+    if args.dry_run:
+        _print_plan(str(done))
 
 
 def _swap(args: argparse.Namespace) -> None:
-    swap(args.a, args.b, args.mask_a, args.mask_b, tuple(args.output), **_rendering(args))
+    done = swap(args.a, args.b, args.mask_a, args.mask_b, tuple(args.output),
+                dry_run=args.dry_run, **_rendering(args))  # fmt: skip
+    if args.dry_run:  # each plan under the line the run would announce it with
+        _print_plan(f"swap: '{args.a}' in the look of '{args.b}'\n{done[0]}\n"
+                    f"swap: '{args.b}' in the look of '{args.a}'\n{done[1]}")  # fmt: skip
+
+
+def _print_plan(text: str) -> None:
+    """A dry run's plan on stdout, by rank 0 alone under torchrun: the ranks' plans are one
+    (stylize checks)."""
+    if not is_rank_zero():
+        return
+    try:
+        print(text, flush=True)
+    except OSError as e:  # stdout a full disk or a closed pipe
+        # the line left in stdout's buffer would fail again, as a traceback, at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise CastError(f"cannot print the plan: {e.strerror or e}") from None
 
 
 def _mask(args: argparse.Namespace) -> None:

@@ -87,7 +87,8 @@ def swap(
     # the second run's refusals before the first writes its result (B too thin as content but
     # not as a style, a mask that fits its photo at one size but not at the other, too large
     # for the memory): its dry run checks what the run would, masks included
-    run(*second, dry_run=True)
+    if not options.get("dry_run"):  # a dry swap's second run is that dry run
+        run(*second, dry_run=True)
     return run(*first), run(*second)
 
 

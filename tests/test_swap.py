@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -84,6 +85,32 @@ def test_a_dry_run_swap_prints_nothing(tmp_path, capsys):
     plans = cast.swap(A, B, mask_a, mask_b, size=40, scales=1, dry_run=True)
     assert all(isinstance(plan, Plan) for plan in plans)
     assert capsys.readouterr() == ("", "")
+
+
+def test_cast_swap_dry_run_prints_both_plans_and_writes_nothing(tmp_path, capsys):
+    # cast swap had no --dry-run (cast stylize and cast.swap do)
+    mask_a = _top_band(tmp_path / "a.png", A, [(255, 0, 0), (0, 0, 255)])
+    mask_b = _top_band(tmp_path / "b.png", B, [(255, 0, 0), (0, 255, 0)])
+    out = [tmp_path / "a_out.png", tmp_path / "b_out.png"]
+    argv = ["swap", str(A), str(B), "--mask-a", mask_a, "--mask-b", mask_b, "-o", *map(str, out)]
+    assert main([*argv, *RUN, "--dry-run"]) == 0
+    shown = capsys.readouterr()
+    plan = (r"plan: \d+x\d+ on \S+ whole, L-BFGS history \d+, "
+            r"about [\d.]+ [KMG]iB( of [\d.]+ [KMG]iB free)?\n")  # fmt: skip
+    assert re.fullmatch(
+        f"swap: '{re.escape(str(A))}' in the look of '{re.escape(str(B))}'\n{plan}"
+        f"swap: '{re.escape(str(B))}' in the look of '{re.escape(str(A))}'\n{plan}",
+        shown.out,
+    ), shown.out
+    assert shown.err == "" and not any(o.exists() for o in out)
+    # photo B truncated: refused as the run refuses it, one line, nothing written
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(B.read_bytes()[: B.stat().st_size // 2])
+    argv[2] = str(truncated)
+    assert main([*argv, *RUN, "--dry-run"]) == 2
+    shown = capsys.readouterr()
+    assert shown.out == "" and shown.err.startswith("cast: error: ") and shown.err.count("\n") == 1
+    assert "truncated" in shown.err and not any(o.exists() for o in out)
 
 
 def test_masks_of_two_kinds_are_one_line_exit_2(tmp_path, capsys):
