@@ -193,9 +193,9 @@ def _run(
     plan = plan_memory(network, content_layers, style_layers, content_hw, style_hws, device,
                        optimizer, lbfgs_history, tile, halo, stride, shard.world,
                        spill, free)  # fmt: skip
-    style_long_side = round(size * style_scale)
+    style_side = style_long_side(size, style_scale)
     if dry_run:  # refuses the files the run would refuse: decoded, not made float
-        for image, long_side in [(content, size), *((style, style_long_side) for style in styles)]:
+        for image, long_side in [(content, size), *((style, style_side) for style in styles)]:
             if not isinstance(image, Tensor):
                 images.open_image(image, long_side=long_side)
         if isinstance(initial_file(init), (str, os.PathLike)):
@@ -210,7 +210,7 @@ def _run(
         tqdm.write(str(plan), file=sys.stderr)
 
     content_image = _load(content, size)
-    style_images = [_load(style, style_long_side) for style in styles]
+    style_images = [_load(style, style_side) for style in styles]
     content_masks, style_region_masks = _regions(
         content_hw, style_hws, content_mask, style_masks, soft_masks, strict
     )
@@ -237,7 +237,7 @@ def _run(
             objective = build_objective(
                 network,
                 images.resize(content_image, (h, w)).to(device),
-                [images.resize(s, images.fit(s.shape[-2:], round(max(h, w) * style_scale)))
+                [images.resize(s, images.fit(s.shape[-2:], style_long_side(max(h, w), style_scale)))
                  .to(device) for s in style_images],
                 content_masks.to(device),
                 [m.to(device) for m in style_region_masks],
@@ -458,9 +458,15 @@ def _loaded_sizes(
 ) -> tuple[tuple[int, int], list[tuple[int, int]]]:
     """``(H, W)`` of the content and of each style image as ``_load`` gives them (the finest
     scale), from the files' headers."""
-    style_long_side = round(size * style_scale)
-    style_hws = [images.fit(image_hw(style), style_long_side) for style in styles]
+    style_side = style_long_side(size, style_scale)
+    style_hws = [images.fit(image_hw(style), style_side) for style in styles]
     return images.fit(image_hw(content), size), style_hws
+
+
+def style_long_side(long_side: int, style_scale: float) -> int:
+    """The style images' long side beside a result of long side ``long_side`` (each scale's,
+    the finest is ``size``): ``--style-scale`` times it, a pixel at least."""
+    return max(1, round(long_side * style_scale))
 
 
 def image_hw(image: ImageLike) -> tuple[int, int]:

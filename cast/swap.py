@@ -19,7 +19,7 @@ from torch import Tensor
 from . import checks, images, masks
 from ._startup import is_rank_zero
 from .errors import CastError, MaskError
-from .stylize import ImageLike, image_hw, initial_file, stylize
+from .stylize import ImageLike, image_hw, initial_file, style_long_side, stylize
 
 
 def swap(
@@ -115,7 +115,7 @@ def _long_sides(options: dict) -> tuple[int | None, int | None]:
         return None, None
     if not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
         return size, None
-    return size, max(1, round(size * scale))
+    return size, style_long_side(size, scale)
 
 
 def _soft(path: str | os.PathLike, image: ImageLike, long_side: int | None) -> Tensor:
