@@ -19,13 +19,32 @@ def _is_the_command() -> bool:
     return as_module or os.path.basename(sys.argv[0]) == "cast"
 
 
+def rank() -> int:
+    """torchrun's RANK of this process; 0 when it runs alone (or RANK is no number, which is
+    cast.distributed's error)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def is_rank_zero() -> bool:
     """Whether this process reports for the run: it runs alone or as torchrun's rank 0, which
     writes the files. torchrun hands Ctrl-C and SIGTERM to every rank, and every rank plans
-    alike: one line says it for all (a RANK that is no number is cast.distributed's error)."""
+    alike: one line says it for all."""
+    return rank() == 0
+
+
+def is_first_on_machine() -> bool:
+    """Whether this process reports errors in the command or the files for its machine: it runs
+    alone or as torchrun's LOCAL_RANK 0 (rank 0 where LOCAL_RANK is not set). Every rank of a
+    machine was given the same command and reads the same files, so meets those errors alike;
+    another machine's files may differ, so its first rank says what it met there."""
     try:
-        return int(os.environ.get("RANK", "0")) == 0
-    except ValueError:
+        return int(os.environ["LOCAL_RANK"]) == 0
+    except KeyError:
+        return is_rank_zero()
+    except ValueError:  # cast.distributed's error: said by every rank
         return True
 
 

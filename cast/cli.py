@@ -3,7 +3,8 @@
 Defaults come from ``cast.stylize``'s signature, so they are defined in one place. Every
 ``CastError`` is printed as one line, ``cast: error: ...``, with exit status 2; Ctrl-C (SIGINT)
 and SIGTERM write the latest image (when a step made one) and exit with 130 and 143. Under
-torchrun, rank 0 alone prints the plan and says where the image is.
+torchrun, rank 0 alone prints the plan and says where the image is, and an error every rank
+meets alike is printed once (``_print_error``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import threading
 import warnings
 
 from . import checks, images, masks
-from ._startup import is_rank_zero
+from ._startup import is_first_on_machine, is_rank_zero, rank
 from .backends import NAMES as BACKENDS
 from .backends import BackendUnavailable
-from .errors import CastError, MaskWarning
+from .errors import CastError, MaskWarning, RankError
 from .losses import HIGH_ORDER_PRESETS_DOC
 from .memory import HISTORIES
 from .network import POOLINGS
@@ -60,7 +61,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line like every other bad input."""
 
     def error(self, message: str):
-        self.exit(2, f"cast: error: {message}; see '{self.prog} --help'\n")
+        _print_error(f"{message}; see '{self.prog} --help'")
+        self.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -300,6 +302,20 @@ def _warn_in_one_line(message, category, filename, lineno, file=None, line=None)
     print(f"cast: warning: {message}", file=sys.stderr, flush=True)
 
 
+def _print_error(error: Exception | str) -> None:
+    """``cast: error: ...`` on stderr; under torchrun once for the ranks that meet it alike.
+    An error in the command or the files is the same on every rank of a machine: its first
+    rank alone prints it (rank 0 on one machine); one of a rank's own (``RankError``: its
+    torchrun variables, lost contact, its spill files) is printed by that rank. A rank other
+    than 0 names itself."""
+    if not (isinstance(error, RankError) or is_first_on_machine()):
+        return
+    message = str(error)
+    if rank() != 0 and not message.startswith(f"rank {rank()} "):  # LostContact names it
+        message = f"rank {rank()}: {message}"
+    print(f"cast: error: {message}", file=sys.stderr)
+
+
 def _file_version(path: str) -> tuple[int, int] | None:
     """Identifies what is at ``path`` now (saves replace the file, so the inode changes)."""
     try:
@@ -337,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         with _sigterm_as_interrupt():
             {"stylize": _stylize, "swap": _swap, "mask": _mask}[args.command](args)
     except (CastError, BackendUnavailable) as err:
-        print(f"cast: error: {err}", file=sys.stderr)
+        _print_error(err)
         return 2
     except KeyboardInterrupt as interrupt:
         code = 128 + (signal.SIGTERM if isinstance(interrupt, _Terminated) else signal.SIGINT)

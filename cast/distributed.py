@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import CastError
+from .errors import CastError, RankError
 
 # What torchrun sets for every process; all of them or none.
 ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -32,7 +32,7 @@ BLOCKING_WAIT = "TORCH_NCCL_BLOCKING_WAIT"
 _GROUPS_MADE = itertools.count()
 
 
-class LostContact(CastError):
+class LostContact(RankError):
     """Another rank died or stopped answering."""
 
 
@@ -159,22 +159,23 @@ def join(device: torch.device) -> Iterator[tuple[Shard, torch.device]]:
 
 
 def _torchrun() -> tuple[int, int, int]:
-    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them; one process without them."""
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them; one process without them. What is
+    wrong with them is this process's own (``RankError``): a rank out of range is alone in it."""
     present = [name for name in ENVIRONMENT if name in os.environ]
     if not present:
         return 0, 1, 0
     if len(present) < len(ENVIRONMENT):
         missing = [name for name in ENVIRONMENT if name not in os.environ]
-        raise CastError(
+        raise RankError(
             f"{', '.join(present)} set but not {', '.join(missing)}: launch with torchrun "
             "(it sets them all) or unset them to run one process"
         )
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     except ValueError:
-        raise CastError("RANK and WORLD_SIZE must be whole numbers") from None
+        raise RankError("RANK and WORLD_SIZE must be whole numbers") from None
     if not 0 <= rank < world:  # else the rendezvous waits for ranks that never come
-        raise CastError(
+        raise RankError(
             f"RANK={rank} with WORLD_SIZE={world}: a rank runs from 0 to WORLD_SIZE - 1; launch "
             "with torchrun (it sets them all) or unset them to run one process"
         )
@@ -208,7 +209,7 @@ def _local_rank() -> int | None:
     try:
         return int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
     except ValueError:
-        raise CastError("LOCAL_RANK must be a whole number") from None
+        raise RankError("LOCAL_RANK must be a whole number") from None
 
 
 @contextmanager

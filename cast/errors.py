@@ -12,6 +12,12 @@ class CastError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class RankError(CastError):
+    """A problem of one of torchrun's processes of its own (its torchrun variables, its
+    connection to the others, its spill files), not of the command or the files, which every
+    rank meets alike: the CLI has each rank that meets it print it."""
+
+
 class ImageError(CastError):
     """An image that is missing, unreadable or cannot be written."""
 

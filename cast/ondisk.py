@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import CastError
+from .errors import CastError, RankError
 
 Rect = tuple[int, int, int, int]  # (top, bottom, left, right), ends exclusive
 CHUNK_BYTES = 32 * 2**20  # what ``chunks`` hands out at a time from disk
@@ -133,7 +133,7 @@ class OnDisk:
 Store = InRam | OnDisk
 
 
-class SpillFailed(CastError):
+class SpillFailed(RankError):
     """A spill file could not be written: its disk is full, or refuses the file."""
 
     def __init__(self, err: OSError, directory: str | Path | None):

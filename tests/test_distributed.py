@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from cast import images
+from cast.cli import main
 from cast.distributed import BLOCKING_WAIT, Shard, join
 from cast.errors import CastError
 from cast.memory import plan_memory
@@ -234,15 +235,19 @@ def _two_stepping_ranks(out: Path) -> Iterator[list[subprocess.Popen]]:
             rank.wait()
 
 
-def test_a_killed_rank_makes_the_other_stop_with_one_line(tmp_path):
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_killed_rank_makes_the_other_stop_with_one_line(killed, tmp_path):
+    # rank 1 losing contact is its own error: it says so, though rank 0 prints the others
     out = tmp_path / "out.png"
+    left = 1 - killed
     with _two_stepping_ranks(out) as ranks:
-        ranks[1].kill()
-        killed = time.monotonic()
-        err = ranks[0].communicate(timeout=90)[1]
-        assert time.monotonic() - killed < 60
-    assert ranks[0].returncode == 2
-    assert err.startswith("cast: error: rank 0 of 2 lost contact") and err.count("\n") == 1, err
+        ranks[killed].kill()
+        killed_at = time.monotonic()
+        err = ranks[left].communicate(timeout=90)[1]
+        assert time.monotonic() - killed_at < 60
+    assert ranks[left].returncode == 2
+    assert err.startswith(f"cast: error: rank {left} of 2 lost contact"), err
+    assert err.count("\n") == 1, err
     assert out.exists()  # the last image survives
 
 
@@ -321,16 +326,18 @@ def test_more_processes_than_tiles_is_one_line_exit_2_on_every_rank(tmp_path):
             "64", "--scales", "1", "--tile", "0", "--device", "cpu", "-q"]  # fmt: skip
     ranks = [subprocess.Popen(argv, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
-    for rank in ranks:
-        err = rank.communicate(timeout=120)[1]
-        assert rank.returncode == 2 and err.count("\n") == 1, err
-        assert err.startswith("cast: error: 2 processes but no tiling makes 1 tile(s)"), err
+    errors = [rank.communicate(timeout=120)[1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [2, 2], errors
+    # every rank plans alike: rank 0 says it for all
+    assert errors[0].startswith("cast: error: 2 processes but no tiling makes 1 tile(s)"), errors
+    assert errors[0].count("\n") == 1 and errors[1] == "", errors
     assert not out.exists()
 
 
-def _two_commands(tmp_path, *args: list[str], env: dict | None = None) -> list[str]:
-    """``cast stylize`` with ``args[r]`` on rank r of two (same environment otherwise); each
-    rank's stderr, once every rank has exited 2."""
+def _two_commands(tmp_path, *args: list[str], env: dict | None = None) -> str:
+    """``cast stylize`` with ``args[r]`` on rank r of two (same environment otherwise), both
+    on this machine; rank 0's one line of stderr, once every rank has exited 2 (rank 1 said
+    nothing: the error is every rank's)."""
     env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "CAST_DIST_TIMEOUT": "60",
                         "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"} | (env or {})
     argv = [sys.executable, "-m", "cast", "stylize", "--size", "64", "--scales", "1", "--tile",
@@ -340,8 +347,9 @@ def _two_commands(tmp_path, *args: list[str], env: dict | None = None) -> list[s
              for r, rank_args in enumerate(args)]  # fmt: skip
     errors = [rank.communicate(timeout=240)[1] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [2, 2], errors
-    assert all(err.count("\n") == 1 for err in errors), errors
-    return errors
+    assert errors[0].startswith("cast: error: ") and errors[0].count("\n") == 1, errors
+    assert errors[1] == "", errors
+    return errors[0]
 
 
 def test_ranks_given_other_files_or_arguments_stop_with_one_line(tmp_path):
@@ -351,13 +359,60 @@ def test_ranks_given_other_files_or_arguments_stop_with_one_line(tmp_path):
     flipped = tmp_path / "flipped.jpg"
     images.save_image(images.load_image(CONTENT).flip(-1), flipped)
     out = tmp_path / "out.png"
-    errors = _two_commands(tmp_path, [CONTENT, STYLE, "-o", str(out), "--iters", "3"],
-                           [str(flipped), STYLE, "-o", str(out), "--iters", "3"])  # fmt: skip
-    assert all("rank 1 was given another content image than rank 0" in e for e in errors), errors
-    errors = _two_commands(tmp_path, [CONTENT, STYLE, "-o", str(out), "--iters", "3"],
-                           [CONTENT, STYLE, "-o", str(out), "--iters", "4"])  # fmt: skip
-    assert all("rank 1 was given other settings than rank 0" in e for e in errors), errors
+    error = _two_commands(tmp_path, [CONTENT, STYLE, "-o", str(out), "--iters", "3"],
+                          [str(flipped), STYLE, "-o", str(out), "--iters", "3"])  # fmt: skip
+    assert "rank 1 was given another content image than rank 0" in error, error
+    error = _two_commands(tmp_path, [CONTENT, STYLE, "-o", str(out), "--iters", "3"],
+                          [CONTENT, STYLE, "-o", str(out), "--iters", "4"])  # fmt: skip
+    assert "rank 1 was given other settings than rank 0" in error, error
     assert not out.exists()
+
+
+def test_an_error_in_the_files_is_printed_once_not_once_a_rank(tmp_path):
+    """Every rank printed "cannot read image" of a missing photo: the same line N times."""
+    out = str(tmp_path / "out.png")
+    missing = str(tmp_path / "missing.jpg")
+    error = _two_commands(tmp_path, [missing, STYLE, "-o", out], [missing, STYLE, "-o", out])
+    assert error.startswith(f"cast: error: cannot read image '{missing}'"), error
+
+
+@pytest.mark.parametrize("rank, local_rank, said", [
+    ("1", "1", ""),  # the first rank of its machine says it
+    ("1", "0", "cast: error: rank 1: cannot read image"),  # another machine's: its files
+    ("1", None, ""),  # no LOCAL_RANK (a launch by hand): rank 0 says it
+])  # fmt: skip
+def test_an_error_in_the_files_is_said_by_the_first_rank_of_each_machine(
+    rank, local_rank, said, tmp_path, monkeypatch, capsys
+):
+    for name, value in dict(RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="1").items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    missing = str(tmp_path / "missing.jpg")
+    assert main(["stylize", missing, STYLE, "-o", str(tmp_path / "out.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(said) and err.count("\n") == (1 if said else 0), err
+    with pytest.raises(SystemExit) as exited:  # the command's own errors too
+        main(["stylize", missing, STYLE, "-o", str(tmp_path / "out.png"), "--iters", "x"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert err.startswith(said.replace("cannot read image", "argument --iters")), err
+    assert err.count("\n") == (1 if said else 0), err
+
+
+def test_a_rank_outside_the_world_says_so_itself(monkeypatch, capsys):
+    # its own torchrun variables: rank 0 does not share them
+    for name, value in dict(RANK="2", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="1").items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    argv = ["stylize", CONTENT, STYLE, "-o", "out.png", "--size", "64", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cast: error: rank 2: RANK=2 with WORLD_SIZE=2: "), err
+    assert err.count("\n") == 1, err
 
 
 def test_ranks_plan_alike_with_the_least_memory_each_share_of_one_machines(tmp_path):
@@ -382,10 +437,9 @@ def test_ranks_plan_alike_with_the_least_memory_each_share_of_one_machines(tmp_p
 def test_ranks_whose_plans_differ_stop_a_dry_run_with_one_line(tmp_path):
     """Only rank 0 prints the plan: another rank's would have been hidden."""
     out = str(tmp_path / "out.png")
-    errors = _two_commands(tmp_path, [CONTENT, STYLE, "-o", out, "--dry-run"],
-                           [CONTENT, STYLE, "-o", out, "--dry-run", "--size", "96"])  # fmt: skip
-    assert all("rank 1 was given other settings or image sizes than rank 0" in e
-               for e in errors), errors  # fmt: skip
+    error = _two_commands(tmp_path, [CONTENT, STYLE, "-o", out, "--dry-run"],
+                          [CONTENT, STYLE, "-o", out, "--dry-run", "--size", "96"])  # fmt: skip
+    assert "rank 1 was given other settings or image sizes than rank 0" in error, error
 
 
 CHECK_SCRIPT = """
