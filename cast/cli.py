@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 
 from . import checks, images, masks
@@ -30,6 +31,8 @@ from .stylize import DEFAULT_LR, INITS, OPTIMIZERS, stylize
 from .swap import swap
 from .weights import MODELS
 
+# How long a rank that leaves an error to another to print waits before it exits (_print_error).
+SILENT_RANK_EXIT_DELAY = 3.0
 DEFAULTS = {name: p.default for name, p in inspect.signature(stylize).parameters.items()}
 
 STYLIZE_HELP = """\
@@ -309,6 +312,10 @@ def _print_error(error: Exception | str) -> None:
     torchrun variables, lost contact, its spill files) is printed by that rank. A rank other
     than 0 names itself."""
     if not (isinstance(error, RankError) or is_first_on_machine()):
+        # torchrun stops every rank 0.1 s after one exits: a silent rank that left at once
+        # could stop the rank that prints before it got there, and no rank would say why
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(SILENT_RANK_EXIT_DELAY)
         return
     message = str(error)
     if rank() != 0 and not message.startswith(f"rank {rank()} "):  # LostContact names it

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cast import images
+from cast import cli, images
 from cast.cli import main
 from cast.distributed import BLOCKING_WAIT, Shard, join
 from cast.errors import CastError
@@ -391,12 +391,19 @@ def test_an_error_in_the_files_is_said_by_the_first_rank_of_each_machine(
         monkeypatch.delenv("LOCAL_RANK", raising=False)
     else:
         monkeypatch.setenv("LOCAL_RANK", local_rank)
+    # A silent rank waits before it exits: torchrun stops every rank 0.1 s after one exits,
+    # which could stop the rank that prints before it does.
+    monkeypatch.setattr(cli, "SILENT_RANK_EXIT_DELAY", 0.5)
     missing = str(tmp_path / "missing.jpg")
+    started = time.monotonic()
     assert main(["stylize", missing, STYLE, "-o", str(tmp_path / "out.png")]) == 2
+    assert (time.monotonic() - started >= 0.5) == (not said)
     err = capsys.readouterr().err
     assert err.startswith(said) and err.count("\n") == (1 if said else 0), err
+    started = time.monotonic()
     with pytest.raises(SystemExit) as exited:  # the command's own errors too
         main(["stylize", missing, STYLE, "-o", str(tmp_path / "out.png"), "--iters", "x"])
+    assert (time.monotonic() - started >= 0.5) == (not said)
     err = capsys.readouterr().err
     assert exited.value.code == 2
     assert err.startswith(said.replace("cannot read image", "argument --iters")), err
