@@ -229,6 +229,14 @@ def _umask() -> int:
     return current
 
 
+def _permissions(target: Path) -> int:
+    """What ``open(target, "w")`` leaves: an existing file's mode, else 0666 less the umask."""
+    try:
+        return target.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
 # Formats that would not hold the result as it is: ICO holds at most 256x256 px (a 300x200
 # result came out 128x85), ICNS fixed squares (it came out 1024x1024), GIF a palette.
 _NOT_WHOLE = {
@@ -262,6 +270,15 @@ def check_writable(path: str | os.PathLike) -> str:
         raise CastError(f"cannot write '{path}': no directory '{folder}'; create it first")
     if target.is_dir():
         raise CastError(f"cannot write '{path}': it is a directory; name a file in it")
+    # the save renames a new file over the old one, which would replace a pipe or a device,
+    # and a file the user may not write, where open() would refuse
+    if target.exists() and not target.is_file():
+        raise CastError(f"cannot write '{path}': it is not a regular file; name a file")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise CastError(
+            f"cannot write '{path}': the file is read-only; make it writable (chmod u+w) or "
+            "choose another path"
+        )
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CastError(
             f"cannot write '{path}': the directory '{folder}' is not writable; choose another path"
@@ -350,8 +367,9 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
             handle, temporary = _temporary(target)
             with os.fdopen(handle, "wb") as file:
                 picture.save(file, format=image_format, **options)
-            # mkstemp makes the file private (0600); give it the permissions open() would.
-            os.chmod(temporary, 0o666 & ~_umask())
+            # mkstemp makes the file private (0600); give it the permissions open() would: a
+            # file replaced keeps its own (a private result stays private)
+            os.chmod(temporary, _permissions(target))
             os.replace(temporary, target)
             temporary = None
         except OSError as e:

@@ -206,6 +206,7 @@ BAD = {
             ("output is a directory", "{tmp}/folder.png", "it is a directory"),
             ("output name too long", "{tmp}/" + "x" * 246 + ".png", "File name too long"),
             ("output in /proc", "/proc/x.png", "cannot write '/proc/x.png'"),
+            ("output is a named pipe", "{tmp}/pipe.png", "it is not a regular file"),
         )
     },
     "mask output is a directory": (
@@ -258,6 +259,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, capsys, monk
         vgg16[f"features.{i}.bias"] = [0.0] * shape[0]
     torch.save(vgg16, tmp_path / "list_bias.pth")
     (tmp_path / "folder.png").mkdir()
+    os.mkfifo(tmp_path / "pipe.png")
     files |= {
         "huge": tmp_path / "huge.npy",
         "sparse": tmp_path / "sparse.pt",

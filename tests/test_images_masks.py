@@ -1,8 +1,11 @@
 """Images in and out, region masks from labels, soft masks and matting."""
 
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -193,6 +196,74 @@ def test_saved_file_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o666 & ~umask
+    # a file replaced keeps its mode, as open() keeps it: a private result became 0644
+    (tmp_path / "private.png").write_bytes(b"an earlier result")
+    (tmp_path / "private.png").chmod(0o600)
+    save_image(torch.zeros(3, 4, 4), tmp_path / "private.png")
+    assert (tmp_path / "private.png").stat().st_mode & 0o777 == 0o600
+
+
+def test_save_refuses_a_pipe_and_keeps_it(tmp_path):
+    # the save renamed a new file over the pipe: a reader waited for ever, the pipe was gone
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "link.png").symlink_to("pipe.png")
+    for name in ("pipe.png", "link.png"):
+        with pytest.raises(CastError, match="it is not a regular file; name a file"):
+            save_image(torch.zeros(3, 4, 4), tmp_path / name)
+    assert stat.S_ISFIFO((tmp_path / "pipe.png").stat().st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["link.png", "pipe.png"]
+
+
+def _as_a_user(work) -> str:
+    """``work()``'s ``CastError`` message ("" without one), run as a user who is not root
+    (root writes read-only files): in a child process as nobody when the tests run as root."""
+    if os.geteuid() != 0:
+        try:
+            work()
+        except CastError as err:
+            return str(err)
+        return ""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child's coverage is not collected)
+        message = b""
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            work()
+        except CastError as err:
+            message = str(err).encode()
+        except BaseException as err:  # anything else fails the test, with its text
+            message = f"unexpected {type(err).__name__}: {err}".encode()
+        os.write(write, message)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as got:
+        message = got.read().decode()
+    os.waitpid(child, 0)
+    return message
+
+
+NOBODY = 65534
+
+
+def test_save_refuses_a_read_only_file_and_keeps_it():
+    # the save renamed a new file over it, where open() refuses: a result made read-only to
+    # keep it was lost
+    folder = Path(tempfile.mkdtemp())  # in /tmp: pytest's folders are closed to other users
+    try:
+        kept = folder / "kept.png"
+        kept.write_bytes(b"a result kept")
+        kept.chmod(0o444)
+        if os.geteuid() == 0:  # the child, as nobody, owns the folder and the file
+            for path in (folder, kept):
+                os.chown(path, NOBODY, NOBODY)
+        Image.init()  # the plugins, read while the files under /root can be
+        message = _as_a_user(lambda: save_image(torch.zeros(3, 4, 4), kept))
+        assert "the file is read-only; make it writable (chmod u+w)" in message, message
+        assert kept.read_bytes() == b"a result kept" and os.listdir(folder) == ["kept.png"]
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_unreadable_images(tmp_path):
