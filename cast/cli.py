@@ -297,7 +297,7 @@ def _mask(args: argparse.Namespace) -> None:
         warnings.showwarning = _warn_in_one_line
         trimap = masks.read_trimap(args.trimap, tuple(image.shape[-2:]))
         alpha = masks.matte(image, trimap, progress=not args.quiet)
-    images.save_image(alpha.expand(3, -1, -1), args.output)
+    images.save_result(alpha.expand(3, -1, -1), args.output)
 
 
 def _warn_in_one_line(message, category, filename, lineno, file=None, line=None):

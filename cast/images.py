@@ -381,3 +381,23 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
         finally:
             if temporary is not None and os.path.exists(temporary):
                 os.remove(temporary)
+
+
+def save_result(image: torch.Tensor, path: str | os.PathLike) -> None:
+    """``save_image`` for an image that took a run to make: when ``path`` cannot be written
+    after all (its folder was moved or the disk filled during the run; it was checked before),
+    the image goes to a new file in the temporary folder, which the error names."""
+    try:
+        save_image(image, path)
+    except CastError as err:
+        kept = None
+        try:
+            with _uninterrupted():  # no empty file left by a Ctrl-C between the two
+                handle, kept = tempfile.mkstemp(prefix=f"cast-{Path(path).stem}-", suffix=".png")
+                os.close(handle)
+                save_image(image, kept)
+        except (OSError, CastError):
+            if kept is not None and os.path.exists(kept):
+                os.remove(kept)
+            raise err from None
+        raise CastError(f"{err}; meanwhile the image is in '{kept}'") from None

@@ -265,13 +265,13 @@ def _run(
                     bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                     bar.update()
                     if save_every and output and step % save_every == 0:
-                        images.save_image(_finish(image, content_image, preserve_color), output)
+                        images.save_result(_finish(image, content_image, preserve_color), output)
                     if callback is not None:
                         callback(Step(scale, scales, step, iters, loss, _whole(image).clone()))
     except (KeyboardInterrupt, distributed.LostContact, ondisk.SpillFailed) as stopped:
         # a non-finite image is caught by the next step's loss; the interrupt came first
         if output is not None and stepped and torch.isfinite(_whole(image)).all():
-            images.save_image(_finish(image, content_image, preserve_color), output)
+            images.save_result(_finish(image, content_image, preserve_color), output)
             if isinstance(stopped, ondisk.SpillFailed):  # say where the steps made so far are
                 raise CastError(f"{stopped}; the latest image is in '{output}'") from None
         raise
@@ -279,7 +279,7 @@ def _run(
         # at the first scale, an image before any good step is the start, not a result
         kept = output is not None and (diverged.good_steps > 0 or scale > 1)
         if kept:
-            images.save_image(_finish(diverged.last_good, content_image, preserve_color), output)
+            images.save_result(_finish(diverged.last_good, content_image, preserve_color), output)
         where = f"; the last good image is in '{output}'" if kept else ""
         if output is not None and not kept:
             where = f"; no step gave an image, '{output}' is left as it was"
@@ -291,7 +291,7 @@ def _run(
 
     result = _finish(image, content_image, preserve_color)
     if output is not None:
-        images.save_image(result, output)
+        images.save_result(result, output)
     return result
 
 

@@ -199,6 +199,30 @@ def test_save_every_writes_the_image_as_it_goes(tmp_path):
     assert written == [True, True]
 
 
+def test_a_result_its_folder_lost_during_the_run_is_kept_in_the_temporary_folder(
+    tmp_path, monkeypatch
+):
+    # the folder was moved during the run: the final save failed and the result was lost
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    results = tmp_path / "results"
+    results.mkdir()
+
+    def move_the_folder(step):
+        results.rename(tmp_path / "moved")
+
+    with pytest.raises(CastError) as error:
+        stylize(CONTENT, STYLE, size=40, iters=1, output=results / "out.png",
+                callback=move_the_folder, **FAST)  # fmt: skip
+    message = str(error.value)
+    kept = list((tmp_path / "tmp").iterdir())
+    assert len(kept) == 1 and kept[0].name.startswith("cast-out-"), kept
+    assert message.startswith(f"cannot write '{results / 'out.png'}': no directory")
+    assert message.endswith(f"; meanwhile the image is in '{kept[0]}'") and "\n" not in message
+    assert images.load_image(kept[0]).shape == (3, 30, 40)
+    assert os.listdir(tmp_path / "moved") == []
+
+
 def test_unmasked_style_images_pair_with_regions_by_position():
     content, styles = (8, 10), [(6, 6), (4, 8)]  # the images' sizes
     region_masks, paired = _regions(content, styles, _halves(8, 10), None, None, strict=True)
