@@ -393,7 +393,8 @@ def save_result(image: torch.Tensor, path: str | os.PathLike) -> None:
         kept = None
         try:
             with _uninterrupted():  # no empty file left by a Ctrl-C between the two
-                handle, kept = tempfile.mkstemp(prefix=f"cast-{Path(path).stem}-", suffix=".png")
+                name = Path(path).stem[:100]  # the output's name may take the most a name can
+                handle, kept = tempfile.mkstemp(prefix=f"cast-{name}-", suffix=".png")
                 os.close(handle)
                 save_image(image, kept)
         except (OSError, CastError):

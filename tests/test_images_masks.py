@@ -16,7 +16,15 @@ import torch
 from PIL import Image
 
 from cast.errors import CastError, ImageError, MaskError, MaskWarning
-from cast.images import fit, image_size, load_image, open_image, resize, save_image
+from cast.images import (
+    fit,
+    image_size,
+    load_image,
+    open_image,
+    resize,
+    save_image,
+    save_result,
+)
 from cast.masks import (
     TRIMAP_BAND_PIXELS,
     inner,
@@ -201,6 +209,19 @@ def test_saved_file_permissions(tmp_path):
     (tmp_path / "private.png").chmod(0o600)
     save_image(torch.zeros(3, 4, 4), tmp_path / "private.png")
     assert (tmp_path / "private.png").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_result_that_cannot_be_written_is_kept_in_the_temporary_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # a name as long as a name may be: the kept file's, longer, could not be made
+    for name in ("out.jpg", "x" * 251 + ".jpg"):
+        with pytest.raises(CastError) as error:
+            save_result(torch.ones(3, 4, 6), tmp_path / "moved" / name)
+        kept = list(tmp_path.iterdir())
+        assert len(kept) == 1, kept
+        assert one_line(error).endswith(f"; meanwhile the image is in '{kept[0]}'")
+        assert load_image(kept[0]).shape == (3, 4, 6)
+        kept[0].unlink()
 
 
 def test_save_refuses_a_pipe_and_keeps_it(tmp_path):
