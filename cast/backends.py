@@ -130,7 +130,6 @@ NAMES = tuple(_LOADERS)
 _loaded: dict[str, Backend | BackendUnavailable] = {}
 
 
-@torch.compiler.assume_constant_result  # a first call inside torch.compile: imports untraced
 def _load_failure(name: str) -> str:
     """Look for backend ``name`` once: ``""`` where it loaded, else why it cannot be had."""
     if name not in _loaded:
@@ -174,13 +173,7 @@ def default_for(device: torch.device, dtype: torch.dtype) -> str:
 
 def choose(name: str | None, device: torch.device, dtype: torch.dtype) -> Backend:
     """Resolve ``name`` (or ``$CAST_BACKEND``, or the device's default) and check it fits."""
-    if not name and os.environ.get(ENV_VAR):
-        name = os.environ[ENV_VAR]
-        if name not in _LOADERS:
-            raise ValueError(
-                f"{ENV_VAR}={name!r} is not a backend; choose one of {', '.join(NAMES)} or unset it"
-            )
-    backend = load(name or default_for(device, dtype))
+    backend = load(_requested(name) or default_for(device, dtype))
     name = backend.name
     if device.type not in backend.device_types:
         hint = " (set TRITON_INTERPRET=1 to run it on CPU)" if name == "triton" else ""
@@ -195,3 +188,33 @@ def choose(name: str | None, device: torch.device, dtype: torch.dtype) -> Backen
             "convert the features or use backend='reference'"
         )
     return backend
+
+
+def choose_name(name: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """``choose(name, device, dtype).name``, for code that torch.compile traces: the look-up
+    runs outside the trace (imports, and the cache of backends, which a trace would read once
+    and keep: a second backend first looked for in the same trace was missing from it)."""
+    chosen, failure = _chosen(_requested(name), device.type, dtype)
+    if failure:
+        raise BackendUnavailable(failure)
+    return chosen
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the answer, not the look-up
+def _chosen(name: str | None, device_type: str, dtype: torch.dtype) -> tuple[str, str]:
+    """``(the backend's name, "")``, or ``("", why none can run these features)``."""
+    try:
+        return choose(name, torch.device(device_type), dtype).name, ""
+    except BackendUnavailable as err:
+        return "", str(err)
+
+
+def _requested(name: str | None) -> str | None:
+    """``name``, else ``$CAST_BACKEND`` where set; ``ValueError`` for a name that is none."""
+    if not name and os.environ.get(ENV_VAR):
+        name = os.environ[ENV_VAR]
+        if name not in _LOADERS:
+            raise ValueError(
+                f"{ENV_VAR}={name!r} is not a backend; choose one of {', '.join(NAMES)} or unset it"
+            )
+    return name

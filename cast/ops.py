@@ -132,7 +132,7 @@ _NO_TRANSFORMS = (
 def _choose(backend: str | None, features: Tensor, where: str) -> str:
     """The name of the backend that runs ``features``, or one line saying why none can."""
     try:
-        return backends.choose(backend, features.device, features.dtype).name
+        return backends.choose_name(backend, features.device, features.dtype)
     except backends.BackendUnavailable as err:
         raise backends.BackendUnavailable(f"{where}: {err}") from None
 

@@ -197,6 +197,27 @@ def test_a_first_call_inside_torch_compile_loads_its_backend(monkeypatch):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
+def test_two_backends_first_looked_for_in_one_compiled_function(monkeypatch):
+    """float32 and bfloat16 features in one fullgraph=True function, its first calls of the op:
+    on CPU the second takes the reference backend, first looked for in the middle of the trace
+    (which kept its first read of the cache of backends, so the lookup failed with a KeyError
+    and fullgraph=True broke)."""
+    monkeypatch.setattr(backends, "_loaded", {})  # as in a fresh process
+    torch._dynamo.reset()
+    masks = torch.rand(2, 6, 7)
+
+    def grams(features):
+        low = cast.masked_gram(features.bfloat16(), masks.bfloat16())
+        return cast.masked_gram(features, masks), low
+
+    features = torch.rand(1, 3, 6, 7)
+    compiled = torch.compile(grams, fullgraph=True)(features)
+    identity = torch.ones(1, 1, 1, dtype=torch.float64)
+    for value, dtype in zip(compiled, (torch.float32, torch.bfloat16), strict=True):
+        f, m = (t.to(dtype).double() for t in (features, masks[None]))  # as the op gets them
+        assert relative_error(value, masked_gram_reference(f, m, identity)) <= 1e-5
+
+
 def test_reference_backward_is_autograd_of_reference():
     """The closed-form gradient of SPEC §1 equals autograd of the forward definition."""
     features, masks, kernels = Case("formula", 2, 3, 6, 5, 3, 3, 5, "empty", True).inputs(
