@@ -58,7 +58,7 @@ def masked_gram(
         ``kernels`` are constants and get no gradient.
     """
     features, masks, kernels = canonical_inputs(features, masks, kernels)
-    _refuse_transforms(features)
+    _refuse_transforms("cast.masked_gram", features, masks=masks, kernels=kernels, mass=mass)
     inv_mass = canonical_inverse_mass(features, masks, mass)
     chosen = _choose(backend, features, "cast.masked_gram")
     return torch.ops.cast.masked_gram(features, masks, kernels, inv_mass, chosen, allow_tf32)
@@ -84,7 +84,10 @@ def masked_gram_grad(
         grad: ``dL/dG``, ``(B, J, K, C, C)``.
 
     Returns:
-        ``dF`` of ``features``' shape and dtype (SPEC §1's backward); not differentiable.
+        ``dF`` of ``features``' shape and dtype (SPEC §1's backward); not differentiable: a
+        ``grad`` that requires grad, and torch.func transforms and forward-mode tangents of
+        ``features`` or ``grad``, are refused. ``features`` may require grad (their graph is
+        not followed): ``dF`` then goes on as ``features.backward(dF)``.
     """
     # constants here, all three: nothing differentiates through dF
     where = "cast.masked_gram_grad"
@@ -100,25 +103,47 @@ def masked_gram_grad(
             f"{where}: grad must be {expected} (B, J, K, C, C) on "
             f"{features.device}, got {_describe(grad)}"
         )
+    _refuse_transforms(where, inputs[0], grad, masks=inputs[1], kernels=inputs[2], mass=mass)
+    if grad.requires_grad:  # else the gradient it asks for would be dropped, silently
+        raise ValueError(f"{where}: dF is not differentiable, so grad gets no gradient; "
+                         "pass grad.detach()")  # fmt: skip
     chosen = _choose(backend, features, where)
     return _d_features(grad.detach(), inv_mass, features, masks, kernels, chosen, allow_tf32)
 
 
-def _refuse_transforms(features: Tensor) -> None:
-    """Forward-mode AD and torch.func's differentiating transforms refused in one line: the
-    op has a backward only, and without this ``jvp``/``jacfwd`` silently gave zero (``vmap``
-    works, a loop over the op)."""
+def _refuse_transforms(where: str, *inputs: Tensor, **constants: object) -> None:
+    """Derivatives the op cannot give, refused in one line instead of silently zero: in the
+    ``inputs`` (``features``; ``grad`` for the backward), forward-mode AD and torch.func's
+    differentiating transforms (the op has a backward only; ``vmap`` works, a loop over the
+    op); in the ``constants`` (masks, kernels, mass), forward-mode tangents too (a gradient
+    in them is refused where they require grad)."""
     if torch.compiler.is_compiling():
         return  # torch.compile's own rules apply there
+    if any(_derivative_asked(t) for t in inputs):
+        raise NotImplementedError(_NO_TRANSFORMS if where == "cast.masked_gram" else
+                                  f"{where}: {_NO_GRAD_OF_GRAD}")  # fmt: skip
+    for name, t in constants.items():
+        if isinstance(t, Tensor) and _derivative_asked(t):
+            raise ValueError(
+                f"{where}: {name} (a constant of the problem) gets no derivative, and its "
+                "tangent would be dropped; differentiate the plain PyTorch of cast.reference "
+                "in it instead"
+            )
+
+
+def _derivative_asked(t: Tensor) -> bool:
+    """Whether a torch.func transform differentiates ``t`` (a level that tracks its gradient:
+    grad, jacrev) or a forward-mode tangent rides on it (jvp, jacfwd, forward_ad), at any level
+    of torch.func's wrapping."""
     functorch = torch._C._functorch
-    level = features  # and each level of torch.func wrapping below it
+    level = t
     while True:
         if not functorch.is_batchedtensor(level):  # vmap's: no tangent of its own to ask for
             differentiated = functorch.is_gradtrackingtensor(level) and level.requires_grad
             if differentiated or torch.autograd.forward_ad.unpack_dual(level).tangent is not None:
-                raise NotImplementedError(_NO_TRANSFORMS)
+                return True
         if not functorch.is_functorch_wrapped_tensor(level):
-            return
+            return False
         level = functorch.get_unwrapped(level)
 
 
@@ -126,6 +151,10 @@ _NO_TRANSFORMS = (
     "cast.masked_gram has a backward (loss.backward(), torch.autograd.grad) but no forward-mode "
     "AD and no torch.func transform other than vmap (grad, jacrev, jvp, jacfwd, hessian); "
     "use cast.reference.masked_gram_reference for those"
+)
+_NO_GRAD_OF_GRAD = (
+    "dF is not differentiable (no torch.func transform other than vmap, no forward-mode AD); "
+    "differentiate cast.reference.masked_gram_backward_reference for its derivatives"
 )
 
 
@@ -318,6 +347,13 @@ def check_canonical(
             raise ValueError(f"{where}: {name} on {t.device}, features on {features.device}")
         if not t.is_contiguous():
             raise ValueError(f"{where}: {name} must be contiguous; use cast.masked_gram")
+        # torch drops a custom op's forward-mode tangents, silently (torch.func.jvp's never
+        # reach here: those are refused by cast.masked_gram alone, see README)
+        if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"{where} has no forward-mode AD ({name} has a tangent); differentiate the "
+                "plain PyTorch of cast.reference instead"
+            )
     for name, t in (("masks", masks), ("kernels", kernels)):
         if t.dtype != features.dtype:
             raise ValueError(f"{where}: {name} are {t.dtype}, features {features.dtype}")

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from cast.errors import CastError, WeightsUnavailable
-from cast.ops import masked_gram
+from cast.ops import canonical_inputs, inverse_mask_mass, masked_gram, masked_gram_grad
+from cast.reference import masked_gram_backward_reference
 from cast.stylize import _regions, stylize
 from cast.weights import CAFFE, VGGWeights, conv_shapes
 
@@ -153,6 +154,64 @@ def test_vmap_and_transforms_of_other_inputs_work():
         torch.ones((), dtype=torch.float64)
     )
     assert torch.allclose(d_t, gram.sum())
+
+
+def _jvp_tangent(f, x):
+    return torch.func.jvp(f, (x,), (torch.ones_like(x),))[1]
+
+
+@pytest.mark.parametrize("tangent", [_jvp_tangent, _dual_tangent], ids=["jvp", "forward_ad"])
+@pytest.mark.parametrize("name", ["masks", "kernels", "mass"])
+def test_a_tangent_of_a_constant_is_refused(tangent, name):
+    """The masks, kernels and mass get no derivative: a forward-mode tangent of one was
+    dropped, a tangent of G silently zero."""
+    inputs = dict(
+        features=torch.rand(1, 2, 4, 4, dtype=torch.float64),
+        masks=torch.rand(2, 4, 4, dtype=torch.float64),
+        kernels=torch.rand(1, 3, 3, dtype=torch.float64),
+        mass=torch.full((2,), 3.0, dtype=torch.float64),
+    )
+
+    def gram(constant):
+        return masked_gram(**(inputs | {name: constant}))
+
+    with pytest.raises(ValueError, match=f"{name} .a constant of the problem. gets no deriv"):
+        tangent(gram, inputs[name])
+
+
+def test_the_registered_ops_called_directly_refuse_forward_ad():
+    """torch drops a custom op's forward-mode tangents: G's was None, silently."""
+    features, masks, kernels = canonical_inputs(torch.rand(1, 2, 4, 4), torch.rand(2, 4, 4), None)
+    inv_mass, grad = inverse_mask_mass(masks), torch.rand(1, 1, 2, 2, 2)
+    ops = torch.ops.cast
+    with pytest.raises(NotImplementedError, match="masked_gram has no forward-mode AD"):
+        _dual_tangent(lambda f: ops.masked_gram(f, masks, kernels, inv_mass, "cpu", True), features)
+    with pytest.raises(NotImplementedError, match="backward has no forward-mode AD .grad has"):
+        _dual_tangent(
+            lambda g: ops.masked_gram_backward(g, features, masks, kernels, inv_mass, "cpu", True),
+            grad,
+        )  # fmt: skip
+
+
+def test_masked_gram_grad_is_not_differentiable_and_says_so():
+    """dF from the backward alone: a derivative of it was silently zero (torch.func.grad) or
+    dropped (a dG that requires grad). Features that require grad are fine: dF goes on through
+    their graph, as the tiled objective uses it."""
+    features, masks = torch.rand(2, 3, 5, 4, dtype=torch.float64), torch.rand(2, 5, 4).double()
+    grad = torch.rand(2, 1, 2, 3, 3, dtype=torch.float64)
+    expected = masked_gram_backward_reference(grad, features, masks[None], torch.ones(1, 1, 1))
+    leaf = features.clone().requires_grad_()
+    assert torch.allclose(masked_gram_grad(leaf, grad, masks), expected, rtol=1e-10)
+    vmapped = torch.func.vmap(lambda f, g: masked_gram_grad(f[None], g[None], masks)[0])
+    assert torch.allclose(vmapped(features, grad), expected, rtol=1e-10)
+    with pytest.raises(ValueError, match="dF is not differentiable, so grad .*pass grad.detach"):
+        masked_gram_grad(features, grad.clone().requires_grad_(), masks)
+    for wrt in (0, 1):
+        with pytest.raises(NotImplementedError, match="masked_gram_grad: dF is not differentiable"):
+            torch.func.grad(lambda f, g: masked_gram_grad(f, g, masks).sum(), wrt)(features, grad)
+        with pytest.raises(NotImplementedError, match="masked_gram_grad: dF is not differentiable"):
+            torch.func.jvp(lambda f, g: masked_gram_grad(f, g, masks), (features, grad),
+                           (features, grad))  # fmt: skip
 
 
 def test_masks_that_do_not_go_together_are_refused_before_the_network(tmp_path):
