@@ -152,7 +152,8 @@ def stylize(
     Raises:
         CastError: bad input (before any work), a diverging loss (the last good image is
         written to ``output`` when a step made one) or an image too large for the device's
-        memory.
+        memory (before any work, or in mid-run when another process took memory since). Any
+        error in mid-run writes the latest image to ``output`` first, when a step made one.
     """
     styles = [styles] if isinstance(styles, (str, os.PathLike, Tensor)) else list(styles)
     style_masks = None if style_masks is None else list(style_masks)
@@ -232,6 +233,15 @@ def _run(
     generator = torch.Generator().manual_seed(seed)
     image = None
     stepped = False  # until a step is done, the image is the start, not a result
+
+    def keep_latest() -> bool:
+        """Writes the latest image to ``output`` when a step made one; whether it did."""
+        # a non-finite image is caught by the next step's loss; what stopped it came first
+        if output is None or not stepped or not torch.isfinite(_whole(image)).all():
+            return False
+        images.save_result(_finish(image, content_image, preserve_color), output)
+        return True
+
     try:
         for scale, (h, w) in enumerate(_scale_sizes(content_image.shape[-2:], size, scales), 1):
             objective = build_objective(
@@ -269,11 +279,8 @@ def _run(
                     if callback is not None:
                         callback(Step(scale, scales, step, iters, loss, _whole(image).clone()))
     except (KeyboardInterrupt, distributed.LostContact, ondisk.SpillFailed) as stopped:
-        # a non-finite image is caught by the next step's loss; the interrupt came first
-        if output is not None and stepped and torch.isfinite(_whole(image)).all():
-            images.save_result(_finish(image, content_image, preserve_color), output)
-            if isinstance(stopped, ondisk.SpillFailed):  # say where the steps made so far are
-                raise CastError(f"{stopped}; the latest image is in '{output}'") from None
+        if keep_latest() and isinstance(stopped, ondisk.SpillFailed):  # say where the steps are
+            raise CastError(f"{stopped}; the latest image is in '{output}'") from None
         raise
     except _Diverged as diverged:
         # at the first scale, an image before any good step is the start, not a result
@@ -288,11 +295,37 @@ def _run(
             f"the loss became {diverged.loss} at step {diverged.step}; lower the learning rate "
             f"(--lr) or the weights{instead}{where}"
         ) from None
+    except CastError:
+        raise
+    except Exception as error:  # the steps made so far are kept, whatever stopped them
+        out_of_memory = _out_of_memory(error)
+        if out_of_memory:  # what the failed step held, freed for the save
+            objective = error.__traceback__ = None
+        try:
+            kept = keep_latest()
+        except Exception:  # the device itself may have failed: its first error is the one to see
+            kept = False
+        if not out_of_memory:
+            raise
+        where = f"; the latest image is in '{output}'" if kept else ""
+        raise CastError(
+            f"out of memory on {device} though the plan fitted (another process may have taken "
+            f"memory since): lower --size or CAST_MEMORY_GIB, or give --tile a smaller "
+            f"size{where}"
+        ) from None
 
     result = _finish(image, content_image, preserve_color)
     if output is not None:
         images.save_result(result, output)
     return result
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """Whether ``error`` is an allocation that failed: a GPU's ``OutOfMemoryError``, or the CPU
+    allocator's RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
 
 
 def _as_given(image: ImageLike | None) -> bytes | Tensor | None:

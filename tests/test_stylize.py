@@ -141,6 +141,31 @@ def test_ctrl_c_writes_the_latest_image(tmp_path):
     assert (written - seen[-1].clamp(0, 1)).abs().max() <= 1 / 255 + 1e-6
 
 
+@pytest.mark.parametrize("failure", ["out of memory", "a bug"])
+def test_an_error_mid_run_keeps_the_latest_image(failure, tmp_path):
+    """An allocation that failed in mid-run (memory another process took after the plan) was a
+    traceback from deep inside and lost every step made; so was any other error. The latest
+    image is written; running out of memory is one line, other errors stay as they are."""
+    output = tmp_path / "out.png"
+    seen = []
+
+    def fail_after_two(step):
+        seen.append(step.image.clone())
+        if step.step == 2:
+            if failure == "out of memory":
+                torch.empty(1 << 50, dtype=torch.uint8)  # the CPU allocator's own failure
+            raise ZeroDivisionError("a bug")
+
+    expected = (CastError, "out of memory on cpu .*; the latest image is in") if (
+        failure == "out of memory") else (ZeroDivisionError, "a bug")  # fmt: skip
+    with pytest.raises(expected[0], match=expected[1]) as error:
+        stylize(CONTENT, STYLE, size=48, iters=10, output=output, callback=fail_after_two,
+                **FAST)  # fmt: skip
+    assert "\n" not in str(error.value)
+    written = images.load_image(output)
+    assert (written - seen[-1].clamp(0, 1)).abs().max() <= 1 / 255 + 1e-6
+
+
 def test_a_diverging_loss_is_an_error_and_keeps_the_last_good_image(tmp_path):
     output = tmp_path / "out.png"
     # a step far too long: the loss of step 4 is inf, the image after step 2 the last good one
