@@ -1,9 +1,12 @@
 """The terms of CAST's objective as small ``nn.Module``s, and the high-order kernel presets.
 
 Targets are buffers, so a loss moves with ``.to(device)`` and other PyTorch code can use it
-alone. Style statistics are kept as masked Gram *sums* plus mask *mass* (``GramStats``), so
-regions and several style images combine linearly: adding the statistics of two style images
-and dividing once gives the Gram of their union.
+alone; they are constants, kept detached from the graph that made them (else a second
+``backward`` through a loss whose target came from a trainable network fails).
+
+Style statistics are kept as masked Gram *sums* plus mask *mass* (``GramStats``), so regions
+and several style images combine linearly: adding the statistics of two style images and
+dividing once gives the Gram of their union.
 
 Departures from the paper (Chen & Hsu 2016, after Gatys et al. 2016), each also commented where
 it happens:
@@ -239,6 +242,7 @@ class StyleLoss(nn.Module):
             if masks is None:
                 raise ValueError("StyleLoss: without masks, give region_weights (K,)")
             region_weights = self.region_weights(mask_mass(masks))
+        target, region_weights = target.detach(), region_weights.detach()  # constants
         # Relative error instead of Gatys' 1 / (4 C^2): the same weight means the same for every
         # layer, kernel and network. A target of norm 0 (nothing to match) drops out.
         norm = target.square().sum((-1, -2))
@@ -286,6 +290,7 @@ class ContentLoss(nn.Module):
 
     def __init__(self, target: Tensor):
         super().__init__()
+        target = target.detach()  # a constant
         self.register_buffer("target", target)
         self.register_buffer("scale", self.scale_of(target.square().sum()))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -55,6 +57,29 @@ def test_style_loss_gradient_matches_autograd_on_reference(backend, dtype):
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert abs(loss.item() - expected.item()) <= tol * abs(expected.item())
     assert (x.grad.double() - expected_grad).norm() <= tol * expected_grad.norm()
+
+
+def test_targets_taken_through_the_network_being_trained_are_constants():
+    """Your own pipeline: a small network trained for a few steps on a batch, its targets
+    taken through it (a graph attached). A second backward failed ("through the graph a
+    second time") and deepcopy refused the losses; the loss is the batch mean of the term."""
+    torch.manual_seed(0)
+    conv = lambda c_in: torch.nn.Conv2d(c_in, 4, 3, padding=1, dtype=torch.float64)  # noqa: E731
+    net = torch.nn.Sequential(conv(3), torch.nn.ReLU(), conv(4))
+    masks, kernels = _random(2, 8, 8, seed=1), HIGH_ORDER_PRESETS["neighbours"].double()
+    style, content = _random(1, 3, 8, 8, seed=2), _random(3, 3, 8, 8, seed=3)
+    style_loss = StyleLoss(GramStats.of(net(style), masks, kernels).mean(), masks, kernels)
+    content_loss = ContentLoss(net(content))
+    optimiser = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(3):
+        optimiser.zero_grad()
+        features = net(content)
+        (style_loss(features) + content_loss(features)).backward()
+        optimiser.step()
+    target = style_loss.target
+    items = [_style_loss_by_autograd(f[None], target, masks, kernels) for f in features]
+    assert style_loss(features).item() == pytest.approx(torch.stack(items).mean().item(), 1e-10)
+    copy.deepcopy(style_loss), copy.deepcopy(content_loss)
 
 
 def test_stats_of_two_images_are_the_stats_of_their_union():
