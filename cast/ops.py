@@ -45,7 +45,8 @@ def masked_gram(
             results add up to the image's (SPEC §5); ``1.0`` gives the sums ``Y^T Y``
             themselves. Zero mass gives zero, as an empty mask does. A number is checked on
             the host; a tensor's values are checked where they are, which on a GPU waits for
-            the work queued before (a device synchronisation each call).
+            the work queued before (a device synchronisation each call); under
+            ``torch.compile``, by an assertion in the graph (``RuntimeError``).
         backend: ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; default
             ``$CAST_BACKEND``, else the fastest one present for the device and dtype.
         allow_tf32: let the GPU backends use TF32 tensor cores for float32 input.
@@ -244,7 +245,12 @@ def canonical_inverse_mass(
     if mass.requires_grad:
         raise ValueError(f"{where}: mass is a constant of the problem; pass mass.detach()")
     # (K,): cheap, but reading the answer waits for the device (a number's check does not)
-    if not bool((torch.isfinite(mass) & (mass >= 0)).all()):
+    valid = (torch.isfinite(mass) & (mass >= 0)).all()
+    if torch.compiler.is_compiling():
+        # a graph cannot read it on the host (fullgraph=True failed to trace): an assertion in
+        # the graph instead, a RuntimeError (on a GPU a device-side assert)
+        torch._assert_async(valid, f"{where}: mass must be finite and >= 0")
+    elif not bool(valid):
         raise ValueError(f"{where}: mass must be finite and >= 0, got {mass.tolist()}")
     return inverse(mass.to(torch.float64)).expand(Bm, K).to(accumulation).contiguous()
 

@@ -510,6 +510,29 @@ def test_mass_divides_instead_of_the_masks_own():
     assert torch.allclose(halves[0] + halves[1], whole, rtol=1e-12)
 
 
+def test_a_mass_tensor_traces_under_torch_compile_with_its_check():
+    """fullgraph=True failed to trace the check of a tensor mass (a read on the host): in a
+    graph the check is an assertion, the Grams and their gradient those of eager."""
+    torch._dynamo.reset()
+    features, masks, kernels = F.double(), M.double(), P.double()
+
+    def loss(f, mass):
+        return cast.masked_gram(f, masks, kernels, mass=mass).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    mass = torch.tensor([2.0, 5.0], dtype=torch.float64)
+    x = features.clone().requires_grad_()
+    value = compiled(x, mass)
+    value.backward()
+    y = features.clone().requires_grad_()
+    expected = masked_gram_reference(y, masks[None], kernels, 1 / mass[None]).square().sum()
+    expected.backward()
+    assert relative_error(value, expected) <= 1e-10
+    assert relative_error(x.grad, y.grad) <= 1e-10
+    with pytest.raises(RuntimeError, match="cast.masked_gram: mass must be finite and >= 0"):
+        compiled(features, -mass)
+
+
 @pytest.mark.parametrize("number", [1.0, 3, 2.5, 0.0])
 def test_a_number_as_mass_is_that_mass_for_every_mask(number):
     """``mass=x`` gives what ``mass`` = x for each mask gives, bit for bit (0: zero, as an empty
