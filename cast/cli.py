@@ -309,8 +309,8 @@ def _print_error(error: Exception | str) -> None:
     """``cast: error: ...`` on stderr; under torchrun once for the ranks that meet it alike.
     An error in the command or the files is the same on every rank of a machine: its first
     rank alone prints it (rank 0 on one machine); one of a rank's own (``RankError``: its
-    torchrun variables, lost contact, its spill files) is printed by that rank. A rank other
-    than 0 names itself."""
+    torchrun variables, lost contact, its spill files, its memory) is printed by that rank. A
+    rank other than 0 names itself."""
     if not (isinstance(error, RankError) or is_first_on_machine()):
         # torchrun stops every rank 0.1 s after one exits: a silent rank that left at once
         # could stop the rank that prints before it got there, and no rank would say why

@@ -14,8 +14,8 @@ class CastError(Exception):
 
 class RankError(CastError):
     """A problem of one of torchrun's processes of its own (its torchrun variables, its
-    connection to the others, its spill files), not of the command or the files, which every
-    rank meets alike: the CLI has each rank that meets it print it."""
+    connection to the others, its spill files, its memory), not of the command or the files,
+    which every rank meets alike: the CLI has each rank that meets it print it."""
 
 
 class ImageError(CastError):

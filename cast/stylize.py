@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import checks, distributed, images, masks, ondisk
-from .errors import CastError, ImageError, MaskError
+from .errors import CastError, ImageError, MaskError, RankError
 from .losses import high_order_kernels
 from .memory import Plan, free_bytes, plan_memory
 from .network import CONTENT_LAYERS, POOLINGS, STYLE_LAYERS, VGGFeatures
@@ -308,7 +308,8 @@ def _run(
         if not out_of_memory:
             raise
         where = f"; the latest image is in '{output}'" if kept else ""
-        raise CastError(
+        # RankError: the memory is this rank's own, so under torchrun it alone meets it
+        raise RankError(
             f"out of memory on {device} though the plan fitted (another process may have taken "
             f"memory since): lower --size or CAST_MEMORY_GIB, or give --tile a smaller "
             f"size{where}"

@@ -251,6 +251,21 @@ def test_a_killed_rank_makes_the_other_stop_with_one_line(killed, tmp_path):
     assert out.exists()  # the last image survives
 
 
+def test_a_rank_that_runs_out_of_memory_says_so_itself(tmp_path):
+    """Memory is each rank's own: rank 1 out of memory in mid-run was silent (the error was
+    left to rank 0, which never met it) and no rank said why the run stopped."""
+    out = tmp_path / "out.png"
+    with _two_stepping_ranks(out) as ranks:
+        # rank 1 may take no more memory than it has now: its next allocation fails for real
+        status = Path(f"/proc/{ranks[1].pid}/status").read_text()
+        held = int(status.split("VmSize:")[1].split()[0]) * 1024
+        subprocess.run(["prlimit", "--pid", str(ranks[1].pid), f"--as={held}"], check=True)
+        err = ranks[1].communicate(timeout=90)[1]
+    assert ranks[1].returncode == 2
+    assert err.startswith("cast: error: rank 1: out of memory on cpu though the plan fitted"), err
+    assert err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_to_every_rank_has_rank_0_alone_say_where_the_image_is(signum, tmp_path):
     """torchrun hands Ctrl-C and SIGTERM to every rank: rank 1 said "the latest image is in
