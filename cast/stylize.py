@@ -322,9 +322,10 @@ def _run(
 
 
 def _out_of_memory(error: Exception) -> bool:
-    """Whether ``error`` is an allocation that failed: a GPU's ``OutOfMemoryError``, or the CPU
+    """Whether ``error`` is an allocation that failed: a GPU's ``OutOfMemoryError``, numpy's or
+    Python's ``MemoryError`` (a spilled run reads its state through numpy), or the CPU
     allocator's RuntimeError."""
-    return isinstance(error, torch.OutOfMemoryError) or (
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
         isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
     )
 
