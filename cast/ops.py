@@ -245,14 +245,24 @@ def canonical_inverse_mass(
     if mass.requires_grad:
         raise ValueError(f"{where}: mass is a constant of the problem; pass mass.detach()")
     # (K,): cheap, but reading the answer waits for the device (a number's check does not)
-    valid = (torch.isfinite(mass) & (mass >= 0)).all()
+    valid = torch.isfinite(mass) & (mass >= 0)
     if torch.compiler.is_compiling():
         # a graph cannot read it on the host (fullgraph=True failed to trace): an assertion in
         # the graph instead, a RuntimeError (on a GPU a device-side assert)
-        torch._assert_async(valid, f"{where}: mass must be finite and >= 0")
-    elif not bool(valid):
-        raise ValueError(f"{where}: mass must be finite and >= 0, got {mass.tolist()}")
+        torch._assert_async(valid.all(), f"{where}: mass must be finite and >= 0")
+    elif not bool(_every_value(valid).all()):
+        values = _every_value(mass).tolist()
+        raise ValueError(f"{where}: mass must be finite and >= 0, got {values}")
     return inverse(mass.to(torch.float64)).expand(Bm, K).to(accumulation).contiguous()
+
+
+def _every_value(t: Tensor) -> Tensor:
+    """``t`` with torch.func.vmap's batching undone: the values of every call at once, which
+    can be read on the host (a batched tensor cannot: vmap over a mass failed on its check)."""
+    functorch = torch._C._functorch
+    while functorch.is_batchedtensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
 
 
 def _describe(t: Tensor) -> str:

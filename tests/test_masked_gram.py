@@ -533,6 +533,21 @@ def test_a_mass_tensor_traces_under_torch_compile_with_its_check():
         compiled(features, -mass)
 
 
+def test_vmap_over_a_mass_tensor():
+    """vmap over the mass: its check read a batched tensor on the host and failed ("data-
+    dependent control flow"); it reads every call's values at once."""
+    features, masks, kernels = F.double(), M.double(), P.double()
+    masses = torch.tensor([[2.0, 5.0], [0.5, 0.0], [1.0, 3.0]], dtype=torch.float64)
+    grams = torch.func.vmap(lambda mass: cast.masked_gram(features, masks, kernels, mass=mass))
+    for gram, mass in zip(grams(masses), masses, strict=True):
+        inverse = torch.where(mass > 0, 1 / mass, 0)[None]
+        expected = masked_gram_reference(features, masks[None], kernels, inverse)
+        assert relative_error(gram, expected) <= 1e-10
+    masses[1, 0] = -1
+    with pytest.raises(ValueError, match=r"mass must be finite and >= 0, got .*-1\.0"):
+        grams(masses)
+
+
 @pytest.mark.parametrize("number", [1.0, 3, 2.5, 0.0])
 def test_a_number_as_mass_is_that_mass_for_every_mask(number):
     """``mass=x`` gives what ``mass`` = x for each mask gives, bit for bit (0: zero, as an empty
