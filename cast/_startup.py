@@ -40,6 +40,8 @@ def is_first_on_machine() -> bool:
     alone or as torchrun's LOCAL_RANK 0 (rank 0 where LOCAL_RANK is not set). Every rank of a
     machine was given the same command and reads the same files, so meets those errors alike;
     another machine's files may differ, so its first rank says what it met there."""
+    if "RANK" not in os.environ:  # alone, whatever LOCAL_RANK another launcher left
+        return True
     try:
         return int(os.environ["LOCAL_RANK"]) == 0
     except KeyError:

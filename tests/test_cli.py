@@ -420,6 +420,21 @@ def test_usage_errors_are_one_line_exit_2(argv, capsys):
     assert "--help'" in err
 
 
+def test_a_process_alone_prints_its_error_whatever_its_local_rank(tmp_path, monkeypatch, capsys):
+    """Without torchrun's RANK a process runs alone, but a LOCAL_RANK left in its environment
+    (another launcher's, a parent's) made it leave its errors to another rank: nothing was
+    printed, and it exited 2 after a wait."""
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    missing = str(tmp_path / "missing.jpg")
+    assert main(["stylize", missing, STYLE, "-o", str(tmp_path / "out.png")]) == 2
+    assert capsys.readouterr().err.startswith(f"cast: error: cannot read image '{missing}'")
+    with pytest.raises(SystemExit):  # the command's own errors too
+        main(["stylize", missing, STYLE, "-o", str(tmp_path / "out.png"), "--iters", "x"])
+    assert capsys.readouterr().err.startswith("cast: error: argument --iters")
+
+
 def test_after_the_run_a_second_signal_ends_the_process_without_python(monkeypatch, capsys):
     # the `cast` command: once main() is done, Ctrl-C or SIGTERM during the interpreter's exit
     # (atexit handlers) must not raise KeyboardInterrupt into them (a traceback)
