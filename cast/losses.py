@@ -283,7 +283,8 @@ class StyleLoss(nn.Module):
 
 
 class ContentLoss(nn.Module):
-    """``||F - P||^2 / ||P||^2`` against target features ``P (1 or B, C, H, W)``, batch mean.
+    """``||F_b - P_b||^2 / ||P_b||^2`` against target features ``P (1 or B, C, H, W)``, the
+    mean over the batch (a target of batch 1 serves every item).
 
     Relative, like ``StyleLoss``, instead of the paper's ``||F - P||^2 / 2``.
     """
@@ -292,7 +293,8 @@ class ContentLoss(nn.Module):
         super().__init__()
         target = target.detach()  # a constant
         self.register_buffer("target", target)
-        self.register_buffer("scale", self.scale_of(target.square().sum()))
+        # each item's own norm (one for the whole batch divided the loss by the batch's size)
+        self.register_buffer("scale", self.scale_of(target.square().flatten(1).sum(1)))
 
     @staticmethod
     def scale_of(square_sum: Tensor) -> Tensor:

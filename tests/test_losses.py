@@ -176,6 +176,11 @@ def test_content_and_tv_losses():
     target = _random(1, 4, 5, 5)
     assert ContentLoss(target)(target).item() == 0
     assert ContentLoss(target)(2 * target).item() == pytest.approx(1.0)
+    # a batch of targets: each item's error relative to its own target (it was relative to the
+    # whole batch's, so the loss shrank with the batch's size)
+    targets = torch.cat([target, 3 * _random(2, 4, 5, 5, seed=1)])
+    features = targets * torch.tensor([2.0, 1.5, 1.0]).view(3, 1, 1, 1)
+    assert ContentLoss(targets)(features).item() == pytest.approx((1 + 0.25 + 0) / 3)
     ramp = torch.arange(4.0).expand(1, 3, 4, 4)  # steps of 1 along x, none along y
     assert TVLoss()(ramp).item() == pytest.approx(1.0)
     # one row or one column: no neighbours that way, a term of 0 (it was 0 / 0, NaN)
