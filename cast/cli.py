@@ -31,8 +31,11 @@ from .stylize import DEFAULT_LR, INITS, OPTIMIZERS, stylize
 from .swap import swap
 from .weights import MODELS
 
-# How long a rank that leaves an error to another to print waits before it exits (_print_error).
+# How long a rank that leaves an error to another to print waits before it exits (_print_error):
+# under torchrun's agent, which stops every rank once one has exited, until it does so (the rank
+# that prints may first save a large image: 2.9 s at 4096 px); launched by hand, a while.
 SILENT_RANK_EXIT_DELAY = 3.0
+SILENT_RANK_EXIT_DELAY_UNDER_TORCHRUN = 120.0
 DEFAULTS = {name: p.default for name, p in inspect.signature(stylize).parameters.items()}
 
 STYLIZE_HELP = """\
@@ -314,8 +317,11 @@ def _print_error(error: Exception | str) -> None:
     if not (isinstance(error, RankError) or is_first_on_machine()):
         # torchrun stops every rank 0.1 s after one exits: a silent rank that left at once
         # could stop the rank that prints before it got there, and no rank would say why
+        under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # its agent sets it
         with contextlib.suppress(KeyboardInterrupt):
-            time.sleep(SILENT_RANK_EXIT_DELAY)
+            time.sleep(
+                SILENT_RANK_EXIT_DELAY_UNDER_TORCHRUN if under_torchrun else SILENT_RANK_EXIT_DELAY
+            )
         return
     message = str(error)
     if rank() != 0 and not message.startswith(f"rank {rank()} "):  # LostContact names it

@@ -49,8 +49,8 @@ MATTING_PIXELS = 512 * 384
 MATTING_SECONDS_PER_UNKNOWN = 50e-6
 # pymatting compiles its numba kernels when it is first imported after installing: 33 s on
 # 2 CPU cores, silent, once (numba caches them beside pymatting). Imports slower than this get
-# a line saying why the wait.
-MATTING_IMPORT_NOTICE_SECONDS = 2.0
+# a line saying why the wait (a compiled one took 0.8 s, 2.8 s beside three busy loops).
+MATTING_IMPORT_NOTICE_SECONDS = 5.0
 # A trimap is black, white and one grey (its unknown band or the scribbles' ground): at least
 # this share of its pixels lie within TRIMAP_TOLERANCE (0-255) of one of the three. Measured:
 # grey-scale photos 0.14-0.65 (six of shared/images, full size and at 64 px), trimaps 0.91-1.0

@@ -393,6 +393,35 @@ def test_an_error_in_the_files_is_printed_once_not_once_a_rank(tmp_path):
     assert error.startswith(f"cast: error: cannot read image '{missing}'"), error
 
 
+SLOW_RANK_0 = """
+import os, sys, time
+from cast import cli
+if os.environ["RANK"] == "0":  # as if it saved a large image first: 2.9 s at 4096 px
+    printing = cli._print_error
+    cli._print_error = lambda error: (time.sleep(5), printing(error))
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_under_torchrun_the_silent_rank_waits_until_it_is_stopped(tmp_path):
+    """A silent rank exited 3 s after its error, and torchrun stops every rank once one has
+    exited: a rank 0 still saving a large image was stopped and its error replaced with
+    'terminated'. Under torchrun a silent rank now waits for its agent to stop it."""
+    script = tmp_path / "slow_rank_0.py"
+    script.write_text(SLOW_RANK_0)
+    missing = str(tmp_path / "missing.jpg")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+              "--nproc-per-node", "2", str(script), "stylize", missing, STYLE,
+              "-o", str(tmp_path / "o.png")]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(EXAMPLES.parent)}
+    started = time.monotonic()
+    done = subprocess.run(launch, timeout=100, capture_output=True, text=True, env=env)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 60  # stopped by torchrun, not done waiting
+    said = [line for line in done.stderr.splitlines() if "cast: error" in line]
+    assert said == [f"cast: error: cannot read image '{missing}': no such file; check the path"]
+
+
 @pytest.mark.parametrize("rank, local_rank, said", [
     ("1", "1", ""),  # the first rank of its machine says it
     ("1", "0", "cast: error: rank 1: cannot read image"),  # another machine's: its files
