@@ -28,7 +28,7 @@ from .losses import HIGH_ORDER_PRESETS_DOC
 from .memory import HISTORIES
 from .network import POOLINGS
 from .stylize import DEFAULT_LR, INITS, OPTIMIZERS, stylize
-from .swap import swap
+from .swap import heading, swap
 from .weights import MODELS
 
 # How long a rank that leaves an error to another to print waits before it exits (_print_error):
@@ -272,8 +272,8 @@ def _swap(args: argparse.Namespace) -> None:
     done = swap(args.a, args.b, args.mask_a, args.mask_b, tuple(args.output),
                 dry_run=args.dry_run, **_rendering(args))  # fmt: skip
     if args.dry_run:  # each plan under the line the run would announce it with
-        _print_plan(f"swap: '{args.a}' in the look of '{args.b}'\n{done[0]}\n"
-                    f"swap: '{args.b}' in the look of '{args.a}'\n{done[1]}")  # fmt: skip
+        a, b = args.a, args.b
+        _print_plan(f"{heading(a, b, a)}\n{done[0]}\n{heading(b, a, a)}\n{done[1]}")
 
 
 def _print_plan(text: str) -> None:

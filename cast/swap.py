@@ -71,8 +71,7 @@ def swap(
 
     def run(content, content_mask, style, style_mask, output, **more):
         if announce and not (options | more).get("dry_run"):
-            print(f"swap: {_name(content, a)} in the look of {_name(style, a)}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(heading(content, style, a), file=sys.stderr, flush=True)
         if grey[0]:
             content_side, style_side = _long_sides(options)
             regions = dict(
@@ -90,6 +89,12 @@ def swap(
     if not options.get("dry_run"):  # a dry swap's second run is that dry run
         run(*second, dry_run=True)
     return run(*first), run(*second)
+
+
+def heading(content, style, a) -> str:
+    """The line that announces a swap's run of ``content`` in the look of ``style`` (a dry
+    run's plan is printed under it)."""
+    return f"swap: {_name(content, a)} in the look of {_name(style, a)}"
 
 
 def _name(photo, a) -> str:
