@@ -38,6 +38,7 @@ if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
 from issue_model import cuda_seconds, triton_seconds  # noqa: E402
 from machine import device_name, git_sha, slug, versions  # noqa: E402
 
@@ -211,6 +212,16 @@ def fused_backends(device: str) -> list[str]:
     ]
 
 
+def compile_reference():
+    """``torch.compile`` of the eager reference. ``dynamic=False`` makes one graph per shape and
+    grad mode, 20 an image here (five layers, two J,K pairs, with and without autograd): past
+    dynamo's default limit of 8 it would silently run the eager code from relu3_1 on under the
+    name "compile". The limit is raised above what a run needs, and hitting it fails the run."""
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(masked_gram_reference, dynamic=False)
+
+
 def forward_backward(backend: str, compiled_reference, backward: bool = True):
     """A callable (features, masks, kernels, dG) running one forward + backward (or, with
     ``backward=False``, the forward alone, without autograd)."""
@@ -353,7 +364,7 @@ class Row:
 
 def measure(args, image: int) -> list[Row]:
     device, dtype = args.device, getattr(torch, args.dtype)
-    compiled_reference = torch.compile(masked_gram_reference, dynamic=False)
+    compiled_reference = compile_reference()
     memory = Memory(device)
     card = Card.of_device() if device == "cuda" else None
     rows = []
@@ -628,6 +639,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.device == "cuda" and not cuda:
         parser.error("--device cuda: no CUDA device here")
+    if args.warmup < 1:
+        # the first call of torch.compile's code compiles it: timed, it would count the compile
+        parser.error(f"--warmup {args.warmup}: at least 1 (the first call compiles)")
     if args.quick:
         args.warmup, args.repeats, args.fused_repeats = 1, 2, 2
     args.fused_repeats = args.fused_repeats or args.repeats

@@ -1,0 +1,40 @@
+"""bench/bench_masked_gram.py on the CPU, smallest run: its torch.compile baseline is compiled at
+every row, not the eager code under another name. Timings are not checked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_masked_gram.py"
+
+
+def bench(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), *argv], check=False, timeout=timeout,
+                          capture_output=True, text=True,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
+@pytest.mark.slow
+def test_compile_baseline_compiles_every_row():
+    # dynamic=False makes a graph per shape and grad mode: 20 for the five layers, two J,K
+    # pairs, with and without autograd. Past dynamo's default limit of 8 it ran the eager code
+    # silently from relu3_1 on, and the "compile" rows were eager ones.
+    done = bench("--quick", "--backends", "compile")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    rows = [line for line in lines if line.startswith("relu") and "compile:" in line]
+    assert len(rows) == 10, done.stdout
+    assert "recompile_limit" not in done.stderr, done.stderr[-2000:]
+
+
+def test_compile_baseline_needs_a_warm_up_run():
+    # the first call of the compiled code compiles it: timed, it would count the compile
+    done = bench("--warmup", "0", timeout=60)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.endswith("--warmup 0: at least 1 (the first call compiles)"), done.stderr
