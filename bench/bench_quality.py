@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import ROOT, device_name, git_sha, slug
+from machine import ROOT, device_name, git_sha, require_device, slug
 
 from cast import images, stylize
 from cast.network import CONTENT_LAYERS, STYLE_LAYERS, VGGFeatures
@@ -130,6 +130,7 @@ def main() -> None:
     for name, kind in TUNABLE.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
     args = parser.parse_args()
+    require_device(args.device)
     options = {n: getattr(args, n) for n in TUNABLE if getattr(args, n) is not None}
     if args.model is not None:
         options["model"] = args.model

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_model, git_sha, slug
+from machine import cpu_model, git_sha, require_device, slug
 
 from cast import backends, images, stylize
 from cast.losses import StyleLoss, high_order_kernels
@@ -197,6 +197,7 @@ def main(argv=None) -> None:
     parser.add_argument("--backend", choices=backends.NAMES, default=None,
                         help="the fused rows' backend (default: the device's fastest)")  # fmt: skip
     args = parser.parse_args(argv)
+    require_device(args.device)
     device = torch.device(args.device)
     fused = args.backend or backends.default_for(device, torch.float32)
     model, pooling = DEFAULTS["model"], DEFAULTS["pooling"]

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import device_name, git_sha, slug
+from machine import device_name, git_sha, require_device, slug
 
 from cast import images, ondisk
 from cast.distributed import join
@@ -199,6 +199,7 @@ def main(argv=None) -> None:
                         help=argparse.SUPPRESS)  # fmt: skip
     parser.add_argument("--spill", action="store_true", help=argparse.SUPPRESS)  # with --one
     args = parser.parse_args(argv)
+    require_device(args.device)
     if args.one:
         # one write of the whole line: under torchrun every rank shares this pipe, and a
         # line written in pieces (print writes the text and its newline apart when stdout is

@@ -40,6 +40,7 @@ from functools import partial
 
 import torch
 from issue_model import cuda_backward_chain, cuda_forward
+from machine import require_device
 
 from cast import backends
 from cast.ops import canonical_inverse_mass
@@ -255,6 +256,8 @@ def main(argv=None) -> None:
     parser.add_argument("--triton", action="store_true", help="the Triton section (see above)")
     parser.add_argument("--tiny", action="store_true", help="--triton on the CPU, tiny shapes")
     args = parser.parse_args(argv)
+    if not args.tiny:
+        require_device("cuda")
     if args.triton or args.tiny:
         triton_main(args.tiny)
     else:

@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+from machine import require_device
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cast
@@ -88,6 +89,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--calls", type=int, default=500, help="calls a timing (7 timings)")
     args = parser.parse_args(argv)
+    require_device(args.device)
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
     to = dict(device=args.device, dtype=dtype)

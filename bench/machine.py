@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +24,13 @@ def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     return f"{cpu_model()}, {os.cpu_count()} cores"
+
+
+def require_device(device: str) -> None:
+    """Exit with one line where ``device`` is a CUDA one and this machine has none."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        script = Path(sys.argv[0]).name
+        sys.exit(f"{script}: {device}: no CUDA device here (run it on a GPU machine)")
 
 
 def slug(text: str) -> str:
