@@ -214,7 +214,7 @@ def fused_backends(device: str) -> list[str]:
 
 def compile_reference():
     """``torch.compile`` of the eager reference. ``dynamic=False`` makes one graph per shape and
-    grad mode, 20 an image here (five layers, two J,K pairs, with and without autograd): past
+    grad mode, 10 an image here (five layers, two J,K pairs, forward + backward): past
     dynamo's default limit of 8 it would silently run the eager code from relu3_1 on under the
     name "compile". The limit is raised above what a run needs, and hitting it fails the run."""
     torch._dynamo.config.recompile_limit = 1024
@@ -336,7 +336,7 @@ class Row:
     backend: str
     seconds: float  # median, forward + backward
     best: float
-    forward_seconds: float  # median of the forward alone (no autograd)
+    forward_seconds: float  # median of the forward alone (no autograd); nan: not timed
     extra_bytes: int
     requested_extra_bytes: int | None  # the same from the bytes the op asked for (GPU only)
     io_bytes: int  # inputs + outputs
@@ -388,10 +388,14 @@ def measure(args, image: int) -> list[Row]:
                 repeats = args.repeats if backend in BASELINES else args.fused_repeats
                 run = forward_backward(backend, compiled_reference)
                 seconds, best = timings(partial(run, *inputs), device, args.warmup, repeats)
-                forward_only = forward_backward(backend, compiled_reference, backward=False)
-                forward_seconds, _ = timings(
-                    partial(forward_only, *inputs), device, args.warmup, repeats
-                )
+                forward_seconds = math.nan
+                # not compile's: without autograd it is a graph of its own per shape, twice the
+                # compiles (seconds each on a GPU machine, where gpu_check.sh's steps are timed)
+                if backend != "compile":
+                    forward_only = forward_backward(backend, compiled_reference, backward=False)
+                    forward_seconds, _ = timings(
+                        partial(forward_only, *inputs), device, args.warmup, repeats
+                    )
                 memory.start()
                 result = run(*inputs)
                 extra = memory.peak() - out_bytes
@@ -419,7 +423,7 @@ def measure(args, image: int) -> list[Row]:
                 print(
                     f"{layer.name} C={layer.C} {layer.H}x{layer.W} J={J} K={K} {backend:>8}: "
                     f"{seconds * 1e3:9.1f} ms (best {best * 1e3:.1f}, forward "
-                    f"{forward_seconds * 1e3:.1f}) "
+                    f"{milliseconds(forward_seconds, 1)}) "
                     f"{rows[-1].flops / seconds / 1e9:7.1f} GFLOP/s "
                     f"extra {extra / MIB:8.1f} MiB ({100 * extra / io:.1f} % of io)"
                     + ("" if requested is None else f", requested {requested / MIB:.1f} MiB")
@@ -453,6 +457,10 @@ def baseline_skip(backend: str, layer: Layer, J: int, K: int, image: int, args) 
     return ""
 
 
+def milliseconds(seconds: float, digits: int = 2) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1e3:.{digits}f}"
+
+
 def ratio(base: Row | None, row: Row) -> str:
     return f"{base.seconds / row.seconds:.2f}x" if base else "-"
 
@@ -482,7 +490,7 @@ def table(rows: list[Row], peak: float, bandwidth: float, args) -> str:
             issue = f"{cuda_seconds(*shape, size=r.element_size) * 1e3:.2f}"
         lines.append(
             f"| {r.layer.name} | {r.layer.C}x{r.layer.H}x{r.layer.W} | {r.J},{r.K} | {r.backend} "
-            f"| {r.seconds * 1e3:.2f} | {r.best * 1e3:.2f} | {r.forward_seconds * 1e3:.2f} "
+            f"| {r.seconds * 1e3:.2f} | {r.best * 1e3:.2f} | {milliseconds(r.forward_seconds)} "
             + (f"| {model * 1e3:.2f} | {100 * model / r.seconds:.0f}% " if model else "| - | - ")
             + f"| {issue} | {gflops:.1f} | {100 * gflops / peak:.0f}% "
             f"| {ratio(by_key.get((*key, 'eager')), r)} "
@@ -559,7 +567,8 @@ def report(
         ),
         f"- time: median (and best) of {args.fused_repeats} runs (eager and compile: "
         f"{args.repeats}) after {args.warmup} warm-up runs, "
-        "forward + backward (forward ms: the forward alone, without autograd); "
+        "forward + backward (forward ms: the forward alone, without autograd; not timed for "
+        "compile, whose forward alone would be as many compiles again); "
         "GFLOP/s from the median, counting 4*J*K*N*C^2 per forward + backward, against the "
         "peak's best run; 3x3 random kernels, soft masks, B=1",
         "- extra MiB: peak memory of one forward + backward above inputs and outputs "
