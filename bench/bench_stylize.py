@@ -20,13 +20,14 @@ difference over the step count is its seconds per step (imports, weights and tar
 pastiche runs from a throwaway virtual environment (``--pastiche-venv``), made when missing
 with ``pip install torch==2.13.0 pillow pastiche==1.6.0`` (the pin takes the CPU build).
 
-Writes ``bench/results/<device>-stylize.md`` (device, versions, git sha, date, load average).
+Writes ``bench/results/<device>-stylize.md`` (device, versions, git sha, date, load average;
+``--out`` another folder: a small run's).
 With ``--device cuda`` part 1 runs on the GPU (the fused rows on ``--backend``, default the
 device's fastest) and part 2, a CPU comparison, is left out.
 
     python bench/bench_stylize.py [--size 512] [--repeats 5] [--peer-size 384] [--peer-steps 30]
                                   [--peer-rounds 2] [--pastiche-venv /tmp/pastiche-venv] [--no-peer]
-                                  [--device cpu|cuda] [--backend NAME]
+                                  [--device cpu|cuda] [--backend NAME] [--out DIR]
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def main(argv=None) -> None:
     parser.add_argument("--pastiche-venv", type=Path, default=Path("/tmp/pastiche-venv"),
                         metavar="DIR", help="pastiche's virtual environment, made when missing")
     parser.add_argument("--no-peer", action="store_true", help="part 1 only")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", metavar="DIR",
+                        help="folder of the table (a small run: elsewhere)")  # fmt: skip
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where part 1 runs; cuda leaves part 2 out")  # fmt: skip
     parser.add_argument("--backend", choices=backends.NAMES, default=None,
@@ -300,7 +303,8 @@ def main(argv=None) -> None:
             "",
         ]
     )
-    out = ROOT / "bench" / "results" / f"{slug(machine)}-stylize.md"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"{slug(machine)}-stylize.md"
     out.write_text(text)
     print(text)
     print(f"wrote {out}")
