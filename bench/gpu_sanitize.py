@@ -12,6 +12,8 @@ calls on the CPU backend, so that CI catches a broken script.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 import cast
@@ -31,7 +33,8 @@ CASES = (
 )
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # no options
     device, backend = ("cuda", "cuda") if torch.cuda.is_available() else ("cpu", "cpu")
     gen = torch.Generator().manual_seed(0)
     for dtype, K, B, H in CASES:

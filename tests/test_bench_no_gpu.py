@@ -1,4 +1,5 @@
-"""The bench scripts asked for a GPU on a machine without one: one line saying so, no traceback."""
+"""The bench scripts asked for a GPU on a machine without one: one line saying so, no traceback;
+and gpu_sanitize.py's --help."""
 
 from __future__ import annotations
 
@@ -34,3 +35,11 @@ def test_one_line_without_a_gpu(argv, tmp_path):
     assert "Traceback" not in done.stderr and "no CUDA device here" in lines[-1], done.stderr
     assert done.stdout == ""
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_gpu_sanitize_help_runs_nothing():
+    # it takes no options; --help ran its cases (on the CPU backend here) instead of saying so
+    done = subprocess.run([sys.executable, str(BENCH / "gpu_sanitize.py"), "--help"], check=False,
+                          timeout=120, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: gpu_sanitize.py") and "dF finite" not in done.stdout
