@@ -4,19 +4,22 @@ every row, not the eager code under another name. Timings are not checked."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_masked_gram.py"
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench" / "bench_masked_gram.py"
 
 
 def bench(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    # this checkout's cast, not whichever the environment installed
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(BENCH), *argv], check=False, timeout=timeout,
-                          capture_output=True, text=True,
-                          env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
+                          capture_output=True, text=True, env=env)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -39,3 +42,15 @@ def test_compile_baseline_needs_a_warm_up_run():
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.endswith("--warmup 0: at least 1 (the first call compiles)"), done.stderr
+
+
+def test_eager_baseline_convolves_every_channel_at_once():
+    # The eager baseline convolved a batch of C one-channel images: oneDNN pads one channel to
+    # 16 on the CPU, and relu1_1's eager row took 32x its J*K*N*C intermediate in memory (and,
+    # at 512^2, 1.5 s of its 2 s in that convolution, 9x a grouped one's).
+    done = bench("--quick", "--backends", "eager", "--jk", "1x1", timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("relu1_1"))
+    extra = float(re.search(r"extra +([\d.]+) MiB", row).group(1))
+    intermediate = 64 * 64 * 64 * 4 / 2**20  # J*K*N*C float32 at relu1_1 of a 64^2 image
+    assert extra < 4 * intermediate, row
