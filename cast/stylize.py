@@ -469,7 +469,7 @@ def _check_short_sides(
     named += [(f"style image {i + 1}", style, hw, style_scale)
               for i, (style, hw) in enumerate(zip(styles, style_hws, strict=True))]  # fmt: skip
     for role, image, hw, scale in named:
-        h, w = images.fit(hw, round(coarsest * scale))
+        h, w = images.fit(hw, style_long_side(coarsest, scale))
         if min(h, w) < checks.MIN_SHORT_SIDE:
             # named by its file: under ``cast swap`` photo B is the second run's content
             which = role if isinstance(image, Tensor) else f"{role} '{os.fspath(image)}'"
